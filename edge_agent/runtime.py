@@ -143,23 +143,26 @@ def _shape_matches(actual: tuple[int, ...], declared: tuple[int, ...], skip_batc
     return all(d == -1 or a == d for a, d in dims)
 
 
+def tensor_bindings(interp: Any, manifest: Manifest) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Map the manifest's input and output names to the interpreter's tensor indices."""
+    by_name = {d["name"]: d for d in interp.get_input_details()}
+    out_by_name = {d["name"]: d for d in interp.get_output_details()}
+    ins = [(s.name, (by_name.get(s.tensor or s.name) or _by_clean_name(by_name, s.name))["index"]) for s in manifest.inputs]
+    outs = [
+        (s.name, (out_by_name.get(s.tensor or s.name) or _by_clean_name(out_by_name, s.name))["index"])
+        for s in manifest.outputs
+    ]
+    return ins, outs
+
+
 class _Session:
     """One interpreter with its tensor bindings; used by one thread at a time."""
 
     def __init__(self, interp: Any, manifest: Manifest) -> None:
         self.interp = interp
-        by_name = {d["name"]: d for d in interp.get_input_details()}
-        out_by_name = {d["name"]: d for d in interp.get_output_details()}
-        self.inputs: list[tuple[str, int]] = []
-        self.shapes: dict[int, tuple[int, ...]] = {}
-        for spec in manifest.inputs:
-            d = by_name.get(spec.tensor or spec.name) or _by_clean_name(by_name, spec.name)
-            self.inputs.append((spec.name, d["index"]))
-            self.shapes[d["index"]] = tuple(int(x) for x in d["shape"])
-        self.outputs: list[tuple[str, int]] = []
-        for spec in manifest.outputs:
-            d = out_by_name.get(spec.tensor or spec.name) or _by_clean_name(out_by_name, spec.name)
-            self.outputs.append((spec.name, d["index"]))
+        self.inputs, self.outputs = tensor_bindings(interp, manifest)
+        shapes = {d["index"]: tuple(int(x) for x in d["shape"]) for d in interp.get_input_details()}
+        self.shapes: dict[int, tuple[int, ...]] = {idx: shapes[idx] for _, idx in self.inputs}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         interp = self.interp

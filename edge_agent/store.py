@@ -158,7 +158,7 @@ class ModelStore:
             st = self.state(manifest.name)
             if st.active is None:
                 self._activate_locked(manifest.name, manifest.version, st)
-            self._prune_locked(manifest.name)
+            self._prune_locked(manifest.name, manifest.version)
         return manifest
 
     def install_file(self, tflite: str | Path, name: str, version: str | None = None, **build: Any) -> Manifest:
@@ -179,6 +179,7 @@ class ModelStore:
 
     def activate(self, name: str, version: str) -> None:
         """Point ``name`` at an installed ``version``, atomically."""
+        parse_version(version)
         with self._locked():
             if version not in self.versions(name):
                 raise NotFoundError(f"model {name!r} has no installed version {version!r}")
@@ -209,18 +210,20 @@ class ModelStore:
                 st.good.append(version)
                 self._write_state(name, st)
 
-    def _prune_locked(self, name: str) -> None:
+    def _prune_locked(self, name: str, just_installed: str) -> None:
+        """Delete the oldest versions beyond ``keep``; never the active one, its rollback target or the new one."""
         st = self.state(name)
         versions = self.versions(name)
-        protected = set(st.history[-self.keep :]) | ({st.active} if st.active else set())
-        removable = [v for v in versions if v not in protected]
+        protected = {just_installed, st.active, _previous(st, installed=versions)}
+        removable = [v for v in versions if v not in protected]  # oldest first
         excess = len(versions) - self.keep
-        for v in removable[: max(0, excess)]:
+        victims = removable[: max(0, excess)]
+        for v in victims:
             victim = self.version_dir(name, v)
             trash = victim.parent / f".trash-{v}"
             os.replace(victim, trash)
             shutil.rmtree(trash, ignore_errors=True)
-        if excess > 0:
+        if victims:
             fsync_dir(self.root / name / "versions")
 
     def recover(self) -> None:

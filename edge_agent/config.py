@@ -1,0 +1,183 @@
+"""Agent configuration: an embedded default, a TOML file on top, environment variables on top of that.
+
+Precedence (later wins): defaults < ``--config agent.toml`` < ``EDGEFLEET_*`` env vars < CLI flags.
+Environment variables name a key by its TOML path, upper-cased, sections joined with ``__``:
+``EDGEFLEET_LISTEN=0.0.0.0:8080``, ``EDGEFLEET_RUNTIME__NUM_THREADS=2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+from .runtime import DelegateSpec, RuntimeOptions
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "EDGEFLEET_"
+DEFAULT_LISTEN = "127.0.0.1:8080"
+
+
+def default_data_dir() -> Path:
+    """``$XDG_STATE_HOME/edgefleet`` (``~/.local/state/edgefleet``) for a user; ``/var/lib/edgefleet`` as root."""
+    if os.geteuid() == 0 and Path("/var/lib").is_dir():
+        return Path("/var/lib/edgefleet")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edgefleet"
+
+
+def default_models_dir() -> Path:
+    """The shipped models: ``models/`` beside the package (source checkout) or bundled with it."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "models", here / "models"):
+        if cand.is_dir():
+            return cand
+    return here.parent / "models"
+
+
+@dataclass
+class RuntimeConfig:
+    num_threads: int | None = None
+    pool_size: int = 2
+    delegates: list[dict[str, Any]] = field(default_factory=list)
+
+    def options(self) -> RuntimeOptions:
+        return RuntimeOptions(
+            num_threads=self.num_threads,
+            pool_size=self.pool_size,
+            delegates=tuple(
+                DelegateSpec(str(d["library"]), {str(k): str(v) for k, v in (d.get("options") or {}).items()})
+                for d in self.delegates
+            ),
+        )
+
+
+@dataclass
+class AgentConfig:
+    """Everything ``edge-agent run`` needs. Field names are the TOML keys."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    listen: str = DEFAULT_LISTEN  # "HOST:PORT" or "unix:/path/to.sock"
+    models_dir: Path | None = field(default_factory=default_models_dir)  # installed on first start
+    max_body_bytes: int = 8 * 1024 * 1024
+    keep_versions: int = 3
+    watch_interval_s: float = 0.5
+    log_level: str = "info"
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def listen_address(self) -> tuple[str, int] | str:
+        """``(host, port)`` for TCP, or the socket path for ``unix:/path``."""
+        return parse_listen(self.listen)
+
+
+def parse_listen(value: str) -> tuple[str, int] | str:
+    """Parse ``HOST:PORT``, ``[::1]:PORT`` or ``unix:/path``; raise ConfigError with the expected forms."""
+    if value.startswith("unix:"):
+        path = value[len("unix:") :]
+        if not path:
+            raise ConfigError("listen: 'unix:' needs a socket path, e.g. unix:/run/edgefleet/agent.sock")
+        return path
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"listen: {value!r} is not HOST:PORT (e.g. 127.0.0.1:8080) or unix:/path")
+    return host.strip("[]"), int(port)
+
+
+def _coerce(name: str, value: Any, target: Any) -> Any:
+    """Convert a TOML or env value to the field's type, or raise ConfigError naming the key."""
+    origin = str(target)
+    try:
+        if "Path" in origin:
+            return None if value in (None, "", "none") and "None" in origin else Path(os.path.expanduser(str(value)))
+        if "int" in origin and "None" in origin and value in (None, "", "none"):
+            return None
+        if "float" in origin:
+            return float(value)
+        if "int" in origin:
+            if isinstance(value, bool):
+                raise ValueError("boolean")
+            return int(value)
+        if "str" in origin:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError(type(value).__name__)
+            return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key {name!r}: cannot use {value!r} ({exc})") from exc
+    return value
+
+
+def _apply(obj: Any, values: Mapping[str, Any], where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {where}{key!r}; known: {sorted(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"config key {where}{key!r} must be a table")
+            _apply(current, value, f"{where}{key}.")
+        elif key == "delegates":
+            if not isinstance(value, list) or not all(isinstance(d, Mapping) and "library" in d for d in value):
+                raise ConfigError("runtime.delegates must be a list of tables with a 'library' key")
+            setattr(obj, key, [dict(d) for d in value])
+        else:
+            setattr(obj, key, _coerce(where + key, value, fields[key].type))
+
+
+def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        path = key[len(ENV_PREFIX) :].lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> AgentConfig:
+    """Build the effective config; every problem is a ConfigError that names the key or file."""
+    env = os.environ if env is None else env
+    cfg = AgentConfig()
+    path = path or env.get(ENV_PREFIX + "CONFIG")
+    if path:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {p}") from exc
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+        _apply(cfg, raw, "")
+    _apply(cfg, _env_values(env), "")
+    _apply(cfg, {k: v for k, v in (overrides or {}).items() if v is not None}, "")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: AgentConfig) -> None:
+    parse_listen(cfg.listen)
+    if cfg.max_body_bytes < 1024:
+        raise ConfigError("max_body_bytes must be at least 1024")
+    if cfg.keep_versions < 2:
+        raise ConfigError("keep_versions must be at least 2 (the active version and one to roll back to)")
+    if cfg.runtime.pool_size < 1:
+        raise ConfigError("runtime.pool_size must be at least 1")
+    if cfg.runtime.num_threads is not None and cfg.runtime.num_threads < 1:
+        raise ConfigError("runtime.num_threads must be at least 1")
+    if cfg.watch_interval_s <= 0:
+        raise ConfigError("watch_interval_s must be positive")
+    if cfg.log_level.lower() not in {"debug", "info", "warning", "error"}:
+        raise ConfigError("log_level must be one of debug, info, warning, error")

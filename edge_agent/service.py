@@ -1,0 +1,127 @@
+"""Wiring for ``edge-agent run``: config → store → model server → HTTP API, with a clean SIGTERM drain.
+
+This is the one place that knows how the parts fit; each part stays usable on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .api import create_app
+from .config import AgentConfig
+from .errors import EdgeError
+from .manifest import MANIFEST_FILE
+from .metrics import Metrics
+from .runtime import BACKEND
+from .serving import ModelServer
+from .store import ModelStore
+
+log = logging.getLogger("edge_agent")
+
+BOOTSTRAP_MARKER = ".bootstrapped"
+
+
+def install_shipped_models(store: ModelStore, models_dir: Path | None, data_dir: Path) -> list[str]:
+    """On the first start only, install every version found in the shipped registry folder."""
+    marker = Path(data_dir) / BOOTSTRAP_MARKER
+    if marker.exists() or models_dir is None or not Path(models_dir).is_dir():
+        return []
+    installed = []
+    for manifest_path in sorted(Path(models_dir).glob(f"*/*/{MANIFEST_FILE}")):
+        try:
+            m = store.install_dir(manifest_path.parent)
+            installed.append(f"{m.name}:{m.version}")
+        except EdgeError as exc:
+            log.error("shipped model %s not installed: %s", manifest_path.parent, exc)
+    marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+    return installed
+
+
+class Agent:
+    """The long-running service: owns the store, the model server and the API app."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.started_at = time.time()
+        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        self.store = ModelStore(cfg.data_dir, keep=cfg.keep_versions)
+        self.server = ModelServer(self.store, cfg.runtime.options())
+        self.metrics = Metrics()
+        self.metrics.watch(self.server)
+        self.app = create_app(self.server, max_body_bytes=cfg.max_body_bytes, metrics=self.metrics, status=self.status)
+
+    def prepare(self) -> None:
+        """Recover the store after any crash, install shipped models on first start, load and start watching."""
+        self.store.recover()
+        shipped = install_shipped_models(self.store, self.cfg.models_dir, Path(self.cfg.data_dir))
+        if shipped:
+            log.info("installed shipped models: %s", ", ".join(shipped))
+        self.server.sync()
+        self.server.start(self.cfg.watch_interval_s)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "agent": {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.started_at, 1)},
+            "runtime": {"backend": BACKEND},
+            "data_dir": str(self.cfg.data_dir),
+            "listen": self.cfg.listen,
+            **self.server.status(),
+            "store": self.store.list(),
+        }
+
+    def serve(self) -> None:
+        """Serve HTTP until SIGTERM/SIGINT; in-flight requests are drained before returning."""
+        import uvicorn
+
+        addr = self.cfg.listen_address()
+        kwargs: dict[str, Any] = dict(
+            log_level=self.cfg.log_level.lower() if self.cfg.log_level.lower() != "info" else "warning",
+            access_log=False,
+            lifespan="off",
+            http="httptools",
+            loop="uvloop" if _has_uvloop() else "asyncio",
+            timeout_graceful_shutdown=30,
+        )
+        if isinstance(addr, str):
+            if os.path.exists(addr) and _is_socket(addr):
+                os.unlink(addr)  # a stale socket from a previous run
+            Path(addr).parent.mkdir(parents=True, exist_ok=True)
+            config = uvicorn.Config(self.app, uds=addr, **kwargs)
+            log.info("listening on unix:%s", addr)
+        else:
+            config = uvicorn.Config(self.app, host=addr[0], port=addr[1], **kwargs)
+            log.info("listening on http://%s:%d", *addr)
+        try:
+            uvicorn.Server(config).run()
+        finally:
+            self.server.stop()
+            log.info("stopped")
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _is_socket(path: str) -> bool:
+    import stat
+
+    return stat.S_ISSOCK(os.stat(path).st_mode)
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    """True when something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

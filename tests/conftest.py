@@ -1,0 +1,38 @@
+"""Shared fixtures: real TFLite models from the shipped registry in models/, real stores on disk."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "models"
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def digits_dir() -> Path:
+    """The shipped int8 digits model version directory."""
+    path = Path(os.environ.get("TEST_DIGITS_DIR", MODELS / "digits" / "1"))  # TEMP
+    assert (path / "manifest.json").is_file(), "models/digits/1 missing: run `make models`"
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path, digits_dir: Path):
+    """A model store in a temp data dir with the shipped digits model installed and active."""
+    from edge_agent.store import ModelStore
+
+    s = ModelStore(tmp_path / "data")
+    s.install_dir(digits_dir)
+    return s

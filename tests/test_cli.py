@@ -1,0 +1,132 @@
+"""CLI wiring: every command has help with an example and is documented; exit codes and messages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
+
+
+def _subcommands(parser) -> list[tuple[str, object]]:
+    out = []
+    for action in parser._subparsers._group_actions:  # argparse keeps subparsers here
+        for name, sub in action.choices.items():
+            out.append((name, sub))
+            if sub._subparsers is not None:
+                out.extend((f"{name} {n}", s) for n, s in _subcommands(sub))
+    return out
+
+
+def test_every_command_has_an_example_and_is_documented() -> None:
+    docs = (REPO / "docs" / "api.md").read_text()
+    commands = _subcommands(build_parser())
+    assert {"run", "models install", "models activate", "models rollback", "models list", "predict", "status",
+            "bench"} <= {n for n, _ in commands}
+    for name, sub in commands:
+        assert "Example:" in sub.format_help(), name
+        assert f"edge-agent {name}" in docs, f"`edge-agent {name}` is not documented in docs/api.md"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([EDGE_AGENT, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_models_lifecycle_through_the_console_script(tmp_path: Path, digits_dir: Path) -> None:
+    d = str(tmp_path / "data")
+    tflite = str(digits_dir / "model.tflite")
+    r = run("models", "install", tflite, "--name", "digits", "--data-dir", d)
+    assert r.returncode == 0, r.stderr
+    assert "installed digits version 1" in r.stdout
+    assert run("models", "install", tflite, "--name", "digits", "--version", "5", "--data-dir", d).returncode == 0
+    rows = json.loads(run("models", "list", "--json", "--data-dir", d).stdout)
+    assert rows[0]["active"] == "1" and rows[0]["versions"] == ["1", "5"]
+    assert run("models", "activate", "digits", "5", "--data-dir", d).returncode == 0
+    assert json.loads(run("models", "list", "--json", "--data-dir", d).stdout)[0]["active"] == "5"
+    r = run("models", "rollback", "digits", "--data-dir", d)
+    assert r.returncode == 0 and "version 1" in r.stdout
+    assert "digits" in run("models", "list", "--data-dir", d).stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["models", "activate", "digits", "9"], "no installed version '9'"),
+        (["models", "activate", "nothere", "1"], "no installed version"),
+        (["models", "rollback", "digits"], "no previous version"),
+        (["models", "install", "/nonexistent.tflite", "--name", "x"], "not found"),
+        (["models", "install", "{junk}", "--name", "x"], "cannot load"),
+        (["models", "install", "{model}", "--name", "../evil"], "invalid model name"),
+        (["models", "install", "{model}", "--name", "ok", "--version", "v1"], "invalid version"),
+        (["predict", "digits", "--input", "/nonexistent.npy"], "not found"),
+        (["predict", "digits", "--input", "{junk}"], "unsupported input file type"),
+        (["predict", "nothere", "--input", "{junk}"], "not installed"),
+    ],
+)
+def test_errors_are_clear_and_exit_1(tmp_path: Path, store, digits_dir: Path, args: list[str], message: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"not a model")
+    args = [a.replace("{junk}", str(junk)).replace("{model}", str(digits_dir / "model.tflite")) for a in args]
+    before = store.list()
+    assert main([*args, "--data-dir", str(store.root.parent)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+    assert store.list() == before
+
+
+def test_usage_errors_exit_2() -> None:
+    r = run("models", "activate", "digits")
+    assert r.returncode == 2 and "usage:" in r.stderr
+    assert run("frobnicate").returncode == 2
+    r = run("run", "--listen", "nonsense", "--data-dir", "/tmp/never-created-edgefleet")
+    assert r.returncode == 1 and "HOST:PORT" in r.stderr
+
+
+def _digits(n: int = 3):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.images[:n].astype(np.float32)[..., None], d.target[:n]
+
+
+def test_predict_npy_json_and_image(tmp_path: Path, store) -> None:
+    import cv2
+
+    x, y = _digits(3)
+    d = str(store.root.parent)
+    np.save(tmp_path / "x.npy", x)
+    out = json.loads(run("predict", "digits", "--input", str(tmp_path / "x.npy"), "--json", "--data-dir", d).stdout)
+    assert out["model_version"] == "1"
+    assert [int(v) for v in out["labels"]] == list(y)
+    (tmp_path / "x.json").write_text(json.dumps({"pixels": x.tolist()}))
+    out = json.loads(run("predict", "digits", "--input", str(tmp_path / "x.json"), "--json", "--data-dir", d).stdout)
+    assert [int(v) for v in out["labels"]] == list(y)
+    img = (255 - x[0, :, :, 0] * (255 / 16)).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "d.png"), cv2.resize(img, (64, 64), interpolation=cv2.INTER_NEAREST))
+    r = run("predict", "digits", "--input", str(tmp_path / "d.png"), "--data-dir", d)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"digits v1: {y[0]}")
+
+
+def test_bench_reports_percentiles(store) -> None:
+    r = run("bench", "digits", "--iterations", "200", "--json", "--data-dir", str(store.root.parent))
+    res = json.loads(r.stdout)
+    for key in ("raw", "agent"):
+        assert set(res[key]) >= {"p50_ms", "p95_ms", "p99_ms", "throughput_per_s"}
+        assert res[key]["n"] == 200
+
+
+def test_status_without_running_agent(store) -> None:
+    r = run("status", "--json", "--data-dir", str(store.root.parent), "--listen", "127.0.0.1:1")
+    out = json.loads(r.stdout)
+    assert out["running"] is False and out["store"][0]["active"] == "1"
