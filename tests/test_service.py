@@ -1,0 +1,184 @@
+"""`edge-agent run` as a real process: embedded defaults, shipped models, live CLI changes, UDS, SIGTERM drain."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import MODELS, free_port
+
+BIN = Path(sys.executable).parent
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=10)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(self.path)
+
+
+def request(conn: http.client.HTTPConnection, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    conn.request(method, path, body=json.dumps(body) if body is not None else None,
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read()
+    return resp.status, json.loads(data) if data else {}
+
+
+def digits_body(n: int = 4) -> tuple[dict, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.images[:n].astype(np.float32)[..., None]
+    return {"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}, d.target[:n]
+
+
+def start_agent(data_dir: Path, listen: str, models_dir: Path | None = MODELS) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+    env["EDGEFLEET_MODELS_DIR"] = str(models_dir) if models_dir else ""
+    env["EDGEFLEET_WATCH_INTERVAL_S"] = "0.2"
+    return subprocess.Popen([str(BIN / "edge-agent"), "run", "--data-dir", str(data_dir), "--listen", listen],
+                            env=env, stderr=subprocess.PIPE, text=True)
+
+
+def wait_ready(connect, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        try:
+            if request(connect(), "GET", "/v2/health/ready")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("agent never became ready")
+
+
+def stop(proc: subprocess.Popen) -> int:
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=30)
+
+
+@pytest.fixture
+def agent(tmp_path: Path):
+    port = free_port()
+    proc = start_agent(tmp_path / "data", f"127.0.0.1:{port}")
+    connect = lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # noqa: E731
+    wait_ready(connect, proc)
+    yield proc, connect, tmp_path / "data"
+    if proc.poll() is None:
+        stop(proc)
+
+
+def test_first_start_installs_shipped_models_and_serves(agent) -> None:
+    proc, connect, data_dir = agent
+    status, meta = request(connect(), "GET", "/v2/models/digits")
+    assert status == 200 and meta["versions"] == ["1"]
+    assert request(connect(), "GET", "/v2/models/maintenance/ready")[0] == 200
+    body, truth = digits_body()
+    status, out = request(connect(), "POST", "/v2/models/digits/infer", body)
+    assert status == 200 and out["model_version"] == "1"
+    probs = np.asarray(out["outputs"][0]["data"]).reshape(out["outputs"][0]["shape"])
+    assert list(probs.argmax(axis=1)) == list(truth)
+    assert (data_dir / ".bootstrapped").exists()
+
+
+def test_cli_changes_are_served_while_running(agent, digits_dir: Path) -> None:
+    proc, connect, data_dir = agent
+    cli = [str(BIN / "edge-agent"), "models"]
+    subprocess.run([*cli, "install", str(digits_dir / "model.tflite"), "--name", "digits", "--version", "2",
+                    "--data-dir", str(data_dir)], check=True, capture_output=True)
+    body, _ = digits_body(1)
+    assert request(connect(), "POST", "/v2/models/digits/infer", body)[1]["model_version"] == "1"
+
+    def served_version_after(cmd: list[str]) -> tuple[str, float]:
+        subprocess.run(cmd, check=True, capture_output=True)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 10:  # the contract is 2 s; measured figures live in docs/benchmarks.md
+            version = request(connect(), "POST", "/v2/models/digits/infer", body)[1]["model_version"]
+            if version == want:
+                return version, time.monotonic() - t0
+            time.sleep(0.05)
+        return version, time.monotonic() - t0
+
+    want = "2"
+    version, took = served_version_after([*cli, "activate", "digits", "2", "--data-dir", str(data_dir)])
+    assert version == "2", f"not served after {took:.1f}s"
+    want = "1"
+    version, took = served_version_after([*cli, "rollback", "digits", "--data-dir", str(data_dir)])
+    assert version == "1", f"not served after {took:.1f}s"
+
+
+def test_status_command_sees_the_running_agent(agent) -> None:
+    proc, connect, data_dir = agent
+    port = connect().port
+    r = subprocess.run([str(BIN / "edge-agent"), "status", "--json", "--data-dir", str(data_dir),
+                        "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True, check=True)
+    out = json.loads(r.stdout)
+    assert out["running"] is True
+    assert out["live"]["models"]["digits"]["version"] == "1"
+    assert out["live"]["models"]["digits"]["delegate"] == "cpu"
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(agent) -> None:
+    proc, connect, _ = agent
+    from sklearn.datasets import load_digits
+
+    x = np.tile(load_digits().images.astype(np.float32)[..., None], (20, 1, 1, 1))  # ~36k digits: a slow request
+    body = {"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    payload = json.dumps(body)
+    result: dict = {}
+
+    def slow() -> None:
+        conn = connect()
+        conn.timeout = 60
+        conn.request("POST", "/v2/models/digits/infer", body=payload, headers={"Content-Type": "application/json"})
+        result["sent"] = time.monotonic()
+        resp = conn.getresponse()
+        result["status"] = resp.status
+        result["body"] = json.loads(resp.read())
+
+    t = threading.Thread(target=slow)
+    t.start()
+    while "sent" not in result:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    t.join(60)
+    assert proc.wait(timeout=60) == 0
+    assert result["status"] == 200
+    assert result["body"]["outputs"][0]["shape"] == [x.shape[0], 10]
+
+
+def test_unix_domain_socket(tmp_path: Path) -> None:
+    sock = str(tmp_path / "agent.sock")
+    proc = start_agent(tmp_path / "data", f"unix:{sock}")
+    try:
+        wait_ready(lambda: UnixHTTPConnection(sock), proc)
+        body, truth = digits_body()
+        status, out = request(UnixHTTPConnection(sock), "POST", "/v2/models/digits/infer", body)
+        assert status == 200
+        assert list(np.asarray(out["outputs"][0]["data"]).reshape(-1, 10).argmax(axis=1)) == list(truth)
+    finally:
+        assert stop(proc) == 0
+
+
+def test_bad_config_fails_fast_with_a_clear_message(tmp_path: Path) -> None:
+    conf = tmp_path / "agent.toml"
+    conf.write_text("[runtime]\npool_size = -1\n")
+    r = subprocess.run([str(BIN / "edge-agent"), "run", "--config", str(conf), "--data-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "pool_size" in r.stderr and "Traceback" not in r.stderr
