@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from .errors import ConfigError, EdgeError
 from .runtime import DelegateSpec, RuntimeOptions
 
 if sys.version_info >= (3, 11):
@@ -61,6 +61,29 @@ class RuntimeConfig:
 
 
 @dataclass
+class MqttConfig:
+    """The broker link. No ``broker`` means offline mode: the agent serves what it has."""
+
+    broker: str | None = None  # mqtt://host:1883 or mqtts://host:8883
+    device_id: str | None = None  # default: the host name
+    fleet: str = "default"
+    trust: list[str] = field(default_factory=list)  # public keys (PEM files) that may sign releases
+    ca_file: str | None = None  # broker CA for mqtts://
+    cert_file: str | None = None  # client certificate (mutual TLS)
+    key_file: str | None = None  # client key (mutual TLS)
+    keepalive_s: int = 30
+
+
+@dataclass
+class OtaConfig:
+    """Limits on what an update may cost the device."""
+
+    max_artifact_bytes: int = 256 * 1024 * 1024
+    bandwidth_bps: float | None = None  # download limit in bytes/s; None = unlimited
+    chunk_window: int = 8  # chunks requested at once
+
+
+@dataclass
 class AgentConfig:
     """Everything ``edge-agent run`` needs. Field names are the TOML keys."""
 
@@ -72,6 +95,8 @@ class AgentConfig:
     watch_interval_s: float = 0.5
     log_level: str = "info"
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
 
     def listen_address(self) -> tuple[str, int] | str:
         """``(host, port)`` for TCP, or the socket path for ``unix:/path``."""
@@ -95,10 +120,15 @@ def _coerce(name: str, value: Any, target: Any) -> Any:
     """Convert a TOML or env value to the field's type, or raise ConfigError naming the key."""
     origin = str(target)
     try:
-        if "Path" in origin:
-            return None if value in (None, "", "none") and "None" in origin else Path(os.path.expanduser(str(value)))
-        if "int" in origin and "None" in origin and value in (None, "", "none"):
+        if origin.startswith("list"):
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError("expected a list of strings")
+            return [i.strip() for i in items if i.strip()]
+        if value in (None, "", "none") and "None" in origin:
             return None
+        if "Path" in origin:
+            return Path(os.path.expanduser(str(value)))
         if "float" in origin:
             return float(value)
         if "int" in origin:
@@ -179,5 +209,21 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("runtime.num_threads must be at least 1")
     if cfg.watch_interval_s <= 0:
         raise ConfigError("watch_interval_s must be positive")
+    if cfg.mqtt.broker is not None:
+        from .link import parse_broker_url
+        from .protocol import check_segment
+
+        parse_broker_url(cfg.mqtt.broker)
+        try:
+            check_segment(cfg.mqtt.fleet, "fleet")
+            check_segment(cfg.mqtt.device_id or "x", "device id")
+        except EdgeError as exc:
+            raise ConfigError(str(exc)) from exc
+        if not cfg.mqtt.trust:
+            raise ConfigError("a broker is configured but no --trust public key: the agent would accept no release")
+    if cfg.ota.max_artifact_bytes < 1 or cfg.ota.chunk_window < 1:
+        raise ConfigError("ota.max_artifact_bytes and ota.chunk_window must be positive")
+    if cfg.ota.bandwidth_bps is not None and cfg.ota.bandwidth_bps <= 0:
+        raise ConfigError("ota.bandwidth_bps must be positive")
     if cfg.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("log_level must be one of debug, info, warning, error")

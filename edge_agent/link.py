@@ -8,6 +8,7 @@ hand work to other threads. Subscriptions are remembered and re-made after every
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import uuid
@@ -96,6 +97,7 @@ class MqttLink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_socket_open = self._on_socket_open
         self.connects = 0
 
     # -- lifecycle ----------------------------------------------------------------
@@ -124,15 +126,19 @@ class MqttLink:
 
     # -- pub/sub -------------------------------------------------------------------
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        # Read `connected` under the lock _on_connect holds while it snapshots the handlers and sets
+        # it: either the reconnect snapshot includes this filter or we send it ourselves, never neither.
         with self._lock:
             self._handlers[topic_filter] = (handler, qos)
-        if self.connected:
+            connected = self.connected
+        if connected:
             self._client.subscribe(topic_filter, qos=qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
         with self._lock:
             self._handlers.pop(topic_filter, None)
-        if self.connected:
+            connected = self.connected
+        if connected:
             self._client.unsubscribe(topic_filter)
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1,
@@ -155,17 +161,27 @@ class MqttLink:
             log.warning("broker %s:%d refused the connection: %s", self.host, self.port, reason_code)
             return
         self.connects += 1
+        # Snapshot, re-subscribe and mark connected atomically with respect to subscribe()/unsubscribe()
+        # (which never call paho while holding the lock, so this cannot deadlock).
         with self._lock:
             subs = [(t, q) for t, (_, q) in self._handlers.items()]
-        if subs:
-            client.subscribe(subs)
-        self._connected.set()
+            if subs:
+                client.subscribe(subs)
+            self._connected.set()
         log.info("connected to broker %s:%d", self.host, self.port)
         if self._on_connect_cb is not None:
             try:
                 self._on_connect_cb()
             except Exception:
                 log.exception("on_connect callback failed")
+
+    def _on_socket_open(self, client, userdata, sock) -> None:  # noqa: ANN001
+        # MQTT is request/response with small control packets (SUBSCRIBE, PUBACK, ...); with Nagle's
+        # algorithm each can wait ~40 ms for the peer's delayed ACK. paho does not set TCP_NODELAY.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
         if self._connected.is_set():

@@ -208,6 +208,8 @@ class LoadedModel:
         self._dynamic_batch = all(s.shape and s.shape[0] == -1 for s in manifest.inputs)
         self._fixed_batch = {s.shape[0] for s in manifest.inputs if s.shape} if not self._dynamic_batch else set()
         self.warm_latency_s: float | None = None
+        self.calls = 0  # interpreter invocations (client mistakes rejected before invoke don't count)
+        self.failures = 0  # invocations that raised
 
     @property
     def name(self) -> str:
@@ -273,7 +275,7 @@ class LoadedModel:
             raise RequestError(f"inputs disagree on the batch size: {sorted(batches)}")
         batch = batches.pop()
         if not self._dynamic_batch and batch not in self._fixed_batch:
-            if self._fixed_batch == {1}:
+            if self._fixed_batch == {1} and batch > 0:
                 parts = [self._invoke({n: a[i : i + 1] for n, a in feeds.items()}) for i in range(batch)]
                 raw = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
                 return self._finish(raw, raw_outputs)
@@ -282,8 +284,12 @@ class LoadedModel:
 
     def _invoke(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._acquire()
+        self.calls += 1
         try:
             return session.run(feeds)
+        except Exception:
+            self.failures += 1  # the health window after an update watches this rate
+            raise
         finally:
             self._pool.put(session)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ def free_port() -> int:
 @pytest.fixture
 def digits_dir() -> Path:
     """The shipped int8 digits model version directory."""
-    path = Path(os.environ.get("TEST_DIGITS_DIR", MODELS / "digits" / "1"))  # TEMP
+    path = MODELS / "digits" / "1"
     assert (path / "manifest.json").is_file(), "models/digits/1 missing: run `make models`"
     return path
 
