@@ -50,6 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     agent = Agent(cfg)
+    agent.install_signal_handlers()
     agent.prepare()
     agent.serve()
     return 0

@@ -20,6 +20,7 @@ label cardinality.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -38,7 +39,7 @@ UNKNOWN_MODEL = "_unknown"  # model names cannot start with "_", so this never c
 
 
 class Metrics:
-    """The API's metrics; bind it to a ModelServer to track the active versions."""
+    """The API's metrics; ``watch`` a ModelServer to track its active versions."""
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = False) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -68,7 +69,7 @@ class Metrics:
         self._err_children: dict[tuple[str, str], Any] = {}
         self._active: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._bound: set[int] = set()
+        self._watched: weakref.WeakSet[ModelServer] = weakref.WeakSet()
 
     # -- per request (hot path) -----------------------------------------------------
     def observe(self, model: str, version: str, code: int, seconds: float) -> None:
@@ -109,12 +110,12 @@ class Metrics:
         """A ``ModelServer`` swap listener."""
         self.set_active(name, new.version if new is not None else None)
 
-    def bind(self, server: ModelServer) -> None:
-        """Follow ``server``'s swaps (idempotent) and record what it serves now."""
+    def watch(self, server: ModelServer) -> None:
+        """Follow ``server``'s swaps and record what it serves now (idempotent per server)."""
         with self._lock:
-            if id(server) in self._bound:
+            if server in self._watched:
                 return
-            self._bound.add(id(server))
+            self._watched.add(server)
         server.add_listener(self.on_swap)
         for name, model in server.loaded().items():
             self.set_active(name, model.version)

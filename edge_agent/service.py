@@ -5,12 +5,16 @@ This is the one place that knows how the parts fit; each part stays usable on it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import uvicorn
 
 from . import __version__
 from .api import create_app
@@ -55,6 +59,22 @@ class Agent:
         self.metrics = Metrics()
         self.metrics.watch(self.server)
         self.app = create_app(self.server, max_body_bytes=cfg.max_body_bytes, metrics=self.metrics, status=self.status)
+        self._uvicorn: Any = None
+        self._stop_requested = False
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: stop accepting, drain in-flight requests, exit 0 (also during start-up)."""
+
+        def handle(signum: int, frame: Any) -> None:
+            if self._uvicorn is not None:
+                if self._uvicorn.should_exit and signum == signal.SIGINT:
+                    self._uvicorn.force_exit = True  # a second Ctrl-C skips the drain
+                self._uvicorn.should_exit = True
+            self._stop_requested = True
+            log.info("received %s; draining", signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handle)
 
     def prepare(self) -> None:
         """Recover the store after any crash, install shipped models on first start, load and start watching."""
@@ -77,8 +97,6 @@ class Agent:
 
     def serve(self) -> None:
         """Serve HTTP until SIGTERM/SIGINT; in-flight requests are drained before returning."""
-        import uvicorn
-
         addr = self.cfg.listen_address()
         kwargs: dict[str, Any] = dict(
             log_level=self.cfg.log_level.lower() if self.cfg.log_level.lower() != "info" else "warning",
@@ -97,11 +115,21 @@ class Agent:
         else:
             config = uvicorn.Config(self.app, host=addr[0], port=addr[1], **kwargs)
             log.info("listening on http://%s:%d", *addr)
+        self._uvicorn = _Server(config)
         try:
-            uvicorn.Server(config).run()
+            if not self._stop_requested:
+                self._uvicorn.run()
         finally:
             self.server.stop()
             log.info("stopped")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling (it re-raises SIGTERM after the drain: exit -15)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def _has_uvloop() -> bool:

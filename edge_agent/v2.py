@@ -33,6 +33,9 @@ BINARY_CONTENT_TYPE = "application/octet-stream"
 # Little-endian dtypes: the binary tensor data extension is defined as little-endian.
 _WIRE_DTYPES: dict[str, np.dtype[Any]] = {k: v.newbyteorder("<") for k, v in V2_TO_NUMPY.items()}
 _JSON_KINDS: dict[str, str] = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}  # target kind -> accepted JSON kinds
+_KIND_NAMES = {"U": "strings", "S": "strings", "O": "null, mixed or out-of-range values", "b": "booleans",
+               "i": "integers", "u": "integers", "f": "non-integer numbers", "c": "complex numbers"}
+_DTYPE_TO_V2: dict[np.dtype[Any], str] = {dt: v2 for v2, dt in V2_TO_NUMPY.items()}  # faster than dtype.name
 _ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
@@ -86,6 +89,10 @@ def parse_header_length(value: str | bytes | int | None, body_len: int) -> int |
     return n
 
 
+def _binary_hint(header_length: int | None) -> str:
+    return f" (binary tensor data needs the {HEADER_LENGTH} header)" if header_length is None else ""
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -97,11 +104,11 @@ def _flag(params: Mapping[str, Any], key: str, where: str) -> bool | None:
     raise RequestError(f"{where}.parameters.{key} must be true or false, got {value!r:.40}")
 
 
-def _dict_or_empty(value: Any, where: str) -> dict[str, Any]:
+def _dict_or_empty(value: Any, what: str, name: str | None = None) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise RequestError(f"{where} must be an object")
+        raise RequestError(f"{what} {name!r} parameters must be an object" if name is not None else f"{what} must be an object")
     return value
 
 
@@ -116,7 +123,7 @@ def _json_array(data: Any, dtype: np.dtype[Any], shape: list[int], count: int, n
         raise RequestError(f"input {name!r}: 'data' has {arr.size} values but shape {shape} needs {count}")
     kind = arr.dtype.kind
     if kind not in _JSON_KINDS[dtype.kind]:
-        what = {"U": "strings", "O": "null, mixed or out-of-range values", "b": "booleans", "f": "non-integer numbers"}.get(kind, arr.dtype.name)
+        what = _KIND_NAMES.get(kind, arr.dtype.name)
         raise RequestError(f"input {name!r}: 'data' holds {what}, which {datatype} does not accept")
     if dtype.kind in "iu" and kind in "iu" and arr.dtype != dtype:
         info = np.iinfo(dtype)
@@ -145,10 +152,10 @@ def decode_request(
     try:
         req = json.loads(head if isinstance(head, (bytes, bytearray)) else bytes(head))
     except UnicodeDecodeError:
-        raise RequestError("request body is not UTF-8 JSON"
-                           + ("" if n is not None else f" (binary tensor data needs the {HEADER_LENGTH} header)")) from None
+        raise RequestError("request body is not UTF-8 JSON" + _binary_hint(n)) from None
     except ValueError as exc:
-        raise RequestError(f"request body is not valid JSON: {exc}") from None
+        hint = _binary_hint(n) if getattr(exc, "msg", "") == "Extra data" else ""
+        raise RequestError(f"request body is not valid JSON: {exc}{hint}") from None
     if not isinstance(req, dict):
         raise RequestError(f"request body must be a JSON object, got {type(req).__name__}")
     inputs = req.get("inputs")
@@ -167,16 +174,15 @@ def decode_request(
     offset = 0
     binary_len = len(binary)
     for i, t in enumerate(inputs):
-        where = f"inputs[{i}]"
         if not isinstance(t, dict):
-            raise RequestError(f"{where} must be an object")
+            raise RequestError(f"inputs[{i}] must be an object")
         name = t.get("name")
         if not isinstance(name, str) or not name:
-            raise RequestError(f"{where} needs a 'name' string")
+            raise RequestError(f"inputs[{i}] needs a 'name' string")
         if name in arrays:
             raise RequestError(f"input {name!r} given twice")
         shape = t.get("shape")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
             raise RequestError(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r:.60}")
         datatype = t.get("datatype")
         if not isinstance(datatype, str):
@@ -189,8 +195,8 @@ def decode_request(
         count = math.prod(shape)
         if count == 0:
             raise RequestError(f"input {name!r}: shape {shape} is empty")
-        tparams = _dict_or_empty(t.get("parameters"), f"input {name!r} parameters")
-        size = tparams.get("binary_data_size")
+        tparams = t.get("parameters")
+        size = None if tparams is None else _dict_or_empty(tparams, "input", name).get("binary_data_size")
         if size is not None:
             if not _is_int(size) or size < 0:
                 raise RequestError(f"input {name!r}: parameters.binary_data_size must be a non-negative integer")
@@ -229,17 +235,19 @@ def decode_request(
         outputs = []
         seen = set()
         for i, o in enumerate(raw_outputs):
-            where = f"outputs[{i}]"
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise RequestError(f"{where} must be an object with a 'name' string")
+                raise RequestError(f"outputs[{i}] must be an object with a 'name' string")
             oname = o["name"]
             if oname in seen:
                 raise RequestError(f"output {oname!r} requested twice")
             seen.add(oname)
-            oparams = _dict_or_empty(o.get("parameters"), f"output {oname!r} parameters")
-            outputs.append(
-                RequestedOutput(oname, _flag(oparams, "binary_data", where), bool(_flag(oparams, "quantized", where)))
-            )
+            oparams = o.get("parameters")
+            if oparams is None:
+                outputs.append(RequestedOutput(oname))
+            else:
+                oparams = _dict_or_empty(oparams, "output", oname)
+                outputs.append(RequestedOutput(oname, _flag(oparams, "binary_data", f"outputs[{i}]"),
+                                               bool(_flag(oparams, "quantized", f"outputs[{i}]"))))
     request = InferRequest(arrays, datatypes, outputs or None, rid, params, binary_output)
     if manifest is not None:
         check_request(request, manifest)
@@ -304,7 +312,7 @@ def encode_response(
     chunks: list[bytes] = []
     for name, binary in wanted:
         arr = outputs[name]
-        datatype = NUMPY_TO_V2.get(arr.dtype.name)
+        datatype = _DTYPE_TO_V2.get(arr.dtype) or NUMPY_TO_V2.get(arr.dtype.name)
         if datatype is None:
             raise TypeError(f"output {name!r} has dtype {arr.dtype}, which V2 cannot carry")
         if binary:

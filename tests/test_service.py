@@ -138,7 +138,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(agent) -> None:
     proc, connect, _ = agent
     from sklearn.datasets import load_digits
 
-    x = np.tile(load_digits().images.astype(np.float32)[..., None], (20, 1, 1, 1))  # ~36k digits: a slow request
+    x = np.tile(load_digits().images.astype(np.float32)[..., None], (10, 1, 1, 1))  # ~18k digits (~6 MiB of JSON): a slow request
     body = {"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
     payload = json.dumps(body)
     result: dict = {}
