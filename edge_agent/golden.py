@@ -8,6 +8,7 @@ outputs in real (dequantized) values.
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,7 +40,7 @@ def load_golden(path: str | Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             samples = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # truncated/corrupt npz: EOFError, BadZipFile
         raise ManifestError(f"golden samples {Path(path).name} unreadable: {exc}") from exc
     if not any(k.startswith(IN) for k in samples) or not any(k.startswith(OUT) for k in samples):
         raise ManifestError(f"golden samples {Path(path).name} need 'in:<name>' and 'out:<name>' arrays")
@@ -68,10 +69,13 @@ def check_golden(model: LoadedModel, samples: Mapping[str, np.ndarray]) -> dict[
         if have.shape != want.shape:
             raise ValidationError(f"golden output {name!r}: shape {list(have.shape)} != expected {list(want.shape)}")
         a = atol + (steps * spec.quantization.scale if spec.quantization else 1e-5)
-        err = np.abs(have.astype(np.float64) - want.astype(np.float64))
-        limit = a + rtol * np.abs(want.astype(np.float64))
+        have64, want64 = have.astype(np.float64), want.astype(np.float64)
+        with np.errstate(invalid="ignore"):  # NaN/inf: equal values (both NaN, same inf) match, others fail
+            same = (have64 == want64) | (np.isnan(have64) & np.isnan(want64))
+            err = np.where(same, 0.0, np.abs(have64 - want64))
+            limit = a + rtol * np.abs(np.where(np.isfinite(want64), want64, 0.0))
         worst[name] = float(err.max()) if err.size else 0.0
-        if np.any(err > limit):
+        if not np.all(err <= limit):
             raise ValidationError(
                 f"golden output {name!r} differs: max abs error {worst[name]:.6g} above tolerance {float(limit.max()):.6g}"
             )

@@ -108,10 +108,37 @@ def verify_version_dir(path: str | Path, *, run_golden: bool = True, options: Ru
     digest = sha256_file(model_file)
     if digest != manifest.sha256:
         raise RejectedError(f"{manifest.name} {manifest.version}: sha256 mismatch ({digest[:12]}… != {manifest.sha256[:12]}…)")
+    if run_golden:
+        _check_specs(manifest, *inspect_model(model_file))
     if run_golden and manifest.golden:
         model = LoadedModel(model_file, manifest, options or RuntimeOptions(num_threads=1, pool_size=1))
         check_golden(model, load_golden(d / manifest.golden))
     return manifest
+
+
+def _check_specs(manifest: Manifest, model_ins: list[TensorSpec], model_outs: list[TensorSpec]) -> None:
+    """Raise ManifestError when the manifest's tensors disagree with the model file's own (dtype, shape, quantization)."""
+    where = f"{manifest.name} {manifest.version}"
+    for side, declared, actual in (("input", manifest.inputs, model_ins), ("output", manifest.outputs, model_outs)):
+        if len(declared) != len(actual):
+            raise ManifestError(f"{where}: manifest lists {len(declared)} {side}s, the model has {len(actual)}")
+        by_tensor = {a.tensor or a.name: a for a in actual}
+        by_name = {a.name: a for a in actual}
+        for spec in declared:
+            a = by_tensor.get(spec.tensor or spec.name) or by_name.get(spec.name)
+            if a is None:
+                raise ManifestError(f"{where}: {side} {spec.name!r} is not in the model (it has {sorted(by_name)})")
+            q, mq = spec.quantization, a.quantization
+            if q is None or mq is None:
+                same_q = q is mq
+            else:
+                same_q = abs(q.scale - mq.scale) <= 1e-6 * mq.scale and q.zero_point == mq.zero_point
+            if spec.dtype != a.dtype or tuple(spec.shape) != tuple(a.shape) or not same_q:
+                raise ManifestError(
+                    f"{where}: manifest {side} {spec.name!r} is {spec.dtype} {list(spec.shape)} quantization "
+                    f"{q.to_dict() if q else None}, but the model's tensor is {a.dtype} {list(a.shape)} "
+                    f"quantization {mq.to_dict() if mq else None}"
+                )
 
 
 def copy_version_dir(src: str | Path, parent: str | Path) -> Path:

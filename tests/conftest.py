@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# tflite-runtime must be loaded before TensorFlow: TF first makes every later tflite-runtime load
+# fail with "vector::reserve". Some tests import TF (to build models), so pin the order here.
+import edge_agent.runtime  # noqa: F401,E402
+
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
 PYTHON = sys.executable
