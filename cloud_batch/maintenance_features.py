@@ -106,6 +106,7 @@ def asset_features(df: pd.DataFrame, as_of: pd.Timestamp | str) -> pd.DataFrame:
 
     out = out.reindex(columns=list(FEATURE_NAMES))
     # Std of a one-reading window is NaN; an asset silent for a whole window has no means either.
+    out.index = out.index.astype(str)
     out = out.fillna({c: 0.0 for c in FEATURE_NAMES if "_std_" in c or "_count_" in c or "excursions" in c})
     for col in FEATURE_NAMES:
         if out[col].isna().any():
@@ -118,5 +119,7 @@ def live_readings(df: pd.DataFrame, as_of: pd.Timestamp | str) -> pd.DataFrame:
     """Each asset's latest reading at or before ``as_of`` (the model's ``live`` input), indexed by ``asset_id``."""
     as_of = pd.Timestamp(as_of)
     hist = _check(df, as_of)
-    last = hist.sort_values("timestamp", kind="stable").groupby("asset_id").tail(1).set_index("asset_id")
-    return last[list(LIVE_FEATURES)].astype(np.float32).sort_index()
+    last = hist.loc[hist.groupby("asset_id")["timestamp"].idxmax()]
+    out = last.set_index(last["asset_id"].astype(str))[list(LIVE_FEATURES)].astype(np.float32)
+    out.index.name = "asset_id"
+    return out
