@@ -24,7 +24,18 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _config(args: argparse.Namespace) -> AgentConfig:
-    overrides = {"data_dir": getattr(args, "data_dir", None), "listen": getattr(args, "listen", None)}
+    overrides: dict[str, Any] = {"data_dir": getattr(args, "data_dir", None), "listen": getattr(args, "listen", None)}
+    mqtt = {
+        "broker": getattr(args, "broker", None),
+        "device_id": getattr(args, "device_id", None),
+        "fleet": getattr(args, "fleet", None),
+        "trust": getattr(args, "trust", None),
+        "ca_file": getattr(args, "tls_ca", None),
+        "cert_file": getattr(args, "tls_cert", None),
+        "key_file": getattr(args, "tls_key", None),
+    }
+    if any(v is not None for v in mqtt.values()):
+        overrides["mqtt"] = {k: v for k, v in mqtt.items() if v is not None}
     if getattr(args, "log_level", None):
         overrides["log_level"] = args.log_level
     return load_config(getattr(args, "config", None), overrides=overrides)
@@ -198,10 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = _add(sub, "run", cmd_run, "run the agent service (HTTP API, model watcher)",
-             "edge-agent run --config /etc/edgefleet/agent.toml --listen 0.0.0.0:8080")
+             "edge-agent run --broker mqtt://broker:1883 --fleet factory-a --device-id cam-7 --trust signing.pub")
     _common(p)
     p.add_argument("--listen", help="HOST:PORT or unix:/path/to.sock (default 127.0.0.1:8080)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--broker", help="MQTT broker URL, mqtt://host:1883 or mqtts://host:8883 (none: offline mode)")
+    p.add_argument("--device-id", help="this device's id in the fleet (default: host name)")
+    p.add_argument("--fleet", help="fleet this device belongs to (default: 'default')")
+    p.add_argument("--trust", action="append", metavar="PUBKEY", help="public key trusted to sign releases (repeatable)")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate of the broker (mqtts://)")
+    p.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", metavar="FILE", help="client private key for mutual TLS")
 
     models = _add(sub, "models", lambda a: 2, "install, activate, roll back and list model versions",
                   "edge-agent models list --json")

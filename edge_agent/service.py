@@ -61,6 +61,27 @@ class Agent:
         self.app = create_app(self.server, max_body_bytes=cfg.max_body_bytes, metrics=self.metrics, status=self.status)
         self._uvicorn: Any = None
         self._stop_requested = False
+        self.link: Any = None
+        self.ota: Any = None
+        if cfg.mqtt.broker:
+            self._setup_ota()
+
+    def _setup_ota(self) -> None:
+        """Connect the OTA pipeline: MQTT link (with its last will), trusted keys, the update agent."""
+        from .link import MqttLink, TlsConfig
+        from .ota import OtaAgent, OtaOptions, will_for
+        from .signing import load_public_key
+
+        m = self.cfg.mqtt
+        device_id = m.device_id or socket.gethostname().split(".")[0]
+        tls = TlsConfig(m.ca_file, m.cert_file, m.key_file) if (m.ca_file or m.cert_file or m.key_file) else None
+        self.link = MqttLink(m.broker or "", client_id=f"edgefleet-{m.fleet}-{device_id}", tls=tls,
+                             will=will_for(m.fleet, device_id), keepalive=m.keepalive_s)
+        o = self.cfg.ota
+        options = OtaOptions(max_artifact_bytes=o.max_artifact_bytes, bandwidth_bps=o.bandwidth_bps,
+                             chunk_window=o.chunk_window, runtime_options=self.cfg.runtime.options())
+        self.ota = OtaAgent(self.link, self.store, self.server, self.cfg.data_dir, device_id, m.fleet,
+                            [load_public_key(p) for p in m.trust], options=options)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop accepting, drain in-flight requests, exit 0 (also during start-up)."""
@@ -84,6 +105,9 @@ class Agent:
             log.info("installed shipped models: %s", ", ".join(shipped))
         self.server.sync()
         self.server.start(self.cfg.watch_interval_s)
+        if self.ota is not None:
+            self.ota.start()  # resumes any update a crash interrupted, then subscribes
+            self.link.start()  # connects in the background; serving never waits for the broker
 
     def status(self) -> dict[str, Any]:
         return {
@@ -91,6 +115,9 @@ class Agent:
             "runtime": {"backend": BACKEND},
             "data_dir": str(self.cfg.data_dir),
             "listen": self.cfg.listen,
+            "broker": {"url": self.cfg.mqtt.broker, "connected": bool(self.link and self.link.connected)}
+            if self.cfg.mqtt.broker else None,
+            "ota": self.ota.device_state().to_dict() if self.ota is not None else None,
             **self.server.status(),
             "store": self.store.list(),
         }
@@ -120,6 +147,9 @@ class Agent:
             if not self._stop_requested:
                 self._uvicorn.run()
         finally:
+            if self.ota is not None:
+                self.ota.stop()
+                self.link.stop()
             self.server.stop()
             log.info("stopped")
 

@@ -1,6 +1,11 @@
-"""`make demo`: start a real edge agent, send it real predictions over the V2 API, show its status, stop it.
+"""`make demo`: the whole loop on this machine, with real processes and a real broker.
 
-Everything runs locally against the shipped int8 digits model; no TensorFlow is needed.
+1. start a broker (mosquitto; the demo installs it with apt-get when missing, like `make test`);
+2. start an edge agent connected to it, serving the shipped int8 digits model;
+3. train, quantize and register digits v2 with `cloud-batch`, then sign and release it over MQTT;
+4. the agent downloads, verifies, validates and hot-swaps to v2;
+5. real predictions over the V2 API before and after;
+6. `cloud-batch fleet status`.
 """
 
 from __future__ import annotations
@@ -57,53 +62,101 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     raise SystemExit("agent did not become ready")
 
 
+def start_broker(workdir: Path) -> tuple[subprocess.Popen, str]:
+    binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if binary is None:
+        print("== mosquitto not found; installing it with apt-get")
+        subprocess.run("apt-get update -qq && apt-get install -y -qq mosquitto", shell=True, check=True)
+        binary = "/usr/sbin/mosquitto"
+    port = free_port(1884)
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(("user root\n" if os.geteuid() == 0 else "") + f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"mqtt://127.0.0.1:{port}"
+        time.sleep(0.05)
+    raise SystemExit("mosquitto did not start")
+
+
+def predict(base: str, name: str, x: np.ndarray) -> tuple[str, np.ndarray, float]:
+    meta = http("GET", f"{base}/v2/models/{name}")
+    body = {"inputs": [{"name": meta["inputs"][0]["name"], "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}
+    t0 = time.perf_counter()
+    resp = http("POST", f"{base}/v2/models/{name}/infer", body)
+    ms = (time.perf_counter() - t0) * 1e3
+    out = resp["outputs"][0]
+    return resp["model_version"], np.asarray(out["data"], dtype=np.float32).reshape(out["shape"]), ms
+
+
+def show(title: str, version: str, probs: np.ndarray, truth: np.ndarray, ms: float) -> None:
+    pred = probs.argmax(axis=1)
+    print(f"== {title}: served by digits v{version} in {ms:.1f} ms")
+    print("   predicted " + " ".join(str(p) for p in pred))
+    print("   truth     " + " ".join(str(t) for t in truth))
+    print(f"   accuracy {(pred == truth).mean():.2f}, mean confidence {probs.max(axis=1).mean():.3f}")
+
+
+def run(*cmd: str) -> None:
+    print("$ " + " ".join(Path(cmd[0]).name if i == 0 else c for i, c in enumerate(cmd)))
+    subprocess.run(cmd, check=True)
+
+
 def main() -> int:
-    data_dir = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
+    data_dir, keys, registry = work / "agent", work / "keys", work / "registry"
+    broker, broker_url = start_broker(work)
+    print(f"== broker {broker_url}")
+    run(str(BIN / "cloud-batch"), "keys", "generate", "--out", str(keys))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    print(f"== starting edge-agent on {base} (data dir {data_dir})")
+    print(f"== starting edge-agent on {base}, fleet 'demo', device 'demo-1'")
     agent = subprocess.Popen(
-        [str(BIN / "edge-agent"), "run", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
+        [str(BIN / "edge-agent"), "run", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}",
+         "--broker", broker_url, "--fleet", "demo", "--device-id", "demo-1", "--trust", str(keys / "signing.pub")],
         env={**os.environ, "EDGEFLEET_MODELS_DIR": str(REPO / "models")},
     )
     try:
         wait_ready(base, agent)
-        meta = http("GET", base + "/v2/models/digits")
-        print(f"== model metadata: {meta['name']} versions {meta['versions']} inputs "
-              f"{[(t['name'], t['datatype'], t['shape']) for t in meta['inputs']]}")
         digits = load_digits()
-        rng = np.random.default_rng(0)
-        idx = rng.choice(len(digits.images), size=12, replace=False)
-        batch = digits.images[idx].astype(np.float32)[..., None]
-        body = {"inputs": [{"name": meta["inputs"][0]["name"], "shape": list(batch.shape), "datatype": "FP32",
-                            "data": batch.ravel().tolist()}]}
-        t0 = time.perf_counter()
-        resp = http("POST", base + "/v2/models/digits/infer", body)
-        ms = (time.perf_counter() - t0) * 1e3
-        out = resp["outputs"][0]
-        probs = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
-        pred = probs.argmax(axis=1)
-        print(f"== V2 infer, batch of {len(idx)} real digits -> model_version {resp['model_version']} in {ms:.1f} ms")
-        for i, (p, truth, conf) in enumerate(zip(pred, digits.target[idx], probs.max(axis=1))):
-            print(f"   sample {i:2d}: predicted {p} (p={conf:.2f})  truth {truth}  {'ok' if p == truth else 'MISS'}")
-        print(f"   accuracy on this batch: {(pred == digits.target[idx]).mean():.2f}")
+        idx = np.random.default_rng(0).choice(len(digits.images), size=16, replace=False)
+        x, truth = digits.images[idx].astype(np.float32)[..., None], digits.target[idx]
+        version, probs, ms = predict(base, "digits", x)
+        show("before the update", version, probs, truth, ms)
 
-        img_path = data_dir / "digit.png"
+        print("== cloud side: train digits v2 (Keras → int8 TFLite → held-out evaluation → quality gate)")
+        run(str(BIN / "cloud-batch"), "train", "digits", "--registry", str(registry), "--version", "2",
+            "--seed", "1", "--no-progress")
+        run(str(BIN / "cloud-batch"), "release", "digits", "--version", "2", "--fleet", "demo",
+            "--registry", str(registry), "--key", str(keys / "signing.key"), "--broker", broker_url)
+        t0 = time.time()
+        while time.time() - t0 < 120:
+            version = http("GET", f"{base}/v2/models/digits")["parameters"].get("active_version")
+            if version == "2":
+                break
+            time.sleep(0.2)
+        print(f"== agent hot-swapped to v{version} {time.time() - t0:.1f} s after the release was published")
+        version, probs, ms = predict(base, "digits", x)
+        show("after the update", version, probs, truth, ms)
+
+        img_path = work / "digit.png"
         import cv2
 
         img = (255 - digits.images[idx[0]] * (255 / 16)).astype(np.uint8)  # dark ink on white paper
         cv2.imwrite(str(img_path), cv2.resize(img, (64, 64), interpolation=cv2.INTER_NEAREST))
-        print(f"== edge-agent predict digits --input {img_path.name}  (image, truth {digits.target[idx[0]]})")
-        subprocess.run([str(BIN / "edge-agent"), "predict", "digits", "--input", str(img_path),
-                        "--data-dir", str(data_dir)], check=True)
-        print("== edge-agent status")
-        subprocess.run([str(BIN / "edge-agent"), "status", "--data-dir", str(data_dir),
-                        "--listen", f"127.0.0.1:{port}"], check=True)
+        print(f"== an image file through the CLI (truth {truth[0]})")
+        run(str(BIN / "edge-agent"), "predict", "digits", "--input", str(img_path), "--data-dir", str(data_dir))
+        time.sleep(1.0)  # let the device publish its committed state
+        run(str(BIN / "cloud-batch"), "fleet", "status", "--fleet", "demo", "--broker", broker_url)
     finally:
         agent.send_signal(signal.SIGTERM)
         code = agent.wait(timeout=30)
         print(f"== agent stopped on SIGTERM with exit code {code}")
-        shutil.rmtree(data_dir, ignore_errors=True)
+        broker.terminate()
+        broker.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
