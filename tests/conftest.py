@@ -12,6 +12,8 @@ import pytest
 # fail with "vector::reserve". Some tests import TF (to build models), so pin the order here.
 import edge_agent.runtime  # noqa: F401,E402
 
+pytest_plugins = ["tests.apiserver"]  # the API fixtures: model_server, api
+
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
 PYTHON = sys.executable

@@ -2,99 +2,23 @@
 
 from __future__ import annotations
 
-import http.client
 import json
-import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
-import uvicorn
 
 from edge_agent.api import create_app
 from edge_agent.manifest import Manifest
 from edge_agent.runtime import quantize
 from edge_agent.serving import ModelServer
 from edge_agent.store import ModelStore
-from tests.conftest import free_port
+from tests.apiserver import ApiServer, digits_data, infer_body
 
 
-# -- helpers shared by the API test modules -------------------------------------------------
-class ApiServer:
-    """An ASGI app on a real uvicorn server (httptools), in a background thread, on a free local port."""
-
-    def __init__(self, app: Any) -> None:
-        self.host = "127.0.0.1"
-        self.port = free_port()
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", access_log=False,
-                                lifespan="off", http="httptools", log_config=None)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
-
-    @property
-    def url(self) -> str:
-        """``host:port``, as tritonclient wants it."""
-        return f"{self.host}:{self.port}"
-
-    def __enter__(self) -> "ApiServer":
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn did not start on {self.url}")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
-
-    def connect(self, timeout: float = 30) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-
-    def request(self, method: str, path: str, body: bytes | dict | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        """One request on a fresh connection; returns (status, lower-cased headers, body)."""
-        conn = self.connect()
-        try:
-            data = json.dumps(body).encode() if isinstance(body, dict) else body
-            conn.request(method, path, body=data, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-        finally:
-            conn.close()
-
-
-def digits_data() -> tuple[np.ndarray, np.ndarray]:
-    """sklearn's digits as the model takes them: FP32 [n, 8, 8, 1] in raw 0..16, and the labels."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return d.images.astype(np.float32)[..., None], d.target
-
-
-def infer_body(x: np.ndarray, name: str = "pixels", datatype: str = "FP32", **extra: Any) -> dict[str, Any]:
-    return {"inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}], **extra}
-
-
-# -- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture
-def model_server(store: ModelStore) -> Iterator[ModelServer]:
-    srv = ModelServer(store)
-    srv.sync()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def api(model_server: ModelServer) -> Iterator[ApiServer]:
-    with ApiServer(create_app(model_server)) as server:
-        yield server
-
-
+# -- fixtures (model_server and api come from tests/apiserver.py via conftest) -----------
 @pytest.fixture
 def client(api: ApiServer) -> Iterator[triton.InferenceServerClient]:
     c = triton.InferenceServerClient(api.url, network_timeout=30)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,23 +17,9 @@ from edge_agent.manifest import Manifest, TensorSpec
 from edge_agent.modelpack import build_version_dir
 from edge_agent.serving import ModelServer
 from edge_agent.store import ModelStore
-from tests.test_api import ApiServer, digits_data, infer_body
+from tests.apiserver import ApiServer, digits_data, infer_body
 
 INFER = "/v2/models/digits/infer"
-
-
-@pytest.fixture
-def model_server(store: ModelStore) -> Iterator[ModelServer]:
-    srv = ModelServer(store)
-    srv.sync()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def api(model_server: ModelServer) -> Iterator[ApiServer]:
-    with ApiServer(create_app(model_server)) as server:
-        yield server
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from edge_agent.modelpack import build_version_dir
 from edge_agent.runtime import inspect_model
 from edge_agent.serving import ModelServer
 from edge_agent.store import ModelStore
-from tests.test_api import ApiServer, digits_data, infer_body
+from tests.apiserver import ApiServer, digits_data, infer_body
 
 CLIENTS = 8
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.api import create_app
 from edge_agent.metrics import LATENCY_BUCKETS, UNKNOWN_MODEL, Metrics
 from edge_agent.serving import ModelServer
 from edge_agent.store import ModelStore
-from tests.test_api import ApiServer, digits_data, infer_body
+from tests.apiserver import ApiServer, digits_data, infer_body
 from tests.test_hotswap import build_v2
 
 INFER = "/v2/models/digits/infer"
@@ -32,14 +30,6 @@ def scrape(api: ApiServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float
 
 def value(samples: dict, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
-
-
-@pytest.fixture
-def model_server(store: ModelStore) -> Iterator[ModelServer]:
-    srv = ModelServer(store)
-    srv.sync()
-    yield srv
-    srv.stop()
 
 
 def test_request_error_and_latency_metrics(model_server: ModelServer) -> None:
