@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 from edge_agent.errors import EdgeError
 
 from .errors import CloudError
+from .ota_cli import register_commands
 
 PROG = "cloud-batch"
 DEFAULT_REGISTRY = Path("registry")
@@ -161,7 +162,7 @@ def add_register(sub: SubParsers) -> None:
 
 
 # Subcommands in help order. Others append theirs (keys, release, rollout, fleet, features).
-COMMANDS: list[Callable[[SubParsers], None]] = [add_train, add_register]
+COMMANDS: list[Callable[[SubParsers], None]] = [add_train, add_register, register_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,13 +18,13 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` so readers see either the old or the new file, never a mix."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; these files are meant to be readable like any other
+        os.fchmod(fd, mode)  # set before any byte is written (a private key is never readable by others)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

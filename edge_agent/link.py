@@ -99,6 +99,7 @@ class MqttLink:
         self._client.on_message = self._on_message
         self._client.on_socket_open = self._on_socket_open
         self.connects = 0
+        self._stopping = False
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -113,6 +114,7 @@ class MqttLink:
                 info.wait_for_publish(timeout=2)
             except (RuntimeError, ValueError):
                 pass
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
@@ -184,7 +186,7 @@ class MqttLink:
             pass
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
-        if self._connected.is_set():
+        if self._connected.is_set() and not self._stopping:
             log.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
         self._connected.clear()
 

@@ -48,8 +48,7 @@ def generate_keypair(out_dir: str | Path) -> tuple[Path, Path]:
         raise ConfigError(f"{key_path} already exists; refusing to overwrite a signing key")
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    atomic_write_bytes(key_path, pem)
-    key_path.chmod(0o600)
+    atomic_write_bytes(key_path, pem, mode=0o600)
     atomic_write_bytes(pub_path, private.public_key().public_bytes(serialization.Encoding.PEM,
                                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
     return key_path, pub_path

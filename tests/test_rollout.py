@@ -1,0 +1,209 @@
+"""Phased rollouts across 50 simulated devices on a real mosquitto (stages 10, 50, 100).
+
+The devices (``cloud_batch.simdevice``) verify the signed release, apply the rollout gate and
+download the artifact with the real transfer code; the cloud side only reads the broker.
+Waiting is done with ``rollout.watch`` (it re-evaluates on every device state change) and a
+generous deadline; nothing asserts how long anything took.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from cloud_batch import ota_cli
+from cloud_batch.fleet import fleet_status
+from cloud_batch.keys import generate_keys
+from cloud_batch.release import release
+from cloud_batch.rollout import RolloutError, RolloutStatus, abort, advance, evaluate, rollout_status, watch
+from cloud_batch.simdevice import SimFleet
+from edge_agent.protocol import DeviceState, Release, Rollout, UpdateReport, in_cohort
+from tests.broker import Broker, broker  # noqa: F401
+from tests.conftest import MODELS
+
+FLEET = "plant-r"
+N = 50
+STAGES = [10, 50, 100]
+WAIT_S = 60.0
+SETTLE_S = 0.2  # the agent waits 1 s for a release's rollout; the rollout is always published first here
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    return generate_keys(tmp_path / "keys")
+
+
+def start_fleet(url: str, pub: Path, tmp_path: Path, **kwargs: object) -> SimFleet:
+    return SimFleet(url, FLEET, kwargs.pop("n", N), trusted_keys=[pub], workdir=tmp_path / "sim",  # type: ignore[arg-type]
+                    settle_s=SETTLE_S, **kwargs).start()  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def sim_factory(tmp_path: Path) -> Iterator[list[SimFleet]]:
+    fleets: list[SimFleet] = []
+    yield fleets
+    for f in fleets:
+        f.stop()
+
+
+def publish(url: str, key: Path, **kwargs: object) -> Release:
+    return release(MODELS, "digits", "1", FLEET, key, url, stages=kwargs.pop("stages", STAGES), health_window_s=0,  # type: ignore[arg-type]
+                   progress=False, **kwargs)  # type: ignore[arg-type]
+
+
+def stage_done(s: RolloutStatus) -> bool:
+    """Every device of the current cohort finished the release (any result)."""
+    return s.counts["cohort"] > 0 and s.tried == s.counts["cohort"] and s.counts["in_progress"] == 0
+
+
+def cohort(ids: list[str], percent: int) -> set[str]:
+    return {d for d in ids if in_cohort(d, "digits", percent)}
+
+
+# -- advancing -----------------------------------------------------------------------------
+def test_advance_moves_through_every_stage_while_failures_stay_under_the_threshold(
+    broker: Broker, keys: tuple[Path, Path], tmp_path: Path, sim_factory: list[SimFleet],  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sim = start_fleet(broker.url, keys[1], tmp_path)
+    sim_factory.append(sim)
+    rel = publish(broker.url, keys[0])
+    seen_cohorts: list[set[str]] = []
+    for stage, percent in enumerate(STAGES):
+        status = watch(broker.url, "digits", FLEET, stage_done, timeout_s=WAIT_S)
+        assert (status.rollout.stage, status.rollout.percent, status.rollout.status) == (stage, percent, "active")
+        assert set(status.cohort) == cohort(sim.device_ids, percent)
+        assert status.counts["success"] == len(status.cohort) and status.failure_rate == 0.0
+        seen_cohorts.append(set(status.cohort))
+        # Devices outside the cohort have not applied it: they hold the release until a later stage.
+        rows = {r.device_id: r for r in fleet_status(broker.url, FLEET)}
+        for device_id, row in rows.items():
+            applied = row.models.get("digits") == "1"
+            assert applied == (device_id in status.cohort), device_id
+        step = advance(broker.url, "digits", FLEET)
+        if stage + 1 < len(STAGES):
+            assert step.action == "advanced" and step.rollout.stage == stage + 1
+            assert step.rollout.percent == STAGES[stage + 1]
+        else:
+            assert step.action == "completed" and step.rollout.status == "complete"
+    # Each stage only added devices; the last one is the whole fleet.
+    assert seen_cohorts[0] < seen_cohorts[1] < seen_cohorts[2] == set(sim.device_ids)
+
+    # Complete is final for advance (a no-op), and the CLI shows the same status as JSON.
+    assert advance(broker.url, "digits", FLEET).action is None
+    assert ota_cli.main(["rollout", "status", "digits", "--fleet", FLEET, "--broker", broker.url, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["release_id"] == rel.release_id and shown["status"] == "complete"
+    assert shown["counts"]["success"] == N and shown["failure_rate"] == 0.0 and len(shown["devices"]) == N
+
+
+def test_rollout_halts_on_its_own_when_the_failure_threshold_is_crossed(
+    broker: Broker, keys: tuple[Path, Path], tmp_path: Path, sim_factory: list[SimFleet],  # noqa: F811
+) -> None:
+    # ~30% of the devices fail validation; with seed 4 none of them is in the 10% cohort, 9 of 29 are in the 50% one.
+    sim = start_fleet(broker.url, keys[1], tmp_path, fail_rate=0.3, seed=4)
+    sim_factory.append(sim)
+    assert len(sim.fail_ids) == 15
+    assert not sim.fail_ids & cohort(sim.device_ids, 10) and sim.fail_ids & cohort(sim.device_ids, 50)
+    publish(broker.url, keys[0], max_failure_rate=0.1)
+
+    first = watch(broker.url, "digits", FLEET, stage_done, timeout_s=WAIT_S)
+    assert first.failure_rate == 0.0 and first.action is None
+    assert advance(broker.url, "digits", FLEET).action == "advanced"
+
+    # The watcher halts the rollout as soon as a failure report pushes the rate over 10%.
+    halted = watch(broker.url, "digits", FLEET, lambda s: s.action == "halted", timeout_s=WAIT_S)
+    assert halted.rollout.status == "halted" and halted.rollout.percent == 50
+    assert halted.failure_rate > 0.1 and "above the release's threshold 10.0%" in halted.message
+    failed = [d for d in halted.devices if d.result == "failed"]
+    assert failed and all(d.device_id in sim.fail_ids for d in failed)
+    assert all("simulated failure" in (d.reason or "") for d in failed)
+
+    # The halt is on the broker (retained), devices outside the cohort never start, and it cannot advance.
+    after = rollout_status(broker.url, "digits", FLEET)
+    assert after.rollout.status == "halted" and after.action is None
+    outside = set(sim.device_ids) - cohort(sim.device_ids, 50)
+    for row in fleet_status(broker.url, FLEET):
+        if row.device_id in outside:
+            assert "digits" not in row.models and "digits" not in row.updates, row
+    with pytest.raises(RolloutError, match="is halted; it cannot advance"):
+        advance(broker.url, "digits", FLEET)
+
+
+def test_cli_status_halts_and_exits_1_then_advance_is_refused(
+    broker: Broker, keys: tuple[Path, Path], tmp_path: Path, sim_factory: list[SimFleet],  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sim = start_fleet(broker.url, keys[1], tmp_path, n=10, fail_rate=0.5, seed=1)
+    sim_factory.append(sim)
+    publish(broker.url, keys[0], stages=[100], max_failure_rate=0.2)
+    watch(broker.url, "digits", FLEET, stage_done, timeout_s=WAIT_S, auto_halt=False)  # observe only
+
+    args = ["--fleet", FLEET, "--broker", broker.url]
+    assert ota_cli.main(["rollout", "status", "digits", *args]) == 1
+    out = capsys.readouterr().out
+    assert "halted: failure rate 50.0% (5/10) is above the release's threshold 20.0%" in out
+    assert ota_cli.main(["rollout", "status", "digits", *args]) == 0  # halted already: nothing new to do
+    assert ota_cli.main(["rollout", "advance", "digits", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the rollout of digits 1") and "is halted" in err
+
+
+# -- aborting ------------------------------------------------------------------------------
+def test_abort_makes_the_cohort_roll_back(
+    broker: Broker, keys: tuple[Path, Path], tmp_path: Path, sim_factory: list[SimFleet],  # noqa: F811
+) -> None:
+    sim = start_fleet(broker.url, keys[1], tmp_path, initial_models={"digits": "0"})
+    sim_factory.append(sim)
+    rel = publish(broker.url, keys[0], stages=[50, 100])
+    done = watch(broker.url, "digits", FLEET, stage_done, timeout_s=WAIT_S)
+    assert done.counts["success"] == len(done.cohort) == len(cohort(sim.device_ids, 50))
+
+    aborted = abort(broker.url, "digits", FLEET)
+    assert aborted.action == "aborted" and aborted.rollout.status == "aborted"
+    rolled = watch(broker.url, "digits", FLEET, lambda s: s.counts["rolled-back"] == len(s.cohort), timeout_s=WAIT_S)
+    assert all(d.result == "rolled-back" and f"rollout {rel.release_id} aborted" in (d.reason or "") for d in rolled.devices)
+    # Everyone serves the previous version again; devices outside the cohort never changed.
+    assert {row.models.get("digits") for row in fleet_status(broker.url, FLEET)} == {"0"}
+    assert abort(broker.url, "digits", FLEET).action is None  # idempotent
+    with pytest.raises(RolloutError, match="is aborted"):
+        advance(broker.url, "digits", FLEET)
+
+
+def test_no_release_is_a_clear_error(broker: Broker) -> None:  # noqa: F811
+    with pytest.raises(RolloutError, match="no release of 'digits' in fleet 'plant-r'"):
+        rollout_status(broker.url, "digits", FLEET)
+
+
+# -- cohorts -------------------------------------------------------------------------------
+def test_cohorts_are_deterministic_and_only_grow() -> None:
+    ids = [f"dev-{i:05d}" for i in range(5000)]
+    previous: set[str] = set()
+    for percent in range(0, 101):
+        members = cohort(ids, percent)
+        assert members == cohort(ids, percent)  # deterministic
+        assert previous <= members  # monotonic: nobody leaves as the percentage grows
+        assert abs(len(members) - len(ids) * percent / 100) < len(ids) * 0.03  # roughly the asked share
+        previous = members
+    assert previous == set(ids)
+    # Another model name draws another cohort (a device is not always first in line).
+    assert {d for d in ids if in_cohort(d, "other", 10)} != cohort(ids, 10)
+
+
+def test_failure_rate_counts_failed_and_rolled_back_among_devices_that_tried() -> None:
+    from edge_agent.protocol import Artifact
+
+    rel = Release("r1", FLEET, "digits", "2", Artifact.from_blob(b"x"))
+    rel.policy.stages, rel.policy.max_failure_rate = [100], 0.25
+    results = {"a": "success", "b": "failed", "c": "rolled-back", "d": "rejected", "e": None}
+    states = {d: DeviceState(d, FLEET, updates={"digits": UpdateReport("r1", "digits", "2", "x", r)})
+              for d, r in results.items()}
+    states["f"] = DeviceState("f", FLEET, updates={"digits": UpdateReport("r0", "digits", "1", "committed", "success")})
+    states["g"] = DeviceState("g", FLEET)
+    s = evaluate("digits", FLEET, rel, Rollout("r1", 100), states)
+    assert s.counts["cohort"] == 7 and s.tried == 5  # f tried another release, g nothing
+    assert s.counts["in_progress"] == 1 and s.counts["rejected"] == 1
+    assert s.failure_rate == pytest.approx(2 / 5) and s.over_threshold
