@@ -163,6 +163,7 @@ class _Session:
         self.inputs, self.outputs = tensor_bindings(interp, manifest)
         shapes = {d["index"]: tuple(int(x) for x in d["shape"]) for d in interp.get_input_details()}
         self.shapes: dict[int, tuple[int, ...]] = {idx: shapes[idx] for _, idx in self.inputs}
+        self.broken = False  # allocate_tensors failed: tflite-runtime segfaults if this interpreter is reused
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         interp = self.interp
@@ -174,7 +175,11 @@ class _Session:
                 self.shapes[idx] = shape
                 resized = True
         if resized:
-            interp.allocate_tensors()
+            try:
+                interp.allocate_tensors()
+            except Exception:
+                self.broken = True
+                raise
         for name, idx in self.inputs:
             interp.set_tensor(idx, feeds[name])
         interp.invoke()
@@ -291,7 +296,11 @@ class LoadedModel:
             self.failures += 1  # the health window after an update watches this rate
             raise
         finally:
-            self._pool.put(session)
+            if session.broken:  # drop it; _acquire opens a fresh interpreter in its place
+                with self._lock:
+                    self._created -= 1
+            else:
+                self._pool.put(session)
 
     def _finish(self, raw: dict[str, np.ndarray], raw_outputs: frozenset[str] | set[str]) -> dict[str, np.ndarray]:
         for spec in self.manifest.outputs:

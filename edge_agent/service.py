@@ -103,11 +103,13 @@ class Agent:
         shipped = install_shipped_models(self.store, self.cfg.models_dir, Path(self.cfg.data_dir))
         if shipped:
             log.info("installed shipped models: %s", ", ".join(shipped))
+        if self.ota is not None:
+            self.ota.before_serving()  # a candidate that crashed the agent at every start is rolled back here
         self.server.sync()
         self.server.start(self.cfg.watch_interval_s)
         if self.ota is not None:
-            self.ota.start()  # resumes any update a crash interrupted, then subscribes
             self.link.start()  # connects in the background; serving never waits for the broker
+            self.ota.start()  # resumes any update a crash interrupted, then subscribes
 
     def status(self) -> dict[str, Any]:
         return {

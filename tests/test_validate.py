@@ -1,0 +1,125 @@
+"""Candidate validation runs in a child process: good models pass, bad ones fail with a reason, crashes are contained."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.errors import FailedError, IncompatibleModelError, ValidationError
+from edge_agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
+from edge_agent.modelpack import sha256_file
+from edge_agent.runtime import RuntimeOptions
+from edge_agent.validate import validate_candidate
+from tests.modelzoo import CUSTOM_OP, Zoo, zoo  # noqa: F401
+
+
+def copy_version(src: Path, out: Path) -> Path:
+    shutil.copytree(src, out)
+    return out
+
+
+def replace_model(version_dir: Path, data: bytes) -> Path:
+    """Swap in other model bytes and fix the manifest's sha256 and size, so only the model itself is at fault."""
+    (version_dir / MODEL_FILE).write_bytes(data)
+    manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
+    manifest["sha256"] = sha256_file(version_dir / MODEL_FILE)
+    manifest["size"] = len(data)
+    (version_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return version_dir
+
+
+def crashing_model(valid: bytes) -> bytes:
+    """A crafted .tflite that segfaults tflite-runtime on load.
+
+    The runtime's Python loader builds the flatbuffer model without running the flatbuffer
+    verifier, so pointing the root table offset (the first 4 bytes) far outside the file makes
+    the loader read unmapped memory: SIGSEGV, not a Python exception.
+    """
+    return struct.pack("<I", 0x7FFFFF00) + valid[4:]
+
+
+def test_a_good_candidate_passes_with_its_latency(digits_dir: Path) -> None:
+    report = validate_candidate(digits_dir, max_latency_ms=None, runtime_options=RuntimeOptions(num_threads=1))
+    assert report["ok"] is True
+    assert (report["name"], report["version"]) == ("digits", "1")
+    assert report["p50_ms"] > 0 and report["runs"] > 0
+    assert set(report["golden"]) == {"probs"}
+    # A budget it meets is fine too.
+    assert validate_candidate(digits_dir, max_latency_ms=10_000)["ok"]
+
+
+def test_golden_mismatch_fails_with_the_output_named(digits_dir: Path, tmp_path: Path) -> None:
+    cand = copy_version(digits_dir, tmp_path / "cand")
+    with np.load(cand / GOLDEN_FILE) as data:
+        samples = {k: data[k] for k in data.files}
+    samples["out:probs"] = samples["out:probs"] + np.float32(0.25)  # what the cloud "saw" is not what this computes
+    with open(cand / GOLDEN_FILE, "wb") as fh:
+        np.savez(fh, **samples)
+    with pytest.raises(ValidationError, match=r"golden output 'probs' differs"):
+        validate_candidate(cand, max_latency_ms=None)
+
+
+def test_a_model_needing_a_custom_op_is_incompatible_and_the_op_is_named(digits_dir: Path, tmp_path: Path,
+                                                                         zoo: Zoo) -> None:  # noqa: F811
+    cand = replace_model(copy_version(digits_dir, tmp_path / "cand"), zoo.path("custom_op").read_bytes())
+    with pytest.raises(IncompatibleModelError, match=CUSTOM_OP):
+        validate_candidate(cand, max_latency_ms=None)
+
+
+def test_over_the_latency_budget_fails(digits_dir: Path) -> None:
+    with pytest.raises(ValidationError, match=r"p50 [0-9.]+ ms over the release's budget 1e-06 ms"):
+        validate_candidate(digits_dir, max_latency_ms=0.000001)
+
+
+def test_a_model_that_segfaults_the_runtime_is_reported_and_the_agent_survives(digits_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    cand = replace_model(copy_version(digits_dir, tmp_path / "cand"),
+                         crashing_model((digits_dir / MODEL_FILE).read_bytes()))
+    with pytest.raises(ValidationError, match=r"validation process crashed \(SIGSEGV\)"):
+        validate_candidate(cand, max_latency_ms=None)
+    # This process never loaded the file and goes on validating.
+    assert validate_candidate(digits_dir, max_latency_ms=None)["ok"]
+
+
+def test_a_validation_that_hangs_is_killed(digits_dir: Path) -> None:
+    with pytest.raises(ValidationError, match="did not finish within"):
+        validate_candidate(digits_dir, max_latency_ms=None, timeout_s=0.01)
+
+
+def test_a_stop_request_kills_the_child(digits_dir: Path) -> None:
+    """Shutdown or an abort must not wait for a validation to finish."""
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(FailedError, match="stopped"):
+        validate_candidate(digits_dir, max_latency_ms=None, stop=stop)
+
+
+def test_a_tampered_model_file_fails_before_loading(digits_dir: Path, tmp_path: Path) -> None:
+    cand = copy_version(digits_dir, tmp_path / "cand")
+    data = bytearray((cand / MODEL_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (cand / MODEL_FILE).write_bytes(bytes(data))
+    with pytest.raises(ValidationError, match="sha256 mismatch"):
+        validate_candidate(cand, max_latency_ms=None)
+
+
+def test_the_child_entry_point_prints_one_json_report(digits_dir: Path, tmp_path: Path) -> None:
+    ok = subprocess.run([sys.executable, "-m", "edge_agent.validate", str(digits_dir), "--runs", "3"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["ok"] is True
+    missing = subprocess.run([sys.executable, "-m", "edge_agent.validate", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=120)
+    report = json.loads(missing.stdout.strip().splitlines()[-1])
+    assert missing.returncode == 1 and report["kind"] == "manifest" and "not found" in report["reason"]
+    helptext = subprocess.run([sys.executable, "-m", "edge_agent.validate", "--help"], capture_output=True,
+                              text=True, timeout=60).stdout
+    assert "Example:" in helptext
