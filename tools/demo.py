@@ -128,9 +128,10 @@ def main() -> int:
 
         print("== cloud side: train digits v2 (Keras → int8 TFLite → held-out evaluation → quality gate)")
         run(str(BIN / "cloud-batch"), "train", "digits", "--registry", str(registry), "--version", "2",
-            "--seed", "1", "--no-progress")
+            "--seed", "2", "--no-progress")
         run(str(BIN / "cloud-batch"), "release", "digits", "--version", "2", "--fleet", "demo",
-            "--registry", str(registry), "--key", str(keys / "signing.key"), "--broker", broker_url)
+            "--registry", str(registry), "--key", str(keys / "signing.key"), "--broker", broker_url,
+            "--health-window-s", "3", "--no-progress")
         t0 = time.time()
         while time.time() - t0 < 120:
             version = http("GET", f"{base}/v2/models/digits")["parameters"].get("active_version")
@@ -148,7 +149,13 @@ def main() -> int:
         cv2.imwrite(str(img_path), cv2.resize(img, (64, 64), interpolation=cv2.INTER_NEAREST))
         print(f"== an image file through the CLI (truth {truth[0]})")
         run(str(BIN / "edge-agent"), "predict", "digits", "--input", str(img_path), "--data-dir", str(data_dir))
-        time.sleep(1.0)  # let the device publish its committed state
+        print("== waiting for the device to finish its 3 s health window and report the result")
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            state = http("GET", f"{base}/agent/status")["ota"]["updates"].get("digits", {})
+            if state.get("result"):
+                break
+            time.sleep(0.3)
         run(str(BIN / "cloud-batch"), "fleet", "status", "--fleet", "demo", "--broker", broker_url)
     finally:
         agent.send_signal(signal.SIGTERM)
