@@ -44,6 +44,19 @@ def build(out: Path, seed: int = 0) -> None:
     atomic_write_bytes(out, tflite)
 
 
+def build_float(out: Path, alpha: float = 0.75, seed: int = 0) -> None:
+    """A float32 MobileNetV2 (about 10 MB at alpha 0.75): the OTA benchmark's "large model"."""
+    from cloud_batch.tf_env import seed_everything, tensorflow
+
+    tf = tensorflow()
+    seed_everything(seed)
+    import keras
+
+    inp = keras.Input((224, 224, 3), name="images")
+    model = keras.applications.MobileNetV2(input_tensor=inp, alpha=alpha, weights=None, include_top=True)
+    atomic_write_bytes(out, tf.lite.TFLiteConverter.from_keras_model(model).convert())
+
+
 def check(out: Path) -> None:
     """Load ``out`` with the edge runtime and print its size and the time of one warm invoke."""
     with staged_model(out.read_bytes(), "mobilenet_v2") as (_, model):
@@ -68,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "out", nargs="?", type=Path, default=DEFAULT_OUT, help=f"output file (default: {DEFAULT_OUT.relative_to(REPO)})"
     )
     ap.add_argument("--force", action="store_true", help="rebuild even if the file exists")
+    ap.add_argument("--float32", action="store_true", help="float32 MobileNetV2 alpha 0.75 (~10 MB) instead of int8")
     args = ap.parse_args(argv)
     out: Path = args.out
     if out.is_file() and not args.force:
@@ -75,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"building {out} (MobileNetV2, random weights, int8; ~15 s)", flush=True)
         t0 = time.perf_counter()
-        build(out)
+        build_float(out) if args.float32 else build(out)
         print(f"built in {time.perf_counter() - t0:.0f} s")
     check(out)
     return 0

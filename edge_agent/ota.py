@@ -450,9 +450,12 @@ class OtaAgent:
         except RejectedError as exc:
             self._reject(name, release.release_id, release.version, str(exc), key)
             return
+        ro = self._rollouts.get(name)
+        # cloud-batch publishes the rollout before the release, so it is usually here already.
+        settle = 0.0 if ro is not None and ro.release_id == release.release_id else self.options.rollout_settle_s
         log.info("update %s (%s %s): release accepted; waiting %.1fs for its rollout", release.release_id, name,
-                 release.version, self.options.rollout_settle_s)
-        self._incoming[name] = (release, doc, time.monotonic() + self.options.rollout_settle_s)
+                 release.version, settle)
+        self._incoming[name] = (release, doc, time.monotonic() + settle)
 
     def _known(self, name: str, release_id: str) -> bool:
         """Already settling, held, queued, running or recorded on this device."""
