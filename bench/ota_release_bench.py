@@ -6,8 +6,8 @@ A real mosquitto and a real `edge-agent run` process; `cloud_batch.release.relea
 digits (≈ 60 KB artifact) and a float32 MobileNetV2 (≈ 10 MB) as new versions. Phases come from the
 device's persisted update record (the timestamp of each state it entered):
 
-    publish   release() call: chunks + rollout + signed release acknowledged by the broker
-    admit     release published → device entered `downloading` (receipt, signature, checks)
+    release   the release() call: upload chunks, publish rollout + signed release, clear the old chunks
+    to_start  release() called → device entered `downloading` (upload + receipt, signature, checks)
     transfer  downloading → verifying (chunks fetched, hashed, stored, assembled)
     verify    verifying → validating (whole sha256, unpack, manifest and model sha256)
     validate  validating → activating (isolated subprocess: load, golden samples, latency)
@@ -46,7 +46,7 @@ from edge_agent.transfer import clear_artifact, publish_artifact  # noqa: E402
 from tests.broker import Broker  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
-PHASES = [("admit", None, "downloading"), ("transfer", "downloading", "verifying"),
+PHASES = [("to_start", None, "downloading"), ("transfer", "downloading", "verifying"),
           ("verify", "verifying", "validating"), ("validate", "validating", "activating"),
           ("swap", "activating", "health_check")]
 
@@ -108,7 +108,7 @@ def main() -> int:
     print("registering versions…", flush=True)
     for v in range(1, versions + 1):
         registry.register(REPO / "models" / "digits" / "1" / "model.tflite", "digits", str(v + 1),
-                          golden=REPO / "models" / "digits" / "1" / "golden.npz")
+                          golden=REPO / "models" / "digits" / "1" / "golden.npz", rename_outputs={"output_0": "probs"})
         registry.register(big, "mobilenet", str(v))
     data = work / "agent"
     subprocess.run([str(BIN / "edge-agent"), "models", "install", str(registry.path("mobilenet", "1") / "model.tflite"),
@@ -138,9 +138,9 @@ def main() -> int:
                 t_pub = time.time()
                 rec = wait_state(data / "updates" / f"{name}.json", rel.release_id, {"health_check", "committed"})
                 hist = {s: t for s, t in rec["history"]}
-                row = {"publish": t_pub - t0}
+                row = {"release": t_pub - t0}
                 for label, start, end in PHASES:
-                    row[label] = hist[end] - (hist[start] if start else t_pub)
+                    row[label] = hist[end] - (hist[start] if start else t0)
                 row["total"] = hist["health_check"] - t0
                 row["raw_mqtt"] = raw_fetch_s(broker.url, pack_dir(registry.path(name, version)), DEFAULT_CHUNK_SIZE)
                 results[name].append(row)
@@ -152,7 +152,7 @@ def main() -> int:
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    cols = ["publish", "admit", "transfer", "verify", "validate", "swap", "total", "raw_mqtt"]
+    cols = ["release", "to_start", "transfer", "verify", "validate", "swap", "total", "raw_mqtt"]
     print(f"\n| model | artifact | {' | '.join(c + ' ms' for c in cols)} |")
     print("| --- | --- |" + " --- |" * len(cols))
     for name, rows in results.items():
