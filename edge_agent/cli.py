@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--json", action="store_true")
     _common(p)
+    from .features_cli import add_commands as add_features_commands
+
+    add_features_commands(sub)
     return parser
 
 

@@ -84,6 +84,15 @@ class OtaConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    """The on-device feature cache (``<data-dir>/features.db``)."""
+
+    max_rows: int | None = None  # a bundle that would exceed the bound is rejected, never half-applied
+    max_bytes: int | None = None
+    synchronous: str = "FULL"  # SQLite synchronous; FULL: an applied bundle survives power loss
+
+
+@dataclass
 class AgentConfig:
     """Everything ``edge-agent run`` needs. Field names are the TOML keys."""
 
@@ -97,6 +106,7 @@ class AgentConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
     def listen_address(self) -> tuple[str, int] | str:
         """``(host, port)`` for TCP, or the socket path for ``unix:/path``."""
@@ -225,5 +235,7 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("ota.max_artifact_bytes and ota.chunk_window must be positive")
     if cfg.ota.bandwidth_bps is not None and cfg.ota.bandwidth_bps <= 0:
         raise ConfigError("ota.bandwidth_bps must be positive")
+    if cfg.features.synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
+        raise ConfigError("features.synchronous must be NORMAL, FULL or EXTRA")
     if cfg.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("log_level must be one of debug, info, warning, error")

@@ -8,12 +8,18 @@ Everything the agent raises on purpose derives from ``EdgeError``::
     │   ├── ManifestError           malformed or inconsistent manifest
     │   ├── IncompatibleModelError  the runtime cannot load/run this model (custom op, bad file)
     │   ├── ValidationError         golden samples or latency budget not met
-    │   └── RequestError            a client's inference request is malformed (HTTP 400)
-    │       └── PayloadTooLargeError    request body above the configured limit (HTTP 413)
+    │   ├── RequestError            a client's inference request is malformed (HTTP 400)
+    │   │   └── PayloadTooLargeError    request body above the configured limit (HTTP 413)
+    │   ├── signing.SignatureRejected   unsigned, untrusted key, bad signature
+    │   └── bundle.BundleRejected   a feature bundle is refused (schema, values, keys, integrity;
+    │                               features: VersionNotNewer, DeltaBaseMismatch, CacheFull)
     ├── NotFoundError               unknown model or version (HTTP 404)
+    │   └── features.FeatureSetNotFound / FeatureNotFound / FeatureExpired
     ├── NotReadyError               model known but not loaded/ready (HTTP 503)
     └── FailedError                 transient: I/O, broker gone; retried with backoff
-        └── StoreError              the model store could not be read or written
+        ├── StoreError              the model store could not be read or written
+        ├── transfer.TransferError  an artifact download did not finish (resumes when retried)
+        └── features.FeatureCacheError  SQLite I/O on the feature cache
 
 ``Rejected…`` errors are final; ``Failed…`` errors may succeed when retried.
 Lower-layer exceptions are translated where they cross into the agent, keeping
