@@ -67,6 +67,7 @@ class MqttConfig:
     broker: str | None = None  # mqtt://host:1883 or mqtts://host:8883
     device_id: str | None = None  # default: the host name
     fleet: str = "default"
+    groups: list[str] = field(default_factory=list)  # feature partitions this device belongs to
     trust: list[str] = field(default_factory=list)  # public keys (PEM files) that may sign releases
     ca_file: str | None = None  # broker CA for mqtts://
     cert_file: str | None = None  # client certificate (mutual TLS)

@@ -10,6 +10,8 @@ Topics (``ROOT = "edgefleet/v1"``)::
     ROOT/fleets/{fleet}/rollouts/{name}           retained  Rollout control (JSON, unsigned)
     ROOT/fleets/{fleet}/devices/{id}/state        retained  DeviceState (JSON)
     ROOT/fleets/{fleet}/devices/{id}/presence     retained  "online" / "offline" (LWT)
+    ROOT/fleets/{fleet}/features/{set}/{by}/{key} retained  signed Release of kind "features"
+                                                            (by/key: all/all, device/{id}, group/{g})
     ROOT/artifacts/{sha256}/{index}               retained  raw chunk bytes
 """
 
@@ -50,6 +52,24 @@ def release_topic(fleet: str, name: str) -> str:
 
 def rollout_topic(fleet: str, name: str) -> str:
     return f"{ROOT}/fleets/{check_segment(fleet, 'fleet')}/rollouts/{check_segment(name, 'name')}"
+
+
+PARTITION_KINDS = ("all", "device", "group")
+
+
+def features_topic(fleet: str, feature_set: str, by: str = "all", key: str = "all") -> str:
+    """Where a feature bundle release for one partition (everyone, one device, one group) is retained."""
+    if by not in PARTITION_KINDS or (by == "all") != (key == "all"):
+        raise ManifestError(f"invalid partition {by}/{key}: use all/all, device/<id> or group/<name>")
+    return (f"{ROOT}/fleets/{check_segment(fleet, 'fleet')}/features/{check_segment(feature_set, 'feature set')}"
+            f"/{by}/{check_segment(key, 'partition key')}")
+
+
+def features_filters(fleet: str, device_id: str, groups: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The subscriptions through which a device receives every feature release meant for it."""
+    base = f"{ROOT}/fleets/{check_segment(fleet, 'fleet')}/features/+"
+    return [f"{base}/all/all", f"{base}/device/{check_segment(device_id, 'device id')}",
+            *(f"{base}/group/{check_segment(g, 'group')}" for g in groups)]
 
 
 def device_state_topic(fleet: str, device_id: str) -> str:
@@ -159,6 +179,10 @@ class Release:
     kind: str = "model"
     rollback: bool = False  # an explicit, signed rollback may carry a lower version
     policy: Policy = field(default_factory=Policy)
+    # Feature bundles: which devices the release is for, and for a delta the full snapshot of the
+    # same version that a device whose base does not match applies instead.
+    partition: dict[str, str] = field(default_factory=lambda: {"by": "all", "key": "all"})
+    fallback: Artifact | None = None
     created_at: float = field(default_factory=time.time)
     schema_version: int = PROTOCOL_SCHEMA
     signature: dict[str, Any] | None = None
@@ -168,6 +192,8 @@ class Release:
         out["type"] = "release"
         if self.signature is None:
             out.pop("signature")
+        if self.fallback is None:
+            out.pop("fallback")
         return out
 
     @classmethod
@@ -184,16 +210,20 @@ class Release:
             pol = raw.get("policy") or {}
             if not isinstance(art, Mapping) or not isinstance(pol, Mapping):
                 raise ManifestError("release: artifact and policy must be objects")
-            artifact = Artifact(
-                sha256=str(art["sha256"]), size=int(art["size"]), chunk_size=int(art["chunk_size"]),
-                chunks=[str(c) for c in art["chunks"]], format=str(art.get("format", "tar")), url=art.get("url"),
-            )
+            artifact = _artifact(art)
+            fb = raw.get("fallback")
+            fallback = _artifact(fb) if fb is not None else None
+            part = raw.get("partition") or {"by": "all", "key": "all"}
+            if not isinstance(part, Mapping):
+                raise ManifestError("release: partition must be an object")
+            partition = {"by": str(part.get("by")), "key": str(part.get("key"))}
             policy = Policy(**{k: v for k, v in pol.items() if k in Policy.__dataclass_fields__})
             rel = cls(
                 release_id=str(raw["release_id"]), fleet=check_segment(raw["fleet"], "fleet"),
                 name=check_segment(raw["name"], "name"), version=str(raw["version"]), artifact=artifact,
                 kind=str(raw.get("kind", "model")), rollback=bool(raw.get("rollback", False)), policy=policy,
                 created_at=float(raw.get("created_at", 0)), signature=raw.get("signature"),
+                partition=partition, fallback=fallback,
             )
         except KeyError as exc:
             raise ManifestError(f"release: missing field {exc.args[0]!r}") from exc
@@ -204,18 +234,28 @@ class Release:
         parse_version(rel.version)
         if rel.kind not in ARTIFACT_KINDS:
             raise ManifestError(f"release: unknown kind {rel.kind!r}")
-        a = rel.artifact
-        if not _SHA.match(a.sha256) or not all(_SHA.match(c) for c in a.chunks):
-            raise ManifestError("release.artifact: sha256 values must be 64 lowercase hex digits")
-        if a.size < 0 or a.chunk_size <= 0 or len(a.chunks) != max(1, -(-a.size // a.chunk_size)):
-            raise ManifestError("release.artifact: size, chunk_size and the chunk list disagree")
-        if a.format != "tar":
-            raise ManifestError(f"release.artifact: unsupported format {a.format!r}")
+        for where, a in (("artifact", rel.artifact), ("fallback", rel.fallback)):
+            if a is None:
+                continue
+            if not _SHA.match(a.sha256) or not all(_SHA.match(c) for c in a.chunks):
+                raise ManifestError(f"release.{where}: sha256 values must be 64 lowercase hex digits")
+            if a.size < 0 or a.chunk_size <= 0 or len(a.chunks) != max(1, -(-a.size // a.chunk_size)):
+                raise ManifestError(f"release.{where}: size, chunk_size and the chunk list disagree")
+            if a.format != "tar":
+                raise ManifestError(f"release.{where}: unsupported format {a.format!r}")
+        features_topic(rel.fleet, rel.name, rel.partition["by"], rel.partition["key"])  # validates the partition
         if not 0 <= rel.policy.max_failure_rate <= 1 or not 0 <= rel.policy.max_error_rate <= 1:
             raise ManifestError("release.policy: rates must be between 0 and 1")
         if rel.policy.window is not None:
             parse_window(rel.policy.window)
         return rel
+
+
+def _artifact(art: Any) -> Artifact:
+    if not isinstance(art, Mapping):
+        raise ManifestError("release: artifact must be an object")
+    return Artifact(sha256=str(art["sha256"]), size=int(art["size"]), chunk_size=int(art["chunk_size"]),
+                    chunks=[str(c) for c in art["chunks"]], format=str(art.get("format", "tar")), url=art.get("url"))
 
 
 @dataclass
