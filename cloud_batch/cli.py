@@ -182,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cloud-batch`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run the chosen handler, and turn the project's errors into ``error: ...`` + exit 2."""
+    args = parser.parse_args(argv)
     try:
         return args.handler(args) or 0
     except (CloudError, EdgeError) as exc:

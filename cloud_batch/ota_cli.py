@@ -213,20 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one of these commands with ``cli.main``'s error handling; return the exit code."""
-    from edge_agent.errors import EdgeError
+    from .cli import run
 
-    from .cli import EXIT_ERROR
-    from .errors import CloudError
-
-    args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args) or 0
-    except (CloudError, EdgeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,7 +28,7 @@ import numpy as np
 from edge_agent.errors import EdgeError
 from edge_agent.fsutil import atomic_write_bytes, fsync_dir, fsync_tree
 from edge_agent.golden import load_golden
-from edge_agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, check_name, parse_version, version_key
+from edge_agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, check_name, list_versions, parse_version, version_key
 from edge_agent.modelpack import build_version_dir, sha256_file, verify_version_dir
 
 from .errors import RegistryError
@@ -81,19 +81,7 @@ class Registry:
     def versions(self, name: str) -> list[str]:
         """Registered versions of ``name``, oldest first (numeric order: '10' after '9')."""
         _checked(name)
-        base = self.root / name
-        if not base.is_dir():
-            return []
-        found = []
-        for p in base.iterdir():
-            if p.name.startswith(".") or not (p / MANIFEST_FILE).is_file():
-                continue
-            try:
-                parse_version(p.name)
-            except EdgeError:
-                continue  # e.g. "3.eval" report dirs
-            found.append(p.name)
-        return sorted(found, key=version_key)
+        return list_versions(self.root / name)
 
     def latest(self, name: str) -> str | None:
         """The highest registered version of ``name``, or None."""

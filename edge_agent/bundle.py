@@ -67,7 +67,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import ManifestError, RejectedError
-from .fsutil import atomic_write_json, fsync_dir
+from .fsutil import atomic_write_json, fsync_dir, sha256_file
 from .manifest import parse_version
 from .protocol import check_segment
 
@@ -548,7 +548,7 @@ def write_bundle(
             (np.savez_compressed if compress else np.savez)(fh, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
-        sha = _sha256_file(tmp)
+        sha = sha256_file(tmp)
         os.replace(tmp, root / DATA_FILE)
     except BaseException:
         try:
@@ -570,11 +570,3 @@ def _spec(f: str | FeatureSpec | Mapping[str, str], dtype: str | None) -> Featur
     if isinstance(f, Mapping) and "name" in f:
         return FeatureSpec(str(f["name"]), str(f.get("dtype") or dtype or "float32"))
     raise BundleSchemaError(f"write_bundle: feature {f!r} is not a name, FeatureSpec or {{name, dtype}}")
-
-
-def _sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

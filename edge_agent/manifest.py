@@ -64,6 +64,22 @@ def version_key(version: str) -> tuple[int, ...]:
     return parse_version(version)
 
 
+def list_versions(base: Path) -> list[str]:
+    """Version directories (with a manifest) under ``base``, oldest first; other entries are ignored."""
+    if not base.is_dir():
+        return []
+    found = []
+    for p in base.iterdir():
+        if p.name.startswith(".") or not (p / MANIFEST_FILE).is_file():
+            continue
+        try:
+            parse_version(p.name)
+        except ManifestError:
+            continue  # e.g. "3.eval" report dirs
+        found.append(p.name)
+    return sorted(found, key=version_key)
+
+
 @dataclass(frozen=True)
 class Quantization:
     """Per-tensor affine quantization: ``real = scale * (q - zero_point)``."""

@@ -7,7 +7,6 @@ use this one layout.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,18 +15,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import ManifestError, RejectedError
-from .fsutil import atomic_write_bytes, fsync_tree
+from .fsutil import atomic_write_bytes, fsync_tree, sha256_file
 from .golden import check_golden, golden_bytes, load_golden, make_golden
 from .manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, TensorSpec, check_name, parse_version
 from .runtime import LoadedModel, RuntimeOptions, inspect_model
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _renamed(specs: list[TensorSpec], names: Mapping[str, str] | None) -> list[TensorSpec]:

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ManifestError, NotFoundError, RejectedError, StoreError
+from .errors import NotFoundError, RejectedError, StoreError
 from .fsutil import atomic_write_json, fsync_dir
-from .manifest import MANIFEST_FILE, Manifest, check_name, parse_version, version_key
+from .manifest import MANIFEST_FILE, Manifest, check_name, list_versions, parse_version, version_key
 from .modelpack import build_version_dir, copy_version_dir, verify_version_dir
 from .runtime import RuntimeOptions
 
@@ -74,19 +74,7 @@ class ModelStore:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def versions(self, name: str) -> list[str]:
-        vdir = self.root / check_name(name) / "versions"
-        if not vdir.is_dir():
-            return []
-        out = []
-        for p in vdir.iterdir():
-            if p.name.startswith(".") or not (p / MANIFEST_FILE).is_file():
-                continue
-            try:
-                parse_version(p.name)
-            except ManifestError:
-                continue
-            out.append(p.name)
-        return sorted(out, key=version_key)
+        return list_versions(self.root / check_name(name) / "versions")
 
     def version_dir(self, name: str, version: str) -> Path:
         parse_version(version)

@@ -46,7 +46,7 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from .errors import FailedError, ManifestError
-from .fsutil import atomic_write_bytes, fsync_dir
+from .fsutil import atomic_write_bytes, fsync_dir, sha256_file
 from .link import MqttLink
 from .protocol import DEFAULT_CHUNK_SIZE, Artifact, chunk_topic, iter_chunks, parse_chunk_topic
 
@@ -88,14 +88,6 @@ def check_artifact(artifact: Artifact) -> Artifact:
     if len(artifact.chunks) != max(1, -(-artifact.size // artifact.chunk_size)):
         raise ManifestError("artifact: size, chunk_size and the chunk list disagree")
     return artifact
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- chunk store ------------------------------------------------------------------------
@@ -401,7 +393,7 @@ class Downloader:
         self._bucket = (None if self.bandwidth_bps is None
                         else _TokenBucket(self.bandwidth_bps, burst=self.artifact.chunk_size))
         try:
-            if self.out_path.is_file() and _sha256_file(self.out_path) == self.artifact.sha256:
+            if self.out_path.is_file() and sha256_file(self.out_path) == self.artifact.sha256:
                 log.info("artifact %s already assembled at %s", self.artifact.sha256[:12], self.out_path)
                 return self._finish(self.out_path)
             for _attempt in range(3):
