@@ -36,6 +36,17 @@ def test_every_command_has_an_example_and_is_documented() -> None:
         assert f"edge-agent {name}" in docs, f"`edge-agent {name}` is not documented in docs/api.md"
 
 
+def test_every_cloud_batch_command_has_an_example_and_is_documented() -> None:
+    from cloud_batch.cli import build_parser as cloud_parser
+
+    docs = (REPO / "docs" / "api.md").read_text()
+    for name, sub in _subcommands(cloud_parser()):
+        assert "Example:" in sub.format_help(), name
+        if sub._subparsers is None:  # a leaf command
+            wanted = "cloud-batch rollout status|advance|abort" if name.startswith("rollout ") else f"cloud-batch {name}"
+            assert wanted in docs, f"`{wanted}` is not documented in docs/api.md"
+
+
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([EDGE_AGENT, *args], capture_output=True, text=True, timeout=120)
 
