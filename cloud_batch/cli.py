@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 from edge_agent.errors import EdgeError
 
 from .errors import CloudError
+from .features_cli import register_commands as add_features
 from .ota_cli import register_commands
 
 PROG = "cloud-batch"
@@ -162,7 +163,7 @@ def add_register(sub: SubParsers) -> None:
 
 
 # Subcommands in help order. Others append theirs (keys, release, rollout, fleet, features).
-COMMANDS: list[Callable[[SubParsers], None]] = [add_train, add_register, register_commands]
+COMMANDS: list[Callable[[SubParsers], None]] = [add_train, add_register, register_commands, add_features]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,6 +58,10 @@ TEST_FRACTION = 0.25
 # proves the model computes what the cloud saw.
 GOLDEN_TOLERANCE = {"atol": 1e-3, "rtol": 0.0, "quant_steps": 1}
 FEATURE_NAMES_EXTRA = {"live": list(LIVE_FEATURES), "asset_features": list(FEATURE_NAMES)}
+# The device fills ``asset_features`` from its cached feature set of the same name when a request
+# names the asset (``parameters.entity_id``) instead of sending the input (edge_agent/join.py).
+FEATURE_SET = "asset_features"
+FEATURE_JOINS = {"asset_features": {"set": FEATURE_SET, "features": list(FEATURE_NAMES), "default": None}}
 
 
 @dataclass
@@ -244,7 +248,8 @@ def train_maintenance(
         manifest = registry.register(
             path, NAME, version,
             golden_inputs=_golden_inputs(test), metrics=metrics, rename_outputs=rename,
-            extra={"feature_names": FEATURE_NAMES_EXTRA}, validation=GOLDEN_TOLERANCE,
+            extra={"feature_names": FEATURE_NAMES_EXTRA, "feature_joins": FEATURE_JOINS},
+            validation=GOLDEN_TOLERANCE,
         )
 
     fpr_f, tpr_f, _ = roc_curve(test.label, p_float)

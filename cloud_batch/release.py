@@ -23,6 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from edge_agent.errors import EdgeError, FailedError
 from edge_agent.link import MqttLink
 from edge_agent.manifest import MANIFEST_FILE, Manifest
@@ -153,12 +155,7 @@ def release(
     artifact = Artifact.from_blob(blob, chunk_size)
     rel = Release(release_id=release_id, fleet=fleet, name=name, version=version, artifact=artifact,
                   rollback=rollback, policy=policy)
-    signed = sign(rel.to_dict(), key)
-    rel.signature = signed["signature"]
-    try:
-        Release.from_dict(signed)  # what every device does first
-    except EdgeError as exc:
-        raise InputError(f"the release document would be malformed: {exc}") from exc
+    signed = sign_release(rel, key)
     rollout = Rollout(release_id=release_id, percent=policy.stages[0], stage=0, status="active")
     log.info("release %s: %s %s to fleet %s (%d bytes)", release_id, name, version, fleet, len(blob))
 
@@ -169,7 +166,7 @@ def release(
         view.close()
 
         # 3. The artifact.
-        published = _publish_chunks(link, blob, chunk_size, publish_timeout_s, progress, f"{name} {version}")
+        published = publish_chunks(link, blob, chunk_size, publish_timeout_s, progress, f"{name} {version}")
         if (published.sha256, published.chunks) != (artifact.sha256, artifact.chunks):
             raise BrokerError(f"release {release_id}: the published chunks do not match the signed artifact description")
 
@@ -179,14 +176,35 @@ def release(
 
         # 6. The superseded artifact's chunks would stay on the broker forever.
         if previous is not None and previous[0].artifact.sha256 != artifact.sha256:
-            try:
-                clear_artifact(link, previous[0].artifact, timeout_s=publish_timeout_s)
-                log.info("release %s: cleared superseded artifact %s of release %s", release_id,
-                         previous[0].artifact.sha256[:12], previous[0].release_id)
-            except FailedError as exc:
-                raise BrokerError(f"release {release_id} is published, but clearing the superseded artifact "
-                                  f"{previous[0].artifact.sha256[:12]} failed: {exc}") from exc
+            clear_superseded(link, previous[0].artifact, release_id, previous[0].release_id, publish_timeout_s)
     return rel
+
+
+def sign_release(rel: Release, key: Ed25519PrivateKey) -> dict[str, Any]:
+    """Sign ``rel`` (setting ``rel.signature``) and parse the document as every device will first.
+
+    Returns the signed document; InputError if a device would find it malformed.
+    """
+    signed = sign(rel.to_dict(), key)
+    rel.signature = signed["signature"]
+    try:
+        Release.from_dict(signed)  # what every device does first
+    except EdgeError as exc:
+        raise InputError(f"the release document would be malformed: {exc}") from exc
+    return signed
+
+
+def clear_superseded(link: MqttLink, old: Artifact, release_id: str, superseded_id: str, timeout_s: float) -> None:
+    """Delete the retained chunks of ``old`` (the artifact of release ``superseded_id``), now replaced.
+
+    BrokerError, saying that release ``release_id`` itself is out, if the broker does not acknowledge.
+    """
+    try:
+        clear_artifact(link, old, timeout_s=timeout_s)
+        log.info("release %s: cleared superseded artifact %s of release %s", release_id, old.sha256[:12], superseded_id)
+    except FailedError as exc:
+        raise BrokerError(f"release {release_id} is published, but clearing the superseded artifact "
+                          f"{old.sha256[:12]} failed: {exc}") from exc
 
 
 # -- chunk publishing with progress ------------------------------------------------------------
@@ -206,8 +224,9 @@ class _CountingLink:
         self._on_acked()
 
 
-def _publish_chunks(link: MqttLink, blob: bytes, chunk_size: int, timeout_s: float, progress: bool,
-                    label: str) -> Artifact:
+def publish_chunks(link: MqttLink, blob: bytes, chunk_size: int, timeout_s: float, progress: bool,
+                   label: str) -> Artifact:
+    """Publish ``blob`` as retained chunks (a progress bar from 8 chunks up); BrokerError if not acknowledged."""
     total = max(1, -(-len(blob) // chunk_size))
     try:
         if not progress or total < PROGRESS_MIN_CHUNKS:
