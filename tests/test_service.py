@@ -182,3 +182,35 @@ def test_bad_config_fails_fast_with_a_clear_message(tmp_path: Path) -> None:
     r = subprocess.run([str(BIN / "edge-agent"), "run", "--config", str(conf), "--data-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "pool_size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serves_while_the_broker_is_unreachable_and_connects_when_it_appears(tmp_path: Path) -> None:
+    """Offline-first: predictions never wait for MQTT; the link connects with backoff once a broker is up."""
+    from edge_agent.signing import generate_keypair
+    from tests.broker import Broker
+
+    _, pub = generate_keypair(tmp_path / "keys")
+    broker = Broker(tmp_path / "broker")  # configured, not started yet
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+    env["EDGEFLEET_MODELS_DIR"] = str(MODELS)
+    proc = subprocess.Popen([str(BIN / "edge-agent"), "run", "--data-dir", str(tmp_path / "data"),
+                             "--listen", f"127.0.0.1:{port}", "--broker", broker.url, "--fleet", "lab",
+                             "--device-id", "dev-1", "--trust", str(pub)], env=env, stderr=subprocess.PIPE, text=True)
+    connect = lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # noqa: E731
+    try:
+        wait_ready(connect, proc)
+        body, truth = digits_body()
+        status, out = request(connect(), "POST", "/v2/models/digits/infer", body)
+        assert status == 200
+        assert list(np.asarray(out["outputs"][0]["data"]).reshape(-1, 10).argmax(axis=1)) == list(truth)
+        assert request(connect(), "GET", "/agent/status")[1]["broker"]["connected"] is False
+        broker.start()
+        deadline = time.time() + 60
+        while not request(connect(), "GET", "/agent/status")[1]["broker"]["connected"]:
+            assert time.time() < deadline, "never connected to the broker"
+            time.sleep(0.2)
+        assert request(connect(), "POST", "/v2/models/digits/infer", body)[0] == 200
+    finally:
+        assert stop(proc) == 0
+        broker.stop()
