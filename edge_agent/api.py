@@ -15,6 +15,13 @@ Errors are always JSON ``{"error": "..."}``: 400 malformed request, 404 unknown 
 version or route, 405 wrong method, 413 body over the limit, 415 unsupported
 Content-Encoding, 503 not ready; 500 only for the server's own faults (logged).
 
+Feature joins (``join.py``): a request for a model whose manifest declares ``feature_joins``
+may name the entity in ``parameters.entity_id`` (or ``entity_ids``) instead of sending the
+joined inputs; the agent reads them from the feature cache. 404 unknown entity (no default),
+409 stale features under ``stale_policy = "reject"``, 503 feature set not cached. The
+response ``parameters`` carry the set version and age used. Models without joins take the
+exact same path as before.
+
 The app is plain ASGI (no framework): the infer path is a handful of dict lookups around
 the codec and ``LoadedModel.predict``. Each request resolves its ``LoadedModel`` once and
 holds it to the end, so a hot swap never changes the model under a running request. Tiny
@@ -46,6 +53,8 @@ from .errors import (
     PayloadTooLargeError,
     RequestError,
 )
+from .features import FeatureCache, FeatureExpired, FeatureNotFound
+from .join import ENTITIES_PARAM, ENTITY_PARAM, FeaturesNotReady, Joiner, JoinMetrics
 from .manifest import Manifest, TensorSpec, check_name, parse_version
 from .metrics import UNKNOWN_MODEL, Metrics
 from .runtime import LoadedModel
@@ -56,6 +65,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 INLINE_BELOW_S = 0.001  # run predict on the event loop when (warm latency x batch) is below this
 OFFLOAD_BODY_BYTES = 256 * 1024  # decode/encode bodies above this off the event loop
+JOIN_INLINE_ENTITIES = 32  # feature-cache reads for more entities than this run off the event loop
 SERVER_NAME = "edgefleet"
 EXTENSIONS = ["binary_tensor_data"]
 
@@ -90,6 +100,12 @@ def _error_status(exc: BaseException) -> tuple[int, str]:
         return 413, "payload_too_large"
     if isinstance(exc, RequestError):
         return exc.status, "bad_request"
+    if isinstance(exc, FeatureExpired):  # before NotFoundError, its base: the request is fine, the data is stale
+        return 409, "feature_stale"
+    if isinstance(exc, FeatureNotFound):
+        return 404, "feature_missing"
+    if isinstance(exc, FeaturesNotReady):
+        return 503, "features_not_ready"
     if isinstance(exc, NotFoundError):
         return 404, "not_found"
     if isinstance(exc, NotReadyError):
@@ -124,8 +140,11 @@ class InferenceAPI:
         status: Callable[[], dict[str, Any]] | None = None,
         inline_below_s: float = INLINE_BELOW_S,
         workers: int | None = None,
+        features: FeatureCache | None = None,
     ) -> None:
         self.server = server
+        self.features = features
+        self._joiners: dict[str, Joiner] = {}  # model name -> joiner of the manifest last seen
         self.max_body_bytes = int(max_body_bytes)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch(server)
@@ -323,6 +342,10 @@ class InferenceAPI:
         }
         if serving:
             params["runtime"] = loaded.info()  # type: ignore[union-attr]
+        if manifest.feature_joins:
+            params["feature_joins"] = self._joins_metadata(manifest)
+            for name_in, j in manifest.feature_joins.items():
+                params["inputs"][name_in]["joined_from"] = j.set
         return {
             "name": manifest.name,
             "versions": installed,
@@ -331,6 +354,26 @@ class InferenceAPI:
             "outputs": [_tensor_meta(s) for s in manifest.outputs],
             "parameters": params,
         }
+
+    def _joins_metadata(self, manifest: Manifest) -> dict[str, Any]:
+        """Which inputs the feature cache fills, from which set, and the set version cached now."""
+        out = {}
+        for name_in, j in manifest.feature_joins.items():
+            try:
+                cached = self.features.version(j.set) if self.features is not None else None
+            except FailedError:
+                cached = None
+            out[name_in] = {**j.to_dict(), "cached_version": cached,
+                            "entity_parameters": [ENTITY_PARAM, ENTITIES_PARAM]}
+        return out
+
+    def _joiner(self, model: LoadedModel) -> Joiner:
+        """The joiner of this model version (index maps are kept per model version and set version)."""
+        joiner = self._joiners.get(model.name)
+        if joiner is None or joiner.manifest is not model.manifest:
+            joiner = self._joiners[model.name] = Joiner(model.manifest, self.features,
+                                                        JoinMetrics.of(self.metrics.registry))
+        return joiner
 
     # -- inference (the hot path) -------------------------------------------------------
     async def _infer(self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None) -> None:
@@ -361,6 +404,8 @@ class InferenceAPI:
                 body = self._decode_content(body, encoding)
             if len(body) > OFFLOAD_BODY_BYTES:
                 payload, out_hlen = await self._in_thread(self._infer_sync, model, body, hlen)
+            elif model.manifest.feature_joins:
+                payload, out_hlen = await self._infer_joined(model, body, hlen)
             else:
                 request = v2.decode_request(body, hlen, model.manifest)
                 warm = model.warm_latency_s
@@ -383,11 +428,37 @@ class InferenceAPI:
             metrics.inflight.dec()
             metrics.observe(model.name, model.version, code, time.perf_counter() - t0)
 
-    @staticmethod
-    def _infer_sync(model: LoadedModel, body: bytes, hlen: bytes | None) -> tuple[bytes, int | None]:
-        request = v2.decode_request(body, hlen, model.manifest)
+    def _infer_sync(self, model: LoadedModel, body: bytes, hlen: bytes | None) -> tuple[bytes, int | None]:
+        if model.manifest.feature_joins:
+            request, params = self._decode_joined(model, body, hlen)
+        else:
+            request, params = v2.decode_request(body, hlen, model.manifest), None
         outputs = model.predict(request.inputs, request.raw_outputs)
-        return v2.encode_response(model.name, model.version, outputs, request)
+        return v2.encode_response(model.name, model.version, outputs, request, parameters=params)
+
+    def _decode_joined(self, model: LoadedModel, body: bytes, hlen: bytes | None) -> tuple[v2.InferRequest, Any]:
+        """Decode, fill the joined inputs the request lacks from the feature cache, then check against the spec."""
+        request = v2.decode_request(body, hlen, allow_no_inputs=True)
+        params = self._joiner(model).fill(request)
+        v2.check_request(request, model.manifest)
+        return request, params
+
+    async def _infer_joined(self, model: LoadedModel, body: bytes, hlen: bytes | None) -> tuple[bytes, int | None]:
+        """A model with feature joins: one SQLite probe per entity (microseconds), then as the plain path."""
+        request = v2.decode_request(body, hlen, allow_no_inputs=True)
+        joiner = self._joiner(model)
+        many = request.parameters.get(ENTITIES_PARAM)
+        if isinstance(many, list) and len(many) > JOIN_INLINE_ENTITIES:
+            params = await self._in_thread(joiner.fill, request)
+        else:
+            params = joiner.fill(request)
+        v2.check_request(request, model.manifest)
+        warm = model.warm_latency_s
+        if warm is not None and warm * request.batch_size < self.inline_below_s:
+            outputs = model.predict(request.inputs, request.raw_outputs)
+        else:
+            outputs = await self._in_thread(model.predict, request.inputs, request.raw_outputs)
+        return v2.encode_response(model.name, model.version, outputs, request, parameters=params)
 
     def _model_label(self, name: str) -> str:
         """``name`` if the server knows the model, else a fixed label (bounded cardinality)."""
@@ -452,12 +523,14 @@ def create_app(
     metrics: Metrics | None = None,
     status: Callable[[], dict[str, Any]] | None = None,
     inline_below_s: float = INLINE_BELOW_S,
+    features: FeatureCache | None = None,
 ) -> InferenceAPI:
     """The V2 inference API for ``server`` as an ASGI app.
 
     ``metrics`` defaults to a fresh :class:`Metrics` (own registry), bound to ``server``'s
     swaps. ``status`` supplies ``GET /agent/status`` (default: ``server.status()``). Models
     whose warm latency times the batch size is below ``inline_below_s`` run on the event loop.
+    ``features`` is the feature cache that models with ``feature_joins`` read from.
     """
     return InferenceAPI(server, max_body_bytes=max_body_bytes, metrics=metrics, status=status,
-                        inline_below_s=inline_below_s)
+                        inline_below_s=inline_below_s, features=features)

@@ -2,11 +2,22 @@
 
 A manifest carries a ``schema_version``; unknown top-level keys are preserved so an
 older agent can round-trip a newer manifest without losing fields.
+
+``feature_joins`` (optional) declares inputs the agent fills from the on-device feature cache
+when a request names an entity instead of sending them (``join.py``)::
+
+    "feature_joins": {"asset_features": {"set": "asset_features",
+                                         "features": ["temperature_mean_24h", ...],   # input column order
+                                         "default": null}}                            # or one number per column
+
+The input must exist and be ``[-1, F]`` with ``F == len(features)``; ``default``, when given, is
+the row used for an entity the cached set does not hold (the response flags it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -157,6 +168,65 @@ class TensorSpec:
         return cls(name=name, dtype=dtype, shape=tuple(shape), quantization=quant, tensor=tensor)
 
 
+@dataclass(frozen=True)
+class FeatureJoin:
+    """One model input filled from a cached feature set: ``features`` in the input's column order."""
+
+    input: str
+    set: str
+    features: tuple[str, ...]
+    default: tuple[float, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"set": self.set, "features": list(self.features),
+                "default": None if self.default is None else list(self.default)}
+
+
+def parse_feature_joins(raw: Any, inputs: list[TensorSpec]) -> dict[str, FeatureJoin]:
+    """Validate ``manifest.feature_joins`` against the model's inputs; ManifestError names the field."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ManifestError("manifest.feature_joins: expected an object {input name: {set, features, default}}")
+    specs = {s.name: s for s in inputs}
+    out: dict[str, FeatureJoin] = {}
+    for name, j in raw.items():
+        where = f"manifest.feature_joins[{name!r}]"
+        spec = specs.get(name)
+        if spec is None:
+            raise ManifestError(f"{where}: the model has no input {name!r} (inputs: {sorted(specs)})")
+        if not isinstance(j, dict):
+            raise ManifestError(f"{where}: expected an object {{set, features, default}}")
+        unknown = set(j) - {"set", "features", "default"}
+        if unknown:
+            raise ManifestError(f"{where}: unknown keys {sorted(unknown)}")
+        feature_set = j.get("set")
+        if not isinstance(feature_set, str) or not _NAME_RE.match(feature_set):
+            raise ManifestError(f"{where}.set: expected a feature set name (1-64 letters, digits, '_', '.' or '-')")
+        features = j.get("features")
+        if not isinstance(features, list) or not features or not all(isinstance(f, str) and f for f in features):
+            raise ManifestError(f"{where}.features: expected a non-empty list of feature names in input column order")
+        if len(set(features)) != len(features):
+            raise ManifestError(f"{where}.features: duplicate feature names")
+        if len(spec.shape) != 2 or spec.shape[1] < 1:
+            raise ManifestError(f"{where}: input {name!r} has shape {list(spec.shape)}; a joined input must be "
+                                "[batch, F] with a fixed F (one row of features per entity)")
+        if spec.shape[1] != len(features):
+            raise ManifestError(f"{where}.features: {len(features)} names for input {name!r} of width "
+                                f"{spec.shape[1]} (shape {list(spec.shape)})")
+        if spec.datatype not in ("FP32", "FP64", "FP16", "INT64", "INT32"):
+            raise ManifestError(f"{where}: input {name!r} has datatype {spec.datatype}; joined features are numbers "
+                                "(FP16/FP32/FP64/INT32/INT64)")
+        default = j.get("default")
+        if default is not None:
+            if (not isinstance(default, list) or len(default) != len(features) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in default)):
+                raise ManifestError(f"{where}.default: expected null or {len(features)} finite numbers")
+            default = tuple(float(v) for v in default)
+        out[name] = FeatureJoin(name, feature_set, tuple(features), default)
+    return out
+
+
 _KNOWN_KEYS = {
     "schema_version",
     "name",
@@ -172,6 +242,7 @@ _KNOWN_KEYS = {
     "created_at",
     "golden",
     "validation",
+    "feature_joins",
 }
 
 
@@ -194,6 +265,16 @@ class Manifest:
     # Tolerances used when checking golden samples on the device.
     validation: dict[str, Any] = field(default_factory=lambda: {"atol": 0.0, "rtol": 0.0, "quant_steps": 1})
     extra: dict[str, Any] = field(default_factory=dict)
+    # Inputs filled from the feature cache (input name -> join); empty for most models.
+    feature_joins: dict[str, FeatureJoin] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A writer may pass the raw JSON form through ``extra`` (cloud_batch does): validate it here.
+        if "feature_joins" in self.extra:
+            raw = self.extra["feature_joins"]
+            self.extra = {k: v for k, v in self.extra.items() if k != "feature_joins"}  # the caller's dict stays
+            if not self.feature_joins:
+                self.feature_joins = parse_feature_joins(raw, self.inputs)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -219,6 +300,8 @@ class Manifest:
             golden=self.golden,
             validation=self.validation,
         )
+        if self.feature_joins:
+            out["feature_joins"] = {k: j.to_dict() for k, j in self.feature_joins.items()}
         return out
 
     def to_json(self) -> str:
@@ -279,6 +362,7 @@ class Manifest:
             created_at=str(raw.get("created_at") or ""),
             golden=golden,
             extra={k: v for k, v in raw.items() if k not in _KNOWN_KEYS},
+            feature_joins=parse_feature_joins(raw.get("feature_joins"), inputs),
         )
         if "validation" in raw:
             m.validation = dict(raw["validation"])

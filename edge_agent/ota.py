@@ -13,14 +13,27 @@ on the model's own worker thread: one update per model at a time, and a newer re
 supersedes one that has not started activating. A rollout ``aborted`` stops the release
 wherever it is on this device and rolls it back if it was activated, even after commit.
 
-The device state (``DeviceState``: active versions, the last update of each model) is
-published retained after every state change and on every (re)connect, beside a retained
-``online`` presence whose ``offline`` counterpart is the link's last will (``will_for``).
+Feature bundles (``kind = "features"``) come through the same pipeline. With a feature cache,
+the agent also subscribes to ``protocol.features_filters`` (everyone, this device, each of its
+groups). A feature release passes the same checks (signature, fleet, size, malformed) and in
+addition: it must be of kind ``features`` for the set named by its topic, its signed
+``partition`` must be the topic's partition and must include this device (all, this device id,
+one of its groups), and its version must be newer than the cached version of the set (and than
+one already being applied). It is not gated by rollouts; it runs through the same update state
+machine on its set's own lane (``update.FeatureInstaller``: verify the bundle, dry-check it
+against the cache, apply it in one transaction; a delta whose base is not the cached version
+falls back to the release's snapshot).
+
+The device state (``DeviceState``: active model versions, cached feature set versions, the last
+update of each model and of each feature set) is published retained after every state change
+and on every (re)connect, beside a retained ``online`` presence whose ``offline`` counterpart is
+the link's last will (``will_for``).
 
 Wiring::
 
     link = MqttLink(url, device_id, will=will_for(fleet, device_id))
-    ota = OtaAgent(link, store, server, data_dir, device_id, fleet, trusted_keys, options=OtaOptions(...))
+    ota = OtaAgent(link, store, server, data_dir, device_id, fleet, trusted_keys, options=OtaOptions(...),
+                   features=FeatureCache(data_dir / "features.db"), groups=["line-3"])
     link.start(); ota.start()   # resumes a persisted update first
     ...
     ota.stop(); link.stop()
@@ -40,17 +53,18 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import __version__
 from .errors import EdgeError, ManifestError, RejectedError
+from .features import FeatureCache, VersionNotNewer
 from .fsutil import atomic_write_json
 from .link import MqttLink, Will
 from .manifest import check_name, version_key
 from .protocol import (PRESENCE_OFFLINE, PRESENCE_ONLINE, RESULT_REJECTED, ROOT, Artifact, DeviceState, Release,
-                       Rollout, UpdateReport, check_segment, decode, device_state_topic, encode, in_cohort,
-                       presence_topic)
+                       Rollout, UpdateReport, check_segment, decode, device_state_topic, encode, features_filters,
+                       in_cohort, presence_topic)
 from .runtime import RuntimeOptions
 from .signing import verify
 from .transfer import ChunkStore, Downloader
-from .update import (Control, HealthSource, Seams, State, UpdateMachine, UpdateRecord, Validator, Wait, event_wait,
-                     recover_before_serving)
+from .update import (FEATURES_PREFIX, Control, HealthSource, Seams, State, UpdateMachine, UpdateRecord, Validator,
+                     Wait, event_wait, record_key, recover_before_serving)
 from .validate import validate_candidate
 
 log = logging.getLogger(__name__)
@@ -104,11 +118,11 @@ class MqttFetcher:
 
 
 class _Lane:
-    """One model's worker thread: runs its updates one at a time, in order, newest release winning."""
+    """One artifact's worker thread (a model, or a feature set): its updates one at a time, newest release winning."""
 
     def __init__(self, agent: "OtaAgent", name: str) -> None:
         self.agent = agent
-        self.name = name
+        self.name = name  # the record key: a model name or "features:<set>"
         self.cond = threading.Condition()
         # ("resume", count_load) | ("release", (Release, doc)) | ("rollback", (release_id, reason))
         self.queue: list[tuple[str, Any]] = []
@@ -121,6 +135,14 @@ class _Lane:
     def busy(self) -> bool:
         with self.cond:
             return bool(self.queue) or self.control is not None
+
+    def pending_version(self) -> str | None:
+        """The highest version queued or running here (None: idle)."""
+        with self.cond:
+            versions = [item[0].version for kind, item in self.queue if kind == "release"]
+            if self.current is not None:
+                versions.append(self.current.version)
+        return max(versions, key=version_key, default=None)
 
     def knows(self, release_id: str) -> bool:
         with self.cond:
@@ -197,7 +219,7 @@ class _Lane:
                     release_id, reason = item
                     record = machine.records.load(self.name)
                     if (record is not None and record.release_id == release_id and record.state == State.COMMITTED
-                            and self.agent.store.active(self.name) == record.version):
+                            and record.kind == "model" and self.agent.store.active(self.name) == record.version):
                         machine.rollback_committed(record, reason, control)
             except Exception:
                 log.exception("update lane %s: unexpected error; resuming the saved update shortly", self.name)
@@ -229,9 +251,13 @@ class OtaAgent:
         now: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         wait: Wait = event_wait,
+        features: FeatureCache | None = None,
+        groups: Iterable[str] = (),
     ) -> None:
         """``store``: ModelStore; ``server``: ModelServer; ``trusted_keys``: Ed25519 public keys.
 
+        ``features``: the feature cache feature releases are applied to (None: the agent takes
+        no feature releases); ``groups``: the feature partitions (``mqtt.groups``) this device is in.
         ``fetcher``, ``validator``, ``health``, ``now``, ``monotonic`` and ``wait`` replace the
         real artifact download, child-process validation, health counters and clocks (tests).
         """
@@ -242,6 +268,8 @@ class OtaAgent:
         self.device_id = check_segment(device_id, "device id")
         self.fleet = check_segment(fleet, "fleet")
         self.trusted = list(trusted_keys)
+        self.features = features
+        self.groups = tuple(check_segment(g, "group") for g in groups)
         self.options = opts = options or OtaOptions()
         self.now = now
         if validator is None:
@@ -253,7 +281,8 @@ class OtaAgent:
 
         seams = Seams(store=store, server=server,
                       fetcher=fetcher or MqttFetcher(link, self.data_dir / "downloads", opts),
-                      validate=validator, admit=self.admit, health=health, now=now, monotonic=monotonic, wait=wait)
+                      validate=validator, admit=self.admit, health=health, now=now, monotonic=monotonic, wait=wait,
+                      features=features)
         self.machine = UpdateMachine(self.data_dir, seams, max_loops=opts.max_loops, poll_s=opts.poll_s,
                                      serve_timeout_s=opts.serve_timeout_s, health_min_calls=opts.health_min_calls,
                                      download_attempts=opts.download_attempts, retry_backoff_s=opts.retry_backoff_s,
@@ -276,6 +305,7 @@ class OtaAgent:
         self._intake: threading.Thread | None = None
         # rollout_topic(fleet, "+") / release_topic(fleet, "+"): those helpers refuse wildcards.
         self._topics = [f"{ROOT}/fleets/{self.fleet}/rollouts/+", f"{ROOT}/fleets/{self.fleet}/releases/+"]
+        self._feature_topics = features_filters(self.fleet, self.device_id, self.groups) if features is not None else []
 
     # -- lifecycle -------------------------------------------------------------------
     def before_serving(self) -> None:
@@ -286,7 +316,7 @@ class OtaAgent:
         being loaded on every start (``update.recover_before_serving``).
         """
         counted = recover_before_serving(self.data_dir, self.store, max_loops=self.options.max_loops, now=self.now)
-        self._counted = {r.name for r in counted}
+        self._counted = {r.key for r in counted}
 
     def start(self) -> None:
         """Resume persisted updates, then subscribe and announce this device."""
@@ -301,10 +331,10 @@ class OtaAgent:
                 continue
             if record is not None:
                 records.append(record)
-                self._remember_report(record.name, record.report())
+                self._remember_report(record.key, record.report())
         self.machine.sweep([r for r in records if not r.final])
         for record in records:  # kill -9 safety: every saved update continues where it was
-            self._lane(record.name).put("resume", record.name not in self._counted)
+            self._lane(record.key).put("resume", record.key not in self._counted)
         self._counted = set()
         self._intake = threading.Thread(target=self._intake_loop, name="ota-intake", daemon=True)
         self._intake.start()
@@ -312,11 +342,13 @@ class OtaAgent:
         # rollout document is usually known before the release itself.
         self.link.subscribe(self._topics[0], lambda t, p, r: self._inbox.put(("rollout", t, p)))
         self.link.subscribe(self._topics[1], lambda t, p, r: self._inbox.put(("release", t, p)))
+        for topic in self._feature_topics:
+            self.link.subscribe(topic, lambda t, p, r: self._inbox.put(("features", t, p)))
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop taking releases; a running update stops at its next step boundary and resumes on the next start."""
         self.stopped.set()
-        for topic in self._topics:
+        for topic in self._topics + self._feature_topics:
             self.link.unsubscribe(topic)
         with self._lanes_lock:
             lanes = list(self._lanes.values())
@@ -343,10 +375,19 @@ class OtaAgent:
         except EdgeError as exc:
             log.error("cannot read the model store for the device state: %s", exc)
             models = {}
+        features: dict[str, str] = {}
+        if self.features is not None:
+            try:
+                features = {s.name: s.version for s in self.features.list_sets()}
+            except EdgeError as exc:
+                log.error("cannot read the feature cache for the device state: %s", exc)
         with self._reports_lock:
-            updates = dict(self._reports)
+            reports = dict(self._reports)
+        updates = {k: r for k, r in reports.items() if not k.startswith(FEATURES_PREFIX)}
+        feature_updates = {k[len(FEATURES_PREFIX):]: r for k, r in reports.items() if k.startswith(FEATURES_PREFIX)}
         return DeviceState(self.device_id, self.fleet, models=models, updates=updates,
-                           agent_version=self.options.agent_version, last_seen=self.now())
+                           agent_version=self.options.agent_version, last_seen=self.now(), features=features,
+                           feature_updates=feature_updates)
 
     # -- admission (also re-run by the machine's idle step) ----------------------------
     def admit(self, release: Release, doc: Mapping[str, Any]) -> None:
@@ -355,18 +396,38 @@ class OtaAgent:
         if release.fleet != self.fleet:
             raise RejectedError(f"wrong fleet: the release is for fleet {release.fleet!r}, this device is in "
                                 f"{self.fleet!r}")
-        if release.kind != "model":
-            raise RejectedError(f"kind {release.kind!r} is not applied by the model agent")
-        active = self.store.active(release.name)
-        if active is not None and not release.rollback and version_key(release.version) <= version_key(active):
-            raise RejectedError(f"anti-rollback: version {release.version} is not newer than the active version "
-                                f"{active} and the release is not a signed rollback")
-        if release.artifact.size > self.options.max_artifact_bytes:
-            raise RejectedError(f"too large: the artifact is {release.artifact.size} bytes, this device accepts at "
-                                f"most {self.options.max_artifact_bytes}")
+        if release.kind == "features":
+            self._admit_features(release)
+        elif release.kind != "model":
+            raise RejectedError(f"kind {release.kind!r} is not applied by this agent")
+        else:
+            active = self.store.active(release.name)
+            if active is not None and not release.rollback and version_key(release.version) <= version_key(active):
+                raise RejectedError(f"anti-rollback: version {release.version} is not newer than the active version "
+                                    f"{active} and the release is not a signed rollback")
+        for what, artifact in (("artifact", release.artifact), ("fallback", release.fallback)):
+            if artifact is not None and artifact.size > self.options.max_artifact_bytes:
+                raise RejectedError(f"too large: the {what} is {artifact.size} bytes, this device accepts at "
+                                    f"most {self.options.max_artifact_bytes}")
+
+    def _admit_features(self, release: Release) -> None:
+        if self.features is None:
+            raise RejectedError("this device has no feature cache")
+        by, key = release.partition["by"], release.partition["key"]
+        if by == "device" and key != self.device_id:
+            raise RejectedError(f"wrong partition: the release is for device {key!r}, this is {self.device_id!r}")
+        if by == "group" and key not in self.groups:
+            raise RejectedError(f"wrong partition: the release is for group {key!r}, this device is in "
+                                f"{list(self.groups)}")
+        cached = self.features.version(release.name)
+        if cached is not None and not release.rollback and version_key(release.version) <= version_key(cached):
+            raise VersionNotNewer(f"anti-rollback: feature set {release.name} version {release.version} is not newer "
+                                  f"than the cached version {cached} and the release is not a signed rollback")
 
     def gate(self, release: Release) -> str | None:
-        """Why the rollout does not let this device apply ``release`` now (None: it may)."""
+        """Why the rollout does not let this device apply ``release`` now (None: it may; features always may)."""
+        if release.kind != "model":
+            return None
         ro = self._rollouts.get(release.name)
         if ro is None or ro.release_id != release.release_id:
             return None
@@ -400,6 +461,8 @@ class OtaAgent:
                 with self._gate_lock:
                     if kind == "release":
                         self._on_release(topic, payload)
+                    elif kind == "features":
+                        self._on_features_release(topic, payload)
                     elif kind == "rollout":
                         self._on_rollout(topic, payload)
                     self._dispatch_due()
@@ -445,6 +508,10 @@ class OtaAgent:
             self._reject(name, release.release_id, release.version,
                          f"release for model {release.name!r} published on the topic of {name!r}", key)
             return
+        if release.kind != "model":
+            self._reject(name, release.release_id, release.version,
+                         f"a release of kind {release.kind!r} on a model release topic", key)
+            return
         try:
             self.admit(release, doc)
         except RejectedError as exc:
@@ -456,6 +523,63 @@ class OtaAgent:
         log.info("update %s (%s %s): release accepted; waiting %.1fs for its rollout", release.release_id, name,
                  release.version, settle)
         self._incoming[name] = (release, doc, time.monotonic() + settle)
+
+    def _on_features_release(self, topic: str, payload: bytes) -> None:
+        """A release on ``fleets/{fleet}/features/{set}/{by}/{key}``: check it, queue it on its set's lane."""
+        parts = topic.split("/")
+        if len(parts) != 8 or not payload:  # an empty payload: the retained release was cleared
+            return
+        feature_set, by, part_key = parts[5], parts[6], parts[7]
+        try:
+            check_name(feature_set)
+        except ManifestError:
+            log.warning("ignoring a feature release on %s: not a feature set name", topic)
+            return
+        lane = record_key("features", feature_set)
+        digest = "doc:" + hashlib.sha256(payload).hexdigest()
+        if digest in self._rejected:
+            return
+        doc: dict[str, Any] = {}
+        try:
+            doc = decode(payload, "release")
+            release = Release.from_dict(doc)
+        except ManifestError as exc:
+            self._reject(lane, str(doc.get("release_id") or "?"), str(doc.get("version") or "?"),
+                         f"malformed release: {exc}", digest, name=feature_set)
+            return
+        try:
+            verify(doc, self.trusted)
+        except RejectedError as exc:
+            self._reject(lane, release.release_id, release.version, str(exc), digest, name=feature_set)
+            return
+        key = "id:" + release.release_id  # authentic from here on: the id can be trusted
+        if key in self._rejected or self._known(lane, release.release_id):
+            return
+        reason = None
+        if release.kind != "features":
+            reason = f"a release of kind {release.kind!r} on a feature topic (need kind 'features')"
+        elif release.name != feature_set:
+            reason = f"release for feature set {release.name!r} published on the topic of {feature_set!r}"
+        elif release.partition != {"by": by, "key": part_key}:
+            reason = (f"wrong partition: the release is signed for {release.partition['by']}/"
+                      f"{release.partition['key']} but arrived on {by}/{part_key}")
+        else:
+            with self._lanes_lock:
+                running = self._lanes.get(lane)
+            pending = running.pending_version() if running is not None else None
+            if pending is not None and version_key(release.version) <= version_key(pending):
+                reason = f"anti-rollback: version {release.version} is not newer than version {pending} being applied"
+        if reason is None:
+            try:
+                self.admit(release, doc)
+            except RejectedError as exc:
+                reason = str(exc)
+        if reason is not None:
+            self._reject(lane, release.release_id, release.version, reason, key, name=feature_set)
+            return
+        log.info("update %s (features %s %s, %s/%s): release accepted", release.release_id, feature_set,
+                 release.version, by, part_key)
+        self._lane(lane).offer(release, doc)
 
     def _known(self, name: str, release_id: str) -> bool:
         """Already settling, held, queued, running or recorded on this device."""
@@ -541,23 +665,26 @@ class OtaAgent:
             return lane
 
     def _on_record(self, record: UpdateRecord) -> None:
-        self._remember_report(record.name, record.report())
+        self._remember_report(record.key, record.report())
         self._publish_state()
 
     def _remember_report(self, name: str, report: UpdateReport) -> None:
-        """Keep the newest event per model: an update record's state or a rejection."""
+        """Keep the newest event per record key (model or ``features:<set>``): an update's state or a rejection."""
         with self._reports_lock:
             current = self._reports.get(name)
             if current is None or current.at <= report.at or current.release_id == report.release_id:
                 self._reports[name] = report
 
-    def _reject(self, name: str, release_id: str, version: str, reason: str, key: str) -> None:
-        log.warning("update %s (%s %s): rejected: %s", release_id, name, version, reason)
+    def _reject(self, lane: str, release_id: str, version: str, reason: str, key: str, *,
+                name: str | None = None) -> None:
+        """Remember and report a rejection; ``lane`` is the record key, ``name`` the model or set (default: lane)."""
+        name = name or lane
+        log.warning("update %s (%s %s): rejected: %s", release_id, lane, version, reason)
         report = UpdateReport(release_id, name, version, State.REJECTED.value, RESULT_REJECTED, reason, self.now())
         self._rejected[key] = reason
         with self._reports_lock:
-            self._rejected_reports[name] = report
-        self._remember_report(name, report)
+            self._rejected_reports[lane] = report
+        self._remember_report(lane, report)
         self._save_rejections()
         self._publish_state()
 

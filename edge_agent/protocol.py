@@ -355,6 +355,9 @@ class DeviceState:
     agent_version: str = ""
     last_seen: float = field(default_factory=time.time)
     schema_version: int = PROTOCOL_SCHEMA
+    # Feature sets (absent from documents of older agents): set -> cached version, set -> last attempt.
+    features: dict[str, str] = field(default_factory=dict)
+    feature_updates: dict[str, UpdateReport] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "type": "device_state"}
@@ -365,9 +368,11 @@ class DeviceState:
             raise ManifestError("device state: not a device_state document")
         try:
             updates = {k: UpdateReport(**v) for k, v in (raw.get("updates") or {}).items()}
+            feature_updates = {k: UpdateReport(**v) for k, v in (raw.get("feature_updates") or {}).items()}
             return cls(str(raw["device_id"]), str(raw["fleet"]), dict(raw.get("models") or {}), updates,
                        str(raw.get("agent_version", "")), float(raw.get("last_seen", 0)),
-                       int(raw.get("schema_version", PROTOCOL_SCHEMA)))
+                       int(raw.get("schema_version", PROTOCOL_SCHEMA)), dict(raw.get("features") or {}),
+                       feature_updates)
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"device state: malformed: {exc}") from exc
 

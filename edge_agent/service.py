@@ -1,4 +1,4 @@
-"""Wiring for ``edge-agent run``: config → store → model server → HTTP API, with a clean SIGTERM drain.
+"""Wiring for ``edge-agent run``: config → store, feature cache → model server → HTTP API (+ OTA), SIGTERM drain.
 
 This is the one place that knows how the parts fit; each part stays usable on its own.
 """
@@ -20,6 +20,7 @@ from . import __version__
 from .api import create_app
 from .config import AgentConfig
 from .errors import EdgeError
+from .features import DB_FILE, FeatureCache
 from .manifest import MANIFEST_FILE
 from .metrics import Metrics
 from .runtime import BACKEND
@@ -48,17 +49,19 @@ def install_shipped_models(store: ModelStore, models_dir: Path | None, data_dir:
 
 
 class Agent:
-    """The long-running service: owns the store, the model server and the API app."""
+    """The long-running service: owns the store, the feature cache, the model server and the API app."""
 
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.started_at = time.time()
         Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
         self.store = ModelStore(cfg.data_dir, keep=cfg.keep_versions)
+        self.features = open_feature_cache(cfg)
         self.server = ModelServer(self.store, cfg.runtime.options())
         self.metrics = Metrics()
         self.metrics.watch(self.server)
-        self.app = create_app(self.server, max_body_bytes=cfg.max_body_bytes, metrics=self.metrics, status=self.status)
+        self.app = create_app(self.server, max_body_bytes=cfg.max_body_bytes, metrics=self.metrics, status=self.status,
+                              features=self.features)
         self._uvicorn: Any = None
         self._stop_requested = False
         self.link: Any = None
@@ -81,7 +84,8 @@ class Agent:
         options = OtaOptions(max_artifact_bytes=o.max_artifact_bytes, bandwidth_bps=o.bandwidth_bps,
                              chunk_window=o.chunk_window, runtime_options=self.cfg.runtime.options())
         self.ota = OtaAgent(self.link, self.store, self.server, self.cfg.data_dir, device_id, m.fleet,
-                            [load_public_key(p) for p in m.trust], options=options)
+                            [load_public_key(p) for p in m.trust], options=options, features=self.features,
+                            groups=m.groups)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop accepting, drain in-flight requests, exit 0 (also during start-up)."""
@@ -122,7 +126,16 @@ class Agent:
             "ota": self.ota.device_state().to_dict() if self.ota is not None else None,
             **self.server.status(),
             "store": self.store.list(),
+            "features": self._feature_sets(),
         }
+
+    def _feature_sets(self) -> list[dict[str, Any]] | None:
+        if self.features is None:
+            return None
+        try:
+            return [s.to_dict() for s in self.features.list_sets()]
+        except EdgeError as exc:
+            return [{"error": str(exc)}]
 
     def serve(self) -> None:
         """Serve HTTP until SIGTERM/SIGINT; in-flight requests are drained before returning."""
@@ -153,7 +166,24 @@ class Agent:
                 self.ota.stop()
                 self.link.stop()
             self.server.stop()
+            if self.features is not None:
+                self.features.close()
             log.info("stopped")
+
+
+def open_feature_cache(cfg: AgentConfig) -> FeatureCache | None:
+    """``<data-dir>/features.db`` with the ``[features]`` bounds; None (logged) if it cannot be opened.
+
+    Models without feature joins must keep serving when the cache file is unusable, so this
+    does not stop the agent: joins answer 503 and feature releases are not taken until it is fixed.
+    """
+    f = cfg.features
+    try:
+        return FeatureCache(Path(cfg.data_dir) / DB_FILE, max_rows=f.max_rows, max_bytes=f.max_bytes,
+                            synchronous=f.synchronous)
+    except EdgeError as exc:
+        log.error("feature cache unavailable, serving without it: %s", exc)
+        return None
 
 
 class _Server(uvicorn.Server):

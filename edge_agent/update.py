@@ -1,4 +1,4 @@
-"""The update lifecycle of one model on one device, as a persisted state machine (Mender's daemon, RAUC's slots).
+"""The update lifecycle of one artifact on one device, as a persisted state machine (Mender's daemon, RAUC's slots).
 
 States are a ``str`` Enum whose values are the on-disk format (frozen: never rename a value).
 Every transition is in ``TRANSITIONS``; ``UpdateMachine._enter`` is the one place a state is
@@ -12,6 +12,7 @@ state's action runs, so a ``kill -9`` at any instant leaves a record naming the 
     health_check ─health_breach/error/abort▶ rolling_back ─error▶ failed
     idle ─rejected▶ rejected
     idle, downloading, verifying, validating, waiting_window ─error/rejected/abort▶ failed
+    validating ─fallback▶ downloading   (a feature delta whose base is not the cached version: fetch the snapshot)
 
 Finals (``committed``, ``rolled_back``, ``failed``, ``rejected``) have no transitions; their
 entry actions (mark good, clean up) are idempotent and are re-run on resume. Before
@@ -22,6 +23,17 @@ an unknown state means ``rolling_back``. A loop breaker counts saves and loads; 
 
 A rollout abort after ``committed`` starts a new rollback transaction for the same update
 id (``UpdateMachine.rollback_committed``): it enters ``rolling_back`` directly.
+
+One machine, one table, several artifact kinds: what a step does to the artifact is the job of
+the kind's ``Installer`` (RAUC's slot handlers). ``ModelInstaller`` (``kind = "model"``) installs
+into the ``ModelStore``, validates in a child process, activates by the store's pointer and
+watches the health window. ``FeatureInstaller`` (``kind = "features"``) reads the feature bundle
+(``bundle.read_bundle``) while verifying, dry-checks it against the cache while validating
+(version newer, delta base, size bound), and activates with ``FeatureCache.apply``: one SQLite
+transaction, so the swap is atomic and a kill -9 leaves the old or the new version; its health
+check takes no time and rolling back has nothing to undo. A delta computed against another
+version than the cache holds takes the ``fallback`` event: the machine downloads and applies
+the release's ``fallback`` artifact (the full snapshot of the same version) instead.
 
 All I/O is injected through ``Seams`` (store, server, artifact fetcher, validator, health
 source, clocks), so the logic is tested fast with fakes and proven with the real parts.
@@ -40,9 +52,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
+from .bundle import Bundle, BundleSchemaError, read_bundle
 from .errors import EdgeError, FailedError, IncompatibleModelError, ManifestError, NotFoundError, RejectedError
+from .features import CacheFull, DeltaBaseMismatch, FeatureCache, VersionNotNewer
 from .fsutil import atomic_write_json, fsync_dir, fsync_tree
-from .manifest import check_name
+from .manifest import check_name, parse_version
 from .modelpack import sha256_file, verify_version_dir
 from .protocol import (RESULT_FAILED, RESULT_REJECTED, RESULT_ROLLED_BACK, RESULT_SUCCESS, Artifact, Release,
                        UpdateReport, in_window, unpack_to)
@@ -80,6 +94,7 @@ class Event(str, Enum):
     IN_WINDOW = "in_window"
     HEALTH_BREACH = "health_breach"
     ABORT = "abort"  # superseded by a newer release, or the rollout was aborted
+    FALLBACK = "fallback"  # a feature delta does not fit the cached version: fetch the release's snapshot
 
 
 S, E = State, Event
@@ -105,6 +120,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.VALIDATING, E.REJECTED): S.FAILED,
     (S.VALIDATING, E.ERROR): S.FAILED,
     (S.VALIDATING, E.ABORT): S.FAILED,
+    (S.VALIDATING, E.FALLBACK): S.DOWNLOADING,
     (S.WAITING_WINDOW, E.IN_WINDOW): S.ACTIVATING,
     (S.WAITING_WINDOW, E.ERROR): S.FAILED,
     (S.WAITING_WINDOW, E.ABORT): S.FAILED,
@@ -154,9 +170,17 @@ def resume_state(saved: str) -> State:
 
 
 # -- the persisted record -------------------------------------------------------------------
+FEATURES_PREFIX = "features:"  # record keys of feature sets: "features:<set>" (model keys are plain names)
+
+
+def record_key(kind: str, name: str) -> str:
+    """The key of an artifact's update record and lane: the model name, or ``features:<set>``."""
+    return name if kind == "model" else f"{kind}:{name}"
+
+
 @dataclass
 class UpdateRecord:
-    """One update transaction of one model, saved to ``<data-dir>/updates/<name>.json`` before every step."""
+    """One update transaction of one artifact, saved to ``<data-dir>/updates/`` before every step."""
 
     release_id: str  # the update id: it appears in every log line and report
     name: str
@@ -171,6 +195,11 @@ class UpdateRecord:
     started_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     schema_version: int = RECORD_SCHEMA
+    kind: str = "model"  # the release's kind: which Installer runs the steps
+
+    @property
+    def key(self) -> str:
+        return record_key(self.kind, self.name)
 
     @property
     def result(self) -> str | None:
@@ -196,6 +225,7 @@ class UpdateRecord:
             "schema_version": self.schema_version,
             "type": "update",
             "release_id": self.release_id,
+            "kind": self.kind,
             "name": self.name,
             "version": self.version,
             "release": self.release,
@@ -222,29 +252,34 @@ class UpdateRecord:
                 reason=raw.get("reason"), loops=int(raw.get("loops", 0)),
                 history=[(str(s), float(t)) for s, t in raw.get("history") or []],
                 details=dict(raw.get("details") or {}), started_at=float(raw.get("started_at", 0)),
-                updated_at=float(raw.get("updated_at", 0)),
+                updated_at=float(raw.get("updated_at", 0)), kind=str(raw.get("kind", "model")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"update record: malformed: {exc}") from exc
 
 
 class RecordStore:
-    """``<data-dir>/updates/<name>.json``: the last update record of each model."""
+    """The last update record of each artifact: ``<data-dir>/updates/<model>.json``, ``updates/features/<set>.json``."""
 
     def __init__(self, data_dir: str | Path) -> None:
         self.dir = Path(data_dir) / "updates"
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def path(self, name: str) -> Path:
-        return self.dir / f"{check_name(name)}.json"
+    def path(self, key: str) -> Path:
+        """The record file of a key (``record_key``): a model name or ``features:<set>``."""
+        if key.startswith(FEATURES_PREFIX):
+            return self.dir / "features" / f"{check_name(key[len(FEATURES_PREFIX):])}.json"
+        return self.dir / f"{check_name(key)}.json"
 
     def save(self, record: UpdateRecord) -> None:
-        atomic_write_json(self.path(record.name), record.to_dict())
+        path = self.path(record.key)
+        path.parent.mkdir(exist_ok=True)
+        atomic_write_json(path, record.to_dict())
 
-    def load(self, name: str) -> UpdateRecord | None:
+    def load(self, key: str) -> UpdateRecord | None:
         import json
 
-        path = self.path(name)
+        path = self.path(key)
         try:
             return UpdateRecord.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
@@ -253,7 +288,11 @@ class RecordStore:
             raise ManifestError(f"update record {path} unreadable: {exc}") from exc
 
     def names(self) -> list[str]:
-        return sorted(p.stem for p in self.dir.glob("*.json") if not p.name.startswith("."))
+        """Every record's key: model names, then ``features:<set>``."""
+        models = sorted(p.stem for p in self.dir.glob("*.json") if not p.name.startswith("."))
+        sets = sorted(FEATURES_PREFIX + p.stem for p in (self.dir / "features").glob("*.json")
+                      if not p.name.startswith("."))
+        return models + sets
 
 
 def recover_before_serving(data_dir: str | Path, store: Any, *, max_loops: int = DEFAULT_MAX_LOOPS,
@@ -274,8 +313,8 @@ def recover_before_serving(data_dir: str | Path, store: Any, *, max_loops: int =
         except EdgeError as exc:
             log.error("update record of %s unreadable: %s", name, exc)
             continue
-        if record is None or record.final:
-            continue
+        if record is None or record.final or record.kind != "model":
+            continue  # feature sets are not loaded at start: their updates count their loads when they resume
         record.loops += 1
         if record.loops > max_loops:
             reason = f"loop breaker: {record.loops - 1} state saves/loads without finishing (max {max_loops})"
@@ -343,6 +382,7 @@ class Seams:
     now: Callable[[], float] = time.time  # wall clock: the maintenance window, timestamps
     monotonic: Callable[[], float] = time.monotonic  # the health window, timeouts
     wait: Wait = event_wait
+    features: FeatureCache | None = None  # set: releases of kind "features" are applied to this cache
 
 
 class Control:
@@ -378,9 +418,220 @@ class _Interrupted(Exception):
     """A step noticed ``Control.interrupt``."""
 
 
+# -- installers: what each step does for one kind of artifact ------------------------------------
+class Installer(Protocol):
+    """The kind-specific part of each step; the machine does the rest (states, saving, downloads, clean-up)."""
+
+    kind: str
+
+    def current(self, name: str) -> str | None:
+        """The version in use now: the update's rollback target."""
+
+    def check(self, record: UpdateRecord, release: Release, staging: Path) -> None:
+        """verifying: the unpacked artifact is what the release says; RejectedError if not."""
+
+    def validate(self, record: UpdateRecord, release: Release, staging: Path, control: Control) -> Event | None:
+        """validating: prove the candidate fits this device; ``Event.FALLBACK`` to fetch the release's fallback."""
+
+    def activate(self, record: UpdateRecord, release: Release, staging: Path, control: Control) -> None:
+        """activating: make the candidate the one in use (idempotent: re-run after a restart)."""
+
+    def watch(self, record: UpdateRecord, release: Release, control: Control) -> tuple[Event, str | None]:
+        """health_check: OK, or HEALTH_BREACH with the reason."""
+
+    def restore(self, record: UpdateRecord, control: Control, interruptible: bool) -> str | None:
+        """rolling_back and the loop breaker: put the previous version back; return the version in use."""
+
+    def commit(self, record: UpdateRecord) -> None:
+        """committed (idempotent): mark the version good."""
+
+    def forget(self, staging: Path) -> None:
+        """clean-up: drop anything held in memory for this staging directory."""
+
+
+class ModelInstaller:
+    """Models: the ModelStore's slots, the child-process validator, hot swap and the health window."""
+
+    kind = "model"
+
+    def __init__(self, machine: "UpdateMachine") -> None:
+        self.m = machine
+
+    def current(self, name: str) -> str | None:
+        return self.m.seams.store.active(name)
+
+    def check(self, record: UpdateRecord, release: Release, staging: Path) -> None:
+        manifest = verify_version_dir(staging, run_golden=False)  # manifest, size and sha256; no interpreter
+        if manifest.name != record.name or manifest.version != record.version:
+            raise ManifestError(f"the artifact holds {manifest.name} {manifest.version}, "
+                                f"the release says {record.name} {record.version}")
+
+    def validate(self, record: UpdateRecord, release: Release, staging: Path, control: Control) -> Event | None:
+        report = self.m.seams.validate(staging, release.policy.max_latency_ms, control.interrupt)
+        record.details["validation"] = {k: report[k] for k in ("p50_ms", "delegate") if k in report}
+        self.m._log(record, logging.INFO, "validated: %s", record.details["validation"])
+        return None
+
+    def activate(self, record: UpdateRecord, release: Release, staging: Path, control: Control) -> None:
+        store, name = self.m.seams.store, record.name
+        if staging.is_dir():
+            store.install_dir(staging, verify=False)  # validated in the child process already
+        elif record.version not in store.versions(name):
+            raise FailedError(f"staged candidate {staging} is gone and {name} {record.version} is not installed")
+        store.activate(name, record.version)
+        self.m._log(record, logging.INFO, "activated %s %s (previous %s)", name, record.version,
+                    record.previous_version)
+        self.m._wait_served(record, record.version, control)
+
+    def watch(self, record: UpdateRecord, release: Release, control: Control) -> tuple[Event, str | None]:
+        m, policy = self.m, release.policy
+        clock = m.seams.monotonic
+        deadline = clock() + policy.health_window_s
+        version, calls0, fails0 = m.health(record.name)
+        while True:
+            version, calls, fails = m.health(record.name)
+            if version != record.version:
+                raise FailedError(f"{record.name} {record.version} stopped serving during the health window "
+                                  f"(serving: {version})")
+            if calls < calls0:  # the model was reloaded: its counters restarted
+                calls0, fails0 = 0, 0
+            dc, df = calls - calls0, fails - fails0
+            if dc >= m.health_min_calls and df / dc > policy.max_error_rate:
+                return E.HEALTH_BREACH, (f"health window: {df} of {dc} calls failed ({df / dc:.0%}), above the "
+                                         f"release's maximum error rate {policy.max_error_rate:.0%}")
+            if clock() >= deadline:
+                m._log(record, logging.INFO, "health window passed: %d calls, %d failures", dc, df)
+                return E.OK, None
+            if m.seams.wait(control.interrupt, min(m.poll_s, max(0.0, deadline - clock()))):
+                raise _Interrupted()
+
+    def restore(self, record: UpdateRecord, control: Control, interruptible: bool) -> str | None:
+        """Make the version that served before the candidate active again (no-op if the candidate is not active)."""
+        store, name = self.m.seams.store, record.name
+        active = store.active(name)
+        if active == record.version and record.previous_version not in (None, record.version):
+            if record.previous_version in store.versions(name):
+                store.activate(name, record.previous_version)
+                target: str | None = record.previous_version
+            else:
+                target = store.rollback(name)
+        elif active == record.version and record.previous_version is None:
+            raise NotFoundError(f"{name} {record.version} was the first version: there is nothing to roll back to")
+        else:
+            target = active
+        if target is not None:
+            self.m._wait_served(record, target, control if interruptible else Control())
+        return target
+
+    def commit(self, record: UpdateRecord) -> None:
+        self.m.seams.store.mark_good(record.name, record.version)
+
+    def forget(self, staging: Path) -> None:
+        return None
+
+
+class FeatureInstaller:
+    """Feature bundles into the FeatureCache: ``apply`` is one SQLite transaction, i.e. the atomic swap.
+
+    verifying reads and fully validates the bundle (``read_bundle``: hashes, NaN, duplicate keys,
+    the device's row bound) and checks it is the release's set and version; validating dry-runs
+    the checks ``apply`` makes against the cache (version newer, delta base, row bound), so a
+    bundle that cannot apply fails before activation, and a delta whose base is not the cached
+    version asks for the release's fallback snapshot; activating applies; there is nothing to
+    watch (a value is served from the next read) and nothing to undo (a failed apply rolled back).
+    """
+
+    kind = "features"
+
+    def __init__(self, cache: FeatureCache) -> None:
+        self.cache = cache
+        self._lock = threading.Lock()
+        self._read: dict[Path, Bundle] = {}  # verified bundles, kept for activation (one per set at most)
+
+    def current(self, name: str) -> str | None:
+        return self.cache.version(name)
+
+    def check(self, record: UpdateRecord, release: Release, staging: Path) -> None:
+        bundle = read_bundle(staging, max_rows=self.cache.max_rows)
+        info = bundle.info
+        if info.set != record.name or info.version != record.version:
+            raise BundleSchemaError(f"the artifact holds feature set {info.set} version {info.version}, "
+                                    f"the release says {record.name} {record.version}")
+        if record.details.get("artifact") == "fallback" and info.kind != "snapshot":
+            raise BundleSchemaError(f"the release's fallback must be a snapshot; it holds a {info.kind}")
+        by = info.partition.get("by")
+        if by is not None and {"by": by, "key": info.partition.get("key")} != release.partition:
+            raise BundleSchemaError(f"bundle {info.id} is for partition {by}/{info.partition.get('key')}, the "
+                                    f"release for {release.partition['by']}/{release.partition['key']}")
+        with self._lock:
+            self._read[staging] = bundle
+
+    def _bundle(self, staging: Path) -> Bundle:
+        with self._lock:
+            bundle = self._read.get(staging)
+        return bundle if bundle is not None else read_bundle(staging, max_rows=self.cache.max_rows)  # after a restart
+
+    def validate(self, record: UpdateRecord, release: Release, staging: Path, control: Control) -> Event | None:
+        info = self._bundle(staging).info
+        current = self.cache.set_info(record.name)
+        record.details["bundle"] = {"id": info.id, "kind": info.kind, "base_version": info.base_version,
+                                    "rows": info.rows, "deletes": info.deletes}
+        if current is not None and current.version == info.version and current.data_sha256 == info.data_sha256:
+            return None  # already applied (e.g. by `edge-agent features apply`): activating is a no-op
+        if current is not None and parse_version(info.version) <= parse_version(current.version) and not (
+                release.rollback and info.kind == "snapshot" and info.version != current.version):
+            raise VersionNotNewer(f"bundle {info.id}: version {info.version} is not newer than the cached "
+                                  f"{record.name} version {current.version}")
+        if info.kind == "delta":
+            why = None
+            if current is None or current.version != info.base_version:
+                why = (f"delta {info.id} is from {record.name} {info.base_version} but the cache holds "
+                       f"{'no ' + record.name if current is None else record.name + ' ' + current.version}")
+            elif (current.features != info.feature_names or current.dtype != info.features[0].dtype
+                  or current.entity_key != info.entity_key):
+                why = f"delta {info.id}'s features/dtype/entity key differ from the cached {current.version}"
+            if why is not None:
+                if release.fallback is not None and record.details.get("artifact") != "fallback":
+                    record.details["artifact"] = "fallback"
+                    record.details["fallback"] = why
+                    self.forget(staging)
+                    return E.FALLBACK
+                raise DeltaBaseMismatch(f"{why}; the release carries no fallback snapshot", set=record.name,
+                                        current_version=current.version if current else None,
+                                        base_version=info.base_version)
+        elif self.cache.max_rows is not None:
+            others = sum(s.rows for s in self.cache.list_sets() if s.name != record.name)
+            if others + info.rows > self.cache.max_rows:
+                raise CacheFull(f"bundle {info.id}: the cache would hold {others + info.rows} rows, above "
+                                f"max_rows={self.cache.max_rows}")
+        return None
+
+    def activate(self, record: UpdateRecord, release: Release, staging: Path, control: Control) -> None:
+        if not staging.is_dir() and self.cache.version(record.name) == record.version:
+            return  # applied, then interrupted before the clean-up removed the staging copy
+        result = self.cache.apply(self._bundle(staging), allow_downgrade=release.rollback)
+        self.forget(staging)
+        record.details["apply"] = {"previous_version": result.previous_version, "rows": result.rows,
+                                   "upserted": result.upserted, "deleted": result.deleted, "noop": result.noop,
+                                   "seconds": round(result.seconds, 3)}
+
+    def watch(self, record: UpdateRecord, release: Release, control: Control) -> tuple[Event, str | None]:
+        return E.OK, None  # zero-length: the next read serves the new version; there is no error rate to watch
+
+    def restore(self, record: UpdateRecord, control: Control, interruptible: bool) -> str | None:
+        return self.cache.version(record.name)  # a failed apply rolled back in SQLite: nothing to undo
+
+    def commit(self, record: UpdateRecord) -> None:
+        return None  # the apply's COMMIT was the commit
+
+    def forget(self, staging: Path) -> None:
+        with self._lock:
+            self._read.pop(staging, None)
+
+
 # -- the machine -------------------------------------------------------------------------------
 class UpdateMachine:
-    """Runs update records through their states; one record per model, one run per model at a time."""
+    """Runs update records through their states; one record per artifact, one run per artifact at a time."""
 
     def __init__(
         self,
@@ -408,6 +659,9 @@ class UpdateMachine:
         self.download_attempts = max(1, download_attempts)
         self.retry_backoff_s = retry_backoff_s
         self.on_change = on_change
+        self.installers: dict[str, Installer] = {"model": ModelInstaller(self)}
+        if seams.features is not None:
+            self.installers["features"] = FeatureInstaller(seams.features)
         self._steps: dict[State, Callable[[UpdateRecord, Release, Control], tuple[Event, str | None]]] = {
             S.IDLE: self._admit,
             S.DOWNLOADING: self._download,
@@ -433,12 +687,25 @@ class UpdateMachine:
         tag = hashlib.sha256(record.release_id.encode()).hexdigest()[:12]
         return self.staging / f"{record.name}-{record.version}-{tag}"
 
+    def installer(self, kind: str) -> Installer:
+        try:
+            return self.installers[kind]
+        except KeyError:
+            raise RejectedError(f"this device does not install artifacts of kind {kind!r}") from None
+
+    @staticmethod
+    def artifact_of(record: UpdateRecord, release: Release) -> Artifact:
+        """The artifact this update downloads: the release's, or its fallback once validation asked for it."""
+        if record.details.get("artifact") == "fallback" and release.fallback is not None:
+            return release.fallback
+        return release.artifact
+
     # -- entry points ----------------------------------------------------------------------
     def create(self, release: Release, doc: Mapping[str, Any]) -> UpdateRecord:
         """A new record in ``idle`` for ``release`` (not saved yet: ``run`` saves it first thing)."""
         return UpdateRecord(release_id=release.release_id, name=release.name, version=release.version,
-                            release=dict(doc), previous_version=self.seams.store.active(release.name),
-                            started_at=self.seams.now())
+                            release=dict(doc), previous_version=self.installer(release.kind).current(release.name),
+                            started_at=self.seams.now(), kind=release.kind)
 
     def run(self, record: UpdateRecord, control: Control | None = None, *, start: State | None = None) -> UpdateRecord:
         """Run ``record`` from ``start`` (default: its own state) until a final state or a shutdown."""
@@ -459,7 +726,7 @@ class UpdateMachine:
                 record.reason = reason
 
     def resume(self, name: str, control: Control | None = None, *, count_load: bool = True) -> UpdateRecord | None:
-        """Continue the saved update of ``name`` after a restart (kill -9 included); None if there is none.
+        """Continue the saved update of ``name`` (a record key) after a restart (kill -9 included); None if none.
 
         ``count_load=False`` when ``recover_before_serving`` has already counted this start.
         """
@@ -490,7 +757,7 @@ class UpdateMachine:
         if record.loops > self.max_loops and state not in FINAL:
             reason = f"loop breaker: {record.loops - 1} state saves/loads without finishing (max {self.max_loops})"
             try:
-                restored = self._restore_previous(record, control, interruptible=False)
+                restored = self.installer(record.kind).restore(record, control, False)
             except Exception as exc:  # still end the update: a failed rollback is part of the report
                 reason += f"; rollback failed: {exc}"
             else:
@@ -550,7 +817,8 @@ class UpdateMachine:
         return E.OK, None
 
     def _download(self, record: UpdateRecord, release: Release, control: Control) -> tuple[Event, str | None]:
-        artifact = release.artifact
+        self.installer(record.kind)  # a kind this device cannot install fails before any download
+        artifact = self.artifact_of(record, release)
         out = self.artifact_path(artifact)
         for attempt in range(1, self.download_attempts + 1):
             try:
@@ -570,7 +838,8 @@ class UpdateMachine:
         return E.OK, None
 
     def _verify(self, record: UpdateRecord, release: Release, control: Control) -> tuple[Event, str | None]:
-        artifact = release.artifact
+        installer = self.installer(record.kind)
+        artifact = self.artifact_of(record, release)
         blob = self.artifact_path(artifact)
         if not blob.is_file():
             raise FailedError(f"downloaded artifact {blob} is missing")
@@ -580,6 +849,7 @@ class UpdateMachine:
             raise RejectedError(f"artifact sha256 mismatch: got {size} bytes {digest[:12]}…, the release says "
                                 f"{artifact.size} bytes {artifact.sha256[:12]}…")
         staging = self.staging_dir(record)
+        installer.forget(staging)
         self.staging.mkdir(parents=True, exist_ok=True)
         tmp = staging.with_name(f".tmp-{staging.name}")
         for stale in (tmp, staging):
@@ -588,16 +858,15 @@ class UpdateMachine:
         fsync_tree(tmp)
         os.replace(tmp, staging)
         fsync_dir(self.staging)
-        manifest = verify_version_dir(staging, run_golden=False)  # manifest, size and sha256; no interpreter
-        if manifest.name != record.name or manifest.version != record.version:
-            raise ManifestError(f"the artifact holds {manifest.name} {manifest.version}, "
-                                f"the release says {record.name} {record.version}")
+        installer.check(record, release, staging)
         return E.OK, None
 
     def _validate(self, record: UpdateRecord, release: Release, control: Control) -> tuple[Event, str | None]:
-        report = self.seams.validate(self.staging_dir(record), release.policy.max_latency_ms, control.interrupt)
-        record.details["validation"] = {k: report[k] for k in ("p50_ms", "delegate") if k in report}
-        self._log(record, logging.INFO, "validated: %s", record.details["validation"])
+        event = self.installer(record.kind).validate(record, release, self.staging_dir(record), control)
+        if event is E.FALLBACK:
+            self._log(record, logging.WARNING, "%s; fetching the release's fallback snapshot",
+                      record.details.get("fallback"))
+            return E.FALLBACK, None
         return (E.IN_WINDOW, None) if self._may_activate(release) else (E.OUT_OF_WINDOW, None)
 
     def _may_activate(self, release: Release) -> bool:
@@ -611,84 +880,45 @@ class UpdateMachine:
         return E.IN_WINDOW, None
 
     def _activate(self, record: UpdateRecord, release: Release, control: Control) -> tuple[Event, str | None]:
-        store, name = self.seams.store, record.name
-        staging = self.staging_dir(record)
-        if staging.is_dir():
-            store.install_dir(staging, verify=False)  # validated in the child process already
-        elif record.version not in store.versions(name):
-            raise FailedError(f"staged candidate {staging} is gone and {name} {record.version} is not installed")
-        store.activate(name, record.version)
-        self._log(record, logging.INFO, "activated %s %s (previous %s)", name, record.version,
-                  record.previous_version)
-        self._wait_served(record, record.version, control)
+        self.installer(record.kind).activate(record, release, self.staging_dir(record), control)
         return E.OK, None
 
     def _health_check(self, record: UpdateRecord, release: Release, control: Control) -> tuple[Event, str | None]:
-        policy = release.policy
-        clock = self.seams.monotonic
-        deadline = clock() + policy.health_window_s
-        version, calls0, fails0 = self.health(record.name)
-        while True:
-            version, calls, fails = self.health(record.name)
-            if version != record.version:
-                raise FailedError(f"{record.name} {record.version} stopped serving during the health window "
-                                  f"(serving: {version})")
-            if calls < calls0:  # the model was reloaded: its counters restarted
-                calls0, fails0 = 0, 0
-            dc, df = calls - calls0, fails - fails0
-            if dc >= self.health_min_calls and df / dc > policy.max_error_rate:
-                return E.HEALTH_BREACH, (f"health window: {df} of {dc} calls failed ({df / dc:.0%}), above the "
-                                         f"release's maximum error rate {policy.max_error_rate:.0%}")
-            if clock() >= deadline:
-                self._log(record, logging.INFO, "health window passed: %d calls, %d failures", dc, df)
-                return E.OK, None
-            if self.seams.wait(control.interrupt, min(self.poll_s, max(0.0, deadline - clock()))):
-                raise _Interrupted()
+        return self.installer(record.kind).watch(record, release, control)
 
     def _roll_back(self, record: UpdateRecord, release: Release, control: Control) -> tuple[Event, str | None]:
-        restored = self._restore_previous(record, control, interruptible=False)
+        restored = self.installer(record.kind).restore(record, control, False)
         self._log(record, logging.INFO, "rolled back: %s %s serves", record.name, restored)
         return E.OK, None
 
     # -- finals (idempotent) -------------------------------------------------------------
     def _commit(self, record: UpdateRecord, control: Control) -> None:
-        self.seams.store.mark_good(record.name, record.version)
+        installer = self.installers.get(record.kind)
+        if installer is not None:  # a record of a kind this agent no longer installs: just clean up
+            installer.commit(record)
         self._clean_up(record, control)
 
     def _clean_up(self, record: UpdateRecord, control: Control) -> None:
-        shutil.rmtree(self.staging_dir(record), ignore_errors=True)
-        shutil.rmtree(self.staging_dir(record).with_name(f".tmp-{self.staging_dir(record).name}"), ignore_errors=True)
+        staging = self.staging_dir(record)
+        installer = self.installers.get(record.kind)
+        if installer is not None:
+            installer.forget(staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.with_name(f".tmp-{staging.name}"), ignore_errors=True)
         if control.keep_download:
             return
         try:
-            artifact = record.release_obj.artifact
+            artifacts = _artifacts(record.release_obj)
         except EdgeError:
             return
-        try:
-            self.seams.fetcher.discard(artifact)
-            self.artifact_path(artifact).unlink(missing_ok=True)
-        except (OSError, EdgeError) as exc:
-            self._log(record, logging.WARNING, "could not clean up the download: %s", exc)
+        for artifact in artifacts:
+            try:
+                self.seams.fetcher.discard(artifact)
+                self.artifact_path(artifact).unlink(missing_ok=True)
+            except (OSError, EdgeError) as exc:
+                self._log(record, logging.WARNING, "could not clean up the download: %s", exc)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _restore_previous(self, record: UpdateRecord, control: Control, *, interruptible: bool = True) -> str | None:
-        """Make the version that served before the candidate active again (no-op if the candidate is not active)."""
-        store, name = self.seams.store, record.name
-        active = store.active(name)
-        if active == record.version and record.previous_version not in (None, record.version):
-            if record.previous_version in store.versions(name):
-                store.activate(name, record.previous_version)
-                target: str | None = record.previous_version
-            else:
-                target = store.rollback(name)
-        elif active == record.version and record.previous_version is None:
-            raise NotFoundError(f"{name} {record.version} was the first version: there is nothing to roll back to")
-        else:
-            target = active
-        if target is not None:
-            self._wait_served(record, target, control if interruptible else Control())
-        return target
-
     def _wait_served(self, record: UpdateRecord, version: str, control: Control) -> None:
         """Block until the server serves ``version`` of the model (its hot swap does the swap)."""
         server, name = self.seams.server, record.name
@@ -718,10 +948,11 @@ class UpdateMachine:
         keep_downloads: set[str] = set()
         for r in keep:
             try:
-                artifact = r.release_obj.artifact
+                artifacts = _artifacts(r.release_obj)
             except EdgeError:
                 continue
-            keep_downloads |= {artifact.sha256, self.artifact_path(artifact).name}
+            for artifact in artifacts:
+                keep_downloads |= {artifact.sha256, self.artifact_path(artifact).name}
         for root, wanted in ((self.staging, keep_staging), (self.downloads, keep_downloads)):
             if not root.is_dir():
                 continue
@@ -732,3 +963,8 @@ class UpdateMachine:
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink(missing_ok=True)
+
+
+def _artifacts(release: Release) -> list[Artifact]:
+    """Every artifact an update of ``release`` may download: the release's and its fallback."""
+    return [release.artifact] + ([release.fallback] if release.fallback is not None else [])

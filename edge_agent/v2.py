@@ -137,11 +137,15 @@ def decode_request(
     body: bytes | bytearray | memoryview,
     header_length: str | bytes | int | None = None,
     manifest: Manifest | None = None,
+    *,
+    allow_no_inputs: bool = False,
 ) -> InferRequest:
     """Decode an infer request body; with ``manifest``, also check it against the model's spec.
 
     ``header_length`` is the ``Inference-Header-Content-Length`` header value, if any: the
     JSON part is then ``body[:header_length]`` and the rest is binary tensor data.
+    ``allow_no_inputs`` accepts a request without tensors (a model whose every input is joined
+    from the feature cache; the caller checks the request once it has filled them).
     """
     n = parse_header_length(header_length, len(body))
     if n is None:
@@ -159,7 +163,9 @@ def decode_request(
     if not isinstance(req, dict):
         raise RequestError(f"request body must be a JSON object, got {type(req).__name__}")
     inputs = req.get("inputs")
-    if not isinstance(inputs, list) or not inputs:
+    if allow_no_inputs and inputs is None:
+        inputs = []
+    if not isinstance(inputs, list) or not (inputs or allow_no_inputs):
         raise RequestError("request needs 'inputs': a non-empty list of tensors")
     rid = req.get("id")
     if rid is not None and not isinstance(rid, str):

@@ -69,6 +69,10 @@ def test_shipped_maintenance_contract() -> None:
     assert (out.name, out.datatype, out.shape) == ("failure_prob", "FP32", (-1, 1))
     raw = json.loads((d / MANIFEST_FILE).read_text())
     assert raw["feature_names"] == {"live": list(LIVE_FEATURES), "asset_features": list(FEATURE_NAMES)}
+    # The device fills asset_features from its cached feature set of that name (edge_agent/join.py).
+    assert raw["feature_joins"] == {"asset_features": {"set": "asset_features", "features": list(FEATURE_NAMES),
+                                                       "default": None}}
+    assert list(m.feature_joins) == ["asset_features"]
     assert m.metrics["quantized_auc"] >= 0.85 and m.metrics["float_auc"] - m.metrics["quantized_auc"] <= 0.01
 
 

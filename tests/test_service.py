@@ -123,6 +123,36 @@ def test_cli_changes_are_served_while_running(agent, digits_dir: Path) -> None:
     assert version == "1", f"not served after {took:.1f}s"
 
 
+def test_features_applied_by_the_cli_feed_joined_requests(agent, tmp_path: Path) -> None:
+    """The agent owns <data-dir>/features.db; a bundle applied from another process is joined on the next request."""
+    from edge_agent.bundle import write_bundle
+
+    proc, connect, data_dir = agent
+    manifest = json.loads((MODELS / "maintenance" / "1" / "manifest.json").read_text())
+    names = manifest["feature_joins"]["asset_features"]["features"]
+    with np.load(MODELS / "maintenance" / "1" / "golden.npz") as g:
+        live, asset = g["in:live"][:1], g["in:asset_features"][:1]
+    body = {"parameters": {"entity_id": "asset-17"},
+            "inputs": [{"name": "live", "shape": [1, 4], "datatype": "FP32", "data": live.ravel().tolist()}]}
+    status, out = request(connect(), "POST", "/v2/models/maintenance/infer", body)
+    assert status == 503 and "not cached on this device yet" in out["error"]
+    write_bundle(tmp_path / "b", "asset_features", "7", "snapshot", ["asset-17"], time.time(), asset, names,
+                 ttl_s=3600)
+    cli = subprocess.run([str(BIN / "edge-agent"), "features", "apply", str(tmp_path / "b"), "--data-dir",
+                          str(data_dir)], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, cli.stderr
+    status, joined = request(connect(), "POST", "/v2/models/maintenance/infer", body)
+    assert status == 200, joined
+    assert joined["parameters"]["features"]["asset_features"]["version"] == "7"
+    body["inputs"].append({"name": "asset_features", "shape": [1, 18], "datatype": "FP32",
+                           "data": asset.ravel().tolist()})
+    status, explicit = request(connect(), "POST", "/v2/models/maintenance/infer", body)
+    assert status == 200 and joined["outputs"] == explicit["outputs"]
+    status, doc = request(connect(), "GET", "/agent/status")
+    assert status == 200 and [(s["name"], s["version"], s["rows"]) for s in doc["features"]] == [
+        ("asset_features", "7", 1)]
+
+
 def test_status_command_sees_the_running_agent(agent) -> None:
     proc, connect, data_dir = agent
     port = connect().port
