@@ -14,8 +14,10 @@ Everything the agent raises on purpose derives from ``EdgeError``::
     │   └── bundle.BundleRejected   a feature bundle is refused (schema, values, keys, integrity;
     │                               features: VersionNotNewer, DeltaBaseMismatch, CacheFull)
     ├── NotFoundError               unknown model or version (HTTP 404)
-    │   └── features.FeatureSetNotFound / FeatureNotFound / FeatureExpired
+    │   ├── features.FeatureSetNotFound / FeatureNotFound   unknown set or entity (404)
+    │   └── features.FeatureExpired value older than the set's TTL, policy "reject" (HTTP 409)
     ├── NotReadyError               model known but not loaded/ready (HTTP 503)
+    │   └── join.FeaturesNotReady   a joined feature set is not cached yet (503)
     └── FailedError                 transient: I/O, broker gone; retried with backoff
         ├── StoreError              the model store could not be read or written
         ├── transfer.TransferError  an artifact download did not finish (resumes when retried)
