@@ -29,6 +29,7 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         "broker": getattr(args, "broker", None),
         "device_id": getattr(args, "device_id", None),
         "fleet": getattr(args, "fleet", None),
+        "groups": getattr(args, "group", None),
         "trust": getattr(args, "trust", None),
         "ca_file": getattr(args, "tls_ca", None),
         "cert_file": getattr(args, "tls_cert", None),
@@ -216,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", help="MQTT broker URL, mqtt://host:1883 or mqtts://host:8883 (none: offline mode)")
     p.add_argument("--device-id", help="this device's id in the fleet (default: host name)")
     p.add_argument("--fleet", help="fleet this device belongs to (default: 'default')")
+    p.add_argument("--group", action="append", metavar="G", help="feature partition group of this device (repeatable)")
     p.add_argument("--trust", action="append", metavar="PUBKEY", help="public key trusted to sign releases (repeatable)")
     p.add_argument("--tls-ca", metavar="FILE", help="CA certificate of the broker (mqtts://)")
     p.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS")
