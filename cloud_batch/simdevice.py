@@ -55,12 +55,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent.errors import EdgeError, ManifestError, RejectedError
 from edge_agent.link import parse_broker_url
 from edge_agent.manifest import MANIFEST_FILE, version_key
-from edge_agent.ota import OtaOptions, will_for
+from edge_agent.ota import OtaOptions, ReleaseRejected, authenticate_release, will_for
 from edge_agent.protocol import (PRESENCE_OFFLINE, PRESENCE_ONLINE, RESULT_FAILED, RESULT_REJECTED, RESULT_ROLLED_BACK,
                                  RESULT_SUCCESS, ROOT, DeviceState, Release, Rollout, UpdateReport, check_segment,
                                  decode, device_state_topic, encode, in_cohort, in_window, presence_topic,
                                  unpack_to)
-from edge_agent.signing import load_public_key, verify
+from edge_agent.signing import load_public_key
 from edge_agent.transfer import ChunkStore, Downloader, TransferStopped
 
 log = logging.getLogger(__name__)
@@ -399,18 +399,10 @@ class SimDevice:
         digest = "doc:" + hashlib.sha256(payload).hexdigest()
         if digest in self.handled:
             return
-        doc: dict[str, Any] = {}
         try:
-            doc = decode(payload, "release")
-            rel = Release.from_dict(doc)
-        except ManifestError as exc:
-            self._reject(name, str(doc.get("release_id") or "?"), str(doc.get("version") or "?"),
-                         f"malformed release: {exc}", digest)
-            return
-        try:
-            verify(doc, self.sim.trusted)
-        except RejectedError as exc:
-            self._reject(name, rel.release_id, rel.version, str(exc), digest)
+            rel, _ = authenticate_release(payload, self.sim.trusted)
+        except ReleaseRejected as exc:
+            self._reject(name, exc.release_id, exc.version, str(exc), digest)
             return
         if rel.release_id in self.handled or (name in self.releases and self.releases[name].release_id == rel.release_id):
             return

@@ -99,6 +99,33 @@ def will_for(fleet: str, device_id: str) -> Will:
     return Will(presence_topic(fleet, device_id), PRESENCE_OFFLINE, retain=True, qos=1)
 
 
+class ReleaseRejected(RejectedError):
+    """A release document that is malformed or not authentic; carries whatever ids were readable."""
+
+    def __init__(self, reason: str, release_id: str = "?", version: str = "?") -> None:
+        super().__init__(reason)
+        self.release_id, self.version = release_id, version
+
+
+def authenticate_release(payload: bytes, trusted: Iterable[Any]) -> tuple[Release, dict[str, Any]]:
+    """Parse a release document and check its signature; ReleaseRejected says why not.
+
+    Devices (and the fleet simulator) call this first: nothing in a document is trusted before it.
+    """
+    doc: dict[str, Any] = {}
+    try:
+        doc = decode(payload, "release")
+        release = Release.from_dict(doc)
+    except ManifestError as exc:
+        raise ReleaseRejected(f"malformed release: {exc}", str(doc.get("release_id") or "?"),
+                              str(doc.get("version") or "?")) from exc
+    try:
+        verify(doc, trusted)
+    except RejectedError as exc:
+        raise ReleaseRejected(str(exc), release.release_id, release.version) from exc
+    return release, doc
+
+
 class MqttFetcher:
     """``update.ArtifactFetcher`` over the broker: ``transfer.Downloader`` with chunks under ``root``."""
 
@@ -488,18 +515,10 @@ class OtaAgent:
         digest = "doc:" + hashlib.sha256(payload).hexdigest()
         if digest in self._rejected:
             return
-        doc: dict[str, Any] = {}
         try:
-            doc = decode(payload, "release")
-            release = Release.from_dict(doc)
-        except ManifestError as exc:
-            self._reject(name, str(doc.get("release_id") or "?"), str(doc.get("version") or "?"),
-                         f"malformed release: {exc}", digest)
-            return
-        try:
-            verify(doc, self.trusted)
-        except RejectedError as exc:
-            self._reject(name, release.release_id, release.version, str(exc), digest)
+            release, doc = authenticate_release(payload, self.trusted)
+        except ReleaseRejected as exc:
+            self._reject(name, exc.release_id, exc.version, str(exc), digest)
             return
         key = "id:" + release.release_id  # authentic from here on: the id can be trusted
         if key in self._rejected or self._known(name, release.release_id):
@@ -539,18 +558,10 @@ class OtaAgent:
         digest = "doc:" + hashlib.sha256(payload).hexdigest()
         if digest in self._rejected:
             return
-        doc: dict[str, Any] = {}
         try:
-            doc = decode(payload, "release")
-            release = Release.from_dict(doc)
-        except ManifestError as exc:
-            self._reject(lane, str(doc.get("release_id") or "?"), str(doc.get("version") or "?"),
-                         f"malformed release: {exc}", digest, name=feature_set)
-            return
-        try:
-            verify(doc, self.trusted)
-        except RejectedError as exc:
-            self._reject(lane, release.release_id, release.version, str(exc), digest, name=feature_set)
+            release, doc = authenticate_release(payload, self.trusted)
+        except ReleaseRejected as exc:
+            self._reject(lane, exc.release_id, exc.version, str(exc), digest, name=feature_set)
             return
         key = "id:" + release.release_id  # authentic from here on: the id can be trusted
         if key in self._rejected or self._known(lane, release.release_id):
