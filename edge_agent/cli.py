@@ -19,6 +19,8 @@ import numpy as np
 
 from .config import AgentConfig, load_config
 from .errors import EdgeError, NotFoundError
+from .validate import VALIDATE_COMMAND
+from .validate import main as validate_main
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -273,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == [VALIDATE_COMMAND]:  # the validation child of a frozen (PyInstaller) agent
+        return validate_main(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -70,8 +70,10 @@ def validate_candidate(
     ``p50_ms``, ``golden`` (worst error per output) and ``delegate``. Setting ``stop`` kills
     the child and raises FailedError (the agent is shutting down or the update was aborted).
     """
-    cmd = [sys.executable, "-m", "edge_agent.validate", str(version_dir), "--runs", str(runs),
-           "--options", options_to_json(runtime_options)]
+    # A frozen (PyInstaller) agent has no `python -m`: its own binary runs the child instead.
+    child = [sys.executable, VALIDATE_COMMAND] if getattr(sys, "frozen", False) else [sys.executable, "-m",
+                                                                                      "edge_agent.validate"]
+    cmd = [*child, str(version_dir), "--runs", str(runs), "--options", options_to_json(runtime_options)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -158,6 +160,9 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+VALIDATE_COMMAND = "__validate__"  # hidden first argument of a frozen edge-agent binary
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -141,3 +141,11 @@ def test_status_without_running_agent(store) -> None:
     r = run("status", "--json", "--data-dir", str(store.root.parent), "--listen", "127.0.0.1:1")
     out = json.loads(r.stdout)
     assert out["running"] is False and out["store"][0]["active"] == "1"
+
+
+def test_hidden_validate_command_runs_the_validation_child(digits_dir: Path) -> None:
+    """A frozen (PyInstaller) agent validates candidates by re-running its own binary with this command."""
+    r = run("__validate__", str(digits_dir), "--runs", "3")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["ok"] is True and report["name"] == "digits"
