@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import uuid
 import socket
 import subprocess
 import time
@@ -11,6 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from edge_agent.link import MqttLink
 
 from tests.conftest import free_port
 
@@ -75,3 +79,27 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b = Broker(tmp_path / "mosquitto").start()
     yield b
     b.stop()
+
+
+def retained(url: str) -> dict[str, bytes]:
+    """Every retained message on the broker (a fresh subscriber to '#', synced with a probe message)."""
+    got: dict[str, bytes] = {}
+    done = threading.Event()
+    probe = f"test/probe/{uuid.uuid4().hex}"
+    link = MqttLink(url)
+    link.start()
+    try:
+        assert link.wait_connected(10)
+
+        def on_msg(topic: str, payload: bytes, is_retained: bool) -> None:
+            if topic == probe:
+                done.set()
+            elif is_retained and payload:
+                got[topic] = payload
+
+        link.subscribe("#", on_msg, qos=0)
+        link.publish(probe, b"x", qos=1)
+        assert done.wait(10), "probe message never came back"
+    finally:
+        link.stop()
+    return got

@@ -13,7 +13,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import threading
 import uuid
 from pathlib import Path
 
@@ -31,10 +30,9 @@ from cloud_batch.maintenance_data import generate
 from cloud_batch.maintenance_features import asset_features
 from edge_agent.bundle import read_bundle
 from edge_agent.features import FeatureCache
-from edge_agent.link import MqttLink
 from edge_agent.protocol import Artifact, Release, features_topic, pack_dir, parse_chunk_topic, unpack_to
 from edge_agent.signing import load_public_key, verify
-from tests.broker import Broker, broker  # noqa: F401
+from tests.broker import Broker, broker, retained  # noqa: F401
 from tests.conftest import MODELS, free_port
 
 FLEET = "plant-7"
@@ -45,30 +43,6 @@ CLI = Path(sys.executable).parent / "cloud-batch"
 
 
 # -- helpers -------------------------------------------------------------------------------
-def retained(url: str) -> dict[str, bytes]:
-    """Every retained message on the broker (a fresh subscriber to '#', synced with a probe message)."""
-    got: dict[str, bytes] = {}
-    done = threading.Event()
-    probe = f"test/probe/{uuid.uuid4().hex}"
-    link = MqttLink(url)
-    link.start()
-    try:
-        assert link.wait_connected(10)
-
-        def on_msg(topic: str, payload: bytes, is_retained: bool) -> None:
-            if topic == probe:
-                done.set()
-            elif is_retained and payload:
-                got[topic] = payload
-
-        link.subscribe("#", on_msg, qos=0)
-        link.publish(probe, b"x", qos=1)
-        assert done.wait(10), "probe message never came back"
-    finally:
-        link.stop()
-    return got
-
-
 def released(held: dict[str, bytes], topic: str, pub: Path) -> Release:
     doc = json.loads(held[topic])
     verify(doc, [load_public_key(pub)])

@@ -12,8 +12,6 @@ import hashlib
 import json
 import shutil
 import stat
-import threading
-import uuid
 from pathlib import Path
 
 import pytest
@@ -24,11 +22,10 @@ from cloud_batch.fleet import BrokerUnreachableError
 from cloud_batch.keys import generate_keys
 from cloud_batch.registry import Registry
 from cloud_batch.release import parse_stages, release
-from edge_agent.link import MqttLink
 from edge_agent.manifest import MANIFEST_FILE
 from edge_agent.protocol import Release, Rollout, chunk_topic, pack_dir, parse_chunk_topic, release_topic, rollout_topic
 from edge_agent.signing import load_public_key, verify
-from tests.broker import Broker, broker  # noqa: F401
+from tests.broker import Broker, broker, retained  # noqa: F401
 from tests.conftest import MODELS, free_port
 
 FLEET = "plant-7"
@@ -36,30 +33,6 @@ CHUNK = 4096  # the digits artifact (~55 KB) becomes a dozen chunks
 
 
 # -- helpers -------------------------------------------------------------------------------
-def retained(url: str) -> dict[str, bytes]:
-    """Every retained message on the broker (a fresh subscriber to '#', synced with a probe message)."""
-    got: dict[str, bytes] = {}
-    done = threading.Event()
-    probe = f"test/probe/{uuid.uuid4().hex}"
-    link = MqttLink(url)
-    link.start()
-    try:
-        assert link.wait_connected(10)
-
-        def on_msg(topic: str, payload: bytes, is_retained: bool) -> None:
-            if topic == probe:
-                done.set()
-            elif is_retained and payload:
-                got[topic] = payload
-
-        link.subscribe("#", on_msg, qos=0)
-        link.publish(probe, b"x", qos=1)
-        assert done.wait(10), "probe message never came back"
-    finally:
-        link.stop()
-    return got
-
-
 @pytest.fixture
 def keys(tmp_path: Path) -> tuple[Path, Path]:
     return generate_keys(tmp_path / "keys")
