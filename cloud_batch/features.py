@@ -36,7 +36,6 @@ Retained releases of the set on topics this push does not touch are left alone a
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import logging
 import math
@@ -45,10 +44,10 @@ import shutil
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -57,7 +56,7 @@ from pandas.api.types import is_bool_dtype, is_datetime64_any_dtype, is_float_dt
 from edge_agent.bundle import (DTYPES, STALE_POLICIES, Bundle, BundleInfo, BundleRejected, read_bundle, read_info,
                                write_bundle)
 from edge_agent.errors import EdgeError
-from edge_agent.fsutil import fsync_dir, fsync_tree
+from edge_agent.fsutil import fsync_dir, fsync_tree, locked
 from edge_agent.manifest import parse_version
 from edge_agent.protocol import DEFAULT_CHUNK_SIZE, ROOT, Artifact, Release, check_segment, decode, features_topic, pack_dir
 
@@ -138,16 +137,9 @@ class FeatureRegistry:
                                 f"not the snapshot {set_name} {version}")
         return bundle
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
+    def locked(self) -> AbstractContextManager[None]:
         """An exclusive lock on the feature registry (one writer publishes a directory at a time)."""
-        self.base.mkdir(parents=True, exist_ok=True)
-        with open(self.base / ".lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return locked(self.base / ".lock")
 
 
 # -- a table of features -------------------------------------------------------------------

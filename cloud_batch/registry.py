@@ -15,18 +15,17 @@ always mean one model.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from edge_agent.errors import EdgeError
-from edge_agent.fsutil import atomic_write_bytes, fsync_dir, fsync_tree
+from edge_agent.fsutil import atomic_write_bytes, fsync_dir, fsync_tree, locked
 from edge_agent.golden import load_golden
 from edge_agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, check_name, list_versions, parse_version, version_key
 from edge_agent.modelpack import build_version_dir, sha256_file, verify_version_dir
@@ -124,15 +123,8 @@ class Registry:
             )
 
     # -- writing ------------------------------------------------------------
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _locked(self) -> AbstractContextManager[None]:
+        return locked(self.root / ".lock")
 
     def register(
         self,

@@ -13,18 +13,17 @@ old or the new state, and the previously active version on disk, intact.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import NotFoundError, RejectedError, StoreError
-from .fsutil import atomic_write_json, fsync_dir
+from .fsutil import atomic_write_json, fsync_dir, locked
 from .manifest import MANIFEST_FILE, Manifest, check_name, list_versions, parse_version, version_key
 from .modelpack import build_version_dir, copy_version_dir, verify_version_dir
 from .runtime import RuntimeOptions
@@ -60,14 +59,8 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     # -- locking --------------------------------------------------------------
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.root / ".lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _locked(self) -> AbstractContextManager[None]:
+        return locked(self.root / ".lock")
 
     # -- reading ----------------------------------------------------------------
     def names(self) -> list[str]:
