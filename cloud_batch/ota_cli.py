@@ -87,16 +87,6 @@ def _positive(text: str) -> float:
     return value
 
 
-def _chunk_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of bytes, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {value}")
-    return value
-
-
 def _broker_fleet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fleet", required=True, metavar="F", help="fleet name (a topic segment)")
     parser.add_argument("--broker", required=True, metavar="URL", help="MQTT broker, e.g. mqtt://localhost:1883")
@@ -105,7 +95,7 @@ def _broker_fleet(parser: argparse.ArgumentParser) -> None:
 # -- wiring ------------------------------------------------------------------------------------
 def register_commands(sub: SubParsers) -> None:
     """Add ``keys``, ``release``, ``rollout`` and ``fleet`` to the ``cloud-batch`` subparsers."""
-    from .cli import DEFAULT_REGISTRY, add_command
+    from .cli import DEFAULT_REGISTRY, _positive_int, add_command
 
     keys = add_command(
         sub, "keys", help="release signing keys",
@@ -149,7 +139,7 @@ def register_commands(sub: SubParsers) -> None:
     rel.add_argument("--rollback", action="store_true", help="a signed rollback: may carry a lower version")
     rel.add_argument("--health-window-s", type=float, default=30.0, metavar="S",
                      help="error-rate watch after activation before committing (default: 30)")
-    rel.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
+    rel.add_argument("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
                      help=f"artifact chunk size (default: {DEFAULT_CHUNK_SIZE})")
     rel.add_argument("--no-progress", action="store_true", help="no progress bar")
 

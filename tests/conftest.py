@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import socket
 import sys
 from pathlib import Path
@@ -17,6 +18,21 @@ pytest_plugins = ["tests.apiserver"]  # the API fixtures: model_server, api
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
 PYTHON = sys.executable
+
+
+def subcommands(parser: argparse.ArgumentParser) -> list[tuple[list[str], argparse.ArgumentParser]]:
+    """Every subcommand of a CLI parser with its path, e.g. (["models", "install"], its parser)."""
+    found: list[tuple[list[str], argparse.ArgumentParser]] = []
+
+    def walk(p: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found.append((path + [name], sub))
+                    walk(sub, path + [name])
+
+    walk(parser, [])
+    return found
 
 
 def free_port() -> int:

@@ -11,19 +11,14 @@ import numpy as np
 import pytest
 
 from edge_agent.cli import build_parser, main
+from tests.conftest import subcommands
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")
 
 
 def _subcommands(parser) -> list[tuple[str, object]]:
-    out = []
-    for action in parser._subparsers._group_actions:  # argparse keeps subparsers here
-        for name, sub in action.choices.items():
-            out.append((name, sub))
-            if sub._subparsers is not None:
-                out.extend((f"{name} {n}", s) for n, s in _subcommands(sub))
-    return out
+    return [(" ".join(path), sub) for path, sub in subcommands(parser)]
 
 
 def test_every_command_has_an_example_and_is_documented() -> None:

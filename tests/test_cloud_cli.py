@@ -15,6 +15,7 @@ import pytest
 
 from cloud_batch.cli import build_parser, main
 from edge_agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
+from tests.conftest import subcommands
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).parent / "cloud-batch"
@@ -28,19 +29,7 @@ def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 def all_commands() -> list[list[str]]:
     """Every (sub)command path of the parser, e.g. [], ['train'], ['train', 'digits']."""
-    import argparse
-
-    found: list[list[str]] = []
-
-    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
-        found.append(path)
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    walk(sub, path + [name])
-
-    walk(build_parser(), [])
-    return found
+    return [[]] + [path for path, _ in subcommands(build_parser())]
 
 
 def test_every_help_text_ends_with_an_example() -> None:

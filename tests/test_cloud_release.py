@@ -26,7 +26,7 @@ from edge_agent.manifest import MANIFEST_FILE
 from edge_agent.protocol import Release, Rollout, chunk_topic, pack_dir, parse_chunk_topic, release_topic, rollout_topic
 from edge_agent.signing import load_public_key, verify
 from tests.broker import Broker, broker, retained  # noqa: F401
-from tests.conftest import MODELS, free_port
+from tests.conftest import MODELS, free_port, subcommands
 
 FLEET = "plant-7"
 CHUNK = 4096  # the digits artifact (~55 KB) becomes a dozen chunks
@@ -183,19 +183,7 @@ def test_parse_stages() -> None:
 
 # -- CLI wiring ---------------------------------------------------------------------------------
 def _all_commands() -> list[list[str]]:
-    import argparse
-
-    found: list[list[str]] = []
-
-    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
-        found.append(path)
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    walk(sub, path + [name])
-
-    walk(ota_cli.build_parser(), [])
-    return found
+    return [[]] + [path for path, _ in subcommands(ota_cli.build_parser())]
 
 
 def test_every_ota_command_has_help_ending_with_an_example(capsys: pytest.CaptureFixture[str]) -> None:

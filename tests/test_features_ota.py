@@ -34,7 +34,7 @@ from edge_agent.protocol import (Artifact, DeviceState, Release, UpdateReport, e
 from edge_agent.signing import sign
 from edge_agent.transfer import publish_artifact
 from tests.broker import Broker, broker  # noqa: F401
-from tests.test_ota import CHUNK, FLEET, Cloud, Device
+from tests.test_ota import CHUNK, FLEET, Cloud, Device, cloud, keys  # noqa: F401 (fixtures)
 
 SET = "asset_features"
 NAMES = ["temp_mean", "vib_std", "rpm_mean"]
@@ -136,18 +136,6 @@ class FeatureDevice(Device):
         for d in ("downloads", "staging"):
             path = self.data_dir / d
             assert not path.exists() or not any(path.iterdir()), f"{d} not cleaned up: {list(path.iterdir())}"
-
-
-@pytest.fixture
-def keys() -> dict[str, Ed25519PrivateKey]:
-    return {"fleet": Ed25519PrivateKey.generate(), "stranger": Ed25519PrivateKey.generate()}
-
-
-@pytest.fixture
-def cloud(broker: Broker, keys: dict[str, Ed25519PrivateKey]) -> Iterator[Cloud]:  # noqa: F811
-    c = Cloud(broker.url, keys["fleet"])
-    yield c
-    c.close()
 
 
 @pytest.fixture
