@@ -11,7 +11,7 @@
        python3 -m venv /tmp/feastvenv && /tmp/feastvenv/bin/pip install feast
 
 The data: ``--rows`` assets (``asset-0000000`` …) × the maintenance model's 18 ``asset_features``
-(float32, as ``cloud_batch.maintenance_features`` produces them), event times within the last hour.
+(float32, as ``cloud_batch.train.maintenance_features`` produces them), event times within the last hour.
 
 Run (prints a markdown table and the command that reproduces it)::
 
@@ -41,14 +41,16 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from edge_agent.bundle import Bundle, read_bundle, write_bundle  # noqa: E402
-from edge_agent.features import FeatureCache  # noqa: E402
+from edge_agent.features.cache import FeatureCache  # noqa: E402
+from edge_agent.wire.bundle import Bundle, read_bundle, write_bundle  # noqa: E402
 
-DDL = ('CREATE TABLE "{0}" (entity TEXT PRIMARY KEY NOT NULL, event_ts REAL NOT NULL, version TEXT NOT NULL, '
-       "vals BLOB NOT NULL) WITHOUT ROWID")
+DDL = (
+    'CREATE TABLE "{0}" (entity TEXT PRIMARY KEY NOT NULL, event_ts REAL NOT NULL, version TEXT NOT NULL, '
+    "vals BLOB NOT NULL) WITHOUT ROWID"
+)
 
 FEAST_SCRIPT = textwrap.dedent(
-    '''
+    """
     import json, logging, os, shutil, sys, time, warnings
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
@@ -99,7 +101,7 @@ FEAST_SCRIPT = textwrap.dedent(
                       "p50_us": float(np.percentile(lat, 50)), "p99_us": float(np.percentile(lat, 99)),
                       "lookups": len(keys), "sample": sample,
                       "db_bytes": os.path.getsize(os.path.join(work, "online.db"))}))
-    '''
+    """
 )
 
 
@@ -190,11 +192,16 @@ def bench_apply(work: Path, b1: Bundle, b2: Bundle, reps: int) -> dict[str, Any]
         p.unlink()
     med = statistics.median
     return {
-        "rows": n, "reps": reps,
-        "raw_executemany_s": med(raw), "apply_onto_empty_s": med(onto_empty), "apply_replace_s": med(replace),
-        "apply_normal_onto_empty_s": normal_empty, "apply_normal_replace_s": normal_replace,
+        "rows": n,
+        "reps": reps,
+        "raw_executemany_s": med(raw),
+        "apply_onto_empty_s": med(onto_empty),
+        "apply_replace_s": med(replace),
+        "apply_normal_onto_empty_s": normal_empty,
+        "apply_normal_replace_s": normal_replace,
         "raw_rename_swap_replace_s": swap,
-        "ratio_onto_empty": med(raw) / med(onto_empty), "ratio_replace": med(raw) / med(replace),
+        "ratio_onto_empty": med(raw) / med(onto_empty),
+        "ratio_replace": med(raw) / med(replace),
         "all": {"raw": raw, "onto_empty": onto_empty, "replace": replace},
     }
 
@@ -232,24 +239,39 @@ def bench_lookup(cache: FeatureCache, set_name: str, entities: np.ndarray, n: in
     conn.close()
     batch = []
     for i in range(0, min(len(keys), 32 * 5000), 32):
-        chunk = keys[i:i + 32]
+        chunk = keys[i : i + 32]
         t0 = pc()
         cache.get_many(set_name, chunk)
         batch.append(pc() - t0)
     return {
-        "lookups": n, "misses": misses,
-        "get_p50_us": pct(lat, 50), "get_p99_us": pct(lat, 99), "get_mean_us": float(np.mean(lat)) / 1000,
-        "raw_p50_us": pct(floor, 50), "raw_p99_us": pct(floor, 99),
-        "get_many32_p50_us": pct(batch, 50), "get_many32_per_entity_us": pct(batch, 50) / 32,
+        "lookups": n,
+        "misses": misses,
+        "get_p50_us": pct(lat, 50),
+        "get_p99_us": pct(lat, 99),
+        "get_mean_us": float(np.mean(lat)) / 1000,
+        "raw_p50_us": pct(floor, 50),
+        "raw_p99_us": pct(floor, 99),
+        "get_many32_p50_us": pct(batch, 50),
+        "get_many32_per_entity_us": pct(batch, 50) / 32,
     }
 
 
 # -- feast ------------------------------------------------------------------------------------
-def bench_feast(python: str, work: Path, entities: np.ndarray, event_ts: np.ndarray, values: np.ndarray,
-                names: list[str], lookups: int, rows: int | None) -> dict[str, Any]:
+def bench_feast(
+    python: str,
+    work: Path,
+    entities: np.ndarray,
+    event_ts: np.ndarray,
+    values: np.ndarray,
+    names: list[str],
+    lookups: int,
+    rows: int | None,
+) -> dict[str, Any]:
     if not Path(python).is_file():
-        return {"error": f"{python} not found; install with: python3 -m venv /tmp/feastvenv && "
-                         "/tmp/feastvenv/bin/pip install feast"}
+        return {
+            "error": f"{python} not found; install with: python3 -m venv /tmp/feastvenv && "
+            "/tmp/feastvenv/bin/pip install feast"
+        }
     n = len(entities) if rows is None else min(rows, len(entities))
     rng = np.random.default_rng(1)
     keys = entities[:n][rng.integers(0, n, lookups)]
@@ -258,8 +280,12 @@ def bench_feast(python: str, work: Path, entities: np.ndarray, event_ts: np.ndar
     script = work / "feast_part.py"
     script.write_text(FEAST_SCRIPT)
     t = time.perf_counter()
-    proc = subprocess.run([python, str(script), str(data), str(work / "feast"), str(len(keys)), "86400"],
-                          capture_output=True, text=True, timeout=3 * 3600)
+    proc = subprocess.run(
+        [python, str(script), str(data), str(work / "feast"), str(len(keys)), "86400"],
+        capture_output=True,
+        text=True,
+        timeout=3 * 3600,
+    )
     wall = time.perf_counter() - t
     shutil.rmtree(work / "feast", ignore_errors=True)
     if proc.returncode != 0:
@@ -287,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="features-bench-", dir=args.work))
-    res: dict[str, Any] = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-                                      f"SQLite {sqlite3.sqlite_version}, numpy {np.__version__}"}
+    res: dict[str, Any] = {
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"SQLite {sqlite3.sqlite_version}, numpy {np.__version__}"
+    }
     try:
         names = feature_names()
         entities, event_ts, values = make_data(args.rows, names)
@@ -310,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         res["lookup"] = bench_lookup(cache, "maintenance", entities, args.lookups)
         sample_keys = None
         if not args.no_feast:
-            res["feast"] = bench_feast(args.feast_python, work, entities, event_ts, values, names,
-                                       args.feast_lookups, args.feast_rows)
+            res["feast"] = bench_feast(
+                args.feast_python, work, entities, event_ts, values, names, args.feast_lookups, args.feast_rows
+            )
             sample_keys = res["feast"].get("sample")
         if sample_keys:  # the two stores must agree on the values
             for k, vals in sample_keys.items():

@@ -6,7 +6,7 @@ in this process, over one keep-alive HTTP connection, one request at a time:
 
 * **joined**: ``{"parameters": {"entity_id": "asset-0123456"}, "inputs": [live]}``: the agent reads
   the asset's 18 ``asset_features`` from the SQLite feature cache and reorders them into the
-  model's input (``edge_agent.join``);
+  model's input (``edge_agent.features.join``);
 * **explicit**: both inputs in the body (the client already holds the features).
 
 Each request picks a random asset among ``--rows`` (uniform: the B-tree is probed all over).
@@ -42,13 +42,13 @@ sys.path.insert(0, str(REPO))
 
 import uvicorn  # noqa: E402
 
-from edge_agent.api import create_app  # noqa: E402
-from edge_agent.bundle import write_bundle  # noqa: E402
-from edge_agent.features import DB_FILE, FeatureCache  # noqa: E402
-from edge_agent.join import Joiner  # noqa: E402
-from edge_agent.serving import ModelServer  # noqa: E402
-from edge_agent.store import ModelStore  # noqa: E402
-from edge_agent.v2 import decode_request  # noqa: E402
+from edge_agent.features.cache import DB_FILE, FeatureCache  # noqa: E402
+from edge_agent.features.join import Joiner  # noqa: E402
+from edge_agent.http.app import create_app  # noqa: E402
+from edge_agent.models.serving import ModelServer  # noqa: E402
+from edge_agent.models.store import ModelStore  # noqa: E402
+from edge_agent.wire.bundle import write_bundle  # noqa: E402
+from edge_agent.wire.kserve_v2 import decode_request  # noqa: E402
 
 MAINT = REPO / "models" / "maintenance" / "1"
 SET = "asset_features"
@@ -71,8 +71,17 @@ def make_cache(work: Path, rows: int, names: list[str]) -> tuple[FeatureCache, n
     timings = {}
     t = time.perf_counter()
     order = names[::-1]  # the set's column order differs from the model's: the join reorders every row
-    write_bundle(work / "bundle", SET, "1", "snapshot", entities, now - rng.uniform(0, 3600, rows),
-                 values[:, ::-1], order, ttl_s=86400)
+    write_bundle(
+        work / "bundle",
+        SET,
+        "1",
+        "snapshot",
+        entities,
+        now - rng.uniform(0, 3600, rows),
+        values[:, ::-1],
+        order,
+        ttl_s=86400,
+    )
     timings["bundle_write_s"] = time.perf_counter() - t
     cache = FeatureCache(work / "data" / DB_FILE)
     t = time.perf_counter()
@@ -86,12 +95,21 @@ class Server:
     def __init__(self, app: Any) -> None:
         self.port = free_port()
         loop = "uvloop" if _has("uvloop") else "asyncio"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-                                lifespan="off", http="httptools", loop=loop, log_config=None)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            http="httptools",
+            loop=loop,
+            log_config=None,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self.thread.start()
         while not self.server.started:
             time.sleep(0.01)
@@ -122,8 +140,12 @@ def bodies(i: int, live: np.ndarray, values: np.ndarray) -> dict[str, bytes]:
 
 def percentiles(xs: list[float]) -> dict[str, float]:
     a = np.asarray(xs) * 1e6
-    return {"p50_us": float(np.percentile(a, 50)), "p99_us": float(np.percentile(a, 99)), "mean_us": float(a.mean()),
-            "n": len(xs)}
+    return {
+        "p50_us": float(np.percentile(a, 50)),
+        "p99_us": float(np.percentile(a, 99)),
+        "mean_us": float(a.mean()),
+        "n": len(xs),
+    }
 
 
 def run(port: int, rows: int, values: np.ndarray, requests: int, warmup: int, rounds: int) -> dict[str, Any]:
@@ -173,8 +195,12 @@ def in_process(cache: FeatureCache, server: ModelServer, rows: int, n: int) -> d
     rng = random.Random(2)
     model = server.get("maintenance")
     joiner = Joiner(model.manifest, cache)
-    body = json.dumps({"parameters": {"entity_id": "asset-0000000"}, "inputs": [
-        {"name": "live", "shape": [1, 4], "datatype": "FP32", "data": [70.0, 3.5, 6.0, 1800.0]}]}).encode()
+    body = json.dumps(
+        {
+            "parameters": {"entity_id": "asset-0000000"},
+            "inputs": [{"name": "live", "shape": [1, 4], "datatype": "FP32", "data": [70.0, 3.5, 6.0, 1800.0]}],
+        }
+    ).encode()
     get, fill = [], []
     for _ in range(n):
         e = f"asset-{rng.randrange(rows):07d}"
@@ -200,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="join-bench-", dir=args.work))
-    machine = (f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-               f"SQLite {sqlite3.sqlite_version}, numpy {np.__version__}")
+    machine = (
+        f"{platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"SQLite {sqlite3.sqlite_version}, numpy {np.__version__}"
+    )
     res: dict[str, Any] = {"machine": machine}
     try:
         store = ModelStore(work / "data")
@@ -219,25 +247,36 @@ def main(argv: list[str] | None = None) -> int:
 
     h, p = res["http"], res["in_process"]
     cmd = "python bench/join_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(f"\n{args.rows:,} assets × 18 features cached (SQLite {res['setup']['db_mb']:.0f} MB; bundle written in "
-          f"{res['setup']['bundle_write_s']:.1f} s, applied in {res['setup']['apply_s']:.1f} s). {res['machine']}.\n")
+    print(
+        f"\n{args.rows:,} assets × 18 features cached (SQLite {res['setup']['db_mb']:.0f} MB; bundle written in "
+        f"{res['setup']['bundle_write_s']:.1f} s, applied in {res['setup']['apply_s']:.1f} s). {res['machine']}.\n"
+    )
     print("| maintenance infer over HTTP, 1 connection | body | p50 | p99 | mean |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for mode, label in (("joined", "`entity_id` + `live` (joined from the cache)"),
-                        ("explicit", "`live` + `asset_features` in the body")):
+    for mode, label in (
+        ("joined", "`entity_id` + `live` (joined from the cache)"),
+        ("explicit", "`live` + `asset_features` in the body"),
+    ):
         r = h[mode]
-        print(f"| {label} | {r['body_bytes']} B | {r['p50_us']:.0f} µs | {r['p99_us']:.0f} µs "
-              f"| {r['mean_us']:.0f} µs |")
-    print(f"| difference (joined − explicit) | | {h['joined']['p50_us'] - h['explicit']['p50_us']:+.0f} µs | "
-          f"{h['joined']['p99_us'] - h['explicit']['p99_us']:+.0f} µs | "
-          f"{h['joined']['mean_us'] - h['explicit']['mean_us']:+.0f} µs |")
+        print(
+            f"| {label} | {r['body_bytes']} B | {r['p50_us']:.0f} µs | {r['p99_us']:.0f} µs | {r['mean_us']:.0f} µs |"
+        )
+    print(
+        f"| difference (joined − explicit) | | {h['joined']['p50_us'] - h['explicit']['p50_us']:+.0f} µs | "
+        f"{h['joined']['p99_us'] - h['explicit']['p99_us']:+.0f} µs | "
+        f"{h['joined']['mean_us'] - h['explicit']['mean_us']:+.0f} µs |"
+    )
     print("\n| in-process, no HTTP | p50 | p99 |")
     print("| --- | ---: | ---: |")
-    for key, label in (("cache_get", "`FeatureCache.get` (one random asset)"),
-                       ("joiner_fill", "`Joiner.fill` (lookup + reorder 18 columns + parameters)")):
+    for key, label in (
+        ("cache_get", "`FeatureCache.get` (one random asset)"),
+        ("joiner_fill", "`Joiner.fill` (lookup + reorder 18 columns + parameters)"),
+    ):
         print(f"| {label} | {p[key]['p50_us']:.1f} µs | {p[key]['p99_us']:.1f} µs |")
-    print(f"\n{h['joined']['n']:,} requests per mode, interleaved in {args.rounds} rounds; same answer both ways: "
-          f"{h['same_answer']}.\nReproduce: `{cmd.strip()}`")
+    print(
+        f"\n{h['joined']['n']:,} requests per mode, interleaved in {args.rounds} rounds; same answer both ways: "
+        f"{h['same_answer']}.\nReproduce: `{cmd.strip()}`"
+    )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
     return 0

@@ -21,7 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as a plain script from anywhere
 
-from cloud_batch.device_eval import staged_model  # noqa: E402  (imports the edge runtime before TF)
+from cloud_batch.train.device_eval import staged_model  # noqa: E402  (imports the edge runtime before TF)
 from edge_agent.fsutil import atomic_write_bytes  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "out" / "mobilenet_v2_int8.tflite"
@@ -30,8 +30,8 @@ CALIBRATION_IMAGES = 20
 
 def build(out: Path, seed: int = 0) -> None:
     """Create the random-weight MobileNetV2, quantize it to int8 and write it to ``out``."""
-    from cloud_batch.quantize import representative_samples, to_quantized_tflite
-    from cloud_batch.tf_env import seed_everything, tensorflow
+    from cloud_batch.train.quantize import representative_samples, to_quantized_tflite
+    from cloud_batch.train.tf_env import seed_everything, tensorflow
 
     tensorflow()
     seed_everything(seed)
@@ -40,13 +40,15 @@ def build(out: Path, seed: int = 0) -> None:
     inp = keras.Input((224, 224, 3), name="images")
     model = keras.applications.MobileNetV2(input_tensor=inp, alpha=1.0, weights=None, include_top=True)
     images = np.random.default_rng(seed).uniform(-1.0, 1.0, (CALIBRATION_IMAGES, 224, 224, 3)).astype(np.float32)
-    tflite = to_quantized_tflite(model, representative_samples({"images": images}, n=CALIBRATION_IMAGES, seed=seed), "int8")
+    tflite = to_quantized_tflite(
+        model, representative_samples({"images": images}, n=CALIBRATION_IMAGES, seed=seed), "int8"
+    )
     atomic_write_bytes(out, tflite)
 
 
 def build_float(out: Path, alpha: float = 0.75, seed: int = 0) -> None:
     """A float32 MobileNetV2 (about 10 MB at alpha 0.75): the OTA benchmark's "large model"."""
-    from cloud_batch.tf_env import seed_everything, tensorflow
+    from cloud_batch.train.tf_env import seed_everything, tensorflow
 
     tf = tensorflow()
     seed_everything(seed)

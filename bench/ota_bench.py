@@ -3,8 +3,8 @@
     .venv/bin/python bench/ota_bench.py                 # 1,000 devices, 3 runs, a private mosquitto
     .venv/bin/python bench/ota_bench.py --devices 200 --runs 1
 
-(a) ``release``: ``cloud_batch.release.release()`` of the shipped digits model (models/digits/1)
-    to N ``cloud_batch.simdevice`` devices (one MQTT connection each, real signature checks,
+(a) ``release``: ``cloud_batch.fleetops.release.release()`` of the shipped digits model (models/digits/1)
+    to N ``cloud_batch.sim.device`` devices (one MQTT connection each, real signature checks,
     rollout gate, ``transfer.Downloader`` + ``ChunkStore`` with fsynced chunk files, unpack and
     manifest check, DeviceState reports). Timed from the call to ``release()`` until the cloud
     side (``rollout.watch``) sees every device report ``committed``. The devices wait the agent's
@@ -42,12 +42,12 @@ sys.path.insert(0, str(REPO))
 
 import paho.mqtt.client as mqtt  # noqa: E402
 
-from cloud_batch.keys import generate_keys  # noqa: E402
-from cloud_batch.release import release  # noqa: E402
-from cloud_batch.rollout import watch  # noqa: E402
-from cloud_batch.simdevice import SETTLE_S, EventLoop, SimFleet, _raise_fd_limit  # noqa: E402
-from edge_agent.link import MqttLink, parse_broker_url  # noqa: E402
-from edge_agent.protocol import pack_dir  # noqa: E402
+from cloud_batch.fleetops.keys import generate_keys  # noqa: E402
+from cloud_batch.fleetops.release import release  # noqa: E402
+from cloud_batch.fleetops.rollout import watch  # noqa: E402
+from cloud_batch.sim.device import SETTLE_S, EventLoop, SimFleet, _raise_fd_limit  # noqa: E402
+from edge_agent.mqtt.link import MqttLink, parse_broker_url  # noqa: E402
+from edge_agent.wire.protocol import pack_dir  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MODEL_DIR = REPO / "models" / "digits" / "1"
@@ -62,11 +62,14 @@ class Mosquitto:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(("user root\n" if os.geteuid() == 0 else "")
-                             + f"listener {self.port} 127.0.0.1\nallow_anonymous true\nlog_dest none\n")
+        self.conf.write_text(
+            ("user root\n" if os.geteuid() == 0 else "")
+            + f"listener {self.port} 127.0.0.1\nallow_anonymous true\nlog_dest none\n"
+        )
         _raise_fd_limit(8192)  # inherited by mosquitto: one fd per connection
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.time() + 10
         while True:
             try:
@@ -112,31 +115,56 @@ def pct(values: list[float], q: float) -> float:
 
 
 # -- (a) a release to N simulated devices ------------------------------------------------------
-def bench_release(url: str, key: Path, pub: Path, n: int, run: int, workers: int, settle_s: float,
-                  sim_dir: Path | None, broker_pid: int | None) -> dict[str, Any]:
+def bench_release(
+    url: str,
+    key: Path,
+    pub: Path,
+    n: int,
+    run: int,
+    workers: int,
+    settle_s: float,
+    sim_dir: Path | None,
+    broker_pid: int | None,
+) -> dict[str, Any]:
     fleet = f"bench-{run}"
     t_start = time.perf_counter()
     workdir = None if sim_dir is None else Path(tempfile.mkdtemp(prefix="simfleet-", dir=sim_dir))
-    sim = SimFleet(url, fleet, n, trusted_keys=[pub], workers=workers, settle_s=settle_s,
-                   workdir=workdir).start(timeout_s=120)
+    sim = SimFleet(url, fleet, n, trusted_keys=[pub], workers=workers, settle_s=settle_s, workdir=workdir).start(
+        timeout_s=120
+    )
     connect_s = time.perf_counter() - t_start
     try:
         cpu0, broker0 = cpu_seconds(), cpu_seconds(broker_pid) if broker_pid else float("nan")
         t0_wall, t0 = time.time(), time.perf_counter()
         rel = release(MODEL_DIR.parents[1], "digits", "1", fleet, key, url, health_window_s=0, progress=False)
         release_s = time.perf_counter() - t0
-        status = watch(url, "digits", fleet, lambda s: s.counts["success"] == n, timeout_s=600, auto_halt=False,
-                       min_interval_s=0.02)
+        status = watch(
+            url,
+            "digits",
+            fleet,
+            lambda s: s.counts["success"] == n,
+            timeout_s=600,
+            auto_halt=False,
+            min_interval_s=0.02,
+        )
         all_s = time.perf_counter() - t0
         sim_cpu = cpu_seconds() - cpu0
         broker_cpu = cpu_seconds(broker_pid) - broker0 if broker_pid else float("nan")
         commits = [d.at - t0_wall for d in status.devices if d.result == "success"]
         return {
-            "run": run, "devices": n, "connect_s": connect_s, "release_call_s": release_s,
-            "first_commit_s": min(commits), "p50_commit_s": pct(commits, 50), "p95_commit_s": pct(commits, 95),
-            "last_commit_s": max(commits), "all_committed_seen_s": all_s,
-            "bench_process_cpu_s": sim_cpu, "broker_cpu_s": broker_cpu,
-            "artifact_bytes": rel.artifact.size, "chunks": len(rel.artifact.chunks),
+            "run": run,
+            "devices": n,
+            "connect_s": connect_s,
+            "release_call_s": release_s,
+            "first_commit_s": min(commits),
+            "p50_commit_s": pct(commits, 50),
+            "p95_commit_s": pct(commits, 95),
+            "last_commit_s": max(commits),
+            "all_committed_seen_s": all_s,
+            "bench_process_cpu_s": sim_cpu,
+            "broker_cpu_s": broker_cpu,
+            "artifact_bytes": rel.artifact.size,
+            "chunks": len(rel.artifact.chunks),
         }
     finally:
         sim.stop()
@@ -183,7 +211,7 @@ class RawSubscribers:
         self.loop.start()
 
         def connect(start: int) -> None:
-            for c in self.clients[start:start + 50]:
+            for c in self.clients[start : start + 50]:
                 c.connect(self.host, self.port, keepalive=60)
             if start + 50 < len(self.clients):
                 self.loop.call_soon(connect, start + 50)
@@ -238,9 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="releases, each to a fresh fleet (default 3)")
     parser.add_argument("--raw-repeats", type=int, default=5, help="raw fan-out publishes (default 5)")
     parser.add_argument("--workers", type=int, default=16, help="simulator download threads (default 16)")
-    parser.add_argument("--settle-s", type=float, default=SETTLE_S, help="device wait for the rollout doc (default 1.0)")
-    parser.add_argument("--sim-dir", type=Path, help="where simulated devices keep chunks (default: the temp dir; "
-                        "/dev/shm takes the disk's fsyncs out of the figure)")
+    parser.add_argument(
+        "--settle-s", type=float, default=SETTLE_S, help="device wait for the rollout doc (default 1.0)"
+    )
+    parser.add_argument(
+        "--sim-dir",
+        type=Path,
+        help="where simulated devices keep chunks (default: the temp dir; "
+        "/dev/shm takes the disk's fsyncs out of the figure)",
+    )
     parser.add_argument("--broker", help="use this broker instead of a private mosquitto")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
@@ -253,11 +287,23 @@ def main(argv: list[str] | None = None) -> int:
         blob = pack_dir(MODEL_DIR)
         runs = []
         for run in range(1, args.runs + 1):
-            r = bench_release(url, key, pub, args.devices, run, args.workers, args.settle_s, args.sim_dir,
-                              broker.proc.pid if broker else None)
+            r = bench_release(
+                url,
+                key,
+                pub,
+                args.devices,
+                run,
+                args.workers,
+                args.settle_s,
+                args.sim_dir,
+                broker.proc.pid if broker else None,
+            )
             runs.append(r)
-            print(f"run {run}: all {args.devices} committed {r['all_committed_seen_s']:.2f}s after release() "
-                  f"(release() {r['release_call_s']:.3f}s, p50 commit {r['p50_commit_s']:.2f}s)", file=sys.stderr)
+            print(
+                f"run {run}: all {args.devices} committed {r['all_committed_seen_s']:.2f}s after release() "
+                f"(release() {r['release_call_s']:.3f}s, p50 commit {r['p50_commit_s']:.2f}s)",
+                file=sys.stderr,
+            )
         raw = bench_raw(url, blob, args.devices, args.raw_repeats)
         print(f"raw fan-out: {', '.join(f'{t * 1000:.0f}' for t in raw)} ms", file=sys.stderr)
     finally:
@@ -272,21 +318,28 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "ota_fanout",
         "devices": args.devices,
         "artifact": {"model": "digits/1", "bytes": len(blob), "chunks": runs[0]["chunks"]},
-        "settle_s": args.settle_s, "health_window_s": 0, "download_workers": args.workers,
+        "settle_s": args.settle_s,
+        "health_window_s": 0,
+        "download_workers": args.workers,
         "sim_dir": str(args.sim_dir or tempfile.gettempdir()),
         "release_runs": runs,
         "release_median": med,
         "raw_fanout_s": raw,
         "raw_fanout_median_s": statistics.median(raw),
         "environment": {
-            "python": platform.python_version(), "paho_mqtt": getattr(mqtt, "__version__", None) or _paho_version(),
-            "mosquitto": mosquitto_version() if broker is not None else "external", "cpus": os.cpu_count(),
-            "machine": platform.machine(), "system": platform.system(),
+            "python": platform.python_version(),
+            "paho_mqtt": getattr(mqtt, "__version__", None) or _paho_version(),
+            "mosquitto": mosquitto_version() if broker is not None else "external",
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "system": platform.system(),
         },
     }
     n = args.devices
-    print(f"\n### OTA fan-out: one release to {n:,} simulated devices (digits/1, {len(blob):,} bytes, "
-          f"{runs[0]['chunks']} chunk)\n")
+    print(
+        f"\n### OTA fan-out: one release to {n:,} simulated devices (digits/1, {len(blob):,} bytes, "
+        f"{runs[0]['chunks']} chunk)\n"
+    )
     print("| measurement | median | runs |")
     print("| --- | ---: | --- |")
     rows = [
@@ -300,23 +353,41 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for label, k in rows:
         print(f"| {label} | {med[k]:.2f} s | {', '.join(f'{r[k]:.2f}' for r in runs)} |")
-    print(f"| raw MQTT fan-out of the same bytes to {n:,} subscribers (QoS 1) | {statistics.median(raw) * 1000:.0f} ms "
-          f"| {', '.join(f'{t * 1000:.0f}' for t in raw)} ms |")
-    for label, k in (("CPU of this process (simulator + cloud side) during the release", "bench_process_cpu_s"),
-                     ("CPU of mosquitto during the release", "broker_cpu_s")):
+    print(
+        f"| raw MQTT fan-out of the same bytes to {n:,} subscribers (QoS 1) | {statistics.median(raw) * 1000:.0f} ms "
+        f"| {', '.join(f'{t * 1000:.0f}' for t in raw)} ms |"
+    )
+    for label, k in (
+        ("CPU of this process (simulator + cloud side) during the release", "bench_process_cpu_s"),
+        ("CPU of mosquitto during the release", "broker_cpu_s"),
+    ):
         print(f"| {label} | {med[k]:.2f} s | {', '.join(f'{r[k]:.2f}' for r in runs)} |")
-    print(f"\nThe simulator costs {per_device_ms:.1f} ms of CPU per device (signature check, Downloader with fsynced "
-          f"chunk files, unpack, six state reports); after the settle wait this process is busy {busy:.0%} of one "
-          "core, so the release figure measures one Python process simulating the whole fleet more than MQTT "
-          "(compare the raw fan-out).")
-    print(f"\nRelease times include the devices' {args.settle_s:g} s settle wait for the rollout document "
-          "(the agent's default) and no health window. Broker, devices and cloud side share "
-          f"{os.cpu_count()} CPU(s).\n")
+    print(
+        f"\nThe simulator costs {per_device_ms:.1f} ms of CPU per device (signature check, Downloader with fsynced "
+        f"chunk files, unpack, six state reports); after the settle wait this process is busy {busy:.0%} of one "
+        "core, so the release figure measures one Python process simulating the whole fleet more than MQTT "
+        "(compare the raw fan-out)."
+    )
+    print(
+        f"\nRelease times include the devices' {args.settle_s:g} s settle wait for the rollout document "
+        "(the agent's default) and no health window. Broker, devices and cloud side share "
+        f"{os.cpu_count()} CPU(s).\n"
+    )
     print("```json")
     print(json.dumps(result, indent=2))
     print("```")
-    cmd = [".venv/bin/python", "bench/ota_bench.py", "--devices", str(n), "--runs", str(args.runs),
-           "--raw-repeats", str(args.raw_repeats), "--workers", str(args.workers)]
+    cmd = [
+        ".venv/bin/python",
+        "bench/ota_bench.py",
+        "--devices",
+        str(n),
+        "--runs",
+        str(args.runs),
+        "--raw-repeats",
+        str(args.raw_repeats),
+        "--workers",
+        str(args.workers),
+    ]
     if args.settle_s != SETTLE_S:
         cmd += ["--settle-s", f"{args.settle_s:g}"]
     if args.sim_dir:
@@ -332,7 +403,7 @@ def _paho_version() -> str:
         from importlib.metadata import version
 
         return version("paho-mqtt")
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "?"
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ota_release_bench.py [--repeats 3]
 
-A real mosquitto and a real `edge-agent run` process; `cloud_batch.release.release()` publishes
+A real mosquitto and a real `edge-agent run` process; `cloud_batch.fleetops.release.release()` publishes
 digits (≈ 60 KB artifact) and a float32 MobileNetV2 (≈ 10 MB) as new versions. Phases come from the
 device's persisted update record (the timestamp of each state it entered):
 
@@ -37,18 +37,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 
-from cloud_batch.keys import generate_keys  # noqa: E402
-from cloud_batch.registry import Registry  # noqa: E402
-from cloud_batch.release import release  # noqa: E402
-from edge_agent.link import MqttLink  # noqa: E402
-from edge_agent.protocol import DEFAULT_CHUNK_SIZE, pack_dir  # noqa: E402
-from edge_agent.transfer import clear_artifact, publish_artifact  # noqa: E402
+from cloud_batch.fleetops.keys import generate_keys  # noqa: E402
+from cloud_batch.fleetops.release import release  # noqa: E402
+from cloud_batch.registry.models import Registry  # noqa: E402
+from edge_agent.mqtt.download import clear_artifact, publish_artifact  # noqa: E402
+from edge_agent.mqtt.link import MqttLink  # noqa: E402
+from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE, pack_dir  # noqa: E402
 from tests.broker import Broker  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
-PHASES = [("to_start", None, "downloading"), ("transfer", "downloading", "verifying"),
-          ("verify", "verifying", "validating"), ("validate", "validating", "activating"),
-          ("swap", "activating", "health_check")]
+PHASES = [
+    ("to_start", None, "downloading"),
+    ("transfer", "downloading", "verifying"),
+    ("verify", "verifying", "validating"),
+    ("validate", "validating", "activating"),
+    ("swap", "activating", "health_check"),
+]
 
 
 def raw_fetch_s(broker_url: str, blob: bytes, chunk_size: int) -> float:
@@ -107,18 +111,55 @@ def main() -> int:
     versions = args.repeats + 1
     print("registering versions…", flush=True)
     for v in range(1, versions + 1):
-        registry.register(REPO / "models" / "digits" / "1" / "model.tflite", "digits", str(v + 1),
-                          golden=REPO / "models" / "digits" / "1" / "golden.npz", rename_outputs={"output_0": "probs"})
+        registry.register(
+            REPO / "models" / "digits" / "1" / "model.tflite",
+            "digits",
+            str(v + 1),
+            golden=REPO / "models" / "digits" / "1" / "golden.npz",
+            rename_outputs={"output_0": "probs"},
+        )
         registry.register(big, "mobilenet", str(v))
     data = work / "agent"
-    subprocess.run([str(BIN / "edge-agent"), "models", "install", str(registry.path("mobilenet", "1") / "model.tflite"),
-                    "--name", "mobilenet", "--version", "1", "--data-dir", str(data)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(BIN / "edge-agent"),
+            "models",
+            "install",
+            str(registry.path("mobilenet", "1") / "model.tflite"),
+            "--name",
+            "mobilenet",
+            "--version",
+            "1",
+            "--data-dir",
+            str(data),
+        ],
+        check=True,
+        capture_output=True,
+    )
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     env["EDGEFLEET_MODELS_DIR"] = str(REPO / "models")
-    agent = subprocess.Popen([str(BIN / "edge-agent"), "run", "--data-dir", str(data), "--listen", f"127.0.0.1:{port}",
-                              "--broker", broker.url, "--fleet", "bench", "--device-id", "dev-1", "--trust", str(pub),
-                              "--log-level", "warning"], env=env)
+    agent = subprocess.Popen(
+        [
+            str(BIN / "edge-agent"),
+            "run",
+            "--data-dir",
+            str(data),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--broker",
+            broker.url,
+            "--fleet",
+            "bench",
+            "--device-id",
+            "dev-1",
+            "--trust",
+            str(pub),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+    )
     results: dict[str, list[dict[str, float]]] = {"digits": [], "mobilenet": []}
     sizes: dict[str, int] = {}
     try:
@@ -133,8 +174,9 @@ def main() -> int:
             for name, version in (("digits", str(i + 3)), ("mobilenet", str(i + 2))):
                 sizes[name] = len(pack_dir(registry.path(name, version)))
                 t0 = time.time()
-                rel = release(registry.root, name, version, "bench", key, broker.url, health_window_s=0.5,
-                              progress=False)
+                rel = release(
+                    registry.root, name, version, "bench", key, broker.url, health_window_s=0.5, progress=False
+                )
                 t_pub = time.time()
                 rec = wait_state(data / "updates" / f"{name}.json", rel.release_id, {"health_check", "committed"})
                 hist = {s: t for s, t in rec["history"]}
@@ -158,8 +200,10 @@ def main() -> int:
     for name, rows in results.items():
         med = {c: statistics.median(r[c] for r in rows) * 1e3 for c in cols}
         print(f"| {name} | {sizes[name] / 1e6:.2f} MB | " + " | ".join(f"{med[c]:.1f}" for c in cols) + " |")
-    print(f"\nmedian of {args.repeats} releases each; reproduce: .venv/bin/python bench/ota_release_bench.py "
-          f"--repeats {args.repeats}")
+    print(
+        f"\nmedian of {args.repeats} releases each; reproduce: .venv/bin/python bench/ota_release_bench.py "
+        f"--repeats {args.repeats}"
+    )
     return 0
 
 

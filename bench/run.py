@@ -3,7 +3,7 @@
     .venv/bin/python bench/run.py            # or: make bench
 
 For each model (shipped int8 digits; MobileNetV2 int8 224×224, generated with random weights):
-  1. raw interpreter invoke vs the agent's in-process predict (edge_agent.bench, interleaved);
+  1. raw interpreter invoke vs the agent's in-process predict (edge_agent.inference.bench, interleaved);
   2. the HTTP V2 API of a real `edge-agent run` process through tritonclient, concurrency 1 and 8.
 """
 
@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 
-from edge_agent.bench import bench_in_process, latency_stats  # noqa: E402
-from edge_agent.store import ModelStore  # noqa: E402
-from edge_agent.serving import ModelServer  # noqa: E402
-from edge_agent.runtime import RuntimeOptions  # noqa: E402
+from edge_agent.inference.bench import bench_in_process, latency_stats  # noqa: E402
+from edge_agent.inference.runtime import RuntimeOptions  # noqa: E402
+from edge_agent.models.serving import ModelServer  # noqa: E402
+from edge_agent.models.store import ModelStore  # noqa: E402
 
 
 def free_port() -> int:
@@ -46,8 +46,9 @@ def free_port() -> int:
 def start_agent(data_dir: Path, port: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     env["EDGEFLEET_MODELS_DIR"] = ""
-    proc = subprocess.Popen([str(BIN / "edge-agent"), "run", "--data-dir", str(data_dir),
-                             "--listen", f"127.0.0.1:{port}"], env=env)
+    proc = subprocess.Popen(
+        [str(BIN / "edge-agent"), "run", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"], env=env
+    )
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -61,9 +62,9 @@ def start_agent(data_dir: Path, port: int) -> subprocess.Popen:
 
 
 def http_bench(port: int, model: str, x: np.ndarray, binary: bool, n: int, concurrency: int) -> dict:
-    import tritonclient.http as th
-
     import threading
+
+    import tritonclient.http as th
 
     def make_client():
         client = th.InferenceServerClient(f"127.0.0.1:{port}")
@@ -104,8 +105,21 @@ def activation_delays(port: int, data_dir: Path, rounds: int = 6) -> list[float]
     import http.client
 
     cli = [str(BIN / "edge-agent"), "models"]
-    subprocess.run([*cli, "install", str(REPO / "models" / "digits" / "1" / "model.tflite"), "--name", "digits",
-                    "--version", "2", "--data-dir", str(data_dir)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *cli,
+            "install",
+            str(REPO / "models" / "digits" / "1" / "model.tflite"),
+            "--name",
+            "digits",
+            "--version",
+            "2",
+            "--data-dir",
+            str(data_dir),
+        ],
+        check=True,
+        capture_output=True,
+    )
     body = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 8, 8, 1], "datatype": "FP32", "data": [0.0] * 64}]})
     out = []
     for i in range(rounds):
@@ -182,13 +196,25 @@ def main() -> int:
     best_c8 = max(digits_http[("JSON", 8)]["throughput_per_s"], digits_http[("binary", 8)]["throughput_per_s"])
     best_p50 = min(digits_http[("JSON", 1)]["p50_ms"], digits_http[("binary", 1)]["p50_ms"])
     targets = [
-        ("in-process overhead on MobileNetV2 (agent p50 / raw p50)", "≤ 1.10×", f"{mob['overhead_p50']:.3f}×",
-         mob["overhead_p50"] <= 1.10),
+        (
+            "in-process overhead on MobileNetV2 (agent p50 / raw p50)",
+            "≤ 1.10×",
+            f"{mob['overhead_p50']:.3f}×",
+            mob["overhead_p50"] <= 1.10,
+        ),
         ("HTTP p50 on digits, concurrency 1 (best of JSON/binary)", "≤ 1 ms", f"{best_p50:.3f} ms", best_p50 <= 1.0),
-        ("HTTP throughput on digits, concurrency 8 (best of JSON/binary)", "≥ 2,000 req/s", f"{best_c8:,.0f} req/s",
-         best_c8 >= 2000),
-        ("`models activate`/`rollback` served by the running agent (worst of 6, watch interval 0.5 s)", "≤ 2 s",
-         f"{act_max:.2f} s", act_max <= 2.0),
+        (
+            "HTTP throughput on digits, concurrency 8 (best of JSON/binary)",
+            "≥ 2,000 req/s",
+            f"{best_c8:,.0f} req/s",
+            best_c8 >= 2000,
+        ),
+        (
+            "`models activate`/`rollback` served by the running agent (worst of 6, watch interval 0.5 s)",
+            "≤ 2 s",
+            f"{act_max:.2f} s",
+            act_max <= 2.0,
+        ),
     ]
     lines = [
         "# Benchmarks",

@@ -10,7 +10,7 @@ One job per module:
 ``maintenance_data``        seeded synthetic fleet sensor history
 ``maintenance_features``    per-asset aggregates (``asset_features``), shared with the feature store
 ``quantize``                Keras -> full-integer ``.tflite``
-``device_eval``             run a candidate exactly as the device will (``edge_agent.runtime``)
+``device_eval``             run a candidate exactly as the device will (``edge_agent.inference.runtime``)
 ``gate``                    the quality gate (refuse before registering)
 ``evalreport``              ``eval.json`` / ``eval.png`` beside a version
 ``progress``                rich progress on stderr

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from .errors import ConfigError, EdgeError
-from .runtime import DelegateSpec, RuntimeOptions
+from edge_agent.errors import ConfigError, EdgeError
+from edge_agent.inference.runtime import DelegateSpec, RuntimeOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -221,8 +222,8 @@ def _validate(cfg: AgentConfig) -> None:
     if cfg.watch_interval_s <= 0:
         raise ConfigError("watch_interval_s must be positive")
     if cfg.mqtt.broker is not None:
-        from .link import parse_broker_url
-        from .protocol import check_segment
+        from edge_agent.mqtt.link import parse_broker_url
+        from edge_agent.wire.protocol import check_segment
 
         parse_broker_url(cfg.mqtt.broker)
         try:

@@ -7,9 +7,10 @@ import hashlib
 import json
 import os
 import tempfile
-from pathlib import Path
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

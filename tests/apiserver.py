@@ -6,15 +6,16 @@ import http.client
 import json
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import uvicorn
 
-from edge_agent.api import create_app
-from edge_agent.serving import ModelServer
-from edge_agent.store import ModelStore
+from edge_agent.http.app import create_app
+from edge_agent.models.serving import ModelServer
+from edge_agent.models.store import ModelStore
 from tests.conftest import free_port
 
 
@@ -24,8 +25,16 @@ class ApiServer:
     def __init__(self, app: Any) -> None:
         self.host = "127.0.0.1"
         self.port = free_port()
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", access_log=False,
-                                lifespan="off", http="httptools", log_config=None)
+        config = uvicorn.Config(
+            app,
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            http="httptools",
+            log_config=None,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
@@ -34,7 +43,7 @@ class ApiServer:
         """``host:port``, as tritonclient wants it."""
         return f"{self.host}:{self.port}"
 
-    def __enter__(self) -> "ApiServer":
+    def __enter__(self) -> ApiServer:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -50,8 +59,9 @@ class ApiServer:
     def connect(self, timeout: float = 30) -> http.client.HTTPConnection:
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
 
-    def request(self, method: str, path: str, body: bytes | dict | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    def request(
+        self, method: str, path: str, body: bytes | dict | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
         """One request on a fresh connection; returns (status, lower-cased headers, body)."""
         conn = self.connect()
         try:
@@ -72,7 +82,10 @@ def digits_data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def infer_body(x: np.ndarray, name: str = "pixels", datatype: str = "FP32", **extra: Any) -> dict[str, Any]:
-    return {"inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}], **extra}
+    return {
+        "inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}],
+        **extra,
+    }
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -88,5 +101,3 @@ def model_server(store: ModelStore) -> Iterator[ModelServer]:
 def api(model_server: ModelServer) -> Iterator[ApiServer]:
     with ApiServer(create_app(model_server)) as server:
         yield server
-
-

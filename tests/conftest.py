@@ -11,7 +11,7 @@ import pytest
 
 # tflite-runtime must be loaded before TensorFlow: TF first makes every later tflite-runtime load
 # fail with "vector::reserve". Some tests import TF (to build models), so pin the order here.
-import edge_agent.runtime  # noqa: F401,E402
+import edge_agent.inference.runtime  # noqa: F401
 
 pytest_plugins = ["tests.apiserver"]  # the API fixtures: model_server, api
 
@@ -52,7 +52,7 @@ def digits_dir() -> Path:
 @pytest.fixture
 def store(tmp_path: Path, digits_dir: Path):
     """A model store in a temp data dir with the shipped digits model installed and active."""
-    from edge_agent.store import ModelStore
+    from edge_agent.models.store import ModelStore
 
     s = ModelStore(tmp_path / "data")
     s.install_dir(digits_dir)

@@ -171,7 +171,10 @@ def _build(out: Path) -> None:  # pragma: no cover - runs in the build subproces
             self.w1, self.w2, self.w3 = var(4, 2), var(3, 2, scale=1.5), var(3, 1)
 
         @tf.function(
-            input_signature=[tf.TensorSpec([None, 4], tf.float32, name="a"), tf.TensorSpec([None, 3], tf.float32, name="b")]
+            input_signature=[
+                tf.TensorSpec([None, 4], tf.float32, name="a"),
+                tf.TensorSpec([None, 3], tf.float32, name="b"),
+            ]
         )
         def __call__(self, a: tf.Tensor, b: tf.Tensor) -> dict[str, tf.Tensor]:
             return {"mix": tf.matmul(a, self.w1) + tf.matmul(b, self.w2), "gate": tf.sigmoid(tf.matmul(b, self.w3))}

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from edge_agent.api import create_app
-from edge_agent.manifest import Manifest
-from edge_agent.runtime import quantize
-from edge_agent.serving import ModelServer
-from edge_agent.store import ModelStore
+from edge_agent.http.app import create_app
+from edge_agent.inference.runtime import quantize
+from edge_agent.models.serving import ModelServer
+from edge_agent.models.store import ModelStore
+from edge_agent.wire.manifest import Manifest
 from tests.apiserver import ApiServer, digits_data, infer_body
 
 
@@ -36,8 +37,16 @@ def out_name(manifest: Manifest) -> str:
     return manifest.outputs[0].name
 
 
-def _infer(client: triton.InferenceServerClient, x: np.ndarray, out_name: str, *, binary_in: bool, binary_out: bool,
-           datatype: str = "FP32", **kw: Any) -> triton.InferResult:
+def _infer(
+    client: triton.InferenceServerClient,
+    x: np.ndarray,
+    out_name: str,
+    *,
+    binary_in: bool,
+    binary_out: bool,
+    datatype: str = "FP32",
+    **kw: Any,
+) -> triton.InferResult:
     inp = triton.InferInput("pixels", list(x.shape), datatype)
     inp.set_data_from_numpy(x, binary_data=binary_in)
     return client.infer("digits", [inp], outputs=[triton.InferRequestedOutput(out_name, binary_data=binary_out)], **kw)
@@ -64,8 +73,10 @@ def test_model_metadata(client: triton.InferenceServerClient, manifest: Manifest
     assert params["active_version"] == "1" and params["ready"] is True
     q = manifest.inputs[0].quantization
     assert q is not None
-    assert params["inputs"]["pixels"] == {"native_datatype": manifest.inputs[0].native_datatype,
-                                         "quantization": {"scale": q.scale, "zero_point": q.zero_point}}
+    assert params["inputs"]["pixels"] == {
+        "native_datatype": manifest.inputs[0].native_datatype,
+        "quantization": {"scale": q.scale, "zero_point": q.zero_point},
+    }
     assert params["labels"] == manifest.labels
     assert client.get_model_metadata("digits", "1") == meta
 
@@ -78,8 +89,9 @@ def test_model_ready(client: triton.InferenceServerClient) -> None:
 
 
 @pytest.mark.parametrize("binary_in,binary_out", [(False, False), (True, True), (True, False), (False, True)])
-def test_infer_matches_in_process(client: triton.InferenceServerClient, model_server: ModelServer, out_name: str,
-                                  binary_in: bool, binary_out: bool) -> None:
+def test_infer_matches_in_process(
+    client: triton.InferenceServerClient, model_server: ModelServer, out_name: str, binary_in: bool, binary_out: bool
+) -> None:
     x, _ = digits_data()
     sample = x[:1]
     expected = model_server.get("digits").predict({"pixels": sample})[out_name]
@@ -137,8 +149,9 @@ def test_all_outputs_when_none_requested(client: triton.InferenceServerClient, m
         assert result.as_numpy(spec.name).shape == (3, 10)
 
 
-def test_raw_quantized_input_passes_through(client: triton.InferenceServerClient, manifest: Manifest,
-                                            out_name: str) -> None:
+def test_raw_quantized_input_passes_through(
+    client: triton.InferenceServerClient, manifest: Manifest, out_name: str
+) -> None:
     x, _ = digits_data()
     batch = x[20:28]
     spec = manifest.inputs[0]
@@ -151,8 +164,9 @@ def test_raw_quantized_input_passes_through(client: triton.InferenceServerClient
         np.testing.assert_array_equal(via_raw.as_numpy(out_name), via_fp32)
 
 
-def test_quantized_output_parameter(api: ApiServer, manifest: Manifest, out_name: str,
-                                    client: triton.InferenceServerClient) -> None:
+def test_quantized_output_parameter(
+    api: ApiServer, manifest: Manifest, out_name: str, client: triton.InferenceServerClient
+) -> None:
     """``"quantized": true`` on an output returns its raw integers; they dequantize to the FP32 answer."""
     x, _ = digits_data()
     spec = manifest.output(out_name)
@@ -186,8 +200,9 @@ def test_compressed_request(client: triton.InferenceServerClient, out_name: str)
         np.testing.assert_array_equal(got.as_numpy(out_name), plain)
 
 
-def test_predictions_correct_on_sklearn_digits(client: triton.InferenceServerClient, manifest: Manifest,
-                                               out_name: str) -> None:
+def test_predictions_correct_on_sklearn_digits(
+    client: triton.InferenceServerClient, manifest: Manifest, out_name: str
+) -> None:
     x, y = digits_data()
     held = slice(len(x) - 100, len(x))  # the tail of the data set
     probs = _infer(client, x[held], out_name, binary_in=True, binary_out=True).as_numpy(out_name)

@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent import v2
-from edge_agent.api import create_app
 from edge_agent.errors import RequestError
-from edge_agent.manifest import Manifest, TensorSpec
-from edge_agent.modelpack import build_version_dir
-from edge_agent.serving import ModelServer
-from edge_agent.store import ModelStore
+from edge_agent.http.app import create_app
+from edge_agent.inference.modelpack import build_version_dir
+from edge_agent.models.serving import ModelServer
+from edge_agent.models.store import ModelStore
+from edge_agent.wire import kserve_v2 as v2
+from edge_agent.wire.manifest import Manifest, TensorSpec
 from tests.apiserver import ApiServer, digits_data, infer_body
 
 INFER = "/v2/models/digits/infer"
@@ -41,15 +41,21 @@ def sample(n: int = 1) -> np.ndarray:
     return digits_data()[0][:n]
 
 
-def binary_request(arrays: list[tuple[str, np.ndarray, str]], *, sizes: list[int] | None = None,
-                   extra: bytes = b"", header_length: int | None = None) -> tuple[bytes, dict[str, str]]:
+def binary_request(
+    arrays: list[tuple[str, np.ndarray, str]],
+    *,
+    sizes: list[int] | None = None,
+    extra: bytes = b"",
+    header_length: int | None = None,
+) -> tuple[bytes, dict[str, str]]:
     """A binary-tensor-data request; ``sizes``/``extra``/``header_length`` let a test lie about the layout."""
     inputs, blobs = [], []
     for i, (name, arr, datatype) in enumerate(arrays):
         raw = arr.tobytes()
         size = len(raw) if sizes is None else sizes[i]
-        inputs.append({"name": name, "shape": list(arr.shape), "datatype": datatype,
-                       "parameters": {"binary_data_size": size}})
+        inputs.append(
+            {"name": name, "shape": list(arr.shape), "datatype": datatype, "parameters": {"binary_data_size": size}}
+        )
         blobs.append(raw)
     head = json.dumps({"inputs": inputs}).encode()
     hl = len(head) if header_length is None else header_length
@@ -57,24 +63,32 @@ def binary_request(arrays: list[tuple[str, np.ndarray, str]], *, sizes: list[int
 
 
 # -- malformed bodies -------------------------------------------------------------------------
-@pytest.mark.parametrize("body,needle", [
-    (b'{"inputs": [', "not valid JSON"),
-    (b"\xff\xfe garbage", "JSON"),
-    (b"", "not valid JSON"),
-    (b"[1, 2]", "JSON object"),
-    (b"{}", "'inputs'"),
-    (b'{"inputs": []}', "'inputs'"),
-    (b'{"inputs": [3]}', "inputs[0]"),
-    (b'{"inputs": [{"shape": [1], "datatype": "FP32", "data": [1]}]}', "'name'"),
-    (b'{"inputs": [{"name": "pixels", "datatype": "FP32", "data": [1]}]}', "'shape'"),
-    (b'{"inputs": [{"name": "pixels", "shape": [1, -8, 8, 1], "datatype": "FP32", "data": [1]}]}', "'shape'"),
-    (b'{"inputs": [{"name": "pixels", "shape": [1, 8, 8, 1], "data": [1]}]}', "'datatype'"),
-    (b'{"inputs": [{"name": "pixels", "shape": [1, 8, 8, 1], "datatype": "FP32"}]}', "'data'"),
-    (b'{"inputs": [{"name": "pixels", "shape": [1, 8, 8, 1], "datatype": "FP32", "data": 5}]}', "'data' must be a list"),
-    (b'{"id": 5, "inputs": [{"name": "pixels", "shape": [1], "datatype": "FP32", "data": [1]}]}', "'id'"),
-    (b'{"parameters": {"binary_data_output": "yes"}, "inputs": [{"name": "pixels", "shape": [1], "datatype": "FP32", "data": [1]}]}',
-     "binary_data_output"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        (b'{"inputs": [', "not valid JSON"),
+        (b"\xff\xfe garbage", "JSON"),
+        (b"", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b"{}", "'inputs'"),
+        (b'{"inputs": []}', "'inputs'"),
+        (b'{"inputs": [3]}', "inputs[0]"),
+        (b'{"inputs": [{"shape": [1], "datatype": "FP32", "data": [1]}]}', "'name'"),
+        (b'{"inputs": [{"name": "pixels", "datatype": "FP32", "data": [1]}]}', "'shape'"),
+        (b'{"inputs": [{"name": "pixels", "shape": [1, -8, 8, 1], "datatype": "FP32", "data": [1]}]}', "'shape'"),
+        (b'{"inputs": [{"name": "pixels", "shape": [1, 8, 8, 1], "data": [1]}]}', "'datatype'"),
+        (b'{"inputs": [{"name": "pixels", "shape": [1, 8, 8, 1], "datatype": "FP32"}]}', "'data'"),
+        (
+            b'{"inputs": [{"name": "pixels", "shape": [1, 8, 8, 1], "datatype": "FP32", "data": 5}]}',
+            "'data' must be a list",
+        ),
+        (b'{"id": 5, "inputs": [{"name": "pixels", "shape": [1], "datatype": "FP32", "data": [1]}]}', "'id'"),
+        (
+            b'{"parameters": {"binary_data_output": "yes"}, "inputs": [{"name": "pixels", "shape": [1], "datatype": "FP32", "data": [1]}]}',
+            "binary_data_output",
+        ),
+    ],
+)
 def test_malformed_body(api: ApiServer, body: bytes, needle: str) -> None:
     message = error_of(api.request("POST", INFER, body, {"Content-Type": "application/json"}), 400)
     assert needle in message
@@ -88,12 +102,15 @@ def test_wrong_shape(api: ApiServer) -> None:
     assert "empty" in error_of(api.request("POST", INFER, infer_body(np.zeros((0, 8, 8, 1), np.float32))), 400)
 
 
-@pytest.mark.parametrize("datatype,needle", [
-    ("INT32", "datatype INT32 not accepted"),
-    ("FP64", "datatype FP64 not accepted"),
-    ("BYTES", "BYTES is not supported"),
-    ("FP8", "unknown datatype"),
-])
+@pytest.mark.parametrize(
+    "datatype,needle",
+    [
+        ("INT32", "datatype INT32 not accepted"),
+        ("FP64", "datatype FP64 not accepted"),
+        ("BYTES", "BYTES is not supported"),
+        ("FP8", "unknown datatype"),
+    ],
+)
 def test_wrong_datatype(api: ApiServer, datatype: str, needle: str) -> None:
     body = infer_body(sample(1).astype(np.int32), datatype=datatype)
     assert needle in error_of(api.request("POST", INFER, body), 400)
@@ -127,8 +144,14 @@ def test_unknown_input_and_output(api: ApiServer, out_name: str) -> None:
 def test_missing_input_is_named() -> None:
     """With a two-input model the codec names the missing one (checked against the manifest)."""
     spec = TensorSpec("a", "float32", (-1, 2))
-    manifest = Manifest(name="pair", version="1", sha256="0" * 64, size=1,
-                        inputs=[spec, TensorSpec("b", "float32", (-1, 2))], outputs=[TensorSpec("y", "float32", (-1, 1))])
+    manifest = Manifest(
+        name="pair",
+        version="1",
+        sha256="0" * 64,
+        size=1,
+        inputs=[spec, TensorSpec("b", "float32", (-1, 2))],
+        outputs=[TensorSpec("y", "float32", (-1, 1))],
+    )
     body = json.dumps({"inputs": [{"name": "a", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}).encode()
     with pytest.raises(RequestError, match="missing input 'b'"):
         v2.decode_request(body, None, manifest)
@@ -186,8 +209,13 @@ def test_body_over_limit_while_streaming(model_server: ModelServer) -> None:
     with ApiServer(create_app(model_server, max_body_bytes=4096)) as small:
         conn = small.connect()
         try:
-            conn.request("POST", INFER, body=iter([b" " * 1000] * 10), encode_chunked=True,
-                         headers={"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                INFER,
+                body=iter([b" " * 1000] * 10),
+                encode_chunked=True,
+                headers={"Content-Type": "application/json"},
+            )
             resp = conn.getresponse()
             assert resp.status == 413
             assert "4096-byte limit" in json.loads(resp.read())["error"]
@@ -231,12 +259,19 @@ def test_unknown_model_version_route_and_method(api: ApiServer) -> None:
     error_of(api.request("PUT", "/metrics", b""), 405)
 
 
-def test_inactive_installed_version_is_503(api: ApiServer, store: ModelStore, digits_dir: Path, tmp_path: Path,
-                                          out_name: str) -> None:
+def test_inactive_installed_version_is_503(
+    api: ApiServer, store: ModelStore, digits_dir: Path, tmp_path: Path, out_name: str
+) -> None:
     v1 = store.manifest("digits", "1")
-    build_version_dir(digits_dir / v1.file, tmp_path / "v2", name="digits", version="2",
-                      rename_inputs=_renames(digits_dir / v1.file, v1, "inputs"),
-                      rename_outputs=_renames(digits_dir / v1.file, v1, "outputs"), labels=v1.labels)
+    build_version_dir(
+        digits_dir / v1.file,
+        tmp_path / "v2",
+        name="digits",
+        version="2",
+        rename_inputs=_renames(digits_dir / v1.file, v1, "inputs"),
+        rename_outputs=_renames(digits_dir / v1.file, v1, "outputs"),
+        labels=v1.labels,
+    )
     store.install_dir(tmp_path / "v2")
     assert store.active("digits") == "1"
     message = error_of(api.request("POST", "/v2/models/digits/versions/2/infer", infer_body(sample(1))), 503)
@@ -252,7 +287,7 @@ def test_inactive_installed_version_is_503(api: ApiServer, store: ModelStore, di
 
 def _renames(tflite: Path, manifest: Manifest, kind: str) -> dict[str, str]:
     """Map the names the model file carries onto the shipped manifest's names (same order)."""
-    from edge_agent.runtime import inspect_model
+    from edge_agent.inference.runtime import inspect_model
 
     ins, outs = inspect_model(tflite)
     specs = ins if kind == "inputs" else outs
@@ -284,13 +319,18 @@ def test_unexpected_failure_is_a_json_500(model_server: ModelServer) -> None:
         assert status == 200
 
 
-def test_errors_keep_the_connection_and_the_server_serving(api: ApiServer, model_server: ModelServer,
-                                                           out_name: str) -> None:
+def test_errors_keep_the_connection_and_the_server_serving(
+    api: ApiServer, model_server: ModelServer, out_name: str
+) -> None:
     x, y = digits_data()
     conn = api.connect()
     try:
-        bad_bodies = [b"{", b"[]", json.dumps(infer_body(x[:1], datatype="INT32")).encode(),
-                      json.dumps(infer_body(x[:1].reshape(1, 64))).encode()]
+        bad_bodies = [
+            b"{",
+            b"[]",
+            json.dumps(infer_body(x[:1], datatype="INT32")).encode(),
+            json.dumps(infer_body(x[:1].reshape(1, 64))).encode(),
+        ]
         for bad in bad_bodies:
             conn.request("POST", INFER, body=bad)
             resp = conn.getresponse()

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from edge_agent.bundle import (
+from edge_agent.errors import RejectedError
+from edge_agent.wire.bundle import (
     BUNDLE_FILE,
     DATA_FILE,
     BundleIntegrityError,
@@ -24,8 +25,7 @@ from edge_agent.bundle import (
     read_info,
     write_bundle,
 )
-from edge_agent.errors import RejectedError
-from edge_agent.protocol import pack_dir, unpack_to
+from edge_agent.wire.protocol import pack_dir, unpack_to
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["temp_mean", "temp_std", "vib_mean"]
@@ -33,15 +33,26 @@ NAMES = ["temp_mean", "temp_std", "vib_mean"]
 
 def _write(path: Path, **kw: Any):
     args: dict[str, Any] = dict(
-        set="maint", version="2", kind="snapshot", entities=["b", "a", "c"], event_ts=[10.0, 20.0, 30.0],
-        values=np.arange(9, dtype=np.float32).reshape(3, 3), features=NAMES, ttl_s=3600,
+        set="maint",
+        version="2",
+        kind="snapshot",
+        entities=["b", "a", "c"],
+        event_ts=[10.0, 20.0, 30.0],
+        values=np.arange(9, dtype=np.float32).reshape(3, 3),
+        features=NAMES,
+        ttl_s=3600,
     )
     args.update(kw)
     return write_bundle(path, **args)
 
 
-def _tamper(path: Path, meta: dict[str, Any] | None = None, arrays: dict[str, Any] | None = None,
-            drop: tuple[str, ...] = (), fix_sha: bool = True) -> None:
+def _tamper(
+    path: Path,
+    meta: dict[str, Any] | None = None,
+    arrays: dict[str, Any] | None = None,
+    drop: tuple[str, ...] = (),
+    fix_sha: bool = True,
+) -> None:
     """Rewrite a bundle's JSON and/or arrays the way a broken producer would."""
     raw = json.loads((path / BUNDLE_FILE).read_text())
     if arrays is not None or drop:
@@ -78,8 +89,17 @@ def test_round_trip_sorts_by_entity_and_keeps_rows_together(tmp_path: Path) -> N
 
 
 def test_delta_round_trip_and_through_the_ota_packing(tmp_path: Path) -> None:
-    _write(tmp_path / "d", version="3", kind="delta", base_version="2", entities=["x"], event_ts=5.0,
-           values=[[1, 2, 3]], deleted=["a", "q"], features=[FeatureSpec(n, "int64") for n in NAMES])
+    _write(
+        tmp_path / "d",
+        version="3",
+        kind="delta",
+        base_version="2",
+        entities=["x"],
+        event_ts=5.0,
+        values=[[1, 2, 3]],
+        deleted=["a", "q"],
+        features=[FeatureSpec(n, "int64") for n in NAMES],
+    )
     blob = pack_dir(tmp_path / "d")
     (tmp_path / "art.tar").write_bytes(blob)
     assert sorted(unpack_to(tmp_path / "art.tar", tmp_path / "out")) == [BUNDLE_FILE, DATA_FILE]
@@ -103,15 +123,24 @@ def test_unknown_top_level_keys_survive(tmp_path: Path) -> None:
 
 def test_maintenance_asset_features_make_a_bundle(tmp_path: Path) -> None:
     """The cloud's per-asset aggregates fit the format as they are, in the model's feature order."""
-    from cloud_batch.maintenance_data import generate
-    from cloud_batch.maintenance_features import FEATURE_NAMES, asset_features
+    from cloud_batch.train.maintenance_data import generate
+    from cloud_batch.train.maintenance_features import FEATURE_NAMES, asset_features
 
     manifest = json.loads((REPO / "models" / "maintenance" / "1" / "manifest.json").read_text())
     df = generate(n_assets=5, days=10, seed=0)
     as_of = pd.Timestamp(df["timestamp"].max())
     feats = asset_features(df, as_of)
-    info = write_bundle(tmp_path / "m", "maintenance", "1", "snapshot", feats.index.to_numpy(str),
-                        as_of.timestamp(), feats.to_numpy(), list(FEATURE_NAMES), ttl_s=86400)
+    info = write_bundle(
+        tmp_path / "m",
+        "maintenance",
+        "1",
+        "snapshot",
+        feats.index.to_numpy(str),
+        as_of.timestamp(),
+        feats.to_numpy(),
+        list(FEATURE_NAMES),
+        ttl_s=86400,
+    )
     b = read_bundle(tmp_path / "m")
     assert list(b.info.feature_names) == manifest["feature_names"]["asset_features"]
     assert info.dtype == np.float32 and b.values.shape == (len(feats), len(FEATURE_NAMES))
@@ -131,10 +160,46 @@ def test_maintenance_asset_features_make_a_bundle(tmp_path: Path) -> None:
         ({"ttl_s": "1h"}, "ttl_s"),
         ({"stale_policy": "maybe"}, "stale_policy"),
         ({"features": []}, "features"),
-        ({"features": [{"name": "a", "dtype": "float16"}, {"name": "b", "dtype": "float16"}, {"name": "c", "dtype": "float16"}]}, "numbers only"),
-        ({"features": [{"name": "a", "dtype": "string"}, {"name": "b", "dtype": "string"}, {"name": "c", "dtype": "string"}]}, "numbers only"),
-        ({"features": [{"name": "a", "dtype": "float32"}, {"name": "a", "dtype": "float32"}, {"name": "c", "dtype": "float32"}]}, "duplicate feature"),
-        ({"features": [{"name": "a", "dtype": "float32"}, {"name": "b", "dtype": "int64"}, {"name": "c", "dtype": "float32"}]}, "mixed dtypes"),
+        (
+            {
+                "features": [
+                    {"name": "a", "dtype": "float16"},
+                    {"name": "b", "dtype": "float16"},
+                    {"name": "c", "dtype": "float16"},
+                ]
+            },
+            "numbers only",
+        ),
+        (
+            {
+                "features": [
+                    {"name": "a", "dtype": "string"},
+                    {"name": "b", "dtype": "string"},
+                    {"name": "c", "dtype": "string"},
+                ]
+            },
+            "numbers only",
+        ),
+        (
+            {
+                "features": [
+                    {"name": "a", "dtype": "float32"},
+                    {"name": "a", "dtype": "float32"},
+                    {"name": "c", "dtype": "float32"},
+                ]
+            },
+            "duplicate feature",
+        ),
+        (
+            {
+                "features": [
+                    {"name": "a", "dtype": "float32"},
+                    {"name": "b", "dtype": "int64"},
+                    {"name": "c", "dtype": "float32"},
+                ]
+            },
+            "mixed dtypes",
+        ),
         ({"features": [{"name": "a", "dtype": "float32"}, {"name": "b", "dtype": "float32"}]}, "shape"),
         ({"features": [{"name": n, "dtype": "float64"} for n in NAMES]}, "does not match the declared"),
         ({"rows": 4}, "rows=4"),
@@ -184,7 +249,9 @@ def test_delta_without_base_version(tmp_path: Path) -> None:
         ({"event_ts": np.array(["now", "now", "now"])}, "event_ts must be numeric"),
     ],
 )
-def test_non_numeric_or_non_finite_values_are_value_errors(tmp_path: Path, arrays: dict[str, Any], message: str) -> None:
+def test_non_numeric_or_non_finite_values_are_value_errors(
+    tmp_path: Path, arrays: dict[str, Any], message: str
+) -> None:
     _write(tmp_path / "b")
     _tamper(tmp_path / "b", arrays=arrays)
     with pytest.raises(BundleValueError, match=message) as err:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.cli import build_parser, main
+from edge_agent.cli.main import build_parser, main
 from tests.conftest import subcommands
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,21 +24,31 @@ def _subcommands(parser) -> list[tuple[str, object]]:
 def test_every_command_has_an_example_and_is_documented() -> None:
     docs = (REPO / "docs" / "api.md").read_text()
     commands = _subcommands(build_parser())
-    assert {"run", "models install", "models activate", "models rollback", "models list", "predict", "status",
-            "bench"} <= {n for n, _ in commands}
+    assert {
+        "run",
+        "models install",
+        "models activate",
+        "models rollback",
+        "models list",
+        "predict",
+        "status",
+        "bench",
+    } <= {n for n, _ in commands}
     for name, sub in commands:
         assert "Example:" in sub.format_help(), name
         assert f"edge-agent {name}" in docs, f"`edge-agent {name}` is not documented in docs/api.md"
 
 
 def test_every_cloud_batch_command_has_an_example_and_is_documented() -> None:
-    from cloud_batch.cli import build_parser as cloud_parser
+    from cloud_batch.cli.main import build_parser as cloud_parser
 
     docs = (REPO / "docs" / "api.md").read_text()
     for name, sub in _subcommands(cloud_parser()):
         assert "Example:" in sub.format_help(), name
         if sub._subparsers is None:  # a leaf command
-            wanted = "cloud-batch rollout status|advance|abort" if name.startswith("rollout ") else f"cloud-batch {name}"
+            wanted = (
+                "cloud-batch rollout status|advance|abort" if name.startswith("rollout ") else f"cloud-batch {name}"
+            )
             assert wanted in docs, f"`{wanted}` is not documented in docs/api.md"
 
 
@@ -77,8 +87,9 @@ def test_models_lifecycle_through_the_console_script(tmp_path: Path, digits_dir:
         (["predict", "nothere", "--input", "{junk}"], "not installed"),
     ],
 )
-def test_errors_are_clear_and_exit_1(tmp_path: Path, store, digits_dir: Path, args: list[str], message: str,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_errors_are_clear_and_exit_1(
+    tmp_path: Path, store, digits_dir: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     junk = tmp_path / "junk.tflite"
     junk.write_bytes(b"not a model")
     args = [a.replace("{junk}", str(junk)).replace("{model}", str(digits_dir / "model.tflite")) for a in args]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cloud_batch.cli import build_parser, main
-from edge_agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
+from cloud_batch.cli.main import build_parser, main
+from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
 from tests.conftest import subcommands
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,16 @@ def test_register_with_golden_file(tmp_path: Path) -> None:
     # The shipped golden samples name the renamed output ('probs'); a bare registration of the
     # same file exposes 'output_0', so the file does not fit and registration is refused.
     proc = run(
-        "register", DIGITS / MODEL_FILE, "--name", "d", "--version", "2", "--registry", tmp_path, "--golden", DIGITS / GOLDEN_FILE
+        "register",
+        DIGITS / MODEL_FILE,
+        "--name",
+        "d",
+        "--version",
+        "2",
+        "--registry",
+        tmp_path,
+        "--golden",
+        DIGITS / GOLDEN_FILE,
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "golden output 'probs' is not an output of the model" in proc.stderr
@@ -81,10 +90,16 @@ def test_register_with_golden_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["register", "missing.tflite", "--name", "x", "--version", "1"], "error: model file not found: missing.tflite"),
+        (
+            ["register", "missing.tflite", "--name", "x", "--version", "1"],
+            "error: model file not found: missing.tflite",
+        ),
         (["register", str(DIGITS / MODEL_FILE), "--name", "bad/name", "--version", "1"], "error: invalid model name"),
         (["register", str(DIGITS / MODEL_FILE), "--name", "x", "--version", "one"], "error: invalid version 'one'"),
-        (["register", str(DIGITS / MODEL_FILE), "--name", "x"], "error: the following arguments are required: --version"),
+        (
+            ["register", str(DIGITS / MODEL_FILE), "--name", "x"],
+            "error: the following arguments are required: --version",
+        ),
         (["train", "digits", "--epochs", "0"], "error: argument --epochs: must be at least 1, got 0"),
         (["train", "digits", "--epochs", "many"], "error: argument --epochs: expected a whole number, got 'many'"),
         (["train", "cats"], "error: argument MODEL: invalid choice: 'cats'"),
@@ -94,8 +109,13 @@ def test_register_with_golden_file(tmp_path: Path) -> None:
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_error(tmp_path: Path, args: list[str], message: str) -> None:
-    proc = subprocess.run([str(CLI), *args, *(["--registry", str(tmp_path)] if args[:1] == ["register"] else [])],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(CLI), *args, *(["--registry", str(tmp_path)] if args[:1] == ["register"] else [])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -105,17 +125,23 @@ def test_train_into_a_taken_version_fails_before_training(tmp_path: Path) -> Non
     run("register", DIGITS / MODEL_FILE, "--name", "digits", "--version", "1", "--registry", tmp_path)
     proc = run("train", "digits", "--registry", tmp_path, "--version", "1", "--no-progress")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: digits version 1 already exists in {tmp_path}; pick another version (next free: 2)"
+    assert (
+        proc.stderr.strip()
+        == f"error: digits version 1 already exists in {tmp_path}; pick another version (next free: 2)"
+    )
 
 
 def test_main_returns_2_and_prints_error_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["register", str(tmp_path / "nope.tflite"), "--name", "x", "--version", "1", "--registry", str(tmp_path)]) == 2
+    assert (
+        main(["register", str(tmp_path / "nope.tflite"), "--name", "x", "--version", "1", "--registry", str(tmp_path)])
+        == 2
+    )
     assert capsys.readouterr().err == f"error: model file not found: {tmp_path / 'nope.tflite'}\n"
 
 
 def test_cli_without_training_never_imports_tensorflow() -> None:
     code = (
-        "import sys, cloud_batch.cli as c, cloud_batch.digits, cloud_batch.maintenance, cloud_batch.registry;"
+        "import sys, cloud_batch.cli.main as c, cloud_batch.train.digits, cloud_batch.train.maintenance, cloud_batch.registry.models;"
         "c.build_parser().format_help();"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras'}))"
     )

@@ -7,8 +7,14 @@ import pandas as pd
 import pytest
 
 from cloud_batch.errors import InputError
-from cloud_batch.maintenance_data import EVENTS, SENSORS, START, generate
-from cloud_batch.maintenance_features import EXCURSION_C, FEATURE_NAMES, LIVE_FEATURES, asset_features, live_readings
+from cloud_batch.train.maintenance_data import EVENTS, SENSORS, START, generate
+from cloud_batch.train.maintenance_features import (
+    EXCURSION_C,
+    FEATURE_NAMES,
+    LIVE_FEATURES,
+    asset_features,
+    live_readings,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +88,7 @@ def test_asset_features_values_on_a_hand_made_history() -> None:
     assert f["vibration_mean_24h"] == pytest.approx(last24.mean())
     assert f["vibration_std_24h"] == pytest.approx(last24.std(ddof=1), rel=1e-5)
     assert f["vibration_trend_7d"] == pytest.approx(1.0, rel=1e-4)
-    assert f["temperature_excursions_7d"] == 1 and 90.0 >= EXCURSION_C
+    assert f["temperature_excursions_7d"] == 1 and EXCURSION_C <= 90.0
     assert f["temperature_mean_24h"] == pytest.approx((23 * 60 + 90) / 24)
     assert f["pressure_std_24h"] == 0 and f["rpm_mean_24h"] == 1800
     assert f["maintenance_count_30d"] == 1 and f["failure_count_30d"] == 1

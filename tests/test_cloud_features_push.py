@@ -20,18 +20,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cloud_batch import features_cli
-from cloud_batch.cli import build_parser as cloud_parser
+from cloud_batch.cli import features as features_cli
+from cloud_batch.cli.main import build_parser as cloud_parser
 from cloud_batch.errors import CloudError, InputError, RegistryError
-from cloud_batch.features import FeatureRegistry, Rows, build, compute_delta, push, read_partition_map
-from cloud_batch.fleet import BrokerUnreachableError
-from cloud_batch.keys import generate_keys
-from cloud_batch.maintenance_data import generate
-from cloud_batch.maintenance_features import asset_features
-from edge_agent.bundle import read_bundle
-from edge_agent.features import FeatureCache
-from edge_agent.protocol import Artifact, Release, features_topic, pack_dir, parse_chunk_topic, unpack_to
-from edge_agent.signing import load_public_key, verify
+from cloud_batch.features.build import FeatureRegistry, Rows, build, compute_delta, push, read_partition_map
+from cloud_batch.fleetops.fleet import BrokerUnreachableError
+from cloud_batch.fleetops.keys import generate_keys
+from cloud_batch.train.maintenance_data import generate
+from cloud_batch.train.maintenance_features import asset_features
+from edge_agent.features.cache import FeatureCache
+from edge_agent.wire.bundle import read_bundle
+from edge_agent.wire.protocol import Artifact, Release, features_topic, pack_dir, parse_chunk_topic, unpack_to
+from edge_agent.wire.signing import load_public_key, verify
 from tests.broker import Broker, broker, retained  # noqa: F401
 from tests.conftest import MODELS, free_port
 
@@ -71,12 +71,14 @@ def frame(n: int = 6, *, shift: float = 0.0, drop: tuple[str, ...] = (), extra: 
     """Per-camera stats; each row depends only on its camera's number, so versions differ only where asked."""
     ids = [f"cam-{i}" for i in range(n) if f"cam-{i}" not in drop] + list(extra)
     num = np.array([int(i.split("-")[1]) for i in ids])
-    return pd.DataFrame({
-        "camera": ids,
-        "fps_mean": (10 + (num * 7.3) % 20).round(3) + shift,
-        "dropped_frames": (num * 37) % 100,
-        "computed_at": [f"2026-11-0{1 + k % 9}T12:00:00Z" for k in num],
-    })
+    return pd.DataFrame(
+        {
+            "camera": ids,
+            "fps_mean": (10 + (num * 7.3) % 20).round(3) + shift,
+            "dropped_frames": (num * 37) % 100,
+            "computed_at": [f"2026-11-0{1 + k % 9}T12:00:00Z" for k in num],
+        }
+    )
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
@@ -110,7 +112,12 @@ def test_build_from_csv_writes_a_snapshot_and_is_idempotent(tmp_path: Path, reg:
     info = b.info
     assert (info.set, info.version, info.kind, info.entity_key) == (SET, "1", "snapshot", "camera")
     assert info.feature_names == ("fps_mean", "dropped_frames") and info.features[0].dtype == "float32"
-    assert (info.ttl_s, info.stale_policy, info.rows, dict(info.partition)) == (3600, "serve", 6, {"by": None, "key": None})
+    assert (info.ttl_s, info.stale_policy, info.rows, dict(info.partition)) == (
+        3600,
+        "serve",
+        6,
+        {"by": None, "key": None},
+    )
     assert "007" in b.entities.tolist()
     row = b.entities.tolist().index("cam-3")
     assert b.values[row].tolist() == pytest.approx([df.fps_mean[3], df.dropped_frames[3]], rel=1e-6)
@@ -144,8 +151,9 @@ def test_build_from_parquet(tmp_path: Path, reg: Path) -> None:
     df = frame()
     df["computed_at"] = pd.to_datetime(df["computed_at"])
     df.to_parquet(tmp_path / "x.parquet")
-    res = build(reg, SET, "1", source=tmp_path / "x.parquet", entity_key="camera", event_ts_col="computed_at",
-                progress=False)
+    res = build(
+        reg, SET, "1", source=tmp_path / "x.parquet", entity_key="camera", event_ts_col="computed_at", progress=False
+    )
     assert read_bundle(res.path).info.rows == 6
 
 
@@ -174,8 +182,15 @@ def test_recipe_maintenance_matches_the_models_manifest(tmp_path: Path, reg: Pat
     # From a history file, as of a chosen time.
     small = generate(n_assets=5, days=10, seed=4)
     small.to_csv(tmp_path / "history.csv", index=False)
-    res2 = build(reg, "asset_features", "2", recipe="maintenance", history=tmp_path / "history.csv",
-                 as_of="2024-01-08 06:00", progress=False)
+    res2 = build(
+        reg,
+        "asset_features",
+        "2",
+        recipe="maintenance",
+        history=tmp_path / "history.csv",
+        as_of="2024-01-08 06:00",
+        progress=False,
+    )
     b2 = read_bundle(res2.path)
     want = asset_features(small, "2024-01-08 06:00")
     assert b2.entities.tolist() == sorted(want.index) and b2.info.rows == 5
@@ -197,17 +212,34 @@ def test_recipe_refuses_a_registered_maintenance_model_with_other_features(tmp_p
 
 
 BAD_BUILDS = [
-    ("text column", lambda df: df.assign(site="north"), {}, r"column 'site' \(dtype \w+, e.g. 'north'\) is not numeric"),
+    (
+        "text column",
+        lambda df: df.assign(site="north"),
+        {},
+        r"column 'site' \(dtype \w+, e.g. 'north'\) is not numeric",
+    ),
     ("bool column", lambda df: df.assign(ok=True), {}, r"column 'ok' \(dtype bool, e.g. True\) is not numeric"),
-    ("NaN", lambda df: df.assign(fps_mean=df.fps_mean.where(df.camera != "cam-4")), {},
-     r"missing value \(NaN\) in column 'fps_mean' for entity 'cam-4' \(row 5"),
+    (
+        "NaN",
+        lambda df: df.assign(fps_mean=df.fps_mean.where(df.camera != "cam-4")),
+        {},
+        r"missing value \(NaN\) in column 'fps_mean' for entity 'cam-4' \(row 5",
+    ),
     ("duplicate", lambda df: pd.concat([df, df.iloc[[2]]]), {}, r"duplicate entity 'cam-2' in rows \[3, 7\]"),
     ("no entity column", lambda df: df, {"entity_key": "asset"}, r"has no entity column 'asset' \(columns: 'camera'"),
     ("no ts column", lambda df: df, {"event_ts_col": "when"}, r"has no event-ts column 'when'"),
-    ("bad ts", lambda df: df.assign(computed_at=df.computed_at.where(df.camera != "cam-1", "yesterday")), {},
-     r"event time 'yesterday' of entity 'cam-1' \(row 2, column 'computed_at'\)"),
-    ("empty id", lambda df: df.assign(camera=df.camera.where(df.camera != "cam-0", None)), {},
-     r"entity column 'camera' is empty in row 1"),
+    (
+        "bad ts",
+        lambda df: df.assign(computed_at=df.computed_at.where(df.camera != "cam-1", "yesterday")),
+        {},
+        r"event time 'yesterday' of entity 'cam-1' \(row 2, column 'computed_at'\)",
+    ),
+    (
+        "empty id",
+        lambda df: df.assign(camera=df.camera.where(df.camera != "cam-0", None)),
+        {},
+        r"entity column 'camera' is empty in row 1",
+    ),
     ("only ids", lambda df: df[["camera"]], {"event_ts_col": None}, r"no feature columns besides 'camera'"),
     ("no rows", lambda df: df.iloc[:0], {}, r"has no rows"),
     ("floats as int64", lambda df: df, {"dtype": "int64"}, r"columns 'fps_mean' hold floats"),
@@ -225,8 +257,9 @@ BAD_BUILDS = [
 
 
 @pytest.mark.parametrize("change,extra,message", [b[1:] for b in BAD_BUILDS], ids=[b[0] for b in BAD_BUILDS])
-def test_bad_build_input_is_a_clear_error_and_writes_nothing(tmp_path: Path, reg: Path, change, extra: dict,
-                                                               message: str) -> None:
+def test_bad_build_input_is_a_clear_error_and_writes_nothing(
+    tmp_path: Path, reg: Path, change, extra: dict, message: str
+) -> None:
     args = {"set_name": SET, "version": "1", "entity_key": "camera", "event_ts_col": "computed_at"}
     args.update(extra)
     if extra.get("recipe"):
@@ -258,14 +291,17 @@ def test_compute_delta_upserts_changes_and_deletes_what_is_gone() -> None:
     assert len(same.entities) == 0 and len(same.deleted) == 0
 
 
-@pytest.mark.parametrize("text,message", [
-    ("entity,partition\ncam-0,device:d1\ncam-0,device:d2\n", "mapped twice"),
-    ("entity,partition\ncam-0,site:north\n", "must be device:<id> or group:<name>"),
-    ("entity,partition\ncam-0,device:a/b\n", "invalid device name"),
-    ("entity,part\ncam-0,device:d1\n", "expected the columns entity,partition"),
-    ("entity,partition\n", "has no rows"),
-    ("", "is empty"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("entity,partition\ncam-0,device:d1\ncam-0,device:d2\n", "mapped twice"),
+        ("entity,partition\ncam-0,site:north\n", "must be device:<id> or group:<name>"),
+        ("entity,partition\ncam-0,device:a/b\n", "invalid device name"),
+        ("entity,part\ncam-0,device:d1\n", "expected the columns entity,partition"),
+        ("entity,partition\n", "has no rows"),
+        ("", "is empty"),
+    ],
+)
 def test_bad_partition_maps(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "map.csv").write_text(text)
     with pytest.raises(InputError, match=message):
@@ -274,7 +310,10 @@ def test_bad_partition_maps(tmp_path: Path, text: str, message: str) -> None:
 
 # -- push ------------------------------------------------------------------------------------------
 def test_push_snapshot_publishes_a_signed_features_release_and_retained_chunks(
-    broker: Broker, keys: tuple[Path, Path], reg: Path, tmp_path: Path  # noqa: F811
+    broker: Broker,
+    keys: tuple[Path, Path],
+    reg: Path,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     build_csv(reg, "1", frame(40), tmp_path)
     res = push(reg, SET, "1", FLEET, keys[0], broker.url, chunk_size=CHUNK, progress=True)
@@ -282,8 +321,13 @@ def test_push_snapshot_publishes_a_signed_features_release_and_retained_chunks(
     topic = features_topic(FLEET, SET)
     assert topic == f"edgefleet/v1/fleets/{FLEET}/features/{SET}/all/all" and [r.topic for r in res.releases] == [topic]
     rel = released(held, topic, keys[1])
-    assert (rel.kind, rel.name, rel.version, rel.fleet, rel.partition) == ("features", SET, "1", FLEET,
-                                                                             {"by": "all", "key": "all"})
+    assert (rel.kind, rel.name, rel.version, rel.fleet, rel.partition) == (
+        "features",
+        SET,
+        "1",
+        FLEET,
+        {"by": "all", "key": "all"},
+    )
     assert rel.release_id == res.releases[0].release.release_id and rel.release_id.startswith(f"{SET}-1-")
     assert rel.fallback is None and rel.artifact.chunk_size == CHUNK and len(rel.artifact.chunks) > 2
     assert rel.artifact.sha256 == hashlib.sha256(pack_dir(reg / "features" / SET / "1")).hexdigest()
@@ -299,7 +343,10 @@ def test_push_snapshot_publishes_a_signed_features_release_and_retained_chunks(
 
 
 def test_push_delta_with_snapshot_fallback_and_superseded_artifacts_cleared(
-    broker: Broker, keys: tuple[Path, Path], reg: Path, tmp_path: Path  # noqa: F811
+    broker: Broker,
+    keys: tuple[Path, Path],
+    reg: Path,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     v1 = frame(30)
     v2 = frame(30, drop=("cam-3", "cam-8"), extra=("cam-99", "cam-100"))
@@ -341,16 +388,25 @@ def test_push_delta_with_snapshot_fallback_and_superseded_artifacts_cleared(
 
 
 def test_push_with_a_partition_map_publishes_one_release_per_partition(
-    broker: Broker, keys: tuple[Path, Path], reg: Path, tmp_path: Path  # noqa: F811
+    broker: Broker,
+    keys: tuple[Path, Path],
+    reg: Path,
+    tmp_path: Path,  # noqa: F811
 ) -> None:
     build_csv(reg, "1", frame(6), tmp_path)
-    (tmp_path / "map1.csv").write_text("entity,partition\ncam-0,device:dev-a\ncam-1,device:dev-a\ncam-2,device:dev-b\n"
-                                       "cam-3,group:north\ncam-4,group:north\ncam-5,group:north\n")
-    first = push(reg, SET, "1", FLEET, keys[0], broker.url, partition_map=tmp_path / "map1.csv", chunk_size=CHUNK,
-                 progress=False)
+    (tmp_path / "map1.csv").write_text(
+        "entity,partition\ncam-0,device:dev-a\ncam-1,device:dev-a\ncam-2,device:dev-b\n"
+        "cam-3,group:north\ncam-4,group:north\ncam-5,group:north\n"
+    )
+    first = push(
+        reg, SET, "1", FLEET, keys[0], broker.url, partition_map=tmp_path / "map1.csv", chunk_size=CHUNK, progress=False
+    )
     held = retained(broker.url)
-    want = {("device", "dev-a"): ["cam-0", "cam-1"], ("device", "dev-b"): ["cam-2"],
-            ("group", "north"): ["cam-3", "cam-4", "cam-5"]}
+    want = {
+        ("device", "dev-a"): ["cam-0", "cam-1"],
+        ("device", "dev-b"): ["cam-2"],
+        ("group", "north"): ["cam-3", "cam-4", "cam-5"],
+    }
     assert sorted(r.partition for r in first.releases) == sorted(want)
     for part, ents in want.items():
         rel = released(held, features_topic(FLEET, SET, *part), keys[1])
@@ -364,10 +420,22 @@ def test_push_with_a_partition_map_publishes_one_release_per_partition(
     v2 = frame(6, drop=("cam-5",))
     v2.loc[v2.camera == "cam-4", "fps_mean"] += 2
     build_csv(reg, "2", v2, tmp_path)
-    (tmp_path / "map2.csv").write_text("entity,partition\ncam-0,device:dev-a\ncam-1,device:dev-b\ncam-2,device:dev-b\n"
-                                       "cam-3,group:north\ncam-4,group:north\n")
-    res = push(reg, SET, "2", FLEET, keys[0], broker.url, delta_from="1", partition_map=tmp_path / "map2.csv",
-               chunk_size=CHUNK, progress=False)
+    (tmp_path / "map2.csv").write_text(
+        "entity,partition\ncam-0,device:dev-a\ncam-1,device:dev-b\ncam-2,device:dev-b\n"
+        "cam-3,group:north\ncam-4,group:north\n"
+    )
+    res = push(
+        reg,
+        SET,
+        "2",
+        FLEET,
+        keys[0],
+        broker.url,
+        delta_from="1",
+        partition_map=tmp_path / "map2.csv",
+        chunk_size=CHUNK,
+        progress=False,
+    )
     held = retained(broker.url)
     expect = {  # partition: (upserts, deletions, fallback snapshot entities)
         ("device", "dev-a"): ([], ["cam-1"], ["cam-0"]),
@@ -377,13 +445,18 @@ def test_push_with_a_partition_map_publishes_one_release_per_partition(
     for part, (ups, dels, snap_ents) in expect.items():
         rel = released(held, features_topic(FLEET, SET, *part), keys[1])
         d = download(held, rel.artifact, tmp_path / f"d2-{part[1]}")
-        assert (d.info.kind, d.info.base_version, dict(d.info.partition)) == ("delta", "1", {"by": part[0], "key": part[1]})
+        assert (d.info.kind, d.info.base_version, dict(d.info.partition)) == (
+            "delta",
+            "1",
+            {"by": part[0], "key": part[1]},
+        )
         assert (d.entities.tolist(), d.deleted.tolist()) == (ups, dels), part
         s = download(held, rel.fallback, tmp_path / f"s2-{part[1]}")
         assert s.info.kind == "snapshot" and s.entities.tolist() == snap_ents
     part_dir = reg / "features" / SET / "2.partitions"
     assert sorted(p.name for p in part_dir.iterdir()) == sorted(
-        [f"{b}-{k}" for b, k in expect] + [f"{b}-{k}.delta-from-1" for b, k in expect])
+        [f"{b}-{k}" for b, k in expect] + [f"{b}-{k}.delta-from-1" for b, k in expect]
+    )
     # Every version-1 partition artifact was superseded and cleared.
     assert sorted(res.cleared) == sorted(r.release.artifact.sha256 for r in first.releases)
     assert chunk_shas(held) == {a.sha256 for r in res.releases for a in (r.release.artifact, r.release.fallback)}
@@ -400,23 +473,39 @@ BAD_PUSHES = [
     ({"key": "missing"}, InputError, "cannot read signing key"),
     ({"key": "public"}, InputError, "cannot read signing key"),
     ({"partition_map": "missing"}, InputError, "partition map not found"),
-    ({"partition_map": "entity,partition\ncam-0,device:d1\n"}, InputError,
-     r"does not place 5 of the 6 entities of cam_stats 2: 'cam-1', "),
+    (
+        {"partition_map": "entity,partition\ncam-0,device:d1\n"},
+        InputError,
+        r"does not place 5 of the 6 entities of cam_stats 2: 'cam-1', ",
+    ),
     ({"partition_map": "entity,partition\ncam-0,shelf:1\n"}, InputError, "must be device:<id> or group:<name>"),
     ({"chunk_size": 0}, InputError, "chunk size 0 must be a positive"),
 ]
 
 
-@pytest.mark.parametrize("change,error,message", BAD_PUSHES,
-                         ids=[f"{list(c)[0]}={str(list(c.values())[0])[:20]}" for c, _, _ in BAD_PUSHES])
+@pytest.mark.parametrize(
+    "change,error,message", BAD_PUSHES, ids=[f"{list(c)[0]}={str(list(c.values())[0])[:20]}" for c, _, _ in BAD_PUSHES]
+)
 def test_bad_push_input_is_a_clear_error_and_publishes_nothing(
-    broker: Broker, keys: tuple[Path, Path], reg: Path, tmp_path: Path,  # noqa: F811
-    change: dict, error: type[CloudError], message: str,
+    broker: Broker,
+    keys: tuple[Path, Path],
+    reg: Path,
+    tmp_path: Path,  # noqa: F811
+    change: dict,
+    error: type[CloudError],
+    message: str,
 ) -> None:
     build_csv(reg, "1", frame(6), tmp_path)
     build_csv(reg, "2", frame(6, shift=1.0), tmp_path)
-    args = {"set_name": SET, "version": "2", "fleet": FLEET, "key": keys[0], "delta_from": None, "partition_map": None,
-            "chunk_size": CHUNK}
+    args = {
+        "set_name": SET,
+        "version": "2",
+        "fleet": FLEET,
+        "key": keys[0],
+        "delta_from": None,
+        "partition_map": None,
+        "chunk_size": CHUNK,
+    }
     args.update(change)
     if args["key"] == "missing":
         args["key"] = tmp_path / "nope.key"
@@ -428,12 +517,22 @@ def test_bad_push_input_is_a_clear_error_and_publishes_nothing(
         (tmp_path / "map.csv").write_text(args["partition_map"])
         args["partition_map"] = tmp_path / "map.csv"
     with pytest.raises(error, match=message):
-        push(reg, args.pop("set_name"), args.pop("version"), args.pop("fleet"), args.pop("key"), broker.url,
-             progress=False, **args)
+        push(
+            reg,
+            args.pop("set_name"),
+            args.pop("version"),
+            args.pop("fleet"),
+            args.pop("key"),
+            broker.url,
+            progress=False,
+            **args,
+        )
     assert retained(broker.url) == {}
 
 
-def test_unreachable_broker_names_the_url_and_publishes_nothing(keys: tuple[Path, Path], reg: Path, tmp_path: Path) -> None:
+def test_unreachable_broker_names_the_url_and_publishes_nothing(
+    keys: tuple[Path, Path], reg: Path, tmp_path: Path
+) -> None:
     build_csv(reg, "1", frame(6), tmp_path)
     url = f"mqtt://127.0.0.1:{free_port()}"
     with pytest.raises(BrokerUnreachableError, match=f"cannot reach the MQTT broker at {url}"):
@@ -441,29 +540,97 @@ def test_unreachable_broker_names_the_url_and_publishes_nothing(keys: tuple[Path
 
 
 # -- CLI wiring ---------------------------------------------------------------------------------
-def test_cli_build_and_push(broker: Broker, keys: tuple[Path, Path], reg: Path, tmp_path: Path,  # noqa: F811
-                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_build_and_push(
+    broker: Broker,
+    keys: tuple[Path, Path],
+    reg: Path,
+    tmp_path: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     src = write_csv(frame(6), tmp_path / "stats.csv")
-    assert features_cli.main(["features", "build", SET, "--version", "1", "--registry", str(reg), "--from", str(src),
-                              "--entity-key", "camera", "--event-ts-col", "computed_at", "--ttl-s", "86400",
-                              "--stale-policy", "serve", "--no-progress"]) == 0
+    assert (
+        features_cli.main(
+            [
+                "features",
+                "build",
+                SET,
+                "--version",
+                "1",
+                "--registry",
+                str(reg),
+                "--from",
+                str(src),
+                "--entity-key",
+                "camera",
+                "--event-ts-col",
+                "computed_at",
+                "--ttl-s",
+                "86400",
+                "--stale-policy",
+                "serve",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"built: feature set {SET} version 1" in out and "6 entities (camera) x 2 features (float32)" in out
     assert read_bundle(reg / "features" / SET / "1").info.ttl_s == 86400
 
-    assert features_cli.main(["features", "push", SET, "--version", "1", "--fleet", FLEET, "--registry", str(reg),
-                              "--key", str(keys[0]), "--broker", broker.url, "--no-progress"]) == 0
+    assert (
+        features_cli.main(
+            [
+                "features",
+                "push",
+                SET,
+                "--version",
+                "1",
+                "--fleet",
+                FLEET,
+                "--registry",
+                str(reg),
+                "--key",
+                str(keys[0]),
+                "--broker",
+                broker.url,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"pushed feature set {SET} 1 to fleet {FLEET}" in out and features_topic(FLEET, SET) in out
     assert features_topic(FLEET, SET) in retained(broker.url)
 
     # Errors: `error: ...`, exit 2, no traceback.
-    assert features_cli.main(["features", "build", SET, "--version", "2", "--registry", str(reg),
-                              "--recipe", "weather"]) == 2
+    assert (
+        features_cli.main(["features", "build", SET, "--version", "2", "--registry", str(reg), "--recipe", "weather"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: unknown recipe 'weather'; recipes: maintenance") and "Traceback" not in err
-    assert features_cli.main(["features", "push", SET, "--version", "1", "--fleet", FLEET, "--registry", str(reg),
-                              "--key", str(keys[0]), "--broker", broker.url, "--delta-from", "1"]) == 2
+    assert (
+        features_cli.main(
+            [
+                "features",
+                "push",
+                SET,
+                "--version",
+                "1",
+                "--fleet",
+                FLEET,
+                "--registry",
+                str(reg),
+                "--key",
+                str(keys[0]),
+                "--broker",
+                broker.url,
+                "--delta-from",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err == "error: --delta-from 1 is not older than version 1\n"
 
 
@@ -477,18 +644,46 @@ def test_every_features_command_has_help_ending_with_an_example() -> None:
         tail = p.format_help().rstrip().rsplit("Example:", 1)
         assert len(tail) == 2, p.prog
         assert all(line.strip().startswith("cloud-batch features") for line in tail[1].strip().splitlines())
-    for flag in ("--version", "--registry", "--from", "--entity-key", "--recipe", "--ttl-s", "--stale-policy",
-                 "--event-ts-col"):
+    for flag in (
+        "--version",
+        "--registry",
+        "--from",
+        "--entity-key",
+        "--recipe",
+        "--ttl-s",
+        "--stale-policy",
+        "--event-ts-col",
+    ):
         assert flag in leaves["build"].format_help()
     for flag in ("--version", "--fleet", "--registry", "--key", "--broker", "--delta-from", "--partition-map"):
         assert flag in leaves["push"].format_help()
 
 
 def test_console_script_wiring(tmp_path: Path) -> None:
-    proc = subprocess.run([str(CLI), "features", "build", "x", "--version", "1", "--registry", str(tmp_path),
-                           "--from", str(tmp_path / "nope.csv"), "--entity-key", "id"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            str(CLI),
+            "features",
+            "build",
+            "x",
+            "--version",
+            "1",
+            "--registry",
+            str(tmp_path),
+            "--from",
+            str(tmp_path / "nope.csv"),
+            "--entity-key",
+            "id",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and proc.stderr == f"error: input file not found: {tmp_path / 'nope.csv'}\n"
-    proc = subprocess.run([str(CLI), "features", "build", "x", "--version", "1", "--registry", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(CLI), "features", "build", "x", "--version", "1", "--registry", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "one of the arguments --from --recipe is required" in proc.stderr

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud_batch.maintenance_features import FEATURE_NAMES, LIVE_FEATURES
-from cloud_batch.registry import Registry
-from edge_agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
-from edge_agent.modelpack import verify_version_dir
-from edge_agent.runtime import LoadedModel
+from cloud_batch.registry.models import Registry
+from cloud_batch.train.maintenance_features import FEATURE_NAMES, LIVE_FEATURES
+from edge_agent.inference.modelpack import verify_version_dir
+from edge_agent.inference.runtime import LoadedModel
+from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = Registry(REPO / "models")
@@ -32,7 +32,7 @@ def test_shipped_version_dirs_verify(name: str) -> None:
 
 
 def test_shipped_digits_contract_and_held_out_accuracy() -> None:
-    from cloud_batch.digits import LABELS, PREPROCESSING, load_split
+    from cloud_batch.train.digits import LABELS, PREPROCESSING, load_split
 
     d = MODELS.path("digits", "1")
     m = verify_version_dir(d, run_golden=False)
@@ -69,9 +69,10 @@ def test_shipped_maintenance_contract() -> None:
     assert (out.name, out.datatype, out.shape) == ("failure_prob", "FP32", (-1, 1))
     raw = json.loads((d / MANIFEST_FILE).read_text())
     assert raw["feature_names"] == {"live": list(LIVE_FEATURES), "asset_features": list(FEATURE_NAMES)}
-    # The device fills asset_features from its cached feature set of that name (edge_agent/join.py).
-    assert raw["feature_joins"] == {"asset_features": {"set": "asset_features", "features": list(FEATURE_NAMES),
-                                                       "default": None}}
+    # The device fills asset_features from its cached feature set of that name (edge_agent/features/join.py).
+    assert raw["feature_joins"] == {
+        "asset_features": {"set": "asset_features", "features": list(FEATURE_NAMES), "default": None}
+    }
     assert list(m.feature_joins) == ["asset_features"]
     assert m.metrics["quantized_auc"] >= 0.85 and m.metrics["float_auc"] - m.metrics["quantized_auc"] <= 0.01
 
@@ -80,9 +81,9 @@ def test_shipped_maintenance_ranks_failures_on_unseen_assets() -> None:
     """Recompute the held-out AUC from raw history through asset_features and the edge runtime."""
     from sklearn.metrics import roc_auc_score
 
-    from cloud_batch.device_eval import predict_batched
-    from cloud_batch.maintenance import build_dataset, split_assets
-    from cloud_batch.maintenance_data import generate
+    from cloud_batch.train.device_eval import predict_batched
+    from cloud_batch.train.maintenance import build_dataset, split_assets
+    from cloud_batch.train.maintenance_data import generate
 
     d = MODELS.path("maintenance", "1")
     m = verify_version_dir(d, run_golden=False)

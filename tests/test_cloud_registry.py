@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from cloud_batch.errors import RegistryError
-from cloud_batch.registry import Registry
-from edge_agent.golden import load_golden
-from edge_agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
-from edge_agent.modelpack import verify_version_dir
+from cloud_batch.registry.models import Registry
+from edge_agent.inference.golden import load_golden
+from edge_agent.inference.modelpack import verify_version_dir
+from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "models" / "digits" / "1"
@@ -25,7 +25,9 @@ MAINTENANCE = REPO / "models" / "maintenance" / "1"
 
 def test_register_writes_exactly_the_modelpack_layout(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "reg")
-    m = reg.register(DIGITS / MODEL_FILE, "digits", "3", labels=[str(i) for i in range(10)], rename_outputs={"output_0": "probs"})
+    m = reg.register(
+        DIGITS / MODEL_FILE, "digits", "3", labels=[str(i) for i in range(10)], rename_outputs={"output_0": "probs"}
+    )
     d = reg.path("digits", "3")
     assert d == tmp_path / "reg" / "digits" / "3"
     assert sorted(p.name for p in d.iterdir()) == sorted([MODEL_FILE, MANIFEST_FILE, GOLDEN_FILE])

@@ -16,15 +16,23 @@ from pathlib import Path
 
 import pytest
 
-from cloud_batch import ota_cli
+from cloud_batch.cli import ota as ota_cli
 from cloud_batch.errors import CloudError, InputError, RegistryError
-from cloud_batch.fleet import BrokerUnreachableError
-from cloud_batch.keys import generate_keys
-from cloud_batch.registry import Registry
-from cloud_batch.release import parse_stages, release
-from edge_agent.manifest import MANIFEST_FILE
-from edge_agent.protocol import Release, Rollout, chunk_topic, pack_dir, parse_chunk_topic, release_topic, rollout_topic
-from edge_agent.signing import load_public_key, verify
+from cloud_batch.fleetops.fleet import BrokerUnreachableError
+from cloud_batch.fleetops.keys import generate_keys
+from cloud_batch.fleetops.release import parse_stages, release
+from cloud_batch.registry.models import Registry
+from edge_agent.wire.manifest import MANIFEST_FILE
+from edge_agent.wire.protocol import (
+    Release,
+    Rollout,
+    chunk_topic,
+    pack_dir,
+    parse_chunk_topic,
+    release_topic,
+    rollout_topic,
+)
+from edge_agent.wire.signing import load_public_key, verify
 from tests.broker import Broker, broker, retained  # noqa: F401
 from tests.conftest import MODELS, free_port, subcommands
 
@@ -78,10 +86,25 @@ def test_keys_generate_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 # -- a release on the broker ---------------------------------------------------------------------
 def test_release_publishes_retained_chunks_rollout_and_a_signed_release(
-    broker: Broker, keys: tuple[Path, Path], registry: Path  # noqa: F811
+    broker: Broker,
+    keys: tuple[Path, Path],
+    registry: Path,  # noqa: F811
 ) -> None:
-    rel = release(registry, "digits", "1", FLEET, keys[0], broker.url, stages=[5, 25, 100], max_failure_rate=0.2,
-                  max_latency_ms=5.0, window="02:00-04:00", chunk_size=CHUNK, health_window_s=0, progress=True)
+    rel = release(
+        registry,
+        "digits",
+        "1",
+        FLEET,
+        keys[0],
+        broker.url,
+        stages=[5, 25, 100],
+        max_failure_rate=0.2,
+        max_latency_ms=5.0,
+        window="02:00-04:00",
+        chunk_size=CHUNK,
+        health_window_s=0,
+        progress=True,
+    )
     held = retained(broker.url)
 
     # The signed release: verifies with the public key, parses, says what was asked.
@@ -89,7 +112,13 @@ def test_release_publishes_retained_chunks_rollout_and_a_signed_release(
     verify(doc, [load_public_key(keys[1])])
     parsed = Release.from_dict(doc)
     assert parsed.release_id == rel.release_id and parsed.release_id.startswith("digits-1-")
-    assert (parsed.fleet, parsed.name, parsed.version, parsed.kind, parsed.rollback) == (FLEET, "digits", "1", "model", False)
+    assert (parsed.fleet, parsed.name, parsed.version, parsed.kind, parsed.rollback) == (
+        FLEET,
+        "digits",
+        "1",
+        "model",
+        False,
+    )
     assert parsed.policy.stages == [5, 25, 100] and parsed.policy.max_failure_rate == 0.2
     assert parsed.policy.max_latency_ms == 5.0 and parsed.policy.window == "02:00-04:00"
     assert parsed.signature == rel.signature
@@ -111,7 +140,9 @@ def test_release_publishes_retained_chunks_rollout_and_a_signed_release(
 
 
 def test_a_new_release_clears_the_superseded_artifact_but_not_a_shared_one(
-    broker: Broker, keys: tuple[Path, Path], registry: Path  # noqa: F811
+    broker: Broker,
+    keys: tuple[Path, Path],
+    registry: Path,  # noqa: F811
 ) -> None:
     first = release(registry, "digits", "1", FLEET, keys[0], broker.url, chunk_size=CHUNK, progress=False)
     # The same artifact again (a re-release): its chunks must stay.
@@ -149,10 +180,17 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("change,error,message", BAD_INPUTS, ids=[f"{list(c)[0]}={list(c.values())[0]}" for c, _, _ in BAD_INPUTS])
+@pytest.mark.parametrize(
+    "change,error,message", BAD_INPUTS, ids=[f"{list(c)[0]}={list(c.values())[0]}" for c, _, _ in BAD_INPUTS]
+)
 def test_bad_input_is_a_clear_error_and_publishes_nothing(
-    broker: Broker, keys: tuple[Path, Path], registry: Path, tmp_path: Path,  # noqa: F811
-    change: dict, error: type[CloudError], message: str,
+    broker: Broker,
+    keys: tuple[Path, Path],
+    registry: Path,
+    tmp_path: Path,  # noqa: F811
+    change: dict,
+    error: type[CloudError],
+    message: str,
 ) -> None:
     args = {"name": "digits", "version": "1", "fleet": FLEET, "key": keys[0], "stages": "10,100"}
     args.update(change)
@@ -161,8 +199,16 @@ def test_bad_input_is_a_clear_error_and_publishes_nothing(
     elif args["key"] == "public":
         args["key"] = keys[1]
     with pytest.raises(error, match=message):
-        release(registry, args.pop("name"), args.pop("version"), args.pop("fleet"), args.pop("key"), broker.url,
-                progress=False, **args)
+        release(
+            registry,
+            args.pop("name"),
+            args.pop("version"),
+            args.pop("fleet"),
+            args.pop("key"),
+            broker.url,
+            progress=False,
+            **args,
+        )
     assert retained(broker.url) == {}
 
 
@@ -199,12 +245,44 @@ def test_every_ota_command_has_help_ending_with_an_example(capsys: pytest.Captur
         assert all(line.strip().startswith("cloud-batch") for line in example[1].strip().splitlines())
 
 
-def test_release_cli(broker: Broker, keys: tuple[Path, Path], registry: Path,  # noqa: F811
-                     capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["release", "digits", "--version", "1", "--fleet", FLEET, "--registry", str(registry), "--key", str(keys[0]),
-            "--broker", broker.url]
-    assert ota_cli.main([*base, "--rollout", "5,25,100", "--max-failure-rate", "0.2", "--max-latency-ms", "4",
-                         "--window", "01:00-03:00", "--urgent", "--no-progress"]) == 0
+def test_release_cli(
+    broker: Broker,
+    keys: tuple[Path, Path],
+    registry: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = [
+        "release",
+        "digits",
+        "--version",
+        "1",
+        "--fleet",
+        FLEET,
+        "--registry",
+        str(registry),
+        "--key",
+        str(keys[0]),
+        "--broker",
+        broker.url,
+    ]
+    assert (
+        ota_cli.main(
+            [
+                *base,
+                "--rollout",
+                "5,25,100",
+                "--max-failure-rate",
+                "0.2",
+                "--max-latency-ms",
+                "4",
+                "--window",
+                "01:00-03:00",
+                "--urgent",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "released digits 1 to fleet plant-7: digits-1-" in out and "stage 1/3 at 5%" in out
     doc = Release.from_dict(json.loads(retained(broker.url)[release_topic(FLEET, "digits")]))

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 
 from cloud_batch.errors import QualityGateError
-from cloud_batch.gate import Gate
-from cloud_batch.registry import Registry
-from edge_agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
-from edge_agent.modelpack import verify_version_dir
-from edge_agent.runtime import LoadedModel
+from cloud_batch.registry.models import Registry
+from cloud_batch.train.gate import Gate
+from edge_agent.inference.modelpack import verify_version_dir
+from edge_agent.inference.runtime import LoadedModel
+from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
 
 CLI = Path(sys.executable).parent / "cloud-batch"
 
@@ -60,7 +60,14 @@ def test_digits_training_registers_a_verified_version(trained: tuple[Path, subpr
     assert [(s.name, s.dtype, s.datatype, s.shape) for s in m.inputs] == [("pixels", "int8", "FP32", (-1, 8, 8, 1))]
     assert [(s.name, s.dtype, s.datatype, s.shape) for s in m.outputs] == [("probs", "int8", "FP32", (-1, 10))]
     assert m.labels == [str(i) for i in range(10)]
-    assert m.preprocessing == {"kind": "image", "height": 8, "width": 8, "channels": 1, "range": [0, 16], "invert": True}
+    assert m.preprocessing == {
+        "kind": "image",
+        "height": 8,
+        "width": 8,
+        "channels": 1,
+        "range": [0, 16],
+        "invert": True,
+    }
     assert {"float_accuracy", "int8_accuracy", "n_train", "n_test"} <= set(m.metrics)
     assert m.metrics["n_train"] + m.metrics["n_test"] == 1797
     assert m.metrics["int8_accuracy"] >= 0.95
@@ -69,8 +76,10 @@ def test_digits_training_registers_a_verified_version(trained: tuple[Path, subpr
         assert g["in:pixels"].shape == (10, 8, 8, 1) and g["out:probs"].shape == (10, 10)
 
 
-def test_digits_accuracy_reproduces_through_the_edge_runtime(trained: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
-    from cloud_batch.digits import load_split
+def test_digits_accuracy_reproduces_through_the_edge_runtime(
+    trained: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    from cloud_batch.train.digits import load_split
 
     d = Registry(trained[0]).path("digits", "1")
     m = verify_version_dir(d, run_golden=False)
@@ -100,7 +109,7 @@ def test_digits_default_version_determinism_and_gate_refusal(
     out = python(
         """
         import json, sys
-        from cloud_batch.digits import train_digits
+        from cloud_batch.train.digits import train_digits
         from cloud_batch.errors import QualityGateError
         reg = sys.argv[1]
         again = train_digits(reg, progress=False)           # no version given: the next one
@@ -128,7 +137,7 @@ def test_maintenance_trains_with_two_named_inputs_and_int8_is_refused(tmp_path: 
     out = python(
         """
         import json, sys
-        from cloud_batch.maintenance import train_maintenance
+        from cloud_batch.train.maintenance import train_maintenance
         from cloud_batch.errors import QualityGateError
         ok = train_maintenance(sys.argv[1], progress=False)
         out = {"path": str(ok.path), "metrics": ok.metrics}
@@ -141,7 +150,7 @@ def test_maintenance_trains_with_two_named_inputs_and_int8_is_refused(tmp_path: 
         tmp_path / "ok",
         tmp_path / "int8",
     )
-    from edge_agent.runtime import inspect_model
+    from edge_agent.inference.runtime import inspect_model
 
     m = verify_version_dir(out["path"])
     ins, _ = inspect_model(Path(out["path"]) / MODEL_FILE)

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.bundle import FeatureSpec, read_bundle, write_bundle
+from edge_agent.cli.features import add_commands
 from edge_agent.errors import EdgeError, FailedError, NotFoundError, RejectedError
-from edge_agent.features import (
+from edge_agent.features.cache import (
     DB_FILE,
     CacheFull,
     DeltaBaseMismatch,
@@ -27,7 +27,7 @@ from edge_agent.features import (
     FeatureSetNotFound,
     VersionNotNewer,
 )
-from edge_agent.features_cli import add_commands
+from edge_agent.wire.bundle import FeatureSpec, read_bundle, write_bundle
 
 NAMES = ["a", "b", "c"]
 T0 = 1_800_000_000.0
@@ -41,17 +41,40 @@ class Clock:
         return self.t
 
 
-def make(tmp: Path, version: str, entities: dict[str, list[float]], *, kind: str = "snapshot",
-         base: str | None = None, deleted: tuple[str, ...] = (), ts: float | dict[str, float] = T0,
-         ttl_s: float | None = 3600, policy: str = "reject", names: list[str] = NAMES, set: str = "maint",
-         dtype: str = "float64"):
+def make(
+    tmp: Path,
+    version: str,
+    entities: dict[str, list[float]],
+    *,
+    kind: str = "snapshot",
+    base: str | None = None,
+    deleted: tuple[str, ...] = (),
+    ts: float | dict[str, float] = T0,
+    ttl_s: float | None = 3600,
+    policy: str = "reject",
+    names: list[str] = NAMES,
+    set: str = "maint",
+    dtype: str = "float64",
+):
     """Write a bundle directory and read it back, as a device would."""
     ents = list(entities)
     event_ts = [ts[e] for e in ents] if isinstance(ts, dict) else ts
     values = np.array([entities[e] for e in ents], dtype=np.float64).reshape(len(ents), len(names))
     path = tmp / f"{set}-{version}-{kind}"
-    write_bundle(path, set, version, kind, ents, event_ts, values, [FeatureSpec(n, dtype) for n in names],
-                 ttl_s=ttl_s, stale_policy=policy, base_version=base, deleted=deleted)
+    write_bundle(
+        path,
+        set,
+        version,
+        kind,
+        ents,
+        event_ts,
+        values,
+        [FeatureSpec(n, dtype) for n in names],
+        ttl_s=ttl_s,
+        stale_policy=policy,
+        base_version=base,
+        deleted=deleted,
+    )
     return read_bundle(path)
 
 
@@ -82,8 +105,17 @@ def test_snapshot_then_delta(cache: FeatureCache, tmp_path: Path) -> None:
     assert row is not None and row.values.tolist() == [4, 5, 6] and row.as_dict() == {"a": 4, "b": 5, "c": 6}
     assert (row.version, row.row_version, row.expired, row.age_s) == ("1", "1", False, 0.0)
 
-    r2 = cache.apply(make(tmp_path, "2", {"p2": [40, 50, 60], "p4": [10, 11, 12]}, kind="delta", base="1",
-                          deleted=("p3", "never-existed"), ts=T0 + 60))
+    r2 = cache.apply(
+        make(
+            tmp_path,
+            "2",
+            {"p2": [40, 50, 60], "p4": [10, 11, 12]},
+            kind="delta",
+            base="1",
+            deleted=("p3", "never-existed"),
+            ts=T0 + 60,
+        )
+    )
     assert (r2.kind, r2.previous_version, r2.rows, r2.upserted, r2.deleted) == ("delta", "1", 3, 2, 1)
     got = {e: cache.get("maint", e) for e in ("p1", "p2", "p3", "p4")}
     assert got["p3"] is None
@@ -172,8 +204,9 @@ def test_signed_rollback_may_apply_an_older_snapshot(cache: FeatureCache, tmp_pa
 
 
 def test_ttl_is_enforced_at_read_time(cache: FeatureCache, tmp_path: Path, clock: Clock) -> None:
-    cache.apply(make(tmp_path, "1", {"old": [1, 1, 1], "new": [2, 2, 2]}, ts={"old": T0 - 4000, "new": T0 - 10},
-                     ttl_s=3600))
+    cache.apply(
+        make(tmp_path, "1", {"old": [1, 1, 1], "new": [2, 2, 2]}, ts={"old": T0 - 4000, "new": T0 - 10}, ttl_s=3600)
+    )
     old, new = cache.get("maint", "old"), cache.get("maint", "new")
     assert old.expired and old.age_s == 4000 and not old.usable
     assert not new.expired and new.age_s == 10
@@ -219,8 +252,9 @@ def test_size_bound_rejects_and_changes_nothing(tmp_path: Path, clock: Clock) ->
         cache.apply(make(tmp_path, "2", {"v": [2, 2, 2], "w": [2, 2, 2]}, kind="delta", base="1"))
     assert dump(cache) == before
     # Upserting existing rows and deleting some stays within the bound.
-    r = cache.apply(make(tmp_path, "2", {"x": [2, 2, 2], "v": [2, 2, 2], "w": [2, 2, 2]}, kind="delta", base="1",
-                         deleted=("y",)))
+    r = cache.apply(
+        make(tmp_path, "2", {"x": [2, 2, 2], "v": [2, 2, 2], "w": [2, 2, 2]}, kind="delta", base="1", deleted=("y",))
+    )
     assert r.rows == 3
     # The bound covers the whole cache: another set competes for the same rows.
     with pytest.raises(CacheFull):
@@ -236,8 +270,15 @@ def test_size_bound_rejects_and_changes_nothing(tmp_path: Path, clock: Clock) ->
 
 
 def test_list_sets_reports_freshness(cache: FeatureCache, tmp_path: Path, clock: Clock) -> None:
-    cache.apply(make(tmp_path, "1", {"x": [1, 1, 1], "y": [1, 1, 1], "z": [1, 1, 1]},
-                     ts={"x": T0 - 7200, "y": T0 - 60, "z": T0 - 30}, ttl_s=3600))
+    cache.apply(
+        make(
+            tmp_path,
+            "1",
+            {"x": [1, 1, 1], "y": [1, 1, 1], "z": [1, 1, 1]},
+            ts={"x": T0 - 7200, "y": T0 - 60, "z": T0 - 30},
+            ttl_s=3600,
+        )
+    )
     (s,) = cache.list_sets()
     assert (s.name, s.version, s.rows, s.ttl_s, s.features, s.dtype) == ("maint", "1", 3, 3600, tuple(NAMES), "float64")
     assert (s.oldest_age_s, s.newest_age_s, s.some_expired, s.all_expired) == (7200, 30, True, False)
@@ -282,7 +323,9 @@ def test_history_records_every_apply(cache: FeatureCache, tmp_path: Path) -> Non
     cache.apply(make(tmp_path, "1", {"x": [1, 1, 1]}, set="other"))
     h = cache.history("maint")
     assert [(e["version"], e["kind"], e["rows"], e["upserted"], e["deleted"]) for e in h] == [
-        ("2", "delta", 1, 1, 1), ("1", "snapshot", 1, 1, 0)]
+        ("2", "delta", 1, 1, 1),
+        ("1", "snapshot", 1, 1, 0),
+    ]
     assert h[0]["bundle_id"] == b2.info.id and h[0]["id"] == cache.set_info("maint").apply_id
     assert [e["set"] for e in cache.history()] == ["other", "maint", "maint"]
 
@@ -290,8 +333,17 @@ def test_history_records_every_apply(cache: FeatureCache, tmp_path: Path) -> Non
 def test_int64_and_float32_sets_round_trip(cache: FeatureCache, tmp_path: Path) -> None:
     big = 2**62 + 1
     path = tmp_path / "ints"
-    write_bundle(path, "counts", "1", "snapshot", ["x"], T0, np.array([[big, -1]], dtype=np.int64),
-                 [FeatureSpec("n", "int64"), FeatureSpec("m", "int64")], ttl_s=None)
+    write_bundle(
+        path,
+        "counts",
+        "1",
+        "snapshot",
+        ["x"],
+        T0,
+        np.array([[big, -1]], dtype=np.int64),
+        [FeatureSpec("n", "int64"), FeatureSpec("m", "int64")],
+        ttl_s=None,
+    )
     cache.apply(path)
     assert cache.get("counts", "x").as_dict() == {"n": big, "m": -1}
 
@@ -344,8 +396,9 @@ def test_readers_never_see_mixed_versions_during_applies(tmp_path: Path) -> None
         if v % 2:  # odd: snapshot; even: delta rewriting every row
             bundles.append(make(tmp_path, str(v), {e: [v, v, v] for e in entities}, ts=float(v)))
         else:
-            bundles.append(make(tmp_path, str(v), {e: [v, v, v] for e in entities}, kind="delta", base=str(v - 1),
-                                ts=float(v)))
+            bundles.append(
+                make(tmp_path, str(v), {e: [v, v, v] for e in entities}, kind="delta", base=str(v - 1), ts=float(v))
+            )
     cache = FeatureCache(tmp_path / DB_FILE)
     cache.apply(bundles[0])
     stop = threading.Event()
@@ -367,7 +420,11 @@ def test_readers_never_see_mixed_versions_during_applies(tmp_path: Path) -> None
                     if r is not None and not (r.values == float(r.row_version)).all():
                         problems.append(f"{r.entity}: values {r.values.tolist()} under version {r.row_version}")
                 one = cache.get("maint", pick[0])
-                if one is None or not (one.values == float(one.row_version)).all() or one.event_ts != float(one.row_version):
+                if (
+                    one is None
+                    or not (one.values == float(one.row_version)).all()
+                    or one.event_ts != float(one.row_version)
+                ):
                     problems.append(f"single read inconsistent: {one!r}")
                 seen.update(vs)
                 with reads_lock:
@@ -420,8 +477,17 @@ def test_cli_apply_get_list(tmp_path: Path) -> None:
     data = str(tmp_path / "data")
     now = time.time()
     path = tmp_path / "bundle"
-    write_bundle(path, "maintenance", "3", "snapshot", ["pump-1", "pump-2"], [now - 100, now - 7200],
-                 np.array([[1.5, 2.0], [3.0, 4.0]], np.float32), ["vib", "temp"], ttl_s=3600)
+    write_bundle(
+        path,
+        "maintenance",
+        "3",
+        "snapshot",
+        ["pump-1", "pump-2"],
+        [now - 100, now - 7200],
+        np.array([[1.5, 2.0], [3.0, 4.0]], np.float32),
+        ["vib", "temp"],
+        ttl_s=3600,
+    )
 
     code, out, _ = _cli("features", "list", "--data-dir", data)
     assert code == 0 and "no feature sets" in out

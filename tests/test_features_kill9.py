@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.bundle import FeatureSpec, write_bundle
-from edge_agent.features import DB_FILE, FeatureCache
+from edge_agent.features.cache import DB_FILE, FeatureCache
+from edge_agent.wire.bundle import FeatureSpec, write_bundle
 
 N = 300_000
 F = 8
@@ -31,8 +31,8 @@ ENTITIES = np.array([f"asset-{i:06d}" for i in range(N)])
 CHILD = textwrap.dedent(
     """
     import os, signal, sys
-    from edge_agent.bundle import read_bundle
-    from edge_agent.features import FeatureCache
+    from edge_agent.wire.bundle import read_bundle
+    from edge_agent.features.cache import FeatureCache
 
     db, bundle, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
     b = read_bundle(bundle)
@@ -57,14 +57,28 @@ CHILD = textwrap.dedent(
 def _bundle(tmp: Path, version: int) -> Path:
     path = tmp / f"b{version}"
     values = np.full((N, F), float(version)) + (np.arange(N) % 97)[:, None]  # row-specific, version-encoded
-    write_bundle(path, "big", str(version), "snapshot", ENTITIES, float(version), values,
-                 [FeatureSpec(f"f{i}", "float64") for i in range(F)], ttl_s=None, compress=False)
+    write_bundle(
+        path,
+        "big",
+        str(version),
+        "snapshot",
+        ENTITIES,
+        float(version),
+        values,
+        [FeatureSpec(f"f{i}", "float64") for i in range(F)],
+        ttl_s=None,
+        compress=False,
+    )
     return path
 
 
 def _child(db: Path, bundle: Path, kill_at: int) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(db), str(bundle), str(kill_at)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(db), str(bundle), str(kill_at)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _check(db: Path) -> str:
@@ -96,8 +110,12 @@ def test_kill9_during_snapshot_apply_keeps_the_previous_version(tmp_path: Path) 
     probe_db.parent.mkdir()
     with FeatureCache(probe_db) as cache:
         cache.apply(bundles[1])
-    out = subprocess.run([sys.executable, "-c", CHILD, str(probe_db), str(bundles[2]), str(10**12)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(probe_db), str(bundles[2]), str(10**12)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     total = int(out.stdout.split()[-1])
     assert total > 100

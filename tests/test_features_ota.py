@@ -19,20 +19,21 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.bundle import FeatureSpec, write_bundle
-from edge_agent.features import DB_FILE, FeatureCache
-from edge_agent.link import MqttLink
-from edge_agent.protocol import (Artifact, DeviceState, Release, UpdateReport, encode, features_topic, pack_dir)
-from edge_agent.signing import sign
-from edge_agent.transfer import publish_artifact
+from edge_agent.features.cache import DB_FILE, FeatureCache
+from edge_agent.mqtt.download import publish_artifact
+from edge_agent.mqtt.link import MqttLink
+from edge_agent.wire.bundle import FeatureSpec, write_bundle
+from edge_agent.wire.protocol import Artifact, DeviceState, Release, UpdateReport, encode, features_topic, pack_dir
+from edge_agent.wire.signing import sign
 from tests.broker import Broker, broker  # noqa: F401
 from tests.test_ota import CHUNK, FLEET, Cloud, Device, cloud, keys  # noqa: F401 (fixtures)
 
@@ -43,14 +44,34 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # -- the cloud side --------------------------------------------------------------------------
-def bundle(tmp: Path, version: str, rows: dict[str, list[float]], *, kind: str = "snapshot", base: str | None = None,
-           deleted: tuple[str, ...] = (), set: str = SET, **kw: Any) -> Path:
+def bundle(
+    tmp: Path,
+    version: str,
+    rows: dict[str, list[float]],
+    *,
+    kind: str = "snapshot",
+    base: str | None = None,
+    deleted: tuple[str, ...] = (),
+    set: str = SET,
+    **kw: Any,
+) -> Path:
     path = tmp / f"{set}-{version}-{kind}-{uuid.uuid4().hex[:4]}"
     ents = list(rows)
     values = np.array([rows[e] for e in ents], dtype=np.float64).reshape(len(ents), len(NAMES))
     kw.setdefault("ttl_s", 86400)
-    write_bundle(path, set, version, kind, ents, time.time() - 60, values, [FeatureSpec(n, "float32") for n in NAMES],
-                 base_version=base, deleted=deleted, **kw)
+    write_bundle(
+        path,
+        set,
+        version,
+        kind,
+        ents,
+        time.time() - 60,
+        values,
+        [FeatureSpec(n, "float32") for n in NAMES],
+        base_version=base,
+        deleted=deleted,
+        **kw,
+    )
     return path
 
 
@@ -68,18 +89,36 @@ def rewrite(path: Path, edit: Callable[[dict[str, np.ndarray]], None]) -> Path:
     return path
 
 
-def publish_features(cloud: Cloud, path: Path, *, version: str | None = None, set: str = SET,
-                     partition: tuple[str, str] = ("all", "all"), topic_partition: tuple[str, str] | None = None,
-                     fallback: Path | None = None, key: Any = "default", fleet: str = FLEET, kind: str = "features",
-                     release_id: str | None = None, after_sign: Callable[[dict[str, Any]], None] | None = None,
-                     topic_set: str | None = None) -> dict[str, Any]:
+def publish_features(
+    cloud: Cloud,
+    path: Path,
+    *,
+    version: str | None = None,
+    set: str = SET,
+    partition: tuple[str, str] = ("all", "all"),
+    topic_partition: tuple[str, str] | None = None,
+    fallback: Path | None = None,
+    key: Any = "default",
+    fleet: str = FLEET,
+    kind: str = "features",
+    release_id: str | None = None,
+    after_sign: Callable[[dict[str, Any]], None] | None = None,
+    topic_set: str | None = None,
+) -> dict[str, Any]:
     """What ``cloud-batch features push`` does: chunks retained, then the signed release retained on its partition."""
     info = json.loads((path / "bundle.json").read_text())
     artifact = publish_artifact(cloud.link, pack_dir(path), CHUNK)
     fb: Artifact | None = publish_artifact(cloud.link, pack_dir(fallback), CHUNK) if fallback is not None else None
-    rel = Release(release_id=release_id or f"{set}-{version or info['version']}-{uuid.uuid4().hex[:6]}", fleet=fleet,
-                  name=set, version=version or info["version"], artifact=artifact, kind=kind,
-                  partition={"by": partition[0], "key": partition[1]}, fallback=fb)
+    rel = Release(
+        release_id=release_id or f"{set}-{version or info['version']}-{uuid.uuid4().hex[:6]}",
+        fleet=fleet,
+        name=set,
+        version=version or info["version"],
+        artifact=artifact,
+        kind=kind,
+        partition={"by": partition[0], "key": partition[1]},
+        fallback=fb,
+    )
     doc = rel.to_dict()
     signer = cloud.key if key == "default" else key
     if signer is not None:
@@ -139,13 +178,18 @@ class FeatureDevice(Device):
 
 
 @pytest.fixture
-def make_device(broker: Broker, keys: dict[str, Ed25519PrivateKey], digits_dir: Path,  # noqa: F811
-                tmp_path: Path) -> Iterator[Callable[..., FeatureDevice]]:
+def make_device(
+    broker: Broker,
+    keys: dict[str, Ed25519PrivateKey],
+    digits_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> Iterator[Callable[..., FeatureDevice]]:
     devices: list[FeatureDevice] = []
 
     def make(**kwargs: Any) -> FeatureDevice:
-        d = FeatureDevice(broker.url, tmp_path / f"device{len(devices)}", [keys["fleet"].public_key()], [digits_dir],
-                          **kwargs)
+        d = FeatureDevice(
+            broker.url, tmp_path / f"device{len(devices)}", [keys["fleet"].public_key()], [digits_dir], **kwargs
+        )
         devices.append(d)
         return d
 
@@ -165,8 +209,9 @@ def applied(dev: FeatureDevice, cloud: Cloud, path: Path, **kw: Any) -> UpdateRe
 
 
 # -- snapshot, delta, fallback ---------------------------------------------------------------------------
-def test_a_snapshot_then_a_delta_are_applied_over_mqtt(cloud: Cloud, make_device: Callable[..., FeatureDevice],
-                                                       tmp_path: Path) -> None:
+def test_a_snapshot_then_a_delta_are_applied_over_mqtt(
+    cloud: Cloud, make_device: Callable[..., FeatureDevice], tmp_path: Path
+) -> None:
     dev = make_device()
     first = cloud.wait(lambda: cloud.states.get(dev.device_id), "the device's first state")
     assert first.features == {} and first.models == {"digits": "1"}
@@ -175,18 +220,31 @@ def test_a_snapshot_then_a_delta_are_applied_over_mqtt(cloud: Cloud, make_device
     doc = publish_features(cloud, bundle(tmp_path, "1", V1), partition=("group", GROUP))
     report = wait_feature_result(cloud, dev.device_id, doc["release_id"])
     assert (report.state, report.result, report.reason, report.name, report.version) == (
-        "committed", "success", None, SET, "1")
+        "committed",
+        "success",
+        None,
+        SET,
+        "1",
+    )
     assert dev.rows() == V1
     record = dev.record()
-    assert [s for s, _ in record["history"]] == ["idle", "downloading", "verifying", "validating", "activating",
-                                                 "health_check", "committed"]
+    assert [s for s, _ in record["history"]] == [
+        "idle",
+        "downloading",
+        "verifying",
+        "validating",
+        "activating",
+        "health_check",
+        "committed",
+    ]
     assert record["kind"] == "features" and record["details"]["apply"]["rows"] == 4
     state = cloud.wait(lambda: (s := cloud.states[dev.device_id]).features == {SET: "1"} and s, "features in the state")
     assert state.models == {"digits": "1"} and "digits" not in state.feature_updates and SET not in state.updates
 
     # A delta for this device only: upserts (one changed, one new) and deletions.
-    delta = bundle(tmp_path, "2", {"a-2": [40, 50, 60], "a-5": [13, 14, 15]}, kind="delta", base="1",
-                   deleted=("a-1", "a-4"))
+    delta = bundle(
+        tmp_path, "2", {"a-2": [40, 50, 60], "a-5": [13, 14, 15]}, kind="delta", base="1", deleted=("a-1", "a-4")
+    )
     applied(dev, cloud, delta, partition=("device", dev.device_id))
     assert dev.rows() == {"a-2": [40, 50, 60], "a-3": [7, 8, 9], "a-5": [13, 14, 15]}
     assert dev.cache.version(SET) == "2"
@@ -202,8 +260,9 @@ def test_a_snapshot_then_a_delta_are_applied_over_mqtt(cloud: Cloud, make_device
     assert len(dev.cache.history(SET)) == applies and dev.cache.version(SET) == "2"
 
 
-def test_a_delta_on_the_wrong_base_falls_back_to_the_snapshot(cloud: Cloud, tmp_path: Path,
-                                                              make_device: Callable[..., FeatureDevice]) -> None:
+def test_a_delta_on_the_wrong_base_falls_back_to_the_snapshot(
+    cloud: Cloud, tmp_path: Path, make_device: Callable[..., FeatureDevice]
+) -> None:
     dev = make_device()
     applied(dev, cloud, bundle(tmp_path, "1", V1))
     # Version 3 as a delta from 2 (which this device never got), with the full snapshot of 3 as fallback.
@@ -212,8 +271,18 @@ def test_a_delta_on_the_wrong_base_falls_back_to_the_snapshot(cloud: Cloud, tmp_
     report = applied(dev, cloud, delta, fallback=bundle(tmp_path, "3", v3))
     assert dev.rows() == v3 and dev.cache.version(SET) == "3"
     record = dev.record()
-    assert [s for s, _ in record["history"]] == ["idle", "downloading", "verifying", "validating", "downloading",
-                                                 "verifying", "validating", "activating", "health_check", "committed"]
+    assert [s for s, _ in record["history"]] == [
+        "idle",
+        "downloading",
+        "verifying",
+        "validating",
+        "downloading",
+        "verifying",
+        "validating",
+        "activating",
+        "health_check",
+        "committed",
+    ]
     assert "from asset_features 2 but the cache holds asset_features 1" in record["details"]["fallback"]
     assert record["details"]["bundle"]["kind"] == "snapshot" and report.reason is None
     assert dev.cache.history(SET, limit=1)[0]["kind"] == "snapshot"
@@ -225,8 +294,9 @@ def test_a_delta_on_the_wrong_base_falls_back_to_the_snapshot(cloud: Cloud, tmp_
     assert fresh.rows() == v3
 
 
-def test_a_delta_on_the_wrong_base_without_fallback_fails(cloud: Cloud, tmp_path: Path,
-                                                          make_device: Callable[..., FeatureDevice]) -> None:
+def test_a_delta_on_the_wrong_base_without_fallback_fails(
+    cloud: Cloud, tmp_path: Path, make_device: Callable[..., FeatureDevice]
+) -> None:
     dev = make_device()
     applied(dev, cloud, bundle(tmp_path, "1", V1))
     doc = publish_features(cloud, bundle(tmp_path, "3", {"a-9": [9, 9, 9]}, kind="delta", base="2"))
@@ -239,7 +309,8 @@ def test_a_delta_on_the_wrong_base_without_fallback_fails(cloud: Cloud, tmp_path
 
 
 def test_the_newest_release_wins_whatever_order_the_partitions_arrive_in(
-        cloud: Cloud, tmp_path: Path, make_device: Callable[..., FeatureDevice]) -> None:
+    cloud: Cloud, tmp_path: Path, make_device: Callable[..., FeatureDevice]
+) -> None:
     # Both retained before the device exists: it receives them in whatever order the broker sends.
     publish_features(cloud, bundle(tmp_path, "2", {"a-1": [2, 2, 2]}), partition=("all", "all"))
     newest = publish_features(cloud, bundle(tmp_path, "3", {"a-1": [3, 3, 3]}), partition=("group", GROUP))
@@ -272,8 +343,9 @@ def _tampered(cloud: Cloud, tmp: Path, dev: FeatureDevice, keys: dict[str, Any])
         doc["partition"] = {"by": "all", "key": "all"}
 
     # Signed for another group, then re-labelled for everyone: the signature no longer verifies.
-    return publish_features(cloud, bundle(tmp, "2", V1), partition=("group", "line-9"), topic_partition=("all", "all"),
-                            after_sign=widen)["release_id"]
+    return publish_features(
+        cloud, bundle(tmp, "2", V1), partition=("group", "line-9"), topic_partition=("all", "all"), after_sign=widen
+    )["release_id"]
 
 
 def _wrong_fleet(cloud: Cloud, tmp: Path, dev: FeatureDevice, keys: dict[str, Any]) -> str:
@@ -282,13 +354,15 @@ def _wrong_fleet(cloud: Cloud, tmp: Path, dev: FeatureDevice, keys: dict[str, An
 
 def _wrong_partition(cloud: Cloud, tmp: Path, dev: FeatureDevice, keys: dict[str, Any]) -> str:
     # Signed for another device, published on this device's topic.
-    return publish_features(cloud, bundle(tmp, "2", V1), partition=("device", "dev-other"),
-                            topic_partition=("device", dev.device_id))["release_id"]
+    return publish_features(
+        cloud, bundle(tmp, "2", V1), partition=("device", "dev-other"), topic_partition=("device", dev.device_id)
+    )["release_id"]
 
 
 def _other_group(cloud: Cloud, tmp: Path, dev: FeatureDevice, keys: dict[str, Any]) -> str:
-    return publish_features(cloud, bundle(tmp, "2", V1), partition=("group", "line-9"),
-                            topic_partition=("group", GROUP))["release_id"]
+    return publish_features(
+        cloud, bundle(tmp, "2", V1), partition=("group", "line-9"), topic_partition=("group", GROUP)
+    )["release_id"]
 
 
 def _not_newer(cloud: Cloud, tmp: Path, dev: FeatureDevice, keys: dict[str, Any]) -> str:
@@ -314,8 +388,12 @@ def _too_large(cloud: Cloud, tmp: Path, dev: FeatureDevice, keys: dict[str, Any]
 
 
 def _malformed(cloud: Cloud, tmp: Path, dev: FeatureDevice, keys: dict[str, Any]) -> str:
-    cloud.link.publish(features_topic(FLEET, SET), b'{"type": "release", "schema_version": 1, "release_id": "junk-1"}',
-                       retain=True, wait_s=10)
+    cloud.link.publish(
+        features_topic(FLEET, SET),
+        b'{"type": "release", "schema_version": 1, "release_id": "junk-1"}',
+        retain=True,
+        wait_s=10,
+    )
     return "junk-1"
 
 
@@ -324,25 +402,33 @@ REJECTIONS = {
     "untrusted key": (_untrusted, "untrusted key"),
     "tampered partition": (_tampered, "bad signature"),
     "wrong fleet": (_wrong_fleet, "wrong fleet"),
-    "partition is not the topic's": (_wrong_partition, "wrong partition: the release is signed for device/dev-other "
-                                                       "but arrived on device/"),
-    "another group": (_other_group,
-                      "wrong partition: the release is signed for group/line-9 but arrived on group/line-3"),
-    "same version": (_not_newer, "anti-rollback: feature set asset_features version 1 is not newer than the cached "
-                                 "version 1"),
+    "partition is not the topic's": (
+        _wrong_partition,
+        "wrong partition: the release is signed for device/dev-other but arrived on device/",
+    ),
+    "another group": (
+        _other_group,
+        "wrong partition: the release is signed for group/line-9 but arrived on group/line-3",
+    ),
+    "same version": (
+        _not_newer,
+        "anti-rollback: feature set asset_features version 1 is not newer than the cached version 1",
+    ),
     "older version": (_older, "anti-rollback: feature set asset_features version 0.9 is not newer"),
     "kind model on a feature topic": (_model_kind, "a release of kind 'model' on a feature topic"),
-    "another set's release": (_other_set, "release for feature set 'other_set' published on the topic of "
-                                          "'asset_features'"),
+    "another set's release": (
+        _other_set,
+        "release for feature set 'other_set' published on the topic of 'asset_features'",
+    ),
     "too large": (_too_large, "too large: the artifact is"),
     "malformed": (_malformed, "malformed release: release: missing field"),
 }
 
 
 @pytest.mark.parametrize("case", list(REJECTIONS))
-def test_rejected_feature_releases_are_reported_and_apply_nothing(case: str, cloud: Cloud, tmp_path: Path,
-                                                                  make_device: Callable[..., FeatureDevice],
-                                                                  keys: dict[str, Any]) -> None:
+def test_rejected_feature_releases_are_reported_and_apply_nothing(
+    case: str, cloud: Cloud, tmp_path: Path, make_device: Callable[..., FeatureDevice], keys: dict[str, Any]
+) -> None:
     dev = make_device()
     applied(dev, cloud, bundle(tmp_path, "1", V1))
     cloud.wait(lambda: not any((dev.data_dir / "downloads").iterdir()), "the first release's clean-up")
@@ -395,18 +481,24 @@ BAD_BUNDLES = {
     "NaN value": (_nan, "verifying", "rpm_mean of entity 'a-2' is nan; NaN and infinity are refused"),
     "duplicate entity ids": (_duplicate_keys, "verifying", "duplicate entity id 'a-1'"),
     "data does not match its hash": (_bad_data_hash, "verifying", "bundle.json says 000000000000"),
-    "bundle is another version": (_other_version_inside, "verifying",
-                                  "the artifact holds feature set asset_features version 5, the release says "
-                                  "asset_features 2"),
+    "bundle is another version": (
+        _other_version_inside,
+        "verifying",
+        "the artifact holds feature set asset_features version 5, the release says asset_features 2",
+    ),
     "more rows than the device holds": (_too_many_rows, "verifying", "9 rows exceed this device's limit of 8"),
-    "bundle's partition differs": (_partition_differs, "verifying", "is for partition group/line-9, the release for "
-                                                                    "all/all"),
+    "bundle's partition differs": (
+        _partition_differs,
+        "verifying",
+        "is for partition group/line-9, the release for all/all",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_BUNDLES))
-def test_bad_bundles_fail_with_the_reason_and_apply_nothing(case: str, cloud: Cloud, tmp_path: Path,
-                                                            make_device: Callable[..., FeatureDevice]) -> None:
+def test_bad_bundles_fail_with_the_reason_and_apply_nothing(
+    case: str, cloud: Cloud, tmp_path: Path, make_device: Callable[..., FeatureDevice]
+) -> None:
     dev = make_device(max_rows=8)
     applied(dev, cloud, bundle(tmp_path, "1", V1))
     build, failed_in, reason = BAD_BUNDLES[case]
@@ -420,8 +512,9 @@ def test_bad_bundles_fail_with_the_reason_and_apply_nothing(case: str, cloud: Cl
     dev.nothing_left_over()
 
 
-def test_a_snapshot_above_the_cache_bound_fails_before_activation(cloud: Cloud, tmp_path: Path,
-                                                                  make_device: Callable[..., FeatureDevice]) -> None:
+def test_a_snapshot_above_the_cache_bound_fails_before_activation(
+    cloud: Cloud, tmp_path: Path, make_device: Callable[..., FeatureDevice]
+) -> None:
     dev = make_device(max_rows=6)
     applied(dev, cloud, bundle(tmp_path, "1", V1, set="other"), set="other")  # 4 rows of another set
     doc = publish_features(cloud, bundle(tmp_path, "1", {"x-1": [1, 1, 1], "x-2": [2, 2, 2], "x-3": [3, 3, 3]}))
@@ -433,51 +526,65 @@ def test_a_snapshot_above_the_cache_bound_fails_before_activation(cloud: Cloud, 
 
 
 # -- end to end: cloud-batch features build/push → OTA → a joined request ---------------------------------
-def test_cloud_batch_push_reaches_the_device_and_feeds_a_joined_request(broker: Broker, tmp_path: Path,  # noqa: F811
-                                                                        digits_dir: Path) -> None:
-    from cloud_batch.features import build, push
-    from cloud_batch.keys import generate_keys
-    from edge_agent.api import create_app
-    from edge_agent.bundle import read_bundle
-    from edge_agent.signing import load_public_key
+def test_cloud_batch_push_reaches_the_device_and_feeds_a_joined_request(
+    broker: Broker,
+    tmp_path: Path,  # noqa: F811
+    digits_dir: Path,
+) -> None:
+    from cloud_batch.features.build import build, push
+    from cloud_batch.fleetops.keys import generate_keys
+    from edge_agent.http.app import create_app
+    from edge_agent.wire.bundle import read_bundle
+    from edge_agent.wire.signing import load_public_key
     from tests.apiserver import ApiServer
     from tests.conftest import MODELS
 
     key, pub = generate_keys(tmp_path / "keys")
     reg = tmp_path / "registry"
-    dev = FeatureDevice(broker.url, tmp_path / "device", [load_public_key(pub)],
-                        [digits_dir, MODELS / "maintenance" / "1"])
+    dev = FeatureDevice(
+        broker.url, tmp_path / "device", [load_public_key(pub)], [digits_dir, MODELS / "maintenance" / "1"]
+    )
     try:
         build(reg, SET, "1", recipe="maintenance", n_assets=6, days=10, seed=4, as_of="2024-01-09", progress=False)
         push(reg, SET, "1", FLEET, key, broker.url, chunk_size=CHUNK, progress=False)
         wait = Cloud(broker.url, Ed25519PrivateKey.generate())  # only reads the device's state
         try:
             wait.wait(lambda: (s := wait.states.get(dev.device_id)) and s.features.get(SET) == "1", "version 1")
-            build(reg, SET, "2", recipe="maintenance", n_assets=6, days=10, seed=4, as_of="2024-01-10",
-                  progress=False)
+            build(reg, SET, "2", recipe="maintenance", n_assets=6, days=10, seed=4, as_of="2024-01-10", progress=False)
             push(reg, SET, "2", FLEET, key, broker.url, delta_from="1", chunk_size=CHUNK, progress=False)
-            report = wait.wait(lambda: (r := wait.states[dev.device_id].feature_updates.get(SET)) and r.version == "2"
-                               and r.result is not None and r, "version 2's result")
+            report = wait.wait(
+                lambda: (
+                    (r := wait.states[dev.device_id].feature_updates.get(SET))
+                    and r.version == "2"
+                    and r.result is not None
+                    and r
+                ),
+                "version 2's result",
+            )
             assert wait.states[dev.device_id].features == {SET: "2"}
         finally:
             wait.close()
         assert (report.version, report.result) == ("2", "success")
         assert dev.cache.history(SET, limit=1)[0]["kind"] == "delta"  # it held version 1: the delta applied
         want = read_bundle(reg / "features" / SET / "2")
-        np.testing.assert_array_equal(np.stack([r.values for r in dev.cache.get_many(SET, want.entities.tolist())]),
-                                      want.values)
+        np.testing.assert_array_equal(
+            np.stack([r.values for r in dev.cache.get_many(SET, want.entities.tolist())]), want.values
+        )
 
         live = np.asarray([[71.0, 3.2, 6.1, 1790.0]], np.float32)
         row = want.entities.tolist().index("asset-3")
         with ApiServer(create_app(dev.server, features=dev.cache)) as api:
-            body = {"parameters": {"entity_id": "asset-3"},
-                    "inputs": [{"name": "live", "shape": [1, 4], "datatype": "FP32", "data": live.ravel().tolist()}]}
+            body = {
+                "parameters": {"entity_id": "asset-3"},
+                "inputs": [{"name": "live", "shape": [1, 4], "datatype": "FP32", "data": live.ravel().tolist()}],
+            }
             status, _, raw = api.request("POST", "/v2/models/maintenance/infer", body)
         assert status == 200, raw
         resp = json.loads(raw)
-        expected = dev.server.get("maintenance").predict({"live": live, "asset_features": want.values[row:row + 1]})
-        np.testing.assert_array_equal(np.asarray(resp["outputs"][0]["data"], np.float32),
-                                      expected["failure_prob"].ravel())
+        expected = dev.server.get("maintenance").predict({"live": live, "asset_features": want.values[row : row + 1]})
+        np.testing.assert_array_equal(
+            np.asarray(resp["outputs"][0]["data"], np.float32), expected["failure_prob"].ravel()
+        )
         assert resp["parameters"]["features"][SET]["version"] == "2"
     finally:
         dev.close()
@@ -486,7 +593,7 @@ def test_cloud_batch_push_reaches_the_device_and_feeds_a_joined_request(broker: 
 # -- records and documents -----------------------------------------------------------------------------
 def test_feature_set_records_live_apart_from_model_records(tmp_path: Path) -> None:
     """A feature set may share its name with a model: each has its own record, lane and report."""
-    from edge_agent.update import RecordStore, UpdateRecord
+    from edge_agent.update.machine import RecordStore, UpdateRecord
 
     records = RecordStore(tmp_path)
     records.save(UpdateRecord("m-1", "maintenance", "2", {}))
@@ -495,7 +602,10 @@ def test_feature_set_records_live_apart_from_model_records(tmp_path: Path) -> No
     model, features = records.load("maintenance"), records.load("features:maintenance")
     assert model is not None and (model.kind, model.release_id, model.key) == ("model", "m-1", "maintenance")
     assert features is not None and (features.kind, features.release_id, features.key) == (
-        "features", "f-1", "features:maintenance")
+        "features",
+        "f-1",
+        "features:maintenance",
+    )
     assert (tmp_path / "updates" / "features" / "maintenance.json").is_file()
     raw = json.loads(records.path("maintenance").read_text())
     del raw["kind"]  # a record written by an older agent
@@ -504,12 +614,21 @@ def test_feature_set_records_live_apart_from_model_records(tmp_path: Path) -> No
 
 
 def test_device_state_documents_of_older_agents_still_parse() -> None:
-    old = {"type": "device_state", "schema_version": 1, "device_id": "d", "fleet": "f", "models": {"digits": "2"},
-           "updates": {}, "agent_version": "0.1.0", "last_seen": 1.0}
+    old = {
+        "type": "device_state",
+        "schema_version": 1,
+        "device_id": "d",
+        "fleet": "f",
+        "models": {"digits": "2"},
+        "updates": {},
+        "agent_version": "0.1.0",
+        "last_seen": 1.0,
+    }
     state = DeviceState.from_dict(old)
     assert (state.models, state.features, state.feature_updates) == ({"digits": "2"}, {}, {})
-    new = DeviceState("d", "f", features={SET: "3"},
-                      feature_updates={SET: UpdateReport("r", SET, "3", "committed", "success")})
+    new = DeviceState(
+        "d", "f", features={SET: "3"}, feature_updates={SET: UpdateReport("r", SET, "3", "committed", "success")}
+    )
     assert DeviceState.from_dict(json.loads(encode(new.to_dict()))) == new
 
 
@@ -521,13 +640,13 @@ KILL_DEVICE = textwrap.dedent(
     import json, logging, os, signal, sys, time
     from pathlib import Path
 
-    from edge_agent.features import FeatureCache
-    from edge_agent.link import MqttLink
-    from edge_agent.ota import OtaAgent, OtaOptions, will_for
-    from edge_agent.runtime import RuntimeOptions
-    from edge_agent.serving import ModelServer
-    from edge_agent.signing import load_public_key
-    from edge_agent.store import ModelStore
+    from edge_agent.features.cache import FeatureCache
+    from edge_agent.mqtt.link import MqttLink
+    from edge_agent.update.coordinator import OtaAgent, OtaOptions, will_for
+    from edge_agent.inference.runtime import RuntimeOptions
+    from edge_agent.models.serving import ModelServer
+    from edge_agent.wire.signing import load_public_key
+    from edge_agent.models.store import ModelStore
 
     cfg = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)s %(name)s %(message)s")
@@ -567,8 +686,17 @@ def _big_bundle(tmp: Path, version: int) -> Path:
     path = tmp / f"big-{version}"
     ents = np.array([f"asset-{i:06d}" for i in range(N)])
     values = np.full((N, F), float(version)) + (np.arange(N) % 97)[:, None]  # row-specific, version-encoded
-    write_bundle(path, "big", str(version), "snapshot", ents, float(version), values,
-                 [FeatureSpec(f"f{i}", "float64") for i in range(F)], ttl_s=None)
+    write_bundle(
+        path,
+        "big",
+        str(version),
+        "snapshot",
+        ents,
+        float(version),
+        values,
+        [FeatureSpec(f"f{i}", "float64") for i in range(F)],
+        ttl_s=None,
+    )
     return path
 
 
@@ -589,20 +717,31 @@ def _one_complete_version(db: Path) -> str:
         conn.close()
 
 
-def test_kill9_during_the_apply_of_a_large_snapshot_release(broker: Broker, tmp_path: Path,  # noqa: F811
-                                                            digits_dir: Path) -> None:
+def test_kill9_during_the_apply_of_a_large_snapshot_release(
+    broker: Broker,
+    tmp_path: Path,  # noqa: F811
+    digits_dir: Path,
+) -> None:
     seed = int(os.environ.get("KILL9_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     key = Ed25519PrivateKey.generate()
     pub = tmp_path / "fleet.pub"
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     data = tmp_path / "device"
     db = data / DB_FILE
     with FeatureCache(db) as cache:  # the device holds version 1 already
         cache.apply(_big_bundle(tmp_path, 1))
-    cfg = {"url": broker.url, "data_dir": str(data), "digits_dir": str(digits_dir), "pub": str(pub),
-           "fleet": FLEET, "device_id": "dev-fk9", "kill_at": 0}
+    cfg = {
+        "url": broker.url,
+        "data_dir": str(data),
+        "digits_dir": str(digits_dir),
+        "pub": str(pub),
+        "fleet": FLEET,
+        "device_id": "dev-fk9",
+        "kill_at": 0,
+    }
     cloud = MqttLink(broker.url, f"cloud-{uuid.uuid4().hex[:6]}")
     cloud.start()
     assert cloud.wait_connected(10)
@@ -611,8 +750,13 @@ def test_kill9_during_the_apply_of_a_large_snapshot_release(broker: Broker, tmp_
     def start(kill_at: int) -> subprocess.Popen[bytes]:
         env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
         with open(tmp_path / f"device-{len(procs)}.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-c", KILL_DEVICE, json.dumps({**cfg, "kill_at": kill_at})],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", KILL_DEVICE, json.dumps({**cfg, "kill_at": kill_at})],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+            )
         procs.append(proc)
         return proc
 
@@ -631,8 +775,14 @@ def test_kill9_during_the_apply_of_a_large_snapshot_release(broker: Broker, tmp_
             time.sleep(0.01)
 
     try:
-        rel = Release(release_id=f"big-2-{uuid.uuid4().hex[:6]}", fleet=FLEET, name="big", version="2",
-                      artifact=publish_artifact(cloud, pack_dir(_big_bundle(tmp_path, 2))), kind="features")
+        rel = Release(
+            release_id=f"big-2-{uuid.uuid4().hex[:6]}",
+            fleet=FLEET,
+            name="big",
+            version="2",
+            artifact=publish_artifact(cloud, pack_dir(_big_bundle(tmp_path, 2))),
+            kind="features",
+        )
         cloud.publish(features_topic(FLEET, "big"), encode(sign(rel.to_dict(), key)), retain=True, wait_s=30)
         outcomes = []
         # Twice killed from inside the apply transaction (certain: the writer runs nothing else), the

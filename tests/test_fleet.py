@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from cloud_batch import ota_cli
-from cloud_batch.fleet import DeviceRow, fleet_status
-from cloud_batch.keys import generate_keys
-from cloud_batch.release import release
-from cloud_batch.rollout import watch
-from cloud_batch.simdevice import SimFleet
+from cloud_batch.cli import ota as ota_cli
+from cloud_batch.fleetops.fleet import DeviceRow, fleet_status
+from cloud_batch.fleetops.keys import generate_keys
+from cloud_batch.fleetops.release import release
+from cloud_batch.fleetops.rollout import watch
+from cloud_batch.sim.device import SimFleet
 from tests.broker import Broker, broker  # noqa: F401
 from tests.conftest import MODELS, free_port
 
@@ -26,7 +26,7 @@ FLEET = "plant-f"
 WAIT_S = 60.0
 
 
-def wait_rows(url: str, pred, what: str) -> dict[str, DeviceRow]:  # noqa: ANN001
+def wait_rows(url: str, pred, what: str) -> dict[str, DeviceRow]:
     """Poll fleet status until ``pred(rows)`` holds (the deadline is a safety net, not an assertion on speed)."""
     deadline = time.monotonic() + WAIT_S
     while True:
@@ -38,19 +38,37 @@ def wait_rows(url: str, pred, what: str) -> dict[str, DeviceRow]:  # noqa: ANN00
 
 
 def test_fleet_status_shows_presence_versions_and_last_results(
-    broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]  # noqa: F811
+    broker: Broker,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],  # noqa: F811
 ) -> None:
     key, pub = generate_keys(tmp_path / "keys")
-    sim = SimFleet(broker.url, FLEET, 5, trusted_keys=[pub], fail_ids={"sim-0001"}, workdir=tmp_path / "sim",
-                   settle_s=0.2, initial_models={"digits": "0"}).start()
+    sim = SimFleet(
+        broker.url,
+        FLEET,
+        5,
+        trusted_keys=[pub],
+        fail_ids={"sim-0001"},
+        workdir=tmp_path / "sim",
+        settle_s=0.2,
+        initial_models={"digits": "0"},
+    ).start()
     try:
         rows = {r.device_id: r for r in fleet_status(broker.url, FLEET)}
         assert sorted(rows) == sim.device_ids
-        assert all(r.presence == "online" and r.models == {"digits": "0"} and r.last_update is None for r in rows.values())
+        assert all(
+            r.presence == "online" and r.models == {"digits": "0"} and r.last_update is None for r in rows.values()
+        )
 
         rel = release(MODELS, "digits", "1", FLEET, key, broker.url, health_window_s=0, progress=False)
-        watch(broker.url, "digits", FLEET, lambda s: s.tried == 5 and s.counts["in_progress"] == 0,
-              timeout_s=WAIT_S, auto_halt=False)
+        watch(
+            broker.url,
+            "digits",
+            FLEET,
+            lambda s: s.tried == 5 and s.counts["in_progress"] == 0,
+            timeout_s=WAIT_S,
+            auto_halt=False,
+        )
 
         sim.kill("sim-0002")  # the TCP connection drops without DISCONNECT: the broker sends the last will
         rows = wait_rows(broker.url, lambda r: r["sim-0002"].presence == "offline", "sim-0002's last will")
@@ -88,7 +106,8 @@ def test_fleet_status_shows_presence_versions_and_last_results(
 
 
 def test_fleet_status_of_an_empty_fleet_and_an_unreachable_broker(
-    broker: Broker, capsys: pytest.CaptureFixture[str]  # noqa: F811
+    broker: Broker,
+    capsys: pytest.CaptureFixture[str],  # noqa: F811
 ) -> None:
     assert fleet_status(broker.url, FLEET) == []
     assert ota_cli.main(["fleet", "status", "--fleet", FLEET, "--broker", broker.url, "--json"]) == 0

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 
 from edge_agent.errors import ManifestError, RejectedError, ValidationError
-from edge_agent.golden import IN, OUT, check_golden, golden_bytes, load_golden, make_golden
-from edge_agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest
-from edge_agent.modelpack import build_version_dir, sha256_file, verify_version_dir
-from edge_agent.runtime import LoadedModel, RuntimeOptions
+from edge_agent.inference.golden import IN, OUT, check_golden, golden_bytes, load_golden, make_golden
+from edge_agent.inference.modelpack import build_version_dir, sha256_file, verify_version_dir
+from edge_agent.inference.runtime import LoadedModel, RuntimeOptions
+from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest
 from tests.modelzoo import Zoo, zoo  # noqa: F401
 
 
@@ -222,7 +223,9 @@ def test_size_mismatch_is_rejected(zoo: Zoo, tmp_path: Path, change: str) -> Non
     vdir, manifest = built(zoo, tmp_path)
     data = (vdir / MODEL_FILE).read_bytes()
     (vdir / MODEL_FILE).write_bytes(data + b"\0" if change == "append" else data[:-1])
-    with pytest.raises(RejectedError, match=f"size {manifest.size + (1 if change == 'append' else -1)} != manifest size"):
+    with pytest.raises(
+        RejectedError, match=f"size {manifest.size + (1 if change == 'append' else -1)} != manifest size"
+    ):
         verify_version_dir(vdir)
 
 
@@ -280,11 +283,15 @@ MALFORMED: list[tuple[str, Mutation, str]] = [
     ("input-no-dtype", lambda m: m["inputs"][0].pop("dtype"), r"manifest.inputs\[0\]: missing field 'dtype'"),
     ("input-bad-dtype", lambda m: m["inputs"][0].update(dtype="string"), "unsupported dtype 'string'"),
     ("input-bad-shape", lambda m: m["inputs"][0].update(shape=[-2, 8]), r"manifest.inputs\[0\].shape"),
-    ("bad-scale", lambda m: m["outputs"][0]["quantization"].update(scale=0), r"manifest.outputs\[0\].quantization.scale"),
+    (
+        "bad-scale",
+        lambda m: m["outputs"][0]["quantization"].update(scale=0),
+        r"manifest.outputs\[0\].quantization.scale",
+    ),
     ("dup-outputs", lambda m: m["outputs"].append(dict(m["outputs"][0])), "duplicate tensor names"),
     ("labels", _set("labels", [1, 2]), "manifest.labels"),
     ("not-object", lambda m: "replace:[1, 2]", "expected a JSON object"),
-    ("bad-json", lambda m: "replace:{\"name\": ", "is not valid JSON"),
+    ("bad-json", lambda m: 'replace:{"name": ', "is not valid JSON"),
     ("not-utf8", lambda m: "replace-bytes", "is not valid JSON"),
 ]
 
@@ -305,7 +312,11 @@ def test_malformed_manifest_is_a_manifest_error(zoo: Zoo, tmp_path: Path, mutate
 
 
 MISMATCHED: list[tuple[str, Mutation, str]] = [
-    ("dtype", lambda m: m["inputs"][0].update(dtype="float32", quantization=None), "is float32 .* model's tensor is int8"),
+    (
+        "dtype",
+        lambda m: m["inputs"][0].update(dtype="float32", quantization=None),
+        "is float32 .* model's tensor is int8",
+    ),
     ("scale", lambda m: m["inputs"][0]["quantization"].update(scale=0.5), "quantization"),
     ("zero-point", lambda m: m["outputs"][0]["quantization"].update(zero_point=3), "quantization"),
     ("shape", lambda m: m["inputs"][0].update(shape=[-1, 4, 4, 4]), r"\[-1, 4, 4, 4\]"),

@@ -6,20 +6,20 @@ import http.client
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
 
-from edge_agent.api import create_app
-from edge_agent.manifest import Manifest
-from edge_agent.metrics import Metrics
-from edge_agent.modelpack import build_version_dir
-from edge_agent.runtime import inspect_model
-from edge_agent.serving import ModelServer
-from edge_agent.store import ModelStore
+from edge_agent.http.app import create_app
+from edge_agent.http.metrics import Metrics
+from edge_agent.inference.modelpack import build_version_dir
+from edge_agent.inference.runtime import inspect_model
+from edge_agent.models.serving import ModelServer
+from edge_agent.models.store import ModelStore
+from edge_agent.wire.manifest import Manifest
 from tests.apiserver import ApiServer, digits_data, infer_body
 
 CLIENTS = 8
@@ -30,7 +30,12 @@ def build_v2(digits_dir: Path, out: Path) -> Path:
     v1 = Manifest.load(digits_dir / "manifest.json")
     ins, outs = inspect_model(digits_dir / v1.file)
     build_version_dir(
-        digits_dir / v1.file, out, name="digits", version="2", labels=v1.labels, preprocessing=v1.preprocessing,
+        digits_dir / v1.file,
+        out,
+        name="digits",
+        version="2",
+        labels=v1.labels,
+        preprocessing=v1.preprocessing,
         rename_inputs={s.name: d.name for s, d in zip(ins, v1.inputs) if s.name != d.name},
         rename_outputs={s.name: d.name for s, d in zip(outs, v1.outputs) if s.name != d.name},
     )
@@ -56,8 +61,9 @@ def wait_serving(srv: ModelServer, version: str, timeout: float = 30) -> float:
     return time.monotonic()
 
 
-def test_hot_swap_under_load_drops_no_request(store: ModelStore, watched: ModelServer, digits_dir: Path,
-                                              tmp_path: Path) -> None:
+def test_hot_swap_under_load_drops_no_request(
+    store: ModelStore, watched: ModelServer, digits_dir: Path, tmp_path: Path
+) -> None:
     x, _ = digits_data()
     out_name = store.manifest("digits", "1").outputs[0].name
     expected = watched.get("digits").predict({"pixels": x[:64]})[out_name]
@@ -81,8 +87,12 @@ def test_hot_swap_under_load_drops_no_request(store: ModelStore, watched: ModelS
                 i = (i + CLIENTS) % 64
                 t0 = time.monotonic()
                 try:
-                    conn.request("POST", "/v2/models/digits/infer", body=json.dumps(infer_body(x[i : i + 1])),
-                                 headers={"Content-Type": "application/json"})
+                    conn.request(
+                        "POST",
+                        "/v2/models/digits/infer",
+                        body=json.dumps(infer_body(x[i : i + 1])),
+                        headers={"Content-Type": "application/json"},
+                    )
                     resp = conn.getresponse()
                     doc = json.loads(resp.read())
                     assert resp.status == 200, doc
@@ -90,7 +100,7 @@ def test_hot_swap_under_load_drops_no_request(store: ModelStore, watched: ModelS
                     check(i, np.array(out["data"], np.float32).reshape(out["shape"]))
                     with lock:
                         records.append((t0, time.monotonic(), doc["model_version"]))
-                except Exception as exc:  # noqa: BLE001 - every failure is reported
+                except Exception as exc:
                     with lock:
                         failures.append(f"json client {k}: {exc!r}")
         finally:
@@ -106,11 +116,13 @@ def test_hot_swap_under_load_drops_no_request(store: ModelStore, watched: ModelS
                 try:
                     inp = triton.InferInput("pixels", [1, 8, 8, 1], "FP32")
                     inp.set_data_from_numpy(x[i : i + 1], binary_data=True)
-                    result = client.infer("digits", [inp], outputs=[triton.InferRequestedOutput(out_name, binary_data=True)])
+                    result = client.infer(
+                        "digits", [inp], outputs=[triton.InferRequestedOutput(out_name, binary_data=True)]
+                    )
                     check(i, result.as_numpy(out_name))
                     with lock:
                         records.append((t0, time.monotonic(), result.get_response()["model_version"]))
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     with lock:
                         failures.append(f"binary client {k}: {exc!r}")
         finally:

@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.api import create_app
-from edge_agent.bundle import FeatureSpec, write_bundle
 from edge_agent.errors import ManifestError
-from edge_agent.features import DB_FILE, FeatureCache
-from edge_agent.manifest import MANIFEST_FILE, Manifest
-from edge_agent.serving import ModelServer
-from edge_agent.store import ModelStore
+from edge_agent.features.cache import DB_FILE, FeatureCache
+from edge_agent.http.app import create_app
+from edge_agent.models.serving import ModelServer
+from edge_agent.models.store import ModelStore
+from edge_agent.wire.bundle import FeatureSpec, write_bundle
+from edge_agent.wire.manifest import MANIFEST_FILE, Manifest
 from tests.apiserver import ApiServer
 from tests.conftest import MODELS
 
@@ -48,20 +49,39 @@ class Clock:
         return self.t
 
 
-def snapshot(tmp: Path, version: str, *, policy: str = "reject", order: list[str] | None = None,
-             ttl_s: float | None = TTL, entities: list[str] = ENTITIES, ts: float = T0 - 100) -> Path:
+def snapshot(
+    tmp: Path,
+    version: str,
+    *,
+    policy: str = "reject",
+    order: list[str] | None = None,
+    ttl_s: float | None = TTL,
+    entities: list[str] = ENTITIES,
+    ts: float = T0 - 100,
+) -> Path:
     """The golden rows as a bundle whose columns follow ``order`` (default: reversed manifest order)."""
     order = order or FEATURES[::-1]
     cols = [FEATURES.index(f) for f in order]
     path = tmp / f"bundle-{version}"
-    write_bundle(path, SET, version, "snapshot", entities, ts, ASSET[: len(entities)][:, cols],
-                 [FeatureSpec(f, "float32") for f in order], ttl_s=ttl_s, stale_policy=policy)
+    write_bundle(
+        path,
+        SET,
+        version,
+        "snapshot",
+        entities,
+        ts,
+        ASSET[: len(entities)][:, cols],
+        [FeatureSpec(f, "float32") for f in order],
+        ttl_s=ttl_s,
+        stale_policy=policy,
+    )
     return path
 
 
 def live_body(rows: np.ndarray, **params: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"inputs": [{"name": "live", "shape": list(rows.shape), "datatype": "FP32",
-                                        "data": rows.ravel().tolist()}]}
+    body: dict[str, Any] = {
+        "inputs": [{"name": "live", "shape": list(rows.shape), "datatype": "FP32", "data": rows.ravel().tolist()}]
+    }
     if params:
         body["parameters"] = params
     return body
@@ -69,8 +89,9 @@ def live_body(rows: np.ndarray, **params: Any) -> dict[str, Any]:
 
 def explicit_body(live: np.ndarray, asset: np.ndarray) -> dict[str, Any]:
     body = live_body(live)
-    body["inputs"].append({"name": "asset_features", "shape": list(asset.shape), "datatype": "FP32",
-                           "data": asset.ravel().tolist()})
+    body["inputs"].append(
+        {"name": "asset_features", "shape": list(asset.shape), "datatype": "FP32", "data": asset.ravel().tolist()}
+    )
     return body
 
 
@@ -134,9 +155,11 @@ def test_a_joined_request_answers_like_both_inputs_sent_explicitly(rig: Rig, api
         np.testing.assert_array_equal(output(joined), output(plain))
         np.testing.assert_array_equal(output(joined), rig.expected(LIVE[i : i + 1], ASSET[i : i + 1]))
         np.testing.assert_allclose(output(joined), GOLDEN_OUT[i : i + 1], atol=1e-3)
-        assert joined["parameters"] == {"features": {SET: {"version": "3", "age_s": 100.0, "stale": False,
-                                                           "default": False}},
-                                        "feature_stale": False, "feature_default": False}
+        assert joined["parameters"] == {
+            "features": {SET: {"version": "3", "age_s": 100.0, "stale": False, "default": False}},
+            "feature_stale": False,
+            "feature_default": False,
+        }
         assert "parameters" not in plain  # a request carrying every input is served exactly as before
 
 
@@ -156,8 +179,12 @@ def test_a_batch_of_entities_joins_one_row_each(rig: Rig, api: ApiServer) -> Non
 def test_age_and_version_follow_the_cache(rig: Rig, api: ApiServer) -> None:
     rig.clock.t = T0 + 1000
     status, resp = rig.infer(api, live_body(LIVE[:1], entity_id="asset-0"))
-    assert status == 200 and resp["parameters"]["features"][SET] == {"version": "3", "age_s": 1100.0,
-                                                                     "stale": False, "default": False}
+    assert status == 200 and resp["parameters"]["features"][SET] == {
+        "version": "3",
+        "age_s": 1100.0,
+        "stale": False,
+        "default": False,
+    }
     # A new version with yet another column order: the index map is rebuilt, the answer is the same.
     rig.cache.apply(snapshot(rig.tmp, "4", order=FEATURES[5:] + FEATURES[:5], ts=T0 + 900))
     status, resp = rig.infer(api, live_body(LIVE[:1], entity_id="asset-0"))
@@ -169,8 +196,10 @@ def test_age_and_version_follow_the_cache(rig: Rig, api: ApiServer) -> None:
 def test_an_unknown_entity_is_404_naming_entity_and_set(rig: Rig, api: ApiServer) -> None:
     status, resp = rig.infer(api, live_body(LIVE[:1], entity_id="asset-999"))
     assert status == 404
-    assert resp["error"] == ("entity 'asset-999' is not in feature set 'asset_features' (version 3) and model "
-                             "'maintenance' declares no default for input 'asset_features'")
+    assert resp["error"] == (
+        "entity 'asset-999' is not in feature set 'asset_features' (version 3) and model "
+        "'maintenance' declares no default for input 'asset_features'"
+    )
     status, resp = rig.infer(api, live_body(LIVE[:2], entity_ids=["asset-1", "asset-999"]))
     assert status == 404 and "'asset-999'" in resp["error"]
 
@@ -183,8 +212,11 @@ def test_an_unknown_entity_gets_the_manifest_default_and_a_flag(rig: Rig, api: A
     status, resp = rig.infer(api, live_body(LIVE[:1], entity_id="asset-new"))
     assert status == 200, resp
     assert resp["model_version"] == "2"
-    assert resp["parameters"] == {"features": {SET: {"version": "3", "age_s": None, "stale": False, "default": True}},
-                                  "feature_stale": False, "feature_default": True}
+    assert resp["parameters"] == {
+        "features": {SET: {"version": "3", "age_s": None, "stale": False, "default": True}},
+        "feature_stale": False,
+        "feature_default": True,
+    }
     np.testing.assert_array_equal(output(resp), rig.expected(LIVE[:1], np.asarray([default], np.float32)))
     # Mixed batch: the known entity is joined, the unknown one defaulted.
     status, resp = rig.infer(api, live_body(LIVE[:2], entity_ids=["asset-0", "asset-new"]))
@@ -198,8 +230,10 @@ def test_stale_features_are_refused_under_reject(rig: Rig, api: ApiServer) -> No
     rig.clock.t = T0 + TTL  # age TTL + 100 s
     status, resp = rig.infer(api, live_body(LIVE[:1], entity_id="asset-2"))
     assert status == 409
-    assert resp["error"] == ("features of entity 'asset-2' in set 'asset_features' (version 3) are stale: age 3700.0s "
-                             "> ttl 3600s and the set's stale_policy is reject")
+    assert resp["error"] == (
+        "features of entity 'asset-2' in set 'asset_features' (version 3) are stale: age 3700.0s "
+        "> ttl 3600s and the set's stale_policy is reject"
+    )
     # The client can still send the input itself.
     status, resp = rig.infer(api, explicit_body(LIVE[:1], ASSET[2:3]))
     assert status == 200
@@ -210,8 +244,11 @@ def test_stale_features_are_served_and_flagged_under_serve(rig: Rig, api: ApiSer
     rig.clock.t = T0 + TTL
     status, resp = rig.infer(api, live_body(LIVE[2:3], entity_id="asset-2"))
     assert status == 200, resp
-    assert resp["parameters"] == {"features": {SET: {"version": "4", "age_s": 3700.0, "stale": True, "default": False}},
-                                  "feature_stale": True, "feature_default": False}
+    assert resp["parameters"] == {
+        "features": {SET: {"version": "4", "age_s": 3700.0, "stale": True, "default": False}},
+        "feature_stale": True,
+        "feature_default": False,
+    }
     np.testing.assert_array_equal(output(resp), rig.expected(LIVE[2:3], ASSET[2:3]))
 
 
@@ -226,16 +263,22 @@ def test_a_joined_input_the_client_sends_wins(rig: Rig, api: ApiServer) -> None:
     assert rig.infer(api, body)[0] == 200
 
 
-@pytest.mark.parametrize("body,error", [
-    (live_body(LIVE[:1]), "model 'maintenance' fills input 'asset_features' from feature set 'asset_features': name "
-                          "the entity in parameters.entity_id (or entity_ids), or send the input"),
-    (live_body(LIVE[:2], entity_id="asset-0"), "input 'live' has a batch of 2 but the request names 1 entity"),
-    (live_body(LIVE[:1], entity_id=17), "parameters.entity_id must be a non-empty string"),
-    (live_body(LIVE[:1], entity_id=""), "parameters.entity_id must be a non-empty string"),
-    (live_body(LIVE[:1], entity_ids=[]), "parameters.entity_ids must be a non-empty list"),
-    (live_body(LIVE[:1], entity_ids=["a", None]), "parameters.entity_ids[1] must be a non-empty string"),
-    (live_body(LIVE[:1], entity_id="a", entity_ids=["a"]), "not both"),
-])
+@pytest.mark.parametrize(
+    "body,error",
+    [
+        (
+            live_body(LIVE[:1]),
+            "model 'maintenance' fills input 'asset_features' from feature set 'asset_features': name "
+            "the entity in parameters.entity_id (or entity_ids), or send the input",
+        ),
+        (live_body(LIVE[:2], entity_id="asset-0"), "input 'live' has a batch of 2 but the request names 1 entity"),
+        (live_body(LIVE[:1], entity_id=17), "parameters.entity_id must be a non-empty string"),
+        (live_body(LIVE[:1], entity_id=""), "parameters.entity_id must be a non-empty string"),
+        (live_body(LIVE[:1], entity_ids=[]), "parameters.entity_ids must be a non-empty list"),
+        (live_body(LIVE[:1], entity_ids=["a", None]), "parameters.entity_ids[1] must be a non-empty string"),
+        (live_body(LIVE[:1], entity_id="a", entity_ids=["a"]), "not both"),
+    ],
+)
 def test_malformed_entity_parameters_are_400(rig: Rig, api: ApiServer, body: dict[str, Any], error: str) -> None:
     status, resp = rig.infer(api, body)
     assert status == 400 and error in resp["error"], resp
@@ -267,9 +310,15 @@ def test_metadata_shows_the_joined_inputs(rig: Rig, api: ApiServer) -> None:
     params = meta["parameters"]
     assert params["inputs"]["asset_features"]["joined_from"] == SET
     assert "joined_from" not in params["inputs"]["live"]
-    assert params["feature_joins"] == {"asset_features": {"set": SET, "features": FEATURES, "default": None,
-                                                          "cached_version": "3",
-                                                          "entity_parameters": ["entity_id", "entity_ids"]}}
+    assert params["feature_joins"] == {
+        "asset_features": {
+            "set": SET,
+            "features": FEATURES,
+            "default": None,
+            "cached_version": "3",
+            "entity_parameters": ["entity_id", "entity_ids"],
+        }
+    }
 
 
 def test_join_outcomes_are_counted(rig: Rig, api: ApiServer) -> None:
@@ -279,12 +328,16 @@ def test_join_outcomes_are_counted(rig: Rig, api: ApiServer) -> None:
     rig.clock.t = T0 + TTL
     rig.infer(api, live_body(LIVE[:1], entity_id="asset-0"))
     _, _, body = api.request("GET", "/metrics")
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(body.decode())
+        for s in fam.samples
+    }
 
     def joins(outcome: str) -> float | None:
-        return samples.get(("edgefleet_feature_joins_total",
-                            (("model", "maintenance"), ("outcome", outcome), ("set", SET))))
+        return samples.get(
+            ("edgefleet_feature_joins_total", (("model", "maintenance"), ("outcome", outcome), ("set", SET)))
+        )
 
     assert (joins("hit"), joins("missing"), joins("stale_rejected")) == (2, 1, 1)
     assert samples[("edgefleet_errors_total", (("model", "maintenance"), ("reason", "feature_missing")))] == 1
@@ -298,8 +351,12 @@ def test_tritonclient_names_the_entity_in_parameters(rig: Rig, api: ApiServer, b
     try:
         live = triton.InferInput("live", [1, 4], "FP32")
         live.set_data_from_numpy(LIVE[6:7], binary_data=binary)
-        result = client.infer("maintenance", [live], parameters={"entity_id": "asset-6"},
-                              outputs=[triton.InferRequestedOutput(OUT, binary_data=binary)])
+        result = client.infer(
+            "maintenance",
+            [live],
+            parameters={"entity_id": "asset-6"},
+            outputs=[triton.InferRequestedOutput(OUT, binary_data=binary)],
+        )
         np.testing.assert_array_equal(result.as_numpy(OUT), rig.expected(LIVE[6:7], ASSET[6:7]))
         params = result.get_response()["parameters"]
         assert params["features"][SET]["version"] == "3" and params["feature_stale"] is False
@@ -318,16 +375,19 @@ def _manifest(edit: Any) -> dict[str, Any]:
     return raw
 
 
-@pytest.mark.parametrize("edit,error", [
-    (lambda j: j.update(pixels=j.pop("asset_features")), "the model has no input 'pixels'"),
-    (lambda j: j["asset_features"]["features"].pop(), "17 names for input 'asset_features' of width 18"),
-    (lambda j: j["asset_features"]["features"].__setitem__(1, j["asset_features"]["features"][0]), "duplicate"),
-    (lambda j: j["asset_features"].update(default=[0.0] * 17), "default: expected null or 18 finite numbers"),
-    (lambda j: j["asset_features"].update(default=[float("nan")] * 18), "default: expected null or 18 finite"),
-    (lambda j: j["asset_features"].update(set="no/slash"), "feature_joins['asset_features'].set"),
-    (lambda j: j["asset_features"].update(features=[]), "non-empty list of feature names"),
-    (lambda j: j["asset_features"].update(sets="x"), "unknown keys ['sets']"),
-])
+@pytest.mark.parametrize(
+    "edit,error",
+    [
+        (lambda j: j.update(pixels=j.pop("asset_features")), "the model has no input 'pixels'"),
+        (lambda j: j["asset_features"]["features"].pop(), "17 names for input 'asset_features' of width 18"),
+        (lambda j: j["asset_features"]["features"].__setitem__(1, j["asset_features"]["features"][0]), "duplicate"),
+        (lambda j: j["asset_features"].update(default=[0.0] * 17), "default: expected null or 18 finite numbers"),
+        (lambda j: j["asset_features"].update(default=[float("nan")] * 18), "default: expected null or 18 finite"),
+        (lambda j: j["asset_features"].update(set="no/slash"), "feature_joins['asset_features'].set"),
+        (lambda j: j["asset_features"].update(features=[]), "non-empty list of feature names"),
+        (lambda j: j["asset_features"].update(sets="x"), "unknown keys ['sets']"),
+    ],
+)
 def test_the_manifest_declaration_is_validated(edit: Any, error: str) -> None:
     with pytest.raises(ManifestError, match=None) as exc:
         Manifest.from_dict(_manifest(edit))

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.api import create_app
-from edge_agent.metrics import LATENCY_BUCKETS, UNKNOWN_MODEL, Metrics
-from edge_agent.serving import ModelServer
-from edge_agent.store import ModelStore
+from edge_agent.http.app import create_app
+from edge_agent.http.metrics import LATENCY_BUCKETS, UNKNOWN_MODEL, Metrics
+from edge_agent.models.serving import ModelServer
+from edge_agent.models.store import ModelStore
 from tests.apiserver import ApiServer, digits_data, infer_body
 from tests.test_hotswap import build_v2
 
@@ -53,8 +53,11 @@ def test_request_error_and_latency_metrics(model_server: ModelServer) -> None:
     # Latency: one observation per request that reached the model, in the declared buckets.
     assert value(samples, "edgefleet_request_latency_seconds_count", model="digits", version="1") == 4
     assert value(samples, "edgefleet_request_latency_seconds_sum", model="digits", version="1") > 0
-    buckets = {dict(labels)["le"]: v for (name, labels), v in samples.items()
-               if name == "edgefleet_request_latency_seconds_bucket" and dict(labels).get("version") == "1"}
+    buckets = {
+        dict(labels)["le"]: v
+        for (name, labels), v in samples.items()
+        if name == "edgefleet_request_latency_seconds_bucket" and dict(labels).get("version") == "1"
+    }
     assert len(buckets) == len(LATENCY_BUCKETS) + 1 and buckets["+Inf"] == 4
     counts = [buckets[k] for k in sorted(buckets, key=float)]
     assert counts == sorted(counts)  # cumulative
@@ -62,8 +65,9 @@ def test_request_error_and_latency_metrics(model_server: ModelServer) -> None:
     assert value(samples, "edgefleet_inflight_requests") == 0
 
 
-def test_active_version_gauge_follows_swaps(store: ModelStore, model_server: ModelServer, digits_dir: Path,
-                                            tmp_path: Path) -> None:
+def test_active_version_gauge_follows_swaps(
+    store: ModelStore, model_server: ModelServer, digits_dir: Path, tmp_path: Path
+) -> None:
     store.install_dir(build_v2(digits_dir, tmp_path / "v2"))
     x, _ = digits_data()
     metrics = Metrics()
@@ -91,9 +95,12 @@ def test_active_version_gauge_follows_swaps(store: ModelStore, model_server: Mod
 def test_metrics_instances_are_independent(model_server: ModelServer) -> None:
     a, b = Metrics(), Metrics()
     a.observe("digits", "1", 200, 0.0002)
-    assert a.registry.get_sample_value("edgefleet_requests_total",
-                                       {"model": "digits", "version": "1", "code": "200"}) == 1
-    assert b.registry.get_sample_value("edgefleet_requests_total",
-                                       {"model": "digits", "version": "1", "code": "200"}) is None
+    assert (
+        a.registry.get_sample_value("edgefleet_requests_total", {"model": "digits", "version": "1", "code": "200"}) == 1
+    )
+    assert (
+        b.registry.get_sample_value("edgefleet_requests_total", {"model": "digits", "version": "1", "code": "200"})
+        is None
+    )
     body, content_type = a.render("application/openmetrics-text")
     assert content_type.startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")

@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from edge_agent.manifest import MANIFEST_FILE
+from edge_agent.wire.manifest import MANIFEST_FILE
 
 # Top-level modules that must never be loaded by the edge agent.
 FORBIDDEN = ("tensorflow", "tensorflow_core", "tf_keras", "keras", "cloud_batch", "tensorboard", "jax", "torch")
@@ -33,10 +33,10 @@ CHILD = textwrap.dedent(
         return sorted(FORBIDDEN & set(loaded()))
 
     import edge_agent
-    from edge_agent import runtime
-    from edge_agent.runtime import RuntimeOptions
-    from edge_agent.serving import ModelServer
-    from edge_agent.store import ModelStore
+    from edge_agent.inference import runtime
+    from edge_agent.inference.runtime import RuntimeOptions
+    from edge_agent.models.serving import ModelServer
+    from edge_agent.models.store import ModelStore
 
     store = ModelStore(data_dir)
     manifest = store.install_dir(version_dir)          # verifies sha256, size, tensors, golden samples
@@ -52,7 +52,7 @@ CHILD = textwrap.dedent(
     submodules = []
     for info in pkgutil.walk_packages(edge_agent.__path__, "edge_agent.", onerror=onerror):
         if info.name.endswith(".__main__"):
-            continue  # runs the CLI on import; it only imports edge_agent.cli, covered below
+            continue  # runs the CLI on import; it only imports edge_agent.cli.main, covered below
         submodules.append(info.name)
         try:
             importlib.import_module(info.name)
@@ -103,5 +103,10 @@ def test_serving_the_shipped_model_never_imports_tensorflow(digits_dir: Path, tm
     assert set(report["outputs"]) == {o["name"] for o in shipped["outputs"]}
     assert all(shape[0] == 3 for shape, _ in report["outputs"].values())
     # The walk found the agent's modules (not an empty package).
-    for mod in ("edge_agent.runtime", "edge_agent.store", "edge_agent.serving", "edge_agent.cli"):
+    for mod in (
+        "edge_agent.inference.runtime",
+        "edge_agent.models.store",
+        "edge_agent.models.serving",
+        "edge_agent.cli.main",
+    ):
         assert mod in report["submodules"]

@@ -17,24 +17,38 @@ import textwrap
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.link import MqttLink
-from edge_agent.manifest import MANIFEST_FILE
-from edge_agent.modelpack import build_version_dir, verify_version_dir
-from edge_agent.ota import OtaAgent, OtaOptions, will_for
-from edge_agent.protocol import (ROOT, Artifact, DeviceState, Policy, Release, Rollout, UpdateReport, chunk_topic,
-                                 encode, iter_chunks, pack_dir, release_topic, rollout_topic)
-from edge_agent.runtime import RuntimeOptions
-from edge_agent.serving import ModelServer
-from edge_agent.signing import sign
-from edge_agent.store import ModelStore
-from edge_agent.transfer import publish_artifact
+from edge_agent.inference.modelpack import build_version_dir, verify_version_dir
+from edge_agent.inference.runtime import RuntimeOptions
+from edge_agent.models.serving import ModelServer
+from edge_agent.models.store import ModelStore
+from edge_agent.mqtt.download import publish_artifact
+from edge_agent.mqtt.link import MqttLink
+from edge_agent.update.coordinator import OtaAgent, OtaOptions, will_for
+from edge_agent.wire.manifest import MANIFEST_FILE
+from edge_agent.wire.protocol import (
+    ROOT,
+    Artifact,
+    DeviceState,
+    Policy,
+    Release,
+    Rollout,
+    UpdateReport,
+    chunk_topic,
+    encode,
+    iter_chunks,
+    pack_dir,
+    release_topic,
+    rollout_topic,
+)
+from edge_agent.wire.signing import sign
 from tests.broker import Broker, broker  # noqa: F401
 from tests.test_validate import crashing_model, replace_model
 
@@ -100,15 +114,17 @@ def probe_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """
     root = tmp_path_factory.mktemp("probe")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", PROBE_BUILD, str(root)], capture_output=True, text=True, timeout=300,
-                          env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE_BUILD, str(root)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     x = np.random.default_rng(1).random((1, 8, 8, 1)).astype(np.float32)
     dirs = {}
     for version, model in (("1", "good"), ("2", "batch_one")):
         dirs[version] = root / version
-        build_version_dir(root / f"{model}.tflite", dirs[version], name="probe", version=version,
-                          golden_inputs={"pixels": x})
+        build_version_dir(
+            root / f"{model}.tflite", dirs[version], name="probe", version=version, golden_inputs={"pixels": x}
+        )
     return dirs
 
 
@@ -141,19 +157,35 @@ class Cloud:
     def close(self) -> None:
         self.link.stop()
 
-    def release(self, version_dir: Path, *, version: str | None = None, release_id: str | None = None,
-                key: Ed25519PrivateKey | None | str = "default", fleet: str = FLEET, rollback: bool = False,
-                publish_chunks: bool = True, artifact: Artifact | None = None,
-                after_sign: Callable[[dict[str, Any]], None] | None = None, **policy: Any) -> dict[str, Any]:
+    def release(
+        self,
+        version_dir: Path,
+        *,
+        version: str | None = None,
+        release_id: str | None = None,
+        key: Ed25519PrivateKey | str | None = "default",
+        fleet: str = FLEET,
+        rollback: bool = False,
+        publish_chunks: bool = True,
+        artifact: Artifact | None = None,
+        after_sign: Callable[[dict[str, Any]], None] | None = None,
+        **policy: Any,
+    ) -> dict[str, Any]:
         """Pack, publish the chunks and the signed release (retained); return the release document."""
         manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
         blob = pack_dir(version_dir)
         if artifact is None:
             artifact = publish_artifact(self.link, blob, CHUNK) if publish_chunks else Artifact.from_blob(blob, CHUNK)
         policy.setdefault("health_window_s", 0.5)
-        rel = Release(release_id=release_id or f"{manifest['name']}-{uuid.uuid4().hex[:8]}", fleet=fleet,
-                      name=manifest["name"], version=version or manifest["version"], artifact=artifact,
-                      rollback=rollback, policy=Policy(**policy))
+        rel = Release(
+            release_id=release_id or f"{manifest['name']}-{uuid.uuid4().hex[:8]}",
+            fleet=fleet,
+            name=manifest["name"],
+            version=version or manifest["version"],
+            artifact=artifact,
+            rollback=rollback,
+            policy=Policy(**policy),
+        )
         doc = rel.to_dict()
         signer = self.key if key == "default" else key
         if signer is not None:
@@ -185,8 +217,9 @@ class Cloud:
         state = self.states.get(device_id)
         return state.updates.get(name) if state else None
 
-    def wait_result(self, device_id: str, release_id: str, name: str = "digits",
-                    state: str | None = None) -> UpdateReport:
+    def wait_result(
+        self, device_id: str, release_id: str, name: str = "digits", state: str | None = None
+    ) -> UpdateReport:
         """The device's report for ``release_id`` once it has a result (or reaches ``state``)."""
 
         def done() -> UpdateReport | None:
@@ -201,8 +234,17 @@ class Cloud:
 class Device:
     """An edge agent process's OTA parts, in this process: store, model server, MQTT link, OtaAgent."""
 
-    def __init__(self, url: str, data_dir: Path, trusted: list[Any], install: list[Path], *,
-                 device_id: str | None = None, options: OtaOptions | None = None, **seams: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        data_dir: Path,
+        trusted: list[Any],
+        install: list[Path],
+        *,
+        device_id: str | None = None,
+        options: OtaOptions | None = None,
+        **seams: Any,
+    ) -> None:
         self.device_id = device_id or f"dev-{uuid.uuid4().hex[:6]}"
         self.data_dir = data_dir
         self.store = ModelStore(data_dir)
@@ -212,21 +254,33 @@ class Device:
         self.server.sync()
         self.server.start(0.05)
         self.swaps: list[tuple[str, str | None, str | None]] = []
-        self.server.add_listener(lambda n, old, new: self.swaps.append(
-            (n, old.version if old else None, new.version if new else None)))
+        self.server.add_listener(
+            lambda n, old, new: self.swaps.append((n, old.version if old else None, new.version if new else None))
+        )
         self.link = MqttLink(url, self.device_id, will=will_for(FLEET, self.device_id))
-        opts = options or OtaOptions(poll_s=0.05, rollout_settle_s=0.3, max_artifact_bytes=120_000,
-                                     stall_timeout_s=5, retry_backoff_s=0.2)
-        self.ota = OtaAgent(self.link, self.store, self.server, data_dir, self.device_id, FLEET, trusted,
-                            options=opts, **seams)
+        opts = options or OtaOptions(
+            poll_s=0.05, rollout_settle_s=0.3, max_artifact_bytes=120_000, stall_timeout_s=5, retry_backoff_s=0.2
+        )
+        self.ota = OtaAgent(
+            self.link, self.store, self.server, data_dir, self.device_id, FLEET, trusted, options=opts, **seams
+        )
         self.link.start()
         assert self.link.wait_connected(10)
         self.ota.start()
 
     def restart_agent(self, **seams: Any) -> None:
         self.ota.stop()
-        self.ota = OtaAgent(self.link, self.store, self.server, self.data_dir, self.device_id, FLEET,
-                            self.ota.trusted, options=self.ota.options, **seams)
+        self.ota = OtaAgent(
+            self.link,
+            self.store,
+            self.server,
+            self.data_dir,
+            self.device_id,
+            FLEET,
+            self.ota.trusted,
+            options=self.ota.options,
+            **seams,
+        )
         self.ota.start()
 
     def close(self) -> None:
@@ -256,13 +310,22 @@ def cloud(broker: Broker, keys: dict[str, Ed25519PrivateKey]) -> Iterator[Cloud]
 
 
 @pytest.fixture
-def make_device(broker: Broker, keys: dict[str, Ed25519PrivateKey], digits_dir: Path,  # noqa: F811
-                tmp_path: Path) -> Iterator[Callable[..., Device]]:
+def make_device(
+    broker: Broker,
+    keys: dict[str, Ed25519PrivateKey],
+    digits_dir: Path,  # noqa: F811
+    tmp_path: Path,
+) -> Iterator[Callable[..., Device]]:
     devices: list[Device] = []
 
     def make(install: list[Path] | None = None, **kwargs: Any) -> Device:
-        d = Device(broker.url, tmp_path / f"device{len(devices)}", [keys["fleet"].public_key()],
-                   install if install is not None else [digits_dir], **kwargs)
+        d = Device(
+            broker.url,
+            tmp_path / f"device{len(devices)}",
+            [keys["fleet"].public_key()],
+            install if install is not None else [digits_dir],
+            **kwargs,
+        )
         devices.append(d)
         return d
 
@@ -277,8 +340,9 @@ def v2(digits_dir: Path, tmp_path: Path) -> Path:
 
 
 # -- the happy path ------------------------------------------------------------------------------
-def test_a_release_is_downloaded_validated_activated_and_committed(cloud: Cloud, make_device: Callable[..., Device],
-                                                                   v2: Path, broker: Broker) -> None:  # noqa: F811
+def test_a_release_is_downloaded_validated_activated_and_committed(
+    cloud: Cloud, make_device: Callable[..., Device], v2: Path, broker: Broker
+) -> None:  # noqa: F811
     dev = make_device()
     cloud.wait(lambda: cloud.states.get(dev.device_id), "the device's first state")
     assert cloud.states[dev.device_id].models == {"digits": "1"}
@@ -287,15 +351,24 @@ def test_a_release_is_downloaded_validated_activated_and_committed(cloud: Cloud,
     assert (report.state, report.result, report.reason) == ("committed", "success", None)
     assert dev.server.get("digits").version == "2"
     # "committed" is saved and reported first, then its action marks the version good and cleans up.
-    cloud.wait(lambda: "2" in dev.store.state("digits").good and not any((dev.data_dir / "downloads").iterdir()),
-               "the commit's clean-up")
+    cloud.wait(
+        lambda: "2" in dev.store.state("digits").good and not any((dev.data_dir / "downloads").iterdir()),
+        "the commit's clean-up",
+    )
     assert dev.store.active("digits") == "2"
     verify_version_dir(dev.store.version_dir("digits", "2"))
     assert ("digits", "1", "2") in dev.swaps
     # Every step was reported, in order.
     record = json.loads((dev.data_dir / "updates" / "digits.json").read_text())
-    assert [s for s, _ in record["history"]] == ["idle", "downloading", "verifying", "validating", "activating",
-                                                 "health_check", "committed"]
+    assert [s for s, _ in record["history"]] == [
+        "idle",
+        "downloading",
+        "verifying",
+        "validating",
+        "activating",
+        "health_check",
+        "committed",
+    ]
     assert record["details"]["validation"]["p50_ms"] > 0
     # The downloads and the staging copy are gone.
     assert not any((dev.data_dir / "downloads").iterdir()) and not any((dev.data_dir / "staging").iterdir())
@@ -311,8 +384,7 @@ def test_a_release_is_downloaded_validated_activated_and_committed(cloud: Cloud,
         late.close()
 
 
-def test_requests_keep_succeeding_during_the_update(cloud: Cloud, make_device: Callable[..., Device],
-                                                    v2: Path) -> None:
+def test_requests_keep_succeeding_during_the_update(cloud: Cloud, make_device: Callable[..., Device], v2: Path) -> None:
     dev = make_device()
     x = np.random.default_rng(0).random((4, 8, 8, 1)).astype(np.float32) * 16
     stop = threading.Event()
@@ -329,7 +401,7 @@ def test_requests_keep_succeeding_during_the_update(cloud: Cloud, make_device: C
                     failures.append(f"bad shape {out.shape}")
                 versions.add(model.version)
                 calls[0] += 1
-            except Exception as exc:  # noqa: BLE001 - any failure is what this test is about
+            except Exception as exc:
                 failures.append(repr(exc))
 
     threads = [threading.Thread(target=client) for _ in range(4)]
@@ -398,9 +470,9 @@ REJECTIONS = {
 
 
 @pytest.mark.parametrize("case", list(REJECTIONS))
-def test_rejected_releases_are_reported_and_install_nothing(case: str, cloud: Cloud, v2: Path, tmp_path: Path,
-                                                            make_device: Callable[..., Device],
-                                                            keys: dict[str, Any]) -> None:
+def test_rejected_releases_are_reported_and_install_nothing(
+    case: str, cloud: Cloud, v2: Path, tmp_path: Path, make_device: Callable[..., Device], keys: dict[str, Any]
+) -> None:
     dev = make_device()
     build, reason = REJECTIONS[case]
     release_id = build(cloud, v2, keys, tmp_path)
@@ -462,9 +534,9 @@ FAILURES = {
 
 
 @pytest.mark.parametrize("case", list(FAILURES))
-def test_bad_artifacts_fail_before_activation_and_never_take_traffic(case: str, cloud: Cloud, v2: Path,
-                                                                     tmp_path: Path,
-                                                                     make_device: Callable[..., Device]) -> None:
+def test_bad_artifacts_fail_before_activation_and_never_take_traffic(
+    case: str, cloud: Cloud, v2: Path, tmp_path: Path, make_device: Callable[..., Device]
+) -> None:
     dev = make_device()
     build, failed_in, reason = FAILURES[case]
     release_id = build(cloud, v2, tmp_path)
@@ -477,8 +549,12 @@ def test_bad_artifacts_fail_before_activation_and_never_take_traffic(case: str, 
     assert dev.swaps == [], "the candidate took traffic"
 
 
-def test_a_rejection_is_final_across_reconnects_and_restarts(cloud: Cloud, v2: Path, broker: Broker,  # noqa: F811
-                                                             make_device: Callable[..., Device]) -> None:
+def test_a_rejection_is_final_across_reconnects_and_restarts(
+    cloud: Cloud,
+    v2: Path,
+    broker: Broker,  # noqa: F811
+    make_device: Callable[..., Device],
+) -> None:
     dev = make_device()
     doc = cloud.release(v2, key=None)
     first = cloud.wait_result(dev.device_id, doc["release_id"])
@@ -493,8 +569,9 @@ def test_a_rejection_is_final_across_reconnects_and_restarts(cloud: Cloud, v2: P
 
 
 # -- signed rollback ---------------------------------------------------------------------------
-def test_an_explicit_signed_rollback_is_accepted(cloud: Cloud, v2: Path, digits_dir: Path,
-                                                 make_device: Callable[..., Device]) -> None:
+def test_an_explicit_signed_rollback_is_accepted(
+    cloud: Cloud, v2: Path, digits_dir: Path, make_device: Callable[..., Device]
+) -> None:
     dev = make_device()
     assert cloud.wait_result(dev.device_id, cloud.release(v2)["release_id"]).result == "success"
     plain = cloud.release(digits_dir)  # version 1 again, not marked as a rollback
@@ -507,9 +584,9 @@ def test_an_explicit_signed_rollback_is_accepted(cloud: Cloud, v2: Path, digits_
 
 
 # -- health window -----------------------------------------------------------------------------
-def test_a_model_failing_in_service_is_rolled_back_by_the_health_window(cloud: Cloud,
-                                                                        make_device: Callable[..., Device],
-                                                                        probe_models: dict[str, Path]) -> None:
+def test_a_model_failing_in_service_is_rolled_back_by_the_health_window(
+    cloud: Cloud, make_device: Callable[..., Device], probe_models: dict[str, Path]
+) -> None:
     """Probe 2 validates (batch of one) but every batch-of-8 request fails in the interpreter.
 
     Clients alternate batches of 8 and of 1: on version 2 half the calls fail, and an
@@ -530,7 +607,7 @@ def test_a_model_failing_in_service_is_rolled_back_by_the_health_window(cloud: C
             n += 1
             try:
                 model.predict({"pixels": batches[n % 2]})
-            except Exception:  # noqa: BLE001 - version 2 fails these in the runtime
+            except Exception:
                 ok = 0
             outcomes.setdefault(model.version, []).append(ok)
             time.sleep(0.002)
@@ -568,7 +645,8 @@ class Clock:
 
 
 def test_outside_the_window_it_downloads_and_validates_but_activates_only_in_the_window(
-        cloud: Cloud, v2: Path, make_device: Callable[..., Device]) -> None:
+    cloud: Cloud, v2: Path, make_device: Callable[..., Device]
+) -> None:
     clock = Clock(12)
     dev = make_device(now=clock)
     doc = cloud.release(v2, window="02:00-03:00")
@@ -581,8 +659,9 @@ def test_outside_the_window_it_downloads_and_validates_but_activates_only_in_the
     assert report.result == "success" and dev.server.get("digits").version == "2"
 
 
-def test_an_urgent_release_supersedes_one_waiting_for_the_window(cloud: Cloud, v2: Path,
-                                                                 make_device: Callable[..., Device]) -> None:
+def test_an_urgent_release_supersedes_one_waiting_for_the_window(
+    cloud: Cloud, v2: Path, make_device: Callable[..., Device]
+) -> None:
     dev = make_device(now=Clock(12))
     waiting = cloud.release(v2, window="02:00-03:00")
     cloud.wait_result(dev.device_id, waiting["release_id"], state="waiting_window")
@@ -594,8 +673,9 @@ def test_an_urgent_release_supersedes_one_waiting_for_the_window(cloud: Cloud, v
 
 
 # -- rollouts ---------------------------------------------------------------------------------------
-def test_the_rollout_gates_the_release_and_an_abort_rolls_it_back(cloud: Cloud, v2: Path,
-                                                                  make_device: Callable[..., Device]) -> None:
+def test_the_rollout_gates_the_release_and_an_abort_rolls_it_back(
+    cloud: Cloud, v2: Path, make_device: Callable[..., Device]
+) -> None:
     dev = make_device()
     cloud.wait(lambda: cloud.states.get(dev.device_id), "the device's first state")
     release_id = f"digits-2-{uuid.uuid4().hex[:6]}"

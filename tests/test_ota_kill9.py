@@ -29,20 +29,21 @@ import sys
 import textwrap
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.link import MqttLink
-from edge_agent.modelpack import verify_version_dir
-from edge_agent.protocol import Policy, Release, encode, pack_dir, presence_topic, release_topic
-from edge_agent.signing import sign
-from edge_agent.store import ModelStore
-from edge_agent.transfer import publish_artifact
+from edge_agent.inference.modelpack import verify_version_dir
+from edge_agent.models.store import ModelStore
+from edge_agent.mqtt.download import publish_artifact
+from edge_agent.mqtt.link import MqttLink
+from edge_agent.wire.protocol import Policy, Release, encode, pack_dir, presence_topic, release_topic
+from edge_agent.wire.signing import sign
 from tests.broker import Broker, broker  # noqa: F401
 from tests.test_ota import relabel
 
@@ -58,13 +59,13 @@ DEVICE = textwrap.dedent(
     import numpy as np
 
     from edge_agent.fsutil import atomic_write_json
-    from edge_agent.link import MqttLink
-    from edge_agent.ota import OtaAgent, OtaOptions, will_for
-    from edge_agent.runtime import RuntimeOptions
-    from edge_agent.serving import ModelServer
-    from edge_agent.signing import load_public_key
-    from edge_agent.store import ModelStore
-    from edge_agent.update import server_health
+    from edge_agent.mqtt.link import MqttLink
+    from edge_agent.update.coordinator import OtaAgent, OtaOptions, will_for
+    from edge_agent.inference.runtime import RuntimeOptions
+    from edge_agent.models.serving import ModelServer
+    from edge_agent.wire.signing import load_public_key
+    from edge_agent.models.store import ModelStore
+    from edge_agent.update.machine import server_health
 
     cfg = json.loads(sys.argv[1])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)s %(name)s %(message)s")
@@ -119,8 +120,13 @@ class DeviceProcess:
         self.starts += 1
         env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
         with open(self.log_dir / f"device-{self.starts:02d}.log", "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-c", DEVICE, json.dumps(self.cfg)], stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, cwd=REPO)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", DEVICE, json.dumps(self.cfg)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+            )
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -193,12 +199,21 @@ class Rig:
 def rig(broker: Broker, tmp_path: Path, digits_dir: Path) -> Iterator[Rig]:  # noqa: F811
     key = Ed25519PrivateKey.generate()
     pub = tmp_path / "fleet.pub"
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     logs = tmp_path / "logs"
     logs.mkdir()
-    cfg = {"url": broker.url, "data_dir": str(tmp_path / "device"), "digits_dir": str(digits_dir), "pub": str(pub),
-           "fleet": FLEET, "device_id": DEVICE_ID, "sick_version": "4", "bandwidth_bps": 20_000}
+    cfg = {
+        "url": broker.url,
+        "data_dir": str(tmp_path / "device"),
+        "digits_dir": str(digits_dir),
+        "pub": str(pub),
+        "fleet": FLEET,
+        "device_id": DEVICE_ID,
+        "sick_version": "4",
+        "bandwidth_bps": 20_000,
+    }
     device = DeviceProcess(cfg, logs)
     cloud = MqttLink(broker.url, f"cloud-{uuid.uuid4().hex[:6]}")
     presence: list[bytes] = []
@@ -210,8 +225,20 @@ def rig(broker: Broker, tmp_path: Path, digits_dir: Path) -> Iterator[Rig]:  # n
     cloud.stop()
 
 
-ORDER = ["idle", "downloading", "verifying", "validating", "waiting_window", "activating", "health_check",
-         "rolling_back", "committed", "rolled_back", "failed", "rejected"]
+ORDER = [
+    "idle",
+    "downloading",
+    "verifying",
+    "validating",
+    "waiting_window",
+    "activating",
+    "health_check",
+    "rolling_back",
+    "committed",
+    "rolled_back",
+    "failed",
+    "rejected",
+]
 FINAL = {"committed", "rolled_back", "failed", "rejected"}
 KILLS_PER_RELEASE = 6
 
@@ -221,8 +248,13 @@ def test_kill9_at_random_points_during_updates(rig: Rig, tmp_path: Path, digits_
     seed = int(os.environ.get("KILL9_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     # (version, expected final state, active version afterwards)
-    plan = [("2", "committed", "2"), ("3", "committed", "3"), ("4", "rolled_back", "3"), ("5", "committed", "5"),
-            ("6", "committed", "6")]
+    plan = [
+        ("2", "committed", "2"),
+        ("3", "committed", "3"),
+        ("4", "rolled_back", "3"),
+        ("5", "committed", "5"),
+        ("6", "committed", "6"),
+    ]
     kills: list[str] = []
 
     device.start()
@@ -230,8 +262,14 @@ def test_kill9_at_random_points_during_updates(rig: Rig, tmp_path: Path, digits_
     for version, final, active_after in plan:
         vdir = relabel(digits_dir, tmp_path / f"v{version}", version)
         artifact = publish_artifact(cloud, pack_dir(vdir), 2048)
-        rel = Release(release_id=f"digits-{version}-{uuid.uuid4().hex[:6]}", fleet=FLEET, name="digits",
-                      version=version, artifact=artifact, policy=Policy(health_window_s=2.0, max_error_rate=0.05))
+        rel = Release(
+            release_id=f"digits-{version}-{uuid.uuid4().hex[:6]}",
+            fleet=FLEET,
+            name="digits",
+            version=version,
+            artifact=artifact,
+            policy=Policy(health_window_s=2.0, max_error_rate=0.05),
+        )
         cloud.publish(release_topic(FLEET, "digits"), encode(sign(rel.to_dict(), key)), retain=True, wait_s=10)
         # Aim at states in lifecycle order (the update resumes in the state it was killed in, so an aim
         # is never left behind by an earlier kill); a state already passed becomes a random-delay kill.
@@ -290,11 +328,13 @@ def test_kill9_at_random_points_during_updates(rig: Rig, tmp_path: Path, digits_
             record = current()
             if record and record["state"] in FINAL:
                 break
-            assert time.monotonic() < deadline, f"seed {seed}: v{version} stuck in {record and record['state']}; " \
-                                                f"kills: {kills}\n{device.last_log()}"
+            assert time.monotonic() < deadline, (
+                f"seed {seed}: v{version} stuck in {record and record['state']}; kills: {kills}\n{device.last_log()}"
+            )
             time.sleep(0.05)
-        assert record["state"] == final, f"seed {seed}: v{version} ended {record['state']}: {record['reason']}; " \
-                                         f"kills: {kills}"
+        assert record["state"] == final, (
+            f"seed {seed}: v{version} ended {record['state']}: {record['reason']}; kills: {kills}"
+        )
         assert check_store_intact(device.data) == active_after
         deadline = time.monotonic() + 30
         while device.probe()["version"] != active_after:  # type: ignore[index]

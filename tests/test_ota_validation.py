@@ -6,8 +6,8 @@ device lacks, and a candidate over the release's latency budget.)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tests.broker import broker  # noqa: F401
 from tests.modelzoo import CUSTOM_OP, Zoo, zoo  # noqa: F401
@@ -23,15 +23,23 @@ def _assert_failed_in_validation(cloud: Cloud, dev: Device, release_id: str, rea
     assert dev.swaps == [], "the candidate took traffic"
 
 
-def test_a_candidate_needing_a_custom_op_the_device_lacks(cloud: Cloud, v2: Path, tmp_path: Path,  # noqa: F811
-                                                          zoo: Zoo, make_device: Callable[..., Device]) -> None:  # noqa: F811
+def test_a_candidate_needing_a_custom_op_the_device_lacks(
+    cloud: Cloud,
+    v2: Path,
+    tmp_path: Path,  # noqa: F811
+    zoo: Zoo,
+    make_device: Callable[..., Device],
+) -> None:  # noqa: F811
     dev = make_device()
     cand = replace_model(relabel(v2, tmp_path / "custom", "2"), zoo.path("custom_op").read_bytes())
     _assert_failed_in_validation(cloud, dev, cloud.release(cand)["release_id"], CUSTOM_OP)
 
 
-def test_a_candidate_over_the_release_latency_budget(cloud: Cloud, v2: Path,  # noqa: F811
-                                                     make_device: Callable[..., Device]) -> None:  # noqa: F811
+def test_a_candidate_over_the_release_latency_budget(
+    cloud: Cloud,
+    v2: Path,  # noqa: F811
+    make_device: Callable[..., Device],
+) -> None:  # noqa: F811
     dev = make_device()
     release_id = cloud.release(v2, max_latency_ms=1e-6)["release_id"]
     _assert_failed_in_validation(cloud, dev, release_id, "over the release's budget")

@@ -1,6 +1,6 @@
 """Phased rollouts across 50 simulated devices on a real mosquitto (stages 10, 50, 100).
 
-The devices (``cloud_batch.simdevice``) verify the signed release, apply the rollout gate and
+The devices (``cloud_batch.sim.device``) verify the signed release, apply the rollout gate and
 download the artifact with the real transfer code; the cloud side only reads the broker.
 Waiting is done with ``rollout.watch`` (it re-evaluates on every device state change) and a
 generous deadline; nothing asserts how long anything took.
@@ -9,18 +9,18 @@ generous deadline; nothing asserts how long anything took.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from cloud_batch import ota_cli
-from cloud_batch.fleet import fleet_status
-from cloud_batch.keys import generate_keys
-from cloud_batch.release import release
-from cloud_batch.rollout import RolloutError, RolloutStatus, abort, advance, evaluate, rollout_status, watch
-from cloud_batch.simdevice import SimFleet
-from edge_agent.protocol import DeviceState, Release, Rollout, UpdateReport, in_cohort
+from cloud_batch.cli import ota as ota_cli
+from cloud_batch.fleetops.fleet import fleet_status
+from cloud_batch.fleetops.keys import generate_keys
+from cloud_batch.fleetops.release import release
+from cloud_batch.fleetops.rollout import RolloutError, RolloutStatus, abort, advance, evaluate, rollout_status, watch
+from cloud_batch.sim.device import SimFleet
+from edge_agent.wire.protocol import DeviceState, Release, Rollout, UpdateReport, in_cohort
 from tests.broker import Broker, broker  # noqa: F401
 from tests.conftest import MODELS
 
@@ -37,8 +37,15 @@ def keys(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def start_fleet(url: str, pub: Path, tmp_path: Path, **kwargs: object) -> SimFleet:
-    return SimFleet(url, FLEET, kwargs.pop("n", N), trusted_keys=[pub], workdir=tmp_path / "sim",  # type: ignore[arg-type]
-                    settle_s=SETTLE_S, **kwargs).start()  # type: ignore[arg-type]
+    return SimFleet(
+        url,
+        FLEET,
+        kwargs.pop("n", N),
+        trusted_keys=[pub],
+        workdir=tmp_path / "sim",  # type: ignore[arg-type]
+        settle_s=SETTLE_S,
+        **kwargs,
+    ).start()  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -50,8 +57,18 @@ def sim_factory(tmp_path: Path) -> Iterator[list[SimFleet]]:
 
 
 def publish(url: str, key: Path, **kwargs: object) -> Release:
-    return release(MODELS, "digits", "1", FLEET, key, url, stages=kwargs.pop("stages", STAGES), health_window_s=0,  # type: ignore[arg-type]
-                   progress=False, **kwargs)  # type: ignore[arg-type]
+    return release(
+        MODELS,
+        "digits",
+        "1",
+        FLEET,
+        key,
+        url,
+        stages=kwargs.pop("stages", STAGES),
+        health_window_s=0,  # type: ignore[arg-type]
+        progress=False,
+        **kwargs,
+    )  # type: ignore[arg-type]
 
 
 def stage_done(s: RolloutStatus) -> bool:
@@ -65,7 +82,10 @@ def cohort(ids: list[str], percent: int) -> set[str]:
 
 # -- advancing -----------------------------------------------------------------------------
 def test_advance_moves_through_every_stage_while_failures_stay_under_the_threshold(
-    broker: Broker, keys: tuple[Path, Path], tmp_path: Path, sim_factory: list[SimFleet],  # noqa: F811
+    broker: Broker,
+    keys: tuple[Path, Path],
+    tmp_path: Path,
+    sim_factory: list[SimFleet],  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     sim = start_fleet(broker.url, keys[1], tmp_path)
@@ -101,7 +121,10 @@ def test_advance_moves_through_every_stage_while_failures_stay_under_the_thresho
 
 
 def test_rollout_halts_on_its_own_when_the_failure_threshold_is_crossed(
-    broker: Broker, keys: tuple[Path, Path], tmp_path: Path, sim_factory: list[SimFleet],  # noqa: F811
+    broker: Broker,
+    keys: tuple[Path, Path],
+    tmp_path: Path,
+    sim_factory: list[SimFleet],  # noqa: F811
 ) -> None:
     # ~30% of the devices fail validation; with seed 4 none of them is in the 10% cohort, 9 of 29 are in the 50% one.
     sim = start_fleet(broker.url, keys[1], tmp_path, fail_rate=0.3, seed=4)
@@ -134,7 +157,10 @@ def test_rollout_halts_on_its_own_when_the_failure_threshold_is_crossed(
 
 
 def test_cli_status_halts_and_exits_1_then_advance_is_refused(
-    broker: Broker, keys: tuple[Path, Path], tmp_path: Path, sim_factory: list[SimFleet],  # noqa: F811
+    broker: Broker,
+    keys: tuple[Path, Path],
+    tmp_path: Path,
+    sim_factory: list[SimFleet],  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     sim = start_fleet(broker.url, keys[1], tmp_path, n=10, fail_rate=0.5, seed=1)
@@ -154,7 +180,10 @@ def test_cli_status_halts_and_exits_1_then_advance_is_refused(
 
 # -- aborting ------------------------------------------------------------------------------
 def test_abort_makes_the_cohort_roll_back(
-    broker: Broker, keys: tuple[Path, Path], tmp_path: Path, sim_factory: list[SimFleet],  # noqa: F811
+    broker: Broker,
+    keys: tuple[Path, Path],
+    tmp_path: Path,
+    sim_factory: list[SimFleet],  # noqa: F811
 ) -> None:
     sim = start_fleet(broker.url, keys[1], tmp_path, initial_models={"digits": "0"})
     sim_factory.append(sim)
@@ -165,7 +194,9 @@ def test_abort_makes_the_cohort_roll_back(
     aborted = abort(broker.url, "digits", FLEET)
     assert aborted.action == "aborted" and aborted.rollout.status == "aborted"
     rolled = watch(broker.url, "digits", FLEET, lambda s: s.counts["rolled-back"] == len(s.cohort), timeout_s=WAIT_S)
-    assert all(d.result == "rolled-back" and f"rollout {rel.release_id} aborted" in (d.reason or "") for d in rolled.devices)
+    assert all(
+        d.result == "rolled-back" and f"rollout {rel.release_id} aborted" in (d.reason or "") for d in rolled.devices
+    )
     # Everyone serves the previous version again; devices outside the cohort never changed.
     assert {row.models.get("digits") for row in fleet_status(broker.url, FLEET)} == {"0"}
     assert abort(broker.url, "digits", FLEET).action is None  # idempotent
@@ -194,13 +225,15 @@ def test_cohorts_are_deterministic_and_only_grow() -> None:
 
 
 def test_failure_rate_counts_failed_and_rolled_back_among_devices_that_tried() -> None:
-    from edge_agent.protocol import Artifact
+    from edge_agent.wire.protocol import Artifact
 
     rel = Release("r1", FLEET, "digits", "2", Artifact.from_blob(b"x"))
     rel.policy.stages, rel.policy.max_failure_rate = [100], 0.25
     results = {"a": "success", "b": "failed", "c": "rolled-back", "d": "rejected", "e": None}
-    states = {d: DeviceState(d, FLEET, updates={"digits": UpdateReport("r1", "digits", "2", "x", r)})
-              for d, r in results.items()}
+    states = {
+        d: DeviceState(d, FLEET, updates={"digits": UpdateReport("r1", "digits", "2", "x", r)})
+        for d, r in results.items()
+    }
     states["f"] = DeviceState("f", FLEET, updates={"digits": UpdateReport("r0", "digits", "1", "committed", "success")})
     states["g"] = DeviceState("g", FLEET)
     s = evaluate("digits", FLEET, rel, Rollout("r1", 100), states)

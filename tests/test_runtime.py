@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent import runtime
 from edge_agent.errors import IncompatibleModelError, RequestError
-from edge_agent.manifest import Manifest, Quantization
-from edge_agent.modelpack import sha256_file
-from edge_agent.runtime import DelegateSpec, LoadedModel, RuntimeOptions, dequantize, inspect_model, quantize
+from edge_agent.inference import runtime
+from edge_agent.inference.modelpack import sha256_file
+from edge_agent.inference.runtime import DelegateSpec, LoadedModel, RuntimeOptions, dequantize, inspect_model, quantize
+from edge_agent.wire.manifest import Manifest, Quantization
 from tests.modelzoo import CUSTOM_OP, DYNAMIC_BATCH, FIXED_BATCH_SAMPLES, Zoo, zoo  # noqa: F401
 
 RUNNABLE = ("int8", "uint8", "float16", "float32", "multi_io", "fixed_batch")
@@ -29,7 +29,9 @@ QUANTIZED = ("int8", "uint8", "multi_io", "fixed_batch")
 
 def manifest_for(path: Path, name: str = "zoo") -> Manifest:
     ins, outs = inspect_model(path)
-    return Manifest(name=name, version="1", sha256=sha256_file(path), size=path.stat().st_size, inputs=ins, outputs=outs)
+    return Manifest(
+        name=name, version="1", sha256=sha256_file(path), size=path.stat().st_size, inputs=ins, outputs=outs
+    )
 
 
 def load(zoo: Zoo, model: str, options: RuntimeOptions | None = None) -> LoadedModel:
@@ -236,7 +238,7 @@ def test_num_threads_is_honoured(zoo: Zoo, monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # tflite's Delegate.__del__
 def test_missing_delegate_falls_back_to_cpu(zoo: Zoo, caplog: pytest.LogCaptureFixture) -> None:
     options = RuntimeOptions(delegates=(DelegateSpec("libdoesnotexist.so.1", {"device": "usb"}),))
-    with caplog.at_level(logging.WARNING, logger="edge_agent.runtime"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.inference.runtime"):
         m = load(zoo, "int8", options)
     assert m.delegate == "cpu"
     assert m.info()["delegate"] == "cpu"
@@ -262,7 +264,7 @@ def test_concurrent_predictions_on_a_pool_of_two(zoo: Zoo) -> None:
             c = cases[(tid * 31 + i * 7) % len(cases)]
             try:
                 got = m.predict({"pixels": ins[c[0] : c[0] + c[1]]})["logits"]
-            except Exception as exc:  # noqa: BLE001 - collected and reported below
+            except Exception as exc:
                 errors.append(f"thread {tid} call {i}: {exc!r}")
                 return
             if not np.array_equal(got, reference[c]):
@@ -332,7 +334,11 @@ def test_wrong_dtype_is_a_request_error(zoo: Zoo, model: str, bad: np.ndarray) -
 
 def test_request_errors_leave_the_model_usable(zoo: Zoo) -> None:
     m = load(zoo, "int8", RuntimeOptions(pool_size=1))
-    for bad in ({"pixels": np.zeros((1, 3), np.float32)}, {"nope": np.zeros(1)}, {"pixels": np.zeros((1, 8, 8, 1), complex)}):
+    for bad in (
+        {"pixels": np.zeros((1, 3), np.float32)},
+        {"nope": np.zeros(1)},
+        {"pixels": np.zeros((1, 8, 8, 1), complex)},
+    ):
         with pytest.raises(RequestError):
             m.predict(bad)
     assert_close(m, m.predict(zoo.part("int8", "in:")), zoo.part("int8", "out:"))

@@ -32,8 +32,9 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def request(conn: http.client.HTTPConnection, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    conn.request(method, path, body=json.dumps(body) if body is not None else None,
-                 headers={"Content-Type": "application/json"})
+    conn.request(
+        method, path, body=json.dumps(body) if body is not None else None, headers={"Content-Type": "application/json"}
+    )
     resp = conn.getresponse()
     data = resp.read()
     return resp.status, json.loads(data) if data else {}
@@ -44,15 +45,21 @@ def digits_body(n: int = 4) -> tuple[dict, np.ndarray]:
 
     d = load_digits()
     x = d.images[:n].astype(np.float32)[..., None]
-    return {"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}, d.target[:n]
+    return {
+        "inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+    }, d.target[:n]
 
 
 def start_agent(data_dir: Path, listen: str, models_dir: Path | None = MODELS) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     env["EDGEFLEET_MODELS_DIR"] = str(models_dir) if models_dir else ""
     env["EDGEFLEET_WATCH_INTERVAL_S"] = "0.2"
-    return subprocess.Popen([str(BIN / "edge-agent"), "run", "--data-dir", str(data_dir), "--listen", listen],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [str(BIN / "edge-agent"), "run", "--data-dir", str(data_dir), "--listen", listen],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_ready(connect, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -100,8 +107,21 @@ def test_first_start_installs_shipped_models_and_serves(agent) -> None:
 def test_cli_changes_are_served_while_running(agent, digits_dir: Path) -> None:
     proc, connect, data_dir = agent
     cli = [str(BIN / "edge-agent"), "models"]
-    subprocess.run([*cli, "install", str(digits_dir / "model.tflite"), "--name", "digits", "--version", "2",
-                    "--data-dir", str(data_dir)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *cli,
+            "install",
+            str(digits_dir / "model.tflite"),
+            "--name",
+            "digits",
+            "--version",
+            "2",
+            "--data-dir",
+            str(data_dir),
+        ],
+        check=True,
+        capture_output=True,
+    )
     body, _ = digits_body(1)
     assert request(connect(), "POST", "/v2/models/digits/infer", body)[1]["model_version"] == "1"
 
@@ -125,39 +145,50 @@ def test_cli_changes_are_served_while_running(agent, digits_dir: Path) -> None:
 
 def test_features_applied_by_the_cli_feed_joined_requests(agent, tmp_path: Path) -> None:
     """The agent owns <data-dir>/features.db; a bundle applied from another process is joined on the next request."""
-    from edge_agent.bundle import write_bundle
+    from edge_agent.wire.bundle import write_bundle
 
     proc, connect, data_dir = agent
     manifest = json.loads((MODELS / "maintenance" / "1" / "manifest.json").read_text())
     names = manifest["feature_joins"]["asset_features"]["features"]
     with np.load(MODELS / "maintenance" / "1" / "golden.npz") as g:
         live, asset = g["in:live"][:1], g["in:asset_features"][:1]
-    body = {"parameters": {"entity_id": "asset-17"},
-            "inputs": [{"name": "live", "shape": [1, 4], "datatype": "FP32", "data": live.ravel().tolist()}]}
+    body = {
+        "parameters": {"entity_id": "asset-17"},
+        "inputs": [{"name": "live", "shape": [1, 4], "datatype": "FP32", "data": live.ravel().tolist()}],
+    }
     status, out = request(connect(), "POST", "/v2/models/maintenance/infer", body)
     assert status == 503 and "not cached on this device yet" in out["error"]
-    write_bundle(tmp_path / "b", "asset_features", "7", "snapshot", ["asset-17"], time.time(), asset, names,
-                 ttl_s=3600)
-    cli = subprocess.run([str(BIN / "edge-agent"), "features", "apply", str(tmp_path / "b"), "--data-dir",
-                          str(data_dir)], capture_output=True, text=True, timeout=60)
+    write_bundle(tmp_path / "b", "asset_features", "7", "snapshot", ["asset-17"], time.time(), asset, names, ttl_s=3600)
+    cli = subprocess.run(
+        [str(BIN / "edge-agent"), "features", "apply", str(tmp_path / "b"), "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cli.returncode == 0, cli.stderr
     status, joined = request(connect(), "POST", "/v2/models/maintenance/infer", body)
     assert status == 200, joined
     assert joined["parameters"]["features"]["asset_features"]["version"] == "7"
-    body["inputs"].append({"name": "asset_features", "shape": [1, 18], "datatype": "FP32",
-                           "data": asset.ravel().tolist()})
+    body["inputs"].append(
+        {"name": "asset_features", "shape": [1, 18], "datatype": "FP32", "data": asset.ravel().tolist()}
+    )
     status, explicit = request(connect(), "POST", "/v2/models/maintenance/infer", body)
     assert status == 200 and joined["outputs"] == explicit["outputs"]
     status, doc = request(connect(), "GET", "/agent/status")
     assert status == 200 and [(s["name"], s["version"], s["rows"]) for s in doc["features"]] == [
-        ("asset_features", "7", 1)]
+        ("asset_features", "7", 1)
+    ]
 
 
 def test_status_command_sees_the_running_agent(agent) -> None:
     proc, connect, data_dir = agent
     port = connect().port
-    r = subprocess.run([str(BIN / "edge-agent"), "status", "--json", "--data-dir", str(data_dir),
-                        "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [str(BIN / "edge-agent"), "status", "--json", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     out = json.loads(r.stdout)
     assert out["running"] is True
     assert out["live"]["models"]["digits"]["version"] == "1"
@@ -168,7 +199,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(agent) -> None:
     proc, connect, _ = agent
     from sklearn.datasets import load_digits
 
-    x = np.tile(load_digits().images.astype(np.float32)[..., None], (10, 1, 1, 1))  # ~18k digits (~6 MiB of JSON): a slow request
+    x = np.tile(
+        load_digits().images.astype(np.float32)[..., None], (10, 1, 1, 1)
+    )  # ~18k digits (~6 MiB of JSON): a slow request
     body = {"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
     payload = json.dumps(body)
     result: dict = {}
@@ -209,14 +242,18 @@ def test_unix_domain_socket(tmp_path: Path) -> None:
 def test_bad_config_fails_fast_with_a_clear_message(tmp_path: Path) -> None:
     conf = tmp_path / "agent.toml"
     conf.write_text("[runtime]\npool_size = -1\n")
-    r = subprocess.run([str(BIN / "edge-agent"), "run", "--config", str(conf), "--data-dir", str(tmp_path)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [str(BIN / "edge-agent"), "run", "--config", str(conf), "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and "pool_size" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_serves_while_the_broker_is_unreachable_and_connects_when_it_appears(tmp_path: Path) -> None:
     """Offline-first: predictions never wait for MQTT; the link connects with backoff once a broker is up."""
-    from edge_agent.signing import generate_keypair
+    from edge_agent.wire.signing import generate_keypair
     from tests.broker import Broker
 
     _, pub = generate_keypair(tmp_path / "keys")
@@ -224,9 +261,27 @@ def test_serves_while_the_broker_is_unreachable_and_connects_when_it_appears(tmp
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     env["EDGEFLEET_MODELS_DIR"] = str(MODELS)
-    proc = subprocess.Popen([str(BIN / "edge-agent"), "run", "--data-dir", str(tmp_path / "data"),
-                             "--listen", f"127.0.0.1:{port}", "--broker", broker.url, "--fleet", "lab",
-                             "--device-id", "dev-1", "--trust", str(pub)], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            str(BIN / "edge-agent"),
+            "run",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--broker",
+            broker.url,
+            "--fleet",
+            "lab",
+            "--device-id",
+            "dev-1",
+            "--trust",
+            str(pub),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     connect = lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # noqa: E731
     try:
         wait_ready(connect, proc)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.errors import ManifestError, NotFoundError, RejectedError
-from edge_agent.modelpack import build_version_dir, verify_version_dir
-from edge_agent.store import ModelStore
+from edge_agent.inference.modelpack import build_version_dir, verify_version_dir
+from edge_agent.models.store import ModelStore
 
 
 def _version(digits_dir: Path, tmp: Path, version: str) -> Path:
@@ -73,9 +73,10 @@ def test_same_version_different_content_is_rejected(store: ModelStore, digits_di
     build_version_dir(alt, alt_dir, name="digits", version="1")
     with pytest.raises(RejectedError, match="different content"):
         store.install_dir(alt_dir)
-    assert verify_version_dir(store.version_dir("digits", "1")).sha256 != json.loads(
-        (alt_dir / "manifest.json").read_text()
-    )["sha256"]
+    assert (
+        verify_version_dir(store.version_dir("digits", "1")).sha256
+        != json.loads((alt_dir / "manifest.json").read_text())["sha256"]
+    )
 
 
 def test_corrupt_bundle_is_rejected_and_nothing_installed(store: ModelStore, digits_dir: Path, tmp_path: Path) -> None:
@@ -109,7 +110,7 @@ def test_recover_cleans_partial_copies(store: ModelStore) -> None:
 _WORKER = textwrap.dedent(
     """
     import sys, itertools
-    from edge_agent.store import ModelStore
+    from edge_agent.models.store import ModelStore
     store = ModelStore(sys.argv[1])
     builds = sys.argv[2:]
     print("ready", flush=True)

@@ -17,18 +17,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from edge_agent.errors import FailedError, ManifestError
-from edge_agent.link import MqttLink
-from edge_agent.protocol import ROOT, Artifact, chunk_topic
-from edge_agent.transfer import (
-    ChunkStore, Downloader, TransferError, TransferStopped, TransferTimeout, clear_artifact, publish_artifact,
+from edge_agent.mqtt.download import (
+    ChunkStore,
+    Downloader,
+    TransferError,
+    TransferStopped,
+    TransferTimeout,
+    clear_artifact,
+    publish_artifact,
 )
+from edge_agent.mqtt.link import MqttLink
+from edge_agent.wire.protocol import ROOT, Artifact, chunk_topic
 from tests.broker import Broker, broker  # noqa: F401
 from tests.conftest import REPO
 
@@ -49,7 +55,7 @@ def blob_of(size: int, seed: int = 0) -> bytes:
 
 
 def chunk_of(blob: bytes, art: Artifact, i: int) -> bytes:
-    return blob[i * art.chunk_size:(i + 1) * art.chunk_size]
+    return blob[i * art.chunk_size : (i + 1) * art.chunk_size]
 
 
 @pytest.fixture
@@ -80,7 +86,7 @@ class Background(threading.Thread):
     def run(self) -> None:
         try:
             self.result = self.dl.run(**self.kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:
             self.error = exc
 
     def wait(self, timeout: float = 30) -> Path:
@@ -127,9 +133,9 @@ def test_end_to_end_download(mk_link, tmp_path: Path) -> None:
 AGENT = """
 import json, sys
 from pathlib import Path
-from edge_agent.link import MqttLink
-from edge_agent.protocol import Artifact
-from edge_agent.transfer import ChunkStore, Downloader
+from edge_agent.mqtt.link import MqttLink
+from edge_agent.wire.protocol import Artifact
+from edge_agent.mqtt.download import ChunkStore, Downloader
 url, root, art, bps = sys.argv[1], sys.argv[2], Artifact(**json.loads(sys.argv[3])), float(sys.argv[4])
 link = MqttLink(url)
 link.start()
@@ -146,11 +152,19 @@ def test_resume_after_agent_kill9(broker: Broker, mk_link, tmp_path: Path) -> No
     root = tmp_path / "chunks"
     chunk_dir = root / art.sha256
 
-    proc = subprocess.Popen([sys.executable, "-c", AGENT, broker.url, str(root), json.dumps(asdict(art)), "600000"],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", AGENT, broker.url, str(root), json.dumps(asdict(art)), "600000"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
-        wait_until(lambda: len(list(chunk_dir.glob("*.chunk"))) >= total // 2 or proc.poll() is not None,
-                   timeout=30, interval=0.005, what="half the chunks on disk")
+        wait_until(
+            lambda: len(list(chunk_dir.glob("*.chunk"))) >= total // 2 or proc.poll() is not None,
+            timeout=30,
+            interval=0.005,
+            what="half the chunks on disk",
+        )
         assert proc.poll() is None, f"agent exited early: {proc.communicate()}"
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -404,7 +418,7 @@ class ArtifactServer(http.server.ThreadingHTTPServer):
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: ArtifactServer
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         srv = self.server
         if srv.mode == "error":
             self.send_error(503)
@@ -413,7 +427,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if srv.mode == "range" and m:
             a, b = int(m.group(1)), min(int(m.group(2)), len(srv.blob) - 1)
             srv.ranges.append((a, b))
-            body = srv.blob[a:b + 1]
+            body = srv.blob[a : b + 1]
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {a}-{b}/{len(srv.blob)}")
         else:

@@ -12,17 +12,30 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from edge_agent.errors import FailedError, NotFoundError, RejectedError, ValidationError
-from edge_agent.manifest import MANIFEST_FILE
-from edge_agent.protocol import Artifact, Policy, Release, pack_dir
-from edge_agent.store import ModelStore
-from edge_agent.update import (FINAL, PRE_ACTIVATION, RESUME, TRANSITIONS, Control, Event, Seams, State,
-                               UpdateMachine, UpdateRecord, recover_before_serving, resume_state)
+from edge_agent.models.store import ModelStore
+from edge_agent.update.machine import (
+    FINAL,
+    PRE_ACTIVATION,
+    RESUME,
+    TRANSITIONS,
+    Control,
+    Event,
+    Seams,
+    State,
+    UpdateMachine,
+    UpdateRecord,
+    recover_before_serving,
+    resume_state,
+)
+from edge_agent.wire.manifest import MANIFEST_FILE
+from edge_agent.wire.protocol import Artifact, Policy, Release, pack_dir
 
 S, E = State, Event
 
@@ -133,8 +146,14 @@ class Rig:
         self.validate_error: Exception | None = None
         self.changes: list[tuple[str, str | None]] = []
         policy.setdefault("health_window_s", 5.0)
-        self.release = Release(release_id="digits-2-r1", fleet="f", name="digits", version="2",
-                               artifact=self.artifact, policy=Policy(**policy))
+        self.release = Release(
+            release_id="digits-2-r1",
+            fleet="f",
+            name="digits",
+            version="2",
+            artifact=self.artifact,
+            policy=Policy(**policy),
+        )
         self.machine = self.make_machine()
 
     def validate(self, path: Path, max_latency_ms: float | None, stop: threading.Event) -> dict[str, Any]:
@@ -144,12 +163,18 @@ class Rig:
         return {"ok": True, "p50_ms": 0.5}
 
     def make_machine(self, **kwargs: Any) -> UpdateMachine:
-        seams = Seams(store=self.store, server=self.server, fetcher=self.fetcher, validate=self.validate,
-                      now=self.clock.now, monotonic=self.clock.monotonic, wait=self.clock.wait)
+        seams = Seams(
+            store=self.store,
+            server=self.server,
+            fetcher=self.fetcher,
+            validate=self.validate,
+            now=self.clock.now,
+            monotonic=self.clock.monotonic,
+            wait=self.clock.wait,
+        )
         kwargs.setdefault("poll_s", 1.0)
         kwargs.setdefault("retry_backoff_s", 0.1)
-        return UpdateMachine(self.data, seams, on_change=lambda r: self.changes.append((r.state, r.result)),
-                             **kwargs)
+        return UpdateMachine(self.data, seams, on_change=lambda r: self.changes.append((r.state, r.result)), **kwargs)
 
     def record(self) -> UpdateRecord:
         return self.machine.create(self.release, self.release.to_dict())
@@ -200,8 +225,18 @@ def test_every_state_is_reachable_and_every_path_ends_final() -> None:
 
 def test_on_disk_names_are_frozen() -> None:
     assert [s.value for s in State] == [
-        "idle", "downloading", "verifying", "validating", "waiting_window", "activating", "health_check",
-        "committed", "rolling_back", "rolled_back", "failed", "rejected",
+        "idle",
+        "downloading",
+        "verifying",
+        "validating",
+        "waiting_window",
+        "activating",
+        "health_check",
+        "committed",
+        "rolling_back",
+        "rolled_back",
+        "failed",
+        "rejected",
     ]
 
 
@@ -220,8 +255,7 @@ def test_resume_mapping_covers_every_state_and_unknown_means_rollback() -> None:
 def test_a_good_update_commits_and_cleans_up(rig: Rig) -> None:
     record = rig.machine.run(rig.record())
     assert record.state == "committed" and record.result == "success"
-    assert rig.states() == ["idle", "downloading", "verifying", "validating", "activating", "health_check",
-                            "committed"]
+    assert rig.states() == ["idle", "downloading", "verifying", "validating", "activating", "health_check", "committed"]
     assert rig.store.active("digits") == "2"
     assert "2" in rig.store.state("digits").good
     assert rig.on_disk().previous_version == "1"
@@ -392,8 +426,7 @@ def test_a_quiet_health_window_passes(rig: Rig) -> None:
     assert rig.machine.run(rig.record()).state == "committed"  # no traffic: nothing to hold against it
 
 
-def test_outside_the_window_it_waits_validated_then_activates_in_the_window(tmp_path: Path,
-                                                                           digits_dir: Path) -> None:
+def test_outside_the_window_it_waits_validated_then_activates_in_the_window(tmp_path: Path, digits_dir: Path) -> None:
     rig = Rig(tmp_path, digits_dir, window="02:00-03:00")
     polls = []
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from edge_agent.errors import FailedError, IncompatibleModelError, ValidationError
-from edge_agent.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
-from edge_agent.modelpack import sha256_file
-from edge_agent.runtime import RuntimeOptions
-from edge_agent.validate import validate_candidate
+from edge_agent.inference.modelpack import sha256_file
+from edge_agent.inference.runtime import RuntimeOptions
+from edge_agent.update.validate import validate_candidate
+from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
 from tests.modelzoo import CUSTOM_OP, Zoo, zoo  # noqa: F401
 
 
@@ -67,8 +67,9 @@ def test_golden_mismatch_fails_with_the_output_named(digits_dir: Path, tmp_path:
         validate_candidate(cand, max_latency_ms=None)
 
 
-def test_a_model_needing_a_custom_op_is_incompatible_and_the_op_is_named(digits_dir: Path, tmp_path: Path,
-                                                                         zoo: Zoo) -> None:  # noqa: F811
+def test_a_model_needing_a_custom_op_is_incompatible_and_the_op_is_named(
+    digits_dir: Path, tmp_path: Path, zoo: Zoo
+) -> None:  # noqa: F811
     cand = replace_model(copy_version(digits_dir, tmp_path / "cand"), zoo.path("custom_op").read_bytes())
     with pytest.raises(IncompatibleModelError, match=CUSTOM_OP):
         validate_candidate(cand, max_latency_ms=None)
@@ -79,10 +80,12 @@ def test_over_the_latency_budget_fails(digits_dir: Path) -> None:
         validate_candidate(digits_dir, max_latency_ms=0.000001)
 
 
-def test_a_model_that_segfaults_the_runtime_is_reported_and_the_agent_survives(digits_dir: Path,
-                                                                               tmp_path: Path) -> None:
-    cand = replace_model(copy_version(digits_dir, tmp_path / "cand"),
-                         crashing_model((digits_dir / MODEL_FILE).read_bytes()))
+def test_a_model_that_segfaults_the_runtime_is_reported_and_the_agent_survives(
+    digits_dir: Path, tmp_path: Path
+) -> None:
+    cand = replace_model(
+        copy_version(digits_dir, tmp_path / "cand"), crashing_model((digits_dir / MODEL_FILE).read_bytes())
+    )
     with pytest.raises(ValidationError, match=r"validation process crashed \(SIGSEGV\)"):
         validate_candidate(cand, max_latency_ms=None)
     # This process never loaded the file and goes on validating.
@@ -112,14 +115,23 @@ def test_a_tampered_model_file_fails_before_loading(digits_dir: Path, tmp_path: 
 
 
 def test_the_child_entry_point_prints_one_json_report(digits_dir: Path, tmp_path: Path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "edge_agent.validate", str(digits_dir), "--runs", "3"],
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "edge_agent.update.validate", str(digits_dir), "--runs", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout.strip().splitlines()[-1])["ok"] is True
-    missing = subprocess.run([sys.executable, "-m", "edge_agent.validate", str(tmp_path / "nope")],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "edge_agent.update.validate", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     report = json.loads(missing.stdout.strip().splitlines()[-1])
     assert missing.returncode == 1 and report["kind"] == "manifest" and "not found" in report["reason"]
-    helptext = subprocess.run([sys.executable, "-m", "edge_agent.validate", "--help"], capture_output=True,
-                              text=True, timeout=60).stdout
+    helptext = subprocess.run(
+        [sys.executable, "-m", "edge_agent.update.validate", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
     assert "Example:" in helptext

@@ -86,8 +86,11 @@ def start_broker(workdir: Path) -> tuple[subprocess.Popen, str]:
 
 def predict(base: str, name: str, x: np.ndarray) -> tuple[str, np.ndarray, float]:
     meta = http("GET", f"{base}/v2/models/{name}")
-    body = {"inputs": [{"name": meta["inputs"][0]["name"], "shape": list(x.shape), "datatype": "FP32",
-                        "data": x.ravel().tolist()}]}
+    body = {
+        "inputs": [
+            {"name": meta["inputs"][0]["name"], "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+        ]
+    }
     t0 = time.perf_counter()
     resp = http("POST", f"{base}/v2/models/{name}/infer", body)
     ms = (time.perf_counter() - t0) * 1e3
@@ -110,10 +113,36 @@ def run(*cmd: str) -> None:
 
 def features_demo(base: str, broker_url: str, registry: Path, keys: Path, data_dir: Path) -> None:
     print("== cloud side: per-asset features from 60 days of raw sensor history (pandas), as a signed bundle")
-    run(str(BIN / "cloud-batch"), "features", "build", "asset_features", "--version", "1", "--registry",
-        str(registry), "--recipe", "maintenance", "--no-progress")
-    run(str(BIN / "cloud-batch"), "features", "push", "asset_features", "--version", "1", "--fleet", "demo",
-        "--registry", str(registry), "--key", str(keys / "signing.key"), "--broker", broker_url, "--no-progress")
+    run(
+        str(BIN / "cloud-batch"),
+        "features",
+        "build",
+        "asset_features",
+        "--version",
+        "1",
+        "--registry",
+        str(registry),
+        "--recipe",
+        "maintenance",
+        "--no-progress",
+    )
+    run(
+        str(BIN / "cloud-batch"),
+        "features",
+        "push",
+        "asset_features",
+        "--version",
+        "1",
+        "--fleet",
+        "demo",
+        "--registry",
+        str(registry),
+        "--key",
+        str(keys / "signing.key"),
+        "--broker",
+        broker_url,
+        "--no-progress",
+    )
     deadline = time.time() + 60
     while time.time() < deadline:
         if http("GET", f"{base}/agent/status")["ota"].get("features", {}).get("asset_features") == "1":
@@ -123,22 +152,34 @@ def features_demo(base: str, broker_url: str, registry: Path, keys: Path, data_d
     run(str(BIN / "edge-agent"), "features", "list", "--data-dir", str(data_dir))
     run(str(BIN / "edge-agent"), "features", "get", "asset_features", "asset-17", "--data-dir", str(data_dir))
     meta = http("GET", f"{base}/v2/models/maintenance")
-    print(f"== maintenance model inputs: {[t['name'] for t in meta['inputs']]}; joined from the cache: "
-          f"{sorted(meta['parameters'].get('feature_joins', {}))}")
+    print(
+        f"== maintenance model inputs: {[t['name'] for t in meta['inputs']]}; joined from the cache: "
+        f"{sorted(meta['parameters'].get('feature_joins', {}))}"
+    )
     readings = {"normal reading": [65.0, 3.1, 6.0, 1790.0], "hot and vibrating": [88.0, 8.5, 6.9, 2150.0]}
     for asset in ("asset-17", "asset-42"):
         for label, live in readings.items():
-            body = {"parameters": {"entity_id": asset},
-                    "inputs": [{"name": "live", "shape": [1, 4], "datatype": "FP32", "data": live}]}
+            body = {
+                "parameters": {"entity_id": asset},
+                "inputs": [{"name": "live", "shape": [1, 4], "datatype": "FP32", "data": live}],
+            }
             t0 = time.perf_counter()
             resp = http("POST", f"{base}/v2/models/maintenance/infer", body)
             ms = (time.perf_counter() - t0) * 1e3
             used = resp["parameters"]["features"]["asset_features"]
-            print(f"   {asset}, {label:<17}: failure probability {resp['outputs'][0]['data'][0]:.3f} "
-                  f"(features v{used['version']}, {ms:.1f} ms)")
+            print(
+                f"   {asset}, {label:<17}: failure probability {resp['outputs'][0]['data'][0]:.3f} "
+                f"(features v{used['version']}, {ms:.1f} ms)"
+            )
     try:
-        http("POST", f"{base}/v2/models/maintenance/infer", {"parameters": {"entity_id": "asset-999"},
-             "inputs": [{"name": "live", "shape": [1, 4], "datatype": "FP32", "data": readings["normal reading"]}]})
+        http(
+            "POST",
+            f"{base}/v2/models/maintenance/infer",
+            {
+                "parameters": {"entity_id": "asset-999"},
+                "inputs": [{"name": "live", "shape": [1, 4], "datatype": "FP32", "data": readings["normal reading"]}],
+            },
+        )
     except urllib.error.HTTPError as exc:
         print(f"   asset-999 (not in the cache): HTTP {exc.code} {json.loads(exc.read())['error']}")
 
@@ -153,8 +194,22 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     print(f"== starting edge-agent on {base}, fleet 'demo', device 'demo-1'")
     agent = subprocess.Popen(
-        [str(BIN / "edge-agent"), "run", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}",
-         "--broker", broker_url, "--fleet", "demo", "--device-id", "demo-1", "--trust", str(keys / "signing.pub")],
+        [
+            str(BIN / "edge-agent"),
+            "run",
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--broker",
+            broker_url,
+            "--fleet",
+            "demo",
+            "--device-id",
+            "demo-1",
+            "--trust",
+            str(keys / "signing.pub"),
+        ],
         env={**os.environ, "EDGEFLEET_MODELS_DIR": str(REPO / "models")},
     )
     try:
@@ -166,11 +221,36 @@ def main() -> int:
         show("before the update", version, probs, truth, ms)
 
         print("== cloud side: train digits v2 (Keras → int8 TFLite → held-out evaluation → quality gate)")
-        run(str(BIN / "cloud-batch"), "train", "digits", "--registry", str(registry), "--version", "2",
-            "--seed", "2", "--no-progress")
-        run(str(BIN / "cloud-batch"), "release", "digits", "--version", "2", "--fleet", "demo",
-            "--registry", str(registry), "--key", str(keys / "signing.key"), "--broker", broker_url,
-            "--health-window-s", "3", "--no-progress")
+        run(
+            str(BIN / "cloud-batch"),
+            "train",
+            "digits",
+            "--registry",
+            str(registry),
+            "--version",
+            "2",
+            "--seed",
+            "2",
+            "--no-progress",
+        )
+        run(
+            str(BIN / "cloud-batch"),
+            "release",
+            "digits",
+            "--version",
+            "2",
+            "--fleet",
+            "demo",
+            "--registry",
+            str(registry),
+            "--key",
+            str(keys / "signing.key"),
+            "--broker",
+            broker_url,
+            "--health-window-s",
+            "3",
+            "--no-progress",
+        )
         t0 = time.time()
         while time.time() - t0 < 120:
             version = http("GET", f"{base}/v2/models/digits")["parameters"].get("active_version")

@@ -1,0 +1,234 @@
+"""``cloud-batch features build|push``: feature bundles from the registry to a fleet.
+
+``register_commands(sub)`` adds them to the ``cloud-batch`` parser (``cli.py`` calls it). Thin:
+each handler makes one call into ``cloud_batch.features.build`` and prints its summary. Errors the
+library raises on purpose print as ``error: ...`` with exit code 2 (``cli.main``);
+``python -m cloud_batch.cli.features`` runs these commands alone, with the same handling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE
+
+SubParsers = Any  # argparse's _SubParsersAction is private
+
+BROKER = "mqtt://localhost:1883"
+
+
+# -- handlers ------------------------------------------------------------------------------------
+def _build(args: argparse.Namespace) -> None:
+    from cloud_batch.features.build import build
+
+    result = build(
+        args.registry,
+        args.set,
+        args.version,
+        source=args.source,
+        entity_key=args.entity_key,
+        recipe=args.recipe,
+        history=args.history,
+        as_of=args.as_of,
+        seed=args.seed,
+        n_assets=args.assets,
+        days=args.days,
+        ttl_s=args.ttl_s,
+        stale_policy=args.stale_policy,
+        event_ts_col=args.event_ts_col,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
+    print(result.summary())
+
+
+def _push(args: argparse.Namespace) -> None:
+    from cloud_batch.features.build import push
+
+    result = push(
+        args.registry,
+        args.set,
+        args.version,
+        args.fleet,
+        args.key,
+        args.broker,
+        delta_from=args.delta_from,
+        partition_map=args.partition_map,
+        chunk_size=args.chunk_size,
+        progress=not args.no_progress,
+    )
+    print(result.summary())
+
+
+# -- argument types --------------------------------------------------------------------------
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+# -- wiring ------------------------------------------------------------------------------------
+def register_commands(sub: SubParsers) -> None:
+    """Add ``features`` (``build``, ``push``) to the ``cloud-batch`` subparsers."""
+    from cloud_batch.cli.main import _positive_int, add_command
+
+    features = add_command(
+        sub,
+        "features",
+        help="build feature bundles and push them to a fleet",
+        description="Feature sets: one row of numbers per entity (an asset, a camera), computed in the cloud\n"
+        "and cached on devices, which join them into real-time predictions. `build` writes a snapshot\n"
+        "version into the registry (DIR/features/SET/V/); `push` publishes it, signed, over MQTT.",
+        example="cloud-batch features build asset_features --version 1 --registry registry --recipe maintenance\n"
+        f"cloud-batch features push asset_features --version 1 --fleet plant-7 --registry registry "
+        f"--key keys/signing.key --broker {BROKER}",
+    )
+    features_sub = features.add_subparsers(dest="features_command", metavar="COMMAND", required=True)
+
+    build = add_command(
+        features_sub,
+        "build",
+        handler=_build,
+        help="write a snapshot version of a feature set into the registry",
+        description="Write feature set SET version V as a snapshot bundle (bundle.json + data.npz) into\n"
+        "DIR/features/SET/V/, from either\n"
+        "  --from FILE.csv|FILE.parquet --entity-key COL   precomputed features: every other numeric column\n"
+        "                                                 is a feature; event times from --event-ts-col\n"
+        "                                                 (epoch seconds or ISO-8601; default: now)\n"
+        "  --recipe maintenance                           per-asset aggregates (asset_features) of the sensor\n"
+        "                                                 history (--history FILE, or the seeded synthetic one)\n"
+        "Values must be finite numbers, one row per entity: a text column, a NaN or a duplicate entity\n"
+        "is an error naming it, and nothing is written. Versions are immutable: building the same\n"
+        "content again is a no-op, different content under an existing version is refused.",
+        example="cloud-batch features build asset_features --version 1 --registry registry --recipe maintenance\n"
+        "cloud-batch features build cam_stats --version 3 --registry registry --from stats.csv "
+        "--entity-key camera --event-ts-col computed_at --ttl-s 86400 --stale-policy serve",
+    )
+    build.add_argument("set", metavar="SET", help="feature set name (a topic segment, e.g. asset_features)")
+    build.add_argument("--version", required=True, metavar="V", help="version to build, e.g. 3 or 1.2.0")
+    build.add_argument("--registry", required=True, type=Path, metavar="DIR", help="registry directory")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--from", dest="source", type=Path, metavar="FILE", help="precomputed features (.csv or .parquet)"
+    )
+    source.add_argument("--recipe", metavar="NAME", help="compute the features from raw history (recipes: maintenance)")
+    build.add_argument("--entity-key", metavar="COL", help="with --from: the column naming each entity")
+    build.add_argument(
+        "--event-ts-col",
+        metavar="COL",
+        help="with --from: when each row's data was observed (epoch s or ISO-8601; default: now)",
+    )
+    build.add_argument(
+        "--ttl-s", type=_seconds, metavar="S", help="devices treat a value older than this as expired (default: never)"
+    )
+    build.add_argument(
+        "--stale-policy",
+        choices=("reject", "serve"),
+        default="reject",
+        help="what a join does with an expired value: reject (missing) or serve it flagged (default: reject)",
+    )
+    build.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "int64"),
+        default="float32",
+        help="with --from: the features' dtype (default: float32)",
+    )
+    build.add_argument(
+        "--history",
+        type=Path,
+        metavar="FILE",
+        help="with --recipe: sensor history (.csv or .parquet; default: the synthetic one)",
+    )
+    build.add_argument(
+        "--as-of", metavar="TIME", help="with --recipe: compute as of this time (default: the newest reading)"
+    )
+    build.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="with --recipe, no --history: seed (default: 0)"
+    )
+    build.add_argument(
+        "--assets",
+        type=_positive_int,
+        default=200,
+        metavar="N",
+        help="with --recipe, no --history: number of assets (default: 200)",
+    )
+    build.add_argument(
+        "--days",
+        type=_positive_int,
+        default=60,
+        metavar="N",
+        help="with --recipe, no --history: days of hourly readings (default: 60)",
+    )
+    build.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
+
+    push = add_command(
+        features_sub,
+        "push",
+        handler=_push,
+        help="publish a feature set version to a fleet over MQTT",
+        description="Publish snapshot V of SET from the registry as a signed release of kind 'features',\n"
+        "retained on edgefleet/v1/fleets/F/features/SET/all/all, with the bundle as retained chunks.\n"
+        "--delta-from V0 sends only what changed since V0 (new or changed entities, deletions), with the\n"
+        "snapshot as fallback for devices that do not hold V0. --partition-map FILE.csv (columns\n"
+        "entity,partition; partition device:<id> or group:<name>) sends each partition only its\n"
+        "entities, on its own topic (.../device/<id> or .../group/<name>); every entity must be mapped.\n"
+        "Every input is checked before anything is published; superseded artifacts are cleared.",
+        example=f"cloud-batch features push asset_features --version 2 --fleet plant-7 --registry registry "
+        f"--key keys/signing.key --broker {BROKER}\n"
+        f"cloud-batch features push asset_features --version 3 --fleet plant-7 --registry registry "
+        f"--key keys/signing.key --broker {BROKER} --delta-from 2 --partition-map sites.csv",
+    )
+    push.add_argument("set", metavar="SET", help="feature set name")
+    push.add_argument("--version", required=True, metavar="V", help="built version to publish")
+    push.add_argument("--fleet", required=True, metavar="F", help="fleet name (a topic segment)")
+    push.add_argument("--registry", required=True, type=Path, metavar="DIR", help="registry directory")
+    push.add_argument("--key", required=True, type=Path, metavar="KEYFILE", help="signing.key from `keys generate`")
+    push.add_argument("--broker", required=True, metavar="URL", help=f"MQTT broker, e.g. {BROKER}")
+    push.add_argument("--delta-from", metavar="V0", help="publish a delta from this older built version")
+    push.add_argument(
+        "--partition-map",
+        type=Path,
+        metavar="FILE.csv",
+        help="entity,partition CSV: one release per device:<id> / group:<name>",
+    )
+    push.add_argument(
+        "--chunk-size",
+        type=_positive_int,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="BYTES",
+        help=f"artifact chunk size (default: {DEFAULT_CHUNK_SIZE})",
+    )
+    push.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser with only these commands (``python -m cloud_batch.cli.features``, tests)."""
+    from cloud_batch.cli.main import PROG
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="edgefleet feature sets.",
+        epilog="Example:\n  cloud-batch features build asset_features --version 1 --registry registry --recipe maintenance",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    register_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one of these commands with ``cli.main``'s error handling; return the exit code."""
+    from cloud_batch.cli.main import run
+
+    return run(build_parser(), argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""``cloud-batch``: the cloud side's command line. Thin: parse, call one library function, print.
+
+Adding a command: write ``add_<thing>(sub)`` that calls ``add_command`` (which enforces the
+"Example:" block ending every help text) and append it to ``COMMANDS``. Handlers take the
+parsed namespace and return an exit code (``None`` means 0). Errors the library raises on
+purpose (``CloudError``, ``EdgeError``) become ``error: ...`` on stderr and exit code 2;
+anything else is a bug and keeps its traceback.
+
+Heavy modules (TensorFlow via the training jobs) are imported inside handlers, so ``--help``
+and ``register`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cloud_batch.cli.features import register_commands as add_features
+from cloud_batch.cli.ota import register_commands
+from cloud_batch.errors import CloudError
+from edge_agent.errors import EdgeError
+
+PROG = "cloud-batch"
+DEFAULT_REGISTRY = Path("registry")
+EXIT_ERROR = 2
+
+Handler = Callable[[argparse.Namespace], "int | None"]
+SubParsers = Any  # argparse's _SubParsersAction is private
+
+
+def add_command(
+    sub: SubParsers, name: str, *, help: str, description: str, example: str, handler: Handler | None = None
+) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` whose help ends with an ``Example:`` block; bind ``handler`` if given."""
+    body = "\n".join("  " + line if line else "" for line in example.strip("\n").splitlines())
+    parser = sub.add_parser(
+        name,
+        help=help,
+        description=description.strip(),
+        epilog=f"Example:\n{body}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if handler is not None:
+        parser.set_defaults(handler=handler)
+    return parser
+
+
+def _registry_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        default=DEFAULT_REGISTRY,
+        metavar="DIR",
+        help="registry directory (default: ./registry)",
+    )
+
+
+# -- train ---------------------------------------------------------------------
+
+
+def _train_args(parser: argparse.ArgumentParser) -> None:
+    _registry_arg(parser)
+    parser.add_argument("--version", metavar="V", help="version to register (default: one past the latest)")
+    parser.add_argument("--epochs", type=_positive_int, metavar="N", help="training epochs (default: the job's own)")
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="seed for data split, init and shuffling (default: 0)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"version": args.version, "seed": args.seed, "progress": not args.no_progress}
+    if args.epochs is not None:
+        kwargs["epochs"] = args.epochs
+    return kwargs
+
+
+def _train_digits(args: argparse.Namespace) -> None:
+    from cloud_batch.train.digits import train_digits
+
+    print(train_digits(args.registry, **_train_kwargs(args)).summary())
+
+
+def _train_maintenance(args: argparse.Namespace) -> None:
+    from cloud_batch.train.maintenance import train_maintenance
+
+    print(train_maintenance(args.registry, quantization=args.quantization, **_train_kwargs(args)).summary())
+
+
+def add_train(sub: SubParsers) -> None:
+    """``train digits`` and ``train maintenance``."""
+    train = add_command(
+        sub,
+        "train",
+        help="train, quantize, gate and register a model",
+        description="Train a model, quantize it to full-integer TFLite, evaluate it the way a device runs it,\n"
+        "and register it only if it passes the quality gate.",
+        example="cloud-batch train digits --registry models\ncloud-batch train maintenance --registry models --version 2",
+    )
+    models = train.add_subparsers(dest="model", metavar="MODEL", required=True)
+    digits = add_command(
+        models,
+        "digits",
+        handler=_train_digits,
+        help="8x8 handwritten digits CNN (int8)",
+        description="Train the digits CNN on scikit-learn's load_digits (no download), quantize to int8 and\n"
+        "register it if held-out int8 accuracy is >= 0.95 and at most 1 point below float.\n"
+        "Input 'pixels' FP32 [batch,8,8,1] raw 0..16; output 'probs' FP32 [batch,10].\n"
+        "A training report (eval.json, eval.png) goes to DIR/digits/<version>.eval/.",
+        example="cloud-batch train digits --registry models --version 1\ncloud-batch train digits --epochs 5 --no-progress",
+    )
+    _train_args(digits)
+
+    maint = add_command(
+        models,
+        "maintenance",
+        handler=_train_maintenance,
+        help="predictive-maintenance MLP (two inputs)",
+        description="Simulate fleet sensor history, train the failure model (inputs 'live' [batch,4] and\n"
+        "'asset_features' [batch,K], raw values; output 'failure_prob' [batch,1]), quantize and\n"
+        "register it if held-out AUC is >= 0.85 and at most 0.01 below float.\n"
+        "int16x8 (int8 weights, int16 activations) is the default: at int8 the raw inputs' single\n"
+        "scale per tensor rounds small features away and the gate refuses the model.",
+        example="cloud-batch train maintenance --registry models --version 1\n"
+        "cloud-batch train maintenance --quantization int8   # see the gate refuse it",
+    )
+    _train_args(maint)
+    maint.add_argument(
+        "--quantization", choices=("int8", "int16x8"), default="int16x8", help="full-integer mode (default: int16x8)"
+    )
+
+
+# -- register ------------------------------------------------------------------
+
+
+def _register(args: argparse.Namespace) -> None:
+    from cloud_batch.registry.models import Registry
+
+    registry = Registry(args.registry)
+    manifest = registry.register(args.tflite, args.name, args.version, golden=args.golden)
+    path = registry.path(manifest.name, manifest.version)
+    print(
+        f"registered {manifest.name} version {manifest.version} -> {path} "
+        f"({manifest.size} bytes, sha256 {manifest.sha256[:12]}…)"
+    )
+
+
+def add_register(sub: SubParsers) -> None:
+    """``register``: bring your own ``.tflite``."""
+    parser = add_command(
+        sub,
+        "register",
+        handler=_register,
+        help="register an existing .tflite file",
+        description="Register a .tflite model as NAME version V. Input/output specs are read from the model.\n"
+        "Golden samples come from --golden (checked against the model) or, without it, from\n"
+        "running the model on random inputs that fit its spec. Versions are immutable: registering\n"
+        "an existing version again is a no-op if identical and refused if different.",
+        example="cloud-batch register detector.tflite --name detector --version 3 --registry models\n"
+        "cloud-batch register detector.tflite --name detector --version 4 --golden golden.npz",
+    )
+    parser.add_argument("tflite", type=Path, metavar="FILE.tflite", help="the model file")
+    parser.add_argument("--name", required=True, help="model name (letters, digits, '_', '.', '-')")
+    parser.add_argument("--version", required=True, metavar="V", help="version, e.g. 3 or 1.2.0")
+    _registry_arg(parser)
+    parser.add_argument(
+        "--golden", type=Path, metavar="FILE.npz", help="golden samples: arrays in:<input> and out:<output>"
+    )
+
+
+# Subcommands in help order. Others append theirs (keys, release, rollout, fleet, features).
+COMMANDS: list[Callable[[SubParsers], None]] = [add_train, add_register, register_commands, add_features]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``cloud-batch`` parser."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="edgefleet cloud batch side: train, quantize and register models for the edge agent.",
+        epilog="Example:\n  cloud-batch train digits --registry models\n"
+        "  cloud-batch register model.tflite --name mine --version 1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cloud-batch`` console script; returns the exit code."""
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run the chosen handler, and turn the project's errors into ``error: ...`` + exit 2."""
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except (CloudError, EdgeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

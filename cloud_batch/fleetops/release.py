@@ -1,0 +1,294 @@
+"""Publish a signed model release to a fleet over MQTT (``cloud-batch release``).
+
+Order of work, chosen so that a device never sees a document it cannot act on:
+
+1. check every input locally (registry version, stages, window, rates, key): a bad input
+   publishes nothing;
+2. connect (with a timeout) and read the retained release it supersedes;
+3. publish the artifact's chunks, retained, and wait for every PUBACK (``transfer.publish_artifact``);
+4. publish the rollout control (stage 0) *before* the release: an agent applies a release
+   whose rollout it has not seen after a short settle time, so the rollout must already be
+   there when the release arrives;
+5. publish the signed release, retained;
+6. clear the superseded artifact's retained chunks (unless it is the same artifact).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloud_batch.errors import InputError, RegistryError
+from cloud_batch.fleetops.fleet import DEFAULT_CONNECT_TIMEOUT_S, BrokerError, FleetView, open_link, publish_doc
+from cloud_batch.fleetops.keys import load_signing_key
+from cloud_batch.registry.models import Registry
+from edge_agent.errors import EdgeError, FailedError
+from edge_agent.mqtt.download import clear_artifact, publish_artifact
+from edge_agent.mqtt.link import MqttLink
+from edge_agent.wire.manifest import MANIFEST_FILE, Manifest
+from edge_agent.wire.protocol import (
+    DEFAULT_CHUNK_SIZE,
+    Artifact,
+    Policy,
+    Release,
+    Rollout,
+    check_segment,
+    pack_dir,
+    parse_window,
+    release_topic,
+    rollout_topic,
+)
+from edge_agent.wire.signing import sign
+
+log = logging.getLogger(__name__)
+
+PROGRESS_MIN_CHUNKS = 8  # smaller artifacts publish in well under a second: no bar
+
+
+def parse_stages(text: str | Sequence[int]) -> list[int]:
+    """``"5,25,100"`` (or a list) → [5, 25, 100]: strictly increasing whole percentages ending at 100."""
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.split(",")]
+        try:
+            stages = [int(p) for p in parts]
+        except ValueError:
+            raise InputError(
+                f"rollout stages {text!r}: expected comma-separated whole percentages, e.g. 5,25,100"
+            ) from None
+    else:
+        stages = list(text)
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in stages):
+            raise InputError(f"rollout stages {stages!r}: expected whole percentages, e.g. [5, 25, 100]")
+    if not stages:
+        raise InputError("rollout stages: at least one stage is needed (e.g. 100)")
+    if any(not 1 <= s <= 100 for s in stages):
+        raise InputError(f"rollout stages {stages}: every stage must be between 1 and 100")
+    if any(b <= a for a, b in itertools.pairwise(stages)):
+        raise InputError(f"rollout stages {stages}: must be strictly increasing")
+    if stages[-1] != 100:
+        raise InputError(f"rollout stages {stages}: the last stage must be 100 (the whole fleet)")
+    return stages
+
+
+def make_release_id(name: str, version: str, now: float | None = None) -> str:
+    """Readable and unique per millisecond: ``digits-2-20250101T120000.123Z``."""
+    t = datetime.fromtimestamp(time.time() if now is None else now, tz=timezone.utc)
+    return f"{name}-{version}-{t:%Y%m%dT%H%M%S}.{t.microsecond // 1000:03d}Z"
+
+
+def build_policy(
+    *,
+    stages: Sequence[int] | str,
+    max_failure_rate: float,
+    max_latency_ms: float | None,
+    window: str | None,
+    urgent: bool,
+    health_window_s: float,
+) -> Policy:
+    """A validated Policy; InputError naming the bad value."""
+    checked = parse_stages(stages)
+    if not (isinstance(max_failure_rate, (int, float)) and 0 <= max_failure_rate <= 1):
+        raise InputError(f"max failure rate {max_failure_rate!r} must be between 0 and 1")
+    if max_latency_ms is not None and not (max_latency_ms > 0 and math.isfinite(max_latency_ms)):
+        raise InputError(f"max latency {max_latency_ms!r} ms must be a positive number")
+    if window is not None:
+        try:
+            parse_window(window)
+        except EdgeError as exc:
+            raise InputError(f"{exc} (e.g. 02:00-04:00)") from exc
+    if not (health_window_s >= 0 and math.isfinite(health_window_s)):
+        raise InputError(f"health window {health_window_s!r} s must be >= 0")
+    return Policy(
+        max_latency_ms=max_latency_ms,
+        max_failure_rate=float(max_failure_rate),
+        window=window,
+        urgent=urgent,
+        health_window_s=float(health_window_s),
+        stages=checked,
+    )
+
+
+def _version_dir(registry_dir: str | Path, name: str, version: str) -> Path:
+    """The registry's version directory, cross-checked against its manifest."""
+    registry = Registry(registry_dir)
+    if not Path(registry_dir).is_dir():
+        raise RegistryError(f"registry {registry_dir} does not exist")
+    if not registry.versions(name):
+        raise RegistryError(
+            f"model {name!r} is not in the registry {registry_dir} (models: {registry.names() or 'none'})"
+        )
+    path = registry.path(name, version)
+    try:
+        manifest = Manifest.load(path / MANIFEST_FILE)
+    except EdgeError as exc:
+        raise RegistryError(f"{path}: {exc}") from exc
+    if manifest.name != name or manifest.version != version:
+        raise RegistryError(f"{path}: its manifest says {manifest.name} {manifest.version}, not {name} {version}")
+    return path
+
+
+def release(
+    registry_dir: str | Path,
+    name: str,
+    version: str,
+    fleet: str,
+    key_path: str | Path,
+    broker_url: str,
+    *,
+    stages: Sequence[int] | str = (100,),
+    max_failure_rate: float = 0.1,
+    max_latency_ms: float | None = None,
+    window: str | None = None,
+    urgent: bool = False,
+    rollback: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    health_window_s: float = 30.0,
+    progress: bool = True,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    publish_timeout_s: float = 60.0,
+) -> Release:
+    """Publish ``name`` ``version`` from the registry to ``fleet``; return the signed Release.
+
+    Raises InputError / RegistryError for bad inputs (nothing published), BrokerUnreachableError
+    when the broker cannot be reached, BrokerError when it does not acknowledge a publish.
+    """
+    # 1. Everything local first: a bad input must publish nothing.
+    try:
+        check_segment(fleet, "fleet")
+        check_segment(name, "name")
+    except EdgeError as exc:
+        raise InputError(str(exc)) from exc
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise InputError(f"chunk size {chunk_size!r} must be a positive number of bytes")
+    policy = build_policy(
+        stages=stages,
+        max_failure_rate=max_failure_rate,
+        max_latency_ms=max_latency_ms,
+        window=window,
+        urgent=urgent,
+        health_window_s=health_window_s,
+    )
+    version_dir = _version_dir(registry_dir, name, version)
+    key = load_signing_key(key_path)
+    try:
+        blob = pack_dir(version_dir)
+    except OSError as exc:
+        raise RegistryError(f"cannot read {version_dir}: {exc}") from exc
+    release_id = make_release_id(name, version)
+    # The whole signed document is built and checked before connecting: a device refuses a
+    # malformed one, and a bad input must publish nothing (not even chunks).
+    artifact = Artifact.from_blob(blob, chunk_size)
+    rel = Release(
+        release_id=release_id,
+        fleet=fleet,
+        name=name,
+        version=version,
+        artifact=artifact,
+        rollback=rollback,
+        policy=policy,
+    )
+    signed = sign_release(rel, key)
+    rollout = Rollout(release_id=release_id, percent=policy.stages[0], stage=0, status="active")
+    log.info("release %s: %s %s to fleet %s (%d bytes)", release_id, name, version, fleet, len(blob))
+
+    with open_link(broker_url, connect_timeout_s) as link:
+        # 2. What this release supersedes.
+        view = FleetView(link, fleet, models=[name], devices=False).sync(timeout_s=min(5.0, connect_timeout_s))
+        previous = view.snapshot().releases.get(name)
+        view.close()
+
+        # 3. The artifact.
+        published = publish_chunks(link, blob, chunk_size, publish_timeout_s, progress, f"{name} {version}")
+        if (published.sha256, published.chunks) != (artifact.sha256, artifact.chunks):
+            raise BrokerError(
+                f"release {release_id}: the published chunks do not match the signed artifact description"
+            )
+
+        # 4-5. Rollout control, then the signed release.
+        publish_doc(link, rollout_topic(fleet, name), rollout.to_dict(), wait_s=publish_timeout_s)
+        publish_doc(link, release_topic(fleet, name), signed, wait_s=publish_timeout_s)
+
+        # 6. The superseded artifact's chunks would stay on the broker forever.
+        if previous is not None and previous[0].artifact.sha256 != artifact.sha256:
+            clear_superseded(link, previous[0].artifact, release_id, previous[0].release_id, publish_timeout_s)
+    return rel
+
+
+def sign_release(rel: Release, key: Ed25519PrivateKey) -> dict[str, Any]:
+    """Sign ``rel`` (setting ``rel.signature``) and parse the document as every device will first.
+
+    Returns the signed document; InputError if a device would find it malformed.
+    """
+    signed = sign(rel.to_dict(), key)
+    rel.signature = signed["signature"]
+    try:
+        Release.from_dict(signed)  # what every device does first
+    except EdgeError as exc:
+        raise InputError(f"the release document would be malformed: {exc}") from exc
+    return signed
+
+
+def clear_superseded(link: MqttLink, old: Artifact, release_id: str, superseded_id: str, timeout_s: float) -> None:
+    """Delete the retained chunks of ``old`` (the artifact of release ``superseded_id``), now replaced.
+
+    BrokerError, saying that release ``release_id`` itself is out, if the broker does not acknowledge.
+    """
+    try:
+        clear_artifact(link, old, timeout_s=timeout_s)
+        log.info("release %s: cleared superseded artifact %s of release %s", release_id, old.sha256[:12], superseded_id)
+    except FailedError as exc:
+        raise BrokerError(
+            f"release {release_id} is published, but clearing the superseded artifact {old.sha256[:12]} failed: {exc}"
+        ) from exc
+
+
+# -- chunk publishing with progress ------------------------------------------------------------
+class _CountingLink:
+    """An MqttLink stand-in for ``publish_artifact`` that reports each acknowledged chunk."""
+
+    def __init__(self, link: MqttLink, on_acked: Callable[[], None]) -> None:
+        self._link = link
+        self._on_acked = on_acked
+        self.host, self.port = link.host, link.port
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._link.wait_connected(timeout)
+
+    def publish(self, topic: str, payload: bytes, **kwargs: Any) -> None:
+        self._link.publish(topic, payload, **kwargs)
+        self._on_acked()
+
+
+def publish_chunks(
+    link: MqttLink, blob: bytes, chunk_size: int, timeout_s: float, progress: bool, label: str
+) -> Artifact:
+    """Publish ``blob`` as retained chunks (a progress bar from 8 chunks up); BrokerError if not acknowledged."""
+    total = max(1, -(-len(blob) // chunk_size))
+    try:
+        if not progress or total < PROGRESS_MIN_CHUNKS:
+            return publish_artifact(link, blob, chunk_size, timeout_s=timeout_s)
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(
+            TextColumn("[bold]publishing {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("chunks"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        ) as bar:
+            task = bar.add_task(f"{label} ({len(blob):,} bytes)", total=total)
+            counting = _CountingLink(link, lambda: bar.advance(task, 1))
+            return publish_artifact(counting, blob, chunk_size, timeout_s=timeout_s)  # type: ignore[arg-type]
+    except FailedError as exc:  # TransferError: not connected, PUBACK missing
+        raise BrokerError(f"publishing the artifact to {link.host}:{link.port} failed: {exc}") from exc

@@ -1,0 +1,341 @@
+"""``edge-agent``: a thin command line over the agent's library functions.
+
+Each command parses its flags, makes one library call and prints the result. Errors the
+agent raises on purpose print ``error: ...`` and exit 1; bad usage exits 2 (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.config import AgentConfig, load_config
+from edge_agent.errors import EdgeError, NotFoundError
+from edge_agent.update.validate import VALIDATE_COMMAND
+from edge_agent.update.validate import main as validate_main
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _config(args: argparse.Namespace) -> AgentConfig:
+    overrides: dict[str, Any] = {"data_dir": getattr(args, "data_dir", None), "listen": getattr(args, "listen", None)}
+    mqtt = {
+        "broker": getattr(args, "broker", None),
+        "device_id": getattr(args, "device_id", None),
+        "fleet": getattr(args, "fleet", None),
+        "groups": getattr(args, "group", None),
+        "trust": getattr(args, "trust", None),
+        "ca_file": getattr(args, "tls_ca", None),
+        "cert_file": getattr(args, "tls_cert", None),
+        "key_file": getattr(args, "tls_key", None),
+    }
+    if any(v is not None for v in mqtt.values()):
+        overrides["mqtt"] = {k: v for k, v in mqtt.items() if v is not None}
+    if getattr(args, "log_level", None):
+        overrides["log_level"] = args.log_level
+    return load_config(getattr(args, "config", None), overrides=overrides)
+
+
+def _store(args: argparse.Namespace):
+    from edge_agent.models.store import ModelStore
+
+    cfg = _config(args)
+    return ModelStore(cfg.data_dir, keep=cfg.keep_versions)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# -- commands -------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    from edge_agent.app import Agent
+
+    logging.basicConfig(
+        level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    agent = Agent(cfg)
+    agent.install_signal_handlers()
+    agent.prepare()
+    agent.serve()
+    return 0
+
+
+def cmd_models_install(args: argparse.Namespace) -> int:
+    m = _store(args).install_file(args.file, args.name, args.version)
+    print(f"installed {m.name} version {m.version} (sha256 {m.sha256[:12]}…)")
+    return 0
+
+
+def cmd_models_activate(args: argparse.Namespace) -> int:
+    _store(args).activate(args.name, args.version)
+    print(f"activated {args.name} version {args.version}")
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    version = _store(args).rollback(args.name)
+    print(f"rolled back {args.name} to version {version}")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    rows = _store(args).list()
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no models installed")
+        return 0
+    print(f"{'NAME':<20} {'ACTIVE':<8} {'PREVIOUS':<9} VERSIONS")
+    for r in rows:
+        print(f"{r['name']:<20} {r['active'] or '-':<8} {r['previous'] or '-':<9} {', '.join(r['versions'])}")
+    return 0
+
+
+def _active_model(args: argparse.Namespace):
+    from edge_agent.inference.runtime import LoadedModel
+
+    store = _store(args)
+    version = store.active(args.name)
+    if version is None:
+        raise NotFoundError(f"model {args.name!r} is not installed (see `edge-agent models list`)")
+    cfg = _config(args)
+    manifest = store.manifest(args.name, version)
+    return LoadedModel(store.version_dir(args.name, version) / manifest.file, manifest, cfg.runtime.options())
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from edge_agent.inference.preprocess import load_input_file
+
+    model = _active_model(args)
+    outputs = model.predict(load_input_file(args.input, model.manifest))
+    result: dict[str, Any] = {
+        "model_name": model.name,
+        "model_version": model.version,
+        "outputs": {k: np.asarray(v).tolist() for k, v in outputs.items()},
+    }
+    labels = model.manifest.labels
+    if labels and len(outputs) == 1:
+        probs = next(iter(outputs.values()))
+        if probs.ndim == 2 and probs.shape[1] == len(labels):
+            result["labels"] = [labels[i] for i in probs.argmax(axis=1)]
+    if args.json:
+        _print_json(result)
+    else:
+        if "labels" in result:
+            print(f"{model.name} v{model.version}: {', '.join(result['labels'])}")
+        for name, value in outputs.items():
+            print(f"{name} = {np.array2string(np.asarray(value), precision=4, suppress_small=True)}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    live: dict[str, Any] | None = None
+    addr = cfg.listen_address()
+    if isinstance(addr, tuple):
+        host = "127.0.0.1" if addr[0] in ("0.0.0.0", "") else addr[0]
+        try:
+            with urllib.request.urlopen(f"http://{host}:{addr[1]}/agent/status", timeout=2) as resp:
+                live = json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            live = None
+    store = _store(args)
+    out = {"running": live is not None, "listen": cfg.listen, "data_dir": str(cfg.data_dir), "store": store.list()}
+    if live is not None:
+        out["live"] = live
+    if args.json:
+        _print_json(out)
+        return 0
+    print(f"agent: {'running' if live else 'not reachable'} on {cfg.listen}; data dir {cfg.data_dir}")
+    for row in out["store"]:
+        serving = (live or {}).get("models", {}).get(row["name"], {})
+        extra = f" serving v{serving['version']} on {serving['delegate']}" if serving else ""
+        print(f"  {row['name']}: active {row['active']}, versions {', '.join(row['versions'])}{extra}")
+    for name, err in (live or {}).get("errors", {}).items():
+        print(f"  {name}: version {err['version']} failed to load: {err['reason']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from edge_agent.inference.bench import bench_in_process
+
+    model = _active_model(args)
+    res = bench_in_process(model, iterations=args.iterations, batch=args.batch)
+    if args.json:
+        _print_json(res)
+        return 0
+    print(f"{res['model']} v{res['version']} batch {res['batch']} on {res['delegate']} ({args.iterations} calls each)")
+    print(f"{'path':<8} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'calls/s':>10}")
+    for key in ("raw", "agent"):
+        r = res[key]
+        print(f"{key:<8} {r['p50_ms']:>9.4f} {r['p95_ms']:>9.4f} {r['p99_ms']:>9.4f} {r['throughput_per_s']:>10.0f}")
+    print(f"agent/raw p50: {res['overhead_p50']:.2f}x")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------
+def _add(sub: Any, name: str, handler: Handler, help: str, example: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=help,
+        epilog=f"Example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="agent TOML config (default: embedded; env EDGEFLEET_CONFIG)")
+    p.add_argument("--data-dir", type=Path, help="agent state directory (overrides config)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="edgefleet edge agent: serves quantized TFLite models over the Open Inference Protocol.",
+        epilog="Example:\n  edge-agent run --data-dir ./var/agent --listen 127.0.0.1:8080",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _add(
+        sub,
+        "run",
+        cmd_run,
+        "run the agent service (HTTP API, model watcher)",
+        "edge-agent run --broker mqtt://broker:1883 --fleet factory-a --device-id cam-7 --trust signing.pub",
+    )
+    _common(p)
+    p.add_argument("--listen", help="HOST:PORT or unix:/path/to.sock (default 127.0.0.1:8080)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--broker", help="MQTT broker URL, mqtt://host:1883 or mqtts://host:8883 (none: offline mode)")
+    p.add_argument("--device-id", help="this device's id in the fleet (default: host name)")
+    p.add_argument("--fleet", help="fleet this device belongs to (default: 'default')")
+    p.add_argument("--group", action="append", metavar="G", help="feature partition group of this device (repeatable)")
+    p.add_argument(
+        "--trust", action="append", metavar="PUBKEY", help="public key trusted to sign releases (repeatable)"
+    )
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate of the broker (mqtts://)")
+    p.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS")
+    p.add_argument("--tls-key", metavar="FILE", help="client private key for mutual TLS")
+
+    models = _add(
+        sub,
+        "models",
+        lambda a: 2,
+        "install, activate, roll back and list model versions",
+        "edge-agent models list --json",
+    )
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    p = _add(
+        msub,
+        "install",
+        cmd_models_install,
+        "install a local .tflite file as a new model version",
+        "edge-agent models install mobilenet.tflite --name mobilenet --version 3",
+    )
+    p.add_argument("file", type=Path, metavar="FILE.tflite")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", help="version (default: next integer)")
+    _common(p)
+    p = _add(
+        msub,
+        "activate",
+        cmd_models_activate,
+        "make an installed version the serving one (atomic)",
+        "edge-agent models activate digits 2",
+    )
+    p.add_argument("name")
+    p.add_argument("version")
+    _common(p)
+    p = _add(
+        msub,
+        "rollback",
+        cmd_models_rollback,
+        "re-activate the version that served before the current one",
+        "edge-agent models rollback digits",
+    )
+    p.add_argument("name")
+    _common(p)
+    p = _add(
+        msub,
+        "list",
+        cmd_models_list,
+        "list models, their versions and the active one",
+        "edge-agent models list --json --data-dir ./var/agent",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(p)
+
+    p = _add(
+        sub,
+        "predict",
+        cmd_predict,
+        "run one prediction in-process on the active version",
+        "edge-agent predict digits --input digit.png",
+    )
+    p.add_argument("name")
+    p.add_argument("--input", required=True, type=Path, help=".npy, .npz, .json or an image (image models)")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+
+    p = _add(
+        sub,
+        "status",
+        cmd_status,
+        "show installed models and, if running, what the agent serves",
+        "edge-agent status --listen 127.0.0.1:8080",
+    )
+    p.add_argument("--listen", help="where the running agent listens")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+
+    p = _add(
+        sub,
+        "bench",
+        cmd_bench,
+        "latency of the raw interpreter vs the agent's predict, in-process",
+        "edge-agent bench digits --iterations 5000",
+    )
+    p.add_argument("name")
+    p.add_argument("--iterations", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    from edge_agent.cli.features import add_commands as add_features_commands
+
+    add_features_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == [VALIDATE_COMMAND]:  # the validation child of a frozen (PyInstaller) agent
+        return validate_main(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except EdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
