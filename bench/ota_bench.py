@@ -4,7 +4,7 @@
     .venv/bin/python bench/ota_bench.py --devices 200 --runs 1
 
 (a) ``release``: ``cloud_batch.fleetops.release.release()`` of the shipped digits model (models/digits/1)
-    to N ``cloud_batch.sim.device`` devices (one MQTT connection each, real signature checks,
+    to N ``cloud_batch.sim`` devices (one MQTT connection each, real signature checks,
     rollout gate, ``transfer.Downloader`` + ``ChunkStore`` with fsynced chunk files, unpack and
     manifest check, DeviceState reports). Timed from the call to ``release()`` until the cloud
     side (``rollout.watch``) sees every device report ``committed``. The devices wait the agent's
@@ -42,10 +42,13 @@ sys.path.insert(0, str(REPO))
 
 import paho.mqtt.client as mqtt  # noqa: E402
 
+from cloud_batch.fleetops.broker import open_link  # noqa: E402
 from cloud_batch.fleetops.keys import generate_keys  # noqa: E402
 from cloud_batch.fleetops.release import release  # noqa: E402
 from cloud_batch.fleetops.rollout import watch  # noqa: E402
-from cloud_batch.sim.device import SETTLE_S, EventLoop, SimFleet, _raise_fd_limit  # noqa: E402
+from cloud_batch.sim.device import SETTLE_S  # noqa: E402
+from cloud_batch.sim.fleet import SimFleet, _raise_fd_limit  # noqa: E402
+from cloud_batch.sim.loop import EventLoop  # noqa: E402
 from edge_agent.mqtt.link import MqttLink, parse_broker_url  # noqa: E402
 from edge_agent.wire.protocol import pack_dir  # noqa: E402
 
@@ -77,7 +80,7 @@ class Mosquitto:
                 break
             except OSError:
                 if time.time() > deadline or self.proc.poll() is not None:
-                    raise SystemExit("mosquitto did not start")
+                    raise SystemExit("mosquitto did not start") from None
                 time.sleep(0.05)
 
     @property
@@ -136,17 +139,19 @@ def bench_release(
     try:
         cpu0, broker0 = cpu_seconds(), cpu_seconds(broker_pid) if broker_pid else float("nan")
         t0_wall, t0 = time.time(), time.perf_counter()
-        rel = release(MODEL_DIR.parents[1], "digits", "1", fleet, key, url, health_window_s=0, progress=False)
+        with open_link(url) as link:  # one connection per call, as the CLI does
+            rel = release(MODEL_DIR.parents[1], "digits", "1", fleet, key, link, health_window_s=0, progress=False)
         release_s = time.perf_counter() - t0
-        status = watch(
-            url,
-            "digits",
-            fleet,
-            lambda s: s.counts["success"] == n,
-            timeout_s=600,
-            auto_halt=False,
-            min_interval_s=0.02,
-        )
+        with open_link(url) as link:
+            status = watch(
+                link,
+                "digits",
+                fleet,
+                lambda s: s.counts["success"] == n,
+                timeout_s=600,
+                auto_halt=False,
+                min_interval_s=0.02,
+            )
         all_s = time.perf_counter() - t0
         sim_cpu = cpu_seconds() - cpu0
         broker_cpu = cpu_seconds(broker_pid) - broker0 if broker_pid else float("nan")

@@ -37,10 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 
+from cloud_batch.fleetops.broker import open_link  # noqa: E402
 from cloud_batch.fleetops.keys import generate_keys  # noqa: E402
+from cloud_batch.fleetops.publish import clear_artifact, publish_artifact  # noqa: E402
 from cloud_batch.fleetops.release import release  # noqa: E402
 from cloud_batch.registry.models import Registry  # noqa: E402
-from edge_agent.mqtt.download import clear_artifact, publish_artifact  # noqa: E402
 from edge_agent.mqtt.link import MqttLink  # noqa: E402
 from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE, pack_dir  # noqa: E402
 from tests.broker import Broker  # noqa: E402
@@ -174,9 +175,8 @@ def main() -> int:
             for name, version in (("digits", str(i + 3)), ("mobilenet", str(i + 2))):
                 sizes[name] = len(pack_dir(registry.path(name, version)))
                 t0 = time.time()
-                rel = release(
-                    registry.root, name, version, "bench", key, broker.url, health_window_s=0.5, progress=False
-                )
+                with open_link(broker.url) as link:  # one connection per release, as `cloud-batch release`
+                    rel = release(registry.root, name, version, "bench", key, link, health_window_s=0.5, progress=False)
                 t_pub = time.time()
                 rec = wait_state(data / "updates" / f"{name}.json", rel.release_id, {"health_check", "committed"})
                 hist = {s: t for s, t in rec["history"]}

@@ -1,17 +1,23 @@
-"""The cloud batch side's exception tree.
+"""The cloud batch side's exception tree, all of it, in one place.
 
 Everything ``cloud_batch`` raises on purpose derives from ``CloudError``::
 
     CloudError
-    ├── InputError          bad argument, data set or file handed to a job (CLI exit 2)
-    ├── RegistryError       the model registry refused or could not do a write/read
-    │                       (version exists with different content, unknown version, bad model file)
-    └── QualityGateError    model refused: the int8 model is too inaccurate (absolute floor,
-                            or too far below the float model); nothing was registered
+    ├── RejectedError               final: the input or the state forbids it; retrying changes nothing
+    │   ├── InputError              bad argument, data set or file handed to a job (CLI exit 2)
+    │   ├── RegistryError           the model registry refused or could not do a write/read
+    │   │                           (version exists with different content, unknown version, bad model file)
+    │   ├── QualityGateError        model refused: the int8 model is too inaccurate (absolute floor,
+    │   │                           or too far below the float model); nothing was registered
+    │   └── RolloutError            no release/rollout for the model, or its state forbids the operation
+    │       └── WatchTimeout        ``rollout.watch`` gave up before its condition held (``.status``: the last one)
+    └── FailedError                 transient: the broker could not be used; retrying later may work
+        └── BrokerError             connect failed, publish or subscription not acknowledged
+            └── BrokerUnreachableError   no connection within the timeout (wrong URL, broker down, network)
 
-Errors from ``edge_agent`` (``EdgeError``) that cross into the registry are translated into
-``RegistryError`` with the cause kept (``raise ... from exc``), so a caller of cloud_batch
-only needs to catch ``CloudError``.
+Errors from ``edge_agent`` (``EdgeError``) that cross into cloud_batch are translated
+(``raise ... from exc``, keeping the cause), so a caller only needs to catch ``CloudError``.
+The names mirror ``edge_agent.errors`` (``Rejected…`` final, ``Failed…`` retried).
 """
 
 from __future__ import annotations
@@ -23,15 +29,23 @@ class CloudError(Exception):
     """Base class of every error the cloud batch side raises on purpose."""
 
 
-class InputError(CloudError):
+class RejectedError(CloudError):
+    """Final: the input, the registry or the rollout's state says no; retrying the same call changes nothing."""
+
+
+class FailedError(CloudError):
+    """Transient: an outside service (the MQTT broker) could not be used; the same call may work later."""
+
+
+class InputError(RejectedError):
     """An argument, data set or file handed to a batch job is invalid."""
 
 
-class RegistryError(CloudError):
+class RegistryError(RejectedError):
     """The model registry could not read or write a version, or refused to."""
 
 
-class QualityGateError(CloudError):
+class QualityGateError(RejectedError):
     """The quantized model is not good enough to ship; nothing was registered.
 
     ``metrics`` carries the measured numbers so callers can report them.
@@ -40,3 +54,23 @@ class QualityGateError(CloudError):
     def __init__(self, message: str, metrics: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.metrics = dict(metrics or {})
+
+
+class RolloutError(RejectedError):
+    """There is no rollout to act on, or its state forbids the operation (e.g. advancing an aborted one)."""
+
+
+class WatchTimeout(RolloutError):
+    """``rollout.watch`` timed out; ``status`` is the last ``RolloutStatus`` seen (None if none was)."""
+
+    def __init__(self, message: str, status: Any) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class BrokerError(FailedError):
+    """The broker could not be used: a publish was not acknowledged, a subscription failed."""
+
+
+class BrokerUnreachableError(BrokerError):
+    """No connection to the broker within the timeout (wrong URL, broker down, network)."""

@@ -23,7 +23,7 @@ from edge_agent.errors import EdgeError
 from edge_agent.features.cache import DB_FILE, FeatureCache
 from edge_agent.http.app import create_app
 from edge_agent.http.metrics import Metrics
-from edge_agent.inference.runtime import BACKEND
+from edge_agent.inference.interpreter import default_backend
 from edge_agent.models.serving import ModelServer
 from edge_agent.models.store import ModelStore
 from edge_agent.wire.manifest import MANIFEST_FILE
@@ -78,7 +78,7 @@ class Agent:
     def _setup_ota(self) -> None:
         """Connect the OTA pipeline: MQTT link (with its last will), trusted keys, the update agent."""
         from edge_agent.mqtt.link import MqttLink, TlsConfig
-        from edge_agent.update.coordinator import OtaAgent, OtaOptions, will_for
+        from edge_agent.update.coordinator import OtaAgent, will_for
         from edge_agent.wire.signing import load_public_key
 
         m = self.cfg.mqtt
@@ -91,13 +91,6 @@ class Agent:
             will=will_for(m.fleet, device_id),
             keepalive=m.keepalive_s,
         )
-        o = self.cfg.ota
-        options = OtaOptions(
-            max_artifact_bytes=o.max_artifact_bytes,
-            bandwidth_bps=o.bandwidth_bps,
-            chunk_window=o.chunk_window,
-            runtime_options=self.cfg.runtime.options(),
-        )
         self.ota = OtaAgent(
             self.link,
             self.store,
@@ -106,7 +99,8 @@ class Agent:
             device_id,
             m.fleet,
             [load_public_key(p) for p in m.trust],
-            options=options,
+            options=self.cfg.ota,
+            runtime_options=self.cfg.runtime.options(),
             features=self.features,
             groups=m.groups,
         )
@@ -142,7 +136,7 @@ class Agent:
     def status(self) -> dict[str, Any]:
         return {
             "agent": {"version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.started_at, 1)},
-            "runtime": {"backend": BACKEND},
+            "runtime": {"backend": (self.server.options.backend or default_backend()).name},
             "data_dir": str(self.cfg.data_dir),
             "listen": self.cfg.listen,
             "broker": {"url": self.cfg.mqtt.broker, "connected": bool(self.link and self.link.connected)}

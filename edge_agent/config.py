@@ -78,11 +78,24 @@ class MqttConfig:
 
 @dataclass
 class OtaConfig:
-    """Limits on what an update may cost the device."""
+    """Limits and pacing of updates on this device: the one place their defaults live.
+
+    ``OtaAgent`` and ``UpdateMachine`` take this object as it is (``[ota]`` in the agent config).
+    """
 
     max_artifact_bytes: int = 256 * 1024 * 1024
     bandwidth_bps: float | None = None  # download limit in bytes/s; None = unlimited
     chunk_window: int = 8  # chunks requested at once
+    stall_timeout_s: float = 30.0  # re-request the window after this long without a chunk
+    download_timeout_s: float | None = None  # None: wait for the artifact as long as the release stands
+    download_attempts: int = 5  # transient download failures before the update fails
+    retry_backoff_s: float = 2.0  # first retry delay; doubles per attempt
+    validate_timeout_s: float = 120.0  # the child-process validation of a candidate model
+    max_loops: int = 30  # loop breaker: state saves + loads per update
+    poll_s: float = 0.5  # maintenance window and health window polling
+    serve_timeout_s: float = 120.0  # activation: the new version must serve within this
+    health_min_calls: int = 5  # fewer calls in the health window cannot breach it
+    rollout_settle_s: float = 1.0  # wait this long for a release's rollout document before applying it
 
 
 @dataclass
@@ -223,7 +236,7 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("watch_interval_s must be positive")
     if cfg.mqtt.broker is not None:
         from edge_agent.mqtt.link import parse_broker_url
-        from edge_agent.wire.protocol import check_segment
+        from edge_agent.wire.names import check_segment
 
         parse_broker_url(cfg.mqtt.broker)
         try:

@@ -1,4 +1,4 @@
-"""A real uvicorn server running the V2 app in a thread, plus digits request helpers and fixtures."""
+"""A real uvicorn server running the V2 app in a thread, digits request helpers, a digits version "2", fixtures."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,9 +15,12 @@ import pytest
 import uvicorn
 
 from edge_agent.http.app import create_app
+from edge_agent.inference.modelpack import build_version_dir
+from edge_agent.inference.runtime import inspect_model
 from edge_agent.models.serving import ModelServer
 from edge_agent.models.store import ModelStore
-from tests.conftest import free_port
+from edge_agent.wire.manifest import Manifest
+from tests.support.env import free_port
 
 
 class ApiServer:
@@ -86,6 +90,23 @@ def infer_body(x: np.ndarray, name: str = "pixels", datatype: str = "FP32", **ex
         "inputs": [{"name": name, "shape": list(x.shape), "datatype": datatype, "data": x.ravel().tolist()}],
         **extra,
     }
+
+
+def build_v2(digits_dir: Path, out: Path) -> Path:
+    """Version "2": the shipped model file again, with the shipped tensor names and labels."""
+    v1 = Manifest.load(digits_dir / "manifest.json")
+    ins, outs = inspect_model(digits_dir / v1.file)
+    build_version_dir(
+        digits_dir / v1.file,
+        out,
+        name="digits",
+        version="2",
+        labels=v1.labels,
+        preprocessing=v1.preprocessing,
+        rename_inputs={s.name: d.name for s, d in zip(ins, v1.inputs, strict=False) if s.name != d.name},
+        rename_outputs={s.name: d.name for s, d in zip(outs, v1.outputs, strict=False) if s.name != d.name},
+    )
+    return out
 
 
 # -- fixtures ---------------------------------------------------------------------------------

@@ -9,13 +9,10 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from edge_agent.mqtt.link import MqttLink
-from tests.conftest import free_port
+from tests.support.env import free_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -56,9 +53,10 @@ class Broker:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
-            except OSError:
+            except OSError as exc:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited: {(self.dir / 'mosquitto.log').read_text()[-2000:]}")
+                    log = (self.dir / "mosquitto.log").read_text()[-2000:]
+                    raise RuntimeError(f"mosquitto exited: {log}") from exc
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start")
 
@@ -72,13 +70,6 @@ class Broker:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path / "mosquitto").start()
-    yield b
-    b.stop()
 
 
 def retained(url: str) -> dict[str, bytes]:

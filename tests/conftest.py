@@ -1,46 +1,32 @@
-"""Shared fixtures: real TFLite models from the shipped registry in models/, real stores on disk."""
+"""Every shared fixture, in one place: real models from models/, real stores, a real broker, the OTA sides.
+
+Test modules never import fixtures (or each other): pytest finds these by name. Plain helper
+classes and functions live in ``tests/support/`` and the support modules next to this file.
+"""
 
 from __future__ import annotations
 
-import argparse
-import socket
-import sys
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 # tflite-runtime must be loaded before TensorFlow: TF first makes every later tflite-runtime load
 # fail with "vector::reserve". Some tests import TF (to build models), so pin the order here.
 import edge_agent.inference.runtime  # noqa: F401
+from edge_agent.models.store import ModelStore
+from tests.broker import Broker
+from tests.modelzoo import Zoo, build_in_subprocess
+from tests.support.env import MODELS
+from tests.support.ota import Cloud, Device, relabel
 
 pytest_plugins = ["tests.apiserver"]  # the API fixtures: model_server, api
 
-REPO = Path(__file__).resolve().parents[1]
-MODELS = REPO / "models"
-PYTHON = sys.executable
 
-
-def subcommands(parser: argparse.ArgumentParser) -> list[tuple[list[str], argparse.ArgumentParser]]:
-    """Every subcommand of a CLI parser with its path, e.g. (["models", "install"], its parser)."""
-    found: list[tuple[list[str], argparse.ArgumentParser]] = []
-
-    def walk(p: argparse.ArgumentParser, path: list[str]) -> None:
-        for action in p._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    found.append((path + [name], sub))
-                    walk(sub, path + [name])
-
-    walk(parser, [])
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+# -- models and stores ---------------------------------------------------------------------------
 @pytest.fixture
 def digits_dir() -> Path:
     """The shipped int8 digits model version directory."""
@@ -50,10 +36,88 @@ def digits_dir() -> Path:
 
 
 @pytest.fixture
-def store(tmp_path: Path, digits_dir: Path):
+def store(tmp_path: Path, digits_dir: Path) -> ModelStore:
     """A model store in a temp data dir with the shipped digits model installed and active."""
-    from edge_agent.models.store import ModelStore
-
     s = ModelStore(tmp_path / "data")
     s.install_dir(digits_dir)
     return s
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    """All model-zoo models, built with TensorFlow in a subprocess once per test session."""
+    try:
+        return build_in_subprocess(tmp_path_factory.mktemp("modelzoo"))
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+# -- a real broker ---------------------------------------------------------------------------------
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A mosquitto of the test's own, stopped afterwards (tests may stop, kill and restart it)."""
+    b = Broker(tmp_path / "mosquitto").start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def cloud_link(broker: Broker) -> Iterator[Any]:
+    """An open cloud-tools link to the test's broker, as ``cloud-batch`` opens one per command."""
+    from cloud_batch.fleetops.broker import open_link
+
+    with open_link(broker.url) as link:
+        yield link
+
+
+# -- over the air: the cloud and the devices -------------------------------------------------------
+@pytest.fixture
+def keys() -> dict[str, Ed25519PrivateKey]:
+    """The fleet's signing key and one the devices do not trust."""
+    return {"fleet": Ed25519PrivateKey.generate(), "stranger": Ed25519PrivateKey.generate()}
+
+
+@pytest.fixture
+def cloud(broker: Broker, keys: dict[str, Ed25519PrivateKey]) -> Iterator[Cloud]:
+    c = Cloud(broker.url, keys["fleet"])
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def device_class() -> type[Device]:
+    """What ``make_device`` builds; a module overrides this to add parts (e.g. a feature cache)."""
+    return Device
+
+
+@pytest.fixture
+def make_device(
+    broker: Broker,
+    keys: dict[str, Ed25519PrivateKey],
+    digits_dir: Path,
+    tmp_path: Path,
+    device_class: type[Device],
+) -> Iterator[Callable[..., Device]]:
+    """Devices trusting the fleet key, each in its own data dir with digits 1 installed; closed afterwards."""
+    devices: list[Device] = []
+
+    def make(install: list[Path] | None = None, **kwargs: Any) -> Device:
+        d = device_class(
+            broker.url,
+            tmp_path / f"device{len(devices)}",
+            [keys["fleet"].public_key()],
+            install if install is not None else [digits_dir],
+            **kwargs,
+        )
+        devices.append(d)
+        return d
+
+    yield make
+    for d in devices:
+        d.close()
+
+
+@pytest.fixture
+def v2(digits_dir: Path, tmp_path: Path) -> Path:
+    """The shipped digits model relabelled as version 2: a valid candidate."""
+    return relabel(digits_dir, tmp_path / "v2", "2")

@@ -27,8 +27,7 @@ Models (all tiny; the whole build takes a few seconds):
 ``custom_op``   ``BesselI0e``, converted with ``allow_custom_ops``: no TFLite runtime resolves it
 ==============  =====================================================================
 
-Use the ``zoo`` fixture (``from tests.modelzoo import zoo  # noqa: F401``). It is session
-scoped, and the build is cached at module level so several test modules share one build.
+Tests use the session-scoped ``zoo`` fixture from ``tests/conftest.py`` (one build per session).
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,9 +100,6 @@ class Zoo:
         return out
 
 
-_BUILT: dict[str, Zoo] = {}
-
-
 def build_in_subprocess(root: Path, timeout: float = 300) -> Zoo:
     """Run the TensorFlow build in a fresh interpreter so this process never imports TensorFlow."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", PYTHONHASHSEED="0")
@@ -124,17 +119,6 @@ def build_in_subprocess(root: Path, timeout: float = 300) -> Zoo:
     return Zoo(root)
 
 
-@pytest.fixture(scope="session")
-def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
-    """All zoo models, built once per test session (shared by every module importing this fixture)."""
-    if "zoo" not in _BUILT:
-        try:
-            _BUILT["zoo"] = build_in_subprocess(tmp_path_factory.mktemp("modelzoo"))
-        except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            pytest.fail(str(exc), pytrace=False)
-    return _BUILT["zoo"]
-
-
 # ---------------------------------------------------------------------------------------------
 # Build side (runs with TensorFlow, in its own process)
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +129,21 @@ def _build(out: Path) -> None:  # pragma: no cover - runs in the build subproces
 
     tf.get_logger().setLevel("ERROR")
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(20240601)
+    rng = np.random.default_rng(20240601)  # one stream: weights first, then the samples, in this order
+    index: dict[str, Any] = {}
+    for name, content in _convert_all(tf, rng).items():
+        (out / f"{name}.tflite").write_bytes(content)
+        if name == "custom_op":  # TF's interpreter cannot run it either
+            index[name] = {"custom_op": CUSTOM_OP}
+            continue
+        index[name], samples = _record(tf, rng, name, content)
+        np.savez(out / f"{name}.npz", **samples)
+
+    (out / "zoo.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def _convert_all(tf: Any, rng: np.random.Generator) -> dict[str, bytes]:  # pragma: no cover - build subprocess
+    """Every zoo model as .tflite bytes (the weights drawn from ``rng``)."""
 
     def var(*shape: int, scale: float = 0.5) -> tf.Variable:
         return tf.Variable((rng.standard_normal(shape) * scale).astype(np.float32))
@@ -194,39 +192,60 @@ def _build(out: Path) -> None:  # pragma: no cover - runs in the build subproces
         def __call__(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
             return {"y": tf.math.bessel_i0e(x) * 2.0}
 
-    def rep_data(shapes: dict[str, tuple[int, ...]]):
-        def gen():
-            r = np.random.default_rng(7)
-            for _ in range(64):
-                yield {n: r.uniform(-1.0, 1.0, (1,) + s).astype(np.float32) for n, s in shapes.items()}
-
-        return gen
-
-    def convert(module: tf.Module, *, quant: str, shapes: dict[str, tuple[int, ...]] | None = None) -> bytes:
-        conv = tf.lite.TFLiteConverter.from_concrete_functions([module.__call__.get_concrete_function()], module)
-        if quant in ("int8", "uint8"):
-            conv.optimizations = [tf.lite.Optimize.DEFAULT]
-            conv.representative_dataset = rep_data(shapes or {})
-            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            conv.inference_input_type = conv.inference_output_type = tf.int8 if quant == "int8" else tf.uint8
-        elif quant == "float16":
-            conv.optimizations = [tf.lite.Optimize.DEFAULT]
-            conv.target_spec.supported_types = [tf.float16]
-        elif quant == "custom":
-            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-            conv.allow_custom_ops = True
-        return conv.convert()
-
-    pix = {"pixels": (8, 8, 1)}
-    built = {
-        "int8": convert(ConvNet(), quant="int8", shapes=pix),
-        "uint8": convert(ConvNet(), quant="uint8", shapes=pix),
-        "float16": convert(ConvNet(), quant="float16"),
-        "float32": convert(ConvNet(), quant="float32"),
-        "multi_io": convert(MultiIO(), quant="int8", shapes={"a": (4,), "b": (3,)}),
-        "fixed_batch": convert(FixedBatch(), quant="int8", shapes={"x": (6,)}),
-        "custom_op": convert(Custom(), quant="custom"),
+    pix: dict[str, tuple[int, ...]] = {"pixels": (8, 8, 1)}
+    return {
+        "int8": _convert(tf, ConvNet(), quant="int8", shapes=pix),
+        "uint8": _convert(tf, ConvNet(), quant="uint8", shapes=pix),
+        "float16": _convert(tf, ConvNet(), quant="float16"),
+        "float32": _convert(tf, ConvNet(), quant="float32"),
+        "multi_io": _convert(tf, MultiIO(), quant="int8", shapes={"a": (4,), "b": (3,)}),
+        "fixed_batch": _convert(tf, FixedBatch(), quant="int8", shapes={"x": (6,)}),
+        "custom_op": _convert(tf, Custom(), quant="custom"),
     }
+
+
+def _rep_data(shapes: dict[str, tuple[int, ...]]) -> Any:  # pragma: no cover - build subprocess
+    """Calibration inputs for full-integer quantization (a seeded stream of its own)."""
+
+    def gen() -> Any:
+        r = np.random.default_rng(7)
+        for _ in range(64):
+            yield {n: r.uniform(-1.0, 1.0, (1, *s)).astype(np.float32) for n, s in shapes.items()}
+
+    return gen
+
+
+def _convert(
+    tf: Any, module: Any, *, quant: str, shapes: dict[str, tuple[int, ...]] | None = None
+) -> bytes:  # pragma: no cover - build subprocess
+    """One module as .tflite bytes, quantized as ``quant`` says."""
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([module.__call__.get_concrete_function()], module)
+    if quant in ("int8", "uint8"):
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = _rep_data(shapes or {})
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = conv.inference_output_type = tf.int8 if quant == "int8" else tf.uint8
+    elif quant == "float16":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
+    elif quant == "custom":
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        conv.allow_custom_ops = True
+    return conv.convert()
+
+
+def _real(raw: np.ndarray, quantization: list[float] | None) -> np.ndarray:
+    """The FP32 value of a tensor in its native type (dequantized when it is quantized)."""
+    if not quantization:
+        return raw.astype(np.float32)
+    scale, zp = quantization
+    return ((raw.astype(np.float32) - np.float32(zp)) * np.float32(scale)).astype(np.float32)
+
+
+def _record(
+    tf: Any, rng: np.random.Generator, name: str, content: bytes
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:  # pragma: no cover - build subprocess
+    """The model's tensor specs as TF reports them, and samples with TF's own outputs for them."""
 
     def tensor_info(d: dict[str, Any]) -> dict[str, Any]:
         scale, zp = d["quantization"]
@@ -237,48 +256,33 @@ def _build(out: Path) -> None:  # pragma: no cover - runs in the build subproces
             "quantization": [float(scale), int(zp)] if scale > 0 else None,
         }
 
-    index: dict[str, Any] = {}
-    for name, content in built.items():
-        (out / f"{name}.tflite").write_bytes(content)
-        if name == "custom_op":  # TF's interpreter cannot run it either
-            index[name] = {"custom_op": CUSTOM_OP}
-            continue
-        interp = tf.lite.Interpreter(model_content=content)
-        runner = interp.get_signature_runner("serving_default")
-        ins = {n: tensor_info(d) for n, d in runner.get_input_details().items()}
-        outs = {n: tensor_info(d) for n, d in runner.get_output_details().items()}
-        index[name] = {"inputs": ins, "outputs": outs}
+    interp = tf.lite.Interpreter(model_content=content)
+    runner = interp.get_signature_runner("serving_default")
+    ins = {n: tensor_info(d) for n, d in runner.get_input_details().items()}
+    outs = {n: tensor_info(d) for n, d in runner.get_output_details().items()}
 
-        batch = FIXED_BATCH_SAMPLES if name == "fixed_batch" else DYNAMIC_BATCH
-        samples: dict[str, np.ndarray] = {}
-        for n, info in ins.items():
-            shape = (batch,) + tuple(info["shape"][1:])
-            dtype = np.dtype(info["dtype"])
-            if info["quantization"]:
-                scale, zp = info["quantization"]
-                raw = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max + 1, size=shape).astype(dtype)
-                real = ((raw.astype(np.float32) - np.float32(zp)) * np.float32(scale)).astype(np.float32)
-            else:
-                real = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
-                raw = real.astype(dtype)
-            samples["in:" + n], samples["raw_in:" + n] = real, raw
-
-        if name == "fixed_batch":
-            parts = [runner(**{n: samples["raw_in:" + n][i : i + 1] for n in ins}) for i in range(batch)]
-            results = {k: np.concatenate([p[k] for p in parts]) for k in outs}
+    batch = FIXED_BATCH_SAMPLES if name == "fixed_batch" else DYNAMIC_BATCH
+    samples: dict[str, np.ndarray] = {}
+    for n, info in ins.items():
+        shape = (batch, *info["shape"][1:])
+        dtype = np.dtype(info["dtype"])
+        if info["quantization"]:
+            raw = rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max + 1, size=shape).astype(dtype)
+            real = _real(raw, info["quantization"])
         else:
-            results = runner(**{n: samples["raw_in:" + n] for n in ins})
-        for n, info in outs.items():
-            raw = np.asarray(results[n])
-            if info["quantization"]:
-                scale, zp = info["quantization"]
-                real = ((raw.astype(np.float32) - np.float32(zp)) * np.float32(scale)).astype(np.float32)
-            else:
-                real = raw.astype(np.float32)
-            samples["out:" + n], samples["raw_out:" + n] = real, raw
-        np.savez(out / f"{name}.npz", **samples)
+            real = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+            raw = real.astype(dtype)
+        samples["in:" + n], samples["raw_in:" + n] = real, raw
 
-    (out / "zoo.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    if name == "fixed_batch":
+        parts = [runner(**{n: samples["raw_in:" + n][i : i + 1] for n in ins}) for i in range(batch)]
+        results = {k: np.concatenate([p[k] for p in parts]) for k in outs}
+    else:
+        results = runner(**{n: samples["raw_in:" + n] for n in ins})
+    for n, info in outs.items():
+        raw = np.asarray(results[n])
+        samples["out:" + n], samples["raw_out:" + n] = _real(raw, info["quantization"]), raw
+    return {"inputs": ins, "outputs": outs}, samples
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -292,7 +292,7 @@ def _renames(tflite: Path, manifest: Manifest, kind: str) -> dict[str, str]:
     ins, outs = inspect_model(tflite)
     specs = ins if kind == "inputs" else outs
     declared = manifest.inputs if kind == "inputs" else manifest.outputs
-    return {s.name: d.name for s, d in zip(specs, declared) if s.name != d.name}
+    return {s.name: d.name for s, d in zip(specs, declared, strict=True) if s.name != d.name}
 
 
 def test_not_ready_server_is_503(store: ModelStore) -> None:
@@ -322,7 +322,7 @@ def test_unexpected_failure_is_a_json_500(model_server: ModelServer) -> None:
 def test_errors_keep_the_connection_and_the_server_serving(
     api: ApiServer, model_server: ModelServer, out_name: str
 ) -> None:
-    x, y = digits_data()
+    x, _ = digits_data()
     conn = api.connect()
     try:
         bad_bodies = [

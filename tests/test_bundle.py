@@ -72,6 +72,11 @@ def _tamper(
 _DROP = object()
 
 
+def feature_list(*specs: str) -> list[dict[str, str]]:
+    """``"name:dtype"`` per feature, as bundle.json spells them (bad schemas read one per line)."""
+    return [dict(zip(("name", "dtype"), spec.split(":"), strict=True)) for spec in specs]
+
+
 def test_round_trip_sorts_by_entity_and_keeps_rows_together(tmp_path: Path) -> None:
     info = _write(tmp_path / "b", partition={"by": "group", "key": "line-3"}, stale_policy="serve")
     assert (tmp_path / "b" / BUNDLE_FILE).is_file() and (tmp_path / "b" / DATA_FILE).is_file()
@@ -160,46 +165,10 @@ def test_maintenance_asset_features_make_a_bundle(tmp_path: Path) -> None:
         ({"ttl_s": "1h"}, "ttl_s"),
         ({"stale_policy": "maybe"}, "stale_policy"),
         ({"features": []}, "features"),
-        (
-            {
-                "features": [
-                    {"name": "a", "dtype": "float16"},
-                    {"name": "b", "dtype": "float16"},
-                    {"name": "c", "dtype": "float16"},
-                ]
-            },
-            "numbers only",
-        ),
-        (
-            {
-                "features": [
-                    {"name": "a", "dtype": "string"},
-                    {"name": "b", "dtype": "string"},
-                    {"name": "c", "dtype": "string"},
-                ]
-            },
-            "numbers only",
-        ),
-        (
-            {
-                "features": [
-                    {"name": "a", "dtype": "float32"},
-                    {"name": "a", "dtype": "float32"},
-                    {"name": "c", "dtype": "float32"},
-                ]
-            },
-            "duplicate feature",
-        ),
-        (
-            {
-                "features": [
-                    {"name": "a", "dtype": "float32"},
-                    {"name": "b", "dtype": "int64"},
-                    {"name": "c", "dtype": "float32"},
-                ]
-            },
-            "mixed dtypes",
-        ),
+        ({"features": feature_list("a:float16", "b:float16", "c:float16")}, "numbers only"),
+        ({"features": feature_list("a:string", "b:string", "c:string")}, "numbers only"),
+        ({"features": feature_list("a:float32", "a:float32", "c:float32")}, "duplicate feature"),
+        ({"features": feature_list("a:float32", "b:int64", "c:float32")}, "mixed dtypes"),
         ({"features": [{"name": "a", "dtype": "float32"}, {"name": "b", "dtype": "float32"}]}, "shape"),
         ({"features": [{"name": n, "dtype": "float64"} for n in NAMES]}, "does not match the declared"),
         ({"rows": 4}, "rows=4"),

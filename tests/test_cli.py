@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edge_agent.cli.main import build_parser, main
-from tests.conftest import subcommands
+from tests.support.cli import subcommands
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE_AGENT = str(Path(sys.executable).parent / "edge-agent")

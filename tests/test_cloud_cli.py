@@ -15,7 +15,7 @@ import pytest
 
 from cloud_batch.cli.main import build_parser, main
 from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
-from tests.conftest import subcommands
+from tests.support.cli import subcommands
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).parent / "cloud-batch"

@@ -22,18 +22,21 @@ import pytest
 
 from cloud_batch.cli import features as features_cli
 from cloud_batch.cli.main import build_parser as cloud_parser
-from cloud_batch.errors import CloudError, InputError, RegistryError
-from cloud_batch.features.build import FeatureRegistry, Rows, build, compute_delta, push, read_partition_map
-from cloud_batch.fleetops.fleet import BrokerUnreachableError
+from cloud_batch.errors import BrokerUnreachableError, CloudError, InputError, RegistryError
+from cloud_batch.features.build import FeatureRegistry, build
+from cloud_batch.features.delta import Rows, compute_delta, read_partition_map
+from cloud_batch.features.push import push
 from cloud_batch.fleetops.keys import generate_keys
 from cloud_batch.train.maintenance_data import generate
 from cloud_batch.train.maintenance_features import asset_features
 from edge_agent.features.cache import FeatureCache
 from edge_agent.wire.bundle import read_bundle
-from edge_agent.wire.protocol import Artifact, Release, features_topic, pack_dir, parse_chunk_topic, unpack_to
+from edge_agent.wire.protocol import Artifact, Release, pack_dir, unpack_to
 from edge_agent.wire.signing import load_public_key, verify
-from tests.broker import Broker, broker, retained  # noqa: F401
-from tests.conftest import MODELS, free_port
+from edge_agent.wire.topics import features_topic, parse_chunk_topic
+from tests.broker import Broker, retained
+from tests.support.bad_inputs import case_ids, resolve_key
+from tests.support.env import MODELS, free_port
 
 FLEET = "plant-7"
 SET = "cam_stats"
@@ -89,6 +92,12 @@ def write_csv(df: pd.DataFrame, path: Path) -> Path:
 def build_csv(reg: Path, version: str, df: pd.DataFrame, tmp: Path, **kw):
     src = write_csv(df, tmp / f"in-{version}-{uuid.uuid4().hex[:6]}.csv")
     return build(reg, SET, version, source=src, entity_key="camera", event_ts_col="computed_at", progress=False, **kw)
+
+
+def push_argv(reg: Path, keys: tuple[Path, Path], url: str, *extra: str) -> list[str]:
+    """``cloud-batch features push`` of version 1 to the test fleet, plus ``extra`` options."""
+    where = ["--fleet", FLEET, "--registry", str(reg), "--key", str(keys[0]), "--broker", url]
+    return ["features", "push", SET, "--version", "1", *where, *extra]
 
 
 @pytest.fixture
@@ -313,7 +322,7 @@ def test_push_snapshot_publishes_a_signed_features_release_and_retained_chunks(
     broker: Broker,
     keys: tuple[Path, Path],
     reg: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     build_csv(reg, "1", frame(40), tmp_path)
     res = push(reg, SET, "1", FLEET, keys[0], broker.url, chunk_size=CHUNK, progress=True)
@@ -346,7 +355,7 @@ def test_push_delta_with_snapshot_fallback_and_superseded_artifacts_cleared(
     broker: Broker,
     keys: tuple[Path, Path],
     reg: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     v1 = frame(30)
     v2 = frame(30, drop=("cam-3", "cam-8"), extra=("cam-99", "cam-100"))
@@ -391,7 +400,7 @@ def test_push_with_a_partition_map_publishes_one_release_per_partition(
     broker: Broker,
     keys: tuple[Path, Path],
     reg: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     build_csv(reg, "1", frame(6), tmp_path)
     (tmp_path / "map1.csv").write_text(
@@ -483,14 +492,12 @@ BAD_PUSHES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "change,error,message", BAD_PUSHES, ids=[f"{list(c)[0]}={str(list(c.values())[0])[:20]}" for c, _, _ in BAD_PUSHES]
-)
+@pytest.mark.parametrize("change,error,message", BAD_PUSHES, ids=case_ids(BAD_PUSHES, 20))
 def test_bad_push_input_is_a_clear_error_and_publishes_nothing(
     broker: Broker,
     keys: tuple[Path, Path],
     reg: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
     change: dict,
     error: type[CloudError],
     message: str,
@@ -507,10 +514,7 @@ def test_bad_push_input_is_a_clear_error_and_publishes_nothing(
         "chunk_size": CHUNK,
     }
     args.update(change)
-    if args["key"] == "missing":
-        args["key"] = tmp_path / "nope.key"
-    elif args["key"] == "public":
-        args["key"] = keys[1]
+    resolve_key(args, keys, tmp_path)
     if args["partition_map"] == "missing":
         args["partition_map"] = tmp_path / "nope.csv"
     elif isinstance(args["partition_map"], str):
@@ -544,7 +548,7 @@ def test_cli_build_and_push(
     broker: Broker,
     keys: tuple[Path, Path],
     reg: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     src = write_csv(frame(6), tmp_path / "stats.csv")
@@ -577,27 +581,7 @@ def test_cli_build_and_push(
     assert f"built: feature set {SET} version 1" in out and "6 entities (camera) x 2 features (float32)" in out
     assert read_bundle(reg / "features" / SET / "1").info.ttl_s == 86400
 
-    assert (
-        features_cli.main(
-            [
-                "features",
-                "push",
-                SET,
-                "--version",
-                "1",
-                "--fleet",
-                FLEET,
-                "--registry",
-                str(reg),
-                "--key",
-                str(keys[0]),
-                "--broker",
-                broker.url,
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert features_cli.main(push_argv(reg, keys, broker.url, "--no-progress")) == 0
     out = capsys.readouterr().out
     assert f"pushed feature set {SET} 1 to fleet {FLEET}" in out and features_topic(FLEET, SET) in out
     assert features_topic(FLEET, SET) in retained(broker.url)
@@ -609,28 +593,7 @@ def test_cli_build_and_push(
     )
     err = capsys.readouterr().err
     assert err.startswith("error: unknown recipe 'weather'; recipes: maintenance") and "Traceback" not in err
-    assert (
-        features_cli.main(
-            [
-                "features",
-                "push",
-                SET,
-                "--version",
-                "1",
-                "--fleet",
-                FLEET,
-                "--registry",
-                str(reg),
-                "--key",
-                str(keys[0]),
-                "--broker",
-                broker.url,
-                "--delta-from",
-                "1",
-            ]
-        )
-        == 2
-    )
+    assert features_cli.main(push_argv(reg, keys, broker.url, "--delta-from", "1")) == 2
     assert capsys.readouterr().err == "error: --delta-from 1 is not older than version 1\n"
 
 

@@ -113,7 +113,7 @@ def test_missing_things_are_clear_errors(tmp_path: Path) -> None:
         reg.register(tmp_path / "nope.tflite", "digits", "1")
     not_tflite = tmp_path / "junk.tflite"
     not_tflite.write_bytes(b"definitely not a flatbuffer")
-    with pytest.raises(RegistryError, match="cannot register junk.tflite as digits 1"):
+    with pytest.raises(RegistryError, match=r"cannot register junk\.tflite as digits 1"):
         reg.register(not_tflite, "digits", "1")
     assert not (tmp_path / "digits").exists()
     with pytest.raises(RegistryError, match="model 'digits' has no version '1'"):

@@ -17,24 +17,19 @@ from pathlib import Path
 import pytest
 
 from cloud_batch.cli import ota as ota_cli
-from cloud_batch.errors import CloudError, InputError, RegistryError
-from cloud_batch.fleetops.fleet import BrokerUnreachableError
+from cloud_batch.errors import BrokerUnreachableError, CloudError, InputError, RegistryError
+from cloud_batch.fleetops.broker import BrokerLink, open_link
 from cloud_batch.fleetops.keys import generate_keys
 from cloud_batch.fleetops.release import parse_stages, release
 from cloud_batch.registry.models import Registry
 from edge_agent.wire.manifest import MANIFEST_FILE
-from edge_agent.wire.protocol import (
-    Release,
-    Rollout,
-    chunk_topic,
-    pack_dir,
-    parse_chunk_topic,
-    release_topic,
-    rollout_topic,
-)
+from edge_agent.wire.protocol import Release, Rollout, pack_dir
 from edge_agent.wire.signing import load_public_key, verify
-from tests.broker import Broker, broker, retained  # noqa: F401
-from tests.conftest import MODELS, free_port, subcommands
+from edge_agent.wire.topics import chunk_topic, parse_chunk_topic, release_topic, rollout_topic
+from tests.broker import Broker, retained
+from tests.support.bad_inputs import case_ids, resolve_key
+from tests.support.cli import subcommands
+from tests.support.env import MODELS, free_port
 
 FLEET = "plant-7"
 CHUNK = 4096  # the digits artifact (~55 KB) becomes a dozen chunks
@@ -87,8 +82,9 @@ def test_keys_generate_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 # -- a release on the broker ---------------------------------------------------------------------
 def test_release_publishes_retained_chunks_rollout_and_a_signed_release(
     broker: Broker,
+    cloud_link: BrokerLink,
     keys: tuple[Path, Path],
-    registry: Path,  # noqa: F811
+    registry: Path,
 ) -> None:
     rel = release(
         registry,
@@ -96,7 +92,7 @@ def test_release_publishes_retained_chunks_rollout_and_a_signed_release(
         "1",
         FLEET,
         keys[0],
-        broker.url,
+        cloud_link,
         stages=[5, 25, 100],
         max_failure_rate=0.2,
         max_latency_ms=5.0,
@@ -141,17 +137,18 @@ def test_release_publishes_retained_chunks_rollout_and_a_signed_release(
 
 def test_a_new_release_clears_the_superseded_artifact_but_not_a_shared_one(
     broker: Broker,
+    cloud_link: BrokerLink,
     keys: tuple[Path, Path],
-    registry: Path,  # noqa: F811
+    registry: Path,
 ) -> None:
-    first = release(registry, "digits", "1", FLEET, keys[0], broker.url, chunk_size=CHUNK, progress=False)
+    first = release(registry, "digits", "1", FLEET, keys[0], cloud_link, chunk_size=CHUNK, progress=False)
     # The same artifact again (a re-release): its chunks must stay.
-    again = release(registry, "digits", "1", FLEET, keys[0], broker.url, chunk_size=CHUNK, progress=False)
+    again = release(registry, "digits", "1", FLEET, keys[0], cloud_link, chunk_size=CHUNK, progress=False)
     assert again.release_id != first.release_id and again.artifact.sha256 == first.artifact.sha256
     held = retained(broker.url)
     assert all(chunk_topic(first.artifact.sha256, i) in held for i in range(len(first.artifact.chunks)))
 
-    second = release(registry, "digits", "2", FLEET, keys[0], broker.url, chunk_size=CHUNK, progress=False)
+    second = release(registry, "digits", "2", FLEET, keys[0], cloud_link, chunk_size=CHUNK, progress=False)
     assert second.artifact.sha256 != first.artifact.sha256  # the manifest differs (version 2)
     held = retained(broker.url)
     assert not [t for t in held if f"/{first.artifact.sha256}/" in t], "superseded chunks still retained"
@@ -180,24 +177,20 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "change,error,message", BAD_INPUTS, ids=[f"{list(c)[0]}={list(c.values())[0]}" for c, _, _ in BAD_INPUTS]
-)
+@pytest.mark.parametrize("change,error,message", BAD_INPUTS, ids=case_ids(BAD_INPUTS))
 def test_bad_input_is_a_clear_error_and_publishes_nothing(
     broker: Broker,
+    cloud_link: BrokerLink,
     keys: tuple[Path, Path],
     registry: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
     change: dict,
     error: type[CloudError],
     message: str,
 ) -> None:
     args = {"name": "digits", "version": "1", "fleet": FLEET, "key": keys[0], "stages": "10,100"}
     args.update(change)
-    if args["key"] == "missing":
-        args["key"] = tmp_path / "nope.key"
-    elif args["key"] == "public":
-        args["key"] = keys[1]
+    resolve_key(args, keys, tmp_path)
     with pytest.raises(error, match=message):
         release(
             registry,
@@ -205,7 +198,7 @@ def test_bad_input_is_a_clear_error_and_publishes_nothing(
             args.pop("version"),
             args.pop("fleet"),
             args.pop("key"),
-            broker.url,
+            cloud_link,
             progress=False,
             **args,
         )
@@ -214,10 +207,10 @@ def test_bad_input_is_a_clear_error_and_publishes_nothing(
 
 def test_unreachable_broker_names_the_url(keys: tuple[Path, Path], registry: Path) -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"
-    with pytest.raises(BrokerUnreachableError, match=f"cannot reach the MQTT broker at {url}"):
-        release(registry, "digits", "1", FLEET, keys[0], url, connect_timeout_s=1.0, progress=False)
-    with pytest.raises(InputError, match="must look like mqtt://"):
-        release(registry, "digits", "1", FLEET, keys[0], "http://example.com", progress=False)
+    with pytest.raises(BrokerUnreachableError, match=f"cannot reach the MQTT broker at {url}"), open_link(url, 1.0):
+        pass
+    with pytest.raises(InputError, match="must look like mqtt://"), open_link("http://example.com"):
+        pass
 
 
 def test_parse_stages() -> None:
@@ -248,7 +241,7 @@ def test_every_ota_command_has_help_ending_with_an_example(capsys: pytest.Captur
 def test_release_cli(
     broker: Broker,
     keys: tuple[Path, Path],
-    registry: Path,  # noqa: F811
+    registry: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     base = [

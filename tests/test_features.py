@@ -28,6 +28,7 @@ from edge_agent.features.cache import (
     VersionNotNewer,
 )
 from edge_agent.wire.bundle import FeatureSpec, read_bundle, write_bundle
+from tests.support.bundles import write_rows
 
 NAMES = ["a", "b", "c"]
 T0 = 1_800_000_000.0
@@ -57,23 +58,19 @@ def make(
     dtype: str = "float64",
 ):
     """Write a bundle directory and read it back, as a device would."""
-    ents = list(entities)
-    event_ts = [ts[e] for e in ents] if isinstance(ts, dict) else ts
-    values = np.array([entities[e] for e in ents], dtype=np.float64).reshape(len(ents), len(names))
-    path = tmp / f"{set}-{version}-{kind}"
-    write_bundle(
-        path,
+    path = write_rows(
+        tmp / f"{set}-{version}-{kind}",
         set,
         version,
-        kind,
-        ents,
-        event_ts,
-        values,
-        [FeatureSpec(n, dtype) for n in names],
+        entities,
+        names,
+        event_ts=ts,
+        kind=kind,
+        base=base,
+        deleted=deleted,
+        dtype=dtype,
         ttl_s=ttl_s,
         stale_policy=policy,
-        base_version=base,
-        deleted=deleted,
     )
     return read_bundle(path)
 

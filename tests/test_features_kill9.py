@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
-
 from edge_agent.features.cache import DB_FILE, FeatureCache
-from edge_agent.wire.bundle import FeatureSpec, write_bundle
+from tests.support.big_features import one_complete_version, write_big
 
 N = 300_000
-F = 8
-ENTITIES = np.array([f"asset-{i:06d}" for i in range(N)])
 
 CHILD = textwrap.dedent(
     """
@@ -55,21 +50,7 @@ CHILD = textwrap.dedent(
 
 
 def _bundle(tmp: Path, version: int) -> Path:
-    path = tmp / f"b{version}"
-    values = np.full((N, F), float(version)) + (np.arange(N) % 97)[:, None]  # row-specific, version-encoded
-    write_bundle(
-        path,
-        "big",
-        str(version),
-        "snapshot",
-        ENTITIES,
-        float(version),
-        values,
-        [FeatureSpec(f"f{i}", "float64") for i in range(F)],
-        ttl_s=None,
-        compress=False,
-    )
-    return path
+    return write_big(tmp / f"b{version}", version, N, compress=False)
 
 
 def _child(db: Path, bundle: Path, kill_at: int) -> subprocess.Popen[str]:
@@ -83,20 +64,7 @@ def _child(db: Path, bundle: Path, kill_at: int) -> subprocess.Popen[str]:
 
 def _check(db: Path) -> str:
     """The file is sound and holds exactly one complete version; return it."""
-    conn = sqlite3.connect(db)
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        (version,) = conn.execute("SELECT version FROM feature_sets WHERE name = 'big'").fetchone()
-        rows = conn.execute('SELECT entity, event_ts, version, vals FROM "fs_big" ORDER BY entity').fetchall()
-        assert len(rows) == N
-        entities, ts, row_versions, blobs = zip(*rows)
-        assert list(entities) == ENTITIES.tolist()
-        assert set(row_versions) == {version} and set(ts) == {float(version)}
-        values = np.frombuffer(b"".join(blobs), "<f8").reshape(N, F)
-        assert (values == float(version) + (np.arange(N) % 97)[:, None]).all(), "a row holds another version's values"
-        return version
-    finally:
-        conn.close()
+    return one_complete_version(db, N)
 
 
 def test_kill9_during_snapshot_apply_keeps_the_previous_version(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 The "cloud" builds releases the way ``cloud-batch features push`` does (``bundle.write_bundle`` →
 ``protocol.pack_dir`` → ``transfer.publish_artifact`` → ``signing.sign`` → retained on
-``protocol.features_topic``) and reads the device's retained state; the "device" is
+``topics.features_topic``) and reads the device's retained state; the "device" is
 ``tests.test_ota.Device`` (store, model server, MQTT link, OtaAgent) with a ``FeatureCache``.
 """
 
@@ -19,7 +19,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloud_batch.fleetops.publish import publish_artifact
 from edge_agent.features.cache import DB_FILE, FeatureCache
-from edge_agent.mqtt.download import publish_artifact
 from edge_agent.mqtt.link import MqttLink
-from edge_agent.wire.bundle import FeatureSpec, write_bundle
-from edge_agent.wire.protocol import Artifact, DeviceState, Release, UpdateReport, encode, features_topic, pack_dir
+from edge_agent.wire.protocol import Artifact, DeviceState, Release, UpdateReport, encode, pack_dir
 from edge_agent.wire.signing import sign
-from tests.broker import Broker, broker  # noqa: F401
-from tests.test_ota import CHUNK, FLEET, Cloud, Device, cloud, keys  # noqa: F401 (fixtures)
+from edge_agent.wire.topics import features_topic
+from tests.broker import Broker
+from tests.support.big_features import one_complete_version, write_big
+from tests.support.bundles import write_rows
+from tests.support.ota import CHUNK, COMMITTED_PATH, FLEET, Cloud, Device
 
 SET = "asset_features"
 NAMES = ["temp_mean", "vib_std", "rpm_mean"]
@@ -44,35 +46,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # -- the cloud side --------------------------------------------------------------------------
-def bundle(
-    tmp: Path,
-    version: str,
-    rows: dict[str, list[float]],
-    *,
-    kind: str = "snapshot",
-    base: str | None = None,
-    deleted: tuple[str, ...] = (),
-    set: str = SET,
-    **kw: Any,
-) -> Path:
-    path = tmp / f"{set}-{version}-{kind}-{uuid.uuid4().hex[:4]}"
-    ents = list(rows)
-    values = np.array([rows[e] for e in ents], dtype=np.float64).reshape(len(ents), len(NAMES))
+def bundle(tmp: Path, version: str, rows: dict[str, list[float]], *, set: str = SET, **kw: Any) -> Path:
+    """A bundle of ``rows`` (kind, base, deleted, ttl_s … as ``write_rows`` takes them), written a minute ago."""
+    path = tmp / f"{set}-{version}-{kw.get('kind', 'snapshot')}-{uuid.uuid4().hex[:4]}"
     kw.setdefault("ttl_s", 86400)
-    write_bundle(
-        path,
-        set,
-        version,
-        kind,
-        ents,
-        time.time() - 60,
-        values,
-        [FeatureSpec(n, "float32") for n in NAMES],
-        base_version=base,
-        deleted=deleted,
-        **kw,
-    )
-    return path
+    return write_rows(path, set, version, rows, NAMES, event_ts=time.time() - 60, dtype="float32", **kw)
 
 
 def rewrite(path: Path, edit: Callable[[dict[str, np.ndarray]], None]) -> Path:
@@ -166,7 +144,7 @@ class FeatureDevice(Device):
         with sqlite3.connect(self.cache.path) as conn:
             ents = [r[0] for r in conn.execute(f'SELECT entity FROM "fs_{set}" ORDER BY entity')]
         got = self.cache.get_many(set, ents)
-        return {e: [round(float(v), 4) for v in r.values] for e, r in zip(ents, got) if r is not None}
+        return {e: [round(float(v), 4) for v in r.values] for e, r in zip(ents, got, strict=True) if r is not None}
 
     def record(self, set: str = SET) -> dict[str, Any]:
         return json.loads((self.data_dir / "updates" / "features" / f"{set}.json").read_text())
@@ -178,24 +156,9 @@ class FeatureDevice(Device):
 
 
 @pytest.fixture
-def make_device(
-    broker: Broker,
-    keys: dict[str, Ed25519PrivateKey],
-    digits_dir: Path,  # noqa: F811
-    tmp_path: Path,
-) -> Iterator[Callable[..., FeatureDevice]]:
-    devices: list[FeatureDevice] = []
-
-    def make(**kwargs: Any) -> FeatureDevice:
-        d = FeatureDevice(
-            broker.url, tmp_path / f"device{len(devices)}", [keys["fleet"].public_key()], [digits_dir], **kwargs
-        )
-        devices.append(d)
-        return d
-
-    yield make
-    for d in devices:
-        d.close()
+def device_class() -> type[FeatureDevice]:
+    """``make_device`` (tests/conftest.py) builds feature devices in this module."""
+    return FeatureDevice
 
 
 V1 = {"a-1": [1, 2, 3], "a-2": [4, 5, 6], "a-3": [7, 8, 9], "a-4": [10, 11, 12]}
@@ -228,15 +191,7 @@ def test_a_snapshot_then_a_delta_are_applied_over_mqtt(
     )
     assert dev.rows() == V1
     record = dev.record()
-    assert [s for s, _ in record["history"]] == [
-        "idle",
-        "downloading",
-        "verifying",
-        "validating",
-        "activating",
-        "health_check",
-        "committed",
-    ]
+    assert [s for s, _ in record["history"]] == COMMITTED_PATH
     assert record["kind"] == "features" and record["details"]["apply"]["rows"] == 4
     state = cloud.wait(lambda: (s := cloud.states[dev.device_id]).features == {SET: "1"} and s, "features in the state")
     assert state.models == {"digits": "1"} and "digits" not in state.feature_updates and SET not in state.updates
@@ -326,7 +281,7 @@ def test_the_newest_release_wins_whatever_order_the_partitions_arrive_in(
     cloud.wait(committed, "version 3 committed")
     time.sleep(1.0)  # time for the older release to arrive, if it came second
     assert dev.cache.version(SET) == "3" and dev.rows() == {"a-1": [3, 3, 3]}
-    assert [h["version"] for h in dev.cache.history(SET)][0] == "3"
+    assert next(h["version"] for h in dev.cache.history(SET)) == "3"
 
 
 # -- rejections: final, reported, nothing downloaded or applied -------------------------------------------
@@ -528,16 +483,17 @@ def test_a_snapshot_above_the_cache_bound_fails_before_activation(
 # -- end to end: cloud-batch features build/push → OTA → a joined request ---------------------------------
 def test_cloud_batch_push_reaches_the_device_and_feeds_a_joined_request(
     broker: Broker,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
     digits_dir: Path,
 ) -> None:
-    from cloud_batch.features.build import build, push
+    from cloud_batch.features.build import build
+    from cloud_batch.features.push import push
     from cloud_batch.fleetops.keys import generate_keys
     from edge_agent.http.app import create_app
     from edge_agent.wire.bundle import read_bundle
     from edge_agent.wire.signing import load_public_key
     from tests.apiserver import ApiServer
-    from tests.conftest import MODELS
+    from tests.support.env import MODELS
 
     key, pub = generate_keys(tmp_path / "keys")
     reg = tmp_path / "registry"
@@ -593,7 +549,7 @@ def test_cloud_batch_push_reaches_the_device_and_feeds_a_joined_request(
 # -- records and documents -----------------------------------------------------------------------------
 def test_feature_set_records_live_apart_from_model_records(tmp_path: Path) -> None:
     """A feature set may share its name with a model: each has its own record, lane and report."""
-    from edge_agent.update.machine import RecordStore, UpdateRecord
+    from edge_agent.update.states import RecordStore, UpdateRecord
 
     records = RecordStore(tmp_path)
     records.save(UpdateRecord("m-1", "maintenance", "2", {}))
@@ -634,7 +590,6 @@ def test_device_state_documents_of_older_agents_still_parse() -> None:
 
 # -- kill -9 while a large snapshot is being applied -----------------------------------------------------
 N = 120_000
-F = 8
 KILL_DEVICE = textwrap.dedent(
     """
     import json, logging, os, signal, sys, time
@@ -642,7 +597,8 @@ KILL_DEVICE = textwrap.dedent(
 
     from edge_agent.features.cache import FeatureCache
     from edge_agent.mqtt.link import MqttLink
-    from edge_agent.update.coordinator import OtaAgent, OtaOptions, will_for
+    from edge_agent.config import OtaConfig
+    from edge_agent.update.coordinator import OtaAgent, will_for
     from edge_agent.inference.runtime import RuntimeOptions
     from edge_agent.models.serving import ModelServer
     from edge_agent.wire.signing import load_public_key
@@ -670,7 +626,7 @@ KILL_DEVICE = textwrap.dedent(
         cache._writer.set_progress_handler(progress, 1000)
     link = MqttLink(cfg["url"], cfg["device_id"], will=will_for(cfg["fleet"], cfg["device_id"]))
     ota = OtaAgent(link, store, server, data, cfg["device_id"], cfg["fleet"], [load_public_key(cfg["pub"])],
-                   options=OtaOptions(poll_s=0.05, stall_timeout_s=2.0, retry_backoff_s=0.2), features=cache)
+                   options=OtaConfig(poll_s=0.05, stall_timeout_s=2.0, retry_backoff_s=0.2), features=cache)
     ota.before_serving()
     server.sync()
     link.start()
@@ -683,43 +639,16 @@ KILL_DEVICE = textwrap.dedent(
 
 
 def _big_bundle(tmp: Path, version: int) -> Path:
-    path = tmp / f"big-{version}"
-    ents = np.array([f"asset-{i:06d}" for i in range(N)])
-    values = np.full((N, F), float(version)) + (np.arange(N) % 97)[:, None]  # row-specific, version-encoded
-    write_bundle(
-        path,
-        "big",
-        str(version),
-        "snapshot",
-        ents,
-        float(version),
-        values,
-        [FeatureSpec(f"f{i}", "float64") for i in range(F)],
-        ttl_s=None,
-    )
-    return path
+    return write_big(tmp / f"big-{version}", version, N)
 
 
 def _one_complete_version(db: Path) -> str:
-    """The file is sound and holds exactly one complete version of "big"; return it."""
-    conn = sqlite3.connect(db)
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        (version,) = conn.execute("SELECT version FROM feature_sets WHERE name = 'big'").fetchone()
-        rows = conn.execute('SELECT version, event_ts, vals FROM "fs_big" ORDER BY entity').fetchall()
-        assert len(rows) == N
-        row_versions, ts, blobs = zip(*rows)
-        assert set(row_versions) == {version} and set(ts) == {float(version)}
-        values = np.frombuffer(b"".join(blobs), "<f8").reshape(N, F)
-        assert (values == float(version) + (np.arange(N) % 97)[:, None]).all(), "a row holds another version's values"
-        return version
-    finally:
-        conn.close()
+    return one_complete_version(db, N)
 
 
 def test_kill9_during_the_apply_of_a_large_snapshot_release(
     broker: Broker,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
     digits_dir: Path,
 ) -> None:
     seed = int(os.environ.get("KILL9_SEED", random.randrange(1 << 30)))
@@ -791,7 +720,7 @@ def test_kill9_during_the_apply_of_a_large_snapshot_release(
         for kill_at in (rng.randint(20, 400), rng.randint(20, 400)):
             saves = len((record() or {"history": []})["history"])
             proc = start(kill_at=kill_at)
-            wait_for(lambda: proc.poll() is not None, "the kill", proc)
+            wait_for(lambda proc=proc: proc.poll() is not None, "the kill", proc)
             assert proc.returncode == -signal.SIGKILL, (tmp_path / f"device-{len(procs) - 1}.log").read_text()[-3000:]
             r = record()
             assert r is not None and r["state"] == "activating" and len(r["history"]) > saves

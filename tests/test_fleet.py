@@ -14,23 +14,24 @@ from pathlib import Path
 import pytest
 
 from cloud_batch.cli import ota as ota_cli
+from cloud_batch.fleetops.broker import BrokerLink
 from cloud_batch.fleetops.fleet import DeviceRow, fleet_status
 from cloud_batch.fleetops.keys import generate_keys
 from cloud_batch.fleetops.release import release
 from cloud_batch.fleetops.rollout import watch
-from cloud_batch.sim.device import SimFleet
-from tests.broker import Broker, broker  # noqa: F401
-from tests.conftest import MODELS, free_port
+from cloud_batch.sim.fleet import SimFleet
+from tests.broker import Broker
+from tests.support.env import MODELS, free_port
 
 FLEET = "plant-f"
 WAIT_S = 60.0
 
 
-def wait_rows(url: str, pred, what: str) -> dict[str, DeviceRow]:
+def wait_rows(link: BrokerLink, pred, what: str) -> dict[str, DeviceRow]:
     """Poll fleet status until ``pred(rows)`` holds (the deadline is a safety net, not an assertion on speed)."""
     deadline = time.monotonic() + WAIT_S
     while True:
-        rows = {r.device_id: r for r in fleet_status(url, FLEET)}
+        rows = {r.device_id: r for r in fleet_status(link, FLEET)}
         if pred(rows):
             return rows
         assert time.monotonic() < deadline, f"timed out waiting for {what}: {rows}"
@@ -39,8 +40,9 @@ def wait_rows(url: str, pred, what: str) -> dict[str, DeviceRow]:
 
 def test_fleet_status_shows_presence_versions_and_last_results(
     broker: Broker,
+    cloud_link: BrokerLink,
     tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     key, pub = generate_keys(tmp_path / "keys")
     sim = SimFleet(
@@ -54,15 +56,15 @@ def test_fleet_status_shows_presence_versions_and_last_results(
         initial_models={"digits": "0"},
     ).start()
     try:
-        rows = {r.device_id: r for r in fleet_status(broker.url, FLEET)}
+        rows = {r.device_id: r for r in fleet_status(cloud_link, FLEET)}
         assert sorted(rows) == sim.device_ids
         assert all(
             r.presence == "online" and r.models == {"digits": "0"} and r.last_update is None for r in rows.values()
         )
 
-        rel = release(MODELS, "digits", "1", FLEET, key, broker.url, health_window_s=0, progress=False)
+        rel = release(MODELS, "digits", "1", FLEET, key, cloud_link, health_window_s=0, progress=False)
         watch(
-            broker.url,
+            cloud_link,
             "digits",
             FLEET,
             lambda s: s.tried == 5 and s.counts["in_progress"] == 0,
@@ -71,7 +73,7 @@ def test_fleet_status_shows_presence_versions_and_last_results(
         )
 
         sim.kill("sim-0002")  # the TCP connection drops without DISCONNECT: the broker sends the last will
-        rows = wait_rows(broker.url, lambda r: r["sim-0002"].presence == "offline", "sim-0002's last will")
+        rows = wait_rows(cloud_link, lambda r: r["sim-0002"].presence == "offline", "sim-0002's last will")
 
         ok, failed, dead = rows["sim-0000"], rows["sim-0001"], rows["sim-0002"]
         assert ok.presence == "online" and ok.models == {"digits": "1"}
@@ -101,15 +103,16 @@ def test_fleet_status_shows_presence_versions_and_last_results(
         sim.stop()
 
     # A clean stop publishes "offline" before disconnecting.
-    rows = wait_rows(broker.url, lambda r: all(x.presence == "offline" for x in r.values()), "every device offline")
+    rows = wait_rows(cloud_link, lambda r: all(x.presence == "offline" for x in r.values()), "every device offline")
     assert len(rows) == 5
 
 
 def test_fleet_status_of_an_empty_fleet_and_an_unreachable_broker(
     broker: Broker,
-    capsys: pytest.CaptureFixture[str],  # noqa: F811
+    cloud_link: BrokerLink,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert fleet_status(broker.url, FLEET) == []
+    assert fleet_status(cloud_link, FLEET) == []
     assert ota_cli.main(["fleet", "status", "--fleet", FLEET, "--broker", broker.url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
     url = f"mqtt://127.0.0.1:{free_port()}"

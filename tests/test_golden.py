@@ -19,7 +19,7 @@ from edge_agent.inference.golden import IN, OUT, check_golden, golden_bytes, loa
 from edge_agent.inference.modelpack import build_version_dir, sha256_file, verify_version_dir
 from edge_agent.inference.runtime import LoadedModel, RuntimeOptions
 from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest
-from tests.modelzoo import Zoo, zoo  # noqa: F401
+from tests.modelzoo import Zoo
 
 
 def built(zoo: Zoo, tmp_path: Path, model: str = "int8", **kw: Any) -> tuple[Path, Manifest]:
@@ -232,7 +232,7 @@ def test_size_mismatch_is_rejected(zoo: Zoo, tmp_path: Path, change: str) -> Non
 def test_missing_model_or_manifest_is_a_manifest_error(zoo: Zoo, tmp_path: Path) -> None:
     vdir, _ = built(zoo, tmp_path)
     (vdir / MODEL_FILE).unlink()
-    with pytest.raises(ManifestError, match="model file model.tflite missing"):
+    with pytest.raises(ManifestError, match=r"model file model\.tflite missing"):
         verify_version_dir(vdir)
     (vdir / MANIFEST_FILE).unlink()
     with pytest.raises(ManifestError, match="manifest not found"):

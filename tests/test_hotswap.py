@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,31 +16,35 @@ import tritonclient.http as triton
 
 from edge_agent.http.app import create_app
 from edge_agent.http.metrics import Metrics
-from edge_agent.inference.modelpack import build_version_dir
-from edge_agent.inference.runtime import inspect_model
 from edge_agent.models.serving import ModelServer
 from edge_agent.models.store import ModelStore
-from edge_agent.wire.manifest import Manifest
-from tests.apiserver import ApiServer, digits_data, infer_body
+from tests.apiserver import ApiServer, build_v2, digits_data, infer_body
 
 CLIENTS = 8
 
 
-def build_v2(digits_dir: Path, out: Path) -> Path:
-    """Version "2": the shipped model file again, with the shipped tensor names and labels."""
-    v1 = Manifest.load(digits_dir / "manifest.json")
-    ins, outs = inspect_model(digits_dir / v1.file)
-    build_version_dir(
-        digits_dir / v1.file,
-        out,
-        name="digits",
-        version="2",
-        labels=v1.labels,
-        preprocessing=v1.preprocessing,
-        rename_inputs={s.name: d.name for s, d in zip(ins, v1.inputs) if s.name != d.name},
-        rename_outputs={s.name: d.name for s, d in zip(outs, v1.outputs) if s.name != d.name},
-    )
-    return out
+class Clients:
+    """What the load clients saw: (sent, answered, model_version) per answer, monotonic clock; and failures."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.records: list[tuple[float, float, str]] = []
+        self.failures: list[str] = []
+
+    def run(self, who: str, k: int, call: Callable[[int], str]) -> None:
+        """Client ``k`` sends ``call(sample)`` over the 64 samples until stopped; ``call`` returns the version."""
+        i = k
+        while not self.stop.is_set():
+            i = (i + CLIENTS) % 64
+            t0 = time.monotonic()
+            try:
+                version = call(i)
+                with self.lock:
+                    self.records.append((t0, time.monotonic(), version))
+            except Exception as exc:
+                with self.lock:
+                    self.failures.append(f"{who} client {k}: {exc!r}")
 
 
 @pytest.fixture
@@ -70,10 +75,7 @@ def test_hot_swap_under_load_drops_no_request(
     store.install_dir(build_v2(digits_dir, tmp_path / "v2"))
     assert store.active("digits") == "1"
 
-    stop = threading.Event()
-    lock = threading.Lock()
-    records: list[tuple[float, float, str]] = []  # (sent, answered, model_version), monotonic clock
-    failures: list[str] = []
+    seen = Clients()
 
     def check(i: int, probs: np.ndarray) -> None:
         if probs.shape != (1, 10) or not np.array_equal(probs[0], expected[i]):
@@ -81,50 +83,38 @@ def test_hot_swap_under_load_drops_no_request(
 
     def json_client(k: int) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", api.port, timeout=30)
-        i = k
+
+        def call(i: int) -> str:
+            conn.request(
+                "POST",
+                "/v2/models/digits/infer",
+                body=json.dumps(infer_body(x[i : i + 1])),
+                headers={"Content-Type": "application/json"},
+            )
+            resp = conn.getresponse()
+            doc = json.loads(resp.read())
+            assert resp.status == 200, doc
+            out = next(o for o in doc["outputs"] if o["name"] == out_name)
+            check(i, np.array(out["data"], np.float32).reshape(out["shape"]))
+            return str(doc["model_version"])
+
         try:
-            while not stop.is_set():
-                i = (i + CLIENTS) % 64
-                t0 = time.monotonic()
-                try:
-                    conn.request(
-                        "POST",
-                        "/v2/models/digits/infer",
-                        body=json.dumps(infer_body(x[i : i + 1])),
-                        headers={"Content-Type": "application/json"},
-                    )
-                    resp = conn.getresponse()
-                    doc = json.loads(resp.read())
-                    assert resp.status == 200, doc
-                    out = next(o for o in doc["outputs"] if o["name"] == out_name)
-                    check(i, np.array(out["data"], np.float32).reshape(out["shape"]))
-                    with lock:
-                        records.append((t0, time.monotonic(), doc["model_version"]))
-                except Exception as exc:
-                    with lock:
-                        failures.append(f"json client {k}: {exc!r}")
+            seen.run("json", k, call)
         finally:
             conn.close()
 
     def binary_client(k: int) -> None:
         client = triton.InferenceServerClient(api.url, network_timeout=30)
-        i = k
+
+        def call(i: int) -> str:
+            inp = triton.InferInput("pixels", [1, 8, 8, 1], "FP32")
+            inp.set_data_from_numpy(x[i : i + 1], binary_data=True)
+            result = client.infer("digits", [inp], outputs=[triton.InferRequestedOutput(out_name, binary_data=True)])
+            check(i, result.as_numpy(out_name))
+            return str(result.get_response()["model_version"])
+
         try:
-            while not stop.is_set():
-                i = (i + CLIENTS) % 64
-                t0 = time.monotonic()
-                try:
-                    inp = triton.InferInput("pixels", [1, 8, 8, 1], "FP32")
-                    inp.set_data_from_numpy(x[i : i + 1], binary_data=True)
-                    result = client.infer(
-                        "digits", [inp], outputs=[triton.InferRequestedOutput(out_name, binary_data=True)]
-                    )
-                    check(i, result.as_numpy(out_name))
-                    with lock:
-                        records.append((t0, time.monotonic(), result.get_response()["model_version"]))
-                except Exception as exc:
-                    with lock:
-                        failures.append(f"binary client {k}: {exc!r}")
+            seen.run("binary", k, call)
         finally:
             client.close()
 
@@ -145,17 +135,18 @@ def test_hot_swap_under_load_drops_no_request(
                 phases.append((wait_serving(watched, version), version))
                 time.sleep(0.8)
         finally:
-            stop.set()
+            seen.stop.set()
             for t in threads:
                 t.join(timeout=60)
         phases.append((time.monotonic(), "end"))
 
-    assert not failures, failures[:5]
+    records = seen.records
+    assert not seen.failures, seen.failures[:5]
     assert len(records) > 100
     assert {v for _, _, v in records} == {"1", "2"}
     # A request sent after a version was confirmed serving (and answered before the next swap started)
     # was served by that version.
-    for (start, version), (end, _) in zip(phases, phases[1:]):
+    for (start, version), (end, _) in itertools.pairwise(phases):
         if version == "?":
             continue
         served = [v for sent, answered, v in records if sent >= start and answered < end]

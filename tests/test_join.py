@@ -27,7 +27,7 @@ from edge_agent.models.store import ModelStore
 from edge_agent.wire.bundle import FeatureSpec, write_bundle
 from edge_agent.wire.manifest import MANIFEST_FILE, Manifest
 from tests.apiserver import ApiServer
-from tests.conftest import MODELS
+from tests.support.env import MODELS
 
 MAINT = MODELS / "maintenance" / "1"
 SET = "asset_features"

@@ -10,8 +10,7 @@ from edge_agent.http.app import create_app
 from edge_agent.http.metrics import LATENCY_BUCKETS, UNKNOWN_MODEL, Metrics
 from edge_agent.models.serving import ModelServer
 from edge_agent.models.store import ModelStore
-from tests.apiserver import ApiServer, digits_data, infer_body
-from tests.test_hotswap import build_v2
+from tests.apiserver import ApiServer, build_v2, digits_data, infer_body
 
 INFER = "/v2/models/digits/infer"
 

@@ -60,7 +60,7 @@ CHILD = textwrap.dedent(
             failed_imports.append(f"{info.name}: {exc!r}")
 
     print(json.dumps({
-        "backend": runtime.BACKEND,
+        "backend": runtime.default_backend().name,
         "name": manifest.name,
         "version": manifest.version,
         "swaps": swaps,

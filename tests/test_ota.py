@@ -10,65 +10,28 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.inference.modelpack import build_version_dir, verify_version_dir
-from edge_agent.inference.runtime import RuntimeOptions
-from edge_agent.models.serving import ModelServer
-from edge_agent.models.store import ModelStore
-from edge_agent.mqtt.download import publish_artifact
-from edge_agent.mqtt.link import MqttLink
-from edge_agent.update.coordinator import OtaAgent, OtaOptions, will_for
-from edge_agent.wire.manifest import MANIFEST_FILE
-from edge_agent.wire.protocol import (
-    ROOT,
-    Artifact,
-    DeviceState,
-    Policy,
-    Release,
-    Rollout,
-    UpdateReport,
-    chunk_topic,
-    encode,
-    iter_chunks,
-    pack_dir,
-    release_topic,
-    rollout_topic,
-)
-from edge_agent.wire.signing import sign
-from tests.broker import Broker, broker  # noqa: F401
-from tests.test_validate import crashing_model, replace_model
-
-FLEET = "plant-7"
-CHUNK = 4096  # small chunks: every artifact takes a dozen or more
-WAIT_S = 90.0
+from edge_agent.wire.protocol import Artifact, iter_chunks, pack_dir
+from edge_agent.wire.topics import chunk_topic
+from tests.broker import Broker
+from tests.support.models import crashing_model, replace_model
+from tests.support.ota import CHUNK, COMMITTED_PATH, FLEET, Cloud, Device, relabel
 
 
 # -- building candidates ---------------------------------------------------------------------
-def relabel(src: Path, out: Path, version: str, edit: Callable[[dict[str, Any]], None] | None = None) -> Path:
-    """A copy of a version directory as ``version`` (same model and golden samples, so a valid candidate)."""
-    shutil.copytree(src, out)
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
-    manifest["version"] = version
-    if edit is not None:
-        edit(manifest)
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
-    return out
-
-
 def tamper_golden(version_dir: Path) -> Path:
     with np.load(version_dir / "golden.npz") as data:
         samples = {k: data[k] for k in data.files}
@@ -128,221 +91,10 @@ def probe_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return dirs
 
 
-# -- the two sides -------------------------------------------------------------------------
-class Cloud:
-    """The release job and the fleet dashboard: publishes releases, reads device states."""
-
-    def __init__(self, url: str, key: Ed25519PrivateKey) -> None:
-        self.key = key
-        self.link = MqttLink(url, f"cloud-{uuid.uuid4().hex[:6]}")
-        self.states: dict[str, DeviceState] = {}
-        self.presence: dict[str, bytes] = {}
-        self.cond = threading.Condition()
-        self.link.subscribe(f"{ROOT}/fleets/{FLEET}/devices/+/state", self._on_state)
-        self.link.subscribe(f"{ROOT}/fleets/{FLEET}/devices/+/presence", self._on_presence)
-        self.link.start()
-        assert self.link.wait_connected(10)
-
-    def _on_state(self, topic: str, payload: bytes, retained: bool) -> None:
-        state = DeviceState.from_dict(json.loads(payload))
-        with self.cond:
-            self.states[state.device_id] = state
-            self.cond.notify_all()
-
-    def _on_presence(self, topic: str, payload: bytes, retained: bool) -> None:
-        with self.cond:
-            self.presence[topic.split("/")[-2]] = payload
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        self.link.stop()
-
-    def release(
-        self,
-        version_dir: Path,
-        *,
-        version: str | None = None,
-        release_id: str | None = None,
-        key: Ed25519PrivateKey | str | None = "default",
-        fleet: str = FLEET,
-        rollback: bool = False,
-        publish_chunks: bool = True,
-        artifact: Artifact | None = None,
-        after_sign: Callable[[dict[str, Any]], None] | None = None,
-        **policy: Any,
-    ) -> dict[str, Any]:
-        """Pack, publish the chunks and the signed release (retained); return the release document."""
-        manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
-        blob = pack_dir(version_dir)
-        if artifact is None:
-            artifact = publish_artifact(self.link, blob, CHUNK) if publish_chunks else Artifact.from_blob(blob, CHUNK)
-        policy.setdefault("health_window_s", 0.5)
-        rel = Release(
-            release_id=release_id or f"{manifest['name']}-{uuid.uuid4().hex[:8]}",
-            fleet=fleet,
-            name=manifest["name"],
-            version=version or manifest["version"],
-            artifact=artifact,
-            rollback=rollback,
-            policy=Policy(**policy),
-        )
-        doc = rel.to_dict()
-        signer = self.key if key == "default" else key
-        if signer is not None:
-            doc = sign(doc, signer)  # type: ignore[arg-type]
-        if after_sign is not None:
-            after_sign(doc)
-        self.publish_release(manifest["name"], encode(doc))
-        return doc
-
-    def publish_release(self, name: str, payload: bytes) -> None:
-        self.link.publish(release_topic(FLEET, name), payload, retain=True, wait_s=10)
-
-    def rollout(self, name: str, release_id: str, percent: int, status: str = "active") -> None:
-        doc = Rollout(release_id=release_id, percent=percent, status=status).to_dict()
-        self.link.publish(rollout_topic(FLEET, name), encode(doc), retain=True, wait_s=10)
-
-    def wait(self, pred: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                got = pred()
-                if got:
-                    return got
-                left = deadline - time.monotonic()
-                assert left > 0, f"timed out waiting for {what}; device states: {self.states}"
-                self.cond.wait(min(left, 0.2))
-
-    def report(self, device_id: str, name: str) -> UpdateReport | None:
-        state = self.states.get(device_id)
-        return state.updates.get(name) if state else None
-
-    def wait_result(
-        self, device_id: str, release_id: str, name: str = "digits", state: str | None = None
-    ) -> UpdateReport:
-        """The device's report for ``release_id`` once it has a result (or reaches ``state``)."""
-
-        def done() -> UpdateReport | None:
-            r = self.report(device_id, name)
-            if r is None or r.release_id != release_id:
-                return None
-            return r if (r.state == state if state else r.result is not None) else None
-
-        return self.wait(done, f"{release_id} on {device_id} to reach {state or 'a result'}")
-
-
-class Device:
-    """An edge agent process's OTA parts, in this process: store, model server, MQTT link, OtaAgent."""
-
-    def __init__(
-        self,
-        url: str,
-        data_dir: Path,
-        trusted: list[Any],
-        install: list[Path],
-        *,
-        device_id: str | None = None,
-        options: OtaOptions | None = None,
-        **seams: Any,
-    ) -> None:
-        self.device_id = device_id or f"dev-{uuid.uuid4().hex[:6]}"
-        self.data_dir = data_dir
-        self.store = ModelStore(data_dir)
-        for d in install:
-            self.store.install_dir(d)
-        self.server = ModelServer(self.store, RuntimeOptions(num_threads=1, pool_size=2), warmup_runs=1)
-        self.server.sync()
-        self.server.start(0.05)
-        self.swaps: list[tuple[str, str | None, str | None]] = []
-        self.server.add_listener(
-            lambda n, old, new: self.swaps.append((n, old.version if old else None, new.version if new else None))
-        )
-        self.link = MqttLink(url, self.device_id, will=will_for(FLEET, self.device_id))
-        opts = options or OtaOptions(
-            poll_s=0.05, rollout_settle_s=0.3, max_artifact_bytes=120_000, stall_timeout_s=5, retry_backoff_s=0.2
-        )
-        self.ota = OtaAgent(
-            self.link, self.store, self.server, data_dir, self.device_id, FLEET, trusted, options=opts, **seams
-        )
-        self.link.start()
-        assert self.link.wait_connected(10)
-        self.ota.start()
-
-    def restart_agent(self, **seams: Any) -> None:
-        self.ota.stop()
-        self.ota = OtaAgent(
-            self.link,
-            self.store,
-            self.server,
-            self.data_dir,
-            self.device_id,
-            FLEET,
-            self.ota.trusted,
-            options=self.ota.options,
-            **seams,
-        )
-        self.ota.start()
-
-    def close(self) -> None:
-        self.ota.stop()
-        self.link.stop()
-        self.server.stop()
-
-    def nothing_installed(self, name: str = "digits", *, staged: bool = False) -> None:
-        """The store holds and serves version 1 only; no candidate is left staged unless ``staged``."""
-        assert self.store.versions(name) == ["1"]
-        assert self.store.active(name) == "1"
-        assert self.server.get(name).version == "1"
-        staging = self.data_dir / "staging"
-        assert staged or not staging.exists() or not any(staging.iterdir())
-
-
-@pytest.fixture
-def keys() -> dict[str, Ed25519PrivateKey]:
-    return {"fleet": Ed25519PrivateKey.generate(), "stranger": Ed25519PrivateKey.generate()}
-
-
-@pytest.fixture
-def cloud(broker: Broker, keys: dict[str, Ed25519PrivateKey]) -> Iterator[Cloud]:  # noqa: F811
-    c = Cloud(broker.url, keys["fleet"])
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def make_device(
-    broker: Broker,
-    keys: dict[str, Ed25519PrivateKey],
-    digits_dir: Path,  # noqa: F811
-    tmp_path: Path,
-) -> Iterator[Callable[..., Device]]:
-    devices: list[Device] = []
-
-    def make(install: list[Path] | None = None, **kwargs: Any) -> Device:
-        d = Device(
-            broker.url,
-            tmp_path / f"device{len(devices)}",
-            [keys["fleet"].public_key()],
-            install if install is not None else [digits_dir],
-            **kwargs,
-        )
-        devices.append(d)
-        return d
-
-    yield make
-    for d in devices:
-        d.close()
-
-
-@pytest.fixture
-def v2(digits_dir: Path, tmp_path: Path) -> Path:
-    return relabel(digits_dir, tmp_path / "v2", "2")
-
-
 # -- the happy path ------------------------------------------------------------------------------
 def test_a_release_is_downloaded_validated_activated_and_committed(
     cloud: Cloud, make_device: Callable[..., Device], v2: Path, broker: Broker
-) -> None:  # noqa: F811
+) -> None:
     dev = make_device()
     cloud.wait(lambda: cloud.states.get(dev.device_id), "the device's first state")
     assert cloud.states[dev.device_id].models == {"digits": "1"}
@@ -360,15 +112,7 @@ def test_a_release_is_downloaded_validated_activated_and_committed(
     assert ("digits", "1", "2") in dev.swaps
     # Every step was reported, in order.
     record = json.loads((dev.data_dir / "updates" / "digits.json").read_text())
-    assert [s for s, _ in record["history"]] == [
-        "idle",
-        "downloading",
-        "verifying",
-        "validating",
-        "activating",
-        "health_check",
-        "committed",
-    ]
+    assert [s for s, _ in record["history"]] == COMMITTED_PATH
     assert record["details"]["validation"]["p50_ms"] > 0
     # The downloads and the staging copy are gone.
     assert not any((dev.data_dir / "downloads").iterdir()) and not any((dev.data_dir / "staging").iterdir())
@@ -552,7 +296,7 @@ def test_bad_artifacts_fail_before_activation_and_never_take_traffic(
 def test_a_rejection_is_final_across_reconnects_and_restarts(
     cloud: Cloud,
     v2: Path,
-    broker: Broker,  # noqa: F811
+    broker: Broker,
     make_device: Callable[..., Device],
 ) -> None:
     dev = make_device()

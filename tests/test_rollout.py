@@ -1,6 +1,6 @@
 """Phased rollouts across 50 simulated devices on a real mosquitto (stages 10, 50, 100).
 
-The devices (``cloud_batch.sim.device``) verify the signed release, apply the rollout gate and
+The devices (``cloud_batch.sim``) verify the signed release, apply the rollout gate and
 download the artifact with the real transfer code; the cloud side only reads the broker.
 Waiting is done with ``rollout.watch`` (it re-evaluates on every device state change) and a
 generous deadline; nothing asserts how long anything took.
@@ -15,14 +15,16 @@ from pathlib import Path
 import pytest
 
 from cloud_batch.cli import ota as ota_cli
+from cloud_batch.fleetops.broker import BrokerLink
 from cloud_batch.fleetops.fleet import fleet_status
 from cloud_batch.fleetops.keys import generate_keys
 from cloud_batch.fleetops.release import release
 from cloud_batch.fleetops.rollout import RolloutError, RolloutStatus, abort, advance, evaluate, rollout_status, watch
-from cloud_batch.sim.device import SimFleet
-from edge_agent.wire.protocol import DeviceState, Release, Rollout, UpdateReport, in_cohort
-from tests.broker import Broker, broker  # noqa: F401
-from tests.conftest import MODELS
+from cloud_batch.sim.fleet import SimFleet
+from edge_agent.wire.policy import in_cohort
+from edge_agent.wire.protocol import DeviceState, Release, Rollout, UpdateReport
+from tests.broker import Broker
+from tests.support.env import MODELS
 
 FLEET = "plant-r"
 N = 50
@@ -56,14 +58,14 @@ def sim_factory(tmp_path: Path) -> Iterator[list[SimFleet]]:
         f.stop()
 
 
-def publish(url: str, key: Path, **kwargs: object) -> Release:
+def publish(link: BrokerLink, key: Path, **kwargs: object) -> Release:
     return release(
         MODELS,
         "digits",
         "1",
         FLEET,
         key,
-        url,
+        link,
         stages=kwargs.pop("stages", STAGES),
         health_window_s=0,  # type: ignore[arg-type]
         progress=False,
@@ -83,27 +85,28 @@ def cohort(ids: list[str], percent: int) -> set[str]:
 # -- advancing -----------------------------------------------------------------------------
 def test_advance_moves_through_every_stage_while_failures_stay_under_the_threshold(
     broker: Broker,
+    cloud_link: BrokerLink,
     keys: tuple[Path, Path],
     tmp_path: Path,
-    sim_factory: list[SimFleet],  # noqa: F811
+    sim_factory: list[SimFleet],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     sim = start_fleet(broker.url, keys[1], tmp_path)
     sim_factory.append(sim)
-    rel = publish(broker.url, keys[0])
+    rel = publish(cloud_link, keys[0])
     seen_cohorts: list[set[str]] = []
     for stage, percent in enumerate(STAGES):
-        status = watch(broker.url, "digits", FLEET, stage_done, timeout_s=WAIT_S)
+        status = watch(cloud_link, "digits", FLEET, stage_done, timeout_s=WAIT_S)
         assert (status.rollout.stage, status.rollout.percent, status.rollout.status) == (stage, percent, "active")
         assert set(status.cohort) == cohort(sim.device_ids, percent)
         assert status.counts["success"] == len(status.cohort) and status.failure_rate == 0.0
         seen_cohorts.append(set(status.cohort))
         # Devices outside the cohort have not applied it: they hold the release until a later stage.
-        rows = {r.device_id: r for r in fleet_status(broker.url, FLEET)}
+        rows = {r.device_id: r for r in fleet_status(cloud_link, FLEET)}
         for device_id, row in rows.items():
             applied = row.models.get("digits") == "1"
             assert applied == (device_id in status.cohort), device_id
-        step = advance(broker.url, "digits", FLEET)
+        step = advance(cloud_link, "digits", FLEET)
         if stage + 1 < len(STAGES):
             assert step.action == "advanced" and step.rollout.stage == stage + 1
             assert step.rollout.percent == STAGES[stage + 1]
@@ -113,7 +116,7 @@ def test_advance_moves_through_every_stage_while_failures_stay_under_the_thresho
     assert seen_cohorts[0] < seen_cohorts[1] < seen_cohorts[2] == set(sim.device_ids)
 
     # Complete is final for advance (a no-op), and the CLI shows the same status as JSON.
-    assert advance(broker.url, "digits", FLEET).action is None
+    assert advance(cloud_link, "digits", FLEET).action is None
     assert ota_cli.main(["rollout", "status", "digits", "--fleet", FLEET, "--broker", broker.url, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["release_id"] == rel.release_id and shown["status"] == "complete"
@@ -122,23 +125,24 @@ def test_advance_moves_through_every_stage_while_failures_stay_under_the_thresho
 
 def test_rollout_halts_on_its_own_when_the_failure_threshold_is_crossed(
     broker: Broker,
+    cloud_link: BrokerLink,
     keys: tuple[Path, Path],
     tmp_path: Path,
-    sim_factory: list[SimFleet],  # noqa: F811
+    sim_factory: list[SimFleet],
 ) -> None:
     # ~30% of the devices fail validation; with seed 4 none of them is in the 10% cohort, 9 of 29 are in the 50% one.
     sim = start_fleet(broker.url, keys[1], tmp_path, fail_rate=0.3, seed=4)
     sim_factory.append(sim)
     assert len(sim.fail_ids) == 15
     assert not sim.fail_ids & cohort(sim.device_ids, 10) and sim.fail_ids & cohort(sim.device_ids, 50)
-    publish(broker.url, keys[0], max_failure_rate=0.1)
+    publish(cloud_link, keys[0], max_failure_rate=0.1)
 
-    first = watch(broker.url, "digits", FLEET, stage_done, timeout_s=WAIT_S)
+    first = watch(cloud_link, "digits", FLEET, stage_done, timeout_s=WAIT_S)
     assert first.failure_rate == 0.0 and first.action is None
-    assert advance(broker.url, "digits", FLEET).action == "advanced"
+    assert advance(cloud_link, "digits", FLEET).action == "advanced"
 
     # The watcher halts the rollout as soon as a failure report pushes the rate over 10%.
-    halted = watch(broker.url, "digits", FLEET, lambda s: s.action == "halted", timeout_s=WAIT_S)
+    halted = watch(cloud_link, "digits", FLEET, lambda s: s.action == "halted", timeout_s=WAIT_S)
     assert halted.rollout.status == "halted" and halted.rollout.percent == 50
     assert halted.failure_rate > 0.1 and "above the release's threshold 10.0%" in halted.message
     failed = [d for d in halted.devices if d.result == "failed"]
@@ -146,27 +150,28 @@ def test_rollout_halts_on_its_own_when_the_failure_threshold_is_crossed(
     assert all("simulated failure" in (d.reason or "") for d in failed)
 
     # The halt is on the broker (retained), devices outside the cohort never start, and it cannot advance.
-    after = rollout_status(broker.url, "digits", FLEET)
+    after = rollout_status(cloud_link, "digits", FLEET)
     assert after.rollout.status == "halted" and after.action is None
     outside = set(sim.device_ids) - cohort(sim.device_ids, 50)
-    for row in fleet_status(broker.url, FLEET):
+    for row in fleet_status(cloud_link, FLEET):
         if row.device_id in outside:
             assert "digits" not in row.models and "digits" not in row.updates, row
     with pytest.raises(RolloutError, match="is halted; it cannot advance"):
-        advance(broker.url, "digits", FLEET)
+        advance(cloud_link, "digits", FLEET)
 
 
 def test_cli_status_halts_and_exits_1_then_advance_is_refused(
     broker: Broker,
+    cloud_link: BrokerLink,
     keys: tuple[Path, Path],
     tmp_path: Path,
-    sim_factory: list[SimFleet],  # noqa: F811
+    sim_factory: list[SimFleet],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     sim = start_fleet(broker.url, keys[1], tmp_path, n=10, fail_rate=0.5, seed=1)
     sim_factory.append(sim)
-    publish(broker.url, keys[0], stages=[100], max_failure_rate=0.2)
-    watch(broker.url, "digits", FLEET, stage_done, timeout_s=WAIT_S, auto_halt=False)  # observe only
+    publish(cloud_link, keys[0], stages=[100], max_failure_rate=0.2)
+    watch(cloud_link, "digits", FLEET, stage_done, timeout_s=WAIT_S, auto_halt=False)  # observe only
 
     args = ["--fleet", FLEET, "--broker", broker.url]
     assert ota_cli.main(["rollout", "status", "digits", *args]) == 1
@@ -181,32 +186,33 @@ def test_cli_status_halts_and_exits_1_then_advance_is_refused(
 # -- aborting ------------------------------------------------------------------------------
 def test_abort_makes_the_cohort_roll_back(
     broker: Broker,
+    cloud_link: BrokerLink,
     keys: tuple[Path, Path],
     tmp_path: Path,
-    sim_factory: list[SimFleet],  # noqa: F811
+    sim_factory: list[SimFleet],
 ) -> None:
     sim = start_fleet(broker.url, keys[1], tmp_path, initial_models={"digits": "0"})
     sim_factory.append(sim)
-    rel = publish(broker.url, keys[0], stages=[50, 100])
-    done = watch(broker.url, "digits", FLEET, stage_done, timeout_s=WAIT_S)
+    rel = publish(cloud_link, keys[0], stages=[50, 100])
+    done = watch(cloud_link, "digits", FLEET, stage_done, timeout_s=WAIT_S)
     assert done.counts["success"] == len(done.cohort) == len(cohort(sim.device_ids, 50))
 
-    aborted = abort(broker.url, "digits", FLEET)
+    aborted = abort(cloud_link, "digits", FLEET)
     assert aborted.action == "aborted" and aborted.rollout.status == "aborted"
-    rolled = watch(broker.url, "digits", FLEET, lambda s: s.counts["rolled-back"] == len(s.cohort), timeout_s=WAIT_S)
+    rolled = watch(cloud_link, "digits", FLEET, lambda s: s.counts["rolled-back"] == len(s.cohort), timeout_s=WAIT_S)
     assert all(
         d.result == "rolled-back" and f"rollout {rel.release_id} aborted" in (d.reason or "") for d in rolled.devices
     )
     # Everyone serves the previous version again; devices outside the cohort never changed.
-    assert {row.models.get("digits") for row in fleet_status(broker.url, FLEET)} == {"0"}
-    assert abort(broker.url, "digits", FLEET).action is None  # idempotent
+    assert {row.models.get("digits") for row in fleet_status(cloud_link, FLEET)} == {"0"}
+    assert abort(cloud_link, "digits", FLEET).action is None  # idempotent
     with pytest.raises(RolloutError, match="is aborted"):
-        advance(broker.url, "digits", FLEET)
+        advance(cloud_link, "digits", FLEET)
 
 
-def test_no_release_is_a_clear_error(broker: Broker) -> None:  # noqa: F811
+def test_no_release_is_a_clear_error(cloud_link: BrokerLink) -> None:
     with pytest.raises(RolloutError, match="no release of 'digits' in fleet 'plant-r'"):
-        rollout_status(broker.url, "digits", FLEET)
+        rollout_status(cloud_link, "digits", FLEET)
 
 
 # -- cohorts -------------------------------------------------------------------------------

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from edge_agent.errors import IncompatibleModelError, RequestError
-from edge_agent.inference import runtime
+from edge_agent.inference.interpreter import Backend, default_backend
 from edge_agent.inference.modelpack import sha256_file
 from edge_agent.inference.runtime import DelegateSpec, LoadedModel, RuntimeOptions, dequantize, inspect_model, quantize
 from edge_agent.wire.manifest import Manifest, Quantization
-from tests.modelzoo import CUSTOM_OP, DYNAMIC_BATCH, FIXED_BATCH_SAMPLES, Zoo, zoo  # noqa: F401
+from tests.modelzoo import CUSTOM_OP, DYNAMIC_BATCH, FIXED_BATCH_SAMPLES, Zoo
 
 RUNNABLE = ("int8", "uint8", "float16", "float32", "multi_io", "fixed_batch")
 QUANTIZED = ("int8", "uint8", "multi_io", "fixed_batch")
@@ -216,20 +216,20 @@ def test_fixed_batch_model_loops_over_larger_batches(zoo: Zoo) -> None:
         m.predict({"x": np.zeros((0, 6), np.float32)})
 
 
-def test_num_threads_is_honoured(zoo: Zoo, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_num_threads_is_honoured(zoo: Zoo) -> None:
     """The option reaches every interpreter the pool creates, and results do not change with it."""
     seen: list[Any] = []
-    real = runtime._Interpreter
+    real = default_backend()
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs.get("num_threads"))
-        return real(*args, **kwargs)
+        return real.interpreter(*args, **kwargs)
 
-    monkeypatch.setattr(runtime, "_Interpreter", spy)
+    spying = Backend(real.name, spy, real.load_delegate)  # injected, not monkeypatched
     ins = zoo.part("int8", "in:")
-    two = load(zoo, "int8", RuntimeOptions(num_threads=2, pool_size=2))
+    two = load(zoo, "int8", RuntimeOptions(num_threads=2, pool_size=2, backend=spying))
     assert two.info()["num_threads"] == 2
-    one = load(zoo, "int8", RuntimeOptions(num_threads=1))
+    one = load(zoo, "int8", RuntimeOptions(num_threads=1, backend=spying))
     a, b = two.predict(ins), one.predict(ins)
     np.testing.assert_array_equal(a["logits"], b["logits"])
     assert 2 in seen and 1 in seen
@@ -238,7 +238,7 @@ def test_num_threads_is_honoured(zoo: Zoo, monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # tflite's Delegate.__del__
 def test_missing_delegate_falls_back_to_cpu(zoo: Zoo, caplog: pytest.LogCaptureFixture) -> None:
     options = RuntimeOptions(delegates=(DelegateSpec("libdoesnotexist.so.1", {"device": "usb"}),))
-    with caplog.at_level(logging.WARNING, logger="edge_agent.inference.runtime"):
+    with caplog.at_level(logging.WARNING, logger="edge_agent.inference"):
         m = load(zoo, "int8", options)
     assert m.delegate == "cpu"
     assert m.info()["delegate"] == "cpu"
@@ -288,7 +288,7 @@ def test_warmup_and_info(zoo: Zoo) -> None:
     assert m.warmup(runs=2) >= 0
     info = m.info()
     assert info["warm_latency_ms"] is not None
-    assert info["backend"] == runtime.BACKEND and info["delegate"] == "cpu"
+    assert info["backend"] == default_backend().name and info["delegate"] == "cpu"
 
 
 # -- request errors -----------------------------------------------------------------------------

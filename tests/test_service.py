@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import MODELS, free_port
+from tests.support.env import MODELS, free_port
 
 BIN = Path(sys.executable).parent
 
@@ -84,7 +85,7 @@ def stop(proc: subprocess.Popen) -> int:
 def agent(tmp_path: Path):
     port = free_port()
     proc = start_agent(tmp_path / "data", f"127.0.0.1:{port}")
-    connect = lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # noqa: E731
+    connect = functools.partial(http.client.HTTPConnection, "127.0.0.1", port, timeout=10)
     wait_ready(connect, proc)
     yield proc, connect, tmp_path / "data"
     if proc.poll() is None:
@@ -92,7 +93,7 @@ def agent(tmp_path: Path):
 
 
 def test_first_start_installs_shipped_models_and_serves(agent) -> None:
-    proc, connect, data_dir = agent
+    _, connect, data_dir = agent
     status, meta = request(connect(), "GET", "/v2/models/digits")
     assert status == 200 and meta["versions"] == ["1"]
     assert request(connect(), "GET", "/v2/models/maintenance/ready")[0] == 200
@@ -105,7 +106,7 @@ def test_first_start_installs_shipped_models_and_serves(agent) -> None:
 
 
 def test_cli_changes_are_served_while_running(agent, digits_dir: Path) -> None:
-    proc, connect, data_dir = agent
+    _, connect, data_dir = agent
     cli = [str(BIN / "edge-agent"), "models"]
     subprocess.run(
         [
@@ -147,7 +148,7 @@ def test_features_applied_by_the_cli_feed_joined_requests(agent, tmp_path: Path)
     """The agent owns <data-dir>/features.db; a bundle applied from another process is joined on the next request."""
     from edge_agent.wire.bundle import write_bundle
 
-    proc, connect, data_dir = agent
+    _, connect, data_dir = agent
     manifest = json.loads((MODELS / "maintenance" / "1" / "manifest.json").read_text())
     names = manifest["feature_joins"]["asset_features"]["features"]
     with np.load(MODELS / "maintenance" / "1" / "golden.npz") as g:
@@ -181,7 +182,7 @@ def test_features_applied_by_the_cli_feed_joined_requests(agent, tmp_path: Path)
 
 
 def test_status_command_sees_the_running_agent(agent) -> None:
-    proc, connect, data_dir = agent
+    _, connect, data_dir = agent
     port = connect().port
     r = subprocess.run(
         [str(BIN / "edge-agent"), "status", "--json", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"],
@@ -282,7 +283,7 @@ def test_serves_while_the_broker_is_unreachable_and_connects_when_it_appears(tmp
         stderr=subprocess.PIPE,
         text=True,
     )
-    connect = lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # noqa: E731
+    connect = functools.partial(http.client.HTTPConnection, "127.0.0.1", port, timeout=10)
     try:
         wait_ready(connect, proc)
         body, truth = digits_body()

@@ -23,20 +23,15 @@ from pathlib import Path
 
 import pytest
 
+from cloud_batch.fleetops.publish import clear_artifact, publish_artifact
 from edge_agent.errors import FailedError, ManifestError
-from edge_agent.mqtt.download import (
-    ChunkStore,
-    Downloader,
-    TransferError,
-    TransferStopped,
-    TransferTimeout,
-    clear_artifact,
-    publish_artifact,
-)
+from edge_agent.mqtt.chunks import ChunkStore, TransferError
+from edge_agent.mqtt.download import Downloader, TransferStopped, TransferTimeout
 from edge_agent.mqtt.link import MqttLink
-from edge_agent.wire.protocol import ROOT, Artifact, chunk_topic
-from tests.broker import Broker, broker  # noqa: F401
-from tests.conftest import REPO
+from edge_agent.wire.protocol import Artifact
+from edge_agent.wire.topics import ROOT, chunk_topic
+from tests.broker import Broker
+from tests.support.env import REPO
 
 KIB = 1024
 
@@ -59,7 +54,7 @@ def chunk_of(blob: bytes, art: Artifact, i: int) -> bytes:
 
 
 @pytest.fixture
-def mk_link(broker: Broker):  # noqa: F811
+def mk_link(broker: Broker):
     made: list[MqttLink] = []
 
     def make() -> MqttLink:
@@ -135,7 +130,8 @@ import json, sys
 from pathlib import Path
 from edge_agent.mqtt.link import MqttLink
 from edge_agent.wire.protocol import Artifact
-from edge_agent.mqtt.download import ChunkStore, Downloader
+from edge_agent.mqtt.chunks import ChunkStore
+from edge_agent.mqtt.download import Downloader
 url, root, art, bps = sys.argv[1], sys.argv[2], Artifact(**json.loads(sys.argv[3])), float(sys.argv[4])
 link = MqttLink(url)
 link.start()
@@ -144,7 +140,7 @@ print("finished")
 """
 
 
-def test_resume_after_agent_kill9(broker: Broker, mk_link, tmp_path: Path) -> None:  # noqa: F811
+def test_resume_after_agent_kill9(broker: Broker, mk_link, tmp_path: Path) -> None:
     pub = mk_link()
     blob = os.urandom(1_500_000)
     art = publish_artifact(pub, blob, 64 * KIB)
@@ -188,7 +184,7 @@ def test_resume_after_agent_kill9(broker: Broker, mk_link, tmp_path: Path) -> No
 
 # -- broker restarts mid-transfer --------------------------------------------------
 @pytest.mark.parametrize("how", ["restart", "sigkill"])
-def test_broker_restart_mid_transfer(broker: Broker, mk_link, tmp_path: Path, how: str) -> None:  # noqa: F811
+def test_broker_restart_mid_transfer(broker: Broker, mk_link, tmp_path: Path, how: str) -> None:
     pub, dev = mk_link(), mk_link()
     blob = os.urandom(1_500_000)
     art = publish_artifact(pub, blob, 64 * KIB)

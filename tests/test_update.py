@@ -18,24 +18,25 @@ from typing import Any
 
 import pytest
 
+from edge_agent.config import OtaConfig
 from edge_agent.errors import FailedError, NotFoundError, RejectedError, ValidationError
 from edge_agent.models.store import ModelStore
-from edge_agent.update.machine import (
+from edge_agent.update.machine import UpdateMachine
+from edge_agent.update.seams import Control, Seams
+from edge_agent.update.states import (
     FINAL,
     PRE_ACTIVATION,
     RESUME,
     TRANSITIONS,
-    Control,
     Event,
-    Seams,
     State,
-    UpdateMachine,
     UpdateRecord,
     recover_before_serving,
     resume_state,
 )
 from edge_agent.wire.manifest import MANIFEST_FILE
-from edge_agent.wire.protocol import Artifact, Policy, Release, pack_dir
+from edge_agent.wire.policy import Policy
+from edge_agent.wire.protocol import Artifact, Release, pack_dir
 
 S, E = State, Event
 
@@ -162,7 +163,7 @@ class Rig:
             raise self.validate_error
         return {"ok": True, "p50_ms": 0.5}
 
-    def make_machine(self, **kwargs: Any) -> UpdateMachine:
+    def make_machine(self, health: Any = None, **kwargs: Any) -> UpdateMachine:
         seams = Seams(
             store=self.store,
             server=self.server,
@@ -171,10 +172,12 @@ class Rig:
             now=self.clock.now,
             monotonic=self.clock.monotonic,
             wait=self.clock.wait,
+            health=health,
         )
         kwargs.setdefault("poll_s", 1.0)
         kwargs.setdefault("retry_backoff_s", 0.1)
-        return UpdateMachine(self.data, seams, on_change=lambda r: self.changes.append((r.state, r.result)), **kwargs)
+        config = OtaConfig(**kwargs)
+        return UpdateMachine(self.data, seams, config, on_change=lambda r: self.changes.append((r.state, r.result)))
 
     def record(self) -> UpdateRecord:
         return self.machine.create(self.release, self.release.to_dict())
@@ -336,7 +339,7 @@ def test_a_candidate_that_crashes_every_start_is_rolled_back_before_it_is_served
     with pytest.raises(SystemExit):
         machine.run(rig.record())
     assert rig.store.active("digits") == "2"
-    for starts in range(1, 20):
+    for starts in range(1, 20):  # noqa: B007 (read after the loop)
         recover_before_serving(rig.data, rig.store, max_loops=10)  # then the server loads 2 and crashes
         if rig.store.active("digits") == "1":
             break
@@ -412,7 +415,7 @@ def test_health_breach_rolls_back(rig: Rig) -> None:
         traffic["calls"] += 4
         traffic["failures"] += 1  # 25% errors, the policy allows 5%
 
-    rig.machine.health = health
+    rig.machine = rig.make_machine(health=health)
     rig.clock.hooks.append(requests)
     record = rig.machine.run(rig.record())
     assert record.state == "rolled_back" and record.result == "rolled-back"

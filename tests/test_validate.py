@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import subprocess
 import sys
 import threading
@@ -14,36 +13,16 @@ import numpy as np
 import pytest
 
 from edge_agent.errors import FailedError, IncompatibleModelError, ValidationError
-from edge_agent.inference.modelpack import sha256_file
 from edge_agent.inference.runtime import RuntimeOptions
 from edge_agent.update.validate import validate_candidate
-from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
-from tests.modelzoo import CUSTOM_OP, Zoo, zoo  # noqa: F401
+from edge_agent.wire.manifest import GOLDEN_FILE, MODEL_FILE
+from tests.modelzoo import CUSTOM_OP, Zoo
+from tests.support.models import crashing_model, replace_model
 
 
 def copy_version(src: Path, out: Path) -> Path:
     shutil.copytree(src, out)
     return out
-
-
-def replace_model(version_dir: Path, data: bytes) -> Path:
-    """Swap in other model bytes and fix the manifest's sha256 and size, so only the model itself is at fault."""
-    (version_dir / MODEL_FILE).write_bytes(data)
-    manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
-    manifest["sha256"] = sha256_file(version_dir / MODEL_FILE)
-    manifest["size"] = len(data)
-    (version_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
-    return version_dir
-
-
-def crashing_model(valid: bytes) -> bytes:
-    """A crafted .tflite that segfaults tflite-runtime on load.
-
-    The runtime's Python loader builds the flatbuffer model without running the flatbuffer
-    verifier, so pointing the root table offset (the first 4 bytes) far outside the file makes
-    the loader read unmapped memory: SIGSEGV, not a Python exception.
-    """
-    return struct.pack("<I", 0x7FFFFF00) + valid[4:]
 
 
 def test_a_good_candidate_passes_with_its_latency(digits_dir: Path) -> None:
@@ -69,7 +48,7 @@ def test_golden_mismatch_fails_with_the_output_named(digits_dir: Path, tmp_path:
 
 def test_a_model_needing_a_custom_op_is_incompatible_and_the_op_is_named(
     digits_dir: Path, tmp_path: Path, zoo: Zoo
-) -> None:  # noqa: F811
+) -> None:
     cand = replace_model(copy_version(digits_dir, tmp_path / "cand"), zoo.path("custom_op").read_bytes())
     with pytest.raises(IncompatibleModelError, match=CUSTOM_OP):
         validate_candidate(cand, max_latency_ms=None)

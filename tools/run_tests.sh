@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # The README's test command runs this (via `make test`): venv is already fresh.
-# Installs mosquitto when missing (the OTA tests start their own brokers), then runs pytest.
+# 1. The layout and style checks: ruff (lint + format), mypy, import-linter (contracts in pyproject.toml).
+# 2. Installs mosquitto when missing (the OTA tests start their own brokers), then runs pytest.
 # pytest's exit code 5 ("no tests ran") is turned into a failure so CI never passes vacuously.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ "$#" -eq 0 ]; then  # a narrowed run (`make test ARGS=...` or direct call with args) skips the checks
+  echo "test: ruff check, ruff format --check, mypy, lint-imports"
+  .venv/bin/ruff check . || exit 1
+  .venv/bin/ruff format --check . || exit 1
+  .venv/bin/mypy || exit 1
+  .venv/bin/lint-imports || exit 1
+fi
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   echo "test: installing mosquitto"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -2,7 +2,7 @@
 
 ``register_commands(sub)`` adds them to the ``cloud-batch`` parser (``cli.py`` calls it). Thin:
 each handler makes one call into ``cloud_batch.features.build`` and prints its summary. Errors the
-library raises on purpose print as ``error: ...`` with exit code 2 (``cli.main``);
+library raises on purpose print as ``error: ...`` with exit code 2 (``cli.common.run``);
 ``python -m cloud_batch.cli.features`` runs these commands alone, with the same handling.
 """
 
@@ -14,54 +14,39 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cloud_batch.cli.common import SubParsers, add_command, add_group, positive_int, run, standalone_parser
 from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE
-
-SubParsers = Any  # argparse's _SubParsersAction is private
 
 BROKER = "mqtt://localhost:1883"
 
 
 # -- handlers ------------------------------------------------------------------------------------
+# Parsed options passed through under the library's own keyword names.
+_BUILD_OPTIONS = (
+    "source", "entity_key", "recipe", "history", "as_of", "seed", "n_assets", "days", "ttl_s", "stale_policy",
+    "event_ts_col", "dtype",
+)  # fmt: skip
+_PUSH_OPTIONS = ("delta_from", "partition_map", "chunk_size")
+
+
+def _options(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names}
+
+
 def _build(args: argparse.Namespace) -> None:
     from cloud_batch.features.build import build
 
-    result = build(
-        args.registry,
-        args.set,
-        args.version,
-        source=args.source,
-        entity_key=args.entity_key,
-        recipe=args.recipe,
-        history=args.history,
-        as_of=args.as_of,
-        seed=args.seed,
-        n_assets=args.assets,
-        days=args.days,
-        ttl_s=args.ttl_s,
-        stale_policy=args.stale_policy,
-        event_ts_col=args.event_ts_col,
-        dtype=args.dtype,
-        progress=not args.no_progress,
-    )
-    print(result.summary())
+    options = _options(args, _BUILD_OPTIONS)
+    print(build(args.registry, args.set, args.version, progress=not args.no_progress, **options).summary())
 
 
 def _push(args: argparse.Namespace) -> None:
-    from cloud_batch.features.build import push
+    from cloud_batch.features.push import plan_push, publish_push
+    from cloud_batch.fleetops.broker import open_link
 
-    result = push(
-        args.registry,
-        args.set,
-        args.version,
-        args.fleet,
-        args.key,
-        args.broker,
-        delta_from=args.delta_from,
-        partition_map=args.partition_map,
-        chunk_size=args.chunk_size,
-        progress=not args.no_progress,
-    )
-    print(result.summary())
+    plan = plan_push(args.registry, args.set, args.version, args.fleet, args.key, **_options(args, _PUSH_OPTIONS))
+    with open_link(args.broker) as link:  # only once every input checked out: a bad one publishes nothing
+        print(publish_push(link, plan, progress=not args.no_progress).summary())
 
 
 # -- argument types --------------------------------------------------------------------------
@@ -78,11 +63,10 @@ def _seconds(text: str) -> float:
 # -- wiring ------------------------------------------------------------------------------------
 def register_commands(sub: SubParsers) -> None:
     """Add ``features`` (``build``, ``push``) to the ``cloud-batch`` subparsers."""
-    from cloud_batch.cli.main import _positive_int, add_command
-
-    features = add_command(
+    features_sub = add_group(
         sub,
         "features",
+        dest="features_command",
         help="build feature bundles and push them to a fleet",
         description="Feature sets: one row of numbers per entity (an asset, a camera), computed in the cloud\n"
         "and cached on devices, which join them into real-time predictions. `build` writes a snapshot\n"
@@ -91,7 +75,6 @@ def register_commands(sub: SubParsers) -> None:
         f"cloud-batch features push asset_features --version 1 --fleet plant-7 --registry registry "
         f"--key keys/signing.key --broker {BROKER}",
     )
-    features_sub = features.add_subparsers(dest="features_command", metavar="COMMAND", required=True)
 
     build = add_command(
         features_sub,
@@ -155,14 +138,15 @@ def register_commands(sub: SubParsers) -> None:
     )
     build.add_argument(
         "--assets",
-        type=_positive_int,
+        dest="n_assets",
+        type=positive_int,
         default=200,
         metavar="N",
         help="with --recipe, no --history: number of assets (default: 200)",
     )
     build.add_argument(
         "--days",
-        type=_positive_int,
+        type=positive_int,
         default=60,
         metavar="N",
         help="with --recipe, no --history: days of hourly readings (default: 60)",
@@ -201,7 +185,7 @@ def register_commands(sub: SubParsers) -> None:
     )
     push.add_argument(
         "--chunk-size",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_CHUNK_SIZE,
         metavar="BYTES",
         help=f"artifact chunk size (default: {DEFAULT_CHUNK_SIZE})",
@@ -211,22 +195,12 @@ def register_commands(sub: SubParsers) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """A parser with only these commands (``python -m cloud_batch.cli.features``, tests)."""
-    from cloud_batch.cli.main import PROG
-
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="edgefleet feature sets.",
-        epilog="Example:\n  cloud-batch features build asset_features --version 1 --registry registry --recipe maintenance",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    register_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    return parser
+    example = "cloud-batch features build asset_features --version 1 --registry registry --recipe maintenance"
+    return standalone_parser("edgefleet feature sets.", example, register_commands)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one of these commands with ``cli.main``'s error handling; return the exit code."""
-    from cloud_batch.cli.main import run
-
+    """Run one of these commands with ``common.run``'s error handling; return the exit code."""
     return run(build_parser(), argv)
 
 

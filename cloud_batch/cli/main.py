@@ -1,10 +1,9 @@
 """``cloud-batch``: the cloud side's command line. Thin: parse, call one library function, print.
 
-Adding a command: write ``add_<thing>(sub)`` that calls ``add_command`` (which enforces the
-"Example:" block ending every help text) and append it to ``COMMANDS``. Handlers take the
-parsed namespace and return an exit code (``None`` means 0). Errors the library raises on
-purpose (``CloudError``, ``EdgeError``) become ``error: ...`` on stderr and exit code 2;
-anything else is a bug and keeps its traceback.
+Adding a command: write ``add_<thing>(sub)`` that calls ``common.add_command`` (which enforces
+the "Example:" block ending every help text) and append it to ``COMMANDS``. Handlers take the
+parsed namespace and return an exit code (``None`` means 0); ``common.run`` turns the errors
+the library raises on purpose into ``error: ...`` and exit code 2.
 
 Heavy modules (TensorFlow via the training jobs) are imported inside handlers, so ``--help``
 and ``register`` stay fast.
@@ -18,67 +17,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cloud_batch.cli.common import PROG, SubParsers, add_command, add_group, positive_int, registry_arg, run
 from cloud_batch.cli.features import register_commands as add_features
 from cloud_batch.cli.ota import register_commands
-from cloud_batch.errors import CloudError
-from edge_agent.errors import EdgeError
-
-PROG = "cloud-batch"
-DEFAULT_REGISTRY = Path("registry")
-EXIT_ERROR = 2
-
-Handler = Callable[[argparse.Namespace], "int | None"]
-SubParsers = Any  # argparse's _SubParsersAction is private
-
-
-def add_command(
-    sub: SubParsers, name: str, *, help: str, description: str, example: str, handler: Handler | None = None
-) -> argparse.ArgumentParser:
-    """Add subcommand ``name`` whose help ends with an ``Example:`` block; bind ``handler`` if given."""
-    body = "\n".join("  " + line if line else "" for line in example.strip("\n").splitlines())
-    parser = sub.add_parser(
-        name,
-        help=help,
-        description=description.strip(),
-        epilog=f"Example:\n{body}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    if handler is not None:
-        parser.set_defaults(handler=handler)
-    return parser
-
-
-def _registry_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--registry",
-        type=Path,
-        default=DEFAULT_REGISTRY,
-        metavar="DIR",
-        help="registry directory (default: ./registry)",
-    )
-
 
 # -- train ---------------------------------------------------------------------
 
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
-    _registry_arg(parser)
+    registry_arg(parser)
     parser.add_argument("--version", metavar="V", help="version to register (default: one past the latest)")
-    parser.add_argument("--epochs", type=_positive_int, metavar="N", help="training epochs (default: the job's own)")
+    parser.add_argument("--epochs", type=positive_int, metavar="N", help="training epochs (default: the job's own)")
     parser.add_argument(
         "--seed", type=int, default=0, metavar="S", help="seed for data split, init and shuffling (default: 0)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _train_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,15 +55,16 @@ def _train_maintenance(args: argparse.Namespace) -> None:
 
 def add_train(sub: SubParsers) -> None:
     """``train digits`` and ``train maintenance``."""
-    train = add_command(
+    models = add_group(
         sub,
         "train",
+        dest="model",
+        metavar="MODEL",
         help="train, quantize, gate and register a model",
         description="Train a model, quantize it to full-integer TFLite, evaluate it the way a device runs it,\n"
         "and register it only if it passes the quality gate.",
         example="cloud-batch train digits --registry models\ncloud-batch train maintenance --registry models --version 2",
     )
-    models = train.add_subparsers(dest="model", metavar="MODEL", required=True)
     digits = add_command(
         models,
         "digits",
@@ -175,7 +129,7 @@ def add_register(sub: SubParsers) -> None:
     parser.add_argument("tflite", type=Path, metavar="FILE.tflite", help="the model file")
     parser.add_argument("--name", required=True, help="model name (letters, digits, '_', '.', '-')")
     parser.add_argument("--version", required=True, metavar="V", help="version, e.g. 3 or 1.2.0")
-    _registry_arg(parser)
+    registry_arg(parser)
     parser.add_argument(
         "--golden", type=Path, metavar="FILE.npz", help="golden samples: arrays in:<input> and out:<output>"
     )
@@ -203,19 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cloud-batch`` console script; returns the exit code."""
     return run(build_parser(), argv)
-
-
-def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, run the chosen handler, and turn the project's errors into ``error: ...`` + exit 2."""
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args) or 0
-    except (CloudError, EdgeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,7 @@
 Thin, like the rest of the CLI: each handler makes one library call and prints the result.
 ``--json`` prints the machine-readable form on stdout. Exit codes: 0 done, 1 the rollout
 halted (``rollout advance``/``status`` found the failure threshold crossed), 2 an error
-(printed as ``error: ...`` by ``cli.main``). ``python -m cloud_batch.cli.ota`` runs these
+(printed as ``error: ...`` by ``common.run``). ``python -m cloud_batch.cli.ota`` runs these
 commands alone, with the same error handling.
 """
 
@@ -14,12 +14,21 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from cloud_batch.cli.common import (
+    SubParsers,
+    add_command,
+    add_group,
+    positive,
+    positive_int,
+    rate,
+    registry_arg,
+    run,
+    standalone_parser,
+)
 from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE
 
 EXIT_HALTED = 1
-SubParsers = Any  # argparse's _SubParsersAction is private
 
 
 # -- handlers ------------------------------------------------------------------------------------
@@ -34,15 +43,15 @@ def _keys_generate(args: argparse.Namespace) -> None:
 
 
 def _release(args: argparse.Namespace) -> None:
-    from cloud_batch.fleetops.release import release
+    from cloud_batch.fleetops.broker import open_link
+    from cloud_batch.fleetops.release import plan_release, publish_release
 
-    rel = release(
+    plan = plan_release(  # every local check first: a bad input publishes nothing, broker or not
         args.registry,
         args.name,
         args.version,
         args.fleet,
         args.key,
-        args.broker,
         stages=args.rollout,
         max_failure_rate=args.max_failure_rate,
         max_latency_ms=args.max_latency_ms,
@@ -51,8 +60,9 @@ def _release(args: argparse.Namespace) -> None:
         rollback=args.rollback,
         chunk_size=args.chunk_size,
         health_window_s=args.health_window_s,
-        progress=not args.no_progress,
     )
+    with open_link(args.broker) as link:
+        rel = publish_release(link, plan, progress=not args.no_progress)
     a = rel.artifact
     stages = rel.policy.stages
     print(f"released {rel.name} {rel.version} to fleet {rel.fleet}: {rel.release_id}")
@@ -65,42 +75,27 @@ def _release(args: argparse.Namespace) -> None:
 
 def _rollout(args: argparse.Namespace) -> int:
     from cloud_batch.fleetops import rollout
+    from cloud_batch.fleetops.broker import open_link
 
     op = {"status": rollout.rollout_status, "advance": rollout.advance, "abort": rollout.abort}[args.action]
-    status = op(args.broker, args.name, args.fleet)
+    rollout.check_target(args.name, args.fleet)
+    with open_link(args.broker) as link:
+        status = op(link, args.name, args.fleet)
     print(status.to_json() if args.json else status.summary())
     return EXIT_HALTED if status.action == "halted" else 0
 
 
 def _fleet_status(args: argparse.Namespace) -> None:
-    from cloud_batch.fleetops.fleet import fleet_status, render_table, rows_json
+    from cloud_batch.fleetops.broker import open_link
+    from cloud_batch.fleetops.fleet import check_fleet, fleet_status, render_table, rows_json
 
-    rows = fleet_status(args.broker, args.fleet, timeout_s=args.timeout)
+    check_fleet(args.fleet)
+    with open_link(args.broker) as link:
+        rows = fleet_status(link, args.fleet, timeout_s=args.timeout)
     if args.json:
         print(rows_json(rows))
     else:
         render_table(rows, args.fleet)
-
-
-# -- argument types --------------------------------------------------------------------------
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def _broker_fleet(parser: argparse.ArgumentParser) -> None:
@@ -111,16 +106,14 @@ def _broker_fleet(parser: argparse.ArgumentParser) -> None:
 # -- wiring ------------------------------------------------------------------------------------
 def register_commands(sub: SubParsers) -> None:
     """Add ``keys``, ``release``, ``rollout`` and ``fleet`` to the ``cloud-batch`` subparsers."""
-    from cloud_batch.cli.main import DEFAULT_REGISTRY, _positive_int, add_command
-
-    keys = add_command(
+    keys_sub = add_group(
         sub,
         "keys",
+        dest="keys_command",
         help="release signing keys",
         description="Manage the Ed25519 key pair that signs releases. Devices trust the public key.",
         example="cloud-batch keys generate --out keys/",
     )
-    keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
     gen = add_command(
         keys_sub,
         "generate",
@@ -149,13 +142,7 @@ def register_commands(sub: SubParsers) -> None:
     rel.add_argument("name", metavar="NAME", help="model name in the registry")
     rel.add_argument("--version", required=True, metavar="V", help="registered version to release")
     rel.add_argument("--fleet", required=True, metavar="F", help="fleet name (a topic segment)")
-    rel.add_argument(
-        "--registry",
-        type=Path,
-        default=DEFAULT_REGISTRY,
-        metavar="DIR",
-        help="registry directory (default: ./registry)",
-    )
+    registry_arg(rel)
     rel.add_argument("--key", required=True, type=Path, metavar="KEYFILE", help="signing.key from `keys generate`")
     rel.add_argument("--broker", required=True, metavar="URL", help="MQTT broker, e.g. mqtt://localhost:1883")
     rel.add_argument(
@@ -166,12 +153,12 @@ def register_commands(sub: SubParsers) -> None:
     )
     rel.add_argument(
         "--max-failure-rate",
-        type=_rate,
+        type=rate,
         default=0.1,
         metavar="R",
         help="halt when more than this share of the devices that tried failed (default: 0.1)",
     )
-    rel.add_argument("--max-latency-ms", type=_positive, metavar="MS", help="devices refuse a slower candidate (p50)")
+    rel.add_argument("--max-latency-ms", type=positive, metavar="MS", help="devices refuse a slower candidate (p50)")
     rel.add_argument("--window", metavar="HH:MM-HH:MM", help="devices activate only inside this local time window")
     rel.add_argument("--urgent", action="store_true", help="activate immediately, ignoring --window")
     rel.add_argument("--rollback", action="store_true", help="a signed rollback: may carry a lower version")
@@ -184,16 +171,18 @@ def register_commands(sub: SubParsers) -> None:
     )
     rel.add_argument(
         "--chunk-size",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_CHUNK_SIZE,
         metavar="BYTES",
         help=f"artifact chunk size (default: {DEFAULT_CHUNK_SIZE})",
     )
     rel.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    ro = add_command(
+    ro_sub = add_group(
         sub,
         "rollout",
+        dest="action",
+        metavar="ACTION",
         help="status, advance or abort a phased rollout",
         description="Follow and steer the rollout of a model's current release. Every command first checks the\n"
         "failure rate among the cohort's devices that tried the release and halts the rollout if it\n"
@@ -201,7 +190,6 @@ def register_commands(sub: SubParsers) -> None:
         example="cloud-batch rollout status digits --fleet plant-7 --broker mqtt://localhost:1883\n"
         "cloud-batch rollout advance digits --fleet plant-7 --broker mqtt://localhost:1883",
     )
-    ro_sub = ro.add_subparsers(dest="action", metavar="ACTION", required=True)
     for action, help_text, description in (
         (
             "status",
@@ -237,14 +225,14 @@ def register_commands(sub: SubParsers) -> None:
         _broker_fleet(p)
         p.add_argument("--json", action="store_true", help="print JSON")
 
-    fleet = add_command(
+    fleet_sub = add_group(
         sub,
         "fleet",
+        dest="fleet_command",
         help="devices of a fleet, from the broker",
         description="What the broker knows about a fleet's devices (their retained state and presence).",
         example="cloud-batch fleet status --fleet plant-7 --broker mqtt://localhost:1883",
     )
-    fleet_sub = fleet.add_subparsers(dest="fleet_command", metavar="COMMAND", required=True)
     st = add_command(
         fleet_sub,
         "status",
@@ -259,7 +247,7 @@ def register_commands(sub: SubParsers) -> None:
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument(
         "--timeout",
-        type=_positive,
+        type=positive,
         default=2.0,
         metavar="S",
         help="longest wait for the retained messages (default: 2)",
@@ -268,23 +256,16 @@ def register_commands(sub: SubParsers) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """A parser with only these commands (``python -m cloud_batch.cli.ota``, tests)."""
-    from cloud_batch.cli.main import PROG
-
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="edgefleet over-the-air releases.",
-        epilog="Example:\n  cloud-batch release digits --version 2 --fleet plant-7 --registry models "
+    return standalone_parser(
+        "edgefleet over-the-air releases.",
+        "cloud-batch release digits --version 2 --fleet plant-7 --registry models "
         "--key keys/signing.key --broker mqtt://localhost:1883",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        register_commands,
     )
-    register_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one of these commands with ``cli.main``'s error handling; return the exit code."""
-    from cloud_batch.cli.main import run
-
+    """Run one of these commands with ``common.run``'s error handling; return the exit code."""
     return run(build_parser(), argv)
 
 

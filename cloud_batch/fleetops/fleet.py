@@ -12,93 +12,41 @@ on the same connection, so when the probe comes back the retained ones are in. A
 quiet period follows (for brokers that send retained messages later); a broker whose ACL
 drops the probe costs the whole ``timeout_s``.
 
-This module also owns the cloud tools' broker access (``open_link``) and its errors::
-
-    CloudError                      (cloud_batch.errors)
-    └── BrokerError                 the broker could not be used (connect, publish not acknowledged)
-        └── BrokerUnreachableError  no connection within the timeout; retrying later may work
+Functions take an open ``broker.BrokerLink``; the CLI opens it.
 """
 
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cloud_batch.errors import CloudError, InputError
+from cloud_batch.errors import BrokerError, InputError
+from cloud_batch.fleetops.broker import BrokerLink, Handler
 from edge_agent.errors import EdgeError, FailedError
-from edge_agent.mqtt.link import MqttLink
+from edge_agent.wire.names import check_segment
 from edge_agent.wire.protocol import (
     PRESENCE_OFFLINE,
     PRESENCE_ONLINE,
-    ROOT,
     DeviceState,
     Release,
     Rollout,
     UpdateReport,
-    check_segment,
     decode,
-    encode,
+)
+from edge_agent.wire.topics import (
+    parse_device_topic,
+    parse_model_topic,
+    presence_filter,
     release_topic,
     rollout_topic,
+    state_filter,
+    sync_probe_topic,
 )
-
-DEFAULT_CONNECT_TIMEOUT_S = 5.0
-
-
-class BrokerError(CloudError):
-    """The broker could not be used: a publish was not acknowledged, a subscription failed."""
-
-
-class BrokerUnreachableError(BrokerError):
-    """No connection to the broker within the timeout (wrong URL, broker down, network)."""
-
-
-# -- broker access -------------------------------------------------------------------------
-@contextmanager
-def open_link(
-    broker_url: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, client_prefix: str = "cloud-batch"
-) -> Iterator[MqttLink]:
-    """A connected MqttLink for one cloud command; BrokerUnreachableError (with the URL) if none in ``timeout_s``."""
-    try:
-        link = MqttLink(broker_url, client_id=f"{client_prefix}-{uuid.uuid4().hex[:10]}")
-    except EdgeError as exc:  # ConfigError: the URL itself is wrong
-        raise InputError(str(exc)) from exc
-    # A plain TCP connect first: "connection refused" is known at once, MqttLink would keep retrying.
-    try:
-        socket.create_connection((link.host, link.port), timeout=timeout_s).close()
-    except OSError as exc:
-        raise BrokerUnreachableError(f"cannot reach the MQTT broker at {broker_url}: {exc.strerror or exc}") from exc
-    link.start()
-    try:
-        if not link.wait_connected(timeout_s):
-            raise BrokerUnreachableError(f"cannot reach the MQTT broker at {broker_url} within {timeout_s:g}s")
-        yield link
-    finally:
-        link.stop()
-
-
-def publish_doc(link: MqttLink, topic: str, doc: dict[str, Any], *, retain: bool = True, wait_s: float = 10.0) -> None:
-    """Publish a JSON document (QoS 1) and wait for the broker's acknowledgement."""
-    try:
-        link.publish(topic, encode(doc), retain=retain, qos=1, wait_s=wait_s)
-    except FailedError as exc:
-        raise BrokerError(f"broker {link.host}:{link.port}: {exc}") from exc
-
-
-def topic_filter(fleet: str, kind: str) -> str:
-    """``devices/+/state``-style filters for a fleet (``protocol`` builds single topics only)."""
-    check_segment(fleet, "fleet")
-    return {
-        "state": f"{ROOT}/fleets/{fleet}/devices/+/state",
-        "presence": f"{ROOT}/fleets/{fleet}/devices/+/presence",
-    }[kind]
 
 
 # -- the live view ------------------------------------------------------------------------
@@ -116,7 +64,7 @@ class Snapshot:
 class FleetView:
     """Newest retained (and live) fleet documents from one MQTT connection. Thread-safe."""
 
-    def __init__(self, link: MqttLink, fleet: str, *, models: Iterable[str] = (), devices: bool = True) -> None:
+    def __init__(self, link: BrokerLink, fleet: str, *, models: Iterable[str] = (), devices: bool = True) -> None:
         self.link = link
         self.fleet = check_segment(fleet, "fleet")
         self.models = [check_segment(m, "name") for m in models]
@@ -126,17 +74,25 @@ class FleetView:
         self._version = 0
         self._snap = Snapshot()
         self._synced = threading.Event()
+        self._on_state = self._keeper(
+            lambda s: s.states, _device_of, lambda p: DeviceState.from_dict(decode(p, "device state"))
+        )
+        self._on_presence = self._keeper(lambda s: s.presence, _device_of, lambda p: p.decode("utf-8", "replace"))
+        self._on_release = self._keeper(lambda s: s.releases, _model_of, _release_doc)
+        self._on_rollout = self._keeper(
+            lambda s: s.rollouts, _model_of, lambda p: Rollout.from_dict(decode(p, "rollout"))
+        )
 
     # -- subscribing ----------------------------------------------------------------------
     def sync(self, timeout_s: float = 5.0, quiet_s: float = 0.1) -> FleetView:
         """Subscribe and wait until the broker has sent every retained message (see the module docstring)."""
         if self.devices:
-            self.link.subscribe(topic_filter(self.fleet, "state"), self._on_state, qos=0)
-            self.link.subscribe(topic_filter(self.fleet, "presence"), self._on_presence, qos=0)
+            self.link.subscribe(state_filter(self.fleet), self._on_state, qos=0)
+            self.link.subscribe(presence_filter(self.fleet), self._on_presence, qos=0)
         for name in self.models:
             self.link.subscribe(rollout_topic(self.fleet, name), self._on_rollout, qos=0)
             self.link.subscribe(release_topic(self.fleet, name), self._on_release, qos=0)
-        probe = f"{ROOT}/_sync/{self.link.client_id}/{uuid.uuid4().hex[:8]}"
+        probe = sync_probe_topic(self.link.client_id, uuid.uuid4().hex[:8])
         self.link.subscribe(probe, lambda t, p, r: self._synced.set(), qos=0)
         try:
             self.link.publish(probe, b"sync", qos=1, retain=False)
@@ -157,8 +113,8 @@ class FleetView:
 
     def close(self) -> None:
         if self.devices:
-            self.link.unsubscribe(topic_filter(self.fleet, "state"))
-            self.link.unsubscribe(topic_filter(self.fleet, "presence"))
+            self.link.unsubscribe(state_filter(self.fleet))
+            self.link.unsubscribe(presence_filter(self.fleet))
         for name in self.models:
             self.link.unsubscribe(rollout_topic(self.fleet, name))
             self.link.unsubscribe(release_topic(self.fleet, name))
@@ -187,53 +143,40 @@ class FleetView:
         self._changed.notify_all()
 
     def _problem(self, text: str) -> None:
-        self._snap.problems = (self._snap.problems + [text])[-50:]
+        self._snap.problems = [*self._snap.problems, text][-50:]
 
-    def _on_state(self, topic: str, payload: bytes, retained: bool) -> None:
-        device_id = topic.split("/")[-2]
-        with self._lock:
-            if not payload:
-                self._snap.states.pop(device_id, None)
-            else:
-                try:
-                    self._snap.states[device_id] = DeviceState.from_dict(decode(payload, "device state"))
-                except EdgeError as exc:
-                    self._problem(f"{topic}: {exc}")
-            self._bump()
+    def _keeper(
+        self, docs: Callable[[Snapshot], dict[str, Any]], key: Callable[[str], str], parse: Callable[[bytes], Any]
+    ) -> Handler:
+        """A handler keeping the newest parsed document per key (an empty payload deletes it)."""
 
-    def _on_presence(self, topic: str, payload: bytes, retained: bool) -> None:
-        device_id = topic.split("/")[-2]
-        with self._lock:
-            if not payload:
-                self._snap.presence.pop(device_id, None)
-            else:
-                self._snap.presence[device_id] = payload.decode("utf-8", "replace")
-            self._bump()
+        def handler(topic: str, payload: bytes, retained: bool) -> None:
+            with self._lock:
+                if not payload:
+                    docs(self._snap).pop(key(topic), None)
+                else:
+                    try:
+                        docs(self._snap)[key(topic)] = parse(payload)
+                    except EdgeError as exc:
+                        self._problem(f"{topic}: {exc}")
+                self._bump()
 
-    def _on_release(self, topic: str, payload: bytes, retained: bool) -> None:
-        name = topic.rsplit("/", 1)[-1]
-        with self._lock:
-            if not payload:
-                self._snap.releases.pop(name, None)
-            else:
-                try:
-                    doc = decode(payload, "release")
-                    self._snap.releases[name] = (Release.from_dict(doc), doc)
-                except EdgeError as exc:
-                    self._problem(f"{topic}: {exc}")
-            self._bump()
+        return handler
 
-    def _on_rollout(self, topic: str, payload: bytes, retained: bool) -> None:
-        name = topic.rsplit("/", 1)[-1]
-        with self._lock:
-            if not payload:
-                self._snap.rollouts.pop(name, None)
-            else:
-                try:
-                    self._snap.rollouts[name] = Rollout.from_dict(decode(payload, "rollout"))
-                except EdgeError as exc:
-                    self._problem(f"{topic}: {exc}")
-            self._bump()
+
+def _device_of(topic: str) -> str:
+    parsed = parse_device_topic(topic)
+    return parsed[1] if parsed else topic
+
+
+def _model_of(topic: str) -> str:
+    parsed = parse_model_topic(topic)
+    return parsed[2] if parsed else topic
+
+
+def _release_doc(payload: bytes) -> tuple[Release, dict[str, Any]]:
+    doc = decode(payload, "release")
+    return Release.from_dict(doc), doc
 
 
 # -- fleet status ---------------------------------------------------------------------------
@@ -282,14 +225,14 @@ def rows_from(snap: Snapshot) -> list[DeviceRow]:
     return rows
 
 
-def fleet_status(
-    broker_url: str, fleet: str, timeout_s: float = 2.0, *, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
-) -> list[DeviceRow]:
+def fleet_status(link: BrokerLink, fleet: str, timeout_s: float = 2.0) -> list[DeviceRow]:
     """Every device of ``fleet`` from the broker's retained state and presence topics."""
     check_fleet(fleet)
-    with open_link(broker_url, connect_timeout_s) as link:
-        view = FleetView(link, fleet).sync(timeout_s)
+    view = FleetView(link, fleet).sync(timeout_s)
+    try:
         return rows_from(view.snapshot())
+    finally:
+        view.close()
 
 
 def check_fleet(fleet: str) -> str:

@@ -2,10 +2,10 @@
 
 Order of work, chosen so that a device never sees a document it cannot act on:
 
-1. check every input locally (registry version, stages, window, rates, key): a bad input
-   publishes nothing;
-2. connect (with a timeout) and read the retained release it supersedes;
-3. publish the artifact's chunks, retained, and wait for every PUBACK (``transfer.publish_artifact``);
+1. check every input locally (registry version, stages, window, rates, key) and sign
+   (``plan_release``): a bad input publishes nothing; the CLI only connects after this;
+2. on the open link (``publish_release``), read the retained release it supersedes;
+3. publish the artifact's chunks, retained, and wait for every PUBACK (``publish.publish_artifact``);
 4. publish the rollout control (stage 0) *before* the release: an agent applies a release
    whose rollout it has not seen after a short settle time, so the rollout must already be
    there when the release arrives;
@@ -19,34 +19,27 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud_batch.errors import InputError, RegistryError
-from cloud_batch.fleetops.fleet import DEFAULT_CONNECT_TIMEOUT_S, BrokerError, FleetView, open_link, publish_doc
+from cloud_batch.errors import BrokerError, InputError, RegistryError
+from cloud_batch.fleetops.broker import BrokerLink, publish_doc
+from cloud_batch.fleetops.fleet import FleetView
 from cloud_batch.fleetops.keys import load_signing_key
+from cloud_batch.fleetops.publish import clear_artifact, publish_artifact
 from cloud_batch.registry.models import Registry
-from edge_agent.errors import EdgeError, FailedError
-from edge_agent.mqtt.download import clear_artifact, publish_artifact
-from edge_agent.mqtt.link import MqttLink
+from edge_agent.errors import EdgeError
 from edge_agent.wire.manifest import MANIFEST_FILE, Manifest
-from edge_agent.wire.protocol import (
-    DEFAULT_CHUNK_SIZE,
-    Artifact,
-    Policy,
-    Release,
-    Rollout,
-    check_segment,
-    pack_dir,
-    parse_window,
-    release_topic,
-    rollout_topic,
-)
+from edge_agent.wire.names import check_segment
+from edge_agent.wire.policy import Policy, parse_window
+from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE, Artifact, Release, Rollout, pack_dir
 from edge_agent.wire.signing import sign
+from edge_agent.wire.topics import release_topic, rollout_topic
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +128,22 @@ def _version_dir(registry_dir: str | Path, name: str, version: str) -> Path:
     return path
 
 
-def release(
+@dataclass
+class ReleasePlan:
+    """A release checked, packed and signed locally, ready to publish (nothing has touched the broker)."""
+
+    release: Release
+    signed: dict[str, Any]
+    rollout: Rollout
+    blob: bytes
+
+
+def plan_release(
     registry_dir: str | Path,
     name: str,
     version: str,
     fleet: str,
     key_path: str | Path,
-    broker_url: str,
     *,
     stages: Sequence[int] | str = (100,),
     max_failure_rate: float = 0.1,
@@ -151,16 +153,8 @@ def release(
     rollback: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     health_window_s: float = 30.0,
-    progress: bool = True,
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-    publish_timeout_s: float = 60.0,
-) -> Release:
-    """Publish ``name`` ``version`` from the registry to ``fleet``; return the signed Release.
-
-    Raises InputError / RegistryError for bad inputs (nothing published), BrokerUnreachableError
-    when the broker cannot be reached, BrokerError when it does not acknowledge a publish.
-    """
-    # 1. Everything local first: a bad input must publish nothing.
+) -> ReleasePlan:
+    """Check every input, pack the version and sign the release; InputError / RegistryError, no I/O to the broker."""
     try:
         check_segment(fleet, "fleet")
         check_segment(name, "name")
@@ -185,41 +179,68 @@ def release(
     release_id = make_release_id(name, version)
     # The whole signed document is built and checked before connecting: a device refuses a
     # malformed one, and a bad input must publish nothing (not even chunks).
-    artifact = Artifact.from_blob(blob, chunk_size)
     rel = Release(
         release_id=release_id,
         fleet=fleet,
         name=name,
         version=version,
-        artifact=artifact,
+        artifact=Artifact.from_blob(blob, chunk_size),
         rollback=rollback,
         policy=policy,
     )
     signed = sign_release(rel, key)
     rollout = Rollout(release_id=release_id, percent=policy.stages[0], stage=0, status="active")
-    log.info("release %s: %s %s to fleet %s (%d bytes)", release_id, name, version, fleet, len(blob))
+    return ReleasePlan(rel, signed, rollout, blob)
 
-    with open_link(broker_url, connect_timeout_s) as link:
-        # 2. What this release supersedes.
-        view = FleetView(link, fleet, models=[name], devices=False).sync(timeout_s=min(5.0, connect_timeout_s))
-        previous = view.snapshot().releases.get(name)
-        view.close()
 
-        # 3. The artifact.
-        published = publish_chunks(link, blob, chunk_size, publish_timeout_s, progress, f"{name} {version}")
-        if (published.sha256, published.chunks) != (artifact.sha256, artifact.chunks):
-            raise BrokerError(
-                f"release {release_id}: the published chunks do not match the signed artifact description"
-            )
+def publish_release(
+    link: BrokerLink, plan: ReleasePlan, *, progress: bool = True, publish_timeout_s: float = 60.0
+) -> Release:
+    """Publish a planned release on ``link`` (steps 2-6 above); BrokerError if the broker does not acknowledge."""
+    rel, artifact = plan.release, plan.release.artifact
+    name, fleet = rel.name, rel.fleet
+    log.info("release %s: %s %s to fleet %s (%d bytes)", rel.release_id, name, rel.version, fleet, len(plan.blob))
+    # 2. What this release supersedes.
+    view = FleetView(link, fleet, models=[name], devices=False).sync(timeout_s=5.0)
+    previous = view.snapshot().releases.get(name)
+    view.close()
 
-        # 4-5. Rollout control, then the signed release.
-        publish_doc(link, rollout_topic(fleet, name), rollout.to_dict(), wait_s=publish_timeout_s)
-        publish_doc(link, release_topic(fleet, name), signed, wait_s=publish_timeout_s)
+    # 3. The artifact.
+    label = f"{name} {rel.version}"
+    published = publish_chunks(link, plan.blob, artifact.chunk_size, publish_timeout_s, progress, label)
+    if (published.sha256, published.chunks) != (artifact.sha256, artifact.chunks):
+        raise BrokerError(
+            f"release {rel.release_id}: the published chunks do not match the signed artifact description"
+        )
 
-        # 6. The superseded artifact's chunks would stay on the broker forever.
-        if previous is not None and previous[0].artifact.sha256 != artifact.sha256:
-            clear_superseded(link, previous[0].artifact, release_id, previous[0].release_id, publish_timeout_s)
+    # 4-5. Rollout control, then the signed release.
+    publish_doc(link, rollout_topic(fleet, name), plan.rollout.to_dict(), wait_s=publish_timeout_s)
+    publish_doc(link, release_topic(fleet, name), plan.signed, wait_s=publish_timeout_s)
+
+    # 6. The superseded artifact's chunks would stay on the broker forever.
+    if previous is not None and previous[0].artifact.sha256 != artifact.sha256:
+        clear_superseded(link, previous[0].artifact, rel.release_id, previous[0].release_id, publish_timeout_s)
     return rel
+
+
+def release(
+    registry_dir: str | Path,
+    name: str,
+    version: str,
+    fleet: str,
+    key_path: str | Path,
+    link: BrokerLink,
+    *,
+    progress: bool = True,
+    publish_timeout_s: float = 60.0,
+    **options: Any,
+) -> Release:
+    """``plan_release`` then ``publish_release`` on ``link``: the whole release in one call (tests, benches).
+
+    ``options`` are ``plan_release``'s keywords (stages, max_failure_rate, window, chunk_size, ...).
+    """
+    plan = plan_release(registry_dir, name, version, fleet, key_path, **options)
+    return publish_release(link, plan, progress=progress, publish_timeout_s=publish_timeout_s)
 
 
 def sign_release(rel: Release, key: Ed25519PrivateKey) -> dict[str, Any]:
@@ -236,7 +257,7 @@ def sign_release(rel: Release, key: Ed25519PrivateKey) -> dict[str, Any]:
     return signed
 
 
-def clear_superseded(link: MqttLink, old: Artifact, release_id: str, superseded_id: str, timeout_s: float) -> None:
+def clear_superseded(link: BrokerLink, old: Artifact, release_id: str, superseded_id: str, timeout_s: float) -> None:
     """Delete the retained chunks of ``old`` (the artifact of release ``superseded_id``), now replaced.
 
     BrokerError, saying that release ``release_id`` itself is out, if the broker does not acknowledge.
@@ -244,31 +265,15 @@ def clear_superseded(link: MqttLink, old: Artifact, release_id: str, superseded_
     try:
         clear_artifact(link, old, timeout_s=timeout_s)
         log.info("release %s: cleared superseded artifact %s of release %s", release_id, old.sha256[:12], superseded_id)
-    except FailedError as exc:
+    except BrokerError as exc:
         raise BrokerError(
             f"release {release_id} is published, but clearing the superseded artifact {old.sha256[:12]} failed: {exc}"
         ) from exc
 
 
 # -- chunk publishing with progress ------------------------------------------------------------
-class _CountingLink:
-    """An MqttLink stand-in for ``publish_artifact`` that reports each acknowledged chunk."""
-
-    def __init__(self, link: MqttLink, on_acked: Callable[[], None]) -> None:
-        self._link = link
-        self._on_acked = on_acked
-        self.host, self.port = link.host, link.port
-
-    def wait_connected(self, timeout: float) -> bool:
-        return self._link.wait_connected(timeout)
-
-    def publish(self, topic: str, payload: bytes, **kwargs: Any) -> None:
-        self._link.publish(topic, payload, **kwargs)
-        self._on_acked()
-
-
 def publish_chunks(
-    link: MqttLink, blob: bytes, chunk_size: int, timeout_s: float, progress: bool, label: str
+    link: BrokerLink, blob: bytes, chunk_size: int, timeout_s: float, progress: bool, label: str
 ) -> Artifact:
     """Publish ``blob`` as retained chunks (a progress bar from 8 chunks up); BrokerError if not acknowledged."""
     total = max(1, -(-len(blob) // chunk_size))
@@ -288,7 +293,6 @@ def publish_chunks(
             transient=True,
         ) as bar:
             task = bar.add_task(f"{label} ({len(blob):,} bytes)", total=total)
-            counting = _CountingLink(link, lambda: bar.advance(task, 1))
-            return publish_artifact(counting, blob, chunk_size, timeout_s=timeout_s)  # type: ignore[arg-type]
-    except FailedError as exc:  # TransferError: not connected, PUBACK missing
+            return publish_artifact(link, blob, chunk_size, timeout_s=timeout_s, on_acked=lambda: bar.advance(task, 1))
+    except BrokerError as exc:  # not connected, PUBACK missing
         raise BrokerError(f"publishing the artifact to {link.host}:{link.port} failed: {exc}") from exc

@@ -17,25 +17,25 @@ Halting is automatic: whenever a status is computed (``rollout_status``, ``advan
 published as ``halted``: devices that have not started keep the old version. ``abort``
 publishes ``aborted``: devices that applied the release roll back on their own.
 
-Errors (beside fleet.py's BrokerError)::
-
-    CloudError
-    └── RolloutError        no release/rollout for the model, or its state forbids the operation
-        └── WatchTimeout    ``watch`` gave up before its condition held (``.status`` is the last one)
+Every operation takes an open ``broker.BrokerLink``; errors (``RolloutError``, ``WatchTimeout``,
+``BrokerError``) are in ``cloud_batch.errors``.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloud_batch.errors import CloudError, InputError
-from cloud_batch.fleetops.fleet import DEFAULT_CONNECT_TIMEOUT_S, FleetView, Snapshot, open_link, publish_doc
+from cloud_batch.errors import InputError, RolloutError, WatchTimeout
+from cloud_batch.fleetops.broker import BrokerLink, publish_doc
+from cloud_batch.fleetops.fleet import FleetView, Snapshot
 from edge_agent.errors import EdgeError
-from edge_agent.mqtt.link import MqttLink
+from edge_agent.wire.names import check_segment
+from edge_agent.wire.policy import in_cohort
 from edge_agent.wire.protocol import (
     RESULT_FAILED,
     RESULT_REJECTED,
@@ -44,22 +44,8 @@ from edge_agent.wire.protocol import (
     DeviceState,
     Release,
     Rollout,
-    check_segment,
-    in_cohort,
-    rollout_topic,
 )
-
-
-class RolloutError(CloudError):
-    """There is no rollout to act on, or its state forbids the operation (e.g. advancing an aborted one)."""
-
-
-class WatchTimeout(RolloutError):
-    """``watch`` timed out; ``status`` is the last status seen."""
-
-    def __init__(self, message: str, status: RolloutStatus | None) -> None:
-        super().__init__(message)
-        self.status = status
+from edge_agent.wire.topics import rollout_topic
 
 
 @dataclass
@@ -207,7 +193,7 @@ def current(snap: Snapshot, name: str, fleet: str) -> RolloutStatus:
 
 
 def _publish(
-    link: MqttLink,
+    link: BrokerLink,
     st: RolloutStatus,
     *,
     stage: int | None = None,
@@ -228,7 +214,7 @@ def _publish(
     return new
 
 
-def _auto_halt(link: MqttLink, status: RolloutStatus) -> RolloutStatus:
+def _auto_halt(link: BrokerLink, status: RolloutStatus) -> RolloutStatus:
     """Halt an active rollout whose failure rate crossed the threshold (publishes ``halted``)."""
     if status.rollout.status == "active" and status.over_threshold:
         _publish(link, status, status="halted")
@@ -240,7 +226,8 @@ def _auto_halt(link: MqttLink, status: RolloutStatus) -> RolloutStatus:
     return status
 
 
-def _checked(name: str, fleet: str) -> None:
+def check_target(name: str, fleet: str) -> None:
+    """InputError unless ``name`` and ``fleet`` are valid topic segments (checked before any I/O)."""
     try:
         check_segment(name, "name")
         check_segment(fleet, "fleet")
@@ -248,45 +235,34 @@ def _checked(name: str, fleet: str) -> None:
         raise InputError(str(exc)) from exc
 
 
-def _load(link: MqttLink, name: str, fleet: str, timeout_s: float) -> tuple[FleetView, RolloutStatus]:
+@contextmanager
+def _loaded(link: BrokerLink, name: str, fleet: str, timeout_s: float) -> Iterator[tuple[FleetView, RolloutStatus]]:
+    """The rollout's current status from a synced view, closed (unsubscribed) afterwards: the link may be shared."""
+    check_target(name, fleet)
     view = FleetView(link, fleet, models=[name]).sync(timeout_s)
-    return view, current(view.snapshot(), name, fleet)
+    try:
+        yield view, current(view.snapshot(), name, fleet)
+    finally:
+        view.close()
 
 
 # -- operations ---------------------------------------------------------------------------
 def rollout_status(
-    broker_url: str,
-    name: str,
-    fleet: str,
-    *,
-    auto_halt: bool = True,
-    timeout_s: float = 2.0,
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    link: BrokerLink, name: str, fleet: str, *, auto_halt: bool = True, timeout_s: float = 2.0
 ) -> RolloutStatus:
     """The current rollout of ``name``; halts it (and says so in ``action``) if the threshold is crossed."""
-    _checked(name, fleet)
-    with open_link(broker_url, connect_timeout_s) as link:
-        _, status = _load(link, name, fleet, timeout_s)
+    with _loaded(link, name, fleet, timeout_s) as (_, status):
         return _auto_halt(link, status) if auto_halt else status
 
 
-def advance(
-    broker_url: str,
-    name: str,
-    fleet: str,
-    *,
-    timeout_s: float = 2.0,
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-) -> RolloutStatus:
+def advance(link: BrokerLink, name: str, fleet: str, *, timeout_s: float = 2.0) -> RolloutStatus:
     """Move to the next stage (or mark the last one complete) while the failure rate is within the threshold.
 
     Returns the status with ``action`` ``advanced``, ``completed`` or ``halted`` (the rate was
     too high: the rollout is now halted). An already complete rollout is a no-op (``action``
     None); a halted or aborted one is a RolloutError: release again to retry.
     """
-    _checked(name, fleet)
-    with open_link(broker_url, connect_timeout_s) as link:
-        view, status = _load(link, name, fleet, timeout_s)
+    with _loaded(link, name, fleet, timeout_s) as (view, status):
         ro = status.rollout
         if ro.status == "complete":
             status.message = "already complete: every device of the fleet may apply the release"
@@ -313,18 +289,9 @@ def advance(
         return status
 
 
-def abort(
-    broker_url: str,
-    name: str,
-    fleet: str,
-    *,
-    timeout_s: float = 2.0,
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-) -> RolloutStatus:
+def abort(link: BrokerLink, name: str, fleet: str, *, timeout_s: float = 2.0) -> RolloutStatus:
     """Publish status ``aborted``: devices stop the release and roll back if they applied it. Idempotent."""
-    _checked(name, fleet)
-    with open_link(broker_url, connect_timeout_s) as link:
-        _, status = _load(link, name, fleet, timeout_s)
+    with _loaded(link, name, fleet, timeout_s) as (_, status):
         if status.rollout.status == "aborted":
             status.message = "already aborted"
             return status
@@ -337,7 +304,7 @@ def abort(
 
 
 def watch(
-    broker_url: str,
+    link: BrokerLink,
     name: str,
     fleet: str,
     until: Callable[[RolloutStatus], bool],
@@ -346,7 +313,6 @@ def watch(
     auto_halt: bool = True,
     on_status: Callable[[RolloutStatus], None] | None = None,
     min_interval_s: float = 0.05,
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
 ) -> RolloutStatus:
     """Follow the rollout live until ``until(status)`` holds; halt it automatically on the way.
 
@@ -354,40 +320,38 @@ def watch(
     status that satisfied ``until``; WatchTimeout after ``timeout_s``. A rollout this call
     halted has ``action == "halted"`` in every later status.
     """
-    _checked(name, fleet)
+    check_target(name, fleet)
     deadline = time.monotonic() + timeout_s
-    with open_link(broker_url, connect_timeout_s) as link:
-        view = FleetView(link, fleet, models=[name]).sync(min(timeout_s, 5.0))
-        last: RolloutStatus | None = None
-        halted_here: RolloutStatus | None = None
-        seen = -1
-        try:
-            while True:
-                seen = view.version
-                try:
-                    status = current(view.snapshot(), name, fleet)
-                except RolloutError:
-                    status = None  # e.g. the rollout document has not arrived yet
-                if status is not None:
-                    if auto_halt:
-                        _auto_halt(link, status)
-                        if status.action == "halted":
-                            halted_here = status
-                        elif halted_here is not None and status.rollout.release_id == halted_here.rollout.release_id:
-                            status.action, status.message = halted_here.action, halted_here.message
-                    last = status
-                    if on_status is not None:
-                        on_status(status)
-                    if until(status):
-                        return status
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise WatchTimeout(
-                        f"rollout of {name} in fleet {fleet}: condition not met within {timeout_s:g}s"
-                        + (f"; last: {last.summary()}" if last else ""),
-                        last,
-                    )
-                view.wait_change(seen, min(left, 1.0))
-                time.sleep(min_interval_s)
-        finally:
-            view.close()
+    view = FleetView(link, fleet, models=[name]).sync(min(timeout_s, 5.0))
+    last: RolloutStatus | None = None
+    halted_here: RolloutStatus | None = None
+    try:
+        while True:
+            seen = view.version
+            try:
+                status: RolloutStatus | None = current(view.snapshot(), name, fleet)
+            except RolloutError:
+                status = None  # e.g. the rollout document has not arrived yet
+            if status is not None:
+                if auto_halt:
+                    _auto_halt(link, status)
+                    if status.action == "halted":
+                        halted_here = status
+                    elif halted_here is not None and status.rollout.release_id == halted_here.rollout.release_id:
+                        status.action, status.message = halted_here.action, halted_here.message
+                last = status
+                if on_status is not None:
+                    on_status(status)
+                if until(status):
+                    return status
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WatchTimeout(
+                    f"rollout of {name} in fleet {fleet}: condition not met within {timeout_s:g}s"
+                    + (f"; last: {last.summary()}" if last else ""),
+                    last,
+                )
+            view.wait_change(seen, min(left, 1.0))
+            time.sleep(min_interval_s)
+    finally:
+        view.close()

@@ -35,11 +35,9 @@ from edge_agent.wire.manifest import (
     MANIFEST_FILE,
     MODEL_FILE,
     Manifest,
-    check_name,
     list_versions,
-    parse_version,
-    version_key,
 )
+from edge_agent.wire.names import check_name, parse_version
 
 EVAL_SUFFIX = ".eval"
 
@@ -101,7 +99,7 @@ class Registry:
     def next_version(self, name: str) -> str:
         """The next integer version: one past the major part of the latest, or ``"1"``."""
         latest = self.latest(name)
-        return str(version_key(latest)[0] + 1) if latest else "1"
+        return str(parse_version(latest)[0] + 1) if latest else "1"
 
     def path(self, name: str, version: str) -> Path:
         """The directory of a registered version; RegistryError if it is not registered."""

@@ -1,1 +1,5 @@
-"""cloud_batch.sim."""
+"""The fleet simulator: ``fleet.SimFleet`` runs many ``device.SimDevice`` on one ``loop.EventLoop``.
+
+Devices admit releases with the agent's own ``edge_agent.update.admission`` and report its
+``update.states.State`` names and results.
+"""

@@ -32,9 +32,10 @@ def tensorflow() -> ModuleType:
     # between runs; off, training is reproducible from the seed.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     late = "tensorflow" in sys.modules and "tflite_runtime.interpreter" not in sys.modules
-    from edge_agent.inference import runtime
+    from edge_agent.inference.interpreter import default_backend
 
-    if late and runtime.BACKEND == "tflite-runtime":
+    # Resolving the backend imports tflite_runtime, which must come before tensorflow.
+    if default_backend().name == "tflite-runtime" and late:
         raise CloudError(
             "tensorflow was imported before tflite_runtime in this process, so int8 models cannot be "
             "loaded for evaluation; import cloud_batch (or edge_agent.inference.runtime) before tensorflow"

@@ -1,7 +1,7 @@
 """``edge-agent features …``: thin commands over the feature cache (``<data-dir>/features.db``).
 
-``cli.build_parser`` calls ``add_commands(sub)``. The ``edge_agent.cli.main`` helpers are imported
-when the commands are added (not at module import), so ``cli`` may import this module at its top.
+``cli.main.build_parser`` calls ``add_commands(sub)``; the shared helpers come from ``cli.common``,
+so this module never imports ``cli.main``.
 Errors raised on purpose (unknown set/entity, expired value, rejected bundle) reach ``cli.main``,
 which prints ``error: ...`` and exits 1.
 """
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edge_agent.cli.common import Handler, add_command, common_args, config_from_args
 from edge_agent.features.cache import (
     DB_FILE,
     FeatureCache,
@@ -27,9 +28,7 @@ Common = Callable[[argparse.ArgumentParser], None]
 
 
 def _cache(args: argparse.Namespace, *, must_exist: bool = False) -> FeatureCache:
-    from edge_agent.cli.main import _config
-
-    cfg = _config(args)
+    cfg = config_from_args(args)
     path = Path(cfg.data_dir) / DB_FILE
     if must_exist and not path.is_file():
         raise FeatureSetNotFound(f"no feature cache at {path} (apply a bundle first: `edge-agent features apply DIR`)")
@@ -124,50 +123,36 @@ def cmd_features_apply(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------
 def add_commands(sub: Any, common: Common | None = None) -> argparse.ArgumentParser:
     """Add ``features get|list|apply`` to the top-level subparsers; return the ``features`` parser."""
-    from edge_agent.cli.main import _add
-
-    if common is None:
-        from edge_agent.cli.main import _common as common
-
-    group = _add(
-        sub,
-        "features",
-        lambda a: 2,
-        "read and update the on-device feature cache",
+    common = common or common_args
+    group = add_command(
+        sub, "features", lambda a: 2, "read and update the on-device feature cache",
         "edge-agent features list --data-dir ./var/agent",
-    )
+    )  # fmt: skip
     fsub = group.add_subparsers(dest="features_command", required=True, metavar="SUBCOMMAND")
-
-    p = _add(
-        fsub,
-        "get",
-        cmd_features_get,
-        "print one entity's cached features (exit 1 when the entity is unknown or its value expired)",
-        "edge-agent features get maintenance pump-17 --json",
-    )
-    p.add_argument("set", help="feature set name")
-    p.add_argument("entity", help="entity id (e.g. an asset_id)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    common(p)
-
-    p = _add(
-        fsub,
-        "list",
-        cmd_features_list,
-        "list cached feature sets: version, rows, freshness, ttl",
-        "edge-agent features list --json --data-dir ./var/agent",
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    common(p)
-
-    p = _add(
-        fsub,
-        "apply",
-        cmd_features_apply,
-        "apply a local feature bundle directory (snapshot or delta) to the cache, atomically",
-        "edge-agent features apply ./bundles/maintenance-42 --data-dir ./var/agent",
-    )
-    p.add_argument("dir", type=Path, metavar="DIR", help="bundle directory (bundle.json + data.npz)")
-    p.add_argument("--allow-downgrade", action="store_true", help="accept an older snapshot (rollback)")
-    common(p)
+    specs: dict[str, tuple[Handler, str, str]] = {
+        "get": (
+            cmd_features_get,
+            "print one entity's cached features (exit 1 when the entity is unknown or its value expired)",
+            "edge-agent features get maintenance pump-17 --json",
+        ),
+        "list": (
+            cmd_features_list,
+            "list cached feature sets: version, rows, freshness, ttl",
+            "edge-agent features list --json --data-dir ./var/agent",
+        ),
+        "apply": (
+            cmd_features_apply,
+            "apply a local feature bundle directory (snapshot or delta) to the cache, atomically",
+            "edge-agent features apply ./bundles/maintenance-42 --data-dir ./var/agent",
+        ),
+    }
+    get, lst, apply = (add_command(fsub, name, *spec) for name, spec in specs.items())
+    get.add_argument("set", help="feature set name")
+    get.add_argument("entity", help="entity id (e.g. an asset_id)")
+    for p in (get, lst):
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    apply.add_argument("dir", type=Path, metavar="DIR", help="bundle directory (bundle.json + data.npz)")
+    apply.add_argument("--allow-downgrade", action="store_true", help="accept an older snapshot (rollback)")
+    for p in (get, lst, apply):
+        common(p)
     return group

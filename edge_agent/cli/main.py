@@ -12,40 +12,25 @@ import logging
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_agent.config import AgentConfig, load_config
+from edge_agent.cli.common import add_command as _add
+from edge_agent.cli.common import common_args as _common
+from edge_agent.cli.common import config_from_args as _config
 from edge_agent.errors import EdgeError, NotFoundError
 from edge_agent.update.validate import VALIDATE_COMMAND
 from edge_agent.update.validate import main as validate_main
 
-Handler = Callable[[argparse.Namespace], int]
+if TYPE_CHECKING:  # imported lazily at run time: `edge-agent --help` stays fast
+    from edge_agent.inference.runtime import LoadedModel
+    from edge_agent.models.store import ModelStore
 
 
-def _config(args: argparse.Namespace) -> AgentConfig:
-    overrides: dict[str, Any] = {"data_dir": getattr(args, "data_dir", None), "listen": getattr(args, "listen", None)}
-    mqtt = {
-        "broker": getattr(args, "broker", None),
-        "device_id": getattr(args, "device_id", None),
-        "fleet": getattr(args, "fleet", None),
-        "groups": getattr(args, "group", None),
-        "trust": getattr(args, "trust", None),
-        "ca_file": getattr(args, "tls_ca", None),
-        "cert_file": getattr(args, "tls_cert", None),
-        "key_file": getattr(args, "tls_key", None),
-    }
-    if any(v is not None for v in mqtt.values()):
-        overrides["mqtt"] = {k: v for k, v in mqtt.items() if v is not None}
-    if getattr(args, "log_level", None):
-        overrides["log_level"] = args.log_level
-    return load_config(getattr(args, "config", None), overrides=overrides)
-
-
-def _store(args: argparse.Namespace):
+def _store(args: argparse.Namespace) -> ModelStore:
     from edge_agent.models.store import ModelStore
 
     cfg = _config(args)
@@ -103,7 +88,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _active_model(args: argparse.Namespace):
+def _active_model(args: argparse.Namespace) -> LoadedModel:
     from edge_agent.inference.runtime import LoadedModel
 
     store = _store(args)
@@ -151,15 +136,20 @@ def cmd_status(args: argparse.Namespace) -> int:
                 live = json.loads(resp.read())
         except (urllib.error.URLError, OSError, ValueError):
             live = None
-    store = _store(args)
-    out = {"running": live is not None, "listen": cfg.listen, "data_dir": str(cfg.data_dir), "store": store.list()}
+    rows = _store(args).list()
+    out: dict[str, Any] = {
+        "running": live is not None,
+        "listen": cfg.listen,
+        "data_dir": str(cfg.data_dir),
+        "store": rows,
+    }
     if live is not None:
         out["live"] = live
     if args.json:
         _print_json(out)
         return 0
     print(f"agent: {'running' if live else 'not reachable'} on {cfg.listen}; data dir {cfg.data_dir}")
-    for row in out["store"]:
+    for row in rows:
         serving = (live or {}).get("models", {}).get(row["name"], {})
         extra = f" serving v{serving['version']} on {serving['delegate']}" if serving else ""
         print(f"  {row['name']}: active {row['active']}, versions {', '.join(row['versions'])}{extra}")
@@ -186,23 +176,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # -- parser -----------------------------------------------------------------------
-def _add(sub: Any, name: str, handler: Handler, help: str, example: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        name,
-        help=help,
-        description=help,
-        epilog=f"Example:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.set_defaults(handler=handler)
-    return p
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="agent TOML config (default: embedded; env EDGEFLEET_CONFIG)")
-    p.add_argument("--data-dir", type=Path, help="agent state directory (overrides config)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",

@@ -46,12 +46,12 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from edge_agent.errors import NotReadyError, RequestError
-from edge_agent.features.cache import FeatureExpired, FeatureNotFound, FeatureSetNotFound, SetMeta
+from edge_agent.errors import FeatureExpired, FeatureNotFound, FeaturesNotReady, RequestError
+from edge_agent.features.cache import FeatureSetNotFound, SetMeta
 from edge_agent.wire.bundle import MAX_ENTITY_LEN
 from edge_agent.wire.manifest import V2_TO_NUMPY, FeatureJoin, Manifest
 
@@ -65,10 +65,6 @@ ENTITY_PARAM = "entity_id"
 ENTITIES_PARAM = "entity_ids"
 # Join outcomes counted per request and joined set (edgefleet_feature_joins_total{outcome}).
 OUTCOMES = ("hit", "default", "stale_served", "missing", "stale_rejected", "not_ready")
-
-
-class FeaturesNotReady(NotReadyError):
-    """The feature set a model joins is not cached on this device, or lacks a feature the model needs."""
 
 
 def entity_ids(params: Mapping[str, Any]) -> list[str] | None:
@@ -98,8 +94,8 @@ def _check_entity(value: Any, where: str) -> None:
 class JoinMetrics:
     """``edgefleet_feature_joins_total{model,set,outcome}`` in the API's registry (one per registry)."""
 
-    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, JoinMetrics] = weakref.WeakKeyDictionary()
-    _lock = threading.Lock()
+    _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, JoinMetrics]] = weakref.WeakKeyDictionary()
+    _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, registry: CollectorRegistry) -> None:
         from prometheus_client import Counter

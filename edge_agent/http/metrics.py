@@ -57,30 +57,25 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = False) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        model_version = ("model", "version")
         self.requests = Counter(
             "edgefleet_requests",
             "Inference requests by model, served version and HTTP status code.",
-            ("model", "version", "code"),
+            (*model_version, "code"),
             registry=r,
         )
         self.latency = Histogram(
             "edgefleet_request_latency_seconds",
             "Inference request latency inside the agent, in seconds.",
-            ("model", "version"),
+            model_version,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.errors = Counter(
-            "edgefleet_errors",
-            "Failed inference requests by model and reason.",
-            ("model", "reason"),
-            registry=r,
+            "edgefleet_errors", "Failed inference requests by model and reason.", ("model", "reason"), registry=r
         )
         self.active_version = Gauge(
-            "edgefleet_active_version",
-            "1 for the model version that is serving.",
-            ("model", "version"),
-            registry=r,
+            "edgefleet_active_version", "1 for the model version that is serving.", model_version, registry=r
         )
         self.inflight = Gauge("edgefleet_inflight_requests", "Inference requests being processed.", registry=r)
         if process:
@@ -88,9 +83,7 @@ class Metrics:
 
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
-        self._req_children: dict[tuple[str, str, int], Any] = {}
-        self._lat_children: dict[tuple[str, str], Any] = {}
-        self._err_children: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}  # (metric, *label values) -> its child
         self._active: dict[str, str] = {}
         self._lock = threading.Lock()
         self._watched: weakref.WeakSet[ModelServer] = weakref.WeakSet()
@@ -98,23 +91,19 @@ class Metrics:
     # -- per request (hot path) -----------------------------------------------------
     def observe(self, model: str, version: str, code: int, seconds: float) -> None:
         """Count one infer request and record its latency."""
-        key = (model, version, code)
-        child = self._req_children.get(key)
-        if child is None:
-            child = self._req_children[key] = self.requests.labels(model, version, str(code))
-        child.inc()
-        lkey = (model, version)
-        hist = self._lat_children.get(lkey)
-        if hist is None:
-            hist = self._lat_children[lkey] = self.latency.labels(model, version)
-        hist.observe(seconds)
+        self._child(self.requests, model, version, code).inc()
+        self._child(self.latency, model, version).observe(seconds)
 
     def error(self, model: str, reason: str) -> None:
-        key = (model, reason)
-        child = self._err_children.get(key)
+        self._child(self.errors, model, reason).inc()
+
+    def _child(self, metric: Any, *values: object) -> Any:
+        """``metric.labels(*values)``, cached: prometheus_client's own lookup is slower than the request."""
+        key = (metric, *values)
+        child = self._children.get(key)
         if child is None:
-            child = self._err_children[key] = self.errors.labels(model, reason)
-        child.inc()
+            child = self._children[key] = metric.labels(*map(str, values))
+        return child
 
     # -- active versions ------------------------------------------------------------
     def set_active(self, model: str, version: str | None) -> None:

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.inference.runtime import LoadedModel, open_interpreter, tensor_bindings
+from edge_agent.inference.interpreter import open_interpreter, tensor_bindings
+from edge_agent.inference.runtime import LoadedModel
 
 
 def latency_stats(samples_s: list[float] | np.ndarray, wall_s: float | None = None) -> dict[str, float]:

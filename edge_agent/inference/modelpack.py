@@ -25,9 +25,8 @@ from edge_agent.wire.manifest import (
     MODEL_FILE,
     Manifest,
     TensorSpec,
-    check_name,
-    parse_version,
 )
+from edge_agent.wire.names import check_name, parse_version
 
 
 def _renamed(specs: list[TensorSpec], names: Mapping[str, str] | None) -> list[TensorSpec]:

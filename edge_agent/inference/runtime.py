@@ -4,128 +4,48 @@ Interpreters are not thread-safe, so a ``LoadedModel`` owns a small pool of them
 each call borrows one. Quantized tensors are exposed in real values: inputs given as
 floats are quantized on the way in and outputs are dequantized on the way out, while
 arrays already in the raw INT8/UINT8 type pass straight through.
+
+Where interpreters come from (the injectable backend) lives in ``interpreter.py``. A call is
+checked once: ``predict`` checks plain arrays itself; the API's decoded requests were checked
+by ``kserve_v2.check_request`` and go through ``predict_checked``.
 """
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import IncompatibleModelError, RequestError
+from edge_agent.errors import RequestError
+from edge_agent.inference.interpreter import (
+    Backend,
+    DelegateSpec,
+    Interpreter,
+    RuntimeOptions,
+    default_backend,
+    inspect_model,
+    open_interpreter,
+    tensor_bindings,
+)
 from edge_agent.wire.manifest import Manifest, Quantization, TensorSpec
 
-log = logging.getLogger(__name__)
-
-
-def _import_backend() -> tuple[str, Any, Callable[..., Any]]:
-    """Return (backend name, Interpreter class, load_delegate) from whichever runtime is installed."""
-    try:
-        from tflite_runtime.interpreter import Interpreter, load_delegate  # type: ignore[import-not-found]
-
-        return "tflite-runtime", Interpreter, load_delegate
-    except ImportError:
-        pass
-    try:
-        from ai_edge_litert.interpreter import Interpreter, load_delegate  # type: ignore[import-not-found]
-
-        return "ai-edge-litert", Interpreter, load_delegate
-    except ImportError as exc:  # pragma: no cover - packaging guarantees one of them
-        raise IncompatibleModelError("no TFLite runtime installed: need tflite-runtime or ai-edge-litert") from exc
-
-
-BACKEND, _Interpreter, _load_delegate = _import_backend()
-
-
-@dataclass(frozen=True)
-class DelegateSpec:
-    """A TFLite delegate to try, e.g. ``DelegateSpec("libedgetpu.so.1", {"device": "usb"})``."""
-
-    library: str
-    options: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    """How interpreters are created: threads per interpreter, delegates, pool size."""
-
-    num_threads: int | None = None
-    delegates: tuple[DelegateSpec, ...] = ()
-    pool_size: int = 2
-
-
-def open_interpreter(path: str | Path, options: RuntimeOptions) -> tuple[Any, str]:
-    """Create and allocate an interpreter; return it with the name of the active delegate.
-
-    A delegate that cannot be loaded, or that rejects the model, is logged and skipped:
-    the model then runs on the CPU and ``"cpu"`` is reported.
-    """
-    path = str(path)
-    for spec in options.delegates:
-        try:
-            delegate = _load_delegate(spec.library, dict(spec.options))
-        except (ValueError, OSError, RuntimeError) as exc:
-            log.warning("delegate %s unavailable, falling back: %s", spec.library, exc)
-            continue
-        try:
-            interp = _Interpreter(model_path=path, num_threads=options.num_threads, experimental_delegates=[delegate])
-            interp.allocate_tensors()
-            return interp, spec.library
-        except (ValueError, RuntimeError) as exc:
-            log.warning("delegate %s rejected the model, falling back: %s", spec.library, exc)
-    try:
-        interp = _Interpreter(model_path=path, num_threads=options.num_threads)
-        interp.allocate_tensors()
-    except (ValueError, RuntimeError) as exc:
-        raise IncompatibleModelError(
-            f"cannot load {Path(path).name} on this device's runtime ({BACKEND}): {exc}"
-        ) from exc
-    return interp, "cpu"
-
-
-def _clean_tensor_name(name: str) -> str:
-    if name.startswith("serving_default_"):
-        name = name[len("serving_default_") :]
-    return name.split(":", 1)[0]
-
-
-def _spec_from_details(name: str, d: Mapping[str, Any]) -> TensorSpec:
-    scale, zero_point = d["quantization"]
-    quant = Quantization(float(scale), int(zero_point)) if scale and scale > 0 else None
-    sig = d.get("shape_signature")
-    shape = tuple(int(x) for x in (sig if sig is not None and len(sig) else d["shape"]))
-    return TensorSpec(
-        name=name,
-        dtype=np.dtype(d["dtype"]).name,
-        shape=shape,
-        quantization=quant,
-        tensor=d["name"] if d["name"] != name else None,
-    )
-
-
-def inspect_model(path: str | Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Derive input and output specs from the model file itself.
-
-    Names come from the model's single serving signature when it has one (``pixels``,
-    ``output_0``), otherwise from the tensor names with TF's decorations removed.
-    """
-    interp, _ = open_interpreter(path, RuntimeOptions(num_threads=1))
-    sigs = interp.get_signature_list()
-    if len(sigs) == 1:
-        runner = interp.get_signature_runner(next(iter(sigs)))
-        ins = [_spec_from_details(n, d) for n, d in runner.get_input_details().items()]
-        outs = [_spec_from_details(n, d) for n, d in runner.get_output_details().items()]
-    else:
-        ins = [_spec_from_details(_clean_tensor_name(d["name"]), d) for d in interp.get_input_details()]
-        outs = [_spec_from_details(_clean_tensor_name(d["name"]), d) for d in interp.get_output_details()]
-    return ins, outs
+# Re-exported: callers that load models import the options from here, next to LoadedModel.
+__all__ = [
+    "Backend",
+    "DelegateSpec",
+    "LoadedModel",
+    "RuntimeOptions",
+    "default_backend",
+    "dequantize",
+    "inspect_model",
+    "open_interpreter",
+    "quantize",
+]
 
 
 def quantize(x: np.ndarray, q: Quantization, dtype: np.dtype[Any]) -> np.ndarray:
@@ -142,28 +62,24 @@ def dequantize(x: np.ndarray, q: Quantization) -> np.ndarray:
 def _shape_matches(actual: tuple[int, ...], declared: tuple[int, ...], skip_batch: bool) -> bool:
     if len(actual) != len(declared):
         return False
-    dims = zip(actual[1:], declared[1:]) if skip_batch else zip(actual, declared)
+    dims = zip(actual[1:], declared[1:], strict=True) if skip_batch else zip(actual, declared, strict=True)
     return all(d == -1 or a == d for a, d in dims)
 
 
-def tensor_bindings(interp: Any, manifest: Manifest) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Map the manifest's input and output names to the interpreter's tensor indices."""
-    by_name = {d["name"]: d for d in interp.get_input_details()}
-    out_by_name = {d["name"]: d for d in interp.get_output_details()}
-    ins = [
-        (s.name, (by_name.get(s.tensor or s.name) or _by_clean_name(by_name, s.name))["index"]) for s in manifest.inputs
-    ]
-    outs = [
-        (s.name, (out_by_name.get(s.tensor or s.name) or _by_clean_name(out_by_name, s.name))["index"])
-        for s in manifest.outputs
-    ]
-    return ins, outs
+def _to_native(spec: TensorSpec, arr: np.ndarray, native: np.dtype[Any]) -> np.ndarray:
+    """``arr`` in the tensor's ``native`` type: real values quantized, other numbers cast; no checks."""
+    if arr.dtype != native:
+        if spec.quantization is not None:
+            arr = quantize(arr.astype(np.float32, copy=False), spec.quantization, native)
+        else:
+            arr = arr.astype(native)
+    return np.ascontiguousarray(arr)
 
 
 class _Session:
     """One interpreter with its tensor bindings; used by one thread at a time."""
 
-    def __init__(self, interp: Any, manifest: Manifest) -> None:
+    def __init__(self, interp: Interpreter, manifest: Manifest) -> None:
         self.interp = interp
         self.inputs, self.outputs = tensor_bindings(interp, manifest)
         shapes = {d["index"]: tuple(int(x) for x in d["shape"]) for d in interp.get_input_details()}
@@ -191,13 +107,6 @@ class _Session:
         return {name: interp.get_tensor(idx) for name, idx in self.outputs}
 
 
-def _by_clean_name(details: Mapping[str, Mapping[str, Any]], name: str) -> Mapping[str, Any]:
-    for tensor_name, d in details.items():
-        if _clean_tensor_name(tensor_name) == name:
-            return d
-    raise IncompatibleModelError(f"the model has no tensor named {name!r} (tensors: {sorted(details)})")
-
-
 class LoadedModel:
     """A model version ready to serve: manifest, interpreter pool and (de)quantization.
 
@@ -208,6 +117,7 @@ class LoadedModel:
         self.path = Path(path)
         self.manifest = manifest
         self.options = options or RuntimeOptions()
+        self.backend = self.options.backend or default_backend()
         self._pool: queue.SimpleQueue[_Session] = queue.SimpleQueue()
         self._created = 0
         self._lock = threading.Lock()
@@ -215,6 +125,7 @@ class LoadedModel:
         self._pool.put(_Session(first, manifest))
         self._created = 1
         self._in_specs = {s.name: s for s in manifest.inputs}
+        self._natives = {s.name: np.dtype(s.dtype) for s in manifest.inputs}
         self._dynamic_batch = all(s.shape and s.shape[0] == -1 for s in manifest.inputs)
         self._fixed_batch = {s.shape[0] for s in manifest.inputs if s.shape} if not self._dynamic_batch else set()
         self.warm_latency_s: float | None = None
@@ -253,25 +164,25 @@ class LoadedModel:
     def prepare_input(self, spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
         """Check one input against its spec and convert it to the tensor's native type."""
         native = np.dtype(spec.dtype)
-        if arr.dtype == native:
-            out = arr
-        elif spec.quantization is not None and arr.dtype.kind in "fiu" and arr.dtype.kind != "b":
-            out = quantize(arr.astype(np.float32, copy=False), spec.quantization, native)
-        elif native.kind == "f" and arr.dtype.kind in "fiu":
-            out = arr.astype(native)
-        else:
+        kind = arr.dtype.kind
+        if arr.dtype != native and not (kind in "fiu" and (spec.quantization is not None or native.kind == "f")):
             raise RequestError(
                 f"input {spec.name!r}: datatype {arr.dtype.name} not accepted, expected {spec.datatype}"
                 + (f" or {spec.native_datatype}" if spec.quantization else "")
             )
-        if not _shape_matches(tuple(out.shape), spec.shape, skip_batch=True):
-            raise RequestError(f"input {spec.name!r}: shape {list(out.shape)} does not match {list(spec.shape)}")
-        return np.ascontiguousarray(out)
+        if not _shape_matches(tuple(arr.shape), spec.shape, skip_batch=True):
+            raise RequestError(f"input {spec.name!r}: shape {list(arr.shape)} does not match {list(spec.shape)}")
+        return _to_native(spec, arr, native)
 
     def predict(
         self, inputs: Mapping[str, np.ndarray], raw_outputs: frozenset[str] | set[str] = frozenset()
     ) -> dict[str, np.ndarray]:
-        """Run one (possibly batched) call. Outputs are real-valued unless named in ``raw_outputs``."""
+        """Check and run one (possibly batched) call. Outputs are real-valued unless named in ``raw_outputs``.
+
+        For in-process callers holding plain arrays: any numeric type is accepted where the
+        tensor can take it. A decoded V2 request was already checked, strictly, by
+        ``kserve_v2.check_request``: run it with :meth:`predict_checked`.
+        """
         specs = self._in_specs
         unknown = [n for n in inputs if n not in specs]
         if unknown:
@@ -279,7 +190,21 @@ class LoadedModel:
         missing = [n for n in specs if n not in inputs]
         if missing:
             raise RequestError(f"missing input {missing[0]!r}")
-        feeds = {n: self.prepare_input(specs[n], a) for n, a in inputs.items()}
+        return self._run({n: self.prepare_input(specs[n], a) for n, a in inputs.items()}, raw_outputs)
+
+    def predict_checked(
+        self, inputs: Mapping[str, np.ndarray], raw_outputs: frozenset[str] | set[str] = frozenset()
+    ) -> dict[str, np.ndarray]:
+        """:meth:`predict` for inputs already checked against this model's manifest (names, types, shapes).
+
+        The HTTP hot path: the codec checked the request once, so only the conversion to the
+        tensors' native types (quantizing real values) and the batch rules are left.
+        """
+        specs, natives = self._in_specs, self._natives
+        return self._run({n: _to_native(specs[n], a, natives[n]) for n, a in inputs.items()}, raw_outputs)
+
+    def _run(self, feeds: dict[str, np.ndarray], raw_outputs: frozenset[str] | set[str]) -> dict[str, np.ndarray]:
+        """The batch rules, then invoke: a fixed-batch-1 model loops over a larger batch."""
         batches = {a.shape[0] if a.ndim else 1 for a in feeds.values()}
         if len(batches) != 1:
             raise RequestError(f"inputs disagree on the batch size: {sorted(batches)}")
@@ -320,7 +245,7 @@ class LoadedModel:
         for spec in self.manifest.inputs:
             shape = tuple(batch if i == 0 and d == -1 else (d if d > 0 else 1) for i, d in enumerate(spec.shape))
             if not self._dynamic_batch and shape:
-                shape = (batch,) + shape[1:]
+                shape = (batch, *shape[1:])
             native = np.dtype(spec.dtype)
             if spec.quantization is not None:
                 info = np.iinfo(native)
@@ -349,7 +274,7 @@ class LoadedModel:
         return {
             "name": self.name,
             "version": self.version,
-            "backend": BACKEND,
+            "backend": self.backend.name,
             "delegate": self.delegate,
             "num_threads": self.options.num_threads,
             "pool_size": self.options.pool_size,

@@ -26,7 +26,8 @@ from edge_agent.errors import NotFoundError, RejectedError, StoreError
 from edge_agent.fsutil import atomic_write_json, fsync_dir, locked
 from edge_agent.inference.modelpack import build_version_dir, copy_version_dir, verify_version_dir
 from edge_agent.inference.runtime import RuntimeOptions
-from edge_agent.wire.manifest import MANIFEST_FILE, Manifest, check_name, list_versions, parse_version, version_key
+from edge_agent.wire.manifest import MANIFEST_FILE, Manifest, list_versions
+from edge_agent.wire.names import check_name, parse_version
 
 STATE_FILE = "state.json"
 STATE_SCHEMA = 1
@@ -151,7 +152,7 @@ class ModelStore:
         check_name(name)
         if version is None:
             existing = self.versions(name)
-            version = str(version_key(existing[-1])[0] + 1) if existing else "1"
+            version = str(parse_version(existing[-1])[0] + 1) if existing else "1"
         parse_version(version)
         staging = self.root / ".staging"
         staging.mkdir(exist_ok=True)

@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -165,7 +166,7 @@ class MqttLink:
                 raise FailedError(f"publish to {topic} not acknowledged within {wait_s}s")
 
     # -- paho callbacks (network thread) ---------------------------------------
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             log.warning("broker %s:%d refused the connection: %s", self.host, self.port, reason_code)
             return
@@ -184,7 +185,7 @@ class MqttLink:
             except Exception:
                 log.exception("on_connect callback failed")
 
-    def _on_socket_open(self, client, userdata, sock) -> None:
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         # MQTT is request/response with small control packets (SUBSCRIBE, PUBACK, ...); with Nagle's
         # algorithm each can wait ~40 ms for the peer's delayed ACK. paho does not set TCP_NODELAY.
         try:
@@ -192,16 +193,16 @@ class MqttLink:
         except (OSError, AttributeError):
             pass
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if self._connected.is_set() and not self._stopping:
             log.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
         self._connected.clear()
 
-    def _on_message(self, client, userdata, msg) -> None:
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
             handlers = [h for f, (h, _) in self._handlers.items() if mqtt.topic_matches_sub(f, msg.topic)]
         for handler in handlers:
             try:
-                handler(msg.topic, msg.payload, bool(msg.retain))
+                handler(msg.topic, bytes(msg.payload), bool(msg.retain))
             except Exception:
                 log.exception("handler for %s failed", msg.topic)

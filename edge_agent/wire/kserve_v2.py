@@ -159,20 +159,14 @@ def decode_request(
     from the feature cache; the caller checks the request once it has filled them).
     """
     n = parse_header_length(header_length, len(body))
+    head: bytes | bytearray | memoryview
+    binary: bytes | memoryview
     if n is None:
         head, binary = body, b""
     else:
         view = memoryview(body)
         head, binary = view[:n], view[n:]
-    try:
-        req = json.loads(head if isinstance(head, (bytes, bytearray)) else bytes(head))
-    except UnicodeDecodeError:
-        raise RequestError("request body is not UTF-8 JSON" + _binary_hint(n)) from None
-    except ValueError as exc:
-        hint = _binary_hint(n) if getattr(exc, "msg", "") == "Extra data" else ""
-        raise RequestError(f"request body is not valid JSON: {exc}{hint}") from None
-    if not isinstance(req, dict):
-        raise RequestError(f"request body must be a JSON object, got {type(req).__name__}")
+    req = _parse_json(head, n)
     inputs = req.get("inputs")
     if allow_no_inputs and inputs is None:
         inputs = []
@@ -185,7 +179,32 @@ def decode_request(
     binary_output = params.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise RequestError("parameters.binary_data_output must be true or false")
+    arrays, datatypes = _decode_inputs(inputs, binary, n)
+    outputs = _decode_outputs(req.get("outputs"))
+    request = InferRequest(arrays, datatypes, outputs or None, rid, params, binary_output)
+    if manifest is not None:
+        check_request(request, manifest)
+    return request
 
+
+def _parse_json(head: bytes | bytearray | memoryview, n: int | None) -> dict[str, Any]:
+    """The JSON part of the body, which must be an object."""
+    try:
+        req = json.loads(head if isinstance(head, (bytes, bytearray)) else bytes(head))
+    except UnicodeDecodeError:
+        raise RequestError("request body is not UTF-8 JSON" + _binary_hint(n)) from None
+    except ValueError as exc:
+        hint = _binary_hint(n) if getattr(exc, "msg", "") == "Extra data" else ""
+        raise RequestError(f"request body is not valid JSON: {exc}{hint}") from None
+    if not isinstance(req, dict):
+        raise RequestError(f"request body must be a JSON object, got {type(req).__name__}")
+    return req
+
+
+def _decode_inputs(
+    inputs: list[Any], binary: bytes | memoryview, n: int | None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every input tensor, from JSON ``data`` or from its slice of the binary part, which they must use up."""
     arrays: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
     offset = 0
@@ -198,34 +217,12 @@ def decode_request(
             raise RequestError(f"inputs[{i}] needs a 'name' string")
         if name in arrays:
             raise RequestError(f"input {name!r} given twice")
-        shape = t.get("shape")
-        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
-            raise RequestError(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r:.60}")
-        datatype = t.get("datatype")
-        if not isinstance(datatype, str):
-            raise RequestError(f"input {name!r}: missing 'datatype'")
-        dtype = _WIRE_DTYPES.get(datatype)
-        if dtype is None:
-            if datatype == "BYTES":
-                raise RequestError(f"input {name!r}: datatype BYTES is not supported by this server")
-            raise RequestError(f"input {name!r}: unknown datatype {datatype!r}; use one of {sorted(_WIRE_DTYPES)}")
+        shape, datatype, dtype = _tensor_header(name, t)
         count = math.prod(shape)
-        if count == 0:
-            raise RequestError(f"input {name!r}: shape {shape} is empty")
         tparams = t.get("parameters")
         size = None if tparams is None else _dict_or_empty(tparams, "input", name).get("binary_data_size")
         if size is not None:
-            if not _is_int(size) or size < 0:
-                raise RequestError(f"input {name!r}: parameters.binary_data_size must be a non-negative integer")
-            if "data" in t:
-                raise RequestError(f"input {name!r}: give either 'data' or parameters.binary_data_size, not both")
-            expected = count * dtype.itemsize
-            if size != expected:
-                raise RequestError(
-                    f"input {name!r}: binary_data_size {size} does not match shape {shape} of {datatype} ({expected} bytes)"
-                )
-            if n is None:
-                raise RequestError(f"input {name!r} has binary data but the request has no {HEADER_LENGTH} header")
+            _check_binary_size(name, t, size, shape, datatype, count * dtype.itemsize, n)
             if offset + size > binary_len:
                 raise RequestError(
                     f"binary tensor data too short: input {name!r} needs bytes {offset}..{offset + size}, "
@@ -243,37 +240,62 @@ def decode_request(
         raise RequestError(
             f"binary tensor data size mismatch: inputs declare {offset} bytes, the body carries {binary_len} after the JSON header"
         )
+    return arrays, datatypes
 
-    outputs: list[RequestedOutput] | None = None
-    raw_outputs = req.get("outputs")
-    if raw_outputs is not None:
-        if not isinstance(raw_outputs, list):
-            raise RequestError("'outputs' must be a list")
-        outputs = []
-        seen = set()
-        for i, o in enumerate(raw_outputs):
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise RequestError(f"outputs[{i}] must be an object with a 'name' string")
-            oname = o["name"]
-            if oname in seen:
-                raise RequestError(f"output {oname!r} requested twice")
-            seen.add(oname)
-            oparams = o.get("parameters")
-            if oparams is None:
-                outputs.append(RequestedOutput(oname))
-            else:
-                oparams = _dict_or_empty(oparams, "output", oname)
-                outputs.append(
-                    RequestedOutput(
-                        oname,
-                        _flag(oparams, "binary_data", f"outputs[{i}]"),
-                        bool(_flag(oparams, "quantized", f"outputs[{i}]")),
-                    )
-                )
-    request = InferRequest(arrays, datatypes, outputs or None, rid, params, binary_output)
-    if manifest is not None:
-        check_request(request, manifest)
-    return request
+
+def _tensor_header(name: str, t: Mapping[str, Any]) -> tuple[list[int], str, np.dtype[Any]]:
+    """An input's shape, datatype and wire dtype, each checked."""
+    shape = t.get("shape")
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        raise RequestError(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r:.60}")
+    datatype = t.get("datatype")
+    if not isinstance(datatype, str):
+        raise RequestError(f"input {name!r}: missing 'datatype'")
+    dtype = _WIRE_DTYPES.get(datatype)
+    if dtype is None:
+        if datatype == "BYTES":
+            raise RequestError(f"input {name!r}: datatype BYTES is not supported by this server")
+        raise RequestError(f"input {name!r}: unknown datatype {datatype!r}; use one of {sorted(_WIRE_DTYPES)}")
+    if math.prod(shape) == 0:
+        raise RequestError(f"input {name!r}: shape {shape} is empty")
+    return shape, datatype, dtype
+
+
+def _check_binary_size(
+    name: str, t: Mapping[str, Any], size: Any, shape: list[int], datatype: str, expected: int, n: int | None
+) -> None:
+    """``parameters.binary_data_size`` must be the tensor's exact byte size, with a header to find it by."""
+    if not _is_int(size) or size < 0:
+        raise RequestError(f"input {name!r}: parameters.binary_data_size must be a non-negative integer")
+    if "data" in t:
+        raise RequestError(f"input {name!r}: give either 'data' or parameters.binary_data_size, not both")
+    if size != expected:
+        raise RequestError(
+            f"input {name!r}: binary_data_size {size} does not match shape {shape} of {datatype} ({expected} bytes)"
+        )
+    if n is None:
+        raise RequestError(f"input {name!r} has binary data but the request has no {HEADER_LENGTH} header")
+
+
+def _decode_outputs(raw_outputs: Any) -> list[RequestedOutput] | None:
+    """The request's ``outputs`` list (None: every output of the model)."""
+    if raw_outputs is None:
+        return None
+    if not isinstance(raw_outputs, list):
+        raise RequestError("'outputs' must be a list")
+    outputs = []
+    seen = set()
+    for i, o in enumerate(raw_outputs):
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise RequestError(f"outputs[{i}] must be an object with a 'name' string")
+        oname = o["name"]
+        if oname in seen:
+            raise RequestError(f"output {oname!r} requested twice")
+        seen.add(oname)
+        oparams, where = _dict_or_empty(o.get("parameters"), "output", oname), f"outputs[{i}]"
+        binary, quantized = _flag(oparams, "binary_data", where), _flag(oparams, "quantized", where)
+        outputs.append(RequestedOutput(oname, binary, bool(quantized)))
+    return outputs
 
 
 def check_request(request: InferRequest, manifest: Manifest) -> None:
@@ -294,7 +316,7 @@ def check_request(request: InferRequest, manifest: Manifest) -> None:
             raise RequestError(f"input {name!r}: datatype {datatype} not accepted, expected {allowed}")
         shape = arr.shape
         declared = spec.shape
-        if len(shape) != len(declared) or any(d != -1 and a != d for a, d in zip(shape[1:], declared[1:])):
+        if len(shape) != len(declared) or any(d != -1 and a != d for a, d in zip(shape[1:], declared[1:], strict=True)):
             raise RequestError(
                 f"input {name!r}: shape {list(shape)} does not match the model's {list(declared)} (-1 = any size)"
             )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,14 +26,12 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import ManifestError
+from edge_agent.wire.names import check_name, is_name, is_sha256, parse_version
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
 GOLDEN_FILE = "golden.npz"
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_VERSION_RE = re.compile(r"^\d{1,9}(\.\d{1,9}){0,3}$")
 
 # V2 (Open Inference Protocol) datatype <-> numpy dtype.
 V2_TO_NUMPY: dict[str, np.dtype[Any]] = {
@@ -54,27 +51,6 @@ V2_TO_NUMPY: dict[str, np.dtype[Any]] = {
 NUMPY_TO_V2: dict[str, str] = {dt.name: v2 for v2, dt in V2_TO_NUMPY.items()}
 
 
-def check_name(name: str) -> str:
-    """Return ``name`` if it is a safe model name (also a directory name), else raise."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ManifestError(
-            f"invalid model name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )
-    return name
-
-
-def parse_version(version: str) -> tuple[int, ...]:
-    """Parse ``"3"`` or ``"1.2.0"`` into a comparable tuple; raise ManifestError otherwise."""
-    if not isinstance(version, str) or not _VERSION_RE.match(version):
-        raise ManifestError(f"invalid version {version!r}: use a number such as '3' or a dotted one such as '1.2.0'")
-    return tuple(int(part) for part in version.split("."))
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    """Sort key for version strings (numeric, so '10' sorts after '9')."""
-    return parse_version(version)
-
-
 def list_versions(base: Path) -> list[str]:
     """Version directories (with a manifest) under ``base``, oldest first; other entries are ignored."""
     if not base.is_dir():
@@ -88,7 +64,7 @@ def list_versions(base: Path) -> list[str]:
         except ManifestError:
             continue  # e.g. "3.eval" report dirs
         found.append(p.name)
-    return sorted(found, key=version_key)
+    return sorted(found, key=parse_version)
 
 
 @dataclass(frozen=True)
@@ -206,7 +182,7 @@ def parse_feature_joins(raw: Any, inputs: list[TensorSpec]) -> dict[str, Feature
         if unknown:
             raise ManifestError(f"{where}: unknown keys {sorted(unknown)}")
         feature_set = j.get("set")
-        if not isinstance(feature_set, str) or not _NAME_RE.match(feature_set):
+        if not is_name(feature_set):
             raise ManifestError(f"{where}.set: expected a feature set name (1-64 letters, digits, '_', '.' or '-')")
         features = j.get("features")
         if not isinstance(features, list) or not features or not all(isinstance(f, str) and f for f in features):
@@ -241,6 +217,17 @@ def parse_feature_joins(raw: Any, inputs: list[TensorSpec]) -> dict[str, Feature
             default = tuple(float(v) for v in default)
         out[name] = FeatureJoin(name, feature_set, tuple(features), default)
     return out
+
+
+def _tensors(raw: dict[str, Any], key: str) -> list[TensorSpec]:
+    """``manifest.inputs`` or ``.outputs``: a non-empty list of tensor specs with distinct names."""
+    if not isinstance(raw[key], list) or not raw[key]:
+        raise ManifestError(f"manifest.{key}: expected a non-empty list")
+    specs = [TensorSpec.from_dict(t, f"manifest.{key}[{i}]") for i, t in enumerate(raw[key])]
+    names = [t.name for t in specs]
+    if len(set(names)) != len(names):
+        raise ManifestError(f"manifest.{key}: duplicate tensor names {names}")
+    return specs
 
 
 _KNOWN_KEYS = {
@@ -338,20 +325,12 @@ class Manifest:
         version = raw["version"]
         parse_version(version)
         sha = raw["sha256"]
-        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        if not is_sha256(sha):
             raise ManifestError("manifest.sha256: expected 64 lowercase hex digits")
         size = raw["size"]
         if not isinstance(size, int) or size <= 0:
             raise ManifestError("manifest.size: expected a positive integer")
-        for key in ("inputs", "outputs"):
-            if not isinstance(raw[key], list) or not raw[key]:
-                raise ManifestError(f"manifest.{key}: expected a non-empty list")
-        inputs = [TensorSpec.from_dict(t, f"manifest.inputs[{i}]") for i, t in enumerate(raw["inputs"])]
-        outputs = [TensorSpec.from_dict(t, f"manifest.outputs[{i}]") for i, t in enumerate(raw["outputs"])]
-        for key, specs in (("inputs", inputs), ("outputs", outputs)):
-            names = [t.name for t in specs]
-            if len(set(names)) != len(names):
-                raise ManifestError(f"manifest.{key}: duplicate tensor names {names}")
+        inputs, outputs = _tensors(raw, "inputs"), _tensors(raw, "outputs")
         labels = raw.get("labels")
         if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
             raise ManifestError("manifest.labels: expected a list of strings")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import TypeGuard
 
 from edge_agent.errors import ManifestError, RejectedError
 
@@ -19,16 +20,16 @@ _VERSION_RE = re.compile(r"^\d{1,9}(\.\d{1,9}){0,3}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-def check_segment(value: str, what: str) -> str:
+def check_segment(value: object, what: str) -> str:
     """A topic segment or directory name (fleet, device id, model name): no wildcards, slashes or empties."""
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not is_name(value):
         raise ManifestError(f"invalid {what} {value!r}: use 1-64 letters, digits, '_', '.' or '-'")
     return value
 
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is a safe model name (also a directory name), else raise."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not is_name(name):
         raise ManifestError(
             f"invalid model name {name!r}: use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
         )
@@ -40,6 +41,11 @@ def parse_version(version: str) -> tuple[int, ...]:
     if not isinstance(version, str) or not _VERSION_RE.match(version):
         raise ManifestError(f"invalid version {version!r}: use a number such as '3' or a dotted one such as '1.2.0'")
     return tuple(int(part) for part in version.split("."))
+
+
+def is_name(value: object) -> TypeGuard[str]:
+    """True for a safe name (see ``check_name``), for callers that word their own error."""
+    return isinstance(value, str) and bool(_NAME_RE.match(value))
 
 
 def is_sha256(value: object) -> bool:
@@ -59,15 +65,17 @@ def require_newer(
     *,
     rollback: bool = False,
     error: Callable[[str], Exception] = RejectedError,
+    held: str = "current",
 ) -> None:
     """The anti-rollback rule: ``incoming`` must be newer than ``current`` unless this is a signed rollback.
 
-    ``what`` names the thing in the message ("version 3 of digits"); ``error`` lets a layer raise its
-    own subclass (e.g. the feature cache's ``VersionNotNewer``).
+    ``what`` names the thing in the message ("version 3 of digits"); ``held`` says where ``current``
+    is ("active" model, "cached" feature set); ``error`` lets a layer raise its own subclass (e.g.
+    the feature cache's ``VersionNotNewer``).
     """
     if rollback or is_newer(incoming, current):
         return
     raise error(
-        f"anti-rollback: {what} {incoming} is not newer than the current version {current} "
+        f"anti-rollback: {what} {incoming} is not newer than the {held} version {current} "
         "and the release is not a signed rollback"
     )

@@ -1,18 +1,10 @@
 """The edgefleet MQTT protocol, shared by the device agent and the cloud tools.
 
-Everything on the wire is defined here: topic names, the JSON documents (each with a
+The documents on the wire are defined here: the JSON documents (each with a
 ``schema_version``), artifact packing and chunking, and rollout cohorts. ``docs/protocol.md``
 describes the same contract for people writing a compatible device or release tool.
 
-Topics (``ROOT = "edgefleet/v1"``)::
-
-    ROOT/fleets/{fleet}/releases/{name}           retained  signed Release (JSON)
-    ROOT/fleets/{fleet}/rollouts/{name}           retained  Rollout control (JSON, unsigned)
-    ROOT/fleets/{fleet}/devices/{id}/state        retained  DeviceState (JSON)
-    ROOT/fleets/{fleet}/devices/{id}/presence     retained  "online" / "offline" (LWT)
-    ROOT/fleets/{fleet}/features/{set}/{by}/{key} retained  signed Release of kind "features"
-                                                            (by/key: all/all, device/{id}, group/{g})
-    ROOT/artifacts/{sha256}/{index}               retained  raw chunk bytes
+Topic names live in ``wire.topics``.
 """
 
 from __future__ import annotations
@@ -20,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import tarfile
 import time
 from collections.abc import Iterator, Mapping
@@ -29,72 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import ManifestError
+from edge_agent.wire.names import check_segment, is_sha256, parse_version
+from edge_agent.wire.policy import Policy, parse_window
+from edge_agent.wire.topics import features_topic
 
 PROTOCOL_SCHEMA = 1
-ROOT = "edgefleet/v1"
 DEFAULT_CHUNK_SIZE = 128 * 1024  # AWS IoT Core's message size limit
 ARTIFACT_KINDS = ("model", "features", "agent")
-
-_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_SHA = re.compile(r"^[0-9a-f]{64}$")
-
-
-def check_segment(value: str, what: str) -> str:
-    """A topic segment (fleet, device id, model name): no wildcards, slashes or empties."""
-    if not isinstance(value, str) or not _SEGMENT.match(value):
-        raise ManifestError(f"invalid {what} {value!r}: use 1-64 letters, digits, '_', '.' or '-'")
-    return value
-
-
-# -- topics -------------------------------------------------------------------------
-def release_topic(fleet: str, name: str) -> str:
-    return f"{ROOT}/fleets/{check_segment(fleet, 'fleet')}/releases/{check_segment(name, 'name')}"
-
-
-def rollout_topic(fleet: str, name: str) -> str:
-    return f"{ROOT}/fleets/{check_segment(fleet, 'fleet')}/rollouts/{check_segment(name, 'name')}"
-
-
-PARTITION_KINDS = ("all", "device", "group")
-
-
-def features_topic(fleet: str, feature_set: str, by: str = "all", key: str = "all") -> str:
-    """Where a feature bundle release for one partition (everyone, one device, one group) is retained."""
-    if by not in PARTITION_KINDS or (by == "all") != (key == "all"):
-        raise ManifestError(f"invalid partition {by}/{key}: use all/all, device/<id> or group/<name>")
-    return (
-        f"{ROOT}/fleets/{check_segment(fleet, 'fleet')}/features/{check_segment(feature_set, 'feature set')}"
-        f"/{by}/{check_segment(key, 'partition key')}"
-    )
-
-
-def features_filters(fleet: str, device_id: str, groups: list[str] | tuple[str, ...] = ()) -> list[str]:
-    """The subscriptions through which a device receives every feature release meant for it."""
-    base = f"{ROOT}/fleets/{check_segment(fleet, 'fleet')}/features/+"
-    return [
-        f"{base}/all/all",
-        f"{base}/device/{check_segment(device_id, 'device id')}",
-        *(f"{base}/group/{check_segment(g, 'group')}" for g in groups),
-    ]
-
-
-def device_state_topic(fleet: str, device_id: str) -> str:
-    return f"{ROOT}/fleets/{check_segment(fleet, 'fleet')}/devices/{check_segment(device_id, 'device id')}/state"
-
-
-def presence_topic(fleet: str, device_id: str) -> str:
-    return f"{ROOT}/fleets/{check_segment(fleet, 'fleet')}/devices/{check_segment(device_id, 'device id')}/presence"
-
-
-def chunk_topic(sha256: str, index: int) -> str:
-    return f"{ROOT}/artifacts/{sha256}/{index}"
-
-
-def parse_chunk_topic(topic: str) -> tuple[str, int] | None:
-    parts = topic.split("/")
-    if len(parts) == 5 and f"{parts[0]}/{parts[1]}" == ROOT and parts[2] == "artifacts" and parts[4].isdigit():
-        return parts[3], int(parts[4])
-    return None
 
 
 # -- artifacts ----------------------------------------------------------------------
@@ -132,12 +64,6 @@ def unpack_to(blob_path: str | Path, out_dir: str | Path, max_files: int = 64) -
     return names
 
 
-def chunk_hashes(blob: bytes, chunk_size: int) -> list[str]:
-    return [hashlib.sha256(blob[i : i + chunk_size]).hexdigest() for i in range(0, len(blob), chunk_size)] or [
-        hashlib.sha256(b"").hexdigest()
-    ]
-
-
 def iter_chunks(blob: bytes, chunk_size: int) -> Iterator[tuple[int, bytes]]:
     for i, off in enumerate(range(0, max(len(blob), 1), chunk_size)):
         yield i, blob[off : off + chunk_size]
@@ -157,20 +83,8 @@ class Artifact:
 
     @classmethod
     def from_blob(cls, blob: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE, url: str | None = None) -> Artifact:
-        return cls(hashlib.sha256(blob).hexdigest(), len(blob), chunk_size, chunk_hashes(blob, chunk_size), url=url)
-
-
-@dataclass
-class Policy:
-    """How a device may apply a release."""
-
-    max_latency_ms: float | None = None  # per-device validation budget (p50 of the candidate)
-    max_failure_rate: float = 0.1  # rollout halts above this among devices that tried
-    window: str | None = None  # "HH:MM-HH:MM" local maintenance window for activation
-    urgent: bool = False  # ignore the window
-    health_window_s: float = 30.0  # error-rate watch after activation
-    max_error_rate: float = 0.05  # within the health window; above → automatic rollback
-    stages: list[int] = field(default_factory=lambda: [100])  # rollout percentages
+        chunks = [hashlib.sha256(data).hexdigest() for _, data in iter_chunks(blob, chunk_size)]
+        return cls(hashlib.sha256(blob).hexdigest(), len(blob), chunk_size, chunks, url=url)
 
 
 @dataclass
@@ -242,18 +156,13 @@ class Release:
             raise ManifestError(f"release: missing field {exc.args[0]!r}") from exc
         except (TypeError, ValueError) as exc:
             raise ManifestError(f"release: malformed field: {exc}") from exc
-        from edge_agent.wire.manifest import parse_version
-
         parse_version(rel.version)
         if rel.kind not in ARTIFACT_KINDS:
             raise ManifestError(f"release: unknown kind {rel.kind!r}")
         for where, a in (("artifact", rel.artifact), ("fallback", rel.fallback)):
             if a is None:
                 continue
-            if not _SHA.match(a.sha256) or not all(_SHA.match(c) for c in a.chunks):
-                raise ManifestError(f"release.{where}: sha256 values must be 64 lowercase hex digits")
-            if a.size < 0 or a.chunk_size <= 0 or len(a.chunks) != max(1, -(-a.size // a.chunk_size)):
-                raise ManifestError(f"release.{where}: size, chunk_size and the chunk list disagree")
+            check_artifact(a, f"release.{where}")
             if a.format != "tar":
                 raise ManifestError(f"release.{where}: unsupported format {a.format!r}")
         features_topic(rel.fleet, rel.name, rel.partition["by"], rel.partition["key"])  # validates the partition
@@ -262,6 +171,17 @@ class Release:
         if rel.policy.window is not None:
             parse_window(rel.policy.window)
         return rel
+
+
+def check_artifact(artifact: Artifact, where: str = "artifact") -> Artifact:
+    """The consistency a device relies on before touching disk or the network (ManifestError if not)."""
+    if not is_sha256(artifact.sha256) or not all(is_sha256(c) for c in artifact.chunks):
+        raise ManifestError(f"{where}: sha256 values must be 64 lowercase hex digits")
+    if artifact.size < 0 or artifact.chunk_size <= 0:
+        raise ManifestError(f"{where}: size must be >= 0 and chunk_size > 0")
+    if len(artifact.chunks) != max(1, -(-artifact.size // artifact.chunk_size)):
+        raise ManifestError(f"{where}: size, chunk_size and the chunk list disagree")
+    return artifact
 
 
 def _artifact(art: Any) -> Artifact:
@@ -308,33 +228,6 @@ class Rollout:
         if r.status not in ("active", "halted", "aborted", "complete") or not 0 <= r.percent <= 100:
             raise ManifestError("rollout: bad status or percent")
         return r
-
-
-def in_cohort(device_id: str, name: str, percent: int) -> bool:
-    """Deterministic phased-rollout membership: the same device stays in as the percentage grows."""
-    bucket = int(hashlib.sha256(f"{device_id}/{name}".encode()).hexdigest()[:8], 16) % 100
-    return bucket < percent
-
-
-def parse_window(window: str) -> tuple[int, int]:
-    """``"HH:MM-HH:MM"`` → (start minute, end minute) of the day; may wrap past midnight."""
-    m = re.fullmatch(r"(\d{2}):(\d{2})-(\d{2}):(\d{2})", window or "")
-    if not m:
-        raise ManifestError(f"window {window!r} is not HH:MM-HH:MM")
-    h1, m1, h2, m2 = (int(x) for x in m.groups())
-    if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
-        raise ManifestError(f"window {window!r} has an invalid time")
-    return h1 * 60 + m1, h2 * 60 + m2
-
-
-def in_window(window: str | None, now: time.struct_time | None = None) -> bool:
-    """True when there is no window or the local time is inside it."""
-    if window is None:
-        return True
-    start, end = parse_window(window)
-    t = now or time.localtime()
-    minute = t.tm_hour * 60 + t.tm_min
-    return start <= minute < end if start <= end else (minute >= start or minute < end)
 
 
 def encode(doc: Mapping[str, Any]) -> bytes:

@@ -1,0 +1,183 @@
+"""Where TFLite interpreters come from: the backend seam, opening a model, and reading its tensors.
+
+The agent never imports an interpreter class at module level. A :class:`Backend` names the
+interpreter factory and delegate loader to use; :attr:`RuntimeOptions.backend` carries it to
+every place that opens a model (the model server, validation, packaging, the benchmark), and
+``None`` means :func:`default_backend`: tflite-runtime, else ai-edge-litert. Tests plug a spy
+or a fake in there instead of monkeypatching this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edge_agent.errors import IncompatibleModelError
+from edge_agent.wire.manifest import Manifest, Quantization, TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+class Interpreter(Protocol):
+    """The part of ``tflite_runtime.interpreter.Interpreter`` the agent uses."""
+
+    def allocate_tensors(self) -> None: ...
+    def get_input_details(self) -> list[dict[str, Any]]: ...
+    def get_output_details(self) -> list[dict[str, Any]]: ...
+    def get_signature_list(self) -> dict[str, Any]: ...
+    def get_signature_runner(self, signature_key: str | None = None) -> Any: ...
+    def resize_tensor_input(self, input_index: int, tensor_size: Sequence[int], strict: bool = False) -> None: ...
+    def set_tensor(self, tensor_index: int, value: np.ndarray) -> None: ...
+    def invoke(self) -> None: ...
+    def get_tensor(self, tensor_index: int) -> np.ndarray: ...
+
+
+class InterpreterFactory(Protocol):
+    """Builds an interpreter, like the ``Interpreter`` class of tflite-runtime / ai-edge-litert."""
+
+    def __call__(
+        self, *, model_path: str, num_threads: int | None, experimental_delegates: list[Any] | None = None
+    ) -> Interpreter: ...
+
+
+class DelegateLoader(Protocol):
+    """Loads a delegate library, like ``load_delegate`` of tflite-runtime / ai-edge-litert."""
+
+    def __call__(self, library: str, options: dict[str, str]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An interpreter factory and delegate loader, with the name ``info()`` and ``/agent/status`` report."""
+
+    name: str
+    interpreter: InterpreterFactory
+    load_delegate: DelegateLoader
+
+
+@functools.cache
+def default_backend() -> Backend:
+    """The installed runtime: tflite-runtime, else ai-edge-litert (resolved once, on first use)."""
+    try:
+        from tflite_runtime.interpreter import Interpreter, load_delegate
+
+        return Backend("tflite-runtime", Interpreter, load_delegate)
+    except ImportError:
+        pass
+    try:
+        from ai_edge_litert.interpreter import Interpreter, load_delegate
+
+        return Backend("ai-edge-litert", Interpreter, load_delegate)
+    except ImportError as exc:  # pragma: no cover - packaging guarantees one of them
+        raise IncompatibleModelError("no TFLite runtime installed: need tflite-runtime or ai-edge-litert") from exc
+
+
+@dataclass(frozen=True)
+class DelegateSpec:
+    """A TFLite delegate to try, e.g. ``DelegateSpec("libedgetpu.so.1", {"device": "usb"})``."""
+
+    library: str
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How interpreters are created: threads per interpreter, delegates, pool size, backend (None: installed)."""
+
+    num_threads: int | None = None
+    delegates: tuple[DelegateSpec, ...] = ()
+    pool_size: int = 2
+    backend: Backend | None = None
+
+
+def open_interpreter(path: str | Path, options: RuntimeOptions) -> tuple[Interpreter, str]:
+    """Create and allocate an interpreter; return it with the name of the active delegate.
+
+    A delegate that cannot be loaded, or that rejects the model, is logged and skipped:
+    the model then runs on the CPU and ``"cpu"`` is reported.
+    """
+    path = str(path)
+    backend = options.backend or default_backend()
+    for spec in options.delegates:
+        try:
+            delegate = backend.load_delegate(spec.library, dict(spec.options))
+        except (ValueError, OSError, RuntimeError) as exc:
+            log.warning("delegate %s unavailable, falling back: %s", spec.library, exc)
+            continue
+        try:
+            interp = backend.interpreter(
+                model_path=path, num_threads=options.num_threads, experimental_delegates=[delegate]
+            )
+            interp.allocate_tensors()
+            return interp, spec.library
+        except (ValueError, RuntimeError) as exc:
+            log.warning("delegate %s rejected the model, falling back: %s", spec.library, exc)
+    try:
+        interp = backend.interpreter(model_path=path, num_threads=options.num_threads)
+        interp.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        raise IncompatibleModelError(
+            f"cannot load {Path(path).name} on this device's runtime ({backend.name}): {exc}"
+        ) from exc
+    return interp, "cpu"
+
+
+def _clean_tensor_name(name: str) -> str:
+    if name.startswith("serving_default_"):
+        name = name[len("serving_default_") :]
+    return name.split(":", 1)[0]
+
+
+def _spec_from_details(name: str, d: Mapping[str, Any]) -> TensorSpec:
+    scale, zero_point = d["quantization"]
+    quant = Quantization(float(scale), int(zero_point)) if scale and scale > 0 else None
+    sig = d.get("shape_signature")
+    shape = tuple(int(x) for x in (sig if sig is not None and len(sig) else d["shape"]))
+    return TensorSpec(
+        name=name,
+        dtype=np.dtype(d["dtype"]).name,
+        shape=shape,
+        quantization=quant,
+        tensor=d["name"] if d["name"] != name else None,
+    )
+
+
+def inspect_model(path: str | Path, backend: Backend | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Derive input and output specs from the model file itself.
+
+    Names come from the model's single serving signature when it has one (``pixels``,
+    ``output_0``), otherwise from the tensor names with TF's decorations removed.
+    """
+    interp, _ = open_interpreter(path, RuntimeOptions(num_threads=1, backend=backend))
+    sigs = interp.get_signature_list()
+    if len(sigs) == 1:
+        runner = interp.get_signature_runner(next(iter(sigs)))
+        ins = [_spec_from_details(n, d) for n, d in runner.get_input_details().items()]
+        outs = [_spec_from_details(n, d) for n, d in runner.get_output_details().items()]
+    else:
+        ins = [_spec_from_details(_clean_tensor_name(d["name"]), d) for d in interp.get_input_details()]
+        outs = [_spec_from_details(_clean_tensor_name(d["name"]), d) for d in interp.get_output_details()]
+    return ins, outs
+
+
+def tensor_bindings(interp: Interpreter, manifest: Manifest) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Map the manifest's input and output names to the interpreter's tensor indices."""
+    return _bind(interp.get_input_details(), manifest.inputs), _bind(interp.get_output_details(), manifest.outputs)
+
+
+def _bind(details: list[dict[str, Any]], specs: Sequence[TensorSpec]) -> list[tuple[str, int]]:
+    by_name = {d["name"]: d for d in details}
+    return [(s.name, (by_name.get(s.tensor or s.name) or _by_clean_name(by_name, s.name))["index"]) for s in specs]
+
+
+def _by_clean_name(details: Mapping[str, Mapping[str, Any]], name: str) -> Mapping[str, Any]:
+    for tensor_name, d in details.items():
+        if _clean_tensor_name(tensor_name) == name:
+            return d
+    raise IncompatibleModelError(f"the model has no tensor named {name!r} (tensors: {sorted(details)})")

@@ -1,0 +1,89 @@
+"""Reading a bundle directory on a device: header, integrity, then every array rule."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.wire.bundle.arrays import validate_arrays
+from edge_agent.wire.bundle.info import (
+    BUNDLE_FILE,
+    DATA_FILE,
+    Bundle,
+    BundleInfo,
+    BundleIntegrityError,
+    BundleRejected,
+    BundleSchemaError,
+    BundleValueError,
+)
+
+_ARRAYS = ("entities", "event_ts", "values", "deleted")
+
+
+def read_info(path: str | Path) -> BundleInfo:
+    """Parse and validate ``bundle.json`` alone (cheap: no arrays, no hashing)."""
+    file = Path(path) / BUNDLE_FILE
+    if not file.exists():
+        raise BundleIntegrityError(f"{file}: not found (is this a feature bundle directory?)")
+    try:
+        return BundleInfo.from_dict(json.loads(file.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # read or parse, not a rule
+        raise BundleSchemaError(f"{file}: not valid JSON: {exc}") from exc
+
+
+def read_bundle(path: str | Path, *, max_rows: int | None = None) -> Bundle:
+    """Read and fully validate a bundle directory; raise a BundleRejected subclass on any problem.
+
+    ``max_rows`` refuses a bundle that declares more rows before its data is loaded (the cache
+    passes its bound, so an oversized bundle does not cost a device its memory).
+    """
+    root = Path(path)
+    info = read_info(root)
+    if max_rows is not None and info.rows > max_rows:
+        raise BundleIntegrityError(f"bundle {info.id}: {info.rows} rows exceed this device's limit of {max_rows}")
+    data_file = root / DATA_FILE
+    try:
+        blob = data_file.read_bytes()
+    except FileNotFoundError as exc:
+        raise BundleIntegrityError(f"bundle {info.id}: {DATA_FILE} is missing") from exc
+    except OSError as exc:
+        raise BundleIntegrityError(f"bundle {info.id}: cannot read {DATA_FILE}: {exc}") from exc
+    sha = hashlib.sha256(blob).hexdigest()
+    if sha != info.data_sha256:
+        raise BundleIntegrityError(
+            f"bundle {info.id}: {DATA_FILE} has sha256 {sha[:12]}…, bundle.json says {info.data_sha256[:12]}…"
+        )
+    arrays = _load_npz(blob, info)
+    bundle = validate_arrays(info, arrays["entities"], arrays["event_ts"], arrays["values"], arrays["deleted"])
+    return Bundle(bundle.info, bundle.entities, bundle.event_ts, bundle.values, bundle.deleted, root)
+
+
+def _load_npz(blob: bytes, info: BundleInfo) -> dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(io.BytesIO(blob)):
+        raise BundleIntegrityError(f"bundle {info.id}: {DATA_FILE} is not a readable .npz (not a zip archive)")
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            names = set(npz.files)
+            unknown = names - set(_ARRAYS)
+            if unknown:
+                raise BundleSchemaError(f"bundle {info.id}: unexpected arrays in {DATA_FILE}: {sorted(unknown)}")
+            missing = {"entities", "event_ts", "values"} - names
+            if missing:
+                raise BundleSchemaError(f"bundle {info.id}: {DATA_FILE} lacks arrays {sorted(missing)}")
+            out = {}
+            for k in names:
+                try:
+                    out[k] = npz[k]
+                except ValueError as exc:  # allow_pickle=False refusing an object array
+                    raise BundleValueError(f"bundle {info.id}: {k} is not a numeric/string array: {exc}") from exc
+    except BundleRejected:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise BundleIntegrityError(f"bundle {info.id}: {DATA_FILE} is not a readable .npz: {exc}") from exc
+    out.setdefault("deleted", np.empty(0, dtype="<U1"))
+    return out

@@ -1,0 +1,1 @@
+"""Plain helpers shared by test modules (no fixtures here: those live in tests/conftest.py)."""
