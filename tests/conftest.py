@@ -92,11 +92,7 @@ def device_class() -> type[Device]:
 
 @pytest.fixture
 def make_device(
-    broker: Broker,
-    keys: dict[str, Ed25519PrivateKey],
-    digits_dir: Path,
-    tmp_path: Path,
-    device_class: type[Device],
+    broker: Broker, keys: dict[str, Ed25519PrivateKey], digits_dir: Path, tmp_path: Path, device_class: type[Device]
 ) -> Iterator[Callable[..., Device]]:
     """Devices trusting the fleet key, each in its own data dir with digits 1 installed; closed afterwards."""
     devices: list[Device] = []

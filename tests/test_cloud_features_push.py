@@ -319,10 +319,7 @@ def test_bad_partition_maps(tmp_path: Path, text: str, message: str) -> None:
 
 # -- push ------------------------------------------------------------------------------------------
 def test_push_snapshot_publishes_a_signed_features_release_and_retained_chunks(
-    broker: Broker,
-    keys: tuple[Path, Path],
-    reg: Path,
-    tmp_path: Path,
+    broker: Broker, keys: tuple[Path, Path], reg: Path, tmp_path: Path
 ) -> None:
     build_csv(reg, "1", frame(40), tmp_path)
     res = push(reg, SET, "1", FLEET, keys[0], broker.url, chunk_size=CHUNK, progress=True)
@@ -352,10 +349,7 @@ def test_push_snapshot_publishes_a_signed_features_release_and_retained_chunks(
 
 
 def test_push_delta_with_snapshot_fallback_and_superseded_artifacts_cleared(
-    broker: Broker,
-    keys: tuple[Path, Path],
-    reg: Path,
-    tmp_path: Path,
+    broker: Broker, keys: tuple[Path, Path], reg: Path, tmp_path: Path
 ) -> None:
     v1 = frame(30)
     v2 = frame(30, drop=("cam-3", "cam-8"), extra=("cam-99", "cam-100"))
@@ -397,10 +391,7 @@ def test_push_delta_with_snapshot_fallback_and_superseded_artifacts_cleared(
 
 
 def test_push_with_a_partition_map_publishes_one_release_per_partition(
-    broker: Broker,
-    keys: tuple[Path, Path],
-    reg: Path,
-    tmp_path: Path,
+    broker: Broker, keys: tuple[Path, Path], reg: Path, tmp_path: Path
 ) -> None:
     build_csv(reg, "1", frame(6), tmp_path)
     (tmp_path / "map1.csv").write_text(
@@ -545,11 +536,7 @@ def test_unreachable_broker_names_the_url_and_publishes_nothing(
 
 # -- CLI wiring ---------------------------------------------------------------------------------
 def test_cli_build_and_push(
-    broker: Broker,
-    keys: tuple[Path, Path],
-    reg: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    broker: Broker, keys: tuple[Path, Path], reg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     src = write_csv(frame(6), tmp_path / "stats.csv")
     assert (

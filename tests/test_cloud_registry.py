@@ -95,11 +95,7 @@ def test_validation_tolerances_can_be_set(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (("digits", "v1"), "invalid version 'v1'"),
-        (("../evil", "1"), "invalid model name"),
-    ],
+    ("args", "message"), [(("digits", "v1"), "invalid version 'v1'"), (("../evil", "1"), "invalid model name")]
 )
 def test_bad_names_and_versions(tmp_path: Path, args: tuple[str, str], message: str) -> None:
     with pytest.raises(RegistryError, match=message):

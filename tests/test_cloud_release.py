@@ -81,10 +81,7 @@ def test_keys_generate_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 # -- a release on the broker ---------------------------------------------------------------------
 def test_release_publishes_retained_chunks_rollout_and_a_signed_release(
-    broker: Broker,
-    cloud_link: BrokerLink,
-    keys: tuple[Path, Path],
-    registry: Path,
+    broker: Broker, cloud_link: BrokerLink, keys: tuple[Path, Path], registry: Path
 ) -> None:
     rel = release(
         registry,
@@ -136,10 +133,7 @@ def test_release_publishes_retained_chunks_rollout_and_a_signed_release(
 
 
 def test_a_new_release_clears_the_superseded_artifact_but_not_a_shared_one(
-    broker: Broker,
-    cloud_link: BrokerLink,
-    keys: tuple[Path, Path],
-    registry: Path,
+    broker: Broker, cloud_link: BrokerLink, keys: tuple[Path, Path], registry: Path
 ) -> None:
     first = release(registry, "digits", "1", FLEET, keys[0], cloud_link, chunk_size=CHUNK, progress=False)
     # The same artifact again (a re-release): its chunks must stay.
@@ -239,10 +233,7 @@ def test_every_ota_command_has_help_ending_with_an_example(capsys: pytest.Captur
 
 
 def test_release_cli(
-    broker: Broker,
-    keys: tuple[Path, Path],
-    registry: Path,
-    capsys: pytest.CaptureFixture[str],
+    broker: Broker, keys: tuple[Path, Path], registry: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base = [
         "release",

@@ -482,9 +482,7 @@ def test_a_snapshot_above_the_cache_bound_fails_before_activation(
 
 # -- end to end: cloud-batch features build/push → OTA → a joined request ---------------------------------
 def test_cloud_batch_push_reaches_the_device_and_feeds_a_joined_request(
-    broker: Broker,
-    tmp_path: Path,
-    digits_dir: Path,
+    broker: Broker, tmp_path: Path, digits_dir: Path
 ) -> None:
     from cloud_batch.features.build import build
     from cloud_batch.features.push import push
@@ -646,11 +644,7 @@ def _one_complete_version(db: Path) -> str:
     return one_complete_version(db, N)
 
 
-def test_kill9_during_the_apply_of_a_large_snapshot_release(
-    broker: Broker,
-    tmp_path: Path,
-    digits_dir: Path,
-) -> None:
+def test_kill9_during_the_apply_of_a_large_snapshot_release(broker: Broker, tmp_path: Path, digits_dir: Path) -> None:
     seed = int(os.environ.get("KILL9_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     key = Ed25519PrivateKey.generate()

@@ -39,10 +39,7 @@ def wait_rows(link: BrokerLink, pred, what: str) -> dict[str, DeviceRow]:
 
 
 def test_fleet_status_shows_presence_versions_and_last_results(
-    broker: Broker,
-    cloud_link: BrokerLink,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    broker: Broker, cloud_link: BrokerLink, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key, pub = generate_keys(tmp_path / "keys")
     sim = SimFleet(
@@ -108,9 +105,7 @@ def test_fleet_status_shows_presence_versions_and_last_results(
 
 
 def test_fleet_status_of_an_empty_fleet_and_an_unreachable_broker(
-    broker: Broker,
-    cloud_link: BrokerLink,
-    capsys: pytest.CaptureFixture[str],
+    broker: Broker, cloud_link: BrokerLink, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert fleet_status(cloud_link, FLEET) == []
     assert ota_cli.main(["fleet", "status", "--fleet", FLEET, "--broker", broker.url, "--json"]) == 0

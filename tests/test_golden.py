@@ -135,9 +135,7 @@ def test_golden_shape_and_name_mismatches_fail(zoo: Zoo, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
-    "content",
-    [b"", b"not an npz at all", "truncated", "no-outputs"],
-    ids=["empty", "junk", "truncated", "no-outputs"],
+    "content", [b"", b"not an npz at all", "truncated", "no-outputs"], ids=["empty", "junk", "truncated", "no-outputs"]
 )
 def test_unreadable_golden_file_is_a_manifest_error(tmp_path: Path, content: Any) -> None:
     good = golden_bytes({IN + "x": np.zeros((2, 3), np.float32), OUT + "y": np.ones((2, 1), np.float32)})

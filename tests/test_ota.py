@@ -294,10 +294,7 @@ def test_bad_artifacts_fail_before_activation_and_never_take_traffic(
 
 
 def test_a_rejection_is_final_across_reconnects_and_restarts(
-    cloud: Cloud,
-    v2: Path,
-    broker: Broker,
-    make_device: Callable[..., Device],
+    cloud: Cloud, v2: Path, broker: Broker, make_device: Callable[..., Device]
 ) -> None:
     dev = make_device()
     doc = cloud.release(v2, key=None)

@@ -23,11 +23,7 @@ def _assert_failed_in_validation(cloud: Cloud, dev: Device, release_id: str, rea
 
 
 def test_a_candidate_needing_a_custom_op_the_device_lacks(
-    cloud: Cloud,
-    v2: Path,
-    tmp_path: Path,
-    zoo: Zoo,
-    make_device: Callable[..., Device],
+    cloud: Cloud, v2: Path, tmp_path: Path, zoo: Zoo, make_device: Callable[..., Device]
 ) -> None:
     dev = make_device()
     cand = replace_model(relabel(v2, tmp_path / "custom", "2"), zoo.path("custom_op").read_bytes())
@@ -35,9 +31,7 @@ def test_a_candidate_needing_a_custom_op_the_device_lacks(
 
 
 def test_a_candidate_over_the_release_latency_budget(
-    cloud: Cloud,
-    v2: Path,
-    make_device: Callable[..., Device],
+    cloud: Cloud, v2: Path, make_device: Callable[..., Device]
 ) -> None:
     dev = make_device()
     release_id = cloud.release(v2, max_latency_ms=1e-6)["release_id"]

@@ -124,11 +124,7 @@ def test_advance_moves_through_every_stage_while_failures_stay_under_the_thresho
 
 
 def test_rollout_halts_on_its_own_when_the_failure_threshold_is_crossed(
-    broker: Broker,
-    cloud_link: BrokerLink,
-    keys: tuple[Path, Path],
-    tmp_path: Path,
-    sim_factory: list[SimFleet],
+    broker: Broker, cloud_link: BrokerLink, keys: tuple[Path, Path], tmp_path: Path, sim_factory: list[SimFleet]
 ) -> None:
     # ~30% of the devices fail validation; with seed 4 none of them is in the 10% cohort, 9 of 29 are in the 50% one.
     sim = start_fleet(broker.url, keys[1], tmp_path, fail_rate=0.3, seed=4)
@@ -185,11 +181,7 @@ def test_cli_status_halts_and_exits_1_then_advance_is_refused(
 
 # -- aborting ------------------------------------------------------------------------------
 def test_abort_makes_the_cohort_roll_back(
-    broker: Broker,
-    cloud_link: BrokerLink,
-    keys: tuple[Path, Path],
-    tmp_path: Path,
-    sim_factory: list[SimFleet],
+    broker: Broker, cloud_link: BrokerLink, keys: tuple[Path, Path], tmp_path: Path, sim_factory: list[SimFleet]
 ) -> None:
     sim = start_fleet(broker.url, keys[1], tmp_path, initial_models={"digits": "0"})
     sim_factory.append(sim)

@@ -133,8 +133,7 @@ def test_kill_9_during_install_and_activation_leaves_a_valid_active_version(
     rng = random.Random(1234)
     for _ in range(25):
         proc = subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(data_dir), *rng.sample(builds, len(builds))],
-            stdout=subprocess.PIPE,
+            [sys.executable, "-c", _WORKER, str(data_dir), *rng.sample(builds, len(builds))], stdout=subprocess.PIPE
         )
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
         time.sleep(rng.uniform(0.0, 0.25))

@@ -246,11 +246,7 @@ def register_commands(sub: SubParsers) -> None:
     _broker_fleet(st)
     st.add_argument("--json", action="store_true", help="print JSON")
     st.add_argument(
-        "--timeout",
-        type=positive,
-        default=2.0,
-        metavar="S",
-        help="longest wait for the retained messages (default: 2)",
+        "--timeout", type=positive, default=2.0, metavar="S", help="longest wait for the retained messages (default: 2)"
     )
 
 

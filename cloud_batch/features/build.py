@@ -284,10 +284,7 @@ def write_snapshot(
 
 @contextmanager
 def staged_bundle(
-    reg: FeatureRegistry,
-    target: Path,
-    write: Callable[[Path], object],
-    rejected: Callable[[BundleRejected], Exception],
+    reg: FeatureRegistry, target: Path, write: Callable[[Path], object], rejected: Callable[[BundleRejected], Exception]
 ) -> Iterator[tuple[Path, Bundle]]:
     """Write a bundle into a hidden temp dir beside ``target`` and check it as a device would.
 

@@ -31,13 +31,7 @@ from cloud_batch.features.build import FeatureRegistry, bundle_differences, stag
 from cloud_batch.features.tables import shown
 from edge_agent.errors import EdgeError
 from edge_agent.fsutil import fsync_dir
-from edge_agent.wire.bundle import (
-    Bundle,
-    BundleInfo,
-    BundleRejected,
-    read_bundle,
-    write_bundle,
-)
+from edge_agent.wire.bundle import Bundle, BundleInfo, BundleRejected, read_bundle, write_bundle
 from edge_agent.wire.names import check_segment
 
 log = logging.getLogger(__name__)

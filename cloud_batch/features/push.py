@@ -17,26 +17,11 @@ from typing import Any
 
 from cloud_batch.errors import BrokerError, InputError, RegistryError
 from cloud_batch.features.build import FeatureRegistry, check_set, check_version
-from cloud_batch.features.delta import (
-    ALL,
-    check_delta_compatible,
-    plan_bundles,
-    read_partition_map,
-)
-from cloud_batch.fleetops.broker import (
-    DEFAULT_CONNECT_TIMEOUT_S,
-    BrokerLink,
-    open_link,
-    publish_doc,
-)
+from cloud_batch.features.delta import ALL, check_delta_compatible, plan_bundles, read_partition_map
+from cloud_batch.fleetops.broker import DEFAULT_CONNECT_TIMEOUT_S, BrokerLink, open_link, publish_doc
 from cloud_batch.fleetops.fleet import FleetView
 from cloud_batch.fleetops.keys import load_signing_key
-from cloud_batch.fleetops.release import (
-    clear_superseded,
-    make_release_id,
-    publish_chunks,
-    sign_release,
-)
+from cloud_batch.fleetops.release import clear_superseded, make_release_id, publish_chunks, sign_release
 from edge_agent.errors import EdgeError
 from edge_agent.wire.bundle import BundleInfo, read_info
 from edge_agent.wire.names import check_segment, parse_version

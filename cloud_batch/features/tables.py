@@ -15,12 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pandas.api.types import (
-    is_bool_dtype,
-    is_datetime64_any_dtype,
-    is_float_dtype,
-    is_numeric_dtype,
-)
+from pandas.api.types import is_bool_dtype, is_datetime64_any_dtype, is_float_dtype, is_numeric_dtype
 
 from cloud_batch.errors import InputError
 from cloud_batch.progress import Reporter
@@ -71,13 +66,7 @@ def read_table(path: str | Path, *, text_columns: Sequence[str] = (), progress: 
         size = p.stat().st_size
         if not progress or size < PROGRESS_MIN_BYTES:
             return pd.read_csv(p, dtype=dtype)
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
         parts = []
         with (

@@ -127,9 +127,7 @@ def build_model(train: Dataset) -> Any:
     out = keras.layers.Dense(1, activation="sigmoid", name="failure_prob")(x)
     model = keras.Model({"live": live, "asset_features": feats}, out, name=NAME)
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss="binary_crossentropy",
-        metrics=[keras.metrics.AUC(name="auc")],
+        optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy", metrics=[keras.metrics.AUC(name="auc")]
     )
     return model
 

@@ -36,11 +36,7 @@ class ClientGone(Exception):
 
 
 async def send_response(
-    send: Send,
-    status: int,
-    body: bytes,
-    content_type: bytes = JSON,
-    extra: list[tuple[bytes, bytes]] | None = None,
+    send: Send, status: int, body: bytes, content_type: bytes = JSON, extra: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     """One complete response: start (status, type, length, ``extra`` headers) and body."""
     headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]

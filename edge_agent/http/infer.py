@@ -112,10 +112,7 @@ class InferPath:
 
     @staticmethod
     def encode(
-        model: LoadedModel,
-        request: v2.InferRequest,
-        outputs: dict[str, np.ndarray],
-        params: dict[str, Any] | None,
+        model: LoadedModel, request: v2.InferRequest, outputs: dict[str, np.ndarray], params: dict[str, Any] | None
     ) -> Response:
         """Step 5."""
         return v2.encode_response(model.name, model.version, outputs, request, parameters=params)

@@ -95,9 +95,5 @@ def joins_metadata(features: FeatureCache | None, manifest: Manifest) -> dict[st
             cached = features.version(j.set) if features is not None else None
         except FailedError:
             cached = None
-        out[name_in] = {
-            **j.to_dict(),
-            "cached_version": cached,
-            "entity_parameters": [ENTITY_PARAM, ENTITIES_PARAM],
-        }
+        out[name_in] = {**j.to_dict(), "cached_version": cached, "entity_parameters": [ENTITY_PARAM, ENTITIES_PARAM]}
     return out

@@ -19,13 +19,7 @@ from edge_agent.errors import ManifestError, RejectedError
 from edge_agent.fsutil import atomic_write_bytes, fsync_tree, sha256_file
 from edge_agent.inference.golden import check_golden, golden_bytes, load_golden, make_golden
 from edge_agent.inference.runtime import LoadedModel, RuntimeOptions, inspect_model
-from edge_agent.wire.manifest import (
-    GOLDEN_FILE,
-    MANIFEST_FILE,
-    MODEL_FILE,
-    Manifest,
-    TensorSpec,
-)
+from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, TensorSpec
 from edge_agent.wire.names import check_name, parse_version
 
 

@@ -25,11 +25,7 @@ DATA_FILE = "data.npz"
 KINDS = ("snapshot", "delta")
 STALE_POLICIES = ("reject", "serve")
 PARTITION_BY = ("device", "group", None)
-DTYPES: dict[str, np.dtype[Any]] = {
-    "float64": np.dtype("<f8"),
-    "float32": np.dtype("<f4"),
-    "int64": np.dtype("<i8"),
-}
+DTYPES: dict[str, np.dtype[Any]] = {"float64": np.dtype("<f8"), "float32": np.dtype("<f4"), "int64": np.dtype("<i8")}
 MAX_ENTITY_LEN = 256
 _FEATURE_NAME = re.compile(r"^[^\x00-\x1f]{1,128}$")
 
