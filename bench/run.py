@@ -105,21 +105,9 @@ def activation_delays(port: int, data_dir: Path, rounds: int = 6) -> list[float]
     import http.client
 
     cli = [str(BIN / "edge-agent"), "models"]
-    subprocess.run(
-        [
-            *cli,
-            "install",
-            str(REPO / "models" / "digits" / "1" / "model.tflite"),
-            "--name",
-            "digits",
-            "--version",
-            "2",
-            "--data-dir",
-            str(data_dir),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    model = REPO / "models" / "digits" / "1" / "model.tflite"
+    install = [*cli, "install", str(model), "--name", "digits", "--version", "2"]
+    subprocess.run([*install, "--data-dir", str(data_dir)], check=True, capture_output=True)
     body = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 8, 8, 1], "datatype": "FP32", "data": [0.0] * 64}]})
     out = []
     for i in range(rounds):

@@ -1,4 +1,7 @@
-"""A real uvicorn server running the V2 app in a thread, digits request helpers, a digits version "2", fixtures."""
+"""A real uvicorn server running the V2 app in a thread, digits request helpers, a digits version "2".
+
+The fixtures built on it (``model_server``, ``api``) are in ``conftest.py``.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +9,14 @@ import http.client
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import uvicorn
 
-from edge_agent.http.app import create_app
 from edge_agent.inference.modelpack import build_version_dir
 from edge_agent.inference.runtime import inspect_model
-from edge_agent.models.serving import ModelServer
-from edge_agent.models.store import ModelStore
 from edge_agent.wire.manifest import Manifest
 from tests.support.env import free_port
 
@@ -107,18 +105,3 @@ def build_v2(digits_dir: Path, out: Path) -> Path:
         rename_outputs={s.name: d.name for s, d in zip(outs, v1.outputs, strict=False) if s.name != d.name},
     )
     return out
-
-
-# -- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture
-def model_server(store: ModelStore) -> Iterator[ModelServer]:
-    srv = ModelServer(store)
-    srv.sync()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
-def api(model_server: ModelServer) -> Iterator[ApiServer]:
-    with ApiServer(create_app(model_server)) as server:
-        yield server

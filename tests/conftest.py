@@ -17,13 +17,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 # tflite-runtime must be loaded before TensorFlow: TF first makes every later tflite-runtime load
 # fail with "vector::reserve". Some tests import TF (to build models), so pin the order here.
 import edge_agent.inference.runtime  # noqa: F401
+from cloud_batch.fleetops.keys import generate_keys
+from edge_agent.http.app import create_app
+from edge_agent.models.serving import ModelServer
 from edge_agent.models.store import ModelStore
+from tests.apiserver import ApiServer
 from tests.broker import Broker
 from tests.modelzoo import Zoo, build_in_subprocess
 from tests.support.env import MODELS
 from tests.support.ota import Cloud, Device, relabel
-
-pytest_plugins = ["tests.apiserver"]  # the API fixtures: model_server, api
 
 
 # -- models and stores ---------------------------------------------------------------------------
@@ -41,6 +43,22 @@ def store(tmp_path: Path, digits_dir: Path) -> ModelStore:
     s = ModelStore(tmp_path / "data")
     s.install_dir(digits_dir)
     return s
+
+
+@pytest.fixture
+def model_server(store: ModelStore) -> Iterator[ModelServer]:
+    """A model server over ``store``, synced (digits 1 loaded), stopped afterwards."""
+    srv = ModelServer(store)
+    srv.sync()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def api(model_server: ModelServer) -> Iterator[ApiServer]:
+    """The V2 HTTP app over ``model_server`` on a real uvicorn server."""
+    with ApiServer(create_app(model_server)) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -75,6 +93,12 @@ def cloud_link(broker: Broker) -> Iterator[Any]:
 def keys() -> dict[str, Ed25519PrivateKey]:
     """The fleet's signing key and one the devices do not trust."""
     return {"fleet": Ed25519PrivateKey.generate(), "stranger": Ed25519PrivateKey.generate()}
+
+
+@pytest.fixture
+def key_files(tmp_path: Path) -> tuple[Path, Path]:
+    """The fleet's signing key pair as files, as ``cloud-batch keys generate`` writes them: (signing.key, signing.pub)."""
+    return generate_keys(tmp_path / "keys")
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from edge_agent.wire.manifest import Manifest
 from tests.apiserver import ApiServer, digits_data, infer_body
 
 
-# -- fixtures (model_server and api come from tests/apiserver.py via conftest) -----------
+# -- fixtures (model_server and api come from conftest.py) ------------------------------
 @pytest.fixture
 def client(api: ApiServer) -> Iterator[triton.InferenceServerClient]:
     c = triton.InferenceServerClient(api.url, network_timeout=30)

@@ -26,7 +26,6 @@ from cloud_batch.errors import BrokerUnreachableError, CloudError, InputError, R
 from cloud_batch.features.build import FeatureRegistry, build
 from cloud_batch.features.delta import Rows, compute_delta, read_partition_map
 from cloud_batch.features.push import push
-from cloud_batch.fleetops.keys import generate_keys
 from cloud_batch.train.maintenance_data import generate
 from cloud_batch.train.maintenance_features import asset_features
 from edge_agent.features.cache import FeatureCache
@@ -94,15 +93,10 @@ def build_csv(reg: Path, version: str, df: pd.DataFrame, tmp: Path, **kw):
     return build(reg, SET, version, source=src, entity_key="camera", event_ts_col="computed_at", progress=False, **kw)
 
 
-def push_argv(reg: Path, keys: tuple[Path, Path], url: str, *extra: str) -> list[str]:
+def push_argv(reg: Path, key_files: tuple[Path, Path], url: str, *extra: str) -> list[str]:
     """``cloud-batch features push`` of version 1 to the test fleet, plus ``extra`` options."""
-    where = ["--fleet", FLEET, "--registry", str(reg), "--key", str(keys[0]), "--broker", url]
+    where = ["--fleet", FLEET, "--registry", str(reg), "--key", str(key_files[0]), "--broker", url]
     return ["features", "push", SET, "--version", "1", *where, *extra]
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
-    return generate_keys(tmp_path / "keys")
 
 
 @pytest.fixture
@@ -319,14 +313,14 @@ def test_bad_partition_maps(tmp_path: Path, text: str, message: str) -> None:
 
 # -- push ------------------------------------------------------------------------------------------
 def test_push_snapshot_publishes_a_signed_features_release_and_retained_chunks(
-    broker: Broker, keys: tuple[Path, Path], reg: Path, tmp_path: Path
+    broker: Broker, key_files: tuple[Path, Path], reg: Path, tmp_path: Path
 ) -> None:
     build_csv(reg, "1", frame(40), tmp_path)
-    res = push(reg, SET, "1", FLEET, keys[0], broker.url, chunk_size=CHUNK, progress=True)
+    res = push(reg, SET, "1", FLEET, key_files[0], broker.url, chunk_size=CHUNK, progress=True)
     held = retained(broker.url)
     topic = features_topic(FLEET, SET)
     assert topic == f"edgefleet/v1/fleets/{FLEET}/features/{SET}/all/all" and [r.topic for r in res.releases] == [topic]
-    rel = released(held, topic, keys[1])
+    rel = released(held, topic, key_files[1])
     assert (rel.kind, rel.name, rel.version, rel.fleet, rel.partition) == (
         "features",
         SET,
@@ -343,13 +337,13 @@ def test_push_snapshot_publishes_a_signed_features_release_and_retained_chunks(
     assert "pushed feature set cam_stats 1 to fleet plant-7: 1 release" in res.summary()
 
     # Pushing the same version again ships the same bytes: a device holding it sees nothing new.
-    again = push(reg, SET, "1", FLEET, keys[0], broker.url, chunk_size=CHUNK, progress=False)
+    again = push(reg, SET, "1", FLEET, key_files[0], broker.url, chunk_size=CHUNK, progress=False)
     assert again.releases[0].release.artifact.sha256 == rel.artifact.sha256 and not again.cleared
     assert chunk_shas(retained(broker.url)) == {rel.artifact.sha256}
 
 
 def test_push_delta_with_snapshot_fallback_and_superseded_artifacts_cleared(
-    broker: Broker, keys: tuple[Path, Path], reg: Path, tmp_path: Path
+    broker: Broker, key_files: tuple[Path, Path], reg: Path, tmp_path: Path
 ) -> None:
     v1 = frame(30)
     v2 = frame(30, drop=("cam-3", "cam-8"), extra=("cam-99", "cam-100"))
@@ -357,11 +351,11 @@ def test_push_delta_with_snapshot_fallback_and_superseded_artifacts_cleared(
     v2.loc[v2.camera == "cam-6", "computed_at"] = "2026-11-28T00:00:00Z"  # a newer observation, same value
     build_csv(reg, "1", v1, tmp_path)
     build_csv(reg, "2", v2, tmp_path)
-    first = push(reg, SET, "1", FLEET, keys[0], broker.url, chunk_size=CHUNK, progress=False)
-    res = push(reg, SET, "2", FLEET, keys[0], broker.url, delta_from="1", chunk_size=CHUNK, progress=False)
+    first = push(reg, SET, "1", FLEET, key_files[0], broker.url, chunk_size=CHUNK, progress=False)
+    res = push(reg, SET, "2", FLEET, key_files[0], broker.url, delta_from="1", chunk_size=CHUNK, progress=False)
 
     held = retained(broker.url)
-    rel = released(held, features_topic(FLEET, SET), keys[1])
+    rel = released(held, features_topic(FLEET, SET), key_files[1])
     assert rel.version == "2" and rel.fallback is not None
     delta_dir = reg / "features" / SET / "2.delta-from-1"
     assert res.releases[0].bundle_dir == delta_dir and delta_dir.is_dir()
@@ -391,7 +385,7 @@ def test_push_delta_with_snapshot_fallback_and_superseded_artifacts_cleared(
 
 
 def test_push_with_a_partition_map_publishes_one_release_per_partition(
-    broker: Broker, keys: tuple[Path, Path], reg: Path, tmp_path: Path
+    broker: Broker, key_files: tuple[Path, Path], reg: Path, tmp_path: Path
 ) -> None:
     build_csv(reg, "1", frame(6), tmp_path)
     (tmp_path / "map1.csv").write_text(
@@ -399,7 +393,15 @@ def test_push_with_a_partition_map_publishes_one_release_per_partition(
         "cam-3,group:north\ncam-4,group:north\ncam-5,group:north\n"
     )
     first = push(
-        reg, SET, "1", FLEET, keys[0], broker.url, partition_map=tmp_path / "map1.csv", chunk_size=CHUNK, progress=False
+        reg,
+        SET,
+        "1",
+        FLEET,
+        key_files[0],
+        broker.url,
+        partition_map=tmp_path / "map1.csv",
+        chunk_size=CHUNK,
+        progress=False,
     )
     held = retained(broker.url)
     want = {
@@ -409,7 +411,7 @@ def test_push_with_a_partition_map_publishes_one_release_per_partition(
     }
     assert sorted(r.partition for r in first.releases) == sorted(want)
     for part, ents in want.items():
-        rel = released(held, features_topic(FLEET, SET, *part), keys[1])
+        rel = released(held, features_topic(FLEET, SET, *part), key_files[1])
         assert rel.partition == {"by": part[0], "key": part[1]} and rel.kind == "features" and rel.fallback is None
         assert f"{SET}-1-{part[0]}.{part[1]}-" in rel.release_id
         b = download(held, rel.artifact, tmp_path / f"p1-{part[1]}")
@@ -429,7 +431,7 @@ def test_push_with_a_partition_map_publishes_one_release_per_partition(
         SET,
         "2",
         FLEET,
-        keys[0],
+        key_files[0],
         broker.url,
         delta_from="1",
         partition_map=tmp_path / "map2.csv",
@@ -443,7 +445,7 @@ def test_push_with_a_partition_map_publishes_one_release_per_partition(
         ("group", "north"): (["cam-4"], ["cam-5"], ["cam-3", "cam-4"]),
     }
     for part, (ups, dels, snap_ents) in expect.items():
-        rel = released(held, features_topic(FLEET, SET, *part), keys[1])
+        rel = released(held, features_topic(FLEET, SET, *part), key_files[1])
         d = download(held, rel.artifact, tmp_path / f"d2-{part[1]}")
         assert (d.info.kind, d.info.base_version, dict(d.info.partition)) == (
             "delta",
@@ -486,7 +488,7 @@ BAD_PUSHES = [
 @pytest.mark.parametrize("change,error,message", BAD_PUSHES, ids=case_ids(BAD_PUSHES, 20))
 def test_bad_push_input_is_a_clear_error_and_publishes_nothing(
     broker: Broker,
-    keys: tuple[Path, Path],
+    key_files: tuple[Path, Path],
     reg: Path,
     tmp_path: Path,
     change: dict,
@@ -499,13 +501,13 @@ def test_bad_push_input_is_a_clear_error_and_publishes_nothing(
         "set_name": SET,
         "version": "2",
         "fleet": FLEET,
-        "key": keys[0],
+        "key": key_files[0],
         "delta_from": None,
         "partition_map": None,
         "chunk_size": CHUNK,
     }
     args.update(change)
-    resolve_key(args, keys, tmp_path)
+    resolve_key(args, key_files, tmp_path)
     if args["partition_map"] == "missing":
         args["partition_map"] = tmp_path / "nope.csv"
     elif isinstance(args["partition_map"], str):
@@ -526,17 +528,17 @@ def test_bad_push_input_is_a_clear_error_and_publishes_nothing(
 
 
 def test_unreachable_broker_names_the_url_and_publishes_nothing(
-    keys: tuple[Path, Path], reg: Path, tmp_path: Path
+    key_files: tuple[Path, Path], reg: Path, tmp_path: Path
 ) -> None:
     build_csv(reg, "1", frame(6), tmp_path)
     url = f"mqtt://127.0.0.1:{free_port()}"
     with pytest.raises(BrokerUnreachableError, match=f"cannot reach the MQTT broker at {url}"):
-        push(reg, SET, "1", FLEET, keys[0], url, connect_timeout_s=1.0, progress=False)
+        push(reg, SET, "1", FLEET, key_files[0], url, connect_timeout_s=1.0, progress=False)
 
 
 # -- CLI wiring ---------------------------------------------------------------------------------
 def test_cli_build_and_push(
-    broker: Broker, keys: tuple[Path, Path], reg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    broker: Broker, key_files: tuple[Path, Path], reg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     src = write_csv(frame(6), tmp_path / "stats.csv")
     assert (
@@ -568,7 +570,7 @@ def test_cli_build_and_push(
     assert f"built: feature set {SET} version 1" in out and "6 entities (camera) x 2 features (float32)" in out
     assert read_bundle(reg / "features" / SET / "1").info.ttl_s == 86400
 
-    assert features_cli.main(push_argv(reg, keys, broker.url, "--no-progress")) == 0
+    assert features_cli.main(push_argv(reg, key_files, broker.url, "--no-progress")) == 0
     out = capsys.readouterr().out
     assert f"pushed feature set {SET} 1 to fleet {FLEET}" in out and features_topic(FLEET, SET) in out
     assert features_topic(FLEET, SET) in retained(broker.url)
@@ -580,7 +582,7 @@ def test_cli_build_and_push(
     )
     err = capsys.readouterr().err
     assert err.startswith("error: unknown recipe 'weather'; recipes: maintenance") and "Traceback" not in err
-    assert features_cli.main(push_argv(reg, keys, broker.url, "--delta-from", "1")) == 2
+    assert features_cli.main(push_argv(reg, key_files, broker.url, "--delta-from", "1")) == 2
     assert capsys.readouterr().err == "error: --delta-from 1 is not older than version 1\n"
 
 

@@ -36,11 +36,6 @@ CHUNK = 4096  # the digits artifact (~55 KB) becomes a dozen chunks
 
 
 # -- helpers -------------------------------------------------------------------------------
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
-    return generate_keys(tmp_path / "keys")
-
-
 def make_registry(root: Path, versions: tuple[str, ...] = ("1", "2")) -> Path:
     """A registry holding the shipped digits model as each of ``versions`` (only the manifest's version differs)."""
     for version in versions:
@@ -81,14 +76,14 @@ def test_keys_generate_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 # -- a release on the broker ---------------------------------------------------------------------
 def test_release_publishes_retained_chunks_rollout_and_a_signed_release(
-    broker: Broker, cloud_link: BrokerLink, keys: tuple[Path, Path], registry: Path
+    broker: Broker, cloud_link: BrokerLink, key_files: tuple[Path, Path], registry: Path
 ) -> None:
     rel = release(
         registry,
         "digits",
         "1",
         FLEET,
-        keys[0],
+        key_files[0],
         cloud_link,
         stages=[5, 25, 100],
         max_failure_rate=0.2,
@@ -102,7 +97,7 @@ def test_release_publishes_retained_chunks_rollout_and_a_signed_release(
 
     # The signed release: verifies with the public key, parses, says what was asked.
     doc = json.loads(held[release_topic(FLEET, "digits")])
-    verify(doc, [load_public_key(keys[1])])
+    verify(doc, [load_public_key(key_files[1])])
     parsed = Release.from_dict(doc)
     assert parsed.release_id == rel.release_id and parsed.release_id.startswith("digits-1-")
     assert (parsed.fleet, parsed.name, parsed.version, parsed.kind, parsed.rollback) == (
@@ -133,16 +128,16 @@ def test_release_publishes_retained_chunks_rollout_and_a_signed_release(
 
 
 def test_a_new_release_clears_the_superseded_artifact_but_not_a_shared_one(
-    broker: Broker, cloud_link: BrokerLink, keys: tuple[Path, Path], registry: Path
+    broker: Broker, cloud_link: BrokerLink, key_files: tuple[Path, Path], registry: Path
 ) -> None:
-    first = release(registry, "digits", "1", FLEET, keys[0], cloud_link, chunk_size=CHUNK, progress=False)
+    first = release(registry, "digits", "1", FLEET, key_files[0], cloud_link, chunk_size=CHUNK, progress=False)
     # The same artifact again (a re-release): its chunks must stay.
-    again = release(registry, "digits", "1", FLEET, keys[0], cloud_link, chunk_size=CHUNK, progress=False)
+    again = release(registry, "digits", "1", FLEET, key_files[0], cloud_link, chunk_size=CHUNK, progress=False)
     assert again.release_id != first.release_id and again.artifact.sha256 == first.artifact.sha256
     held = retained(broker.url)
     assert all(chunk_topic(first.artifact.sha256, i) in held for i in range(len(first.artifact.chunks)))
 
-    second = release(registry, "digits", "2", FLEET, keys[0], cloud_link, chunk_size=CHUNK, progress=False)
+    second = release(registry, "digits", "2", FLEET, key_files[0], cloud_link, chunk_size=CHUNK, progress=False)
     assert second.artifact.sha256 != first.artifact.sha256  # the manifest differs (version 2)
     held = retained(broker.url)
     assert not [t for t in held if f"/{first.artifact.sha256}/" in t], "superseded chunks still retained"
@@ -175,16 +170,16 @@ BAD_INPUTS = [
 def test_bad_input_is_a_clear_error_and_publishes_nothing(
     broker: Broker,
     cloud_link: BrokerLink,
-    keys: tuple[Path, Path],
+    key_files: tuple[Path, Path],
     registry: Path,
     tmp_path: Path,
     change: dict,
     error: type[CloudError],
     message: str,
 ) -> None:
-    args = {"name": "digits", "version": "1", "fleet": FLEET, "key": keys[0], "stages": "10,100"}
+    args = {"name": "digits", "version": "1", "fleet": FLEET, "key": key_files[0], "stages": "10,100"}
     args.update(change)
-    resolve_key(args, keys, tmp_path)
+    resolve_key(args, key_files, tmp_path)
     with pytest.raises(error, match=message):
         release(
             registry,
@@ -199,7 +194,7 @@ def test_bad_input_is_a_clear_error_and_publishes_nothing(
     assert retained(broker.url) == {}
 
 
-def test_unreachable_broker_names_the_url(keys: tuple[Path, Path], registry: Path) -> None:
+def test_unreachable_broker_names_the_url(key_files: tuple[Path, Path], registry: Path) -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"
     with pytest.raises(BrokerUnreachableError, match=f"cannot reach the MQTT broker at {url}"), open_link(url, 1.0):
         pass
@@ -233,7 +228,7 @@ def test_every_ota_command_has_help_ending_with_an_example(capsys: pytest.Captur
 
 
 def test_release_cli(
-    broker: Broker, keys: tuple[Path, Path], registry: Path, capsys: pytest.CaptureFixture[str]
+    broker: Broker, key_files: tuple[Path, Path], registry: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base = [
         "release",
@@ -245,7 +240,7 @@ def test_release_cli(
         "--registry",
         str(registry),
         "--key",
-        str(keys[0]),
+        str(key_files[0]),
         "--broker",
         broker.url,
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,6 @@ import pytest
 from cloud_batch.cli import ota as ota_cli
 from cloud_batch.fleetops.broker import BrokerLink
 from cloud_batch.fleetops.fleet import fleet_status
-from cloud_batch.fleetops.keys import generate_keys
 from cloud_batch.fleetops.release import release
 from cloud_batch.fleetops.rollout import RolloutError, RolloutStatus, abort, advance, evaluate, rollout_status, watch
 from cloud_batch.sim.fleet import SimFleet
@@ -33,11 +33,6 @@ WAIT_S = 60.0
 SETTLE_S = 0.2  # the agent waits 1 s for a release's rollout; the rollout is always published first here
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
-    return generate_keys(tmp_path / "keys")
-
-
 def start_fleet(url: str, pub: Path, tmp_path: Path, **kwargs: object) -> SimFleet:
     return SimFleet(
         url,
@@ -50,11 +45,31 @@ def start_fleet(url: str, pub: Path, tmp_path: Path, **kwargs: object) -> SimFle
     ).start()  # type: ignore[arg-type]
 
 
+@dataclass
+class Rig:
+    """The test's broker and cloud link, its signing key files, and the simulated fleets it started."""
+
+    url: str
+    link: BrokerLink
+    key_files: tuple[Path, Path]
+    workdir: Path
+    fleets: list[SimFleet] = field(default_factory=list)
+
+    def start(self, **kwargs: object) -> SimFleet:
+        """A simulated fleet trusting the signing key (stopped after the test)."""
+        self.fleets.append(start_fleet(self.url, self.key_files[1], self.workdir, **kwargs))
+        return self.fleets[-1]
+
+    def publish(self, **kwargs: object) -> Release:
+        """Release digits 1, signed with the key the fleet trusts."""
+        return publish(self.link, self.key_files[0], **kwargs)
+
+
 @pytest.fixture
-def sim_factory(tmp_path: Path) -> Iterator[list[SimFleet]]:
-    fleets: list[SimFleet] = []
-    yield fleets
-    for f in fleets:
+def rig(broker: Broker, cloud_link: BrokerLink, key_files: tuple[Path, Path], tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(broker.url, cloud_link, key_files, tmp_path)
+    yield r
+    for f in r.fleets:
         f.stop()
 
 
@@ -84,29 +99,23 @@ def cohort(ids: list[str], percent: int) -> set[str]:
 
 # -- advancing -----------------------------------------------------------------------------
 def test_advance_moves_through_every_stage_while_failures_stay_under_the_threshold(
-    broker: Broker,
-    cloud_link: BrokerLink,
-    keys: tuple[Path, Path],
-    tmp_path: Path,
-    sim_factory: list[SimFleet],
-    capsys: pytest.CaptureFixture[str],
+    rig: Rig, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sim = start_fleet(broker.url, keys[1], tmp_path)
-    sim_factory.append(sim)
-    rel = publish(cloud_link, keys[0])
+    sim = rig.start()
+    rel = rig.publish()
     seen_cohorts: list[set[str]] = []
     for stage, percent in enumerate(STAGES):
-        status = watch(cloud_link, "digits", FLEET, stage_done, timeout_s=WAIT_S)
+        status = watch(rig.link, "digits", FLEET, stage_done, timeout_s=WAIT_S)
         assert (status.rollout.stage, status.rollout.percent, status.rollout.status) == (stage, percent, "active")
         assert set(status.cohort) == cohort(sim.device_ids, percent)
         assert status.counts["success"] == len(status.cohort) and status.failure_rate == 0.0
         seen_cohorts.append(set(status.cohort))
         # Devices outside the cohort have not applied it: they hold the release until a later stage.
-        rows = {r.device_id: r for r in fleet_status(cloud_link, FLEET)}
+        rows = {r.device_id: r for r in fleet_status(rig.link, FLEET)}
         for device_id, row in rows.items():
             applied = row.models.get("digits") == "1"
             assert applied == (device_id in status.cohort), device_id
-        step = advance(cloud_link, "digits", FLEET)
+        step = advance(rig.link, "digits", FLEET)
         if stage + 1 < len(STAGES):
             assert step.action == "advanced" and step.rollout.stage == stage + 1
             assert step.rollout.percent == STAGES[stage + 1]
@@ -116,29 +125,26 @@ def test_advance_moves_through_every_stage_while_failures_stay_under_the_thresho
     assert seen_cohorts[0] < seen_cohorts[1] < seen_cohorts[2] == set(sim.device_ids)
 
     # Complete is final for advance (a no-op), and the CLI shows the same status as JSON.
-    assert advance(cloud_link, "digits", FLEET).action is None
-    assert ota_cli.main(["rollout", "status", "digits", "--fleet", FLEET, "--broker", broker.url, "--json"]) == 0
+    assert advance(rig.link, "digits", FLEET).action is None
+    assert ota_cli.main(["rollout", "status", "digits", "--fleet", FLEET, "--broker", rig.url, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["release_id"] == rel.release_id and shown["status"] == "complete"
     assert shown["counts"]["success"] == N and shown["failure_rate"] == 0.0 and len(shown["devices"]) == N
 
 
-def test_rollout_halts_on_its_own_when_the_failure_threshold_is_crossed(
-    broker: Broker, cloud_link: BrokerLink, keys: tuple[Path, Path], tmp_path: Path, sim_factory: list[SimFleet]
-) -> None:
+def test_rollout_halts_on_its_own_when_the_failure_threshold_is_crossed(rig: Rig) -> None:
     # ~30% of the devices fail validation; with seed 4 none of them is in the 10% cohort, 9 of 29 are in the 50% one.
-    sim = start_fleet(broker.url, keys[1], tmp_path, fail_rate=0.3, seed=4)
-    sim_factory.append(sim)
+    sim = rig.start(fail_rate=0.3, seed=4)
     assert len(sim.fail_ids) == 15
     assert not sim.fail_ids & cohort(sim.device_ids, 10) and sim.fail_ids & cohort(sim.device_ids, 50)
-    publish(cloud_link, keys[0], max_failure_rate=0.1)
+    rig.publish(max_failure_rate=0.1)
 
-    first = watch(cloud_link, "digits", FLEET, stage_done, timeout_s=WAIT_S)
+    first = watch(rig.link, "digits", FLEET, stage_done, timeout_s=WAIT_S)
     assert first.failure_rate == 0.0 and first.action is None
-    assert advance(cloud_link, "digits", FLEET).action == "advanced"
+    assert advance(rig.link, "digits", FLEET).action == "advanced"
 
     # The watcher halts the rollout as soon as a failure report pushes the rate over 10%.
-    halted = watch(cloud_link, "digits", FLEET, lambda s: s.action == "halted", timeout_s=WAIT_S)
+    halted = watch(rig.link, "digits", FLEET, lambda s: s.action == "halted", timeout_s=WAIT_S)
     assert halted.rollout.status == "halted" and halted.rollout.percent == 50
     assert halted.failure_rate > 0.1 and "above the release's threshold 10.0%" in halted.message
     failed = [d for d in halted.devices if d.result == "failed"]
@@ -146,30 +152,22 @@ def test_rollout_halts_on_its_own_when_the_failure_threshold_is_crossed(
     assert all("simulated failure" in (d.reason or "") for d in failed)
 
     # The halt is on the broker (retained), devices outside the cohort never start, and it cannot advance.
-    after = rollout_status(cloud_link, "digits", FLEET)
+    after = rollout_status(rig.link, "digits", FLEET)
     assert after.rollout.status == "halted" and after.action is None
     outside = set(sim.device_ids) - cohort(sim.device_ids, 50)
-    for row in fleet_status(cloud_link, FLEET):
+    for row in fleet_status(rig.link, FLEET):
         if row.device_id in outside:
             assert "digits" not in row.models and "digits" not in row.updates, row
     with pytest.raises(RolloutError, match="is halted; it cannot advance"):
-        advance(cloud_link, "digits", FLEET)
+        advance(rig.link, "digits", FLEET)
 
 
-def test_cli_status_halts_and_exits_1_then_advance_is_refused(
-    broker: Broker,
-    cloud_link: BrokerLink,
-    keys: tuple[Path, Path],
-    tmp_path: Path,
-    sim_factory: list[SimFleet],
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    sim = start_fleet(broker.url, keys[1], tmp_path, n=10, fail_rate=0.5, seed=1)
-    sim_factory.append(sim)
-    publish(cloud_link, keys[0], stages=[100], max_failure_rate=0.2)
-    watch(cloud_link, "digits", FLEET, stage_done, timeout_s=WAIT_S, auto_halt=False)  # observe only
+def test_cli_status_halts_and_exits_1_then_advance_is_refused(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    rig.start(n=10, fail_rate=0.5, seed=1)
+    rig.publish(stages=[100], max_failure_rate=0.2)
+    watch(rig.link, "digits", FLEET, stage_done, timeout_s=WAIT_S, auto_halt=False)  # observe only
 
-    args = ["--fleet", FLEET, "--broker", broker.url]
+    args = ["--fleet", FLEET, "--broker", rig.url]
     assert ota_cli.main(["rollout", "status", "digits", *args]) == 1
     out = capsys.readouterr().out
     assert "halted: failure rate 50.0% (5/10) is above the release's threshold 20.0%" in out
@@ -180,26 +178,23 @@ def test_cli_status_halts_and_exits_1_then_advance_is_refused(
 
 
 # -- aborting ------------------------------------------------------------------------------
-def test_abort_makes_the_cohort_roll_back(
-    broker: Broker, cloud_link: BrokerLink, keys: tuple[Path, Path], tmp_path: Path, sim_factory: list[SimFleet]
-) -> None:
-    sim = start_fleet(broker.url, keys[1], tmp_path, initial_models={"digits": "0"})
-    sim_factory.append(sim)
-    rel = publish(cloud_link, keys[0], stages=[50, 100])
-    done = watch(cloud_link, "digits", FLEET, stage_done, timeout_s=WAIT_S)
+def test_abort_makes_the_cohort_roll_back(rig: Rig) -> None:
+    sim = rig.start(initial_models={"digits": "0"})
+    rel = rig.publish(stages=[50, 100])
+    done = watch(rig.link, "digits", FLEET, stage_done, timeout_s=WAIT_S)
     assert done.counts["success"] == len(done.cohort) == len(cohort(sim.device_ids, 50))
 
-    aborted = abort(cloud_link, "digits", FLEET)
+    aborted = abort(rig.link, "digits", FLEET)
     assert aborted.action == "aborted" and aborted.rollout.status == "aborted"
-    rolled = watch(cloud_link, "digits", FLEET, lambda s: s.counts["rolled-back"] == len(s.cohort), timeout_s=WAIT_S)
+    rolled = watch(rig.link, "digits", FLEET, lambda s: s.counts["rolled-back"] == len(s.cohort), timeout_s=WAIT_S)
     assert all(
         d.result == "rolled-back" and f"rollout {rel.release_id} aborted" in (d.reason or "") for d in rolled.devices
     )
     # Everyone serves the previous version again; devices outside the cohort never changed.
-    assert {row.models.get("digits") for row in fleet_status(cloud_link, FLEET)} == {"0"}
-    assert abort(cloud_link, "digits", FLEET).action is None  # idempotent
+    assert {row.models.get("digits") for row in fleet_status(rig.link, FLEET)} == {"0"}
+    assert abort(rig.link, "digits", FLEET).action is None  # idempotent
     with pytest.raises(RolloutError, match="is aborted"):
-        advance(cloud_link, "digits", FLEET)
+        advance(rig.link, "digits", FLEET)
 
 
 def test_no_release_is_a_clear_error(cloud_link: BrokerLink) -> None:

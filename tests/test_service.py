@@ -108,21 +108,8 @@ def test_first_start_installs_shipped_models_and_serves(agent) -> None:
 def test_cli_changes_are_served_while_running(agent, digits_dir: Path) -> None:
     _, connect, data_dir = agent
     cli = [str(BIN / "edge-agent"), "models"]
-    subprocess.run(
-        [
-            *cli,
-            "install",
-            str(digits_dir / "model.tflite"),
-            "--name",
-            "digits",
-            "--version",
-            "2",
-            "--data-dir",
-            str(data_dir),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    install = [*cli, "install", str(digits_dir / "model.tflite"), "--name", "digits", "--version", "2"]
+    subprocess.run([*install, "--data-dir", str(data_dir)], check=True, capture_output=True)
     body, _ = digits_body(1)
     assert request(connect(), "POST", "/v2/models/digits/infer", body)[1]["model_version"] == "1"
 

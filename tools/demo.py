@@ -111,6 +111,12 @@ def run(*cmd: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def publish(broker_url: str, registry: Path, keys: Path, *args: str) -> None:
+    """``cloud-batch ARGS``, signed with the demo key and published from ``registry`` to fleet 'demo'."""
+    target = ["--fleet", "demo", "--registry", str(registry), "--key", str(keys / "signing.key")]
+    run(str(BIN / "cloud-batch"), *args, *target, "--broker", broker_url, "--no-progress")
+
+
 def features_demo(base: str, broker_url: str, registry: Path, keys: Path, data_dir: Path) -> None:
     print("== cloud side: per-asset features from 60 days of raw sensor history (pandas), as a signed bundle")
     run(
@@ -126,23 +132,7 @@ def features_demo(base: str, broker_url: str, registry: Path, keys: Path, data_d
         "maintenance",
         "--no-progress",
     )
-    run(
-        str(BIN / "cloud-batch"),
-        "features",
-        "push",
-        "asset_features",
-        "--version",
-        "1",
-        "--fleet",
-        "demo",
-        "--registry",
-        str(registry),
-        "--key",
-        str(keys / "signing.key"),
-        "--broker",
-        broker_url,
-        "--no-progress",
-    )
+    publish(broker_url, registry, keys, "features", "push", "asset_features", "--version", "1")
     deadline = time.time() + 60
     while time.time() < deadline:
         if http("GET", f"{base}/agent/status")["ota"].get("features", {}).get("asset_features") == "1":
@@ -233,24 +223,7 @@ def main() -> int:
             "2",
             "--no-progress",
         )
-        run(
-            str(BIN / "cloud-batch"),
-            "release",
-            "digits",
-            "--version",
-            "2",
-            "--fleet",
-            "demo",
-            "--registry",
-            str(registry),
-            "--key",
-            str(keys / "signing.key"),
-            "--broker",
-            broker_url,
-            "--health-window-s",
-            "3",
-            "--no-progress",
-        )
+        publish(broker_url, registry, keys, "release", "digits", "--version", "2", "--health-window-s", "3")
         t0 = time.time()
         while time.time() - t0 < 120:
             version = http("GET", f"{base}/v2/models/digits")["parameters"].get("active_version")

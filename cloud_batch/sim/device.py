@@ -40,17 +40,8 @@ from edge_agent.update.coordinator import will_for
 from edge_agent.update.states import RESULTS, State
 from edge_agent.wire.names import check_segment
 from edge_agent.wire.policy import in_cohort, in_window
-from edge_agent.wire.protocol import (
-    PRESENCE_OFFLINE,
-    PRESENCE_ONLINE,
-    DeviceState,
-    Release,
-    Rollout,
-    UpdateReport,
-    decode,
-    encode,
-)
-from edge_agent.wire.topics import device_state_topic, parse_model_topic, presence_topic, release_filter, rollout_filter
+from edge_agent.wire.protocol import DeviceState, Release, Rollout, UpdateReport, decode, encode, presence
+from edge_agent.wire.topics import device_state_topic, parse_model_topic, release_filter, rollout_filter
 
 log = logging.getLogger("cloud_batch.sim")
 
@@ -130,7 +121,7 @@ class SimDevice:
         self.connected = True
         self._backoff = 0.5
         fleet = self.sim.fleet
-        client.publish(presence_topic(fleet, self.device_id), PRESENCE_ONLINE, qos=1, retain=True)
+        client.publish(*presence(fleet, self.device_id, online=True), qos=1, retain=True)
         self.publish_state()
         subs = [(rollout_filter(fleet), 1), (release_filter(fleet), 1)]  # rollouts first, like OtaAgent
         subs += [(t, q) for t, (_, q) in self.subs.items()]
@@ -167,7 +158,7 @@ class SimDevice:
         for job in self.jobs.values():
             self._stop_job(job, "device shutting down")
         if self.alive and self.connected:
-            self.client.publish(presence_topic(self.sim.fleet, self.device_id), PRESENCE_OFFLINE, qos=1, retain=True)
+            self.client.publish(*presence(self.sim.fleet, self.device_id, online=False), qos=1, retain=True)
         if not self.killed and self.client.socket() is not None:
             self.client.disconnect()  # written after the presence message; paho then closes the socket
         self.alive = False

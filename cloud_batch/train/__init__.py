@@ -1,1 +1,1 @@
-"""cloud_batch.train."""
+"""Training jobs: ``digits`` and ``maintenance`` (with their data and features), ``quantize``, ``device_eval`` (the device runtime), ``gate``, ``evalreport``, ``tf_env`` (the only TensorFlow import)."""

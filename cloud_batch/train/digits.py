@@ -12,21 +12,16 @@ The data ships with scikit-learn (no download), so the job runs offline and in C
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cloud_batch.errors import InputError
-from cloud_batch.progress import Reporter
-from cloud_batch.registry.models import Registry
 from cloud_batch.train.device_eval import predict_batched, staged_model
-from cloud_batch.train.evalreport import confusion_figure, write_report
+from cloud_batch.train.evalreport import confusion_figure
 from cloud_batch.train.gate import Gate
-from cloud_batch.train.quantize import representative_samples, to_quantized_tflite
+from cloud_batch.train.job import TrainJob, TrainOptions
 from cloud_batch.train.result import TrainResult
-from cloud_batch.train.tf_env import quiet_native_output, seed_everything, tensorflow
 
 NAME = "digits"
 LABELS = [str(i) for i in range(10)]
@@ -85,38 +80,19 @@ def train_digits(
     The gate refuses (QualityGateError, nothing written) when held-out int8 accuracy is
     below ``min_accuracy`` or more than ``max_drop`` below the float model.
     """
-    if epochs < 1:
-        raise InputError(f"epochs must be at least 1, got {epochs}")
-    report = Reporter(progress)
-    registry = Registry(registry_dir)
-    version = version or registry.next_version(NAME)
-    registry.require_free(NAME, version)
-    gate = Gate("accuracy", min_accuracy, max_drop)
-    quantization = "int8"
+    options = TrainOptions(registry_dir, version, epochs, seed, progress)
+    job = TrainJob(NAME, options, Gate("accuracy", min_accuracy, max_drop), "int8", "accuracy")
+    version, quantization = job.version, job.quantization
 
-    report.status(f"digits {version}: loading data (sklearn load_digits)")
+    job.status(f"digits {version}: loading data (sklearn load_digits)")
     x_tr, x_te, y_tr, y_te = load_split(seed)
-    tf = tensorflow()
-    seed_everything(seed)
+    tf = job.tensorflow()
     model = build_model()
-    report.status(f"training on {len(x_tr)} images, holding out {len(x_te)} (TensorFlow {tf.__version__})")
-    t0 = time.perf_counter()
-    with quiet_native_output():
-        history = model.fit(
-            x_tr,
-            y_tr,
-            epochs=epochs,
-            batch_size=32,
-            shuffle=True,
-            verbose=0,
-            callbacks=[report.keras_callback(epochs, f"digits {version}")],
-        )
-        train_seconds = time.perf_counter() - t0
-        float_pred = model.predict(x_te, verbose=0).argmax(axis=1)
+    job.status(f"training on {len(x_tr)} images, holding out {len(x_te)} (TensorFlow {tf.__version__})")
+    float_pred = job.fit_predict(model, x_tr, y_tr, x_te, batch_size=32).argmax(axis=1)
     float_acc = float((float_pred == y_te).mean())
 
-    report.status(f"float accuracy {float_acc:.4f}; quantizing ({quantization}, calibrated on the training split)")
-    tflite = to_quantized_tflite(model, representative_samples({"pixels": x_tr}, seed=seed), quantization)
+    tflite = job.quantize(model, {"pixels": x_tr}, float_acc)
     rename = {"output_0": "probs"}
     with staged_model(tflite, NAME, rename_outputs=rename) as (path, served):
         probs = predict_batched(served, {"pixels": x_te})["probs"]
@@ -134,41 +110,24 @@ def train_digits(
             "seed": seed,
             "dataset": "sklearn.datasets.load_digits",
         }
-        report.status(f"{quantization} accuracy {quant_acc:.4f} (float {float_acc:.4f}); checking the quality gate")
-        gate.check(float_acc, quant_acc, metrics)
-        manifest = registry.register(
+        manifest = job.register(
             path,
-            NAME,
-            version,
+            float_acc,
+            quant_acc,
+            metrics,
             golden_inputs=_golden_inputs(x_te, y_te),
             labels=LABELS,
             preprocessing=PREPROCESSING,
-            metrics=metrics,
             rename_outputs=rename,
         )
 
     cm = np.zeros((10, 10), dtype=np.int64)
     np.add.at(cm, (y_te, quant_pred), 1)
-    eval_dir = write_report(
-        registry.eval_dir(NAME, version),
-        {
-            "name": NAME,
-            "version": version,
-            "metrics": metrics,
-            "confusion_matrix_int8": cm,
-            "gate": {"metric": gate.metric, "minimum": gate.minimum, "max_drop": gate.max_drop},
-            "train_seconds": round(train_seconds, 2),
-            "history": {k: [round(float(v), 5) for v in vs] for k, vs in history.history.items()},
-            "model_bytes": manifest.size,
-            "sha256": manifest.sha256,
-        },
-        confusion_figure(
-            cm,
-            LABELS,
-            {"float": float_acc, quantization: quant_acc},
-            min_accuracy,
-            f"digits {version}: {quantization} confusion",
-        ),
+    figure = confusion_figure(
+        cm,
+        LABELS,
+        {"float": float_acc, quantization: quant_acc},
+        min_accuracy,
+        f"digits {version}: {quantization} confusion",
     )
-    report.status(f"registered digits {version} ({manifest.size} bytes); report in {eval_dir}")
-    return TrainResult(manifest=manifest, path=registry.path(NAME, version), eval_dir=eval_dir, metrics=metrics)
+    return job.finish(manifest, metrics, {"confusion_matrix_int8": cm}, figure)

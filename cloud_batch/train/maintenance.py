@@ -25,7 +25,6 @@ machines the model has never seen.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,16 +33,13 @@ import numpy as np
 import pandas as pd
 
 from cloud_batch.errors import CloudError, InputError
-from cloud_batch.progress import Reporter
-from cloud_batch.registry.models import Registry
 from cloud_batch.train.device_eval import predict_batched, staged_model
-from cloud_batch.train.evalreport import roc_figure, write_report
+from cloud_batch.train.evalreport import roc_figure
 from cloud_batch.train.gate import Gate
+from cloud_batch.train.job import TrainJob, TrainOptions
 from cloud_batch.train.maintenance_data import generate
 from cloud_batch.train.maintenance_features import FEATURE_NAMES, LIVE_FEATURES, asset_features, live_readings
-from cloud_batch.train.quantize import MODES, representative_samples, to_quantized_tflite
 from cloud_batch.train.result import TrainResult
-from cloud_batch.train.tf_env import quiet_native_output, seed_everything, tensorflow
 
 __all__ = ["Dataset", "asset_features", "build_dataset", "build_model", "train_maintenance"]
 
@@ -179,47 +175,29 @@ def train_maintenance(
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    if epochs < 1:
-        raise InputError(f"epochs must be at least 1, got {epochs}")
-    if quantization not in MODES:
-        raise InputError(f"unknown quantization {quantization!r}; use one of {list(MODES)}")
-    report = Reporter(progress)
-    registry = Registry(registry_dir)
-    version = version or registry.next_version(NAME)
-    registry.require_free(NAME, version)
-    gate = Gate("auc", min_auc, max_drop)
+    options = TrainOptions(registry_dir, version, epochs, seed, progress)
+    job = TrainJob(NAME, options, Gate("auc", min_auc, max_drop), quantization, "AUC")
+    version = job.version
 
-    report.status(f"maintenance {version}: simulating {n_assets} assets x {days} days (seed {seed})")
+    job.status(f"maintenance {version}: simulating {n_assets} assets x {days} days (seed {seed})")
     history = generate(n_assets=n_assets, days=days, seed=seed)
     data = build_dataset(history)
     train, test = split_assets(data, seed)
     if len(np.unique(test.label)) < 2 or len(np.unique(train.label)) < 2:
         raise InputError("too few failures in the simulated history to train and evaluate; use more assets or days")
-    report.status(
+    job.status(
         f"{len(train.label)} training snapshots, {len(test.label)} held out "
         f"({len(np.unique(test.asset))} unseen assets); failure rate {data.label.mean():.3f}"
     )
 
-    tensorflow()
-    seed_everything(seed)
+    job.tensorflow()
     model = build_model(train)
-    t0 = time.perf_counter()
-    with quiet_native_output():
-        fit = model.fit(
-            train.inputs(),
-            train.label,
-            epochs=epochs,
-            batch_size=64,
-            shuffle=True,
-            verbose=0,
-            callbacks=[report.keras_callback(epochs, f"maintenance {version}")],
-        )
-        train_seconds = time.perf_counter() - t0
-        p_float = model.predict(test.inputs(), batch_size=1024, verbose=0)[:, 0]
+    p_float = job.fit_predict(
+        model, train.inputs(), train.label, test.inputs(), batch_size=64, predict_batch_size=1024
+    )[:, 0]
     auc_float = float(roc_auc_score(test.label, p_float))
-    report.status(f"float AUC {auc_float:.4f}; quantizing ({quantization}, calibrated on the training split)")
 
-    tflite = to_quantized_tflite(model, representative_samples(train.inputs(), seed=seed), quantization)
+    tflite = job.quantize(model, train.inputs(), auc_float)
     rename = {"output_0": "failure_prob"}
     with staged_model(tflite, NAME, rename_outputs=rename) as (path, served):
         names = sorted(s.name for s in served.manifest.inputs)
@@ -246,14 +224,12 @@ def train_maintenance(
             "dataset": f"maintenance_data.generate(n_assets={n_assets}, days={days}, seed={seed})",
         }
         resolution = _input_resolution(served, train)
-        report.status(f"{quantization} AUC {auc_quant:.4f} (float {auc_float:.4f}); checking the quality gate")
-        gate.check(auc_float, auc_quant, metrics)
-        manifest = registry.register(
+        manifest = job.register(
             path,
-            NAME,
-            version,
+            auc_float,
+            auc_quant,
+            metrics,
             golden_inputs=_golden_inputs(test),
-            metrics=metrics,
             rename_outputs=rename,
             extra={"feature_names": FEATURE_NAMES_EXTRA, "feature_joins": FEATURE_JOINS},
             validation=GOLDEN_TOLERANCE,
@@ -261,24 +237,9 @@ def train_maintenance(
 
     fpr_f, tpr_f, _ = roc_curve(test.label, p_float)
     fpr_q, tpr_q, _ = roc_curve(test.label, p_quant)
-    eval_dir = write_report(
-        registry.eval_dir(NAME, version),
-        {
-            "name": NAME,
-            "version": version,
-            "metrics": metrics,
-            "gate": {"metric": gate.metric, "minimum": gate.minimum, "max_drop": gate.max_drop},
-            "input_resolution_std_per_step": resolution,
-            "train_seconds": round(train_seconds, 2),
-            "history": {k: [round(float(v), 5) for v in vs] for k, vs in fit.history.items()},
-            "model_bytes": manifest.size,
-            "sha256": manifest.sha256,
-        },
-        roc_figure(
-            {"float": (fpr_f, tpr_f, auc_float), quantization: (fpr_q, tpr_q, auc_quant)},
-            {"float": _calibration(test.label, p_float), quantization: _calibration(test.label, p_quant)},
-            f"maintenance {version}: failure within {metrics['horizon_hours']} h",
-        ),
+    figure = roc_figure(
+        {"float": (fpr_f, tpr_f, auc_float), quantization: (fpr_q, tpr_q, auc_quant)},
+        {"float": _calibration(test.label, p_float), quantization: _calibration(test.label, p_quant)},
+        f"maintenance {version}: failure within {metrics['horizon_hours']} h",
     )
-    report.status(f"registered maintenance {version} ({manifest.size} bytes); report in {eval_dir}")
-    return TrainResult(manifest=manifest, path=registry.path(NAME, version), eval_dir=eval_dir, metrics=metrics)
+    return job.finish(manifest, metrics, {"input_resolution_std_per_step": resolution}, figure)

@@ -1,1 +1,1 @@
-"""edge_agent.cli."""
+"""``edge-agent``: ``main`` (the commands), ``features`` (``edge-agent features …``), ``common`` (shared argument handling)."""

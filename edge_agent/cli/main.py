@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_agent.cli.common import Handler
 from edge_agent.cli.common import add_command as _add
 from edge_agent.cli.common import common_args as _common
 from edge_agent.cli.common import config_from_args as _config
@@ -176,6 +177,54 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # -- parser -----------------------------------------------------------------------
+# name -> (handler, help, example); ``models`` only holds its subcommands (bare, argparse exits 2).
+_COMMANDS: dict[str, tuple[Handler, str, str]] = {
+    "run": (
+        cmd_run,
+        "run the agent service (HTTP API, model watcher)",
+        "edge-agent run --broker mqtt://broker:1883 --fleet factory-a --device-id cam-7 --trust signing.pub",
+    ),
+    "models": (lambda a: 2, "install, activate, roll back and list model versions", "edge-agent models list --json"),
+    "predict": (
+        cmd_predict,
+        "run one prediction in-process on the active version",
+        "edge-agent predict digits --input digit.png",
+    ),
+    "status": (
+        cmd_status,
+        "show installed models and, if running, what the agent serves",
+        "edge-agent status --listen 127.0.0.1:8080",
+    ),
+    "bench": (
+        cmd_bench,
+        "latency of the raw interpreter vs the agent's predict, in-process",
+        "edge-agent bench digits --iterations 5000",
+    ),
+}
+_MODELS_COMMANDS: dict[str, tuple[Handler, str, str]] = {
+    "install": (
+        cmd_models_install,
+        "install a local .tflite file as a new model version",
+        "edge-agent models install mobilenet.tflite --name mobilenet --version 3",
+    ),
+    "activate": (
+        cmd_models_activate,
+        "make an installed version the serving one (atomic)",
+        "edge-agent models activate digits 2",
+    ),
+    "rollback": (
+        cmd_models_rollback,
+        "re-activate the version that served before the current one",
+        "edge-agent models rollback digits",
+    ),
+    "list": (
+        cmd_models_list,
+        "list models, their versions and the active one",
+        "edge-agent models list --json --data-dir ./var/agent",
+    ),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
@@ -184,111 +233,45 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run, models, predict, status, bench = (_add(sub, name, *spec) for name, spec in _COMMANDS.items())
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    install, activate, rollback, listing = (_add(msub, name, *spec) for name, spec in _MODELS_COMMANDS.items())
 
-    p = _add(
-        sub,
-        "run",
-        cmd_run,
-        "run the agent service (HTTP API, model watcher)",
-        "edge-agent run --broker mqtt://broker:1883 --fleet factory-a --device-id cam-7 --trust signing.pub",
+    _common(run)
+    run.add_argument("--listen", help="HOST:PORT or unix:/path/to.sock (default 127.0.0.1:8080)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--broker", help="MQTT broker URL, mqtt://host:1883 or mqtts://host:8883 (none: offline mode)")
+    run.add_argument("--device-id", help="this device's id in the fleet (default: host name)")
+    run.add_argument("--fleet", help="fleet this device belongs to (default: 'default')")
+    run.add_argument(
+        "--group", action="append", metavar="G", help="feature partition group of this device (repeatable)"
     )
-    _common(p)
-    p.add_argument("--listen", help="HOST:PORT or unix:/path/to.sock (default 127.0.0.1:8080)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--broker", help="MQTT broker URL, mqtt://host:1883 or mqtts://host:8883 (none: offline mode)")
-    p.add_argument("--device-id", help="this device's id in the fleet (default: host name)")
-    p.add_argument("--fleet", help="fleet this device belongs to (default: 'default')")
-    p.add_argument("--group", action="append", metavar="G", help="feature partition group of this device (repeatable)")
-    p.add_argument(
+    run.add_argument(
         "--trust", action="append", metavar="PUBKEY", help="public key trusted to sign releases (repeatable)"
     )
-    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate of the broker (mqtts://)")
-    p.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS")
-    p.add_argument("--tls-key", metavar="FILE", help="client private key for mutual TLS")
+    run.add_argument("--tls-ca", metavar="FILE", help="CA certificate of the broker (mqtts://)")
+    run.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS")
+    run.add_argument("--tls-key", metavar="FILE", help="client private key for mutual TLS")
 
-    models = _add(
-        sub,
-        "models",
-        lambda a: 2,
-        "install, activate, roll back and list model versions",
-        "edge-agent models list --json",
-    )
-    msub = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
-    p = _add(
-        msub,
-        "install",
-        cmd_models_install,
-        "install a local .tflite file as a new model version",
-        "edge-agent models install mobilenet.tflite --name mobilenet --version 3",
-    )
-    p.add_argument("file", type=Path, metavar="FILE.tflite")
-    p.add_argument("--name", required=True)
-    p.add_argument("--version", help="version (default: next integer)")
-    _common(p)
-    p = _add(
-        msub,
-        "activate",
-        cmd_models_activate,
-        "make an installed version the serving one (atomic)",
-        "edge-agent models activate digits 2",
-    )
-    p.add_argument("name")
-    p.add_argument("version")
-    _common(p)
-    p = _add(
-        msub,
-        "rollback",
-        cmd_models_rollback,
-        "re-activate the version that served before the current one",
-        "edge-agent models rollback digits",
-    )
-    p.add_argument("name")
-    _common(p)
-    p = _add(
-        msub,
-        "list",
-        cmd_models_list,
-        "list models, their versions and the active one",
-        "edge-agent models list --json --data-dir ./var/agent",
-    )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    _common(p)
+    install.add_argument("file", type=Path, metavar="FILE.tflite")
+    install.add_argument("--name", required=True)
+    install.add_argument("--version", help="version (default: next integer)")
+    activate.add_argument("name")
+    activate.add_argument("version")
+    rollback.add_argument("name")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = _add(
-        sub,
-        "predict",
-        cmd_predict,
-        "run one prediction in-process on the active version",
-        "edge-agent predict digits --input digit.png",
-    )
-    p.add_argument("name")
-    p.add_argument("--input", required=True, type=Path, help=".npy, .npz, .json or an image (image models)")
-    p.add_argument("--json", action="store_true")
-    _common(p)
-
-    p = _add(
-        sub,
-        "status",
-        cmd_status,
-        "show installed models and, if running, what the agent serves",
-        "edge-agent status --listen 127.0.0.1:8080",
-    )
-    p.add_argument("--listen", help="where the running agent listens")
-    p.add_argument("--json", action="store_true")
-    _common(p)
-
-    p = _add(
-        sub,
-        "bench",
-        cmd_bench,
-        "latency of the raw interpreter vs the agent's predict, in-process",
-        "edge-agent bench digits --iterations 5000",
-    )
-    p.add_argument("name")
-    p.add_argument("--iterations", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--json", action="store_true")
-    _common(p)
+    predict.add_argument("name")
+    predict.add_argument("--input", required=True, type=Path, help=".npy, .npz, .json or an image (image models)")
+    predict.add_argument("--json", action="store_true")
+    status.add_argument("--listen", help="where the running agent listens")
+    status.add_argument("--json", action="store_true")
+    bench.add_argument("name")
+    bench.add_argument("--iterations", type=int, default=2000)
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--json", action="store_true")
+    for p in (install, activate, rollback, listing, predict, status, bench):
+        _common(p)
     from edge_agent.cli.features import add_commands as add_features_commands
 
     add_features_commands(sub)

@@ -1,1 +1,1 @@
-"""edge_agent.models."""
+"""The models on this device: ``store`` (immutable version slots, one atomic active pointer) and ``serving`` (hot swap)."""

@@ -66,12 +66,11 @@ from edge_agent.update.seams import (
 from edge_agent.update.states import State, UpdateRecord, record_key, recover_before_serving
 from edge_agent.update.validate import validate_candidate
 from edge_agent.wire.names import check_name, check_segment
-from edge_agent.wire.protocol import PRESENCE_OFFLINE, DeviceState, Release, Rollout, decode
+from edge_agent.wire.protocol import DeviceState, Release, Rollout, decode, presence
 from edge_agent.wire.topics import (
     features_filters,
     parse_features_topic,
     parse_model_topic,
-    presence_topic,
     release_filter,
     rollout_filter,
 )
@@ -81,7 +80,7 @@ log = logging.getLogger(__name__)
 
 def will_for(fleet: str, device_id: str) -> Will:
     """The last will an agent's MqttLink must carry: retained ``offline`` on the presence topic."""
-    return Will(presence_topic(fleet, device_id), PRESENCE_OFFLINE, retain=True, qos=1)
+    return Will(*presence(fleet, device_id, online=False), retain=True, qos=1)
 
 
 class OtaAgent:

@@ -22,15 +22,8 @@ from edge_agent.fsutil import atomic_write_json
 from edge_agent.mqtt.link import MqttLink
 from edge_agent.update.seams import ModelSlots
 from edge_agent.update.states import FEATURES_PREFIX, State
-from edge_agent.wire.protocol import (
-    PRESENCE_OFFLINE,
-    PRESENCE_ONLINE,
-    RESULT_REJECTED,
-    DeviceState,
-    UpdateReport,
-    encode,
-)
-from edge_agent.wire.topics import device_state_topic, presence_topic
+from edge_agent.wire.protocol import RESULT_REJECTED, DeviceState, UpdateReport, encode, presence
+from edge_agent.wire.topics import device_state_topic
 
 log = logging.getLogger("edge_agent.update.coordinator")
 
@@ -152,7 +145,7 @@ class StatePublisher:
     def online(self) -> None:
         """On every (re)connect: retained ``online``, then the state."""
         try:
-            self.link.publish(presence_topic(self.fleet, self.device_id), PRESENCE_ONLINE, retain=True)
+            self.link.publish(*presence(self.fleet, self.device_id, online=True), retain=True)
             self.publish()
         except EdgeError as exc:
             log.warning("could not announce this device: %s", exc)
@@ -163,6 +156,6 @@ class StatePublisher:
             return
         try:
             self.publish(wait_s=2.0)
-            self.link.publish(presence_topic(self.fleet, self.device_id), PRESENCE_OFFLINE, retain=True, wait_s=2.0)
+            self.link.publish(*presence(self.fleet, self.device_id, online=False), retain=True, wait_s=2.0)
         except EdgeError as exc:
             log.warning("could not announce going offline: %s", exc)

@@ -22,7 +22,7 @@ from typing import Any
 from edge_agent.errors import ManifestError
 from edge_agent.wire.names import check_segment, is_sha256, parse_version
 from edge_agent.wire.policy import Policy, parse_window
-from edge_agent.wire.topics import features_topic
+from edge_agent.wire.topics import features_topic, presence_topic
 
 PROTOCOL_SCHEMA = 1
 DEFAULT_CHUNK_SIZE = 128 * 1024  # AWS IoT Core's message size limit
@@ -302,3 +302,8 @@ class DeviceState:
 
 
 PRESENCE_ONLINE, PRESENCE_OFFLINE = b"online", b"offline"
+
+
+def presence(fleet: str, device_id: str, online: bool) -> tuple[str, bytes]:
+    """A device's retained presence message, ``(topic, payload)``; the offline one is also its last will."""
+    return presence_topic(fleet, device_id), PRESENCE_ONLINE if online else PRESENCE_OFFLINE
