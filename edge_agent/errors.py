@@ -1,30 +1,37 @@
 """The edge agent's exception tree, and the one table that turns an exception into an HTTP status.
 
-Everything the agent raises on purpose derives from ``EdgeError``::
+Everything the agent raises on purpose derives from ``EdgeError``, and every class is here::
 
     EdgeError
     ├── ConfigError                 bad config file, env var or CLI argument
     ├── RejectedError               final: the input is wrong, never retried
-    │   ├── ManifestError           malformed or inconsistent manifest
+    │   ├── ManifestError           malformed or inconsistent manifest, document or name
     │   ├── IncompatibleModelError  the runtime cannot load/run this model (custom op, bad file)
     │   ├── ValidationError         golden samples or latency budget not met
     │   ├── RequestError            a client's inference request is malformed (HTTP 400)
     │   │   ├── PayloadTooLargeError        request body above the configured limit (HTTP 413)
     │   │   ├── UnsupportedMediaTypeError   a Content-Encoding the server does not decode (HTTP 415)
     │   │   └── MethodNotAllowedError       wrong HTTP method for the route (HTTP 405)
-    │   ├── signing.SignatureRejected   unsigned, untrusted key, bad signature
-    │   └── bundle.BundleRejected   a feature bundle is refused (schema, values, keys, integrity;
-    │                               features: VersionNotNewer, DeltaBaseMismatch, CacheFull)
+    │   ├── SignatureRejected       unsigned, untrusted key, bad signature
+    │   ├── ReleaseRejected         a release document that is malformed or not authentic
+    │   └── BundleRejected          a feature bundle is refused; ``.code`` names the rule
+    │       ├── BundleSchemaError, BundleValueError, BundleKeyError, BundleIntegrityError
+    │       └── VersionNotNewer, DeltaBaseMismatch, CacheFull   (the cache's admission plan)
     ├── NotFoundError               unknown model or version (HTTP 404)
-    │   ├── features.FeatureSetNotFound   unknown feature set (404)
+    │   ├── FeatureSetNotFound      unknown feature set (404)
     │   ├── FeatureNotFound         the set has no row for the entity a request names (404)
     │   └── FeatureExpired          value older than the set's TTL, policy "reject" (HTTP 409)
     ├── NotReadyError               model known but not loaded/ready (HTTP 503)
     │   └── FeaturesNotReady        a joined feature set is not cached yet (503)
     └── FailedError                 transient: I/O, broker gone; retried with backoff (HTTP 503)
         ├── StoreError              the model store could not be read or written
-        ├── transfer.TransferError  an artifact download did not finish (resumes when retried)
-        └── features.FeatureCacheError  SQLite I/O on the feature cache
+        ├── FeatureCacheError       SQLite I/O on the feature cache
+        └── TransferError           an artifact download did not finish (resumes when retried)
+            └── CorruptChunksError, TransferTimeout, TransferStopped
+
+Two control-flow signals are not errors and stay private to their modules:
+``http.asgi.ClientGone`` (the client hung up) and ``update.seams.Interrupted`` (a step was
+asked to stop).
 
 ``Rejected…`` errors are final; ``Failed…`` errors may succeed when retried.
 Lower-layer exceptions are translated where they cross into the agent, keeping
@@ -121,6 +128,105 @@ class StoreError(FailedError):
 
 
 INTERNAL = (500, "internal")
+
+
+class TransferError(FailedError):
+    """A transfer did not finish (timeout, stall, disk); transient: retrying resumes it."""
+
+
+class CorruptChunksError(TransferError):
+    """Stored chunks failed their hash while assembling; they were deleted and must be fetched again."""
+
+    def __init__(self, indices: list[int]) -> None:
+        super().__init__(f"{len(indices)} stored chunk(s) failed verification and were dropped: {indices[:10]}")
+        self.indices = indices
+
+
+class TransferTimeout(TransferError):
+    """``run(timeout_s=...)`` expired before every chunk was stored."""
+
+
+class TransferStopped(TransferError):
+    """The caller's stop event was set; chunks already stored are kept for the next run."""
+
+
+class ReleaseRejected(RejectedError):
+    """A release document that is malformed or not authentic; carries whatever ids were readable."""
+
+    def __init__(self, reason: str, release_id: str = "?", version: str = "?") -> None:
+        super().__init__(reason)
+        self.release_id, self.version = release_id, version
+
+
+class FeatureCacheError(FailedError):
+    """The feature cache's SQLite file could not be read or written."""
+
+
+class BundleRejected(RejectedError):
+    """A feature bundle breaks a rule; applying the same bundle again cannot succeed."""
+
+    code = "rejected"
+
+
+class BundleSchemaError(BundleRejected):
+    """``bundle.json`` is malformed or disagrees with the arrays (shapes, dtypes, feature list)."""
+
+    code = "schema"
+
+
+class BundleValueError(BundleRejected):
+    """A value is not a finite number of the declared dtype, or an ``event_ts`` is invalid."""
+
+    code = "values"
+
+
+class BundleKeyError(BundleRejected):
+    """An entity id is empty, invalid, duplicated, or both upserted and deleted."""
+
+    code = "keys"
+
+
+class BundleIntegrityError(BundleRejected):
+    """A file is missing or unreadable, or ``data.npz`` does not hash to ``data_sha256``."""
+
+    code = "integrity"
+
+
+class VersionNotNewer(BundleRejected):
+    """The bundle's version is not newer than the set's current version."""
+
+    code = "version"
+
+
+class DeltaBaseMismatch(BundleRejected):
+    """A delta was computed against another version (or feature list) than the cache holds.
+
+    The OTA layer should fetch the latest snapshot of ``set``; ``current_version`` is what the
+    device has (None: nothing), ``base_version`` what the delta needs.
+    """
+
+    code = "delta_base"
+
+    def __init__(self, message: str, *, set: str, current_version: str | None, base_version: str | None) -> None:
+        super().__init__(message)
+        self.set = set
+        self.current_version = current_version
+        self.base_version = base_version
+
+
+class CacheFull(BundleRejected):
+    """Applying the bundle would take the cache above ``max_rows`` or ``max_bytes``."""
+
+    code = "too_large"
+
+
+class FeatureSetNotFound(NotFoundError):
+    """The cache holds no feature set of this name."""
+
+
+class SignatureRejected(RejectedError):
+    """Unsigned, signed by an untrusted key, or the signature does not verify."""
+
 
 # exception class -> (HTTP status, edgefleet_errors_total reason); looked up by the most specific class.
 HTTP_STATUS: dict[type[BaseException], tuple[int, str]] = {

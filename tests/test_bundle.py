@@ -11,20 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from edge_agent.errors import RejectedError
-from edge_agent.wire.bundle import (
-    BUNDLE_FILE,
-    DATA_FILE,
+from edge_agent.errors import (
     BundleIntegrityError,
     BundleKeyError,
     BundleRejected,
     BundleSchemaError,
     BundleValueError,
-    FeatureSpec,
-    read_bundle,
-    read_info,
-    write_bundle,
+    RejectedError,
 )
+from edge_agent.wire.bundle import BUNDLE_FILE, DATA_FILE, FeatureSpec, read_bundle, read_info, write_bundle
 from edge_agent.wire.protocol import pack_dir, unpack_to
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,18 +15,20 @@ import numpy as np
 import pytest
 
 from edge_agent.cli.features import add_commands
-from edge_agent.errors import EdgeError, FailedError, NotFoundError, RejectedError
-from edge_agent.features.cache import (
-    DB_FILE,
+from edge_agent.errors import (
     CacheFull,
     DeltaBaseMismatch,
-    FeatureCache,
+    EdgeError,
+    FailedError,
     FeatureCacheError,
     FeatureExpired,
     FeatureNotFound,
     FeatureSetNotFound,
+    NotFoundError,
+    RejectedError,
     VersionNotNewer,
 )
+from edge_agent.features.cache import DB_FILE, FeatureCache
 from edge_agent.wire.bundle import FeatureSpec, read_bundle, write_bundle
 from tests.support.bundles import write_rows
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from cloud_batch.fleetops.publish import clear_artifact, publish_artifact
-from edge_agent.errors import FailedError, ManifestError
-from edge_agent.mqtt.chunks import ChunkStore, TransferError
-from edge_agent.mqtt.download import Downloader, TransferStopped, TransferTimeout
+from edge_agent.errors import FailedError, ManifestError, TransferError, TransferStopped, TransferTimeout
+from edge_agent.mqtt.chunks import ChunkStore
+from edge_agent.mqtt.download import Downloader
 from edge_agent.mqtt.link import MqttLink
 from edge_agent.wire.protocol import Artifact
 from edge_agent.wire.topics import ROOT, chunk_topic

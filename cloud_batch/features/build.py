@@ -41,18 +41,9 @@ from cloud_batch.features.recipes import RECIPES
 from cloud_batch.features.tables import FeatureTable, read_table, table_from_frame
 from cloud_batch.progress import Reporter
 from cloud_batch.registry.models import _publishable
-from edge_agent.errors import EdgeError
+from edge_agent.errors import BundleRejected, EdgeError
 from edge_agent.fsutil import fsync_dir, fsync_tree, locked
-from edge_agent.wire.bundle import (
-    DTYPES,
-    STALE_POLICIES,
-    Bundle,
-    BundleInfo,
-    BundleRejected,
-    read_bundle,
-    read_info,
-    write_bundle,
-)
+from edge_agent.wire.bundle import DTYPES, STALE_POLICIES, Bundle, BundleInfo, read_bundle, read_info, write_bundle
 from edge_agent.wire.names import check_segment, parse_version
 
 log = logging.getLogger(__name__)

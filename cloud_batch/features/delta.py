@@ -29,9 +29,9 @@ import pandas as pd
 from cloud_batch.errors import InputError, RegistryError
 from cloud_batch.features.build import FeatureRegistry, bundle_differences, staged_bundle
 from cloud_batch.features.tables import shown
-from edge_agent.errors import EdgeError
+from edge_agent.errors import BundleRejected, EdgeError
 from edge_agent.fsutil import fsync_dir
-from edge_agent.wire.bundle import Bundle, BundleInfo, BundleRejected, read_bundle, write_bundle
+from edge_agent.wire.bundle import Bundle, BundleInfo, read_bundle, write_bundle
 from edge_agent.wire.names import check_segment
 
 log = logging.getLogger(__name__)

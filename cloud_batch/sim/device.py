@@ -33,9 +33,8 @@ import paho.mqtt.client as mqtt
 from cloud_batch.sim.candidate import LoopLink, check_candidate, download
 from cloud_batch.sim.host import FleetHost, Handler
 from edge_agent.config import OtaConfig
-from edge_agent.errors import EdgeError, ManifestError, RejectedError
-from edge_agent.mqtt.download import TransferStopped
-from edge_agent.update.admission import Admission, ReleaseRejected
+from edge_agent.errors import EdgeError, ManifestError, RejectedError, ReleaseRejected, TransferStopped
+from edge_agent.update.admission import Admission
 from edge_agent.update.coordinator import will_for
 from edge_agent.update.states import RESULTS, State
 from edge_agent.wire.names import check_segment

@@ -15,14 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.cli.common import Handler, add_command, common_args, config_from_args
-from edge_agent.features.cache import (
-    DB_FILE,
-    FeatureCache,
-    FeatureExpired,
-    FeatureNotFound,
-    FeatureRow,
-    FeatureSetNotFound,
-)
+from edge_agent.errors import FeatureExpired, FeatureNotFound, FeatureSetNotFound
+from edge_agent.features.cache import DB_FILE, FeatureCache
+from edge_agent.features.records import FeatureRow
 
 Common = Callable[[argparse.ArgumentParser], None]
 

@@ -61,29 +61,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from edge_agent.errors import FeatureExpired, FeatureNotFound, NotFoundError
+from edge_agent.errors import FeatureCacheError, FeatureExpired, FeatureNotFound, FeatureSetNotFound
 from edge_agent.features import schema
-from edge_agent.features.plan import ApplyPlan, CacheFull, DeltaBaseMismatch, VersionNotNewer, plan
+from edge_agent.features.plan import ApplyPlan, plan
 from edge_agent.features.records import ApplyResult, FeatureRow, SetInfo, SetMeta, set_info_from_row
-from edge_agent.features.schema import SCHEMA_VERSION, FeatureCacheError, transaction
-from edge_agent.features.writer import ROW_OVERHEAD, Bounds, other_usage, write_rows
+from edge_agent.features.schema import transaction
+from edge_agent.features.writer import Bounds, other_usage, write_rows
 from edge_agent.wire.bundle import DTYPES, Bundle, BundleInfo, read_bundle
 from edge_agent.wire.names import check_segment
 
-__all__ = [
-    "DB_FILE", "ROW_OVERHEAD", "SCHEMA_VERSION", "ApplyPlan", "ApplyResult", "CacheFull", "DeltaBaseMismatch",
-    "FeatureCache", "FeatureCacheError", "FeatureExpired", "FeatureNotFound", "FeatureRow", "FeatureSetNotFound",
-    "SetInfo", "SetMeta", "VersionNotNewer",
-]  # fmt: skip
+__all__ = ["DB_FILE", "FeatureCache"]
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "features.db"
 SYNCHRONOUS = ("NORMAL", "FULL", "EXTRA")
-
-
-class FeatureSetNotFound(NotFoundError):
-    """The cache holds no feature set of this name."""
 
 
 class FeatureCache:

@@ -50,15 +50,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from edge_agent.errors import FeatureExpired, FeatureNotFound, FeaturesNotReady, RequestError
-from edge_agent.features.cache import FeatureSetNotFound, SetMeta
+from edge_agent.errors import FeatureExpired, FeatureNotFound, FeatureSetNotFound, FeaturesNotReady, RequestError
+from edge_agent.features.records import SetMeta
 from edge_agent.wire.bundle import MAX_ENTITY_LEN
 from edge_agent.wire.manifest import V2_TO_NUMPY, FeatureJoin, Manifest
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from edge_agent.features.cache import FeatureCache, FeatureRow
+    from edge_agent.features.cache import FeatureCache
+    from edge_agent.features.records import FeatureRow
     from edge_agent.wire.kserve_v2 import InferRequest
 
 ENTITY_PARAM = "entity_id"

@@ -23,37 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_agent.errors import CacheFull, DeltaBaseMismatch, VersionNotNewer
 from edge_agent.features.records import SetInfo
-from edge_agent.wire.bundle import BundleInfo, BundleRejected
+from edge_agent.wire.bundle import BundleInfo
 from edge_agent.wire.names import is_newer, require_newer
-
-
-class VersionNotNewer(BundleRejected):
-    """The bundle's version is not newer than the set's current version."""
-
-    code = "version"
-
-
-class DeltaBaseMismatch(BundleRejected):
-    """A delta was computed against another version (or feature list) than the cache holds.
-
-    The OTA layer should fetch the latest snapshot of ``set``; ``current_version`` is what the
-    device has (None: nothing), ``base_version`` what the delta needs.
-    """
-
-    code = "delta_base"
-
-    def __init__(self, message: str, *, set: str, current_version: str | None, base_version: str | None) -> None:
-        super().__init__(message)
-        self.set = set
-        self.current_version = current_version
-        self.base_version = base_version
-
-
-class CacheFull(BundleRejected):
-    """Applying the bundle would take the cache above ``max_rows`` or ``max_bytes``."""
-
-    code = "too_large"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_agent.errors import FailedError
+from edge_agent.errors import FeatureCacheError
 from edge_agent.features.records import SET_COLUMNS
 
 if TYPE_CHECKING:
@@ -40,10 +40,6 @@ JOIN_SQL = (
 PLAIN_SQL = 'SELECT event_ts, version, vals FROM "fs_{0}" WHERE entity = ?'
 META_SQL = "SELECT apply_id, version, features, dtype, ttl_s, stale_policy, entity_key FROM feature_sets WHERE name = ?"
 SETS_COLUMNS = ", ".join(SET_COLUMNS)
-
-
-class FeatureCacheError(FailedError):
-    """The feature cache's SQLite file could not be read or written."""
 
 
 def _m001_feature_sets(db: sqlite_utils.Database) -> None:

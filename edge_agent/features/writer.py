@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_agent.features.plan import ApplyPlan, CacheFull
+from edge_agent.errors import CacheFull
+from edge_agent.features.plan import ApplyPlan
 from edge_agent.features.records import ApplyResult, SetInfo
 from edge_agent.features.schema import SETS_COLUMNS, table
 from edge_agent.wire.bundle import Bundle

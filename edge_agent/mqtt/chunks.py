@@ -22,25 +22,13 @@ import tempfile
 import threading
 from pathlib import Path
 
-from edge_agent.errors import FailedError, ManifestError
+from edge_agent.errors import CorruptChunksError, ManifestError, TransferError
 from edge_agent.fsutil import atomic_write_bytes, fsync_dir
 from edge_agent.wire.protocol import Artifact, check_artifact
 
 log = logging.getLogger(__name__)
 
 _CHUNK_FILE = re.compile(r"^(0|[1-9][0-9]*)\.chunk$")
-
-
-class TransferError(FailedError):
-    """A transfer did not finish (timeout, stall, disk); transient: retrying resumes it."""
-
-
-class CorruptChunksError(TransferError):
-    """Stored chunks failed their hash while assembling; they were deleted and must be fetched again."""
-
-    def __init__(self, indices: list[int]) -> None:
-        super().__init__(f"{len(indices)} stored chunk(s) failed verification and were dropped: {indices[:10]}")
-        self.indices = indices
 
 
 # -- chunk store ------------------------------------------------------------------------

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from edge_agent.errors import CorruptChunksError, TransferError, TransferStopped, TransferTimeout
 from edge_agent.fsutil import sha256_file
-from edge_agent.mqtt.chunks import ChunkStore, CorruptChunksError, TransferError
+from edge_agent.mqtt.chunks import ChunkStore
 from edge_agent.mqtt.http_range import HTTP_ERRORS, fetch_run, runs_of
 from edge_agent.mqtt.link import MqttLink
 from edge_agent.wire.topics import chunk_topic, parse_chunk_topic
@@ -35,14 +36,6 @@ from edge_agent.wire.topics import chunk_topic, parse_chunk_topic
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]  # (chunks on disk, total chunks)
-
-
-class TransferTimeout(TransferError):
-    """``run(timeout_s=...)`` expired before every chunk was stored."""
-
-
-class TransferStopped(TransferError):
-    """The caller's stop event was set; chunks already stored are kept for the next run."""
 
 
 # -- rate limiting -----------------------------------------------------------------
@@ -359,4 +352,4 @@ class Downloader:
         self._check(stop, deadline)
 
 
-__all__ = ["Downloader", "TransferStats", "TransferStopped", "TransferTimeout"]
+__all__ = ["Downloader", "TransferStats"]

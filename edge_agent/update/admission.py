@@ -22,20 +22,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.errors import ManifestError, RejectedError
-from edge_agent.features.cache import VersionNotNewer
+from edge_agent.errors import ManifestError, RejectedError, ReleaseRejected, VersionNotNewer
 from edge_agent.update.seams import Admit
 from edge_agent.wire.names import is_newer, require_newer
 from edge_agent.wire.protocol import Release, decode
 from edge_agent.wire.signing import verify
-
-
-class ReleaseRejected(RejectedError):
-    """A release document that is malformed or not authentic; carries whatever ids were readable."""
-
-    def __init__(self, reason: str, release_id: str = "?", version: str = "?") -> None:
-        super().__init__(reason)
-        self.release_id, self.version = release_id, version
 
 
 def authenticate_release(payload: bytes, trusted: Iterable[Any]) -> tuple[Release, dict[str, Any]]:

@@ -42,11 +42,11 @@ from typing import Any
 
 from edge_agent import __version__
 from edge_agent.config import OtaConfig
-from edge_agent.errors import EdgeError, ManifestError, RejectedError
+from edge_agent.errors import EdgeError, ManifestError, RejectedError, ReleaseRejected
 from edge_agent.features.cache import FeatureCache
 from edge_agent.inference.runtime import RuntimeOptions
 from edge_agent.mqtt.link import MqttLink, Will
-from edge_agent.update.admission import Admission, ReleaseRejected
+from edge_agent.update.admission import Admission
 from edge_agent.update.gate import RolloutGate
 from edge_agent.update.lanes import Lanes
 from edge_agent.update.machine import UpdateMachine

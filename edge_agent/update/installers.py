@@ -16,13 +16,20 @@ from pathlib import Path
 from typing import Protocol
 
 from edge_agent.config import OtaConfig
-from edge_agent.errors import EdgeError, FailedError, IncompatibleModelError, ManifestError, NotFoundError
+from edge_agent.errors import (
+    BundleSchemaError,
+    DeltaBaseMismatch,
+    EdgeError,
+    FailedError,
+    IncompatibleModelError,
+    ManifestError,
+    NotFoundError,
+)
 from edge_agent.features.cache import FeatureCache
-from edge_agent.features.plan import DeltaBaseMismatch
 from edge_agent.inference.modelpack import verify_version_dir
 from edge_agent.update.seams import Control, Interrupted, Seams, server_health
 from edge_agent.update.states import Event, UpdateRecord, log_update
-from edge_agent.wire.bundle import Bundle, BundleSchemaError, read_bundle
+from edge_agent.wire.bundle import Bundle, read_bundle
 from edge_agent.wire.protocol import Release
 
 E = Event

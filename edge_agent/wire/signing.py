@@ -18,13 +18,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_agent.errors import ConfigError, RejectedError
+from edge_agent.errors import ConfigError, SignatureRejected
 
 ALG = "ed25519"
-
-
-class SignatureRejected(RejectedError):
-    """Unsigned, signed by an untrusted key, or the signature does not verify."""
 
 
 def canonical_bytes(doc: Mapping[str, Any]) -> bytes:

@@ -42,9 +42,9 @@ decided by the device's feature cache (``edge_agent.features.plan``).
 Modules: ``info`` (``bundle.json`` and its rules, the error classes), ``arrays`` (the rules on
 the arrays), ``read`` and ``write``. Import from this package, not from them.
 
-Errors::
+Errors (in ``edge_agent.errors``)::
 
-    RejectedError (edge_agent.errors)
+    RejectedError
     └── BundleRejected              .code says which rule; final for this bundle
         ├── BundleSchemaError       "schema": bundle.json malformed, shapes/dtypes disagree, delta without base
         ├── BundleValueError        "values": non-numeric, NaN/inf, bad event_ts
@@ -64,11 +64,6 @@ from edge_agent.wire.bundle.info import (
     STALE_POLICIES,
     Bundle,
     BundleInfo,
-    BundleIntegrityError,
-    BundleKeyError,
-    BundleRejected,
-    BundleSchemaError,
-    BundleValueError,
     FeatureSpec,
 )
 from edge_agent.wire.bundle.read import read_bundle, read_info
@@ -86,11 +81,6 @@ __all__ = [
     "STALE_POLICIES",
     "Bundle",
     "BundleInfo",
-    "BundleIntegrityError",
-    "BundleKeyError",
-    "BundleRejected",
-    "BundleSchemaError",
-    "BundleValueError",
     "FeatureSpec",
     "read_bundle",
     "read_info",

@@ -9,15 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_agent.wire.bundle.info import (
-    DTYPES,
-    MAX_ENTITY_LEN,
-    Bundle,
-    BundleInfo,
-    BundleKeyError,
-    BundleSchemaError,
-    BundleValueError,
-)
+from edge_agent.errors import BundleKeyError, BundleSchemaError, BundleValueError
+from edge_agent.wire.bundle.info import DTYPES, MAX_ENTITY_LEN, Bundle, BundleInfo
 
 
 def validate_arrays(

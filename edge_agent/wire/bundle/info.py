@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import ManifestError, RejectedError
+from edge_agent.errors import BundleSchemaError, ManifestError
 from edge_agent.wire.names import check_segment, is_sha256, parse_version
 
 SCHEMA_VERSION = 1
@@ -31,36 +31,6 @@ _FEATURE_NAME = re.compile(r"^[^\x00-\x1f]{1,128}$")
 
 
 # -- errors -------------------------------------------------------------------------
-class BundleRejected(RejectedError):
-    """A feature bundle breaks a rule; applying the same bundle again cannot succeed."""
-
-    code = "rejected"
-
-
-class BundleSchemaError(BundleRejected):
-    """``bundle.json`` is malformed or disagrees with the arrays (shapes, dtypes, feature list)."""
-
-    code = "schema"
-
-
-class BundleValueError(BundleRejected):
-    """A value is not a finite number of the declared dtype, or an ``event_ts`` is invalid."""
-
-    code = "values"
-
-
-class BundleKeyError(BundleRejected):
-    """An entity id is empty, invalid, duplicated, or both upserted and deleted."""
-
-    code = "keys"
-
-
-class BundleIntegrityError(BundleRejected):
-    """A file is missing or unreadable, or ``data.npz`` does not hash to ``data_sha256``."""
-
-    code = "integrity"
-
-
 # -- description ------------------------------------------------------------------
 @dataclass(frozen=True)
 class FeatureSpec:

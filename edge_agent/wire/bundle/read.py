@@ -10,17 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_agent.errors import BundleIntegrityError, BundleRejected, BundleSchemaError, BundleValueError
 from edge_agent.wire.bundle.arrays import validate_arrays
-from edge_agent.wire.bundle.info import (
-    BUNDLE_FILE,
-    DATA_FILE,
-    Bundle,
-    BundleInfo,
-    BundleIntegrityError,
-    BundleRejected,
-    BundleSchemaError,
-    BundleValueError,
-)
+from edge_agent.wire.bundle.info import BUNDLE_FILE, DATA_FILE, Bundle, BundleInfo
 
 _ARRAYS = ("entities", "event_ts", "values", "deleted")
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.errors import BundleKeyError, BundleSchemaError, BundleValueError
 from edge_agent.fsutil import atomic_write_bytes, atomic_write_json
 from edge_agent.wire.bundle.arrays import validate_arrays
 from edge_agent.wire.bundle.info import (
@@ -20,9 +21,6 @@ from edge_agent.wire.bundle.info import (
     DTYPES,
     SCHEMA_VERSION,
     BundleInfo,
-    BundleKeyError,
-    BundleSchemaError,
-    BundleValueError,
     FeatureSpec,
 )
 
