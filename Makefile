@@ -1,20 +1,29 @@
 # edgefleet developer entry points. `make demo` and `make test` work on a fresh machine:
 # both create or refresh .venv (with the cloud and test extras) before doing anything else.
-.PHONY: venv demo test models bench clean
+.PHONY: venv demo test models bench fuzz clean
+
+# PYTHON=python3.12 picks the interpreter; VENV=.venv-3.12 keeps a second venv beside .venv.
+VENV ?= .venv
+export VENV
 
 venv:
 	@bash tools/setup_venv.sh
 
 demo: venv
-	.venv/bin/python tools/demo.py
+	$(VENV)/bin/python tools/demo.py
 
 test: venv
 	@bash tools/run_tests.sh
 
 bench: venv
-	.venv/bin/python bench/run.py
+	$(VENV)/bin/python bench/run.py
+
+# The CI fuzzers, run long (#15): property tests of the decoders and schemathesis against a real agent.
+fuzz: venv
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} $(VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_fuzz_codecs.py tests/test_openapi.py
 
 -include tools/models.mk
 
 clean:
-	rm -rf .venv build dist *.egg-info bench/out
+	rm -rf .venv .venv-3.* build dist *.egg-info bench/out

@@ -43,9 +43,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_agent(data_dir: Path, port: int) -> subprocess.Popen:
+def start_agent(data_dir: Path, port: int, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     env["EDGEFLEET_MODELS_DIR"] = ""
+    env.update(extra_env or {})
     proc = subprocess.Popen(
         [str(BIN / "edge-agent"), "run", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"], env=env
     )

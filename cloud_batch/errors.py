@@ -9,8 +9,9 @@ Everything ``cloud_batch`` raises on purpose derives from ``CloudError``::
     │   │                           (version exists with different content, unknown version, bad model file)
     │   ├── QualityGateError        model refused: the int8 model is too inaccurate (absolute floor,
     │   │                           or too far below the float model); nothing was registered
-    │   └── RolloutError            no release/rollout for the model, or its state forbids the operation
-    │       └── WatchTimeout        ``rollout.watch`` gave up before its condition held (``.status``: the last one)
+    │   ├── RolloutError            no release/rollout for the model, or its state forbids the operation
+    │   │   └── WatchTimeout        ``rollout.watch`` gave up before its condition held (``.status``: the last one)
+    │   └── StoreError              the telemetry store cannot be used (not a store, ledger unreadable, in use)
     └── FailedError                 transient: the broker could not be used; retrying later may work
         └── BrokerError             connect failed, publish or subscription not acknowledged
             └── BrokerUnreachableError   no connection within the timeout (wrong URL, broker down, network)
@@ -66,6 +67,10 @@ class WatchTimeout(RolloutError):
     def __init__(self, message: str, status: Any) -> None:
         super().__init__(message)
         self.status = status
+
+
+class StoreError(RejectedError):
+    """The telemetry store (``cloud_batch.ingest``) cannot be opened: not a store, unreadable ledger, or in use."""
 
 
 class BrokerError(FailedError):

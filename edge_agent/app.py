@@ -1,6 +1,10 @@
 """Wiring for ``edge-agent run``: config → store, feature cache → model server → HTTP API (+ OTA), SIGTERM drain.
 
-This is the one place that knows how the parts fit; each part stays usable on its own.
+This is the one place that knows how the parts fit; each part stays usable on its own. It also
+applies the process-level limits: the data dir is made private (0700: the feature cache, keys and
+update records inside are readable by the agent's user only), a ``unix:`` socket gets
+``http.socket_mode`` (0660), and uvicorn runs with ``http.limit_concurrency`` (capped below the
+fd limit), the keep-alive timeout and ``http.guard``'s read timeout and idle-connection eviction.
 """
 
 from __future__ import annotations
@@ -18,19 +22,22 @@ from typing import Any
 import uvicorn
 
 from edge_agent import __version__
-from edge_agent.config import AgentConfig
+from edge_agent.config import AgentConfig, socket_mode
 from edge_agent.errors import EdgeError
 from edge_agent.features.cache import DB_FILE, FeatureCache
 from edge_agent.http.app import create_app
+from edge_agent.http.guard import guarded_protocol
 from edge_agent.http.metrics import Metrics
 from edge_agent.inference.interpreter import default_backend
 from edge_agent.models.serving import ModelServer
 from edge_agent.models.store import ModelStore
+from edge_agent.telemetry import DriftMonitor, Telemetry
 from edge_agent.wire.manifest import MANIFEST_FILE
 
 log = logging.getLogger("edge_agent")
 
 BOOTSTRAP_MARKER = ".bootstrapped"
+FD_RESERVE = 64  # file descriptors kept free of client connections (models, SQLite, MQTT, the watcher)
 
 
 def install_shipped_models(store: ModelStore, models_dir: Path | None, data_dir: Path) -> list[str]:
@@ -55,18 +62,22 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.started_at = time.time()
-        Path(cfg.data_dir).mkdir(parents=True, exist_ok=True)
-        self.store = ModelStore(cfg.data_dir, keep=cfg.keep_versions)
+        make_private_dir(Path(cfg.data_dir))
+        self.store = ModelStore(cfg.data_dir, keep=cfg.keep_versions, fleet_key=cfg.ota.fleet_key)
         self.features = open_feature_cache(cfg)
         self.server = ModelServer(self.store, cfg.runtime.options())
         self.metrics = Metrics()
         self.metrics.watch(self.server)
+        self.telemetry = open_telemetry(cfg, self.metrics)
+        self._seen_events: dict[str, tuple[Any, ...]] = {}
         self.app = create_app(
             self.server,
             max_body_bytes=cfg.max_body_bytes,
             metrics=self.metrics,
             status=self.status,
             features=self.features,
+            max_elements=cfg.http.max_tensor_elements,
+            telemetry=self.telemetry,
         )
         self._uvicorn: Any = None
         self._stop_requested = False
@@ -90,6 +101,7 @@ class Agent:
             tls=tls,
             will=will_for(m.fleet, device_id),
             keepalive=m.keepalive_s,
+            max_packet_bytes=self.cfg.ota.max_message_bytes,
         )
         self.ota = OtaAgent(
             self.link,
@@ -100,10 +112,16 @@ class Agent:
             m.fleet,
             [load_public_key(p) for p in m.trust],
             options=self.cfg.ota,
+            metrics=self.metrics.registry,
             runtime_options=self.cfg.runtime.options(),
             features=self.features,
             groups=m.groups,
         )
+        if self.telemetry is not None:
+            self.ota.publisher.drift = self.telemetry.drift_summary
+            self.telemetry.on_drift_change = self.ota.publisher.publish
+            t = self.cfg.telemetry
+            self.telemetry.attach(self.link, m.fleet, device_id, max_bps=t.max_bps, resend_timeout_s=t.resend_timeout_s)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop accepting, drain in-flight requests, exit 0 (also during start-up)."""
@@ -129,6 +147,10 @@ class Agent:
             self.ota.before_serving()  # a candidate that crashed the agent at every start is rolled back here
         self.server.sync()
         self.server.start(self.cfg.watch_interval_s)
+        if self.telemetry is not None:
+            self.telemetry.event("restart", agent_version=__version__, pid=os.getpid())
+            self.telemetry.poll = self._telemetry_events
+            self.telemetry.start()
         if self.ota is not None:
             self.link.start()  # connects in the background; serving never waits for the broker
             self.ota.start()  # resumes any update a crash interrupted, then subscribes
@@ -146,7 +168,30 @@ class Agent:
             **self.server.status(),
             "store": self.store.list(),
             "features": self._feature_sets(),
+            "telemetry": self.telemetry.status() if self.telemetry is not None else None,
         }
+
+    def _telemetry_events(self) -> list[tuple[str, dict[str, Any]]]:
+        """New model load errors and finished updates since the last poll, as telemetry events."""
+        found: dict[str, tuple[tuple[Any, ...], str, dict[str, Any]]] = {}
+        for name, e in self.server.errors().items():
+            found[f"load:{name}"] = (
+                (e.version, e.reason),
+                "load_error",
+                {"model": name, "version": e.version, "reason": e.reason},
+            )
+        if self.ota is not None:
+            for key, r in self.ota.device_state().updates.items():
+                if r.result is not None:
+                    fields = {"model": r.name, "version": r.version, "release_id": r.release_id, "state": r.state,
+                              "result": r.result, "reason": r.reason}  # fmt: skip
+                    found[f"update:{key}"] = ((r.release_id, r.result, r.at), "update", fields)
+        out = []
+        for key, (ident, type_, fields) in found.items():
+            if self._seen_events.get(key) != ident:
+                self._seen_events[key] = ident
+                out.append((type_, fields))
+        return out
 
     def _feature_sets(self) -> list[dict[str, Any]] | None:
         if self.features is None:
@@ -159,19 +204,21 @@ class Agent:
     def serve(self) -> None:
         """Serve HTTP until SIGTERM/SIGINT; in-flight requests are drained before returning."""
         addr = self.cfg.listen_address()
+        h = self.cfg.http
         kwargs: dict[str, Any] = dict(
             log_level=self.cfg.log_level.lower() if self.cfg.log_level.lower() != "info" else "warning",
             access_log=False,
             lifespan="off",
-            http="httptools",
+            http=guarded_protocol(h.read_timeout_s),
             loop="uvloop" if _has_uvloop() else "asyncio",
             timeout_graceful_shutdown=30,
+            limit_concurrency=connection_limit(h.limit_concurrency),
+            timeout_keep_alive=h.keep_alive_timeout_s,
         )
+        sockets: list[socket.socket] | None = None
         if isinstance(addr, str):
-            if os.path.exists(addr) and _is_socket(addr):
-                os.unlink(addr)  # a stale socket from a previous run
-            Path(addr).parent.mkdir(parents=True, exist_ok=True)
-            config = uvicorn.Config(self.app, uds=addr, **kwargs)
+            sockets = [bind_unix(addr, socket_mode(h.socket_mode))]
+            config = uvicorn.Config(self.app, **kwargs)
             log.info("listening on unix:%s", addr)
         else:
             config = uvicorn.Config(self.app, host=addr[0], port=addr[1], **kwargs)
@@ -179,12 +226,14 @@ class Agent:
         self._uvicorn = _Server(config)
         try:
             if not self._stop_requested:
-                self._uvicorn.run()
+                self._uvicorn.run(sockets=sockets)
         finally:
             if self.ota is not None:
                 self.ota.stop()
                 self.link.stop()
             self.server.stop()
+            if self.telemetry is not None:
+                self.telemetry.stop()
             if self.features is not None:
                 self.features.close()
             log.info("stopped")
@@ -206,6 +255,31 @@ def open_feature_cache(cfg: AgentConfig) -> FeatureCache | None:
         return None
 
 
+def open_telemetry(cfg: AgentConfig, metrics: Metrics) -> Telemetry | None:
+    """``<data-dir>/telemetry.db`` with the ``[telemetry]`` and ``[drift]`` settings; None when off or unusable.
+
+    Like the feature cache, a broken outbox must not stop serving: it is logged and telemetry is off.
+    """
+    t, d = cfg.telemetry, cfg.drift
+    if not t.enabled and not t.models:
+        return None
+    drift = DriftMonitor(window=d.window, window_s=d.window_s, watch=d.watch, alert=d.alert) if d.enabled else None
+    try:
+        return Telemetry(
+            cfg.data_dir,
+            registry=metrics.registry,
+            policy=t.policy,
+            flush_interval_s=t.flush_interval_ms / 1000.0,
+            max_rows=t.max_rows,
+            max_bytes=t.max_bytes,
+            drift=drift,
+            state_top=d.state_top,
+        )
+    except EdgeError as exc:
+        log.error("telemetry outbox unavailable, serving without telemetry: %s", exc)
+        return None
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling (it re-raises SIGTERM after the drain: exit -15)."""
 
@@ -220,6 +294,35 @@ def _has_uvloop() -> bool:
     except ImportError:
         return False
     return True
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) and make it 0700 when this user owns it."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def connection_limit(configured: int) -> int:
+    """``http.limit_concurrency``, lowered so client connections cannot use the last ``FD_RESERVE`` fds."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(2, min(configured, soft - FD_RESERVE))
+
+
+def bind_unix(path: str, mode: int) -> socket.socket:
+    """A unix stream socket bound at ``path`` with ``mode`` (uvicorn's own ``uds`` forces 0666)."""
+    if os.path.exists(path) and _is_socket(path):
+        os.unlink(path)  # a stale socket from a previous run
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)  # nobody can connect before listen(), which uvicorn calls after this chmod
+    os.chmod(path, mode)
+    return sock
 
 
 def _is_socket(path: str) -> bool:

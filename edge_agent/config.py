@@ -17,6 +17,7 @@ from typing import Any
 
 from edge_agent.errors import ConfigError, EdgeError
 from edge_agent.inference.runtime import DelegateSpec, RuntimeOptions
+from edge_agent.telemetry.recorder import ModelPolicy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,11 +50,15 @@ class RuntimeConfig:
     num_threads: int | None = None
     pool_size: int = 2
     delegates: list[dict[str, Any]] = field(default_factory=list)
+    max_batch: int = 64  # rows per request for models whose manifest sets no max_batch (400 above)
+    max_resident_batch: int = 16  # an interpreter that ran a bigger batch is dropped, freeing its arena
 
     def options(self) -> RuntimeOptions:
         return RuntimeOptions(
             num_threads=self.num_threads,
             pool_size=self.pool_size,
+            max_batch=self.max_batch,
+            max_resident_batch=self.max_resident_batch,
             delegates=tuple(
                 DelegateSpec(str(d["library"]), {str(k): str(v) for k, v in (d.get("options") or {}).items()})
                 for d in self.delegates
@@ -96,6 +101,9 @@ class OtaConfig:
     serve_timeout_s: float = 120.0  # activation: the new version must serve within this
     health_min_calls: int = 5  # fewer calls in the health window cannot breach it
     rollout_settle_s: float = 1.0  # wait this long for a release's rollout document before applying it
+    max_document_bytes: int = 256 * 1024  # release/rollout documents above this are dropped unparsed
+    max_message_bytes: int = 1024 * 1024  # MQTT maximum packet size announced to the broker (chunks fit)
+    fleet_key: Path | None = None  # private X25519 fleet key (mode 0600) that opens encrypted models
 
 
 @dataclass
@@ -105,6 +113,64 @@ class FeaturesConfig:
     max_rows: int | None = None  # a bundle that would exceed the bound is rejected, never half-applied
     max_bytes: int | None = None
     synchronous: str = "FULL"  # SQLite synchronous; FULL: an applied bundle survives power loss
+
+
+@dataclass
+class TelemetryConfig:
+    """The telemetry outbox and its upload (``[telemetry]``; docs/telemetry.md).
+
+    ``[telemetry.models.<name>]`` overrides ``enabled`` and ``sample_inputs`` per model; the outbox
+    and the uploader are one per device, so ``max_rows``, ``max_bytes``, ``max_bps`` and
+    ``flush_interval_ms`` are device-wide (a per-model value is refused, not silently ignored).
+    """
+
+    enabled: bool = True
+    sample_inputs: float = 0.0  # share of predictions whose inputs are kept (0-1)
+    max_rows: int | None = 100_000
+    max_bytes: int | None = 64 * 1024 * 1024
+    max_bps: float | None = None  # upload bytes/s; None = unlimited
+    flush_interval_ms: int = 250  # queued predictions are committed this often: the power-loss window
+    resend_timeout_s: float = 30.0  # re-send from the first unacked record when the ack stalls this long
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def policy(self, model: str) -> ModelPolicy:
+        """The effective ``enabled``/``sample_inputs`` of ``model``."""
+        o = self.models.get(model, {})
+        return ModelPolicy(
+            enabled=_bool(o.get("enabled", self.enabled)),
+            sample_inputs=float(o.get("sample_inputs", self.sample_inputs)),
+        )
+
+
+@dataclass
+class DriftConfig:
+    """On-device drift against the manifest's training reference (``[drift]``)."""
+
+    enabled: bool = True
+    window: int = 1000  # requests per window ...
+    window_s: float = 3600.0  # ... or this many seconds, whichever comes first
+    watch: float = 0.1  # PSI above this: watch
+    alert: float = 0.25  # PSI above this: alert
+    state_top: int = 3  # features per model in DeviceState
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(f"expected true or false, got {value!r}")
+
+
+@dataclass
+class HttpConfig:
+    """The API's limits against abuse and overload (``[http]``; docs/api.md "Limits")."""
+
+    limit_concurrency: int = 128  # open connections; above, requests get 503 and idle connections are evicted
+    read_timeout_s: float = 10.0  # a request's headers and body must arrive within this (408 / closed)
+    keep_alive_timeout_s: float = 5.0  # an idle kept-alive connection is closed after this
+    max_tensor_elements: int = 4 * 1024 * 1024  # values per request, all inputs together (413 above)
+    socket_mode: str = "0660"  # permissions of a unix: listen socket (octal)
 
 
 @dataclass
@@ -119,9 +185,12 @@ class AgentConfig:
     watch_interval_s: float = 0.5
     log_level: str = "info"
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
     def listen_address(self) -> tuple[str, int] | str:
         """``(host, port)`` for TCP, or the socket path for ``unix:/path``."""
@@ -141,6 +210,17 @@ def parse_listen(value: str) -> tuple[str, int] | str:
     return host.strip("[]"), int(port)
 
 
+def socket_mode(value: str) -> int:
+    """``http.socket_mode`` ("0660") as an int; ConfigError unless it is octal and gives others nothing."""
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise ConfigError(f"http.socket_mode: {value!r} is not an octal mode such as 0660") from None
+    if not 0 <= mode <= 0o777 or mode & 0o007:
+        raise ConfigError(f"http.socket_mode: {value!r} must be within 0770 (no access for others)")
+    return mode
+
+
 def _coerce(name: str, value: Any, target: Any) -> Any:
     """Convert a TOML or env value to the field's type, or raise ConfigError naming the key."""
     origin = str(target)
@@ -154,6 +234,12 @@ def _coerce(name: str, value: Any, target: Any) -> Any:
             return None
         if "Path" in origin:
             return Path(os.path.expanduser(str(value)))
+        if origin.startswith("dict"):
+            if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+                raise ValueError("expected a table of tables")
+            return {str(k): dict(v) for k, v in value.items()}
+        if origin == "bool":
+            return _bool(value)
         if "float" in origin:
             return float(value)
         if "int" in origin:
@@ -222,6 +308,41 @@ def load_config(
     return cfg
 
 
+def _validate_limits(cfg: AgentConfig) -> None:
+    """The ``[http]`` limits and the runtime's batch bounds."""
+    if cfg.runtime.max_batch < 1 or cfg.runtime.max_resident_batch < 1:
+        raise ConfigError("runtime.max_batch and runtime.max_resident_batch must be at least 1")
+    h = cfg.http
+    if h.limit_concurrency < 2 or h.max_tensor_elements < 1:
+        raise ConfigError("http.limit_concurrency must be at least 2 and http.max_tensor_elements at least 1")
+    if h.read_timeout_s <= 0 or h.keep_alive_timeout_s <= 0:
+        raise ConfigError("http.read_timeout_s and http.keep_alive_timeout_s must be positive")
+    socket_mode(h.socket_mode)
+
+
+_MODEL_KEYS = {"enabled", "sample_inputs"}
+
+
+def _validate_telemetry(t: TelemetryConfig, d: DriftConfig) -> None:
+    """``[telemetry]`` (with its per-model tables) and ``[drift]``."""
+    for name, o in {"": {"sample_inputs": t.sample_inputs}, **t.models}.items():
+        where = f"telemetry.models.{name}." if name else "telemetry."
+        if not isinstance(o, Mapping) or set(o) - _MODEL_KEYS:
+            raise ConfigError(f"{where[:-1]}: per-model keys are {sorted(_MODEL_KEYS)} (the others are device-wide)")
+        try:
+            p = t.policy(name) if name else ModelPolicy(t.enabled, float(t.sample_inputs))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where[:-1]}: {exc}") from exc
+        if not 0.0 <= p.sample_inputs <= 1.0:
+            raise ConfigError(f"{where}sample_inputs must be between 0 and 1")
+    if (t.max_rows is not None and t.max_rows < 1) or (t.max_bytes is not None and t.max_bytes < 4096):
+        raise ConfigError("telemetry.max_rows must be at least 1 and telemetry.max_bytes at least 4096")
+    if (t.max_bps is not None and t.max_bps <= 0) or t.flush_interval_ms < 1 or t.resend_timeout_s <= 0:
+        raise ConfigError("telemetry.max_bps, flush_interval_ms and resend_timeout_s must be positive")
+    if d.window < 1 or d.window_s <= 0 or not 0 < d.watch <= d.alert or d.state_top < 1:
+        raise ConfigError("drift.window, window_s and state_top must be positive and 0 < drift.watch <= drift.alert")
+
+
 def _validate(cfg: AgentConfig) -> None:
     parse_listen(cfg.listen)
     if cfg.max_body_bytes < 1024:
@@ -232,6 +353,7 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("runtime.pool_size must be at least 1")
     if cfg.runtime.num_threads is not None and cfg.runtime.num_threads < 1:
         raise ConfigError("runtime.num_threads must be at least 1")
+    _validate_limits(cfg)
     if cfg.watch_interval_s <= 0:
         raise ConfigError("watch_interval_s must be positive")
     if cfg.mqtt.broker is not None:
@@ -250,7 +372,12 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("ota.max_artifact_bytes and ota.chunk_window must be positive")
     if cfg.ota.bandwidth_bps is not None and cfg.ota.bandwidth_bps <= 0:
         raise ConfigError("ota.bandwidth_bps must be positive")
+    if cfg.ota.fleet_key is not None:
+        from edge_agent.models.sealed import load_fleet_key
+
+        load_fleet_key(cfg.ota.fleet_key)  # fail at start: missing, not X25519, or readable by others
     if cfg.features.synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
         raise ConfigError("features.synchronous must be NORMAL, FULL or EXTRA")
+    _validate_telemetry(cfg.telemetry, cfg.drift)
     if cfg.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("log_level must be one of debug, info, warning, error")

@@ -13,19 +13,25 @@ Everything the agent raises on purpose derives from ``EdgeError``, and every cla
     │   │   ├── UnsupportedMediaTypeError   a Content-Encoding the server does not decode (HTTP 415)
     │   │   └── MethodNotAllowedError       wrong HTTP method for the route (HTTP 405)
     │   ├── SignatureRejected       unsigned, untrusted key, bad signature
+    │   ├── SealedModelRejected     an encrypted model: no or another fleet key, or its ciphertext fails GCM
+    │   ├── StaleRejected           authentic but not fresh: replayed (seq not newer) or expired
     │   ├── ReleaseRejected         a release document that is malformed or not authentic
+    │   ├── TelemetryRejected       a telemetry batch or ack that is malformed, oversized or inconsistent
+    │   ├── FeedbackConflict        a second label for the same inference id without ``replace`` (HTTP 409)
     │   └── BundleRejected          a feature bundle is refused; ``.code`` names the rule
     │       ├── BundleSchemaError, BundleValueError, BundleKeyError, BundleIntegrityError
     │       └── VersionNotNewer, DeltaBaseMismatch, CacheFull   (the cache's admission plan)
     ├── NotFoundError               unknown model or version (HTTP 404)
     │   ├── FeatureSetNotFound      unknown feature set (404)
     │   ├── FeatureNotFound         the set has no row for the entity a request names (404)
-    │   └── FeatureExpired          value older than the set's TTL, policy "reject" (HTTP 409)
+    │   ├── FeatureExpired          value older than the set's TTL, policy "reject" (HTTP 409)
+    │   └── InferenceNotFound       feedback names an inference id the device does not know (404)
     ├── NotReadyError               model known but not loaded/ready (HTTP 503)
     │   └── FeaturesNotReady        a joined feature set is not cached yet (503)
     └── FailedError                 transient: I/O, broker gone; retried with backoff (HTTP 503)
         ├── StoreError              the model store could not be read or written
         ├── FeatureCacheError       SQLite I/O on the feature cache
+        ├── OutboxError             SQLite I/O on the telemetry outbox
         └── TransferError           an artifact download did not finish (resumes when retried)
             └── CorruptChunksError, TransferTimeout, TransferStopped
 
@@ -41,6 +47,8 @@ the cause with ``raise ... from exc``.
 label of ``edgefleet_errors_total``); :func:`http_status` looks an exception up by its
 most specific class, so the table's order does not matter and a subclass inherits its
 base's status unless it has its own row. Anything not in it is the server's fault: 500.
+
+:func:`plain` makes a NumPy scalar print as the Python value it holds in any message.
 """
 
 from __future__ import annotations
@@ -224,8 +232,38 @@ class FeatureSetNotFound(NotFoundError):
     """The cache holds no feature set of this name."""
 
 
+class StaleRejected(RejectedError):
+    """An authentic document that is not fresh: its ``seq`` is not newer than one already accepted, or it expired.
+
+    Not news: a device logs it and changes nothing (it is what a replay looks like).
+    """
+
+
+class TelemetryRejected(RejectedError):
+    """A telemetry batch or ack is malformed, oversized or inconsistent (final: re-sending it cannot help)."""
+
+
+class FeedbackConflict(RejectedError):
+    """The inference already has a label and the request did not say ``"replace": true`` (HTTP 409)."""
+
+
+class InferenceNotFound(NotFoundError):
+    """Feedback names an inference id that is neither in the outbox nor in the recent index (HTTP 404)."""
+
+
+class OutboxError(FailedError):
+    """The telemetry outbox's SQLite file could not be read or written."""
+
+
 class SignatureRejected(RejectedError):
     """Unsigned, signed by an untrusted key, or the signature does not verify."""
+
+
+class SealedModelRejected(RejectedError):
+    """An encrypted model cannot be opened here: no fleet key, another fleet's key, or it fails authentication.
+
+    Final for this release: the same ciphertext and the same key give the same answer.
+    """
 
 
 # exception class -> (HTTP status, edgefleet_errors_total reason); looked up by the most specific class.
@@ -237,6 +275,8 @@ HTTP_STATUS: dict[type[BaseException], tuple[int, str]] = {
     NotFoundError: (404, "not_found"),
     FeatureNotFound: (404, "feature_missing"),
     FeatureExpired: (409, "feature_stale"),
+    FeedbackConflict: (409, "feedback_conflict"),
+    InferenceNotFound: (404, "inference_not_found"),
     NotReadyError: (503, "not_ready"),
     FeaturesNotReady: (503, "features_not_ready"),
     FailedError: (503, "unavailable"),
@@ -250,3 +290,15 @@ def http_status(exc: BaseException) -> tuple[int, str]:
         if hit is not None:
             return hit
     return INTERNAL
+
+
+def plain(value: Any) -> Any:
+    """A NumPy scalar as the Python value it holds, anything else unchanged: for messages.
+
+    Under NumPy 2 ``repr()`` of a scalar shows its type (``np.str_('a-2')``, ``np.float32(nan)``,
+    ``np.True_``); ``repr(plain(x))`` is ``'a-2'``, ``nan``, ``True`` under NumPy 1 and 2 alike.
+    (Duck-typed on ``.item()`` so this module does not import NumPy.)
+    """
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value

@@ -43,9 +43,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o
     fsync_dir(target.parent)
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    """Atomically write ``obj`` as pretty, key-sorted JSON."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, mode: int = 0o644) -> None:
+    """Atomically write ``obj`` as pretty, key-sorted JSON (``mode=0o600`` for a device's private records)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 
 def fsync_tree(root: str | os.PathLike[str]) -> None:

@@ -11,7 +11,8 @@ import time
 import uuid
 from pathlib import Path
 
-from edge_agent.mqtt.link import MqttLink
+from edge_agent.mqtt.link import MqttLink, TlsConfig
+from edge_agent.wire.topics import sync_probe_topic
 from tests.support.env import free_port
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -20,7 +21,8 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 class Broker:
     """``mosquitto -c conf`` that a test can stop, kill and start again on the same port and store."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, listener: str | None = None) -> None:
+        """``listener``: config text replacing the plain anonymous listener (e.g. ``pki broker-config``'s TLS one)."""
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -29,9 +31,8 @@ class Broker:
             ""
             # As root, mosquitto would drop to the 'mosquitto' user and lose access to this temp dir.
             + ("user root\n" if os.geteuid() == 0 else "")
-            + f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
+            + (listener if listener is not None else f"listener {self.port} 127.0.0.1\nallow_anonymous true\n")
+            + "persistence true\n"
             f"persistence_location {self.dir}/\n"
             "autosave_interval 1\n"
             "message_size_limit 0\n"
@@ -39,10 +40,11 @@ class Broker:
             f"log_dest file {self.dir}/mosquitto.log\n"
         )
         self.proc: subprocess.Popen | None = None
+        self.tls = listener is not None and "require_certificate" in listener
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def start(self) -> Broker:
         self.proc = subprocess.Popen(
@@ -72,12 +74,16 @@ class Broker:
         self.start()
 
 
-def retained(url: str) -> dict[str, bytes]:
-    """Every retained message on the broker (a fresh subscriber to '#', synced with a probe message)."""
+def retained(url: str, tls: TlsConfig | None = None) -> dict[str, bytes]:
+    """Every retained message on the broker (a fresh subscriber to '#', synced with a probe message).
+
+    Over mutual TLS the probe topic must be one the identity may use (the ACL's ``_sync/<client id>/#``).
+    """
     got: dict[str, bytes] = {}
     done = threading.Event()
-    probe = f"test/probe/{uuid.uuid4().hex}"
-    link = MqttLink(url)
+    client_id = f"retained-{uuid.uuid4().hex[:8]}"
+    probe = sync_probe_topic(client_id, "probe") if tls else f"test/probe/{uuid.uuid4().hex}"
+    link = MqttLink(url, client_id, tls=tls)
     link.start()
     try:
         assert link.wait_connected(10)

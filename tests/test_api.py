@@ -118,6 +118,7 @@ def test_big_batches_and_both_execution_paths(model_server: ModelServer, out_nam
     """Big bodies are decoded off the event loop; predict runs inline or in a thread: same answers."""
     x, _ = digits_data()
     big = x[:1500]  # 384 kB of FP32: above the off-loop threshold
+    model_server.get("digits").max_batch = 1500  # above the default runtime.max_batch (64), as a config would
     expected = model_server.get("digits").predict({"pixels": big})[out_name]
     with ApiServer(create_app(model_server, inline_below_s=inline_below_s)) as api:
         c = triton.InferenceServerClient(api.url, network_timeout=30)
@@ -201,8 +202,9 @@ def test_compressed_request(client: triton.InferenceServerClient, out_name: str)
 
 
 def test_predictions_correct_on_sklearn_digits(
-    client: triton.InferenceServerClient, manifest: Manifest, out_name: str
+    client: triton.InferenceServerClient, manifest: Manifest, out_name: str, model_server: ModelServer
 ) -> None:
+    model_server.get("digits").max_batch = 100  # one batch of 100, above the default runtime.max_batch (64)
     x, y = digits_data()
     held = slice(len(x) - 100, len(x))  # the tail of the data set
     probs = _infer(client, x[held], out_name, binary_in=True, binary_out=True).as_numpy(out_name)

@@ -155,3 +155,39 @@ def test_hidden_validate_command_runs_the_validation_child(digits_dir: Path) -> 
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["ok"] is True and report["name"] == "digits"
+
+
+def test_models_install_of_hostile_files_is_a_clean_error_and_installs_nothing(
+    tmp_path: Path, digits_dir: Path
+) -> None:
+    """The untrusted file is loaded only in the isolated validation child: a crash is an `error:` line, exit 1."""
+    import random
+
+    from tests.support.models import BROKEN_MODEL_REASONS, crashing_model
+
+    valid = (digits_dir / "model.tflite").read_bytes()
+    d = str(tmp_path / "data")
+    hostile = {"truncated": valid[: len(valid) // 3], "segfault": crashing_model(valid), "empty": b""}
+    rng = random.Random(15)
+    for n in range(4):  # byte mutations in the flatbuffer's tables and offsets
+        data = bytearray(valid)
+        for _ in range(24):
+            data[rng.randrange(0, 2048)] = rng.randrange(256)
+        hostile[f"mutated-{n}"] = bytes(data)
+    outcomes = {}
+    for label, data in hostile.items():
+        path = tmp_path / f"{label}.tflite"
+        path.write_bytes(data)
+        r = run("models", "install", str(path), "--name", "digits", "--data-dir", d)
+        assert r.returncode in (0, 1), f"{label}: exit {r.returncode} (a signal?) {r.stderr}"
+        assert "Traceback" not in r.stderr, f"{label}: {r.stderr}"
+        if r.returncode:
+            assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        outcomes[label] = r.returncode, r.stderr.strip()
+    assert outcomes["segfault"] in [(1, f"error: {reason}") for reason in BROKEN_MODEL_REASONS]  # crash or refusal
+    assert outcomes["truncated"][0] == 1 and outcomes["empty"][0] == 1
+    installed = sum(1 for code, _ in outcomes.values() if code == 0)
+    listing = json.loads(run("models", "list", "--json", "--data-dir", d).stdout)
+    assert len(listing[0]["versions"] if listing else []) == installed, "a failed install left a version behind"
+    # A good model still installs afterwards.
+    assert run("models", "install", str(digits_dir / "model.tflite"), "--name", "ok", "--data-dir", d).returncode == 0

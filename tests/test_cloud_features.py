@@ -105,3 +105,15 @@ def test_asset_features_errors() -> None:
         asset_features(df, "2023-01-01")
     with pytest.raises(InputError, match="lacks columns"):
         asset_features(df.drop(columns=["vibration"]), "2024-01-02")
+
+
+def test_an_asset_without_readings_gets_no_row_on_pandas_2_and_3(fleet: pd.DataFrame) -> None:
+    """``asset_id`` is categorical: a category with no rows is left out, not given median-filled features
+    (pandas 2, on Python 3.10, grouped unobserved categories too and ``live_readings`` raised)."""
+    as_of = "2024-01-15 06:00"
+    without = fleet[fleet["asset_id"] != "asset-3"]
+    assert "asset-3" in without["asset_id"].cat.categories  # still a category, no longer observed
+    features, live = asset_features(without, as_of), live_readings(without, as_of)
+    assert "asset-3" not in features.index and "asset-3" not in live.index
+    assert features.equals(asset_features(fleet, as_of).drop(index="asset-3"))
+    assert live.equals(live_readings(fleet, as_of).drop(index="asset-3"))

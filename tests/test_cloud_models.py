@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cloud_batch.registry.models import Registry
+from cloud_batch.train.device_eval import predict_batched
 from cloud_batch.train.maintenance_features import FEATURE_NAMES, LIVE_FEATURES
 from edge_agent.inference.modelpack import verify_version_dir
 from edge_agent.inference.runtime import LoadedModel
@@ -43,7 +44,7 @@ def test_shipped_digits_contract_and_held_out_accuracy() -> None:
     assert m.metrics["int8_accuracy"] >= 0.95 and m.metrics["float_accuracy"] - m.metrics["int8_accuracy"] <= 0.01
 
     _, x_test, _, y_test = load_split(m.metrics["seed"])
-    probs = LoadedModel(d / MODEL_FILE, m).predict({"pixels": x_test})["probs"]
+    probs = predict_batched(LoadedModel(d / MODEL_FILE, m), {"pixels": x_test})["probs"]
     accuracy = float((probs.argmax(axis=1) == y_test).mean())
     assert accuracy >= 0.95
     assert accuracy == pytest.approx(m.metrics["int8_accuracy"], abs=1e-4)
@@ -81,7 +82,6 @@ def test_shipped_maintenance_ranks_failures_on_unseen_assets() -> None:
     """Recompute the held-out AUC from raw history through asset_features and the edge runtime."""
     from sklearn.metrics import roc_auc_score
 
-    from cloud_batch.train.device_eval import predict_batched
     from cloud_batch.train.maintenance import build_dataset, split_assets
     from cloud_batch.train.maintenance_data import generate
 

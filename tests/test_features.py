@@ -29,6 +29,7 @@ from edge_agent.errors import (
     VersionNotNewer,
 )
 from edge_agent.features.cache import DB_FILE, FeatureCache
+from edge_agent.features.schema import SCHEMA_VERSION, table
 from edge_agent.wire.bundle import FeatureSpec, read_bundle, write_bundle
 from tests.support.bundles import write_rows
 
@@ -80,7 +81,7 @@ def make(
 def dump(cache: FeatureCache, set: str = "maint") -> dict[str, Any]:
     """Everything a reader can see of a set, straight from SQLite."""
     with sqlite3.connect(cache.path) as conn:
-        rows = conn.execute(f'SELECT entity, event_ts, version, vals FROM "fs_{set}" ORDER BY entity').fetchall()
+        rows = conn.execute(f"SELECT entity, event_ts, version, vals FROM {table(set)} ORDER BY entity").fetchall()
         meta = conn.execute("SELECT * FROM feature_sets WHERE name = ?", (set,)).fetchone()
     return {"rows": rows, "meta": meta}
 
@@ -350,12 +351,12 @@ def test_int64_and_float32_sets_round_trip(cache: FeatureCache, tmp_path: Path) 
 def test_schema_is_migrated_once_and_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / DB_FILE
     with FeatureCache(path) as c:
-        assert c.schema_version() == 1
+        assert c.schema_version() == SCHEMA_VERSION == 2
     with FeatureCache(path) as c:  # reopening runs nothing twice
-        assert c.schema_version() == 1
+        assert c.schema_version() == SCHEMA_VERSION
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT count(*) FROM _migrations").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM _migrations").fetchone()[0] == SCHEMA_VERSION
         conn.execute("INSERT INTO _migrations VALUES (99, 'from the future', '')")
     with pytest.raises(FeatureCacheError, match="schema version 99") as err:
         FeatureCache(path)

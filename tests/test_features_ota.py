@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud_batch.fleetops.publish import publish_artifact
 from edge_agent.features.cache import DB_FILE, FeatureCache
+from edge_agent.features.schema import table
 from edge_agent.mqtt.link import MqttLink
 from edge_agent.wire.protocol import Artifact, DeviceState, Release, UpdateReport, encode, pack_dir
 from edge_agent.wire.signing import sign
@@ -97,10 +98,13 @@ def publish_features(
         partition={"by": partition[0], "key": partition[1]},
         fallback=fb,
     )
-    doc = rel.to_dict()
     signer = cloud.key if key == "default" else key
-    if signer is not None:
-        doc = sign(doc, signer)
+
+    def build(seq: int) -> dict[str, Any]:  # the next seq of (fleet, features, set), as the registry issues it
+        rel.seq = seq
+        return sign(rel.to_dict(), signer) if signer is not None else rel.to_dict()
+
+    doc = cloud.signed.issue(fleet, kind if kind == "model" else "features", set, build)
     if after_sign is not None:
         after_sign(doc)
     topic = features_topic(FLEET, topic_set or set, *(topic_partition or partition))
@@ -142,7 +146,7 @@ class FeatureDevice(Device):
         if info is None:
             return {}
         with sqlite3.connect(self.cache.path) as conn:
-            ents = [r[0] for r in conn.execute(f'SELECT entity FROM "fs_{set}" ORDER BY entity')]
+            ents = [r[0] for r in conn.execute(f"SELECT entity FROM {table(set)} ORDER BY entity")]
         got = self.cache.get_many(set, ents)
         return {e: [round(float(v), 4) for v in r.values] for e, r in zip(ents, got, strict=True) if r is not None}
 
@@ -352,10 +356,27 @@ def _malformed(cloud: Cloud, tmp: Path, dev: FeatureDevice, keys: dict[str, Any]
     return "junk-1"
 
 
+# Not authentic: dropped and counted, never reported under the claimed id (#14).
+UNAUTHENTICATED = {"unsigned": _unsigned, "untrusted key": _untrusted, "tampered partition": _tampered}
+UNAUTHENTICATED["malformed"] = _malformed
+
+
+@pytest.mark.parametrize("case", list(UNAUTHENTICATED))
+def test_unauthenticated_feature_releases_are_dropped_and_apply_nothing(
+    case: str, cloud: Cloud, tmp_path: Path, make_device: Callable[..., FeatureDevice], keys: dict[str, Any]
+) -> None:
+    dev = make_device()
+    applied(dev, cloud, bundle(tmp_path, "1", V1))
+    cloud.wait(lambda: not any((dev.data_dir / "downloads").iterdir()), "the first release's clean-up")
+    first = feature_report(cloud, dev.device_id)
+    UNAUTHENTICATED[case](cloud, tmp_path, dev, keys)
+    cloud.wait(lambda: dev.dropped("release") >= 1, "the agent to drop the document")
+    assert dev.ota.device_state().feature_updates[SET] == first  # the real outcome stands
+    assert dev.rows() == V1 and dev.cache.version(SET) == "1"
+    assert not any((dev.data_dir / "downloads").iterdir()), "a dropped release downloaded something"
+
+
 REJECTIONS = {
-    "unsigned": (_unsigned, "unsigned"),
-    "untrusted key": (_untrusted, "untrusted key"),
-    "tampered partition": (_tampered, "bad signature"),
     "wrong fleet": (_wrong_fleet, "wrong fleet"),
     "partition is not the topic's": (
         _wrong_partition,
@@ -376,7 +397,6 @@ REJECTIONS = {
         "release for feature set 'other_set' published on the topic of 'asset_features'",
     ),
     "too large": (_too_large, "too large: the artifact is"),
-    "malformed": (_malformed, "malformed release: release: missing field"),
 }
 
 
@@ -705,6 +725,7 @@ def test_kill9_during_the_apply_of_a_large_snapshot_release(broker: Broker, tmp_
             version="2",
             artifact=publish_artifact(cloud, pack_dir(_big_bundle(tmp_path, 2))),
             kind="features",
+            seq=1,  # the first release this fresh device sees
         )
         cloud.publish(features_topic(FLEET, "big"), encode(sign(rel.to_dict(), key)), retain=True, wait_s=30)
         outcomes = []

@@ -19,6 +19,7 @@ from cloud_batch.fleetops.fleet import DeviceRow, fleet_status
 from cloud_batch.fleetops.keys import generate_keys
 from cloud_batch.fleetops.release import release
 from cloud_batch.fleetops.rollout import watch
+from cloud_batch.fleetops.signer import Trust
 from cloud_batch.sim.fleet import SimFleet
 from tests.broker import Broker
 from tests.support.env import MODELS, free_port
@@ -59,12 +60,16 @@ def test_fleet_status_shows_presence_versions_and_last_results(
             r.presence == "online" and r.models == {"digits": "0"} and r.last_update is None for r in rows.values()
         )
 
-        rel = release(MODELS, "digits", "1", FLEET, key, cloud_link, health_window_s=0, progress=False)
+        record = tmp_path / "record"
+        rel = release(
+            MODELS, "digits", "1", FLEET, key, cloud_link, health_window_s=0, progress=False, record_dir=record
+        )
         watch(
             cloud_link,
             "digits",
             FLEET,
             lambda s: s.tried == 5 and s.counts["in_progress"] == 0,
+            Trust.load(record, key=key),
             timeout_s=WAIT_S,
             auto_halt=False,
         )

@@ -263,6 +263,7 @@ def test_kill9_at_random_points_during_updates(rig: Rig, tmp_path: Path, digits_
             version=version,
             artifact=artifact,
             policy=Policy(health_window_s=2.0, max_error_rate=0.05),
+            seq=int(version),  # the registry's counter: one per release, increasing
         )
         cloud.publish(release_topic(FLEET, "digits"), encode(sign(rel.to_dict(), key)), retain=True, wait_s=10)
         # Aim at states in lifecycle order (the update resumes in the state it was killed in, so an aim

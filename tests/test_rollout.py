@@ -20,6 +20,7 @@ from cloud_batch.fleetops.broker import BrokerLink
 from cloud_batch.fleetops.fleet import fleet_status
 from cloud_batch.fleetops.release import release
 from cloud_batch.fleetops.rollout import RolloutError, RolloutStatus, abort, advance, evaluate, rollout_status, watch
+from cloud_batch.fleetops.signer import Trust
 from cloud_batch.sim.fleet import SimFleet
 from edge_agent.wire.policy import in_cohort
 from edge_agent.wire.protocol import DeviceState, Release, Rollout, UpdateReport
@@ -60,9 +61,22 @@ class Rig:
         self.fleets.append(start_fleet(self.url, self.key_files[1], self.workdir, **kwargs))
         return self.fleets[-1]
 
+    @property
+    def record(self) -> Path:
+        """The cloud's record of what it signed (the registry's ``.signed``; MODELS stays read-only)."""
+        return self.workdir / "record"
+
+    @property
+    def trust(self) -> Trust:
+        """What the rollout commands trust and sign with: the fleet's key, the record."""
+        return Trust.load(self.record, key=self.key_files[0])
+
+    def cli(self, *args: str) -> list[str]:
+        return [*args, "--registry", str(self.record), "--key", str(self.key_files[0])]
+
     def publish(self, **kwargs: object) -> Release:
         """Release digits 1, signed with the key the fleet trusts."""
-        return publish(self.link, self.key_files[0], **kwargs)
+        return publish(self.link, self.key_files[0], record_dir=self.record, **kwargs)
 
 
 @pytest.fixture
@@ -105,7 +119,7 @@ def test_advance_moves_through_every_stage_while_failures_stay_under_the_thresho
     rel = rig.publish()
     seen_cohorts: list[set[str]] = []
     for stage, percent in enumerate(STAGES):
-        status = watch(rig.link, "digits", FLEET, stage_done, timeout_s=WAIT_S)
+        status = watch(rig.link, "digits", FLEET, stage_done, rig.trust, timeout_s=WAIT_S)
         assert (status.rollout.stage, status.rollout.percent, status.rollout.status) == (stage, percent, "active")
         assert set(status.cohort) == cohort(sim.device_ids, percent)
         assert status.counts["success"] == len(status.cohort) and status.failure_rate == 0.0
@@ -115,7 +129,7 @@ def test_advance_moves_through_every_stage_while_failures_stay_under_the_thresho
         for device_id, row in rows.items():
             applied = row.models.get("digits") == "1"
             assert applied == (device_id in status.cohort), device_id
-        step = advance(rig.link, "digits", FLEET)
+        step = advance(rig.link, "digits", FLEET, rig.trust)
         if stage + 1 < len(STAGES):
             assert step.action == "advanced" and step.rollout.stage == stage + 1
             assert step.rollout.percent == STAGES[stage + 1]
@@ -125,8 +139,8 @@ def test_advance_moves_through_every_stage_while_failures_stay_under_the_thresho
     assert seen_cohorts[0] < seen_cohorts[1] < seen_cohorts[2] == set(sim.device_ids)
 
     # Complete is final for advance (a no-op), and the CLI shows the same status as JSON.
-    assert advance(rig.link, "digits", FLEET).action is None
-    assert ota_cli.main(["rollout", "status", "digits", "--fleet", FLEET, "--broker", rig.url, "--json"]) == 0
+    assert advance(rig.link, "digits", FLEET, rig.trust).action is None
+    assert ota_cli.main(rig.cli("rollout", "status", "digits", "--fleet", FLEET, "--broker", rig.url, "--json")) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["release_id"] == rel.release_id and shown["status"] == "complete"
     assert shown["counts"]["success"] == N and shown["failure_rate"] == 0.0 and len(shown["devices"]) == N
@@ -139,12 +153,12 @@ def test_rollout_halts_on_its_own_when_the_failure_threshold_is_crossed(rig: Rig
     assert not sim.fail_ids & cohort(sim.device_ids, 10) and sim.fail_ids & cohort(sim.device_ids, 50)
     rig.publish(max_failure_rate=0.1)
 
-    first = watch(rig.link, "digits", FLEET, stage_done, timeout_s=WAIT_S)
+    first = watch(rig.link, "digits", FLEET, stage_done, rig.trust, timeout_s=WAIT_S)
     assert first.failure_rate == 0.0 and first.action is None
-    assert advance(rig.link, "digits", FLEET).action == "advanced"
+    assert advance(rig.link, "digits", FLEET, rig.trust).action == "advanced"
 
     # The watcher halts the rollout as soon as a failure report pushes the rate over 10%.
-    halted = watch(rig.link, "digits", FLEET, lambda s: s.action == "halted", timeout_s=WAIT_S)
+    halted = watch(rig.link, "digits", FLEET, lambda s: s.action == "halted", rig.trust, timeout_s=WAIT_S)
     assert halted.rollout.status == "halted" and halted.rollout.percent == 50
     assert halted.failure_rate > 0.1 and "above the release's threshold 10.0%" in halted.message
     failed = [d for d in halted.devices if d.result == "failed"]
@@ -152,27 +166,34 @@ def test_rollout_halts_on_its_own_when_the_failure_threshold_is_crossed(rig: Rig
     assert all("simulated failure" in (d.reason or "") for d in failed)
 
     # The halt is on the broker (retained), devices outside the cohort never start, and it cannot advance.
-    after = rollout_status(rig.link, "digits", FLEET)
+    after = rollout_status(rig.link, "digits", FLEET, rig.trust)
     assert after.rollout.status == "halted" and after.action is None
     outside = set(sim.device_ids) - cohort(sim.device_ids, 50)
     for row in fleet_status(rig.link, FLEET):
         if row.device_id in outside:
             assert "digits" not in row.models and "digits" not in row.updates, row
     with pytest.raises(RolloutError, match="is halted; it cannot advance"):
-        advance(rig.link, "digits", FLEET)
+        advance(rig.link, "digits", FLEET, rig.trust)
 
 
-def test_cli_status_halts_and_exits_1_then_advance_is_refused(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_status_only_reads_advance_halts_then_advance_is_refused(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
     rig.start(n=10, fail_rate=0.5, seed=1)
     rig.publish(stages=[100], max_failure_rate=0.2)
-    watch(rig.link, "digits", FLEET, stage_done, timeout_s=WAIT_S, auto_halt=False)  # observe only
+    watch(rig.link, "digits", FLEET, stage_done, rig.trust, timeout_s=WAIT_S, auto_halt=False)  # observe only
 
     args = ["--fleet", FLEET, "--broker", rig.url]
-    assert ota_cli.main(["rollout", "status", "digits", *args]) == 1
+    # status reads only (#14): exit 1 says "over the threshold", and the rollout stays active.
+    assert ota_cli.main(rig.cli("rollout", "status", "digits", *args)) == 1
+    out = capsys.readouterr().out
+    assert "failure rate 50.0% (threshold 20.0%)" in out and "`rollout advance` halts it" in out
+    assert rollout_status(rig.link, "digits", FLEET, rig.trust).rollout.status == "active"
+    assert ota_cli.main(rig.cli("rollout", "advance", "digits", *args)) == 1
     out = capsys.readouterr().out
     assert "halted: failure rate 50.0% (5/10) is above the release's threshold 20.0%" in out
-    assert ota_cli.main(["rollout", "status", "digits", *args]) == 0  # halted already: nothing new to do
-    assert ota_cli.main(["rollout", "advance", "digits", *args]) == 2
+    assert ota_cli.main(rig.cli("rollout", "status", "digits", *args)) == 0  # halted already: nothing new to do
+    assert ota_cli.main(rig.cli("rollout", "advance", "digits", *args)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the rollout of digits 1") and "is halted" in err
 
@@ -181,25 +202,27 @@ def test_cli_status_halts_and_exits_1_then_advance_is_refused(rig: Rig, capsys: 
 def test_abort_makes_the_cohort_roll_back(rig: Rig) -> None:
     sim = rig.start(initial_models={"digits": "0"})
     rel = rig.publish(stages=[50, 100])
-    done = watch(rig.link, "digits", FLEET, stage_done, timeout_s=WAIT_S)
+    done = watch(rig.link, "digits", FLEET, stage_done, rig.trust, timeout_s=WAIT_S)
     assert done.counts["success"] == len(done.cohort) == len(cohort(sim.device_ids, 50))
 
-    aborted = abort(rig.link, "digits", FLEET)
+    aborted = abort(rig.link, "digits", FLEET, rig.trust)
     assert aborted.action == "aborted" and aborted.rollout.status == "aborted"
-    rolled = watch(rig.link, "digits", FLEET, lambda s: s.counts["rolled-back"] == len(s.cohort), timeout_s=WAIT_S)
+    rolled = watch(
+        rig.link, "digits", FLEET, lambda s: s.counts["rolled-back"] == len(s.cohort), rig.trust, timeout_s=WAIT_S
+    )
     assert all(
         d.result == "rolled-back" and f"rollout {rel.release_id} aborted" in (d.reason or "") for d in rolled.devices
     )
     # Everyone serves the previous version again; devices outside the cohort never changed.
     assert {row.models.get("digits") for row in fleet_status(rig.link, FLEET)} == {"0"}
-    assert abort(rig.link, "digits", FLEET).action is None  # idempotent
+    assert abort(rig.link, "digits", FLEET, rig.trust).action is None  # idempotent
     with pytest.raises(RolloutError, match="is aborted"):
-        advance(rig.link, "digits", FLEET)
+        advance(rig.link, "digits", FLEET, rig.trust)
 
 
-def test_no_release_is_a_clear_error(cloud_link: BrokerLink) -> None:
+def test_no_release_is_a_clear_error(cloud_link: BrokerLink, key_files: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(RolloutError, match="no release of 'digits' in fleet 'plant-r'"):
-        rollout_status(cloud_link, "digits", FLEET)
+        rollout_status(cloud_link, "digits", FLEET, Trust.load(tmp_path / "record", key=key_files[0]))
 
 
 # -- cohorts -------------------------------------------------------------------------------

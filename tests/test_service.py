@@ -55,6 +55,7 @@ def start_agent(data_dir: Path, listen: str, models_dir: Path | None = MODELS) -
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     env["EDGEFLEET_MODELS_DIR"] = str(models_dir) if models_dir else ""
     env["EDGEFLEET_WATCH_INTERVAL_S"] = "0.2"
+    env["EDGEFLEET_RUNTIME__MAX_BATCH"] = "20000"  # the drain test's slow request is ~18k digits in one batch
     return subprocess.Popen(
         [str(BIN / "edge-agent"), "run", "--data-dir", str(data_dir), "--listen", listen],
         env=env,

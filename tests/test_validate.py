@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,10 +15,10 @@ import pytest
 
 from edge_agent.errors import FailedError, IncompatibleModelError, ValidationError
 from edge_agent.inference.runtime import RuntimeOptions
-from edge_agent.update.validate import validate_candidate
+from edge_agent.update.validate import Isolation, validate_candidate
 from edge_agent.wire.manifest import GOLDEN_FILE, MODEL_FILE
 from tests.modelzoo import CUSTOM_OP, Zoo
-from tests.support.models import crashing_model, replace_model
+from tests.support.models import BROKEN_MODEL_REASONS, crashing_model, replace_model
 
 
 def copy_version(src: Path, out: Path) -> Path:
@@ -65,10 +66,32 @@ def test_a_model_that_segfaults_the_runtime_is_reported_and_the_agent_survives(
     cand = replace_model(
         copy_version(digits_dir, tmp_path / "cand"), crashing_model((digits_dir / MODEL_FILE).read_bytes())
     )
-    with pytest.raises(ValidationError, match=r"validation process crashed \(SIGSEGV\)"):
+    with pytest.raises((ValidationError, IncompatibleModelError)) as refused:  # crashed, or refused cleanly
         validate_candidate(cand, max_latency_ms=None)
+    assert str(refused.value) in BROKEN_MODEL_REASONS
     # This process never loaded the file and goes on validating.
     assert validate_candidate(digits_dir, max_latency_ms=None)["ok"]
+
+
+@pytest.mark.parametrize("isolation", ["forkserver", "subprocess"])
+def test_both_isolations_contain_a_segfault_and_pass_a_good_model(
+    digits_dir: Path, tmp_path: Path, isolation: Isolation
+) -> None:
+    """The forkserver child (default) and the frozen agent's `python -m` child give the same verdicts."""
+    cand = replace_model(
+        copy_version(digits_dir, tmp_path / "cand"), crashing_model((digits_dir / MODEL_FILE).read_bytes())
+    )
+    with pytest.raises((ValidationError, IncompatibleModelError)) as refused:  # crashed, or refused cleanly
+        validate_candidate(cand, max_latency_ms=None, isolation=isolation)
+    assert str(refused.value) in BROKEN_MODEL_REASONS
+    report = validate_candidate(digits_dir, max_latency_ms=None, isolation=isolation)
+    assert report["ok"] is True and report["name"] == "digits" and report["p50_ms"] > 0
+
+
+def test_forked_children_are_fresh_processes(digits_dir: Path) -> None:
+    """Each candidate gets its own process: nothing a model did survives into the next validation."""
+    pids = {validate_candidate(digits_dir, max_latency_ms=None, runs=1)["pid"] for _ in range(2)}
+    assert len(pids) == 2 and os.getpid() not in pids
 
 
 def test_a_validation_that_hangs_is_killed(digits_dir: Path) -> None:

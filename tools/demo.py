@@ -8,7 +8,10 @@
 6. `cloud-batch fleet status`;
 7. build per-asset features from raw sensor history with `cloud-batch features build --recipe maintenance`,
    push them as a signed feature bundle, and make predictions that name only the asset: the agent joins
-   the cached features into the maintenance model's input.
+   the cached features into the maintenance model's input;
+8. the field feeds the cloud: labeled traffic (predictions, then feedback labels over HTTP) flows from
+   the agent's telemetry outbox over MQTT into `cloud-batch ingest` (whose persistent session was
+   opened at the start, so the broker kept the batches for it), and `cloud-batch data summary` shows it.
 """
 
 from __future__ import annotations
@@ -174,11 +177,41 @@ def features_demo(base: str, broker_url: str, registry: Path, keys: Path, data_d
         print(f"   asset-999 (not in the cache): HTTP {exc.code} {json.loads(exc.read())['error']}")
 
 
+def ingest(broker_url: str, store: Path, idle_s: float) -> None:
+    """``cloud-batch ingest`` for fleet 'demo' until ``idle_s`` without a message."""
+    run(
+        str(BIN / "cloud-batch"), "ingest", "--fleet", "demo", "--broker", broker_url, "--store", str(store),
+        "--idle-exit-s", str(idle_s), "--no-progress",
+    )  # fmt: skip
+
+
+def telemetry_demo(base: str, broker_url: str, store: Path) -> None:
+    """Labeled traffic → the agent's outbox → MQTT → ``cloud-batch ingest`` → ``data summary``."""
+    digits = load_digits()
+    idx = np.random.default_rng(1).choice(len(digits.images), size=40, replace=False)
+    ids = []
+    for i in idx:
+        x = digits.images[i].astype(np.float32)[None, ..., None]
+        body = {"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+        ids.append(http("POST", f"{base}/v2/models/digits/infer", body)["id"])
+    items = [{"id": rid, "label": int(digits.target[i])} for rid, i in zip(ids, idx, strict=True)]
+    stored = http("POST", f"{base}/v2/models/digits/feedback", {"items": items})["stored"]
+    print(f"== 40 predictions served (ids {ids[0]} ...); {stored} feedback labels committed on the device")
+    time.sleep(1.5)  # one flush_interval_ms (250 ms) and an upload step
+    print("== cloud side: drain the fleet's telemetry into a Parquet store, exactly once per (device, seq)")
+    ingest(broker_url, store, 3)
+    run(str(BIN / "cloud-batch"), "data", "summary", "--store", str(store))
+    outbox = http("GET", f"{base}/agent/status")["telemetry"]["outbox"]
+    print(f"== device outbox after the ingest's ack: {outbox}")
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     data_dir, keys, registry = work / "agent", work / "keys", work / "registry"
     broker, broker_url = start_broker(work)
     print(f"== broker {broker_url}")
+    print("== open the cloud ingest's persistent MQTT session now, so the broker keeps telemetry for it")
+    ingest(broker_url, work / "store", 0.5)
     run(str(BIN / "cloud-batch"), "keys", "generate", "--out", str(keys))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -200,7 +233,7 @@ def main() -> int:
             "--trust",
             str(keys / "signing.pub"),
         ],
-        env={**os.environ, "EDGEFLEET_MODELS_DIR": str(REPO / "models")},
+        env={**os.environ, "EDGEFLEET_MODELS_DIR": str(REPO / "models"), "EDGEFLEET_TELEMETRY__SAMPLE_INPUTS": "0.25"},
     )
     try:
         wait_ready(base, agent)
@@ -250,6 +283,7 @@ def main() -> int:
             time.sleep(0.3)
         run(str(BIN / "cloud-batch"), "fleet", "status", "--fleet", "demo", "--broker", broker_url)
         features_demo(base, broker_url, registry, keys, data_dir)
+        telemetry_demo(base, broker_url, work / "store")
     finally:
         agent.send_signal(signal.SIGTERM)
         code = agent.wait(timeout=30)

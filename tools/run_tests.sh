@@ -5,19 +5,20 @@
 # pytest's exit code 5 ("no tests ran") is turned into a failure so CI never passes vacuously.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}  # CI's matrix runs the suite in .venv-3.12 / .venv-3.13 too
 if [ "$#" -eq 0 ]; then  # a narrowed run (`make test ARGS=...` or direct call with args) skips the checks
   echo "test: ruff check, ruff format --check, mypy, lint-imports"
-  .venv/bin/ruff check . || exit 1
-  .venv/bin/ruff format --check . || exit 1
-  .venv/bin/mypy || exit 1
-  .venv/bin/lint-imports || exit 1
+  "$VENV"/bin/ruff check . || exit 1
+  "$VENV"/bin/ruff format --check . || exit 1
+  "$VENV"/bin/mypy || exit 1
+  "$VENV"/bin/lint-imports || exit 1
 fi
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   echo "test: installing mosquitto"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq mosquitto >/dev/null
 fi
-.venv/bin/python -m pytest "$@"
+"$VENV/bin/python" -m pytest "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "test: pytest collected no tests — failing on purpose" >&2

@@ -79,6 +79,13 @@ def registry_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def tls_args(parser: argparse.ArgumentParser) -> None:
+    """``--tls-ca/--tls-cert/--tls-key`` next to ``--broker`` (an mqtts:// broker, mutual TLS)."""
+    parser.add_argument("--tls-ca", metavar="FILE", help="CA certificate that signed the broker's (mqtts://)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS (`pki issue service`)")
+    parser.add_argument("--tls-key", metavar="FILE", help="the client certificate's private key")
+
+
 def _number(text: str, cast: Callable[[str], Any], expected: str, ok: Callable[[Any], bool], rule: str) -> Any:
     try:
         value = cast(text)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cloud_batch.cli.common import SubParsers, add_command, add_group, positive_int, run, standalone_parser
+from cloud_batch.cli.common import SubParsers, add_command, add_group, positive_int, run, standalone_parser, tls_args
 from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE
 
 BROKER = "mqtt://localhost:1883"
@@ -42,10 +42,11 @@ def _build(args: argparse.Namespace) -> None:
 
 def _push(args: argparse.Namespace) -> None:
     from cloud_batch.features.push import plan_push, publish_push
-    from cloud_batch.fleetops.broker import open_link
+    from cloud_batch.fleetops.broker import open_link, tls_config
 
     plan = plan_push(args.registry, args.set, args.version, args.fleet, args.key, **_options(args, _PUSH_OPTIONS))
-    with open_link(args.broker) as link:  # only once every input checked out: a bad one publishes nothing
+    tls = tls_config(args.tls_ca, args.tls_cert, args.tls_key)
+    with open_link(args.broker, tls=tls) as link:  # only once every input checked out: a bad one publishes nothing
         print(publish_push(link, plan, progress=not args.no_progress).summary())
 
 
@@ -176,6 +177,7 @@ def register_commands(sub: SubParsers) -> None:
     push.add_argument("--registry", required=True, type=Path, metavar="DIR", help="registry directory")
     push.add_argument("--key", required=True, type=Path, metavar="KEYFILE", help="signing.key from `keys generate`")
     push.add_argument("--broker", required=True, metavar="URL", help=f"MQTT broker, e.g. {BROKER}")
+    tls_args(push)
     push.add_argument("--delta-from", metavar="V0", help="publish a delta from this older built version")
     push.add_argument(
         "--partition-map",

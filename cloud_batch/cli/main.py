@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from cloud_batch.cli.common import PROG, SubParsers, add_command, add_group, positive_int, registry_arg, run
+from cloud_batch.cli.data import register_commands as add_data
 from cloud_batch.cli.features import register_commands as add_features
 from cloud_batch.cli.ota import register_commands
+from cloud_batch.cli.pki import register_commands as add_pki
 
 # -- train ---------------------------------------------------------------------
 
@@ -136,7 +138,14 @@ def add_register(sub: SubParsers) -> None:
 
 
 # Subcommands in help order. Others append theirs (keys, release, rollout, fleet, features).
-COMMANDS: list[Callable[[SubParsers], None]] = [add_train, add_register, register_commands, add_features]
+COMMANDS: list[Callable[[SubParsers], None]] = [
+    add_train,
+    add_register,
+    register_commands,
+    add_features,
+    add_data,
+    add_pki,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ from cloud_batch.cli.common import (
     registry_arg,
     run,
     standalone_parser,
+    tls_args,
 )
 from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE
 
@@ -35,6 +36,13 @@ EXIT_HALTED = 1
 def _keys_generate(args: argparse.Namespace) -> None:
     from cloud_batch.fleetops.keys import describe, generate_keys, load_signing_key
 
+    if args.fleet_key:
+        from cloud_batch.fleetops.keys import describe_fleet_key, generate_fleet_keys, load_fleet_public_key
+
+        key, pub = generate_fleet_keys(args.out)
+        kid = describe_fleet_key(load_fleet_public_key(pub))
+        print(f"wrote {key} (private, mode 0600: install it on every device) and {pub} (for releases); key id {kid}")
+        return
     key, pub = generate_keys(args.out)
     print(
         f"wrote {key} (private, mode 0600) and {pub} (give this one to the devices); "
@@ -43,7 +51,7 @@ def _keys_generate(args: argparse.Namespace) -> None:
 
 
 def _release(args: argparse.Namespace) -> None:
-    from cloud_batch.fleetops.broker import open_link
+    from cloud_batch.fleetops.broker import open_link, tls_config
     from cloud_batch.fleetops.release import plan_release, publish_release
 
     plan = plan_release(  # every local check first: a bad input publishes nothing, broker or not
@@ -60,8 +68,11 @@ def _release(args: argparse.Namespace) -> None:
         rollback=args.rollback,
         chunk_size=args.chunk_size,
         health_window_s=args.health_window_s,
+        expires_in_s=args.expires_in,
+        encrypt=args.encrypt,
+        fleet_pub=args.fleet_pub,
     )
-    with open_link(args.broker) as link:
+    with open_link(args.broker, tls=tls_config(args.tls_ca, args.tls_cert, args.tls_key)) as link:
         rel = publish_release(link, plan, progress=not args.no_progress)
     a = rel.artifact
     stages = rel.policy.stages
@@ -75,23 +86,46 @@ def _release(args: argparse.Namespace) -> None:
 
 def _rollout(args: argparse.Namespace) -> int:
     from cloud_batch.fleetops import rollout
-    from cloud_batch.fleetops.broker import open_link
+    from cloud_batch.fleetops.broker import open_link, tls_config
+    from cloud_batch.fleetops.signer import Trust
 
     op = {"status": rollout.rollout_status, "advance": rollout.advance, "abort": rollout.abort}[args.action]
     rollout.check_target(args.name, args.fleet)
-    with open_link(args.broker) as link:
-        status = op(link, args.name, args.fleet)
+    trust = Trust.load(args.registry, args.trust, args.key)
+    if args.action != "status":
+        trust.key(f"rollout {args.action}")  # a missing --key is an input error, before connecting
+    with open_link(args.broker, tls=tls_config(args.tls_ca, args.tls_cert, args.tls_key)) as link:
+        status = op(link, args.name, args.fleet, trust)
     print(status.to_json() if args.json else status.summary())
-    return EXIT_HALTED if status.action == "halted" else 0
+    failing = status.rollout.status == "active" and status.over_threshold
+    return EXIT_HALTED if status.action == "halted" or failing else 0
+
+
+def _fleet_add(args: argparse.Namespace) -> None:
+    from cloud_batch.registry.devices import DeviceRegistry
+
+    new = DeviceRegistry(args.registry).add(args.fleet, args.device_ids)
+    print(f"fleet {args.fleet}: added {len(new)} device(s), {len(args.device_ids) - len(new)} already known")
+
+
+def _fleet_list(args: argparse.Namespace) -> None:
+    from cloud_batch.registry.devices import DeviceRegistry
+
+    for device_id in sorted(DeviceRegistry(args.registry).entries(args.fleet)):
+        print(device_id)
 
 
 def _fleet_status(args: argparse.Namespace) -> None:
-    from cloud_batch.fleetops.broker import open_link
-    from cloud_batch.fleetops.fleet import check_fleet, fleet_status, render_table, rows_json
+    from cloud_batch.fleetops.broker import open_link, tls_config
+    from cloud_batch.fleetops.fleet import check_fleet, fleet_report, render_table, rows_json
 
     check_fleet(args.fleet)
-    with open_link(args.broker) as link:
-        rows = fleet_status(link, args.fleet, timeout_s=args.timeout)
+    with open_link(args.broker, tls=tls_config(args.tls_ca, args.tls_cert, args.tls_key)) as link:
+        rows, problems = fleet_report(link, args.fleet, timeout_s=args.timeout)
+    if problems:  # stderr: --json on stdout stays one parseable document
+        print(f"warning: skipped {len(problems)} malformed device document(s)", file=sys.stderr)
+        for line in problems[:10]:
+            print(f"  {line[:300]}", file=sys.stderr)
     if args.json:
         print(rows_json(rows))
     else:
@@ -101,6 +135,7 @@ def _fleet_status(args: argparse.Namespace) -> None:
 def _broker_fleet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fleet", required=True, metavar="F", help="fleet name (a topic segment)")
     parser.add_argument("--broker", required=True, metavar="URL", help="MQTT broker, e.g. mqtt://localhost:1883")
+    tls_args(parser)
 
 
 # -- wiring ------------------------------------------------------------------------------------
@@ -121,9 +156,14 @@ def register_commands(sub: SubParsers) -> None:
         help="write signing.key and signing.pub",
         description="Write DIR/signing.key (PKCS#8 PEM, mode 0600) and DIR/signing.pub (give it to the devices).\n"
         "Refuses to overwrite an existing key.",
-        example="cloud-batch keys generate --out keys/",
+        example="cloud-batch keys generate --out keys/\ncloud-batch keys generate --out keys/ --fleet-key",
     )
     gen.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory for the key pair")
+    gen.add_argument(
+        "--fleet-key",
+        action="store_true",
+        help="write the X25519 fleet key instead: fleet.key (0600, for every device) and fleet.pub (for --encrypt)",
+    )
 
     rel = add_command(
         sub,
@@ -145,6 +185,7 @@ def register_commands(sub: SubParsers) -> None:
     registry_arg(rel)
     rel.add_argument("--key", required=True, type=Path, metavar="KEYFILE", help="signing.key from `keys generate`")
     rel.add_argument("--broker", required=True, metavar="URL", help="MQTT broker, e.g. mqtt://localhost:1883")
+    tls_args(rel)
     rel.add_argument(
         "--rollout",
         default="100",
@@ -161,7 +202,12 @@ def register_commands(sub: SubParsers) -> None:
     rel.add_argument("--max-latency-ms", type=positive, metavar="MS", help="devices refuse a slower candidate (p50)")
     rel.add_argument("--window", metavar="HH:MM-HH:MM", help="devices activate only inside this local time window")
     rel.add_argument("--urgent", action="store_true", help="activate immediately, ignoring --window")
-    rel.add_argument("--rollback", action="store_true", help="a signed rollback: may carry a lower version")
+    rel.add_argument(
+        "--rollback", action="store_true", help="a signed rollback: may carry a lower version (expires, default 7 days)"
+    )
+    rel.add_argument(
+        "--expires-in", type=positive, metavar="S", help="devices refuse the release after S seconds (default: never)"
+    )
     rel.add_argument(
         "--health-window-s",
         type=float,
@@ -177,6 +223,12 @@ def register_commands(sub: SubParsers) -> None:
         help=f"artifact chunk size (default: {DEFAULT_CHUNK_SIZE})",
     )
     rel.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rel.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt the model for the fleet key (AES-256-GCM, key wrapped with X25519); devices need ota.fleet_key",
+    )
+    rel.add_argument("--fleet-pub", type=Path, metavar="FILE", help="fleet.pub for --encrypt (default: beside --key)")
 
     ro_sub = add_group(
         sub,
@@ -184,19 +236,20 @@ def register_commands(sub: SubParsers) -> None:
         dest="action",
         metavar="ACTION",
         help="status, advance or abort a phased rollout",
-        description="Follow and steer the rollout of a model's current release. Every command first checks the\n"
-        "failure rate among the cohort's devices that tried the release and halts the rollout if it\n"
-        "is above the release's threshold (exit code 1).",
-        example="cloud-batch rollout status digits --fleet plant-7 --broker mqtt://localhost:1883\n"
-        "cloud-batch rollout advance digits --fleet plant-7 --broker mqtt://localhost:1883",
+        description="Follow and steer the rollout of a model's current release. Only signatures that verify\n"
+        "against --trust (default: the public half of --key) are believed; the registry keeps the\n"
+        "cloud's own record of what it signed. `status` only reads (exit code 1 when the failure rate\n"
+        "is above the threshold); `advance` and `abort` sign and publish (they need --key).",
+        example="cloud-batch rollout status digits --fleet plant-7 --broker mqtt://localhost:1883 --trust keys/signing.pub\n"
+        "cloud-batch rollout advance digits --fleet plant-7 --broker mqtt://localhost:1883 --key keys/signing.key",
     )
     for action, help_text, description in (
         (
             "status",
             "show the current stage and the devices' outcomes",
             (
-                "Show the rollout's stage, the cohort, and the outcome of every device in it that tried the release;\n"
-                "halts the rollout if the failure threshold is crossed."
+                "Show the rollout's stage, the cohort, and the outcome of every device in it that tried the release.\n"
+                "Read only: it never publishes; exit code 1 when the failure threshold is crossed."
             ),
         ),
         (
@@ -219,10 +272,21 @@ def register_commands(sub: SubParsers) -> None:
             handler=_rollout,
             help=help_text,
             description=description,
-            example=f"cloud-batch rollout {action} digits --fleet plant-7 --broker mqtt://localhost:1883",
+            example=f"cloud-batch rollout {action} digits --fleet plant-7 --broker mqtt://localhost:1883 "
+            "--key keys/signing.key",
         )
         p.add_argument("name", metavar="NAME", help="model name")
         _broker_fleet(p)
+        registry_arg(p)
+        p.add_argument("--key", type=Path, metavar="KEYFILE", help="signing.key: signs the new rollout document")
+        p.add_argument(
+            "--trust",
+            type=Path,
+            action="append",
+            default=[],
+            metavar="PUB",
+            help="trusted public key (repeatable; default: the public half of --key)",
+        )
         p.add_argument("--json", action="store_true", help="print JSON")
 
     fleet_sub = add_group(
@@ -248,6 +312,29 @@ def register_commands(sub: SubParsers) -> None:
     st.add_argument(
         "--timeout", type=positive, default=2.0, metavar="S", help="longest wait for the retained messages (default: 2)"
     )
+
+    add = add_command(
+        fleet_sub,
+        "add",
+        handler=_fleet_add,
+        help="register devices the fleet knows (only they count in rollouts)",
+        description="Add device ids to the fleet's device list in the registry (REGISTRY/.fleets/F/devices.csv).\n"
+        "Once a fleet has a list, only its devices count toward rollout failure rates and fleet status.",
+        example="cloud-batch fleet add dev-001 dev-002 --fleet plant-7 --registry models",
+    )
+    add.add_argument("device_ids", nargs="+", metavar="DEVICE_ID", help="device ids (the mTLS certificate CN)")
+    add.add_argument("--fleet", required=True, metavar="F", help="fleet name")
+    registry_arg(add)
+    lst = add_command(
+        fleet_sub,
+        "list",
+        handler=_fleet_list,
+        help="the devices the fleet knows",
+        description="Print the fleet's registered device ids, one per line.",
+        example="cloud-batch fleet list --fleet plant-7 --registry models",
+    )
+    lst.add_argument("--fleet", required=True, metavar="F", help="fleet name")
+    registry_arg(lst)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,9 @@ from cloud_batch.features.delta import ALL, check_delta_compatible, plan_bundles
 from cloud_batch.fleetops.broker import DEFAULT_CONNECT_TIMEOUT_S, BrokerLink, open_link, publish_doc
 from cloud_batch.fleetops.fleet import FleetView
 from cloud_batch.fleetops.keys import load_signing_key
-from cloud_batch.fleetops.release import clear_superseded, make_release_id, publish_chunks, sign_release
+from cloud_batch.fleetops.release import clear_superseded, make_release_id, publish_chunks
+from cloud_batch.fleetops.signer import sign_release
+from cloud_batch.registry.signed import SignedLog
 from edge_agent.errors import EdgeError
 from edge_agent.wire.bundle import BundleInfo, read_info
 from edge_agent.wire.names import check_segment, parse_version
@@ -192,7 +194,7 @@ def plan_push(
             partition={"by": part[0], "key": part[1]},
             fallback=Artifact.from_blob(fallback_blob, chunk_size) if fallback_blob is not None else None,
         )
-        signed = sign_release(rel, key)
+        signed = sign_release(rel, key, SignedLog(registry_dir))
         topic = features_topic(fleet, set_name, *part)
         info = read_info(bundle_dir)
         releases.append(PlannedRelease(part, topic, bundle_dir, info, blob, rel, signed, fallback_dir, fallback_blob))

@@ -19,6 +19,7 @@ from pandas.api.types import is_bool_dtype, is_datetime64_any_dtype, is_float_dt
 
 from cloud_batch.errors import InputError
 from cloud_batch.progress import Reporter
+from edge_agent.errors import plain
 from edge_agent.wire.bundle import DTYPES
 
 PROGRESS_MIN_BYTES = 8 << 20  # CSVs from this size are read in chunks behind a progress bar
@@ -169,7 +170,7 @@ def shown(names: Sequence[Any]) -> str:
 
 def _describe_column(col: pd.Series) -> str:
     sample = col.dropna()
-    return f"dtype {col.dtype}" + (f", e.g. {sample.iloc[0]!r}" if len(sample) else "")
+    return f"dtype {col.dtype}" + (f", e.g. {plain(sample.iloc[0])!r}" if len(sample) else "")
 
 
 def _entity_ids(col: pd.Series, entity_key: str, source: str) -> np.ndarray:
@@ -230,7 +231,7 @@ def _event_times(col: pd.Series, entities: np.ndarray, name: str, source: str) -
     if bad.any():
         i = int(np.argmax(bad))
         raise InputError(
-            f"{source}: event time {col.iloc[i]!r} of entity {str(entities[i])!r} (row {i + 1}, column "
+            f"{source}: event time {plain(col.iloc[i])!r} of entity {str(entities[i])!r} (row {i + 1}, column "
             f"{name!r}) is not a time at or after 1970 (epoch seconds or ISO-8601)"
         )
     return ts

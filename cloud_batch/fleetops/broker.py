@@ -8,6 +8,7 @@ Tests pass a link to the real broker, or a fake with these methods.
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 
 from cloud_batch.errors import BrokerError, BrokerUnreachableError, InputError
 from edge_agent.errors import EdgeError, FailedError
-from edge_agent.mqtt.link import MqttLink
+from edge_agent.mqtt.link import MqttLink, TlsConfig
 from edge_agent.wire.protocol import encode
 
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
@@ -46,13 +47,38 @@ class BrokerLink(Protocol):
     def unsubscribe(self, topic_filter: str) -> None: ...
 
 
+def tls_config(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> TlsConfig | None:
+    """TLS settings from the CLI's ``--tls-ca/--tls-cert/--tls-key`` (None: none given); InputError if unusable.
+
+    A client certificate needs its key (mutual TLS, the service's identity from ``cloud-batch pki``);
+    without ``ca_file`` the system's CAs verify the broker.
+    """
+    if ca_file is None and cert_file is None and key_file is None:
+        return None
+    if (cert_file is None) != (key_file is None):
+        raise InputError("--tls-cert and --tls-key go together (a client certificate needs its private key)")
+    for name, path in (("--tls-ca", ca_file), ("--tls-cert", cert_file), ("--tls-key", key_file)):
+        if path is not None and not os.path.isfile(path):
+            raise InputError(f"{name} {path}: no such file")
+    return TlsConfig(ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+
+
 @contextmanager
 def open_link(
-    broker_url: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S, client_prefix: str = "cloud-batch"
+    broker_url: str,
+    timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    client_prefix: str = "cloud-batch",
+    *,
+    tls: TlsConfig | None = None,
 ) -> Iterator[MqttLink]:
-    """A connected MqttLink for one cloud command; BrokerUnreachableError (with the URL) if none in ``timeout_s``."""
+    """A connected MqttLink for one cloud command; BrokerUnreachableError (with the URL) if none in ``timeout_s``.
+
+    ``tls`` (or an ``mqtts://`` URL) makes it a TLS connection; a refused certificate shows as unreachable.
+    """
     try:
-        link = MqttLink(broker_url, client_id=f"{client_prefix}-{uuid.uuid4().hex[:10]}")
+        link = MqttLink(broker_url, client_id=f"{client_prefix}-{uuid.uuid4().hex[:10]}", tls=tls)
     except EdgeError as exc:  # ConfigError: the URL itself is wrong
         raise InputError(str(exc)) from exc
     # A plain TCP connect first: "connection refused" is known at once, MqttLink would keep retrying.
@@ -63,7 +89,12 @@ def open_link(
     link.start()
     try:
         if not link.wait_connected(timeout_s):
-            raise BrokerUnreachableError(f"cannot reach the MQTT broker at {broker_url} within {timeout_s:g}s")
+            hint = (
+                " (TLS: is the certificate from the broker's CA, and the CA the broker's?)"
+                if tls or broker_url.startswith("mqtts:")
+                else ""
+            )
+            raise BrokerUnreachableError(f"cannot reach the MQTT broker at {broker_url} within {timeout_s:g}s{hint}")
         yield link
     finally:
         link.stop()

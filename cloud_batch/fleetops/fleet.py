@@ -29,16 +29,10 @@ from cloud_batch.errors import BrokerError, InputError
 from cloud_batch.fleetops.broker import BrokerLink, Handler
 from edge_agent.errors import EdgeError, FailedError
 from edge_agent.wire.names import check_segment
-from edge_agent.wire.protocol import (
+from edge_agent.wire.protocol import DeviceState, Release, Rollout, UpdateReport, decode
+from edge_agent.wire.topics import (
     PRESENCE_OFFLINE,
     PRESENCE_ONLINE,
-    DeviceState,
-    Release,
-    Rollout,
-    UpdateReport,
-    decode,
-)
-from edge_agent.wire.topics import (
     parse_device_topic,
     parse_model_topic,
     presence_filter,
@@ -57,7 +51,7 @@ class Snapshot:
     states: dict[str, DeviceState] = field(default_factory=dict)  # device id -> newest state
     presence: dict[str, str] = field(default_factory=dict)  # device id -> "online" / "offline"
     releases: dict[str, tuple[Release, dict[str, Any]]] = field(default_factory=dict)  # name -> (parsed, raw doc)
-    rollouts: dict[str, Rollout] = field(default_factory=dict)  # name -> rollout control
+    rollout_docs: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> rollout document (unverified)
     problems: list[str] = field(default_factory=list)  # unparseable documents, newest last
 
 
@@ -79,9 +73,7 @@ class FleetView:
         )
         self._on_presence = self._keeper(lambda s: s.presence, _device_of, lambda p: p.decode("utf-8", "replace"))
         self._on_release = self._keeper(lambda s: s.releases, _model_of, _release_doc)
-        self._on_rollout = self._keeper(
-            lambda s: s.rollouts, _model_of, lambda p: Rollout.from_dict(decode(p, "rollout"))
-        )
+        self._on_rollout = self._keeper(lambda s: s.rollout_docs, _model_of, _rollout_doc)
 
     # -- subscribing ----------------------------------------------------------------------
     def sync(self, timeout_s: float = 5.0, quiet_s: float = 0.1) -> FleetView:
@@ -123,7 +115,7 @@ class FleetView:
     def snapshot(self) -> Snapshot:
         with self._lock:
             s = self._snap
-            return Snapshot(dict(s.states), dict(s.presence), dict(s.releases), dict(s.rollouts), list(s.problems))
+            return Snapshot(dict(s.states), dict(s.presence), dict(s.releases), dict(s.rollout_docs), list(s.problems))
 
     @property
     def version(self) -> int:
@@ -172,6 +164,12 @@ def _device_of(topic: str) -> str:
 def _model_of(topic: str) -> str:
     parsed = parse_model_topic(topic)
     return parsed[2] if parsed else topic
+
+
+def _rollout_doc(payload: bytes) -> dict[str, Any]:
+    doc = decode(payload, "rollout")
+    Rollout.from_dict(doc)  # well-formed; whether it is authentic is for the reader to check
+    return doc
 
 
 def _release_doc(payload: bytes) -> tuple[Release, dict[str, Any]]:
@@ -227,10 +225,16 @@ def rows_from(snap: Snapshot) -> list[DeviceRow]:
 
 def fleet_status(link: BrokerLink, fleet: str, timeout_s: float = 2.0) -> list[DeviceRow]:
     """Every device of ``fleet`` from the broker's retained state and presence topics."""
+    return fleet_report(link, fleet, timeout_s)[0]
+
+
+def fleet_report(link: BrokerLink, fleet: str, timeout_s: float = 2.0) -> tuple[list[DeviceRow], list[str]]:
+    """``fleet_status`` and the problems seen: one line per malformed device state, skipped (not a row's state)."""
     check_fleet(fleet)
     view = FleetView(link, fleet).sync(timeout_s)
     try:
-        return rows_from(view.snapshot())
+        snap = view.snapshot()
+        return rows_from(snap), snap.problems
     finally:
         view.close()
 
@@ -256,6 +260,7 @@ def _ago(ts: float | None, now: float) -> str:
 def render_table(rows: list[DeviceRow], fleet: str, console: Any = None) -> None:
     """Print ``rows`` as a rich table (stdout)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     now = time.time()
@@ -265,13 +270,11 @@ def render_table(rows: list[DeviceRow], fleet: str, console: Any = None) -> None
     for r in rows:
         u = r.last_update
         colour = {"online": "green", "offline": "red"}.get(r.presence, "yellow")
-        table.add_row(
-            r.device_id,
-            f"[{colour}]{r.presence}[/]",
+        cells = (  # device-supplied strings: plain text, never rich markup
             " ".join(f"{k}={v}" for k, v in sorted(r.models.items())) or "-",
             f"{u.name} {u.version} ({u.state})" if u else "-",
             (u.result or "in progress") if u else "-",
             (u.reason or "") if u else "",
-            _ago(r.last_seen, now),
         )
+        table.add_row(escape(r.device_id), f"[{colour}]{r.presence}[/]", *map(escape, cells), _ago(r.last_seen, now))
     (console or Console()).print(table)

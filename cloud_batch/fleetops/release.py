@@ -2,9 +2,13 @@
 
 Order of work, chosen so that a device never sees a document it cannot act on:
 
-1. check every input locally (registry version, stages, window, rates, key) and sign
-   (``plan_release``): a bad input publishes nothing; the CLI only connects after this;
-2. on the open link (``publish_release``), read the retained release it supersedes;
+1. check every input locally (registry version, stages, window, rates, key), seal the model for the
+   fleet key when asked (``--encrypt``: ``sealed_copy``), sign the release
+   and its first rollout with the registry's next ``seq`` each, and record both in the registry
+   (``plan_release``, ``signer``): a bad input publishes nothing; the CLI only connects after this;
+2. on the open link (``publish_release``); the release it supersedes comes from the registry's
+   record of what was signed (``SignedLog``), never from the retained copy, which anyone with
+   publish rights could have replaced;
 3. publish the artifact's chunks, retained, and wait for every PUBACK (``publish.publish_artifact``);
 4. publish the rollout control (stage 0) *before* the release: an agent applies a release
    whose rollout it has not seen after a short settle time, so the rollout must already be
@@ -18,6 +22,9 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,25 +32,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from cloud_batch.errors import BrokerError, InputError, RegistryError
 from cloud_batch.fleetops.broker import BrokerLink, publish_doc
-from cloud_batch.fleetops.fleet import FleetView
-from cloud_batch.fleetops.keys import load_signing_key
+from cloud_batch.fleetops.keys import describe_fleet_key, load_fleet_public_key, load_signing_key
 from cloud_batch.fleetops.publish import clear_artifact, publish_artifact
+from cloud_batch.fleetops.signer import sign_release, sign_rollout
 from cloud_batch.registry.models import Registry
+from cloud_batch.registry.signed import SignedLog
 from edge_agent.errors import EdgeError
+from edge_agent.fsutil import fsync_dir, fsync_tree
+from edge_agent.models.sealed import FLEET_PUB_FILE, seal_version_dir
 from edge_agent.wire.manifest import MANIFEST_FILE, Manifest
 from edge_agent.wire.names import check_segment
 from edge_agent.wire.policy import Policy, parse_window
 from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE, Artifact, Release, Rollout, pack_dir
-from edge_agent.wire.signing import sign
 from edge_agent.wire.topics import release_topic, rollout_topic
 
 log = logging.getLogger(__name__)
 
+SEALED_DIR = ".sealed"  # <record dir>/.sealed/<fleet key id>/<name>/<version>/: sealed once, re-released as is
 PROGRESS_MIN_CHUNKS = 8  # smaller artifacts publish in well under a second: no bar
+ROLLBACK_EXPIRES_S = 7 * 24 * 3600.0  # a rollback release is refused by devices after a week by default
 
 
 def parse_stages(text: str | Sequence[int]) -> list[int]:
@@ -128,6 +137,31 @@ def _version_dir(registry_dir: str | Path, name: str, version: str) -> Path:
     return path
 
 
+def sealed_copy(version_dir: Path, fleet_pub_path: str | Path, record_dir: str | Path) -> Path:
+    """The version sealed for the fleet key (``edge_agent.models.sealed``), made once and kept in ``record_dir``.
+
+    Re-releasing a version (a rollback, a second fleet with the same key) sends the same ciphertext,
+    so a device that already holds the version sees the same sha256 and reuses it.
+    """
+    public = load_fleet_public_key(fleet_pub_path)
+    manifest = Manifest.load(version_dir / MANIFEST_FILE)
+    out = Path(record_dir) / SEALED_DIR / describe_fleet_key(public) / manifest.name / manifest.version
+    if (out / MANIFEST_FILE).is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        seal_version_dir(version_dir, tmp, public)
+        fsync_tree(tmp)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except (OSError, EdgeError) as exc:
+        raise RegistryError(f"cannot seal {version_dir} for fleet key {fleet_pub_path}: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 @dataclass
 class ReleasePlan:
     """A release checked, packed and signed locally, ready to publish (nothing has touched the broker)."""
@@ -136,6 +170,7 @@ class ReleasePlan:
     signed: dict[str, Any]
     rollout: Rollout
     blob: bytes
+    previous: Release | None = None  # the last release of this name signed before this one
 
 
 def plan_release(
@@ -153,8 +188,19 @@ def plan_release(
     rollback: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     health_window_s: float = 30.0,
+    expires_in_s: float | None = None,
+    record_dir: str | Path | None = None,
+    encrypt: bool = False,
+    fleet_pub: str | Path | None = None,
 ) -> ReleasePlan:
-    """Check every input, pack the version and sign the release; InputError / RegistryError, no I/O to the broker."""
+    """Check every input, pack the version, sign and record the release and its rollout; no I/O to the broker.
+
+    ``expires_in_s``: devices refuse the release after this long (a rollback defaults to
+    ``ROLLBACK_EXPIRES_S``; other releases do not expire by default). ``record_dir``: where the
+    cloud's record of signed documents lives (default: the registry itself; tests release from a
+    read-only registry). ``encrypt``: release the version sealed for the fleet key ``fleet_pub``
+    (default: ``fleet.pub`` beside ``key_path``). InputError / RegistryError.
+    """
     try:
         check_segment(fleet, "fleet")
         check_segment(name, "name")
@@ -162,6 +208,10 @@ def plan_release(
         raise InputError(str(exc)) from exc
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise InputError(f"chunk size {chunk_size!r} must be a positive number of bytes")
+    if rollback and expires_in_s is None:
+        expires_in_s = ROLLBACK_EXPIRES_S
+    if expires_in_s is not None and not (expires_in_s > 0 and math.isfinite(expires_in_s)):
+        raise InputError(f"expiry {expires_in_s!r} s must be a positive number")
     policy = build_policy(
         stages=stages,
         max_failure_rate=max_failure_rate,
@@ -172,6 +222,11 @@ def plan_release(
     )
     version_dir = _version_dir(registry_dir, name, version)
     key = load_signing_key(key_path)
+    record = record_dir if record_dir is not None else registry_dir
+    if fleet_pub is not None and not encrypt:
+        raise InputError("--fleet-pub is only used with --encrypt")
+    if encrypt:
+        version_dir = sealed_copy(version_dir, fleet_pub or Path(key_path).parent / FLEET_PUB_FILE, record)
     try:
         blob = pack_dir(version_dir)
     except OSError as exc:
@@ -187,10 +242,14 @@ def plan_release(
         artifact=Artifact.from_blob(blob, chunk_size),
         rollback=rollback,
         policy=policy,
+        expires_at=time.time() + expires_in_s if expires_in_s is not None else None,
     )
-    signed = sign_release(rel, key)
-    rollout = Rollout(release_id=release_id, percent=policy.stages[0], stage=0, status="active")
-    return ReleasePlan(rel, signed, rollout, blob)
+    log_ = SignedLog(record)
+    before = log_.latest(fleet, "model", name)
+    signed = sign_release(rel, key, log_)
+    first = Rollout(release_id, policy.stages[0], 0, "active", fleet=fleet, name=name)
+    rollout = sign_rollout(first, key, log_)
+    return ReleasePlan(rel, signed, rollout, blob, Release.from_dict(before) if before is not None else None)
 
 
 def publish_release(
@@ -200,11 +259,7 @@ def publish_release(
     rel, artifact = plan.release, plan.release.artifact
     name, fleet = rel.name, rel.fleet
     log.info("release %s: %s %s to fleet %s (%d bytes)", rel.release_id, name, rel.version, fleet, len(plan.blob))
-    # 2. What this release supersedes.
-    view = FleetView(link, fleet, models=[name], devices=False).sync(timeout_s=5.0)
-    previous = view.snapshot().releases.get(name)
-    view.close()
-
+    previous = plan.previous
     # 3. The artifact.
     label = f"{name} {rel.version}"
     published = publish_chunks(link, plan.blob, artifact.chunk_size, publish_timeout_s, progress, label)
@@ -218,8 +273,8 @@ def publish_release(
     publish_doc(link, release_topic(fleet, name), plan.signed, wait_s=publish_timeout_s)
 
     # 6. The superseded artifact's chunks would stay on the broker forever.
-    if previous is not None and previous[0].artifact.sha256 != artifact.sha256:
-        clear_superseded(link, previous[0].artifact, rel.release_id, previous[0].release_id, publish_timeout_s)
+    if previous is not None and previous.artifact.sha256 != artifact.sha256:
+        clear_superseded(link, previous.artifact, rel.release_id, previous.release_id, publish_timeout_s)
     return rel
 
 
@@ -241,20 +296,6 @@ def release(
     """
     plan = plan_release(registry_dir, name, version, fleet, key_path, **options)
     return publish_release(link, plan, progress=progress, publish_timeout_s=publish_timeout_s)
-
-
-def sign_release(rel: Release, key: Ed25519PrivateKey) -> dict[str, Any]:
-    """Sign ``rel`` (setting ``rel.signature``) and parse the document as every device will first.
-
-    Returns the signed document; InputError if a device would find it malformed.
-    """
-    signed = sign(rel.to_dict(), key)
-    rel.signature = signed["signature"]
-    try:
-        Release.from_dict(signed)  # what every device does first
-    except EdgeError as exc:
-        raise InputError(f"the release document would be malformed: {exc}") from exc
-    return signed
 
 
 def clear_superseded(link: BrokerLink, old: Artifact, release_id: str, superseded_id: str, timeout_s: float) -> None:

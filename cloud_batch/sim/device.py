@@ -6,7 +6,7 @@ will that the broker publishes when the connection dies uncleanly (``SimFleet.ki
 the agent it subscribes to the fleet's ``rollouts/+`` then ``releases/+`` and admits each
 release with the agent's own ``update.admission`` (signature, topic, fleet, kind, anti-rollback,
 size; a failure is ``rejected``), waits ``settle_s`` for the rollout document, applies the
-rollout gate (status active/complete and ``in_cohort``), downloads the artifact with the real
+rollout gate (``update.gate.why_not``: signed rollouts only, fails closed), downloads the artifact with the real
 ``Downloader`` + ``ChunkStore`` (per-chunk subscriptions, sha256 checks, fsynced chunk files,
 assembly), unpacks it and checks its manifest, then reports the agent's ``update.State`` names
 ``downloading → verifying → validating → activating → health_check → committed`` in its
@@ -33,14 +33,16 @@ import paho.mqtt.client as mqtt
 from cloud_batch.sim.candidate import LoopLink, check_candidate, download
 from cloud_batch.sim.host import FleetHost, Handler
 from edge_agent.config import OtaConfig
-from edge_agent.errors import EdgeError, ManifestError, RejectedError, ReleaseRejected, TransferStopped
-from edge_agent.update.admission import Admission
+from edge_agent.errors import EdgeError, RejectedError, ReleaseRejected, StaleRejected, TransferStopped
+from edge_agent.update.admission import Admission, ledger_key
 from edge_agent.update.coordinator import will_for
+from edge_agent.update.gate import why_not
 from edge_agent.update.states import RESULTS, State
+from edge_agent.wire.freshness import SeqLedger
 from edge_agent.wire.names import check_segment
-from edge_agent.wire.policy import in_cohort, in_window
-from edge_agent.wire.protocol import DeviceState, Release, Rollout, UpdateReport, decode, encode, presence
-from edge_agent.wire.topics import device_state_topic, parse_model_topic, release_filter, rollout_filter
+from edge_agent.wire.policy import in_window
+from edge_agent.wire.protocol import DeviceState, Release, Rollout, UpdateReport, encode
+from edge_agent.wire.topics import device_state_topic, parse_model_topic, presence, release_filter, rollout_filter
 
 log = logging.getLogger("cloud_batch.sim")
 
@@ -84,6 +86,7 @@ class SimDevice:
         self.ready = False
         self.link = LoopLink(self)
         self.admission = Admission(sim.fleet, self.device_id, tuple(sim.trusted), OtaConfig.max_artifact_bytes)
+        self.ledger = SeqLedger(None)  # highest accepted seq per (kind, name); not persisted (no restarts here)
         self.dir = sim.workdir / device_id
         c = self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv311, clean_session=True
@@ -175,8 +178,8 @@ class SimDevice:
     # -- incoming ----------------------------------------------------------------------------
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         topic, payload = msg.topic, bytes(msg.payload)
-        sub = self.subs.get(topic)
-        if sub is not None:  # an artifact chunk the Downloader asked for
+        sub = self.subs.get(topic) or next((h for f, h in self.subs.items() if mqtt.topic_matches_sub(f, topic)), None)
+        if sub is not None:  # an artifact chunk the Downloader asked for (one topic, or all of the artifact's)
             sub[0](topic, payload, bool(msg.retain))
             return
         parsed = parse_model_topic(topic)
@@ -188,14 +191,15 @@ class SimDevice:
             self._on_release(parsed[2], payload)
 
     def _on_rollout(self, name: str, payload: bytes) -> None:
-        if not payload:
-            self.rollouts.pop(name, None)
-            return
+        if not payload or len(payload) > OtaConfig.max_document_bytes:
+            return  # a deletion is unsigned; the last authentic rollout stands
         try:
-            ro = Rollout.from_dict(decode(payload, "rollout"))
-        except ManifestError as exc:
-            log.warning("%s: ignoring a malformed rollout for %s: %s", self.device_id, name, exc)
+            ro = self.admission.authenticate_rollout(payload, name)
+            self.ledger.check(ledger_key("rollout", name), f"rollout of {name}", ro.seq, ro.release_id)
+        except RejectedError as exc:
+            log.warning("%s: ignoring a rollout for %s: %s", self.device_id, name, exc)
             return
+        self.ledger.accept(ledger_key("rollout", name), ro.seq, ro.release_id)
         self.rollouts[name] = ro
         if ro.status == "aborted":
             self._abort(name, ro.release_id)
@@ -203,15 +207,15 @@ class SimDevice:
             self._consider(name)
 
     def _on_release(self, name: str, payload: bytes) -> None:
-        if not payload:
+        if not payload or len(payload) > OtaConfig.max_document_bytes:
             return
         digest = "doc:" + hashlib.sha256(payload).hexdigest()
         if digest in self.handled:
             return
         try:
             rel, doc = self.admission.authenticate(payload)
-        except ReleaseRejected as exc:
-            self._reject(name, exc.release_id, exc.version, str(exc), digest)
+        except ReleaseRejected:
+            self.handled.add(digest)  # not authentic: nothing of it is reported (like the agent)
             return
         if rel.release_id in self.handled or (
             name in self.releases and self.releases[name].release_id == rel.release_id
@@ -219,10 +223,14 @@ class SimDevice:
             return
         try:  # the agent's own admission, against this device's active version
             self.admission.check_model_topic(rel, name)
-            self.admission.admit(rel, doc, self.models.get(name))
+            self.admission.admit(rel, doc, self.models.get(name), self.ledger.highest, time.time())
+        except StaleRejected:
+            self.handled.add(rel.release_id)  # a replay: ignored, not reported
+            return
         except RejectedError as exc:
             self._reject(name, rel.release_id, rel.version, str(exc), rel.release_id)
             return
+        self.ledger.accept(ledger_key(rel.kind, name), rel.seq, rel.release_id)
         self.releases[name] = rel
         self.settle_until[name] = time.monotonic() + self.sim.settle_s
         self.loop.call_later(self.sim.settle_s, self._consider, name)
@@ -239,12 +247,8 @@ class SimDevice:
             return
         if time.monotonic() < self.settle_until.get(name, 0.0) - 1e-3:
             return  # its settle timer calls again
-        ro = self.rollouts.get(name)
-        if ro is not None and ro.release_id == rel.release_id:
-            if ro.status not in ("active", "complete"):
-                return  # held: halted rollouts start nothing new
-            if not in_cohort(self.device_id, name, ro.percent):
-                return  # held until a later stage includes this device
+        if why_not(self.device_id, rel, self.rollouts.get(name)) is not None:
+            return  # held until a signed rollout lets this device in
         self.handled.add(rel.release_id)
         old = self.jobs.get(name)
         if old is not None and not old.done:

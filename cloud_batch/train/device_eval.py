@@ -49,7 +49,8 @@ def staged_model(
 
 
 def predict_batched(model: LoadedModel, inputs: Mapping[str, np.ndarray], batch: int = 256) -> dict[str, np.ndarray]:
-    """``model.predict`` over ``inputs`` in chunks of ``batch`` rows, outputs concatenated."""
+    """``model.predict`` over ``inputs`` in chunks of ``batch`` rows (at most the model's ``max_batch``), concatenated."""
     total = len(next(iter(inputs.values())))
+    batch = min(batch, model.max_batch)
     parts = [model.predict({k: v[i : i + batch] for k, v in inputs.items()}) for i in range(0, total, batch)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

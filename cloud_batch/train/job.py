@@ -22,6 +22,7 @@ from cloud_batch.registry.models import Registry
 from cloud_batch.train.evalreport import write_report
 from cloud_batch.train.gate import Gate
 from cloud_batch.train.quantize import MODES, representative_samples, to_quantized_tflite
+from cloud_batch.train.reference import build_reference
 from cloud_batch.train.result import TrainResult
 from cloud_batch.train.tf_env import quiet_native_output, seed_everything, tensorflow
 from edge_agent.wire.manifest import Manifest
@@ -57,6 +58,10 @@ class TrainJob:
         self.registry.require_free(name, self.version)
         self.train_seconds = 0.0
         self.history: dict[str, list[Any]] = {}
+        # What the drift reference is built from: the training inputs (``quantize``'s calibration
+        # set) and the float model's held-out predictions (``fit_predict``).
+        self.training_inputs: Mapping[str, np.ndarray] = {}
+        self.float_predictions: Any = None
 
     def status(self, message: str) -> None:
         self.report.status(message)
@@ -84,7 +89,8 @@ class TrainJob:
             )
             self.train_seconds = time.perf_counter() - t0
             self.history = fit.history
-            return model.predict(x_test, batch_size=predict_batch_size, verbose=0)
+            self.float_predictions = model.predict(x_test, batch_size=predict_batch_size, verbose=0)
+            return self.float_predictions
 
     def quantize(self, model: Any, calibration: Mapping[str, np.ndarray], float_value: float) -> bytes:
         """The full-integer TFLite of ``model``, calibrated on (a seeded sample of) the training inputs."""
@@ -92,6 +98,7 @@ class TrainJob:
             f"float {self.metric_label} {float_value:.4f}; "
             f"quantizing ({self.quantization}, calibrated on the training split)"
         )
+        self.training_inputs = calibration
         return to_quantized_tflite(model, representative_samples(calibration, seed=self.seed), self.quantization)
 
     def register(
@@ -103,7 +110,17 @@ class TrainJob:
             "checking the quality gate"
         )
         self.gate.check(float_value, quant_value, metrics)
+        kwargs["extra"] = {**kwargs.get("extra", {}), "reference": self.drift_reference(kwargs)}
         return self.registry.register(path, self.name, self.version, metrics=metrics, **kwargs)
+
+    def drift_reference(self, register_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The manifest's drift reference (``train/reference.py``): training-input bins, predicted-class fractions."""
+        preds = self.float_predictions
+        if not isinstance(preds, Mapping):  # one output: named by the job's rename (``output_0`` -> ``probs``)
+            renamed = list((register_kwargs.get("rename_outputs") or {}).values())
+            preds = {renamed[0]: preds} if preds is not None and len(renamed) == 1 else {}
+        names = (register_kwargs.get("extra") or {}).get("feature_names")
+        return build_reference(self.training_inputs, preds, names if isinstance(names, Mapping) else None, self.seed)
 
     def finish(self, manifest: Manifest, metrics: dict[str, Any], extra: dict[str, Any], figure: Figure) -> TrainResult:
         """Write the report (``eval.json`` with ``extra``, ``eval.png``) beside the version and return the result."""

@@ -8,7 +8,8 @@ ones it is served with.
 
 The history frame has the columns written by ``maintenance_data.generate``: ``asset_id``,
 ``timestamp``, the sensors in ``LIVE_FEATURES`` and ``event`` (``""``, ``"maintenance"``,
-``"failure"``).
+``"failure"``). ``asset_id`` is categorical, so every ``groupby`` says ``observed=True`` (pandas 3's
+default): an asset with no reading at or before ``as_of`` gets no row on pandas 2 (Python 3.10) either.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _check(df: pd.DataFrame, as_of: pd.Timestamp) -> pd.DataFrame:
 
 def _since(hist: pd.DataFrame, kind: str, as_of: pd.Timestamp, first: pd.Series) -> pd.Series:
     """Days since the last ``kind`` event; since the first reading when there was none (a lower bound)."""
-    last = hist.loc[hist["event"] == kind].groupby("asset_id")["timestamp"].max()
+    last = hist.loc[hist["event"] == kind].groupby("asset_id", observed=True)["timestamp"].max()
     when = last.reindex(first.index).fillna(first)
     return (as_of - when) / DAY
 
@@ -74,11 +75,11 @@ def asset_features(df: pd.DataFrame, as_of: pd.Timestamp | str) -> pd.DataFrame:
     hist = _check(df, as_of)
     w7 = hist[hist["timestamp"] > as_of - 7 * DAY]
     w24 = w7[w7["timestamp"] > as_of - DAY]
-    first = hist.groupby("asset_id")["timestamp"].min()
+    first = hist.groupby("asset_id", observed=True)["timestamp"].min()
     out = pd.DataFrame(index=first.index)
 
-    g24 = w24.groupby("asset_id")[list(LIVE_FEATURES)]
-    g7 = w7.groupby("asset_id")[["temperature", "vibration"]]
+    g24 = w24.groupby("asset_id", observed=True)[list(LIVE_FEATURES)]
+    g7 = w7.groupby("asset_id", observed=True)[["temperature", "vibration"]]
     m24, s24, m7, s7 = g24.mean(), g24.std(), g7.mean(), g7.std()
     for col in ("temperature", "vibration"):
         out[f"{col}_mean_24h"] = m24[col]
@@ -92,15 +93,17 @@ def asset_features(df: pd.DataFrame, as_of: pd.Timestamp | str) -> pd.DataFrame:
     # Vibration trend: slope of a straight-line fit over the last 7 days (per asset, vectorised).
     t = (w7["timestamp"] - as_of) / DAY
     v = w7["vibration"]
-    sums = pd.DataFrame({"asset_id": w7["asset_id"], "t": t, "v": v, "tv": t * v, "tt": t * t}).groupby("asset_id")
+    sums = pd.DataFrame({"asset_id": w7["asset_id"], "t": t, "v": v, "tv": t * v, "tt": t * t}).groupby(
+        "asset_id", observed=True
+    )
     mean = sums[["t", "v", "tv", "tt"]].mean()
     var_t = mean["tt"] - mean["t"] ** 2
     out["vibration_trend_7d"] = ((mean["tv"] - mean["t"] * mean["v"]) / var_t.where(var_t > 0)).fillna(0.0)
 
-    out["temperature_excursions_7d"] = (w7["temperature"] >= EXCURSION_C).groupby(w7["asset_id"]).sum()
+    out["temperature_excursions_7d"] = (w7["temperature"] >= EXCURSION_C).groupby(w7["asset_id"], observed=True).sum()
     w30 = hist[hist["timestamp"] > as_of - 30 * DAY]
     for kind in ("maintenance", "failure"):
-        out[f"{kind}_count_30d"] = (w30["event"] == kind).groupby(w30["asset_id"]).sum()
+        out[f"{kind}_count_30d"] = (w30["event"] == kind).groupby(w30["asset_id"], observed=True).sum()
     out["days_since_maintenance"] = _since(hist, "maintenance", as_of, first)
     out["days_since_failure"] = _since(hist, "failure", as_of, first)
 
@@ -119,7 +122,7 @@ def live_readings(df: pd.DataFrame, as_of: pd.Timestamp | str) -> pd.DataFrame:
     """Each asset's latest reading at or before ``as_of`` (the model's ``live`` input), indexed by ``asset_id``."""
     as_of = pd.Timestamp(as_of)
     hist = _check(df, as_of)
-    last = hist.loc[hist.groupby("asset_id")["timestamp"].idxmax()]
+    last = hist.loc[hist.groupby("asset_id", observed=True)["timestamp"].idxmax()]
     out = last.set_index(last["asset_id"].astype(str))[list(LIVE_FEATURES)].astype(np.float32)
     out.index.name = "asset_id"
     return out

@@ -33,6 +33,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         overrides["mqtt"] = {k: v for k, v in mqtt.items() if v is not None}
     if getattr(args, "log_level", None):
         overrides["log_level"] = args.log_level
+    if getattr(args, "fleet_key", None):
+        overrides["ota"] = {"fleet_key": args.fleet_key}
     return load_config(getattr(args, "config", None), overrides=overrides)
 
 

@@ -35,7 +35,7 @@ def _store(args: argparse.Namespace) -> ModelStore:
     from edge_agent.models.store import ModelStore
 
     cfg = _config(args)
-    return ModelStore(cfg.data_dir, keep=cfg.keep_versions)
+    return ModelStore(cfg.data_dir, keep=cfg.keep_versions, fleet_key=cfg.ota.fleet_key)
 
 
 def _print_json(obj: Any) -> None:
@@ -58,7 +58,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_models_install(args: argparse.Namespace) -> int:
-    m = _store(args).install_file(args.file, args.name, args.version)
+    """The file is untrusted: it is loaded, measured and validated only in the isolated child, as over the air."""
+    from edge_agent.update.validate import build_and_validate
+
+    cfg = _config(args)
+    if not args.file.is_file():
+        raise NotFoundError(f"model file not found: {args.file}")
+
+    def isolated(tflite: Path, out_dir: Path, *, name: str, version: str) -> None:
+        build_and_validate(
+            tflite,
+            out_dir,
+            name=name,
+            version=version,
+            runtime_options=cfg.runtime.options(),
+            timeout_s=cfg.ota.validate_timeout_s,
+        )
+
+    m = _store(args).install_file(args.file, args.name, args.version, builder=isolated)
     print(f"installed {m.name} version {m.version} (sha256 {m.sha256[:12]}…)")
     return 0
 
@@ -90,15 +107,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def _active_model(args: argparse.Namespace) -> LoadedModel:
-    from edge_agent.inference.runtime import LoadedModel
-
     store = _store(args)
     version = store.active(args.name)
     if version is None:
         raise NotFoundError(f"model {args.name!r} is not installed (see `edge-agent models list`)")
-    cfg = _config(args)
-    manifest = store.manifest(args.name, version)
-    return LoadedModel(store.version_dir(args.name, version) / manifest.file, manifest, cfg.runtime.options())
+    return store.load(args.name, version, _config(args).runtime.options())  # sealed: decrypted in memory
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -252,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tls-ca", metavar="FILE", help="CA certificate of the broker (mqtts://)")
     run.add_argument("--tls-cert", metavar="FILE", help="client certificate for mutual TLS")
     run.add_argument("--tls-key", metavar="FILE", help="client private key for mutual TLS")
+    run.add_argument(
+        "--fleet-key", metavar="FILE", help="private fleet key (mode 0600) that opens encrypted models (ota.fleet_key)"
+    )
 
     install.add_argument("file", type=Path, metavar="FILE.tflite")
     install.add_argument("--name", required=True)
@@ -275,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_agent.cli.features import add_commands as add_features_commands
 
     add_features_commands(sub)
+    from edge_agent.cli.telemetry import add_commands as add_telemetry_commands
+
+    add_telemetry_commands(sub)
     return parser
 
 

@@ -122,6 +122,7 @@ class FeatureCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._writer = self._connect()
+            _make_private(self.path)
         except sqlite3.Error as exc:
             raise FeatureCacheError(f"cannot open feature cache {self.path}: {exc}") from exc
         try:
@@ -260,8 +261,8 @@ class FeatureCache:
             ttl,
             policy,
             entity_key,
-            schema.JOIN_SQL.format(set),
-            schema.PLAIN_SQL.format(set),
+            schema.JOIN_SQL.format(schema.table(set)),
+            schema.PLAIN_SQL.format(schema.table(set)),
         )
         self._meta[set] = meta
         return meta
@@ -374,3 +375,12 @@ class FeatureCache:
         if existed:
             log.info("features %s: deleted", set)
         return existed
+
+
+def _make_private(path: Path) -> None:
+    """0600 for the database file (SQLite creates its -wal and -shm files with the same mode)."""
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except FileNotFoundError:  # created lazily by the first statement: touch it first
+        path.touch(mode=0o600)

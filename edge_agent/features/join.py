@@ -90,6 +90,11 @@ def _check_entity(value: Any, where: str) -> None:
         raise RequestError(
             f"{where} must be a non-empty string of at most {MAX_ENTITY_LEN} characters, got {value!r:.60}"
         )
+    if not value.isascii():  # JSON "\ud800" decodes to a lone surrogate, which is not text SQLite can bind
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(f"{where} is not valid Unicode text (a lone surrogate?), got {value!r:.60}") from None
 
 
 class JoinMetrics:

@@ -7,7 +7,13 @@ Layout (``<data-dir>/features.db``, WAL mode)::
                     partition JSON, rows, bytes, oldest_ts, newest_ts, data_sha256, created_at, applied_at,
                     apply_id)
     apply_log      (id AUTOINCREMENT, set_name, version, kind, bundle_id, rows, upserted, deleted, applied_at)
-    "fs_<set>"     (entity TEXT PK, event_ts REAL, version TEXT, vals BLOB) WITHOUT ROWID
+    "fs_<set id>"  (entity TEXT PK, event_ts REAL, version TEXT, vals BLOB) WITHOUT ROWID
+
+Set names are case-sensitive (``assets`` and ``Assets`` are two sets) but SQLite identifiers are
+not, so a set's table id spells each capital as ``^`` + the lower-case letter (``Assets`` →
+``fs_^assets``): a unique, case-safe id for every valid name (``^`` is not allowed in names).
+Migration 2 renames tables from the old ``fs_<set>`` spelling; sets that collided under it had
+shared one table, so their rows are unreliable: they are dropped (logged) and re-fetched by OTA.
 
 One row per entity per set (Feast stores one row per entity per *feature*): ``vals`` is the
 entity's features packed little-endian in the set's dtype and feature order, so a lookup is one
@@ -34,10 +40,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JOIN_SQL = (
-    'SELECT r.event_ts, r.version, r.vals, s.apply_id FROM "fs_{0}" AS r, feature_sets AS s '
+    "SELECT r.event_ts, r.version, r.vals, s.apply_id FROM {0} AS r, feature_sets AS s "
     "WHERE s.name = ? AND r.entity = ?"
-)
-PLAIN_SQL = 'SELECT event_ts, version, vals FROM "fs_{0}" WHERE entity = ?'
+)  # {0}: table(set)
+PLAIN_SQL = "SELECT event_ts, version, vals FROM {0} WHERE entity = ?"
 META_SQL = "SELECT apply_id, version, features, dtype, ttl_s, stale_policy, entity_key FROM feature_sets WHERE name = ?"
 SETS_COLUMNS = ", ".join(SET_COLUMNS)
 
@@ -87,8 +93,24 @@ def _m001_feature_sets(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m002_case_safe_tables(db: sqlite_utils.Database) -> None:
+    names = [row[0] for row in db.execute("SELECT name FROM feature_sets")]
+    lowered = [n.lower() for n in names]
+    for name in names:
+        old, new = f'"fs_{name}"', table(name)
+        if lowered.count(name.lower()) > 1:
+            log.warning("feature set %r shared its table with a set differing only in case: dropped", name)
+            db.execute("DELETE FROM feature_sets WHERE name = ?", [name])
+            db.execute(f"DROP TABLE IF EXISTS {old}")
+        elif old != new:
+            db.execute(f"ALTER TABLE {old} RENAME TO {new}")
+
+
 # Append only; never edit a shipped migration. The position + 1 is the schema version.
-MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (("feature_sets", _m001_feature_sets),)
+MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
+    ("feature_sets", _m001_feature_sets),
+    ("case_safe_tables", _m002_case_safe_tables),
+)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -116,8 +138,8 @@ class ReaderHandle:
 
 
 def table(name: str) -> str:
-    """The quoted name of a set's row table."""
-    return f'"fs_{name}"'
+    """The quoted, case-safe name of a set's row table (module doc)."""
+    return '"fs_' + "".join(f"^{c.lower()}" if "A" <= c <= "Z" else c for c in name) + '"'
 
 
 def schema_version(conn: sqlite3.Connection) -> int:

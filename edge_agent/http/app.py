@@ -7,13 +7,18 @@ Endpoints::
     GET  /v2                                      server metadata (extensions: binary_tensor_data)
     GET  /v2/models/{name}[/versions/{v}]         model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready   200 when that model (version) serves, else 503/404
-    POST /v2/models/{name}[/versions/{v}]/infer   inference (JSON or binary tensor data)
+    POST /v2/models/{name}[/versions/{v}]/infer   inference (JSON or binary tensor data); the response
+                                                  carries the inference ``id`` (the request's or a new one)
+    POST /v2/models/{name}/feedback               a label for an inference id (telemetry/feedback.py):
+                                                  200 stored, 400 bad body or label, 404 unknown id, 409 labelled
     GET  /metrics                                 Prometheus text format
     GET  /agent/status                            the agent's status document
+    GET  /v2/openapi.json                         this API as OpenAPI 3 (``docs/openapi.yaml``, shipped as JSON)
 
-Errors are always JSON ``{"error": "..."}``: 400 malformed request, 404 unknown model,
-version or route, 405 wrong method, 413 body over the limit, 415 unsupported
-Content-Encoding, 503 not ready; 500 only for the server's own faults (logged).
+Errors are always JSON ``{"error": "..."}``: 400 malformed request (or a batch over the model's
+``max_batch``), 404 unknown model, version or route, 405 wrong method, 408 request not sent within
+``http.read_timeout_s``, 413 body or tensor values over the limit, 415 unsupported
+Content-Encoding, 503 not ready or too busy; 500 only for the server's own faults (logged).
 
 Feature joins (``features/join.py``): a request for a model whose manifest declares ``feature_joins``
 may name the entity in ``parameters.entity_id`` (or ``entity_ids``) instead of sending the
@@ -43,7 +48,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from edge_agent import __version__
-from edge_agent.errors import MethodNotAllowedError, NotFoundError, NotReadyError
+from edge_agent.errors import MethodNotAllowedError, NotFoundError, NotReadyError, RequestError
 from edge_agent.features.cache import FeatureCache
 from edge_agent.http.asgi import (
     JSON,
@@ -57,12 +62,16 @@ from edge_agent.http.asgi import (
     send_error,
     send_response,
 )
-from edge_agent.http.infer import INLINE_BELOW_S, InferPath
+from edge_agent.http.infer import INLINE_BELOW_S, MAX_TENSOR_ELEMENTS, InferPath
 from edge_agent.http.metadata import model_metadata
 from edge_agent.http.metrics import UNKNOWN_MODEL, Metrics
+from edge_agent.http.openapi import openapi_json
 from edge_agent.inference.runtime import LoadedModel
 from edge_agent.models.serving import ModelServer
+from edge_agent.telemetry.feedback import parse_feedback
+from edge_agent.telemetry.service import Telemetry
 from edge_agent.wire import kserve_v2 as v2
+from edge_agent.wire.jsonlimits import loads_limited
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 SERVER_NAME = "edgefleet"
@@ -86,9 +95,12 @@ class InferenceAPI:
         inline_below_s: float = INLINE_BELOW_S,
         workers: int | None = None,
         features: FeatureCache | None = None,
+        max_elements: int = MAX_TENSOR_ELEMENTS,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.server = server
         self.features = features
+        self.telemetry = telemetry
         self.max_body_bytes = int(max_body_bytes)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch(server)
@@ -98,6 +110,8 @@ class InferenceAPI:
             self.metrics.registry,
             inline_below_s=inline_below_s,
             workers=workers or max(2, min(8, os.cpu_count() or 2)),
+            max_elements=max_elements,
+            recorder=telemetry.recorder if telemetry is not None else None,
         )
         self._static: dict[str, Handler] = {
             "/v2/health/live": self._live,
@@ -106,6 +120,7 @@ class InferenceAPI:
             "/v2/": self._server_metadata,
             "/metrics": self._metrics,
             "/agent/status": self._status,
+            "/v2/openapi.json": self._openapi,
         }
 
     # -- ASGI entry point ---------------------------------------------------------------
@@ -166,6 +181,9 @@ class InferenceAPI:
         body, content_type = self.metrics.render(accept)
         return 200, body, content_type.encode()
 
+    async def _openapi(self, scope: Scope) -> tuple[int, bytes, bytes]:
+        return 200, openapi_json(), JSON
+
     async def _status(self, scope: Scope) -> tuple[int, bytes, bytes]:
         fn = self.status or self.server.status
         return 200, v2.dumps(await self.path.in_thread(fn)), JSON
@@ -182,6 +200,12 @@ class InferenceAPI:
         if action == "infer" and name and version != "":
             if method == "POST":
                 await self._infer(scope, receive, send, name, version)
+            else:
+                await send_error(send, MethodNotAllowedError(method, path, "POST"), scope)
+            return
+        if action == "feedback" and name and version is None:
+            if method == "POST":
+                await self._feedback(scope, receive, send, name)
             else:
                 await send_error(send, MethodNotAllowedError(method, path, "POST"), scope)
             return
@@ -256,6 +280,22 @@ class InferenceAPI:
             metrics.inflight.dec()
             metrics.observe(model.name, model.version, code, time.perf_counter() - t0)
 
+    # -- feedback labels ------------------------------------------------------------------
+    async def _feedback(self, scope: Scope, receive: Receive, send: Send, name: str) -> None:
+        """Validate a feedback body and commit its labels to the outbox before answering 200."""
+        try:
+            model = self._get_model(name, None)
+            if self.telemetry is None:
+                raise NotReadyError("telemetry is off on this agent: feedback cannot be stored")
+            length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+            body = await read_body(receive, length, self.max_body_bytes)
+            doc = loads_limited(body, max_depth=8, what="feedback body", error=RequestError)
+            items = parse_feedback(doc)
+            stored = await self.path.in_thread(self.telemetry.feedback, model.manifest, items)
+            await send_response(send, 200, v2.dumps({"model_name": name, "stored": len(stored), "items": stored}))
+        except Exception as exc:
+            await send_error(send, exc, scope)
+
     def _model_label(self, name: str) -> str:
         """``name`` if the server knows the model, else a fixed label (bounded cardinality)."""
         server = self.server
@@ -270,6 +310,8 @@ def create_app(
     status: Callable[[], dict[str, Any]] | None = None,
     inline_below_s: float = INLINE_BELOW_S,
     features: FeatureCache | None = None,
+    max_elements: int = MAX_TENSOR_ELEMENTS,
+    telemetry: Telemetry | None = None,
 ) -> InferenceAPI:
     """The V2 inference API for ``server`` as an ASGI app.
 
@@ -277,6 +319,8 @@ def create_app(
     swaps. ``status`` supplies ``GET /agent/status`` (default: ``server.status()``). Models
     whose warm latency times the batch size is below ``inline_below_s`` run on the event loop.
     ``features`` is the feature cache that models with ``feature_joins`` read from.
+    ``max_elements`` bounds the tensor values of one request (413 above). ``telemetry`` records
+    predictions and takes feedback labels (None: ids are still given, nothing is recorded).
     """
     return InferenceAPI(
         server,
@@ -285,4 +329,6 @@ def create_app(
         status=status,
         inline_below_s=inline_below_s,
         features=features,
+        max_elements=max_elements,
+        telemetry=telemetry,
     )

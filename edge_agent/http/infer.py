@@ -4,12 +4,16 @@ Every infer request takes these steps, in this order, whatever its model or size
 
 1. **decode** the V2 body (``kserve_v2.decode_request``); a model with ``feature_joins`` may
    leave its joined inputs out;
+   Tensors over ``max_elements`` values in all are refused before they are built (413);
 2. **join**: fill the joined inputs the request lacks from the feature cache (``Joiner``);
 3. **check** the complete request against the manifest, once (``kserve_v2.check_request``):
-   names, datatypes and shapes, with the messages clients see;
+   names, datatypes and shapes, with the messages clients see, and the model's ``max_batch``
+   (checked before the join, so a request cannot make the cache read more entities than that);
 4. **predict** on the already-checked inputs (``LoadedModel.predict_checked``: conversion
    and the batch rules only, no second check);
-5. **encode** the response, with the join's parameters when there were any.
+5. **encode** the response, with the join's parameters when there were any, and the inference
+   ``id`` (the request's, or one generated here); with telemetry on, the prediction is queued
+   for the outbox (``telemetry.Recorder.prediction``: a deque append, no I/O).
 
 Where the steps run is the only thing that varies. A body over ``OFFLOAD_BODY_BYTES`` takes
 the whole path in a worker thread. Otherwise decode and encode stay on the event loop; the
@@ -21,11 +25,15 @@ models a thread hop costs more than the invoke).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from edge_agent.features.join import ENTITIES_PARAM, Joiner, JoinMetrics
+from edge_agent.features.join import ENTITIES_PARAM, ENTITY_PARAM, Joiner, JoinMetrics
+from edge_agent.telemetry.recorder import IdSource, Recorder
 from edge_agent.wire import kserve_v2 as v2
 
 if TYPE_CHECKING:
@@ -38,6 +46,7 @@ if TYPE_CHECKING:
 INLINE_BELOW_S = 0.001  # run predict on the event loop when (warm latency x batch) is below this
 OFFLOAD_BODY_BYTES = 256 * 1024  # decode/encode bodies above this off the event loop
 JOIN_INLINE_ENTITIES = 32  # feature-cache reads for more entities than this run off the event loop
+MAX_TENSOR_ELEMENTS = 4 * 1024 * 1024  # values per request, all inputs together (config: http.max_tensor_elements)
 
 T = TypeVar("T")
 Response = tuple[bytes, "int | None"]  # body, and the JSON header length when binary data follows
@@ -53,11 +62,16 @@ class InferPath:
         *,
         inline_below_s: float = INLINE_BELOW_S,
         workers: int = 2,
+        max_elements: int = MAX_TENSOR_ELEMENTS,
+        recorder: Recorder | None = None,
     ) -> None:
         self.features = features
+        self.recorder = recorder
+        self.new_id = recorder.new_id if recorder is not None else IdSource()
         self.registry = registry
         self.inline_below_s = inline_below_s
         self.workers = workers
+        self.max_elements = max_elements
         self._joiners: dict[str, Joiner] = {}  # model name -> joiner of the manifest last seen
         self._executor: ThreadPoolExecutor | None = None
 
@@ -79,7 +93,8 @@ class InferPath:
     async def infer(self, model: LoadedModel, body: bytes, header_length: bytes | None) -> Response:
         """Serve one request body on ``model``, running each step on the loop or in a thread (module doc)."""
         if len(body) > OFFLOAD_BODY_BYTES:
-            return await self.in_thread(self.infer_sync, model, body, header_length)
+            return await self.in_thread(self.infer_trimmed, model, body, header_length)
+        t0 = time.perf_counter()
         request = self.decode(model, body, header_length)
         if model.manifest.feature_joins and self._many_entities(request):
             params = await self.in_thread(self.complete, model, request)
@@ -90,25 +105,53 @@ class InferPath:
             outputs = model.predict_checked(request.inputs, request.raw_outputs)
         else:
             outputs = await self.in_thread(model.predict_checked, request.inputs, request.raw_outputs)
+        self.record(model, request, outputs, t0)
         return self.encode(model, request, outputs, params)
+
+    def infer_trimmed(self, model: LoadedModel, body: bytes, header_length: bytes | None) -> Response:
+        """:meth:`infer_sync`, then hand the heap's free pages back to the OS (large bodies only).
+
+        The interpreter's arena is freed by the runtime; what a big request leaves behind is the
+        decoded arrays and the response's many small objects, which glibc keeps unless trimmed.
+        """
+        try:
+            return self.infer_sync(model, body, header_length)
+        finally:
+            trim_heap()
 
     def infer_sync(self, model: LoadedModel, body: bytes, header_length: bytes | None) -> Response:
         """The same steps, all on the calling thread."""
+        t0 = time.perf_counter()
         request = self.decode(model, body, header_length)
         params = self.complete(model, request)
-        return self.encode(model, request, model.predict_checked(request.inputs, request.raw_outputs), params)
+        outputs = model.predict_checked(request.inputs, request.raw_outputs)
+        self.record(model, request, outputs, t0)
+        return self.encode(model, request, outputs, params)
 
     # -- the steps ----------------------------------------------------------------------
-    @staticmethod
-    def decode(model: LoadedModel, body: bytes, header_length: bytes | None) -> v2.InferRequest:
+    def decode(self, model: LoadedModel, body: bytes, header_length: bytes | None) -> v2.InferRequest:
         """Step 1; joined inputs may be missing until :meth:`complete` fills them."""
-        return v2.decode_request(body, header_length, allow_no_inputs=bool(model.manifest.feature_joins))
+        return v2.decode_request(
+            body, header_length, allow_no_inputs=bool(model.manifest.feature_joins), max_elements=self.max_elements
+        )
 
     def complete(self, model: LoadedModel, request: v2.InferRequest) -> dict[str, Any] | None:
         """Steps 2 and 3: fill the joined inputs, then the request's one check; return the join's parameters."""
+        many = request.parameters.get(ENTITIES_PARAM) if request.parameters else None
+        model.check_batch(max(len(many), request.batch_size) if isinstance(many, list) else request.batch_size)
         params = self.joiner(model).fill(request) if model.manifest.feature_joins else None
         v2.check_request(request, model.manifest)
         return params
+
+    def record(self, model: LoadedModel, request: v2.InferRequest, outputs: dict[str, np.ndarray], t0: float) -> None:
+        """Give the inference its id (the client's or a new one) and queue its telemetry record."""
+        rid = request.id
+        if rid is None:
+            rid = request.id = self.new_id()
+        if self.recorder is not None:
+            p = request.parameters
+            entity = (p.get(ENTITY_PARAM) or p.get(ENTITIES_PARAM)) if p else None
+            self.recorder.prediction(model.manifest, rid, time.perf_counter() - t0, request.inputs, outputs, entity)
 
     @staticmethod
     def encode(
@@ -128,3 +171,18 @@ class InferPath:
     def _many_entities(request: v2.InferRequest) -> bool:
         many = request.parameters.get(ENTITIES_PARAM)
         return isinstance(many, list) and len(many) > JOIN_INLINE_ENTITIES
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+def trim_heap() -> None:
+    """``malloc_trim(0)``: return freed heap pages to the OS (glibc only; a no-op elsewhere)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

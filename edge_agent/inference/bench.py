@@ -36,7 +36,7 @@ def bench_in_process(model: LoadedModel, iterations: int = 2000, rounds: int = 4
     the agent path includes input checks, (de)quantization and the interpreter pool.
     """
     inputs = model.example_inputs(batch=batch, seed=7)
-    interp, _ = open_interpreter(model.path, model.options)
+    interp, _ = open_interpreter(model.source, model.options)
     ins, out_bindings = tensor_bindings(interp, model.manifest)
     shapes = {d["index"]: tuple(d["shape"]) for d in interp.get_input_details()}
     specs = {s.name: s for s in model.manifest.inputs}

@@ -9,9 +9,15 @@ or a fake in there instead of monkeypatching this module.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Mapping, Sequence
+import os
+import re
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,7 +48,12 @@ class InterpreterFactory(Protocol):
     """Builds an interpreter, like the ``Interpreter`` class of tflite-runtime / ai-edge-litert."""
 
     def __call__(
-        self, *, model_path: str, num_threads: int | None, experimental_delegates: list[Any] | None = None
+        self,
+        *,
+        model_path: str | None = None,
+        model_content: bytes | None = None,
+        num_threads: int | None,
+        experimental_delegates: list[Any] | None = None,
     ) -> Interpreter: ...
 
 
@@ -78,6 +89,51 @@ def default_backend() -> Backend:
         raise IncompatibleModelError("no TFLite runtime installed: need tflite-runtime or ai-edge-litert") from exc
 
 
+# What the runtimes' C++ code prints itself: TFLite's minimal logger ("INFO: ...", "ERROR: ...") and absl
+# ("I0000 00:00:00.000000 ... file.cc:12] ..."). Nothing else is taken for the runtime's own.
+_NATIVE_LINE = re.compile(r"(INFO|WARNING|ERROR|VERBOSE): |[IWEF]\d{4} \d\d:\d\d:\d\d")
+_native_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def native_log_to_debug(source: str) -> Iterator[None]:
+    """Send what the runtime's C++ code writes to fd 2 inside the block to this module's logger at DEBUG.
+
+    ai-edge-litert prints ``INFO: Created TensorFlow Lite XNNPACK delegate for CPU.`` on the first
+    ``allocate_tensors()`` of a process (no env var or API turns it off), and both runtimes print
+    ``ERROR: ...`` lines before raising the exception that already says what went wrong. Users see
+    them only with ``--log-level debug``, prefixed with ``source`` (the backend's name). Anything
+    else written to fd 2 meanwhile (another thread's log line) is written back to stderr afterwards.
+    """
+    with _native_lock, contextlib.ExitStack() as stack:
+        try:
+            sink = stack.enter_context(tempfile.TemporaryFile())
+            saved = os.dup(2)
+        except OSError:  # no writable temp dir or no fd 2: nothing to capture
+            yield
+            return
+        with contextlib.suppress(Exception):  # sys.stderr may be None (no console)
+            sys.stderr.flush()
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            others = []
+            for line in sink.read().decode(errors="replace").splitlines(keepends=True):
+                if _NATIVE_LINE.match(line):
+                    log.debug("%s: %s", source, line.rstrip())
+                else:
+                    others.append(line)
+            if others:
+                with contextlib.suppress(OSError):
+                    os.write(2, "".join(others).encode())
+
+
 @dataclass(frozen=True)
 class DelegateSpec:
     """A TFLite delegate to try, e.g. ``DelegateSpec("libedgetpu.so.1", {"device": "usb"})``."""
@@ -94,15 +150,23 @@ class RuntimeOptions:
     delegates: tuple[DelegateSpec, ...] = ()
     pool_size: int = 2
     backend: Backend | None = None
+    max_batch: int = 64  # per call, for models whose manifest sets no max_batch
+    max_resident_batch: int = 16  # an interpreter that ran a bigger batch is dropped (its arena never shrinks)
 
 
-def open_interpreter(path: str | Path, options: RuntimeOptions) -> tuple[Interpreter, str]:
+# A model file, or the model's bytes held in memory (a sealed model decrypted by ``models.sealed``).
+ModelSource = str | Path | bytes
+
+
+def open_interpreter(path: ModelSource, options: RuntimeOptions) -> tuple[Interpreter, str]:
     """Create and allocate an interpreter; return it with the name of the active delegate.
 
+    ``path`` may be the model's bytes: they go to ``model_content`` and never touch the disk.
     A delegate that cannot be loaded, or that rejects the model, is logged and skipped:
     the model then runs on the CPU and ``"cpu"`` is reported.
     """
-    path = str(path)
+    src: dict[str, Any] = {"model_content": path} if isinstance(path, bytes) else {"model_path": str(path)}
+    label = "the model (in memory)" if isinstance(path, bytes) else Path(path).name
     backend = options.backend or default_backend()
     for spec in options.delegates:
         try:
@@ -111,20 +175,18 @@ def open_interpreter(path: str | Path, options: RuntimeOptions) -> tuple[Interpr
             log.warning("delegate %s unavailable, falling back: %s", spec.library, exc)
             continue
         try:
-            interp = backend.interpreter(
-                model_path=path, num_threads=options.num_threads, experimental_delegates=[delegate]
-            )
-            interp.allocate_tensors()
+            with native_log_to_debug(backend.name):
+                interp = backend.interpreter(**src, num_threads=options.num_threads, experimental_delegates=[delegate])
+                interp.allocate_tensors()
             return interp, spec.library
         except (ValueError, RuntimeError) as exc:
             log.warning("delegate %s rejected the model, falling back: %s", spec.library, exc)
     try:
-        interp = backend.interpreter(model_path=path, num_threads=options.num_threads)
-        interp.allocate_tensors()
+        with native_log_to_debug(backend.name):
+            interp = backend.interpreter(**src, num_threads=options.num_threads)
+            interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
-        raise IncompatibleModelError(
-            f"cannot load {Path(path).name} on this device's runtime ({backend.name}): {exc}"
-        ) from exc
+        raise IncompatibleModelError(f"cannot load {label} on this device's runtime ({backend.name}): {exc}") from exc
     return interp, "cpu"
 
 
@@ -148,7 +210,7 @@ def _spec_from_details(name: str, d: Mapping[str, Any]) -> TensorSpec:
     )
 
 
-def inspect_model(path: str | Path, backend: Backend | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def inspect_model(path: ModelSource, backend: Backend | None = None) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Derive input and output specs from the model file itself.
 
     Names come from the model's single serving signature when it has one (``pixels``,

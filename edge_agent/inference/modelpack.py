@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 from edge_agent.errors import ManifestError, RejectedError
 from edge_agent.fsutil import atomic_write_bytes, fsync_tree, sha256_file
 from edge_agent.inference.golden import check_golden, golden_bytes, load_golden, make_golden
-from edge_agent.inference.runtime import LoadedModel, RuntimeOptions, inspect_model
+from edge_agent.inference.runtime import LoadedModel, ModelSource, RuntimeOptions, inspect_model
 from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, TensorSpec
 from edge_agent.wire.names import check_name, parse_version
 
@@ -90,8 +90,18 @@ def build_version_dir(
     return manifest
 
 
-def verify_version_dir(path: str | Path, *, run_golden: bool = True, options: RuntimeOptions | None = None) -> Manifest:
-    """Check a version directory: manifest valid, sha256 and size match, golden samples reproduce."""
+# (version dir, its verified manifest) -> what to load: the file, or bytes (a sealed model opened in memory)
+Opener = Callable[[Path, Manifest], ModelSource]
+
+
+def verify_version_dir(
+    path: str | Path, *, run_golden: bool = True, options: RuntimeOptions | None = None, opener: Opener | None = None
+) -> Manifest:
+    """Check a version directory: manifest valid, sha256 and size match, golden samples reproduce.
+
+    sha256 and size are those of the file on disk (the ciphertext of a sealed model); ``opener``
+    says what to load for the golden check (default: the file itself).
+    """
     d = Path(path)
     manifest = Manifest.load(d / MANIFEST_FILE)
     model_file = d / manifest.file
@@ -106,14 +116,15 @@ def verify_version_dir(path: str | Path, *, run_golden: bool = True, options: Ru
             f"{manifest.name} {manifest.version}: sha256 mismatch ({digest[:12]}… != {manifest.sha256[:12]}…)"
         )
     if run_golden:
-        _check_specs(manifest, *inspect_model(model_file))
-    if run_golden and manifest.golden:
-        model = LoadedModel(model_file, manifest, options or RuntimeOptions(num_threads=1, pool_size=1))
-        check_golden(model, load_golden(d / manifest.golden))
+        source = opener(d, manifest) if opener is not None else model_file
+        check_specs(manifest, *inspect_model(source))
+        if manifest.golden:
+            model = LoadedModel(source, manifest, options or RuntimeOptions(num_threads=1, pool_size=1))
+            check_golden(model, load_golden(d / manifest.golden))
     return manifest
 
 
-def _check_specs(manifest: Manifest, model_ins: list[TensorSpec], model_outs: list[TensorSpec]) -> None:
+def check_specs(manifest: Manifest, model_ins: list[TensorSpec], model_outs: list[TensorSpec]) -> None:
     """Raise ManifestError when the manifest's tensors disagree with the model file's own (dtype, shape, quantization)."""
     where = f"{manifest.name} {manifest.version}"
     for side, declared, actual in (("input", manifest.inputs, model_ins), ("output", manifest.outputs, model_outs)):

@@ -5,6 +5,11 @@ each call borrows one. Quantized tensors are exposed in real values: inputs give
 floats are quantized on the way in and outputs are dequantized on the way out, while
 arrays already in the raw INT8/UINT8 type pass straight through.
 
+**Bounded memory.** A call may carry at most ``max_batch`` rows (the manifest's, else
+``RuntimeOptions.max_batch``). TFLite never shrinks a tensor arena once a big batch grew it (not
+even when resized back), so an interpreter that ran a batch above ``max_resident_batch`` is
+dropped after the call and a fresh one is opened on demand: memory returns to its baseline.
+
 Where interpreters come from (the injectable backend) lives in ``interpreter.py``. A call is
 checked once: ``predict`` checks plain arrays itself; the API's decoded requests were checked
 by ``kserve_v2.check_request`` and go through ``predict_checked``.
@@ -26,9 +31,11 @@ from edge_agent.inference.interpreter import (
     Backend,
     DelegateSpec,
     Interpreter,
+    ModelSource,
     RuntimeOptions,
     default_backend,
     inspect_model,
+    native_log_to_debug,
     open_interpreter,
     tensor_bindings,
 )
@@ -39,6 +46,7 @@ __all__ = [
     "Backend",
     "DelegateSpec",
     "LoadedModel",
+    "ModelSource",
     "RuntimeOptions",
     "default_backend",
     "dequantize",
@@ -84,7 +92,7 @@ class _Session:
         self.inputs, self.outputs = tensor_bindings(interp, manifest)
         shapes = {d["index"]: tuple(int(x) for x in d["shape"]) for d in interp.get_input_details()}
         self.shapes: dict[int, tuple[int, ...]] = {idx: shapes[idx] for _, idx in self.inputs}
-        self.broken = False  # allocate_tensors failed: tflite-runtime segfaults if this interpreter is reused
+        self.broken = False  # allocate_tensors failed (tflite-runtime segfaults on reuse), or it grew too big
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         interp = self.interp
@@ -97,7 +105,8 @@ class _Session:
                 resized = True
         if resized:
             try:
-                interp.allocate_tensors()
+                with native_log_to_debug("allocate after resize"):  # on a new batch size only, not every call
+                    interp.allocate_tensors()
             except Exception:
                 self.broken = True
                 raise
@@ -110,24 +119,27 @@ class _Session:
 class LoadedModel:
     """A model version ready to serve: manifest, interpreter pool and (de)quantization.
 
-    ``predict`` is thread-safe; up to ``pool_size`` calls run in parallel.
+    ``predict`` is thread-safe; up to ``pool_size`` calls run in parallel. ``source`` is the model
+    file, or its bytes (a sealed model decrypted into memory): every pooled interpreter then reads
+    that one buffer (``model_content``), and nothing is written to disk.
     """
 
-    def __init__(self, path: str | Path, manifest: Manifest, options: RuntimeOptions | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, source: ModelSource, manifest: Manifest, options: RuntimeOptions | None = None) -> None:
+        self.source: Path | bytes = source if isinstance(source, bytes) else Path(source)
         self.manifest = manifest
         self.options = options or RuntimeOptions()
         self.backend = self.options.backend or default_backend()
         self._pool: queue.SimpleQueue[_Session] = queue.SimpleQueue()
         self._created = 0
         self._lock = threading.Lock()
-        first, self.delegate = open_interpreter(self.path, self.options)
+        first, self.delegate = open_interpreter(self.source, self.options)
         self._pool.put(_Session(first, manifest))
         self._created = 1
         self._in_specs = {s.name: s for s in manifest.inputs}
         self._natives = {s.name: np.dtype(s.dtype) for s in manifest.inputs}
         self._dynamic_batch = all(s.shape and s.shape[0] == -1 for s in manifest.inputs)
         self._fixed_batch = {s.shape[0] for s in manifest.inputs if s.shape} if not self._dynamic_batch else set()
+        self.max_batch = manifest.max_batch or self.options.max_batch
         self.warm_latency_s: float | None = None
         self.calls = 0  # interpreter invocations (client mistakes rejected before invoke don't count)
         self.failures = 0  # invocations that raised
@@ -152,13 +164,18 @@ class LoadedModel:
                 self._created += 1
         if grow:
             try:
-                interp, _ = open_interpreter(self.path, self.options)
+                interp, _ = open_interpreter(self.source, self.options)
                 return _Session(interp, self.manifest)
             except BaseException:
                 with self._lock:
                     self._created -= 1
                 raise
         return self._pool.get()
+
+    def check_batch(self, batch: int) -> None:
+        """RequestError when one call would carry more than ``max_batch`` rows (before any work is done)."""
+        if batch > self.max_batch:
+            raise RequestError(f"batch size {batch} is over model {self.name!r}'s limit of {self.max_batch}")
 
     # -- conversion ---------------------------------------------------------
     def prepare_input(self, spec: TensorSpec, arr: np.ndarray) -> np.ndarray:
@@ -209,19 +226,23 @@ class LoadedModel:
         if len(batches) != 1:
             raise RequestError(f"inputs disagree on the batch size: {sorted(batches)}")
         batch = batches.pop()
+        self.check_batch(batch)
         if not self._dynamic_batch and batch not in self._fixed_batch:
             if self._fixed_batch == {1} and batch > 0:
                 parts = [self._invoke({n: a[i : i + 1] for n, a in feeds.items()}) for i in range(batch)]
                 raw = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
                 return self._finish(raw, raw_outputs)
             raise RequestError(f"batch size {batch} not supported; the model takes {sorted(self._fixed_batch)}")
-        return self._finish(self._invoke(feeds), raw_outputs)
+        return self._finish(self._invoke(feeds, batch), raw_outputs)
 
-    def _invoke(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _invoke(self, feeds: Mapping[str, np.ndarray], batch: int = 1) -> dict[str, np.ndarray]:
         session = self._acquire()
         self.calls += 1
         try:
-            return session.run(feeds)
+            out = session.run(feeds)
+            if batch > self.options.max_resident_batch:
+                session.broken = True  # free its grown arena now rather than hold it for ever
+            return out
         except Exception:
             self.failures += 1  # the health window after an update watches this rate
             raise

@@ -116,8 +116,7 @@ class ModelServer:
             return changes
 
     def _load(self, name: str, version: str) -> LoadedModel:
-        manifest = self.store.manifest(name, version)
-        model = LoadedModel(self.store.version_dir(name, version) / manifest.file, manifest, self.options)
+        model = self.store.load(name, version, self.options)  # a sealed model: decrypted into memory only
         model.warmup(self.warmup_runs)
         return model
 

@@ -3,6 +3,7 @@
 Layout under ``<data-dir>/models``::
 
     <name>/versions/<version>/   model.tflite, manifest.json, golden.npz   (never written in place)
+                                 (a sealed model: model.tflite.enc instead, opened only into memory)
     <name>/state.json            {"active": ..., "history": [...], "good": [...]}  (os.replace'd)
     .lock                        flock held by every writer (CLI or agent)
 
@@ -17,15 +18,19 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from edge_agent.errors import NotFoundError, RejectedError, StoreError
 from edge_agent.fsutil import atomic_write_json, fsync_dir, locked
 from edge_agent.inference.modelpack import build_version_dir, copy_version_dir, verify_version_dir
-from edge_agent.inference.runtime import RuntimeOptions
+from edge_agent.inference.runtime import LoadedModel, ModelSource, RuntimeOptions
+from edge_agent.models.sealed import load_fleet_key, model_source
 from edge_agent.wire.manifest import MANIFEST_FILE, Manifest, list_versions
 from edge_agent.wire.names import check_name, parse_version
 
@@ -52,12 +57,34 @@ class ModelState:
 
 
 class ModelStore:
-    """Versions of models on disk, with crash-safe activation and rollback."""
+    """Versions of models on disk, with crash-safe activation and rollback.
 
-    def __init__(self, data_dir: str | Path, keep: int = 3) -> None:
+    ``fleet_key``: the private fleet key file (``ota.fleet_key``) that opens sealed versions; read
+    on first use. Without it, a sealed version is refused with the reason (SealedModelRejected).
+    """
+
+    def __init__(self, data_dir: str | Path, keep: int = 3, fleet_key: Path | None = None) -> None:
         self.root = Path(data_dir) / "models"
         self.keep = max(2, keep)
+        self.fleet_key = fleet_key
+        self._key: X25519PrivateKey | None = None
         self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- opening models ------------------------------------------------------
+    def key(self) -> X25519PrivateKey | None:
+        """The private fleet key (loaded once, mode 0600 enforced), or None when none is configured."""
+        if self._key is None and self.fleet_key is not None:
+            self._key = load_fleet_key(self.fleet_key)
+        return self._key
+
+    def open_source(self, version_dir: Path, manifest: Manifest) -> ModelSource:
+        """What to load for a version directory: its model file, or a sealed model's plaintext in memory."""
+        return model_source(version_dir, manifest, self.key())
+
+    def load(self, name: str, version: str, options: RuntimeOptions | None = None) -> LoadedModel:
+        """An installed version, ready to serve (a sealed one is decrypted into memory only)."""
+        manifest = self.manifest(name, version)
+        return LoadedModel(self.open_source(self.version_dir(name, version), manifest), manifest, options)
 
     # -- locking --------------------------------------------------------------
     def _locked(self) -> AbstractContextManager[None]:
@@ -124,7 +151,7 @@ class ModelStore:
     def install_dir(self, src: str | Path, *, verify: bool = True, options: RuntimeOptions | None = None) -> Manifest:
         """Install a prepared version directory (registry, OTA download). The first version becomes active."""
         manifest = (
-            verify_version_dir(src, run_golden=verify, options=options)
+            verify_version_dir(src, run_golden=verify, options=options, opener=self.open_source)
             if verify
             else Manifest.load(Path(src) / MANIFEST_FILE)
         )
@@ -147,8 +174,20 @@ class ModelStore:
             self._prune_locked(manifest.name, manifest.version)
         return manifest
 
-    def install_file(self, tflite: str | Path, name: str, version: str | None = None, **build: Any) -> Manifest:
-        """Install a bare ``.tflite``: derive its spec, make golden samples by running it, then install."""
+    def install_file(
+        self,
+        tflite: str | Path,
+        name: str,
+        version: str | None = None,
+        *,
+        builder: Callable[..., Any] = build_version_dir,
+        **build: Any,
+    ) -> Manifest:
+        """Install a bare ``.tflite``: derive its spec, make golden samples by running it, then install.
+
+        ``builder(tflite, out_dir, name=, version=, **build)`` makes the version directory; the
+        CLI passes one that does it in the isolated validation child (the file is untrusted).
+        """
         check_name(name)
         if version is None:
             existing = self.versions(name)
@@ -158,7 +197,7 @@ class ModelStore:
         staging.mkdir(exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=staging))
         try:
-            build_version_dir(tflite, work, name=name, version=version, **build)
+            builder(tflite, work, name=name, version=version, **build)
             return self.install_dir(work, verify=False)
         finally:
             shutil.rmtree(work, ignore_errors=True)

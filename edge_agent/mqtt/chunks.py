@@ -1,52 +1,94 @@
-"""Verified chunks of one artifact on disk, resumable across kill -9 (device side).
+"""Verified chunks of one artifact on disk, resumable across kill -9 and power loss (device side).
 
 The wire contract is in ``wire/protocol.py``: the release job publishes an artifact as RETAINED
 chunk messages on ``chunk_topic(sha256, index)`` and describes it in the signed release as an
 ``Artifact`` (whole sha256, size, chunk size, sha256 of every chunk).
 
-``ChunkStore`` keeps one file per verified chunk in ``root/<sha256>/<index>.chunk``. Every chunk
-is hash-checked before it is written (temp file, fsync, ``os.replace``), so a kill -9 never
-leaves a torn file that looks valid. On open, stray temp files and chunk files of the wrong size
-are deleted; chunk hashes are checked again while assembling (a chunk that rotted on disk is
-dropped and fetched again). ``download.Downloader`` fills the store over MQTT or HTTP(S).
+``ChunkStore`` keeps, in ``root/<sha256>/``:
+
+- ``data``: one file of the artifact's size; a chunk is written at its offset (``pwrite``) only
+  after its size and sha256 match the artifact;
+- ``journal``: the verified-chunk journal, fixed 8-byte records (chunk index, the first 4 bytes
+  of the chunk's sha256), appended in groups.
+
+A group commit is ``fdatasync(data)``, then append the group's records, then ``fdatasync(journal)``,
+so the journal never names a chunk whose bytes could be missing after a crash or power loss. A
+kill -9 loses at most the uncommitted groups (``commit_bytes`` / ``commit_interval_s``; ``put``
+waits while two groups' worth are pending): those chunks are simply fetched again. On open, a torn or foreign journal tail is cut off, a data file of
+the wrong size and stray files are deleted.
+
+Assembly needs every chunk, each verified: a chunk received by this object was hash-checked in
+memory before its ``pwrite``; a chunk found in the journal (written by an earlier process) is read
+back and hash-checked once, and one that rotted on disk is dropped and fetched again
+(CorruptChunksError). Then the data file is fsynced and renamed into place: no copy. The store
+does **not** hash the whole artifact: the chunk hashes prove every byte, and the one whole sha256
+check is the consumer's (the update machine's verifying step, before anything is unpacked), so
+each byte is hashed twice, not three times. ``download.Downloader`` fills the store.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
-import re
 import shutil
-import tempfile
+import struct
 import threading
+import time
 from pathlib import Path
+from typing import BinaryIO
 
-from edge_agent.errors import CorruptChunksError, ManifestError, TransferError
+from edge_agent.errors import CorruptChunksError, TransferError
 from edge_agent.fsutil import atomic_write_bytes, fsync_dir
 from edge_agent.wire.protocol import Artifact, check_artifact
 
 log = logging.getLogger(__name__)
 
-_CHUNK_FILE = re.compile(r"^(0|[1-9][0-9]*)\.chunk$")
+DATA_FILE = "data"
+JOURNAL_FILE = "journal"
+_RECORD = struct.Struct("<I4s")  # chunk index, sha256(chunk)[:4]: a torn or foreign record never matches
+DEFAULT_COMMIT_BYTES = 4 << 20  # verified bytes per group commit
+DEFAULT_COMMIT_INTERVAL_S = 0.5  # ... or this long after the oldest uncommitted chunk
 
 
-# -- chunk store ------------------------------------------------------------------------
 class ChunkStore:
-    """Verified chunks of one artifact on disk, in ``root/<sha256>/``; survives kill -9.
+    """Verified chunks of one artifact in ``root/<sha256>/{data,journal}``; survives kill -9.
 
-    One process at a time per directory. Methods are thread-safe.
+    One process at a time per directory. Methods are thread-safe. ``have()`` counts chunks
+    written but not yet committed (they survive kill -9 in the page cache, but the journal only
+    names them after the next group commit).
     """
 
-    def __init__(self, root: str | os.PathLike[str], artifact: Artifact) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        artifact: Artifact,
+        *,
+        commit_bytes: int = DEFAULT_COMMIT_BYTES,
+        commit_interval_s: float = DEFAULT_COMMIT_INTERVAL_S,
+    ) -> None:
         self.artifact = check_artifact(artifact)
         self.root = Path(root)
         self.dir = self.root / artifact.sha256
         self.total = len(artifact.chunks)
+        self.commit_bytes = commit_bytes
+        self.commit_interval_s = commit_interval_s
         self.bad_chunks = 0  # put() calls rejected (hash or size mismatch)
-        self.discarded_on_open: list[str] = []  # torn / stray files removed when opening
-        self._lock = threading.Lock()
+        self.commits = 0  # group commits done by this object
+        self.discarded_on_open: list[str] = []  # stray files / torn journal tail removed when opening
+        self._lock = threading.RLock()
+        self._tags = [bytes.fromhex(h)[:4] for h in artifact.chunks]
         self._have: set[int] = set()
+        self._journaled: set[int] = set()  # what the journal names (a crash keeps exactly these)
+        self._checked: set[int] = set()  # held chunks whose bytes this object verified (in memory or read back)
+        self._wake = threading.Condition()  # guards the pending group; put() wakes the committer ~twice a group
+        self._pending: list[int] = []  # stored, not yet committed (the next group), oldest first
+        self._pending_bytes, self._pending_since = 0, 0.0  # since: when the oldest pending chunk was stored
+        self._stopping = False
+        self._worker: threading.Thread | None = None
+        self._worker_error: OSError | None = None
+        self._fh: BinaryIO | None = None
         self._open()
 
     # -- layout ---------------------------------------------------------------------
@@ -57,41 +99,57 @@ class ChunkStore:
             return self.artifact.chunk_size
         return self.artifact.size - self.artifact.chunk_size * (self.total - 1)
 
-    def chunk_path(self, index: int) -> Path:
-        return self.dir / f"{index}.chunk"
+    @property
+    def data_path(self) -> Path:
+        return self.dir / DATA_FILE
+
+    @property
+    def journal_path(self) -> Path:
+        return self.dir / JOURNAL_FILE
 
     @property
     def default_output(self) -> Path:
         """Where ``Downloader`` assembles the artifact by default: ``root/<sha256>.<format>``."""
         return self.root / f"{self.artifact.sha256}.{self.artifact.format}"
 
+    def _empty(self) -> set[int]:  # an empty chunk (zero-byte artifact) is never a retained message
+        return {i for i in range(self.total) if self.expected_size(i) == 0}
+
     def _open(self) -> None:
-        # An empty chunk (only in a zero-byte artifact) cannot be a retained message; it needs no file.
-        self._have = {i for i in range(self.total) if self.expected_size(i) == 0}
+        self._have = self._empty()
         if not self.dir.is_dir():
             return
         for entry in os.scandir(self.dir):
-            m = _CHUNK_FILE.match(entry.name)
-            keep = False
-            if m and entry.is_file(follow_symlinks=False):
-                i = int(m.group(1))
-                keep = i < self.total and i not in self._have and entry.stat().st_size == self.expected_size(i)
-                if keep:
-                    self._have.add(i)
-            if not keep and not entry.is_dir(follow_symlinks=False):
-                # Temp files of an interrupted write, truncated or foreign files: never trusted.
-                self.discarded_on_open.append(entry.name)
-                try:
-                    os.unlink(entry.path)
-                except FileNotFoundError:
-                    pass
+            if entry.name not in (DATA_FILE, JOURNAL_FILE) and not entry.is_dir(follow_symlinks=False):
+                self._discard_file(entry.name)  # temp or foreign files: never trusted
+        data_ok = self.data_path.is_file() and self.data_path.stat().st_size == self.artifact.size
+        if not data_ok:
+            for name in (DATA_FILE, JOURNAL_FILE):
+                if (self.dir / name).exists():
+                    self._discard_file(name)
+            return
+        if not self.journal_path.is_file():
+            return
+        raw = self.journal_path.read_bytes()
+        good = 0
+        for off in range(0, len(raw) - _RECORD.size + 1, _RECORD.size):
+            index, tag = _RECORD.unpack_from(raw, off)
+            if index >= self.total or tag != self._tags[index]:
+                break
+            self._have.add(index)
+            self._journaled.add(index)
+            good = off + _RECORD.size
+        if good != len(raw):  # a torn append (kill -9 / power loss) or garbage: cut it off
+            self.discarded_on_open.append(f"{JOURNAL_FILE}[{good}:{len(raw)}]")
+            with open(self.journal_path, "r+b") as fh:
+                fh.truncate(good)
+                os.fsync(fh.fileno())
         if self.discarded_on_open:
-            log.info(
-                "chunk store %s: discarded %d torn/stray file(s): %s",
-                self.dir,
-                len(self.discarded_on_open),
-                self.discarded_on_open[:5],
-            )
+            log.info("chunk store %s: discarded %s", self.dir, self.discarded_on_open[:5])
+
+    def _discard_file(self, name: str) -> None:
+        self.discarded_on_open.append(name)
+        (self.dir / name).unlink(missing_ok=True)
 
     # -- queries ----------------------------------------------------------------------
     def have(self, index: int) -> bool:
@@ -112,11 +170,14 @@ class ChunkStore:
 
     @property
     def bytes_on_disk(self) -> int:
-        """Bytes currently in the chunk directory (stored chunks plus any in-progress temp file)."""
-        try:
-            return sum(e.stat().st_size for e in os.scandir(self.dir) if e.is_file(follow_symlinks=False))
-        except FileNotFoundError:
-            return 0
+        """Bytes of the verified chunks held (committed or pending)."""
+        with self._lock:
+            return sum(self.expected_size(i) for i in self._have)
+
+    def committed(self) -> list[int]:
+        """Chunk indices the journal names (what a crash right now would keep), sorted."""
+        with self._lock:
+            return sorted(self._journaled)
 
     # -- mutation ---------------------------------------------------------------------
     def verify(self, index: int, data: bytes) -> bool:
@@ -127,95 +188,213 @@ class ChunkStore:
     def put(self, index: int, data: bytes) -> bool:
         """Store chunk ``index`` if its size and sha256 match the artifact; a bad chunk is counted, never stored.
 
-        Returns True when the chunk is (now) on disk. Raises TransferError if the disk write fails.
+        Returns True when the chunk is (now) held. The group commit runs on a background thread,
+        overlapped with receiving. Raises TransferError if a disk write or an earlier commit failed.
         """
         if not self.verify(index, data):
             with self._lock:
                 self.bad_chunks += 1
             log.warning("chunk %d of %s rejected: size or sha256 mismatch", index, self.artifact.sha256[:12])
             return False
-        if self.have(index):
-            return True
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(self.chunk_path(index), data)  # temp + fsync + os.replace + fsync dir
-        except OSError as exc:
-            raise TransferError(f"cannot store chunk {index} in {self.dir}: {exc}") from exc
         with self._lock:
+            self._raise_worker_error()
+            if index in self._have:
+                return True
+            try:
+                os.pwrite(self._file().fileno(), data, index * self.artifact.chunk_size)
+            except OSError as exc:
+                raise TransferError(f"cannot store chunk {index} in {self.dir}: {exc}") from exc
             self._have.add(index)
+            self._checked.add(index)
+        with self._wake:  # not under self._lock: the committer must get in between two puts
+            worker = self._worker
+            while self._pending_bytes >= 2 * self.commit_bytes and worker is not None and worker.is_alive():
+                self._wake.wait(0.05)  # the committer fell behind (a busy CPU): bound what a crash loses
+            self._pending.append(index)
+            self._pending_bytes += len(data)
+            if len(self._pending) == 1:  # the committer starts its commit_interval_s clock
+                self._pending_since = time.monotonic()
+                self._start_worker()
+                self._wake.notify_all()
+            elif self._pending_bytes >= self.commit_bytes:
+                self._wake.notify_all()
         return True
 
-    def drop(self, index: int) -> None:
+    def _raise_worker_error(self) -> None:
+        if self._worker_error is not None:
+            exc, self._worker_error = self._worker_error, None
+            raise TransferError(f"cannot commit chunks in {self.dir}: {exc}") from exc
+
+    def _start_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._run_worker, name=f"chunks-{self.artifact.sha256[:8]}")
+            self._worker.daemon = True
+            self._worker.start()
+
+    def _run_worker(self) -> None:
+        """Background: commit the pending group when it is big (commit_bytes) or old (commit_interval_s).
+
+        It wakes when a group starts and when it is full, not once per chunk: the receiving threads
+        keep the CPU. On ``_stopping`` it commits what is pending and exits.
+        """
+        while True:
+            with self._wake:
+                while not self._stopping and self._pending_bytes < self.commit_bytes:
+                    if not self._pending:
+                        self._wake.wait()
+                        continue
+                    left = self._pending_since + self.commit_interval_s - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._wake.wait(left)
+                group, stop = self._pending, self._stopping
+                self._pending, self._pending_bytes = [], 0
+                self._wake.notify_all()
+            try:
+                self._commit(group)
+            except OSError as exc:
+                with self._lock:
+                    self._worker_error = exc
+            if stop:
+                return
+
+    def _commit(self, indices: list[int]) -> None:
+        """Group commit: fdatasync the data, then append and fdatasync the journal records."""
         with self._lock:
-            if self.expected_size(index) == 0:
+            indices = [i for i in indices if i in self._have]  # not dropped meanwhile
+        if not indices:
+            return
+        records = b"".join(_RECORD.pack(i, self._tags[i]) for i in indices)
+        os.fdatasync(self._file().fileno())
+        new = not self.journal_path.exists()
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, records)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        if new:
+            fsync_dir(self.dir)
+        with self._lock:
+            self._journaled.update(indices)
+            self.commits += 1
+
+    def _file(self) -> BinaryIO:
+        """The data file, created and preallocated at the artifact's size on first use."""
+        with self._lock:
+            if self._fh is None:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                new = not self.data_path.exists()
+                self._fh = open(self.data_path, "w+b" if new else "r+b", buffering=0)  # noqa: SIM115 (held open)
+                if new:
+                    os.fchmod(self._fh.fileno(), 0o600)
+                    self._fh.truncate(self.artifact.size)
+                    try:  # reserve the blocks now: a full disk fails here, not half way through
+                        os.posix_fallocate(self._fh.fileno(), 0, self.artifact.size)
+                    except OSError as exc:
+                        if exc.errno == errno.ENOSPC:
+                            raise
+                    fsync_dir(self.dir)
+            return self._fh
+
+    def _read(self, index: int) -> bytes:
+        return os.pread(self._file().fileno(), self.expected_size(index), index * self.artifact.chunk_size)
+
+    def _stop_worker(self) -> None:
+        """Let the worker commit everything queued and exit (never called with the lock held)."""
+        worker = self._worker
+        if worker is not None and worker.is_alive():
+            with self._wake:
+                self._stopping = True
+                self._wake.notify_all()
+            worker.join()
+        with self._wake:  # a put() racing the exit may have left a group: commit it here
+            group, self._pending, self._pending_bytes = self._pending, [], 0
+            self._stopping, self._worker = False, None
+        try:
+            self._commit(group)
+        except OSError as exc:
+            with self._lock:
+                self._worker_error = exc
+
+    def drop(self, index: int) -> None:
+        """Forget chunk ``index`` (it failed verification): rewrite the journal without it."""
+        self._stop_worker()
+        with self._lock:
+            if self.expected_size(index) == 0 or index not in self._have:
                 return
             self._have.discard(index)
-        try:
-            os.unlink(self.chunk_path(index))
-        except FileNotFoundError:
-            pass
+            self._journaled.discard(index)
+            self._checked.discard(index)
+            if self.journal_path.exists():
+                records = b"".join(_RECORD.pack(i, self._tags[i]) for i in sorted(self._journaled))
+                atomic_write_bytes(self.journal_path, records, 0o600)
 
-    def assemble(self, out_path: str | os.PathLike[str]) -> Path:
-        """Concatenate the chunks into ``out_path`` atomically, verifying every chunk, the size and the sha256.
+    def assemble(self, out_path: str | os.PathLike[str], *, keep: bool = False) -> Path:
+        """Move the complete data file to ``out_path`` (fsynced; copied when ``keep``); every chunk verified.
 
-        A stored chunk that no longer matches its hash is dropped and CorruptChunksError names it
-        (fetch it again, then assemble again). If every chunk matches but the whole does not, the
-        artifact description itself is inconsistent: ManifestError.
+        Chunks this object did not verify itself (found in the journal on open) are read back
+        and checked first: one that no longer matches its hash is dropped and CorruptChunksError
+        names it (fetch it again, then assemble again). The whole-artifact sha256 is not checked
+        here (see the module docstring): the caller checks it once, before using the file.
         """
+        out = Path(out_path)
         missing = self.missing()
         if missing:
             raise TransferError(f"cannot assemble {self.artifact.sha256[:12]}: {len(missing)} chunk(s) missing")
-        out = Path(out_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        whole = hashlib.sha256()
-        size = 0
-        corrupt: list[int] = []
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                for i in range(self.total):
-                    if self.expected_size(i) == 0:
-                        data = b""
-                    else:
-                        try:
-                            data = self.chunk_path(i).read_bytes()
-                        except FileNotFoundError:
-                            data = None
-                    if data is None or not self.verify(i, data):
-                        corrupt.append(i)
-                        continue
-                    if not corrupt:
-                        fh.write(data)
-                        whole.update(data)
-                        size += len(data)
-                if not corrupt:
-                    fh.flush()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if self.artifact.size == 0:
+                atomic_write_bytes(out, b"")
+                return out
+            self._stop_worker()  # every chunk committed (fdatasync'd)
+            self._raise_worker_error()
+            self._check_on_disk()
+            if keep:
+                tmp = out.with_name(f".{out.name}.tmp")
+                shutil.copyfile(self.data_path, tmp)
+                with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())
-            if corrupt:
-                for i in corrupt:
-                    self.drop(i)
-                raise CorruptChunksError(corrupt)
-            if size != self.artifact.size or whole.hexdigest() != self.artifact.sha256:
-                raise ManifestError(
-                    f"artifact {self.artifact.sha256[:12]}: every chunk verifies but the whole is "
-                    f"{size} bytes with sha256 {whole.hexdigest()[:12]}: the artifact description is inconsistent"
-                )
-            os.replace(tmp, out)
+                os.replace(tmp, out)
+            else:
+                self.close()
+                os.replace(self.data_path, out)
+                self.discard()
             fsync_dir(out.parent)
         except OSError as exc:
             raise TransferError(f"cannot assemble {out}: {exc}") from exc
-        finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
         return out
+
+    def _check_on_disk(self) -> None:
+        """Read back and hash-check the held chunks this object has not verified; drop the rotten ones."""
+        with self._lock:
+            unchecked = sorted(self._have - self._checked)
+        corrupt = [i for i in unchecked if self.expected_size(i) and not self.verify(i, self._read(i))]
+        for i in corrupt:
+            self.drop(i)
+        with self._lock:
+            self._checked.update(i for i in unchecked if i in self._have)
+        if corrupt:
+            raise CorruptChunksError(corrupt)
+
+    def close(self) -> None:
+        """Commit what is pending and close the data file (the next put reopens it)."""
+        self._stop_worker()
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+            self._raise_worker_error()
 
     def discard(self) -> None:
         """Delete the chunk directory (after a successful install, or when the artifact is superseded)."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._stop_worker()
         with self._lock:
-            self._have = {i for i in range(self.total) if self.expected_size(i) == 0}
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self._have, self._journaled, self._checked, self._worker_error = self._empty(), set(), set(), None
 
     def __repr__(self) -> str:
         return f"ChunkStore({str(self.dir)!r}, {self.count()}/{self.total})"

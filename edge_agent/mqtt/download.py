@@ -1,8 +1,10 @@
 """Fetch an artifact's missing chunks over MQTT (or HTTP(S) first) into a ``ChunkStore`` (device side).
 
-``Downloader`` subscribes to the *individual* topics of the missing chunks only (a wildcard would
-make the broker resend every retained chunk, including those already on disk), in a sliding
-window, and unsubscribes each topic once its chunk is stored. MqttLink re-makes the remembered
+A fresh download (nothing on disk, no bandwidth limit, at most ``WHOLE_MAX_BYTES``) subscribes
+once to ``chunk_filter(sha256)``: the broker sends every retained chunk back to back, as fast as
+a raw fetch. Otherwise ``Downloader`` subscribes to the *individual* topics of the missing chunks
+only (a wildcard would make the broker resend every retained chunk, including those already on
+disk), in a sliding window, and unsubscribes each topic once its chunk is stored. MqttLink re-makes the remembered
 subscriptions after a reconnect, so a broker restart redelivers the outstanding chunks; if
 nothing arrives for ``stall_timeout_s`` the window is re-subscribed. A token bucket over received
 bytes delays new subscriptions to honour ``bandwidth_bps``. When the artifact has an ``http(s)``
@@ -31,11 +33,15 @@ from edge_agent.fsutil import sha256_file
 from edge_agent.mqtt.chunks import ChunkStore
 from edge_agent.mqtt.http_range import HTTP_ERRORS, fetch_run, runs_of
 from edge_agent.mqtt.link import MqttLink
-from edge_agent.wire.topics import chunk_topic, parse_chunk_topic
+from edge_agent.wire.topics import chunk_filter, chunk_topic, parse_chunk_topic
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]  # (chunks on disk, total chunks)
+# A fresh download up to this size subscribes to all its chunks at once (the broker sends them
+# back to back, as fast as a raw fetch); larger ones, resumed ones and rate-limited ones use the
+# per-chunk window, so memory stays bounded and chunks already on disk are not sent again.
+WHOLE_MAX_BYTES = 32 * 1024 * 1024
 
 
 # -- rate limiting -----------------------------------------------------------------
@@ -95,8 +101,8 @@ class Downloader:
     bytes/s over received payload bytes (granularity: one chunk). ``stall_timeout_s``: with
     subscriptions outstanding and nothing arriving for this long, subscribe the window again.
     ``out_path``: assembled artifact (default ``store.default_output``). ``keep_chunks``: keep
-    the chunk directory after a successful assembly (default: delete it; the verified artifact
-    file makes a later run return immediately). ``use_http``: try ``artifact.url`` first.
+    the chunk directory after a successful assembly (default: delete it; an assembled file whose
+    sha256 matches makes a later run return immediately). ``use_http``: try ``artifact.url`` first.
 
     One Downloader per artifact per link (the link keys handlers by topic).
     """
@@ -144,10 +150,12 @@ class Downloader:
         return self.store.count(), self.store.total
 
     def run(self, stop: threading.Event | None = None, timeout_s: float | None = None) -> Path:
-        """Block until every chunk is stored; assemble and return the artifact path.
+        """Block until every chunk is stored and verified; assemble and return the artifact path.
 
-        Raises TransferStopped (``stop`` set), TransferTimeout, TransferError (disk) or
-        ManifestError (inconsistent artifact description). Stored chunks are kept in every
+        Every chunk matched its sha256; the whole-artifact sha256 is the caller's check (the
+        update machine's verifying step), so a description whose chunks do not compose
+        ``artifact.sha256`` is caught there, before anything is unpacked. Raises TransferStopped
+        (``stop`` set), TransferTimeout or TransferError (disk). Stored chunks are kept in every
         case, so the next run resumes.
         """
         if not self._running.acquire(blocking=False):
@@ -168,14 +176,19 @@ class Downloader:
                 if not self.store.complete:
                     self._fetch_mqtt(stop, deadline)
                 try:
-                    return self._finish(self.store.assemble(self.out_path))
+                    return self._finish(self.store.assemble(self.out_path, keep=self.keep_chunks))
                 except CorruptChunksError as exc:
                     log.warning("%s; fetching them again", exc)
                     self.stats.corrupt_on_disk += len(exc.indices)
             raise TransferError(f"artifact {self.artifact.sha256[:12]}: stored chunks keep failing verification")
         finally:
             self.stats.elapsed = time.monotonic() - self._t0
-            self._running.release()
+            try:
+                self.store.close()  # commit what is pending; frees the data file's fd between runs
+            except TransferError as exc:
+                log.warning("%s", exc)  # the next run re-fetches what was not committed
+            finally:
+                self._running.release()
 
     # -- internals ---------------------------------------------------------------------
     def _finish(self, path: Path) -> Path:
@@ -210,10 +223,17 @@ class Downloader:
             return
         self._queue.put((parsed[1], bytes(payload)))
 
+    def _whole_subscription(self) -> bool:
+        """A fresh download (nothing held, no bandwidth limit, bounded size) takes one wildcard subscription."""
+        return self.bandwidth_bps is None and self.store.count() == 0 and self.artifact.size <= WHOLE_MAX_BYTES
+
     def _fetch_mqtt(self, stop: threading.Event | None, deadline: float | None) -> None:
         sha = self.artifact.sha256
-        pending = deque(self.store.missing())
-        outstanding: set[int] = set()
+        whole = self._whole_subscription()
+        pending = deque([] if whole else self.store.missing())
+        outstanding: set[int] = set(self.store.missing()) if whole else set()
+        if whole:
+            self.link.subscribe(chunk_filter(sha), self._on_chunk, qos=1)
         last_activity = time.monotonic()
         connects = self.link.connects
         try:
@@ -233,7 +253,8 @@ class Downloader:
                     last_activity = time.monotonic()
                     if self._receive(*item) and item[0] in outstanding:
                         outstanding.discard(item[0])
-                        self.link.unsubscribe(chunk_topic(sha, item[0]))
+                        if not whole:
+                            self.link.unsubscribe(chunk_topic(sha, item[0]))
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
@@ -243,12 +264,13 @@ class Downloader:
                 if self.link.connects != connects:
                     connects, last_activity = self.link.connects, now
                 elif outstanding and now - last_activity > self.stall_timeout_s:
-                    self._resubscribe(outstanding, now - last_activity)
+                    self._resubscribe(
+                        [chunk_filter(sha)] if whole else [chunk_topic(sha, i) for i in sorted(outstanding)]
+                    )
                     last_activity = now
         finally:
-            for i in list(outstanding):
-                outstanding.discard(i)
-                self.link.unsubscribe(chunk_topic(sha, i))
+            for topic in [chunk_filter(sha)] if whole else [chunk_topic(sha, i) for i in outstanding]:
+                self.link.unsubscribe(topic)
 
     def _fill_window(self, pending: deque[int], outstanding: set[int]) -> tuple[float, bool]:
         """Subscribe to missing chunks while the window and the byte budget allow; (how long to wait, any new)."""
@@ -287,18 +309,18 @@ class Downloader:
             self._bucket.take(len(payload))
         return done
 
-    def _resubscribe(self, outstanding: set[int], stalled_s: float) -> None:
+    def _resubscribe(self, topics: list[str]) -> None:
         log.warning(
-            "transfer of %s stalled for %.0fs at %d/%d chunks; re-subscribing %d chunk(s)",
+            "transfer of %s stalled for %.0fs at %d/%d chunks; re-subscribing %d topic(s)",
             self.artifact.sha256[:12],
-            stalled_s,
+            self.stall_timeout_s,
             self.store.count(),
             self.store.total,
-            len(outstanding),
+            len(topics),
         )
         self.stats.resubscribes += 1
-        for i in sorted(outstanding):
-            self.link.subscribe(chunk_topic(self.artifact.sha256, i), self._on_chunk, qos=1)
+        for topic in topics:
+            self.link.subscribe(topic, self._on_chunk, qos=1)
 
     # -- HTTP(S) Range transport ---------------------------------------------------
     def _fetch_http(self, stop: threading.Event | None, deadline: float | None) -> None:

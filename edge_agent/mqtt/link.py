@@ -2,7 +2,11 @@
 
 One ``MqttLink`` per process. Handlers run on paho's network thread and must be quick: they
 hand work to other threads. Subscriptions are remembered and re-made after every reconnect
-(clean session), so a broker restart needs nothing from the caller.
+(clean start), so a broker restart needs nothing from the caller.
+
+It speaks MQTT 5 so that it can announce a Maximum Packet Size (``max_packet_bytes``): the
+broker then never sends this client a larger message (mosquitto drops it), so a 60 MB junk
+document on a subscribed topic costs the device nothing, not even the read.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge_agent.errors import ConfigError, FailedError
 
@@ -58,7 +64,7 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
 
 
 class MqttLink:
-    """A resilient paho-mqtt client (MQTT 3.1.1) with remembered subscriptions."""
+    """A resilient paho-mqtt client (MQTT 5, clean start) with remembered subscriptions."""
 
     def __init__(
         self,
@@ -71,12 +77,18 @@ class MqttLink:
         keepalive: int = 30,
         min_backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        max_packet_bytes: int | None = None,
     ) -> None:
+        """``max_packet_bytes``: the largest message the broker may send (None: the broker's limit)."""
         self.host, self.port, use_tls = parse_broker_url(url)
         self.client_id = client_id or f"edgefleet-{uuid.uuid4().hex[:12]}"
-        self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv311, clean_session=True
-        )
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        self._connect_props: Properties | None = None
+        if max_packet_bytes is not None:
+            if max_packet_bytes < 1024:
+                raise ConfigError(f"max_packet_bytes {max_packet_bytes} is too small (at least 1024)")
+            self._connect_props = Properties(PacketTypes.CONNECT)
+            self._connect_props.MaximumPacketSize = max_packet_bytes
         self._client.reconnect_delay_set(min_delay=max(1, int(min_backoff_s)), max_delay=int(max_backoff_s))
         self._client.max_inflight_messages_set(64)
         self._client.max_queued_messages_set(10000)
@@ -111,7 +123,9 @@ class MqttLink:
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
         """Connect in the background; keeps retrying with backoff until ``stop``."""
-        self._client.connect_async(self.host, self.port, keepalive=self._keepalive)
+        self._client.connect_async(
+            self.host, self.port, keepalive=self._keepalive, clean_start=True, properties=self._connect_props
+        )
         self._client.loop_start()
 
     def stop(self, publish_before: tuple[str, bytes, bool] | None = None) -> None:

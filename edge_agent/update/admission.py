@@ -3,14 +3,21 @@
 A release document is checked in this order, and the first failed check is the rejection
 (final for that release, reported with result ``rejected``, nothing downloaded):
 
+0. it is at most ``max_document_bytes`` long (checked by the caller before parsing);
 1. it parses and its Ed25519 signature verifies against the trusted keys (``authenticate``);
+   a document that fails here is not authentic: nothing in it (not even its release id) is
+   reported, the caller only counts and logs it;
 2. it fits the topic it came on: the model or feature set named by the topic, the kind the
    topic carries, the partition of a feature topic, and for a feature set a version newer than
    one already being applied there (``check_model_topic`` / ``check_features_topic``);
 3. ``admit``: the signature again (the machine re-admits a stored document), this fleet, a kind
    this device installs, for a feature release a partition that includes this device, a version
    newer than the one in use (``wire.names.require_newer``) unless a signed rollback, and
-   artifacts within ``max_artifact_bytes``.
+   artifacts within ``max_artifact_bytes``. Freshness (``wire.freshness``) is checked first,
+   right after the signature: not expired, and a ``seq`` newer than the highest accepted for
+   this (kind, name), else ``StaleRejected`` (a replay: logged, never reported).
+
+Rollout documents go through ``authenticate_rollout``: signature, this fleet, the topic's model.
 
 Nothing here does I/O: the caller passes the version in use, so ``OtaAgent``, the update
 machine's ``idle`` step (through ``Admission.bind``) and ``cloud_batch.sim`` share it.
@@ -24,9 +31,17 @@ from typing import Any
 
 from edge_agent.errors import ManifestError, RejectedError, ReleaseRejected, VersionNotNewer
 from edge_agent.update.seams import Admit
+from edge_agent.wire.freshness import require_fresh, require_unexpired
 from edge_agent.wire.names import is_newer, require_newer
-from edge_agent.wire.protocol import Release, decode
+from edge_agent.wire.protocol import Release, Rollout, decode
 from edge_agent.wire.signing import verify
+
+Highest = Callable[[str], "tuple[int, str] | None"]  # ledger key -> highest accepted (seq, id)
+
+
+def ledger_key(kind: str, name: str) -> str:
+    """The freshness ledger's key of a release (``model/digits``) or rollout (``rollout/digits``)."""
+    return f"{kind}/{name}"
 
 
 def authenticate_release(payload: bytes, trusted: Iterable[Any]) -> tuple[Release, dict[str, Any]]:
@@ -89,13 +104,34 @@ class Admission:
                 f"anti-rollback: version {release.version} is not newer than version {pending} being applied"
             )
 
-    def admit(self, release: Release, doc: Mapping[str, Any], current: str | None) -> None:
-        """Step 3: raise a RejectedError naming the reason; ``current``: the version in use of that artifact."""
+    def authenticate_rollout(self, payload: bytes, name: str) -> Rollout:
+        """A rollout document that is signed by a trusted key for this fleet and model; RejectedError otherwise."""
+        doc = decode(payload, "rollout")
+        rollout = Rollout.from_dict(doc)
+        verify(doc, self.trusted)
+        if rollout.fleet != self.fleet or rollout.name != name:
+            raise RejectedError(
+                f"rollout signed for {rollout.fleet}/{rollout.name} arrived on the topic of {self.fleet}/{name}"
+            )
+        return rollout
+
+    def admit(
+        self, release: Release, doc: Mapping[str, Any], current: str | None, highest: Highest, now: float
+    ) -> bool:
+        """Step 3: raise a RejectedError naming the reason; ``current``: the version in use of that artifact.
+
+        Returns True for a document newer than any accepted, False for the one accepted last again.
+        Freshness comes right after the signature and the fleet: a replayed old release is stale,
+        never "rejected" under its id (that report would overwrite the device's real outcome).
+        """
         verify(doc, self.trusted)
         if release.fleet != self.fleet:
             raise RejectedError(
                 f"wrong fleet: the release is for fleet {release.fleet!r}, this device is in {self.fleet!r}"
             )
+        what = f"{release.kind} release {release.name}"  # seq counts per (fleet, kind, name): fleet first
+        require_unexpired(what, release.expires_at, now)
+        fresh = require_fresh(what, release.seq, release.release_id, highest(ledger_key(release.kind, release.name)))
         if release.kind == "features":
             self._admit_partition(release)
             require_newer(
@@ -116,6 +152,7 @@ class Admission:
                     f"too large: the {what} is {artifact.size} bytes, this device accepts at "
                     f"most {self.max_artifact_bytes}"
                 )
+        return fresh
 
     def _admit_partition(self, release: Release) -> None:
         if not self.features:
@@ -128,10 +165,10 @@ class Admission:
                 f"wrong partition: the release is for group {key!r}, this device is in {list(self.groups)}"
             )
 
-    def bind(self, current: Callable[[str, str], str | None]) -> Admit:
+    def bind(self, current: Callable[[str, str], str | None], highest: Highest, now: Callable[[], float]) -> Admit:
         """The machine's ``Seams.admit``: ``admit`` against ``current(kind, name)`` read at the time of the call."""
 
         def admit(release: Release, doc: Mapping[str, Any]) -> None:
-            self.admit(release, doc, current(release.kind, release.name))
+            self.admit(release, doc, current(release.kind, release.name), highest, now())
 
         return admit

@@ -1,11 +1,14 @@
 """The device side of over-the-air updates: MQTT in, admission, the rollout gate, lanes, device state out.
 
 ``OtaAgent`` listens on the fleet's release and rollout topics (``wire.protocol``). Every
-release document goes through ``admission`` (signature, topic, fleet, kind, partition,
-anti-rollback, size); a failed check is a rejection: final for that release (``reports``
-remembers it across reconnects and restarts), reported with result ``rejected``, nothing
-downloaded. An accepted model release waits ``rollout_settle_s`` for its rollout document and
-must pass the rollout gate (status ``active`` or ``complete`` and this device in the cohort):
+document passes ``intake`` first (size before parsing, authenticity, freshness; junk and
+replays are dropped unreported) and a release then ``admission``: a failed check is a
+rejection: final for that release (``reports`` remembers it across reconnects and restarts),
+reported with result ``rejected`` under its authentic release id, nothing downloaded.
+
+An accepted model release waits ``rollout_settle_s`` for its signed rollout document and
+must pass the rollout gate (status ``active`` or ``complete`` and this device in the cohort;
+no signed rollout for it means "wait" unless the release says ``stages = [100]``):
 the gate runs once, here, when the release is dispatched or when its rollout changes; a lane
 (``lanes``) then runs it through the ``UpdateMachine``, one update per artifact at a time, a
 newer release superseding one that has not started activating. A rollout ``aborted`` stops the
@@ -31,7 +34,6 @@ Wiring::
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -40,14 +42,17 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from edge_agent import __version__
 from edge_agent.config import OtaConfig
-from edge_agent.errors import EdgeError, ManifestError, RejectedError, ReleaseRejected
+from edge_agent.errors import EdgeError, ManifestError, RejectedError, StaleRejected
 from edge_agent.features.cache import FeatureCache
 from edge_agent.inference.runtime import RuntimeOptions
 from edge_agent.mqtt.link import MqttLink, Will
 from edge_agent.update.admission import Admission
 from edge_agent.update.gate import RolloutGate
+from edge_agent.update.intake import Intake
 from edge_agent.update.lanes import Lanes
 from edge_agent.update.machine import UpdateMachine
 from edge_agent.update.reports import Reports, StatePublisher
@@ -66,11 +71,12 @@ from edge_agent.update.seams import (
 from edge_agent.update.states import State, UpdateRecord, record_key, recover_before_serving
 from edge_agent.update.validate import validate_candidate
 from edge_agent.wire.names import check_name, check_segment
-from edge_agent.wire.protocol import DeviceState, Release, Rollout, decode, presence
+from edge_agent.wire.protocol import DeviceState, Release
 from edge_agent.wire.topics import (
     features_filters,
     parse_features_topic,
     parse_model_topic,
+    presence,
     release_filter,
     rollout_filter,
 )
@@ -107,6 +113,7 @@ class OtaAgent:
         wait: Wait = event_wait,
         features: FeatureCache | None = None,
         groups: Iterable[str] = (),
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         """``store``: ModelStore; ``server``: ModelServer; ``trusted_keys``: Ed25519 public keys.
 
@@ -115,6 +122,7 @@ class OtaAgent:
         (None: the agent takes no feature releases); ``groups``: the feature partitions this device
         is in. ``fetcher``, ``validator``, ``health``, ``now``, ``monotonic`` and ``wait`` replace
         the real artifact download, child-process validation, health counters and clocks (tests).
+        ``metrics``: the Prometheus registry the OTA counters go to (default: a private one).
         """
         self.link = link
         self.store = store
@@ -136,7 +144,7 @@ class OtaAgent:
             server=server,
             fetcher=fetcher or MqttFetcher(link, self.data_dir / "downloads", opts),
             validate=validator or self._child_validator(runtime_options or getattr(server, "options", None)),
-            admit=self.admission.bind(self._current),
+            admit=self.admission.bind(self._current, lambda key: self.intake.ledger.highest(key), now),
             health=health,
             now=now,
             monotonic=monotonic,
@@ -145,6 +153,7 @@ class OtaAgent:
         )
         self.machine = UpdateMachine(self.data_dir, seams, opts, on_change=self._on_record)
         self.reports = Reports(self.machine.records.dir, now)
+        self.intake = Intake(self.admission, self.reports, self.machine.records.dir, opts, now, metrics)
         self.publisher = StatePublisher(link, self.fleet, self.device_id, store, features, self.reports, agent_version)
         self.stopped = threading.Event()
         self._lane = Lanes(self.machine, store, self.stopped)
@@ -161,7 +170,12 @@ class OtaAgent:
 
         def validate(path: Path, max_latency_ms: float | None, stop: threading.Event) -> Mapping[str, Any]:
             return validate_candidate(
-                path, max_latency_ms=max_latency_ms, runtime_options=runtime, timeout_s=timeout_s, stop=stop
+                path,
+                max_latency_ms=max_latency_ms,
+                runtime_options=runtime,
+                timeout_s=timeout_s,
+                stop=stop,
+                fleet_key=self.options.fleet_key,  # a sealed candidate is opened in the child's memory only
             )
 
         return validate
@@ -214,6 +228,7 @@ class OtaAgent:
         if self._intake is not None:
             self._intake.join(max(0.1, deadline - time.monotonic()))
             self._intake = None
+        self.reports.flush(force=True)
         self.publisher.offline()
 
     def device_state(self) -> DeviceState:
@@ -241,24 +256,20 @@ class OtaAgent:
                     self._on_rollout(topic, payload)
                 for release, doc in self.gate.due():
                     self._lane(release.name).offer(release, doc)
+                self.reports.flush()
             except Exception:
                 log.exception("OTA intake failed on %s", topic if kind else "a timer")
 
-    def _authentic(self, lane: str, name: str, payload: bytes) -> tuple[Release, dict[str, Any], str] | None:
-        """Admission step 1 for a new document: ``(release, doc, rejection key)``, None if known or rejected."""
-        digest = "doc:" + hashlib.sha256(payload).hexdigest()
-        if self.reports.is_rejected(digest):
-            return None
+    def _admit(self, lane: str, release: Release, doc: dict[str, Any], key: str) -> bool:
+        """``intake.admit``; False (after reporting a rejection, or ignoring a replay) if it may not go on."""
         try:
-            release, doc = self.admission.authenticate(payload)
-        except ReleaseRejected as exc:
-            self.reports.reject(lane, exc.release_id, exc.version, str(exc), digest, name)
-            self.publisher.publish()
-            return None
-        key = "id:" + release.release_id  # authentic from here on: the id can be trusted
-        if self.reports.is_rejected(key) or self._known(lane, release.release_id):
-            return None
-        return release, doc, key
+            self.intake.admit(release, doc, self._current(release.kind, release.name), lane)
+        except StaleRejected:
+            return False
+        except RejectedError as exc:
+            self._reject(lane, release, str(exc), key, name=release.name)
+            return False
+        return True
 
     def _on_release(self, topic: str, payload: bytes) -> None:
         name = _model_of(topic)
@@ -269,15 +280,16 @@ class OtaAgent:
         except ManifestError:
             log.warning("ignoring a release on %s: not a model name", topic)
             return
-        found = self._authentic(name, name, payload)
+        found = self.intake.release(topic, payload, lambda release_id: self._known(name, release_id))
         if found is None:
             return
         release, doc, key = found
         try:
             self.admission.check_model_topic(release, name)
-            self.admission.admit(release, doc, self._current("model", name))
         except RejectedError as exc:
             self._reject(name, release, str(exc), key)
+            return
+        if not self._admit(name, release, doc, key):
             return
         settle = self.gate.settle(release, doc)
         what = f"{name} {release.version}"
@@ -295,7 +307,7 @@ class OtaAgent:
             log.warning("ignoring a feature release on %s: not a feature set name", topic)
             return
         lane = record_key("features", feature_set)
-        found = self._authentic(lane, feature_set, payload)
+        found = self.intake.release(topic, payload, lambda release_id: self._known(lane, release_id))
         if found is None:
             return
         release, doc, key = found
@@ -303,9 +315,10 @@ class OtaAgent:
         try:
             pending = running.pending_version() if running is not None else None
             self.admission.check_features_topic(release, feature_set, by, part_key, pending)
-            self.admission.admit(release, doc, self._current("features", feature_set))
         except RejectedError as exc:
             self._reject(lane, release, str(exc), key, name=feature_set)
+            return
+        if not self._admit(lane, release, doc, key):
             return
         what = f"features {feature_set} {release.version}, {by}/{part_key}"
         log.info("update %s (%s): release accepted", release.release_id, what)
@@ -331,13 +344,8 @@ class OtaAgent:
         except ManifestError:
             log.warning("ignoring a rollout on %s: not a model name", topic)
             return
-        if not payload:
-            self.gate.rollout(name, None)
-            return
-        try:
-            ro = Rollout.from_dict(decode(payload, "rollout"))
-        except ManifestError as exc:
-            log.warning("ignoring malformed rollout for %s: %s", name, exc)
+        ro = self.intake.rollout(topic, name, payload)
+        if ro is None:
             return
         admitted = self.gate.rollout(name, ro)
         if ro.status == "aborted":

@@ -1,9 +1,15 @@
 """The rollout gate: admitted model releases wait here for their rollout document, or are held back by it.
 
+It fails closed. Only rollouts the coordinator has authenticated (signed, this fleet and model,
+a fresh ``seq``) reach it, and a release needs one for its own id (status ``active`` or
+``complete`` and this device in the cohort) unless the signed release itself says
+``stages = [100]``. A forged, deleted or mismatched rollout therefore never lets a release in;
+a release with staged rollout and no signed rollout waits.
+
 cloud-batch publishes a release's rollout before the release, so it is usually known already;
-otherwise the release settles for ``settle_s``. The gate then decides once (status ``active``
-or ``complete`` and this device in the cohort): a release it lets through goes to its lane and
-is not gated again; one it holds back is re-decided only when its rollout document changes.
+otherwise the release settles for ``settle_s``. The gate then decides once: a release it lets
+through goes to its lane and is not gated again; one it holds back is re-decided only when its
+rollout document changes.
 Feature releases are not gated. Only the coordinator's intake thread calls this, so it has no
 lock.
 """
@@ -57,11 +63,8 @@ class RolloutGate:
                 out.append((release, doc))
         return out
 
-    def rollout(self, name: str, ro: Rollout | None) -> Pending | None:
-        """Take a rollout document (None: cleared); return the held release it now lets in, if any."""
-        if ro is None:
-            self._rollouts.pop(name, None)
-            return None
+    def rollout(self, name: str, ro: Rollout) -> Pending | None:
+        """Take an authenticated rollout document; return the held release it now lets in, if any."""
         self._rollouts[name] = ro
         held = self._held.get(name)
         if ro.status == "aborted" or held is None or held[0].release_id != ro.release_id:
@@ -91,12 +94,21 @@ class RolloutGate:
         return False
 
     def _why_not(self, release: Release) -> str | None:
-        """Why the rollout does not let this device apply ``release`` now (None: it may)."""
-        ro = self._rollouts.get(release.name)
-        if ro is None or ro.release_id != release.release_id:
-            return None
-        if ro.status not in ("active", "complete"):
-            return f"rollout {ro.status}"
-        if not in_cohort(self.device_id, release.name, ro.percent):
-            return f"not in the rollout's {ro.percent}% cohort"
-        return None
+        return why_not(self.device_id, release, self._rollouts.get(release.name))
+
+
+def why_not(device_id: str, release: Release, ro: Rollout | None) -> str | None:
+    """The gate rule: why authenticated rollout ``ro`` does not let ``device_id`` apply ``release`` now (None: it may).
+
+    Shared with ``cloud_batch.sim``. Fails closed: no rollout for this release means wait,
+    unless the signed release itself says ``stages = [100]``.
+    """
+    if ro is None or ro.release_id != release.release_id:
+        if release.policy.stages == [100]:
+            return None  # the signed release itself says everyone at once
+        return "no signed rollout for this release yet"
+    if ro.status not in ("active", "complete"):
+        return f"rollout {ro.status}"
+    if not in_cohort(device_id, release.name, ro.percent):
+        return f"not in the rollout's {ro.percent}% cohort"
+    return None

@@ -27,6 +27,7 @@ from edge_agent.errors import (
 )
 from edge_agent.features.cache import FeatureCache
 from edge_agent.inference.modelpack import verify_version_dir
+from edge_agent.models.sealed import check_key, load_fleet_key
 from edge_agent.update.seams import Control, Interrupted, Seams, server_health
 from edge_agent.update.states import Event, UpdateRecord, log_update
 from edge_agent.wire.bundle import Bundle, read_bundle
@@ -89,6 +90,9 @@ class ModelInstaller:
                 f"the artifact holds {manifest.name} {manifest.version}, "
                 f"the release says {record.name} {record.version}"
             )
+        key = self.config.fleet_key
+        check_key(manifest, load_fleet_key(key) if key is not None else None)  # sealed: can this device open it?
+        record.details["encrypted"] = manifest.extra.get("encrypted") is True
 
     def validate(self, record: UpdateRecord, release: Release, staging: Path, control: Control) -> Event | None:
         report = self.validator(staging, release.policy.max_latency_ms, control.interrupt)

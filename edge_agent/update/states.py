@@ -264,7 +264,7 @@ class RecordStore:
     def save(self, record: UpdateRecord) -> None:
         path = self.path(record.key)
         path.parent.mkdir(exist_ok=True)
-        atomic_write_json(path, record.to_dict())
+        atomic_write_json(path, record.to_dict(), mode=0o600)
 
     def load(self, key: str) -> UpdateRecord | None:
         path = self.path(key)

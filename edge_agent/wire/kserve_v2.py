@@ -11,7 +11,9 @@ Both tensor encodings of the REST binding are supported:
   (request level, the default for every output).
 
 Every mistake a client can make raises :class:`~edge_agent.errors.RequestError` with a
-message naming the offending field; nothing here raises anything else for bad input.
+message naming the offending field; nothing here raises anything else for bad input. Limits:
+JSON depth ``MAX_JSON_DEPTH``, ``MAX_DIMS`` dimensions, ``max_elements`` values (413), and
+floating-point data must be finite: NaN/Infinity, overflowing numbers and non-finite binary values are refused.
 """
 
 from __future__ import annotations
@@ -24,26 +26,21 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.errors import RequestError
+from edge_agent.errors import PayloadTooLargeError, RequestError
+from edge_agent.wire.jsonlimits import loads_limited
 from edge_agent.wire.manifest import NUMPY_TO_V2, V2_TO_NUMPY, Manifest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
+MAX_JSON_DEPTH = 64  # a request needs ~4 levels plus one per tensor dimension
+MAX_DIMS = 16  # numpy allows 32 (1.x) or 64 (2.x); no TFLite model has more than a handful
 
 # Little-endian dtypes: the binary tensor data extension is defined as little-endian.
 _WIRE_DTYPES: dict[str, np.dtype[Any]] = {k: v.newbyteorder("<") for k, v in V2_TO_NUMPY.items()}
 _JSON_KINDS: dict[str, str] = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}  # target kind -> accepted JSON kinds
-_KIND_NAMES = {
-    "U": "strings",
-    "S": "strings",
-    "O": "null, mixed or out-of-range values",
-    "b": "booleans",
-    "i": "integers",
-    "u": "integers",
-    "f": "non-integer numbers",
-    "c": "complex numbers",
-}
+_KIND_NAMES = {"U": "strings", "S": "strings", "O": "null, mixed or out-of-range values", "b": "booleans"}
+_KIND_NAMES.update(i="integers", u="integers", f="non-integer numbers", c="complex numbers")
 _DTYPE_TO_V2: dict[np.dtype[Any], str] = {dt: v2 for v2, dt in V2_TO_NUMPY.items()}  # faster than dtype.name
 _ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
@@ -86,13 +83,10 @@ def parse_header_length(value: str | bytes | int | None, body_len: int) -> int |
     """Validate an ``Inference-Header-Content-Length`` value against the body size."""
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        n = value
-    else:
-        try:
-            n = int(value)
-        except (TypeError, ValueError):
-            raise RequestError(f"{HEADER_LENGTH} must be an integer, got {value!r:.40}") from None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"{HEADER_LENGTH} must be an integer, got {value!r:.40}") from None
     if n < 0 or n > body_len:
         raise RequestError(f"{HEADER_LENGTH} {n} is outside the request body ({body_len} bytes)")
     return n
@@ -141,7 +135,13 @@ def _json_array(data: Any, dtype: np.dtype[Any], shape: list[int], count: int, n
         lo, hi = arr.min(), arr.max()
         if lo < info.min or hi > info.max:
             raise RequestError(f"input {name!r}: values outside the {datatype} range [{info.min}, {info.max}]")
-    return arr.astype(dtype, copy=False).reshape(shape)
+    return _finite(arr.astype(dtype, copy=False).reshape(shape), name)
+
+
+def _finite(arr: np.ndarray, name: str) -> np.ndarray:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise RequestError(f"input {name!r}: 'data' holds NaN or infinity (or a number beyond the datatype's range)")
+    return arr
 
 
 def decode_request(
@@ -150,6 +150,7 @@ def decode_request(
     manifest: Manifest | None = None,
     *,
     allow_no_inputs: bool = False,
+    max_elements: int | None = None,
 ) -> InferRequest:
     """Decode an infer request body; with ``manifest``, also check it against the model's spec.
 
@@ -157,6 +158,7 @@ def decode_request(
     JSON part is then ``body[:header_length]`` and the rest is binary tensor data.
     ``allow_no_inputs`` accepts a request without tensors (a model whose every input is joined
     from the feature cache; the caller checks the request once it has filled them).
+    ``max_elements`` bounds the values of all tensors together, checked before any is built.
     """
     n = parse_header_length(header_length, len(body))
     head: bytes | bytearray | memoryview
@@ -179,7 +181,7 @@ def decode_request(
     binary_output = params.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise RequestError("parameters.binary_data_output must be true or false")
-    arrays, datatypes = _decode_inputs(inputs, binary, n)
+    arrays, datatypes = _decode_inputs(inputs, binary, n, max_elements)
     outputs = _decode_outputs(req.get("outputs"))
     request = InferRequest(arrays, datatypes, outputs or None, rid, params, binary_output)
     if manifest is not None:
@@ -190,24 +192,22 @@ def decode_request(
 def _parse_json(head: bytes | bytearray | memoryview, n: int | None) -> dict[str, Any]:
     """The JSON part of the body, which must be an object."""
     try:
-        req = json.loads(head if isinstance(head, (bytes, bytearray)) else bytes(head))
-    except UnicodeDecodeError:
-        raise RequestError("request body is not UTF-8 JSON" + _binary_hint(n)) from None
-    except ValueError as exc:
-        hint = _binary_hint(n) if getattr(exc, "msg", "") == "Extra data" else ""
-        raise RequestError(f"request body is not valid JSON: {exc}{hint}") from None
+        req = loads_limited(head, max_depth=MAX_JSON_DEPTH, what="request body", error=RequestError)
+    except RequestError as exc:
+        hint = _binary_hint(n) if "UTF-8" in str(exc) or "Extra data" in str(exc) else ""
+        raise RequestError(f"{exc}{hint}") from None
     if not isinstance(req, dict):
         raise RequestError(f"request body must be a JSON object, got {type(req).__name__}")
     return req
 
 
 def _decode_inputs(
-    inputs: list[Any], binary: bytes | memoryview, n: int | None
+    inputs: list[Any], binary: bytes | memoryview, n: int | None, max_elements: int | None
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Every input tensor, from JSON ``data`` or from its slice of the binary part, which they must use up."""
     arrays: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
-    offset = 0
+    offset = total = 0
     binary_len = len(binary)
     for i, t in enumerate(inputs):
         if not isinstance(t, dict):
@@ -219,6 +219,11 @@ def _decode_inputs(
             raise RequestError(f"input {name!r} given twice")
         shape, datatype, dtype = _tensor_header(name, t)
         count = math.prod(shape)
+        total += count
+        if max_elements is not None and total > max_elements:
+            raise PayloadTooLargeError(
+                f"input {name!r}: the request's tensors hold {total} or more values; the limit is {max_elements}"
+            )
         tparams = t.get("parameters")
         size = None if tparams is None else _dict_or_empty(tparams, "input", name).get("binary_data_size")
         if size is not None:
@@ -228,7 +233,7 @@ def _decode_inputs(
                     f"binary tensor data too short: input {name!r} needs bytes {offset}..{offset + size}, "
                     f"the body carries {binary_len} after the JSON header"
                 )
-            arr = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
+            arr = _finite(np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape), name)
             offset += size
         else:
             if "data" not in t:
@@ -248,6 +253,8 @@ def _tensor_header(name: str, t: Mapping[str, Any]) -> tuple[list[int], str, np.
     shape = t.get("shape")
     if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
         raise RequestError(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r:.60}")
+    if len(shape) > MAX_DIMS:
+        raise RequestError(f"input {name!r}: 'shape' has {len(shape)} dimensions; at most {MAX_DIMS} are supported")
     datatype = t.get("datatype")
     if not isinstance(datatype, str):
         raise RequestError(f"input {name!r}: missing 'datatype'")
@@ -364,14 +371,8 @@ def encode_response(
                 arr = arr.astype(arr.dtype.newbyteorder("<"))
             raw = arr.tobytes()
             chunks.append(raw)
-            tensors.append(
-                {
-                    "name": name,
-                    "datatype": datatype,
-                    "shape": list(arr.shape),
-                    "parameters": {"binary_data_size": len(raw)},
-                }
-            )
+            params = {"binary_data_size": len(raw)}
+            tensors.append({"name": name, "datatype": datatype, "shape": list(arr.shape), "parameters": params})
         else:
             tensors.append({"name": name, "datatype": datatype, "shape": list(arr.shape), "data": arr.ravel().tolist()})
     resp: dict[str, Any] = {"model_name": model_name, "model_version": model_version}

@@ -26,12 +26,15 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import ManifestError
+from edge_agent.wire.jsonlimits import loads_limited
 from edge_agent.wire.names import check_name, is_name, is_sha256, parse_version
+from edge_agent.wire.reference import parse_reference
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.tflite"
 MANIFEST_FILE = "manifest.json"
 GOLDEN_FILE = "golden.npz"
+MAX_JSON_DEPTH = 32  # a manifest is ~4 levels deep; free-form metrics/preprocessing get the rest
 
 # V2 (Open Inference Protocol) datatype <-> numpy dtype.
 V2_TO_NUMPY: dict[str, np.dtype[Any]] = {
@@ -246,6 +249,8 @@ _KNOWN_KEYS = {
     "golden",
     "validation",
     "feature_joins",
+    "max_batch",
+    "reference",
 }
 
 
@@ -270,6 +275,8 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     # Inputs filled from the feature cache (input name -> join); empty for most models.
     feature_joins: dict[str, FeatureJoin] = field(default_factory=dict)
+    max_batch: int | None = None  # the largest batch one request may carry (None: the agent's runtime.max_batch)
+    reference: dict[str, Any] | None = None  # drift reference (wire/reference.py); None: no drift
 
     def __post_init__(self) -> None:
         # A writer may pass the raw JSON form through ``extra`` (cloud_batch does): validate it here.
@@ -278,6 +285,11 @@ class Manifest:
             self.extra = {k: v for k, v in self.extra.items() if k != "feature_joins"}  # the caller's dict stays
             if not self.feature_joins:
                 self.feature_joins = parse_feature_joins(raw, self.inputs)
+        if "reference" in self.extra:
+            raw_ref = self.extra["reference"]
+            self.extra = {k: v for k, v in self.extra.items() if k != "reference"}
+            names = [t.name for t in self.inputs], [t.name for t in self.outputs]
+            self.reference = self.reference or parse_reference(raw_ref, *names)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -303,8 +315,12 @@ class Manifest:
             golden=self.golden,
             validation=self.validation,
         )
+        if self.max_batch is not None:
+            out["max_batch"] = self.max_batch
         if self.feature_joins:
             out["feature_joins"] = {k: j.to_dict() for k, j in self.feature_joins.items()}
+        if self.reference is not None:
+            out["reference"] = self.reference
         return out
 
     def to_json(self) -> str:
@@ -340,6 +356,9 @@ class Manifest:
         golden = raw.get("golden", GOLDEN_FILE)
         if golden is not None and (not isinstance(golden, str) or "/" in golden or golden.startswith(".")):
             raise ManifestError("manifest.golden: expected a plain file name or null")
+        max_batch = raw.get("max_batch")
+        if max_batch is not None and (type(max_batch) is not int or max_batch < 1):
+            raise ManifestError("manifest.max_batch: expected a positive integer or null")
         for key in ("preprocessing", "metrics", "validation"):
             if key in raw and not isinstance(raw[key], dict):
                 raise ManifestError(f"manifest.{key}: expected an object")
@@ -358,6 +377,8 @@ class Manifest:
             golden=golden,
             extra={k: v for k, v in raw.items() if k not in _KNOWN_KEYS},
             feature_joins=parse_feature_joins(raw.get("feature_joins"), inputs),
+            max_batch=max_batch,
+            reference=parse_reference(raw.get("reference"), [t.name for t in inputs], [t.name for t in outputs]),
         )
         if "validation" in raw:
             m.validation = dict(raw["validation"])
@@ -367,9 +388,11 @@ class Manifest:
     def load(cls, path: str | Path) -> Manifest:
         """Read and validate a manifest file."""
         try:
-            raw = json.loads(Path(path).read_text())
+            text = Path(path).read_bytes()
         except FileNotFoundError as exc:
             raise ManifestError(f"manifest not found: {path}") from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ManifestError(f"manifest {path} is not valid JSON: {exc}") from exc
-        return cls.from_dict(raw)
+        except OSError as exc:
+            raise ManifestError(f"manifest {path} is not readable: {exc}") from exc
+        return cls.from_dict(
+            loads_limited(text, max_depth=MAX_JSON_DEPTH, what=f"manifest {path}", error=ManifestError)
+        )

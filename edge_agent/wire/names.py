@@ -38,19 +38,19 @@ def check_name(name: str) -> str:
 
 def parse_version(version: str) -> tuple[int, ...]:
     """Parse ``"3"`` or ``"1.2.0"`` into a comparable tuple (so '10' sorts after '9'); raise ManifestError otherwise."""
-    if not isinstance(version, str) or not _VERSION_RE.match(version):
+    if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
         raise ManifestError(f"invalid version {version!r}: use a number such as '3' or a dotted one such as '1.2.0'")
     return tuple(int(part) for part in version.split("."))
 
 
 def is_name(value: object) -> TypeGuard[str]:
     """True for a safe name (see ``check_name``), for callers that word their own error."""
-    return isinstance(value, str) and bool(_NAME_RE.match(value))
+    return isinstance(value, str) and bool(_NAME_RE.fullmatch(value))
 
 
 def is_sha256(value: object) -> bool:
     """True for a lowercase hex SHA-256 digest."""
-    return isinstance(value, str) and bool(_SHA256_RE.match(value))
+    return isinstance(value, str) and bool(_SHA256_RE.fullmatch(value))
 
 
 def is_newer(incoming: str, current: str | None) -> bool:

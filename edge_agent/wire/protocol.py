@@ -22,7 +22,8 @@ from typing import Any
 from edge_agent.errors import ManifestError
 from edge_agent.wire.names import check_segment, is_sha256, parse_version
 from edge_agent.wire.policy import Policy, parse_window
-from edge_agent.wire.topics import features_topic, presence_topic
+from edge_agent.wire.telemetry import check_drift_state
+from edge_agent.wire.topics import features_topic
 
 PROTOCOL_SCHEMA = 1
 DEFAULT_CHUNK_SIZE = 128 * 1024  # AWS IoT Core's message size limit
@@ -97,7 +98,9 @@ class Release:
     version: str
     artifact: Artifact
     kind: str = "model"
-    rollback: bool = False  # an explicit, signed rollback may carry a lower version
+    rollback: bool = False  # an explicit, signed rollback may carry a lower version (needs ``expires_at``)
+    seq: int = 0  # issued by the registry per (fleet, kind, name); devices accept only a higher one
+    expires_at: float | None = None  # after this (Unix time) devices refuse the document
     policy: Policy = field(default_factory=Policy)
     # Feature bundles: which devices the release is for, and for a delta the full snapshot of the
     # same version that a device whose base does not match applies instead.
@@ -114,6 +117,8 @@ class Release:
             out.pop("signature")
         if self.fallback is None:
             out.pop("fallback")
+        if self.expires_at is None:
+            out.pop("expires_at")
         return out
 
     @classmethod
@@ -146,6 +151,8 @@ class Release:
                 artifact=artifact,
                 kind=str(raw.get("kind", "model")),
                 rollback=bool(raw.get("rollback", False)),
+                seq=_seq(raw.get("seq", 0), "release"),
+                expires_at=_expiry(raw.get("expires_at"), "release"),
                 policy=policy,
                 created_at=float(raw.get("created_at", 0)),
                 signature=raw.get("signature"),
@@ -159,6 +166,8 @@ class Release:
         parse_version(rel.version)
         if rel.kind not in ARTIFACT_KINDS:
             raise ManifestError(f"release: unknown kind {rel.kind!r}")
+        if rel.rollback and rel.expires_at is None:
+            raise ManifestError("release: a rollback release must carry expires_at")
         for where, a in (("artifact", rel.artifact), ("fallback", rel.fallback)):
             if a is None:
                 continue
@@ -199,7 +208,11 @@ def _artifact(art: Any) -> Artifact:
 
 @dataclass
 class Rollout:
-    """Retained rollout control: which share of the fleet may apply ``release_id`` now."""
+    """Signed, retained rollout control: which share of the fleet may apply ``release_id`` now.
+
+    Signed with the release keys and numbered (``seq``, its own counter per fleet and model)
+    like a release, so a forged, replayed or deleted copy changes nothing on a device.
+    """
 
     release_id: str
     percent: int
@@ -207,9 +220,16 @@ class Rollout:
     status: str = "active"  # active | halted | aborted | complete
     updated_at: float = field(default_factory=time.time)
     schema_version: int = PROTOCOL_SCHEMA
+    seq: int = 0
+    fleet: str = ""
+    name: str = ""
+    signature: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "type": "rollout"}
+        out = {**asdict(self), "type": "rollout"}
+        if self.signature is None:
+            out.pop("signature")
+        return out
 
     @classmethod
     def from_dict(cls, raw: Any) -> Rollout:
@@ -218,16 +238,43 @@ class Rollout:
         try:
             r = cls(
                 str(raw["release_id"]),
-                int(raw["percent"]),
-                int(raw.get("stage", 0)),
+                _int(raw["percent"], "rollout.percent"),
+                _int(raw.get("stage", 0), "rollout.stage"),
                 str(raw.get("status", "active")),
                 float(raw.get("updated_at", 0)),
+                seq=_seq(raw.get("seq", 0), "rollout"),
+                fleet=str(raw.get("fleet", "")),
+                name=str(raw.get("name", "")),
+                signature=raw.get("signature"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"rollout: malformed: {exc}") from exc
-        if r.status not in ("active", "halted", "aborted", "complete") or not 0 <= r.percent <= 100:
+        if r.status not in ROLLOUT_STATUSES or not 0 <= r.percent <= 100:
             raise ManifestError("rollout: bad status or percent")
         return r
+
+
+ROLLOUT_STATUSES = ("active", "halted", "aborted", "complete")
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ManifestError(f"{what}: expected a whole number, got {value!r}")
+    return value
+
+
+def _seq(value: Any, what: str) -> int:
+    if (seq := _int(value, f"{what}.seq")) < 0:
+        raise ManifestError(f"{what}.seq: must be >= 0")
+    return seq
+
+
+def _expiry(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ManifestError(f"{what}.expires_at: expected a Unix time, got {value!r}")
+    return float(value)
 
 
 def encode(doc: Mapping[str, Any]) -> bytes:
@@ -275,35 +322,74 @@ class DeviceState:
     # Feature sets (absent from documents of older agents): set -> cached version, set -> last attempt.
     features: dict[str, str] = field(default_factory=dict)
     feature_updates: dict[str, UpdateReport] = field(default_factory=dict)
+    drift: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> newest drift window (wire.telemetry)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "type": "device_state"}
 
     @classmethod
     def from_dict(cls, raw: Any) -> DeviceState:
+        """Validate against the schema (types, sizes); ManifestError naming the field, never a crash later."""
         if not isinstance(raw, Mapping) or raw.get("type") != "device_state":
             raise ManifestError("device state: not a device_state document")
         try:
-            updates = {k: UpdateReport(**v) for k, v in (raw.get("updates") or {}).items()}
-            feature_updates = {k: UpdateReport(**v) for k, v in (raw.get("feature_updates") or {}).items()}
             return cls(
-                str(raw["device_id"]),
-                str(raw["fleet"]),
-                dict(raw.get("models") or {}),
-                updates,
-                str(raw.get("agent_version", "")),
-                float(raw.get("last_seen", 0)),
-                int(raw.get("schema_version", PROTOCOL_SCHEMA)),
-                dict(raw.get("features") or {}),
-                feature_updates,
+                _str(raw["device_id"], "device_id"),
+                _str(raw["fleet"], "fleet"),
+                _str_map(raw.get("models"), "models"),
+                _reports(raw.get("updates"), "updates"),
+                _str(raw.get("agent_version", ""), "agent_version"),
+                _num(raw.get("last_seen", 0), "last_seen"),
+                _int(raw.get("schema_version", PROTOCOL_SCHEMA), "schema_version"),
+                _str_map(raw.get("features"), "features"),
+                _reports(raw.get("feature_updates"), "feature_updates"),
+                check_drift_state(raw.get("drift")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"device state: malformed: {exc}") from exc
+        except KeyError as exc:
+            raise ManifestError(f"device state: missing field {exc.args[0]!r}") from exc
 
 
-PRESENCE_ONLINE, PRESENCE_OFFLINE = b"online", b"offline"
+MAX_STATE_ENTRIES = 256  # models, feature sets or reports in one device state
+_REPORT_FIELDS = {"release_id", "name", "version", "state", "result", "reason", "at"}
 
 
-def presence(fleet: str, device_id: str, online: bool) -> tuple[str, bytes]:
-    """A device's retained presence message, ``(topic, payload)``; the offline one is also its last will."""
-    return presence_topic(fleet, device_id), PRESENCE_ONLINE if online else PRESENCE_OFFLINE
+def _str(value: Any, what: str, *, optional: bool = False, limit: int = 1000) -> Any:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise ManifestError(f"device state: {what} must be a string of at most {limit} characters")
+    return value
+
+
+def _num(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ManifestError(f"device state: {what} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _str_map(value: Any, what: str) -> dict[str, str]:
+    value = value or {}
+    if not isinstance(value, Mapping) or len(value) > MAX_STATE_ENTRIES:
+        raise ManifestError(f"device state: {what} must be an object of at most {MAX_STATE_ENTRIES} entries")
+    return {_str(k, what, limit=64): _str(v, f"{what}.{k}", limit=64) for k, v in value.items()}
+
+
+def _reports(value: Any, what: str) -> dict[str, UpdateReport]:
+    value = value or {}
+    if not isinstance(value, Mapping) or len(value) > MAX_STATE_ENTRIES:
+        raise ManifestError(f"device state: {what} must be an object of at most {MAX_STATE_ENTRIES} entries")
+    out = {}
+    for key, r in value.items():
+        where = f"{what}.{key}"
+        if not isinstance(r, Mapping) or not set(r) <= _REPORT_FIELDS:
+            raise ManifestError(f"device state: {where} must be an update report object")
+        out[_str(key, what, limit=64)] = UpdateReport(
+            _str(r.get("release_id"), f"{where}.release_id", limit=200),
+            _str(r.get("name"), f"{where}.name", limit=64),
+            _str(r.get("version"), f"{where}.version", limit=64),
+            _str(r.get("state"), f"{where}.state", limit=64),
+            _str(r.get("result"), f"{where}.result", optional=True, limit=64),
+            _str(r.get("reason"), f"{where}.reason", optional=True, limit=2000),
+            _num(r.get("at", 0), f"{where}.at"),
+        )
+    return out

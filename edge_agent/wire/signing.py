@@ -36,43 +36,52 @@ def key_id(public: Ed25519PublicKey) -> str:
 
 def generate_keypair(out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``signing.key`` (PKCS#8 PEM, mode 0600) and ``signing.pub`` (SPKI PEM) into ``out_dir``."""
-    from edge_agent.fsutil import atomic_write_bytes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     key_path, pub_path = out / "signing.key", out / "signing.pub"
     if key_path.exists():
         raise ConfigError(f"{key_path} already exists; refusing to overwrite a signing key")
-    private = Ed25519PrivateKey.generate()
+    write_key_pair(Ed25519PrivateKey.generate(), key_path, pub_path)
+    return key_path, pub_path
+
+
+def write_key_pair(private: Any, key_path: Path, pub_path: Path) -> None:
+    """Write ``private`` (PKCS#8 PEM, mode 0600) and its public half (SPKI PEM), each atomically."""
+    from edge_agent.fsutil import atomic_write_bytes
+
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     atomic_write_bytes(key_path, pem, mode=0o600)
-    atomic_write_bytes(
-        pub_path,
-        private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+    public = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return key_path, pub_path
+    atomic_write_bytes(pub_path, public)
+
+
+def read_pem_key(path: str | Path, cls: type, *, private: bool, what: str, expected: str) -> Any:
+    """A PEM key of type ``cls``; ConfigError "cannot read {what} {path}" or "{path} is not {expected}"."""
+    try:
+        data = Path(path).read_bytes()
+        key: Any = (
+            serialization.load_pem_private_key(data, password=None)
+            if private
+            else serialization.load_pem_public_key(data)
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+    if not isinstance(key, cls):
+        raise ConfigError(f"{path} is not {expected}")
+    return key
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot read signing key {path}: {exc}") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"{path} is not an Ed25519 private key")
-    return key
+    return read_pem_key(path, Ed25519PrivateKey, private=True, what="signing key", expected="an Ed25519 private key")
 
 
 def load_public_key(path: str | Path) -> Ed25519PublicKey:
-    try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot read public key {path}: {exc}") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"{path} is not an Ed25519 public key")
-    return key
+    return read_pem_key(path, Ed25519PublicKey, private=False, what="public key", expected="an Ed25519 public key")
 
 
 def sign(doc: Mapping[str, Any], private: Ed25519PrivateKey) -> dict[str, Any]:

@@ -69,6 +69,11 @@ def chunk_topic(sha256: str, index: int) -> str:
     return f"{ROOT}/artifacts/{sha256}/{index}"
 
 
+def chunk_filter(sha256: str) -> str:
+    """Every chunk of one artifact: a fresh download's single subscription."""
+    return f"{ROOT}/artifacts/{sha256}/+"
+
+
 def parse_chunk_topic(topic: str) -> tuple[str, int] | None:
     parts = topic.split("/")
     if len(parts) == 5 and f"{parts[0]}/{parts[1]}" == ROOT and parts[2] == "artifacts" and parts[4].isdigit():
@@ -95,6 +100,23 @@ def parse_device_topic(topic: str) -> tuple[str, str, str] | None:
 def sync_probe_topic(client_id: str, nonce: str) -> str:
     """A private, unretained topic a reader publishes to itself to learn the retained messages are in."""
     return f"{ROOT}/_sync/{client_id}/{nonce}"
+
+
+def acl_filters(fleet: str) -> dict[str, str]:
+    """The filters a broker ACL names (``cloud_batch.pki``), with mosquitto's ``%u`` (user) and ``%c`` (client id)."""
+    base = _fleet_topic(fleet)
+    return {
+        "own_device": f"{base}/devices/%u/#",  # a device's state, presence, telemetry and its ack
+        "releases": f"{base}/releases/+",
+        "rollouts": f"{base}/rollouts/+",
+        "features": f"{base}/features/#",
+        "artifacts": f"{ROOT}/artifacts/#",
+        "states": f"{base}/devices/+/state",
+        "presence": f"{base}/devices/+/presence",
+        "telemetry": f"{base}/devices/+/telemetry",
+        "telemetry_ack": f"{base}/devices/+/telemetry/ack",
+        "sync": f"{ROOT}/_sync/%c/#",  # a reader's own probe topic (``sync_probe_topic``)
+    }
 
 
 # -- subscriptions and received topics of the update agent (and the fleet simulator) ----------------
@@ -126,3 +148,33 @@ def _fleet_parts(topic: str, n: int, kinds: tuple[str, ...]) -> list[str] | None
     if len(parts) != n or "/".join(parts[:3]) != f"{ROOT}/fleets" or parts[4] not in kinds:
         return None
     return parts[3:]
+
+
+# -- telemetry (device -> cloud) and its acknowledgement (cloud -> device) -------------------------
+def telemetry_topic(fleet: str, device_id: str) -> str:
+    """Where a device publishes its telemetry batches (QoS 1, not retained)."""
+    return _fleet_topic(fleet, "devices", check_segment(device_id, "device id"), "telemetry")
+
+
+def telemetry_ack_topic(fleet: str, device_id: str) -> str:
+    """Where ingest retains the highest contiguous ``seq`` it durably stored for the device (QoS 1)."""
+    return _fleet_topic(fleet, "devices", check_segment(device_id, "device id"), "telemetry", "ack")
+
+
+def telemetry_filter(fleet: str) -> str:
+    """Every device's telemetry batches in ``fleet`` (ingest's subscription)."""
+    return _fleet_topic(fleet, "devices", "+", "telemetry")
+
+
+def parse_telemetry_topic(topic: str) -> tuple[str, str] | None:
+    """``(fleet, device id)`` of a ``telemetry_topic`` (segments unchecked), or None for another topic."""
+    p = _fleet_parts(topic, 7, ("devices",))
+    return (p[0], p[2]) if p and p[3] == "telemetry" else None
+
+
+PRESENCE_ONLINE, PRESENCE_OFFLINE = b"online", b"offline"
+
+
+def presence(fleet: str, device_id: str, online: bool) -> tuple[str, bytes]:
+    """A device's retained presence message, ``(topic, payload)``; the offline one is also its last will."""
+    return presence_topic(fleet, device_id), PRESENCE_ONLINE if online else PRESENCE_OFFLINE

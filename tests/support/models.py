@@ -21,10 +21,19 @@ def replace_model(version_dir: Path, data: bytes) -> Path:
 
 
 def crashing_model(valid: bytes) -> bytes:
-    """A crafted .tflite that segfaults tflite-runtime on load.
+    """A crafted .tflite that segfaults tflite-runtime on load (ai-edge-litert refuses it cleanly).
 
-    The runtime's Python loader builds the flatbuffer model without running the flatbuffer
+    tflite-runtime's Python loader builds the flatbuffer model without running the flatbuffer
     verifier, so pointing the root table offset (the first 4 bytes) far outside the file makes
-    the loader read unmapped memory: SIGSEGV, not a Python exception.
+    the loader read unmapped memory: SIGSEGV, not a Python exception. ai-edge-litert verifies
+    the buffer and raises "The model is not a valid Flatbuffer buffer".
     """
     return struct.pack("<I", 0x7FFFFF00) + valid[4:]
+
+
+# What crashing_model() may do to the runtime: crash it (only the validation child dies) or be refused
+# by it. Both are correct; what matters is that it is refused with the reason and the agent goes on.
+BROKEN_MODEL_REASONS = (
+    "validation process crashed (SIGSEGV)",
+    "cannot load model.tflite on this device's runtime (ai-edge-litert): The model is not a valid Flatbuffer buffer",
+)

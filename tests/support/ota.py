@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -18,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client import CollectorRegistry
 
 from cloud_batch.fleetops.publish import publish_artifact
+from cloud_batch.registry.signed import SignedLog
 from edge_agent.config import OtaConfig
 from edge_agent.inference.runtime import RuntimeOptions
 from edge_agent.models.serving import ModelServer
@@ -55,6 +58,7 @@ class Cloud:
 
     def __init__(self, url: str, key: Ed25519PrivateKey) -> None:
         self.key = key
+        self.signed = SignedLog(tempfile.mkdtemp(prefix="cloud-signed-"))  # issues every seq, like the registry
         self.link = MqttLink(url, f"cloud-{uuid.uuid4().hex[:6]}")
         self.states: dict[str, DeviceState] = {}
         self.presence: dict[str, bytes] = {}
@@ -90,9 +94,13 @@ class Cloud:
         publish_chunks: bool = True,
         artifact: Artifact | None = None,
         after_sign: Callable[[dict[str, Any]], None] | None = None,
+        expires_at: float | None = None,
         **policy: Any,
     ) -> dict[str, Any]:
-        """Pack, publish the chunks and the signed release (retained); return the release document."""
+        """Pack, publish the chunks and the signed release (retained, next seq); return the release document.
+
+        A rollback expires in an hour unless ``expires_at`` says otherwise.
+        """
         manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
         blob = pack_dir(version_dir)
         if artifact is None:
@@ -106,11 +114,16 @@ class Cloud:
             artifact=artifact,
             rollback=rollback,
             policy=Policy(**policy),
+            expires_at=expires_at if expires_at is not None or not rollback else time.time() + 3600,
         )
-        doc = rel.to_dict()
         signer = self.key if key == "default" else key
-        if signer is not None:
-            doc = sign(doc, signer)  # type: ignore[arg-type]
+
+        def build(seq: int) -> dict[str, Any]:
+            rel.seq = seq
+            doc = rel.to_dict()
+            return sign(doc, signer) if signer is not None else doc  # type: ignore[arg-type]
+
+        doc = self.signed.issue(fleet, "model", rel.name, build)
         if after_sign is not None:
             after_sign(doc)
         self.publish_release(manifest["name"], encode(doc))
@@ -119,9 +132,18 @@ class Cloud:
     def publish_release(self, name: str, payload: bytes) -> None:
         self.link.publish(release_topic(FLEET, name), payload, retain=True, wait_s=10)
 
-    def rollout(self, name: str, release_id: str, percent: int, status: str = "active") -> None:
-        doc = Rollout(release_id=release_id, percent=percent, status=status).to_dict()
+    def rollout(
+        self, name: str, release_id: str, percent: int, status: str = "active", *, signed: bool = True
+    ) -> dict[str, Any]:
+        """Publish a rollout document (signed with the next rollout seq unless ``signed`` is False); return it."""
+
+        def build(seq: int) -> dict[str, Any]:
+            doc = Rollout(release_id, percent, status=status, seq=seq, fleet=FLEET, name=name).to_dict()
+            return sign(doc, self.key) if signed else doc
+
+        doc = self.signed.issue(FLEET, "rollout", name, build)
         self.link.publish(rollout_topic(FLEET, name), encode(doc), retain=True, wait_s=10)
+        return doc
 
     def wait(self, pred: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
         deadline = time.monotonic() + timeout
@@ -168,7 +190,7 @@ class Device:
     ) -> None:
         self.device_id = device_id or f"dev-{uuid.uuid4().hex[:6]}"
         self.data_dir = data_dir
-        self.store = ModelStore(data_dir)
+        self.store = ModelStore(data_dir, fleet_key=options.fleet_key if options else None)
         for d in install:
             self.store.install_dir(d)
         self.server = ModelServer(self.store, RuntimeOptions(num_threads=1, pool_size=2), warmup_runs=1)
@@ -178,19 +200,37 @@ class Device:
         self.server.add_listener(
             lambda n, old, new: self.swaps.append((n, old.version if old else None, new.version if new else None))
         )
-        self.link = MqttLink(url, self.device_id, will=will_for(FLEET, self.device_id))
         opts = options or OtaConfig(
             poll_s=0.05, rollout_settle_s=0.3, max_artifact_bytes=120_000, stall_timeout_s=5, retry_backoff_s=0.2
         )
+        self.link = MqttLink(
+            url, self.device_id, will=will_for(FLEET, self.device_id), max_packet_bytes=opts.max_message_bytes
+        )
+        self.metrics = CollectorRegistry()
         self.ota = OtaAgent(
-            self.link, self.store, self.server, data_dir, self.device_id, FLEET, trusted, options=opts, **seams
+            self.link,
+            self.store,
+            self.server,
+            data_dir,
+            self.device_id,
+            FLEET,
+            trusted,
+            options=opts,
+            metrics=self.metrics,
+            **seams,
         )
         self.link.start()
         assert self.link.wait_connected(10)
         self.ota.start()
 
+    def dropped(self, kind: str = "release") -> float:
+        """``edgefleet_ota_rejected_unauthenticated_total{kind}`` of this agent (since its last restart)."""
+        value = self.metrics.get_sample_value("edgefleet_ota_rejected_unauthenticated_total", {"kind": kind})
+        return value or 0.0
+
     def restart_agent(self, **seams: Any) -> None:
         self.ota.stop()
+        self.metrics = CollectorRegistry()
         self.ota = OtaAgent(
             self.link,
             self.store,
@@ -200,6 +240,7 @@ class Device:
             FLEET,
             self.ota.trusted,
             options=self.ota.options,
+            metrics=self.metrics,
             **seams,
         )
         self.ota.start()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_agent.errors import BundleKeyError, BundleSchemaError, BundleValueError
+from edge_agent.errors import BundleKeyError, BundleSchemaError, BundleValueError, plain
 from edge_agent.wire.bundle.info import DTYPES, MAX_ENTITY_LEN, Bundle, BundleInfo
 
 
@@ -33,7 +33,9 @@ def validate_arrays(
     bad = ~np.isfinite(event_ts) | (event_ts < 0)
     if bad.any():
         i = int(np.argmax(bad))
-        raise BundleValueError(f"{where}: event_ts of entity {entities[i]!r} is {event_ts[i]!r} (need finite, >= 0)")
+        raise BundleValueError(
+            f"{where}: event_ts of entity {plain(entities[i])!r} is {plain(event_ts[i])!r} (need finite, >= 0)"
+        )
     # values
     if values.dtype.kind not in "fiu":
         raise BundleValueError(
@@ -54,7 +56,7 @@ def validate_arrays(
         if not finite.all():
             r, c = np.argwhere(~finite)[0]
             raise BundleValueError(
-                f"{where}: {info.features[c].name} of entity {entities[r]!r} is {values[r, c]!r}; NaN and infinity "
+                f"{where}: {info.features[c].name} of entity {plain(entities[r])!r} is {plain(values[r, c])!r}; NaN and infinity "
                 "are refused (impute in the batch job or leave the entity out)"
             )
     # keys: sort once, then duplicates are neighbours

@@ -207,7 +207,7 @@ def _check_features(raw: Any) -> tuple[FeatureSpec, ...]:
     for i, item in enumerate(raw):
         if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
             raise BundleSchemaError(f"bundle.json.features[{i}]: expected {{'name': str, 'dtype': str}}")
-        if not _FEATURE_NAME.match(item["name"]):
+        if not _FEATURE_NAME.fullmatch(item["name"]):
             raise BundleSchemaError(f"bundle.json.features[{i}].name: 1-128 printable characters")
         if item.get("dtype") not in DTYPES:
             raise BundleSchemaError(

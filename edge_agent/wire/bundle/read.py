@@ -1,10 +1,15 @@
-"""Reading a bundle directory on a device: header, integrity, then every array rule."""
+"""Reading a bundle directory on a device: header, integrity, then every array rule.
+
+Nothing is allocated on a file's word: ``bundle.json`` is parsed with a depth limit, and each
+array's ``.npy`` header (shape, dtype) is checked against ``bundle.json`` before the array is read,
+so a small ``data.npz`` cannot declare gigabytes (an "npz bomb").
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -12,9 +17,12 @@ import numpy as np
 
 from edge_agent.errors import BundleIntegrityError, BundleRejected, BundleSchemaError, BundleValueError
 from edge_agent.wire.bundle.arrays import validate_arrays
-from edge_agent.wire.bundle.info import BUNDLE_FILE, DATA_FILE, Bundle, BundleInfo
+from edge_agent.wire.bundle.info import BUNDLE_FILE, DATA_FILE, MAX_ENTITY_LEN, Bundle, BundleInfo
+from edge_agent.wire.jsonlimits import loads_limited
 
 _ARRAYS = ("entities", "event_ts", "values", "deleted")
+MAX_JSON_DEPTH = 16  # bundle.json is 3 levels deep
+_MAX_ITEMSIZE = 4 * MAX_ENTITY_LEN  # the widest array item a valid bundle has (an entity id as <U256)
 
 
 def read_info(path: str | Path) -> BundleInfo:
@@ -23,9 +31,10 @@ def read_info(path: str | Path) -> BundleInfo:
     if not file.exists():
         raise BundleIntegrityError(f"{file}: not found (is this a feature bundle directory?)")
     try:
-        return BundleInfo.from_dict(json.loads(file.read_text()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # read or parse, not a rule
-        raise BundleSchemaError(f"{file}: not valid JSON: {exc}") from exc
+        text = file.read_bytes()
+    except OSError as exc:
+        raise BundleSchemaError(f"{file}: not valid JSON: cannot read it: {exc}") from exc
+    return BundleInfo.from_dict(loads_limited(text, max_depth=MAX_JSON_DEPTH, what=str(file), error=BundleSchemaError))
 
 
 def read_bundle(path: str | Path, *, max_rows: int | None = None) -> Bundle:
@@ -67,6 +76,7 @@ def _load_npz(blob: bytes, info: BundleInfo) -> dict[str, np.ndarray]:
             missing = {"entities", "event_ts", "values"} - names
             if missing:
                 raise BundleSchemaError(f"bundle {info.id}: {DATA_FILE} lacks arrays {sorted(missing)}")
+            _check_headers(npz.zip, names, info)
             out = {}
             for k in names:
                 try:
@@ -79,3 +89,26 @@ def _load_npz(blob: bytes, info: BundleInfo) -> dict[str, np.ndarray]:
         raise BundleIntegrityError(f"bundle {info.id}: {DATA_FILE} is not a readable .npz: {exc}") from exc
     out.setdefault("deleted", np.empty(0, dtype="<U1"))
     return out
+
+
+def _check_headers(zf: zipfile.ZipFile, names: set[str], info: BundleInfo) -> None:
+    """Each array's declared shape and dtype against ``bundle.json``, read from its header alone."""
+    expected = {
+        "entities": (info.rows,),
+        "event_ts": (info.rows,),
+        "values": (info.rows, len(info.features)),
+        "deleted": (info.deletes,),
+    }
+    for k in names:
+        with zf.open(f"{k}.npy") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        if len(shape) > 2 or math.prod(shape) > math.prod(expected[k]):  # smaller: validate_arrays words it
+            raise BundleSchemaError(
+                f"bundle {info.id}: {k} in {DATA_FILE} declares shape {tuple(shape)}, bundle.json implies {expected[k]}"
+            )
+        if dtype.itemsize > _MAX_ITEMSIZE:
+            raise BundleSchemaError(f"bundle {info.id}: {k} in {DATA_FILE} has an oversized dtype {dtype}")

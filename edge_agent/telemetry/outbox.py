@@ -1,0 +1,320 @@
+"""The telemetry outbox: one SQLite file (WAL, 0600) of records waiting for the cloud's ack.
+
+``<data-dir>/telemetry.db``, separate from the feature cache::
+
+    records(seq INTEGER PRIMARY KEY AUTOINCREMENT, kind, ts, model, request_id, has_inputs, size, body)
+    labels(request_id PRIMARY KEY, model, seq)      inference ids that have a feedback label (409 rule)
+    meta(key PRIMARY KEY, value)                    acked_seq, dropped:<kind>
+
+``seq`` comes from AUTOINCREMENT, so it never repeats, even after every row was acked and deleted.
+Rows leave only two ways: :meth:`Outbox.ack` (the ingest stored them) or the bound (counted).
+
+The bound (``max_rows``, ``max_bytes``), applied after every append, in this order:
+
+1. ``inputs``: the oldest sampled inputs are stripped from their prediction rows (the prediction
+   stays); only while over ``max_bytes``;
+2. ``prediction``: the oldest prediction rows are deleted;
+3. ``drift``, ``event``, ``feedback``: only when nothing else is left to drop and the outbox is
+   still over the bound (the hard cap), oldest first.
+
+Every drop is added to ``meta`` in the same transaction (``dropped:<kind>``) and reported in each
+telemetry batch and in ``edgefleet_outbox_dropped_total{kind}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_agent.errors import OutboxError
+
+DB_FILE = "telemetry.db"
+PROTECTED = ("drift", "event", "feedback")  # dropped only at the hard cap, in this order
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, ts REAL NOT NULL, model TEXT,
+    request_id TEXT, has_inputs INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS records_request ON records(request_id) WHERE request_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_inputs ON records(seq) WHERE has_inputs = 1;
+CREATE TABLE IF NOT EXISTS labels (request_id TEXT PRIMARY KEY, model TEXT NOT NULL, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+MAX_LABELS = 200_000  # label ids remembered for the 409 rule (oldest forgotten first)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A record about to be appended; ``body`` is its JSON text."""
+
+    kind: str
+    ts: float
+    body: str
+    model: str | None = None
+    request_id: str | None = None
+    has_inputs: bool = False
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    rows: int
+    bytes: int
+    acked_seq: int
+    last_seq: int
+    dropped: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "acked_seq": self.acked_seq,
+            "last_seq": self.last_seq,
+            "dropped": self.dropped,
+        }
+
+
+class Outbox:
+    """Thread-safe SQLite outbox; every method is one transaction."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_rows: int | None = None,
+        max_bytes: int | None = None,
+        on_drop: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self.on_drop = on_drop
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA busy_timeout=5000")  # the CLI may write while the agent runs
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a feedback commit survives power loss
+            self._db.executescript(_SCHEMA)
+            self._rows, self._bytes = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records"
+            ).fetchone()
+        except (OSError, sqlite3.Error) as exc:
+            raise OutboxError(f"telemetry outbox {self.path} cannot be opened: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- writing ------------------------------------------------------------------------
+    def append(self, rows: list[Row], labels: list[tuple[str, str]] | None = None) -> int:
+        """Insert ``rows`` (and ``(request_id, model)`` label marks) in one transaction, then apply the bound.
+
+        Returns the seq of the last row (0 when ``rows`` is empty).
+        """
+        if not rows:
+            return 0
+        with self._lock:
+            try:
+                db = self._db
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany(
+                    "INSERT INTO records(kind, ts, model, request_id, has_inputs, size, body) VALUES (?,?,?,?,?,?,?)",
+                    [(r.kind, r.ts, r.model, r.request_id, int(r.has_inputs), len(r.body), r.body) for r in rows],
+                )
+                last = int(db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()[0])
+                for request_id, model in labels or ():
+                    db.execute(
+                        "INSERT INTO labels(request_id, model, seq) VALUES (?,?,?) "
+                        "ON CONFLICT(request_id) DO UPDATE SET seq=excluded.seq",
+                        (request_id, model, last),
+                    )
+                self._rows += len(rows)
+                self._bytes += sum(len(r.body) for r in rows)
+                drops = self._bound()
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"telemetry outbox write failed: {exc}") from exc
+        self._report(drops)
+        return last
+
+    def _rollback(self) -> None:
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+        self._rows, self._bytes = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records").fetchone()
+
+    def _over(self) -> bool:
+        return (self.max_rows is not None and self._rows > self.max_rows) or (
+            self.max_bytes is not None and self._bytes > self.max_bytes
+        )
+
+    def _bound(self) -> dict[str, int]:
+        """Apply the drop order (module docstring) inside the caller's transaction; return drops by kind."""
+        drops: dict[str, int] = {}
+        db = self._db
+        while self.max_bytes is not None and self._bytes > self.max_bytes:
+            found = db.execute(
+                "SELECT seq, size, body FROM records WHERE has_inputs = 1 ORDER BY seq LIMIT 256"
+            ).fetchall()
+            if not found:
+                break
+            for seq, size, body in found:
+                doc = json.loads(body)
+                doc.pop("inputs", None)
+                doc["inputs_dropped"] = True
+                text = json.dumps(doc, separators=(",", ":"))
+                db.execute("UPDATE records SET body=?, size=?, has_inputs=0 WHERE seq=?", (text, len(text), seq))
+                self._bytes += len(text) - size
+                drops["inputs"] = drops.get("inputs", 0) + 1
+                if self._bytes <= self.max_bytes:
+                    break
+        for kind in ("prediction", *PROTECTED):
+            while self._over():
+                excess_rows = self._rows - self.max_rows if self.max_rows is not None else 0
+                n = max(1, min(excess_rows, 1000)) if excess_rows > 0 else 64
+                found = db.execute(
+                    "SELECT seq, size FROM records WHERE kind=? ORDER BY seq LIMIT ?", (kind, n)
+                ).fetchall()
+                if not found:
+                    break
+                for seq, size in found:
+                    if not self._over():
+                        break
+                    db.execute("DELETE FROM records WHERE seq=?", (seq,))
+                    self._rows -= 1
+                    self._bytes -= size
+                    drops[kind] = drops.get(kind, 0) + 1
+        for kind, n in drops.items():
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                (f"dropped:{kind}", n),
+            )
+        return drops
+
+    def _report(self, drops: dict[str, int]) -> None:
+        if self.on_drop is not None:
+            for kind, n in drops.items():
+                self.on_drop(kind, n)
+
+    def count_drop(self, kind: str, n: int) -> None:
+        """Count records lost before they reached the outbox (the in-memory queue was full)."""
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO meta(key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                    (f"dropped:{kind}", n),
+                )
+            except sqlite3.Error as exc:
+                raise OutboxError(f"telemetry outbox write failed: {exc}") from exc
+        self._report({kind: n})
+
+    def ack(self, acked_seq: int) -> int:
+        """Delete every row up to ``acked_seq`` (ingest stored them) and remember the ack; rows deleted."""
+        with self._lock:
+            try:
+                db = self._db
+                db.execute("BEGIN IMMEDIATE")
+                if acked_seq <= self._meta("acked_seq"):
+                    db.execute("COMMIT")
+                    return 0
+                n, size = db.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records WHERE seq <= ?", (acked_seq,)
+                ).fetchone()
+                db.execute("DELETE FROM records WHERE seq <= ?", (acked_seq,))
+                db.execute(
+                    "INSERT INTO meta(key, value) VALUES ('acked_seq', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                    (acked_seq,),
+                )
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise OutboxError(f"telemetry outbox ack failed: {exc}") from exc
+            self._rows -= n
+            self._bytes -= size
+            return int(n)
+
+    # -- reading ------------------------------------------------------------------------
+    def read_after(self, seq: int, limit_bytes: int, limit_rows: int = 10_000) -> list[tuple[int, str, float, str]]:
+        """Rows ``(seq, kind, ts, body)`` after ``seq`` in order, up to about ``limit_bytes`` of body (at least one)."""
+        out: list[tuple[int, str, float, str]] = []
+        total = 0
+        with self._lock:
+            try:
+                cur = self._db.execute(
+                    "SELECT seq, kind, ts, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit_rows)
+                )
+                for row in cur:
+                    if out and total + len(row[3]) > limit_bytes:
+                        break
+                    out.append(row)
+                    total += len(row[3])
+            except sqlite3.Error as exc:
+                raise OutboxError(f"telemetry outbox read failed: {exc}") from exc
+        return out
+
+    def delete(self, seq: int, kind: str) -> None:
+        """Drop one row that can never be sent (larger than a batch); counted like any other drop."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT size FROM records WHERE seq=?", (seq,)).fetchone()
+                if row is None:
+                    return
+                self._db.execute("DELETE FROM records WHERE seq=?", (seq,))
+                self._rows -= 1
+                self._bytes -= row[0]
+            except sqlite3.Error as exc:
+                raise OutboxError(f"telemetry outbox write failed: {exc}") from exc
+        self.count_drop(kind, 1)
+
+    def find_prediction(self, request_id: str) -> str | None:
+        """The model of the prediction ``request_id`` if it is still in the outbox."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT model FROM records WHERE request_id=? AND kind='prediction' ORDER BY seq DESC LIMIT 1",
+                (request_id,),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def has_label(self, request_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM labels WHERE request_id=?", (request_id,)).fetchone() is not None
+
+    def forget_old_labels(self) -> None:
+        """Keep the label index bounded (MAX_LABELS newest ids)."""
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM labels WHERE seq < (SELECT seq FROM labels ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (MAX_LABELS,),
+            )
+
+    def _meta(self, key: str) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def acked_seq(self) -> int:
+        with self._lock:
+            return self._meta("acked_seq")
+
+    def dropped(self) -> dict[str, int]:
+        """Cumulative drops per kind since the outbox was created."""
+        with self._lock:
+            rows = self._db.execute("SELECT key, value FROM meta WHERE key LIKE 'dropped:%'").fetchall()
+        return {k.split(":", 1)[1]: int(v) for k, v in rows}
+
+    def stats(self) -> OutboxStats:
+        with self._lock:
+            seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
+            acked = self._meta("acked_seq")
+            rows, size = self._rows, self._bytes
+        return OutboxStats(rows, size, acked, int(seq[0]) if seq else 0, self.dropped())
