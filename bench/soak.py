@@ -11,7 +11,9 @@ from models/), then for ``--minutes``:
 - a model release (a new digits version) every ``--release-every-s`` (60 s);
 - a feature push (a new ``asset_features`` snapshot) every ``--push-every-s`` (120 s);
 - a broker restart every ``--restart-every-s`` (300 s);
-- every 5 s: the agent's RSS and open fds (/proc). (No telemetry module exists yet to exercise.)
+- telemetry on (the default) with 10% of inputs sampled: the outbox fills to its bound (no ingest
+  acknowledges it here), so its drop path runs for most of the soak;
+- every 5 s: the agent's RSS and open fds (/proc).
 
 Reports RSS growth after the warm-up (first ``--warmup-min`` minutes), the fd range, requests
 by outcome (4xx "refused by design" apart from failures) and committed releases/pushes, as
@@ -105,6 +107,7 @@ class Load(threading.Thread):
 def start_agent(work: Path, broker_url: str, pub: Path, port: int) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     env["EDGEFLEET_MODELS_DIR"] = str(REPO / "models")
+    env["EDGEFLEET_TELEMETRY__SAMPLE_INPUTS"] = "0.1"
     args = ["--data-dir", str(work / "agent"), "--listen", f"127.0.0.1:{port}", "--broker", broker_url]
     args += ["--fleet", FLEET, "--device-id", "soak-1", "--trust", str(pub), "--log-level", "warning"]
     log = open(work / "agent.log", "wb")  # noqa: SIM115 (the agent's stderr for the whole run)

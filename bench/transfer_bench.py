@@ -9,8 +9,9 @@ already connected (as in a running agent), fetches it again and again. Each roun
 - ``raw``: a wildcard subscription to the artifact's chunk topics; done when every chunk has
   arrived in memory. No hashing, no disk: the wire's floor.
 - ``ota``: today's ``Downloader`` + ``ChunkStore`` (per-chunk sha256, one preallocated data file,
-  verified-chunk journal fsynced in groups, whole sha256 overlapped, fsync + rename), with the
-  agent's default window.
+  verified-chunk journal fsynced in groups, fsync + rename), with the agent's default window. The
+  whole-artifact sha256 is not part of it: the update machine's verifying step does it once, on
+  every path (raw included, it would add the same ~8 ms to both).
 - ``before``: the same Downloader and ChunkStore as of commit ``--before`` (one fsynced file per
   chunk, window 8), loaded from git, if git has that commit.
 

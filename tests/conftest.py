@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from cloud_batch.fleetops.keys import generate_keys
 from edge_agent.http.app import create_app
 from edge_agent.models.serving import ModelServer
 from edge_agent.models.store import ModelStore
+from edge_agent.mqtt.link import MqttLink
 from tests.apiserver import ApiServer
 from tests.broker import Broker
 from tests.modelzoo import Zoo, build_in_subprocess
@@ -88,6 +90,21 @@ def cloud_link(broker: Broker) -> Iterator[Any]:
         yield link
 
 
+@pytest.fixture
+def mk_link(broker: Broker) -> Iterator[Callable[[], MqttLink]]:
+    """Make connected ``MqttLink``s to the test's broker (each call a new one); all stopped afterwards."""
+    with ExitStack() as links:
+
+        def make() -> MqttLink:
+            link = MqttLink(broker.url, min_backoff_s=0.5, max_backoff_s=2)
+            link.start()
+            links.callback(link.stop)
+            assert link.wait_connected(10), "link did not connect"
+            return link
+
+        yield make
+
+
 # -- over the air: the cloud and the devices -------------------------------------------------------
 @pytest.fixture
 def keys() -> dict[str, Ed25519PrivateKey]:
@@ -99,6 +116,12 @@ def keys() -> dict[str, Ed25519PrivateKey]:
 def key_files(tmp_path: Path) -> tuple[Path, Path]:
     """The fleet's signing key pair as files, as ``cloud-batch keys generate`` writes them: (signing.key, signing.pub)."""
     return generate_keys(tmp_path / "keys")
+
+
+@pytest.fixture
+def reg(tmp_path: Path) -> Path:
+    """A ``cloud-batch`` registry folder, not yet created (``features build`` writes into it)."""
+    return tmp_path / "registry"
 
 
 @pytest.fixture

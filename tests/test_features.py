@@ -1,24 +1,21 @@
-"""The feature cache on real SQLite: apply (snapshot, delta, refusals), reads, TTL, bounds, concurrency, CLI."""
+"""The feature cache on real SQLite: apply (snapshot, delta, refusals), reads, TTL, bounds, history, schema.
+
+Concurrent readers are in ``test_features_concurrency.py``, the CLI in ``test_features_cli.py``.
+"""
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import sqlite3
-import threading
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from edge_agent.cli.features import add_commands
 from edge_agent.errors import (
     CacheFull,
     DeltaBaseMismatch,
-    EdgeError,
     FailedError,
     FeatureCacheError,
     FeatureExpired,
@@ -30,11 +27,8 @@ from edge_agent.errors import (
 )
 from edge_agent.features.cache import DB_FILE, FeatureCache
 from edge_agent.features.schema import SCHEMA_VERSION, table
-from edge_agent.wire.bundle import FeatureSpec, read_bundle, write_bundle
-from tests.support.bundles import write_rows
-
-NAMES = ["a", "b", "c"]
-T0 = 1_800_000_000.0
+from edge_agent.wire.bundle import FeatureSpec, write_bundle
+from tests.support.feature_cache import NAMES, T0, make
 
 
 class Clock:
@@ -43,39 +37,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-def make(
-    tmp: Path,
-    version: str,
-    entities: dict[str, list[float]],
-    *,
-    kind: str = "snapshot",
-    base: str | None = None,
-    deleted: tuple[str, ...] = (),
-    ts: float | dict[str, float] = T0,
-    ttl_s: float | None = 3600,
-    policy: str = "reject",
-    names: list[str] = NAMES,
-    set: str = "maint",
-    dtype: str = "float64",
-):
-    """Write a bundle directory and read it back, as a device would."""
-    path = write_rows(
-        tmp / f"{set}-{version}-{kind}",
-        set,
-        version,
-        entities,
-        names,
-        event_ts=ts,
-        kind=kind,
-        base=base,
-        deleted=deleted,
-        dtype=dtype,
-        ttl_s=ttl_s,
-        stale_policy=policy,
-    )
-    return read_bundle(path)
 
 
 def dump(cache: FeatureCache, set: str = "maint") -> dict[str, Any]:
@@ -380,159 +341,3 @@ def test_closed_cache_raises(tmp_path: Path) -> None:
         c.get("maint", "x")
     with pytest.raises(FeatureCacheError):
         c.apply(make(tmp_path, "2", {"x": [1, 1, 1]}))
-
-
-# -- concurrency ---------------------------------------------------------------------
-def test_readers_never_see_mixed_versions_during_applies(tmp_path: Path) -> None:
-    """Readers loop over entities while a writer applies snapshots and deltas whose values encode the version.
-
-    "Mixed" means: one get_many (one read transaction) returning rows of different versions, or a row
-    whose values are not those of the version it reports.
-    """
-    n_ent, versions = 3000, 16
-    entities = [f"asset-{i:05d}" for i in range(n_ent)]
-    bundles = []
-    for v in range(1, versions + 1):
-        if v % 2:  # odd: snapshot; even: delta rewriting every row
-            bundles.append(make(tmp_path, str(v), {e: [v, v, v] for e in entities}, ts=float(v)))
-        else:
-            bundles.append(
-                make(tmp_path, str(v), {e: [v, v, v] for e in entities}, kind="delta", base=str(v - 1), ts=float(v))
-            )
-    cache = FeatureCache(tmp_path / DB_FILE)
-    cache.apply(bundles[0])
-    stop = threading.Event()
-    reads = [0]
-    reads_lock = threading.Lock()
-    problems: list[str] = []
-    seen: set[str] = set()
-
-    def reader(seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        try:
-            while not stop.is_set():
-                pick = [entities[i] for i in rng.integers(0, n_ent, 40)]
-                rows = cache.get_many("maint", pick)
-                vs = {r.version for r in rows if r is not None}
-                if None in rows or len(vs) != 1 or any(r.row_version != r.version for r in rows):
-                    problems.append(f"mixed read: {sorted(vs)}")
-                for r in rows:
-                    if r is not None and not (r.values == float(r.row_version)).all():
-                        problems.append(f"{r.entity}: values {r.values.tolist()} under version {r.row_version}")
-                one = cache.get("maint", pick[0])
-                if (
-                    one is None
-                    or not (one.values == float(one.row_version)).all()
-                    or one.event_ts != float(one.row_version)
-                ):
-                    problems.append(f"single read inconsistent: {one!r}")
-                seen.update(vs)
-                with reads_lock:
-                    reads[0] += 1
-        except EdgeError as exc:  # pragma: no cover - reported below
-            problems.append(repr(exc))
-
-    threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    try:
-        for b in bundles[1:]:
-            with reads_lock:
-                start = reads[0]
-            cache.apply(b)
-            # Let readers observe every version (progress-based, not time-based).
-            for _ in range(20000):
-                with reads_lock:
-                    if reads[0] >= start + 8 or problems:
-                        break
-                threading.Event().wait(0.001)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
-    cache.close()
-    assert not problems, problems[:5]
-    assert len(seen) >= versions // 2, sorted(seen)
-
-
-# -- CLI handlers (parser built here; cli.py wires add_commands) ----------------------------
-def _cli(*argv: str) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="edge-agent")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_commands(sub)
-    args = parser.parse_args(argv)
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = int(args.handler(args))
-        except EdgeError as exc:  # what cli.main does
-            print(f"error: {exc}", file=err)
-            code = 1
-    return code, out.getvalue(), err.getvalue()
-
-
-def test_cli_apply_get_list(tmp_path: Path) -> None:
-    import time
-
-    data = str(tmp_path / "data")
-    now = time.time()
-    path = tmp_path / "bundle"
-    write_bundle(
-        path,
-        "maintenance",
-        "3",
-        "snapshot",
-        ["pump-1", "pump-2"],
-        [now - 100, now - 7200],
-        np.array([[1.5, 2.0], [3.0, 4.0]], np.float32),
-        ["vib", "temp"],
-        ttl_s=3600,
-    )
-
-    code, out, _ = _cli("features", "list", "--data-dir", data)
-    assert code == 0 and "no feature sets" in out
-    code, out, err = _cli("features", "get", "maintenance", "pump-1", "--data-dir", data)
-    assert code == 1 and "error: no feature cache" in err
-
-    code, out, _ = _cli("features", "apply", str(path), "--data-dir", data)
-    assert code == 0 and "applied maintenance version 3 (snapshot, was none): 2 rows" in out
-    code, out, _ = _cli("features", "apply", str(path), "--data-dir", data)
-    assert code == 0 and "already applied" in out
-
-    code, out, _ = _cli("features", "get", "maintenance", "pump-1", "--json", "--data-dir", data)
-    assert code == 0, out
-    doc = json.loads(out)
-    assert doc["features"] == {"vib": 1.5, "temp": 2.0} and doc["version"] == "3" and doc["expired"] is False
-    assert 99 < doc["age_s"] < 3600 and doc["event_ts"] == pytest.approx(now - 100)
-    code, out, _ = _cli("features", "get", "maintenance", "pump-1", "--data-dir", data)
-    assert code == 0 and "version 3" in out and "vib" in out and "fresh" in out
-
-    code, out, err = _cli("features", "get", "maintenance", "pump-9", "--data-dir", data)
-    assert code == 1 and "error: feature set 'maintenance' has no entity 'pump-9'" in err
-    code, out, err = _cli("features", "get", "other", "pump-1", "--data-dir", data)
-    assert code == 1 and "error: no feature set 'other'" in err
-    code, out, err = _cli("features", "get", "maintenance", "pump-2", "--json", "--data-dir", data)
-    assert code == 1 and "expired" in err and json.loads(out)["expired"] is True
-
-    code, out, _ = _cli("features", "list", "--json", "--data-dir", data)
-    (s,) = json.loads(out)
-    assert (s["name"], s["version"], s["rows"], s["some_expired"]) == ("maintenance", "3", 2, True)
-    assert s["newest_age_s"] == pytest.approx(100, abs=60)
-    code, out, _ = _cli("features", "list", "--data-dir", data)
-    assert code == 0 and "maintenance" in out and "some expired" in out
-
-    bad = tmp_path / "bad"
-    write_bundle(bad, "maintenance", "2", "snapshot", ["x"], now, [[1, 2]], ["vib", "temp"], ttl_s=60)
-    code, _, err = _cli("features", "apply", str(bad), "--data-dir", data)
-    assert code == 1 and "error: bundle maintenance@2" in err and "not newer" in err
-
-
-def test_cli_commands_have_examples() -> None:
-    parser = argparse.ArgumentParser(prog="edge-agent")
-    sub = parser.add_subparsers(dest="command", required=True)
-    group = add_commands(sub)
-    assert "Example:" in group.format_help()
-    for name in ("get", "list", "apply"):
-        sp = group._subparsers._group_actions[0].choices[name]  # argparse keeps subparsers here
-        assert "Example:" in sp.format_help() and f"edge-agent features {name}" in sp.format_help()
-        assert "--data-dir" in sp.format_help()

@@ -98,6 +98,8 @@ def test_manifest_and_depth_limited_json(raw: bytes) -> None:
 
 @FUZZ
 @given(payload=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+@example(payload=b"[" * 200_000)  # within the 256 KiB document limit: a RecursionError before the depth limit
+@example(payload=b'{"release_id": NaN}')
 def test_protocol_decoder(payload: bytes) -> None:
     try:
         doc = protocol.decode(payload, "release")

@@ -4,6 +4,7 @@ The cache holds the golden samples' ``asset_features`` rows as entities ``asset-
 written in *reversed* feature order (the join must reorder them into the manifest's column order).
 A request names the entity and sends only ``live``; the answer must be the one the model gives
 for both inputs sent explicitly. The cache's clock is injected, so ages and TTLs are exact.
+The manifest's ``feature_joins`` declaration is checked in ``test_join_manifest.py``.
 """
 
 from __future__ import annotations
@@ -19,25 +20,21 @@ import pytest
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_agent.errors import ManifestError
 from edge_agent.features.cache import DB_FILE, FeatureCache
 from edge_agent.http.app import create_app
 from edge_agent.models.serving import ModelServer
 from edge_agent.models.store import ModelStore
 from edge_agent.wire.bundle import FeatureSpec, write_bundle
-from edge_agent.wire.manifest import MANIFEST_FILE, Manifest
+from edge_agent.wire.manifest import MANIFEST_FILE
 from tests.apiserver import ApiServer
-from tests.support.env import MODELS
+from tests.support.join import FEATURES, MAINT, SET
 
-MAINT = MODELS / "maintenance" / "1"
-SET = "asset_features"
 T0 = 1_800_000_000.0
 TTL = 3600.0
 OUT = "failure_prob"
 
 with np.load(MAINT / "golden.npz") as _g:
     LIVE, ASSET, GOLDEN_OUT = _g["in:live"], _g["in:asset_features"], _g["out:failure_prob"]
-FEATURES = json.loads((MAINT / MANIFEST_FILE).read_text())["feature_names"]["asset_features"]
 ENTITIES = [f"asset-{i}" for i in range(len(ASSET))]
 
 
@@ -366,37 +363,3 @@ def test_tritonclient_names_the_entity_in_parameters(rig: Rig, api: ApiServer, b
         assert meta["parameters"]["inputs"]["asset_features"]["joined_from"] == SET
     finally:
         client.close()
-
-
-# -- the manifest declaration ----------------------------------------------------------------------
-def _manifest(edit: Any) -> dict[str, Any]:
-    raw = json.loads((MAINT / MANIFEST_FILE).read_text())
-    edit(raw["feature_joins"])
-    return raw
-
-
-@pytest.mark.parametrize(
-    "edit,error",
-    [
-        (lambda j: j.update(pixels=j.pop("asset_features")), "the model has no input 'pixels'"),
-        (lambda j: j["asset_features"]["features"].pop(), "17 names for input 'asset_features' of width 18"),
-        (lambda j: j["asset_features"]["features"].__setitem__(1, j["asset_features"]["features"][0]), "duplicate"),
-        (lambda j: j["asset_features"].update(default=[0.0] * 17), "default: expected null or 18 finite numbers"),
-        (lambda j: j["asset_features"].update(default=[float("nan")] * 18), "default: expected null or 18 finite"),
-        (lambda j: j["asset_features"].update(set="no/slash"), "feature_joins['asset_features'].set"),
-        (lambda j: j["asset_features"].update(features=[]), "non-empty list of feature names"),
-        (lambda j: j["asset_features"].update(sets="x"), "unknown keys ['sets']"),
-    ],
-)
-def test_the_manifest_declaration_is_validated(edit: Any, error: str) -> None:
-    with pytest.raises(ManifestError, match=None) as exc:
-        Manifest.from_dict(_manifest(edit))
-    assert error in str(exc.value)
-
-
-def test_the_shipped_maintenance_manifest_declares_its_join() -> None:
-    m = Manifest.load(MAINT / MANIFEST_FILE)
-    join = m.feature_joins["asset_features"]
-    assert (join.input, join.set, list(join.features), join.default) == ("asset_features", SET, FEATURES, None)
-    assert list(m.feature_joins) == ["asset_features"]  # live is always sent by the client
-    assert Manifest.from_dict(json.loads(m.to_json())).feature_joins == m.feature_joins

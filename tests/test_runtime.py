@@ -3,6 +3,8 @@
 No mocks: every model is a real ``.tflite`` built by TensorFlow (in a subprocess), and every
 expected output was computed by TensorFlow's own ``tf.lite.Interpreter`` at build time.
 Quantized outputs may differ by one quantization step between TFLite builds.
+Request errors and incompatible models are in ``test_runtime_errors.py``, quantization in
+``test_runtime_quantize.py``.
 """
 
 from __future__ import annotations
@@ -10,47 +12,18 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from edge_agent.errors import IncompatibleModelError, RequestError
+from edge_agent.errors import RequestError
 from edge_agent.inference.interpreter import Backend, default_backend
-from edge_agent.inference.modelpack import sha256_file
-from edge_agent.inference.runtime import DelegateSpec, LoadedModel, RuntimeOptions, dequantize, inspect_model, quantize
-from edge_agent.wire.manifest import Manifest, Quantization
-from tests.modelzoo import CUSTOM_OP, DYNAMIC_BATCH, FIXED_BATCH_SAMPLES, Zoo
+from edge_agent.inference.runtime import DelegateSpec, RuntimeOptions, dequantize, inspect_model, quantize
+from tests.modelzoo import DYNAMIC_BATCH, FIXED_BATCH_SAMPLES, Zoo
+from tests.support.runtime import QUANTIZED, assert_close, load
 
 RUNNABLE = ("int8", "uint8", "float16", "float32", "multi_io", "fixed_batch")
-QUANTIZED = ("int8", "uint8", "multi_io", "fixed_batch")
-
-
-def manifest_for(path: Path, name: str = "zoo") -> Manifest:
-    ins, outs = inspect_model(path)
-    return Manifest(
-        name=name, version="1", sha256=sha256_file(path), size=path.stat().st_size, inputs=ins, outputs=outs
-    )
-
-
-def load(zoo: Zoo, model: str, options: RuntimeOptions | None = None) -> LoadedModel:
-    path = zoo.path(model)
-    return LoadedModel(path, manifest_for(path, model), options)
-
-
-def assert_close(model: LoadedModel, got: dict[str, np.ndarray], want: dict[str, np.ndarray], steps: float = 1) -> None:
-    """Real-valued outputs agree within ``steps`` quantization steps (quantized) or 1e-4 (float)."""
-    assert set(got) == set(want)
-    for name, w in want.items():
-        spec = model.manifest.output(name)
-        assert spec is not None
-        g = got[name]
-        assert g.shape == w.shape, name
-        assert g.dtype == np.float32, name
-        tol = steps * spec.quantization.scale * (1 + 1e-6) if spec.quantization else 1e-4
-        err = float(np.max(np.abs(g.astype(np.float64) - w.astype(np.float64)))) if g.size else 0.0
-        assert err <= tol, f"{name}: max abs error {err} > {tol}"
 
 
 def sliced(arrays: dict[str, np.ndarray], n: int, start: int = 0) -> dict[str, np.ndarray]:
@@ -289,138 +262,3 @@ def test_warmup_and_info(zoo: Zoo) -> None:
     info = m.info()
     assert info["warm_latency_ms"] is not None
     assert info["backend"] == default_backend().name and info["delegate"] == "cpu"
-
-
-# -- request errors -----------------------------------------------------------------------------
-
-
-def test_unknown_and_missing_inputs_are_request_errors(zoo: Zoo) -> None:
-    m = load(zoo, "multi_io")
-    ins = zoo.part("multi_io", "in:")
-    with pytest.raises(RequestError, match="unknown input 'c'"):
-        m.predict({**ins, "c": ins["a"]})
-    with pytest.raises(RequestError, match="missing input 'b'"):
-        m.predict({"a": ins["a"]})
-    with pytest.raises(RequestError, match="missing input"):
-        m.predict({})
-
-
-@pytest.mark.parametrize(
-    "shape", [(2, 8, 8), (2, 8, 8, 2), (2, 4, 8, 1), (8, 8, 1), (2, 8, 8, 1, 1), ()], ids=lambda s: str(list(s))
-)
-def test_wrong_shape_is_a_request_error(zoo: Zoo, shape: tuple[int, ...]) -> None:
-    m = load(zoo, "int8")
-    with pytest.raises(RequestError, match="shape"):
-        m.predict({"pixels": np.zeros(shape, np.float32)})
-
-
-@pytest.mark.parametrize(
-    "bad",
-    [
-        np.full((1, 8, 8, 1), "a"),
-        np.full((1, 8, 8, 1), "x", dtype=object),
-        np.zeros((1, 8, 8, 1), np.complex128),
-        np.zeros((1, 8, 8, 1), np.bool_),
-        np.zeros((1, 8, 8, 1), "datetime64[s]"),
-    ],
-    ids=["str", "object", "complex", "bool", "datetime"],
-)
-@pytest.mark.parametrize("model", ("int8", "float32"))
-def test_wrong_dtype_is_a_request_error(zoo: Zoo, model: str, bad: np.ndarray) -> None:
-    m = load(zoo, model)
-    with pytest.raises(RequestError, match="datatype"):
-        m.predict({"pixels": bad})
-
-
-def test_request_errors_leave_the_model_usable(zoo: Zoo) -> None:
-    m = load(zoo, "int8", RuntimeOptions(pool_size=1))
-    for bad in (
-        {"pixels": np.zeros((1, 3), np.float32)},
-        {"nope": np.zeros(1)},
-        {"pixels": np.zeros((1, 8, 8, 1), complex)},
-    ):
-        with pytest.raises(RequestError):
-            m.predict(bad)
-    assert_close(m, m.predict(zoo.part("int8", "in:")), zoo.part("int8", "out:"))
-
-
-# -- incompatible models ----------------------------------------------------------------------
-
-
-def test_custom_op_model_is_incompatible_and_names_the_op(zoo: Zoo) -> None:
-    with pytest.raises(IncompatibleModelError, match=CUSTOM_OP) as info:
-        inspect_model(zoo.path("custom_op"))
-    assert "custom_op.tflite" in str(info.value)
-    man = manifest_for(zoo.path("int8"))  # any manifest: loading fails before it is used
-    with pytest.raises(IncompatibleModelError, match=CUSTOM_OP):
-        LoadedModel(zoo.path("custom_op"), man)
-
-
-@pytest.mark.parametrize("kind", ("random", "text", "empty", "truncated"))
-def test_garbage_files_are_incompatible(zoo: Zoo, kind: str) -> None:
-    path = zoo.garbage(kind)
-    with pytest.raises(IncompatibleModelError, match=path.name):
-        inspect_model(path)
-    with pytest.raises(IncompatibleModelError):
-        LoadedModel(path, manifest_for(zoo.path("int8")))
-
-
-def test_missing_file_is_incompatible(tmp_path: Path) -> None:
-    with pytest.raises(IncompatibleModelError):
-        inspect_model(tmp_path / "nope.tflite")
-
-
-# -- quantize / dequantize ------------------------------------------------------------------------
-
-
-def test_quantize_rounds_to_nearest_and_applies_the_zero_point() -> None:
-    q = Quantization(scale=0.5, zero_point=3)
-    x = np.array([0.0, 0.24, 0.26, 0.74, -0.24, -0.26, -0.76, 1.0, -1.0], np.float32)
-    want = np.array([3, 3, 4, 4, 3, 2, 1, 5, 1], np.int8)
-    got = quantize(x, q, np.dtype(np.int8))
-    assert got.dtype == np.int8
-    np.testing.assert_array_equal(got, want)
-    # Exact halves go to one of the two neighbours, never further.
-    halves = np.array([0.25, 0.75, -0.25, -0.75], np.float32)
-    diff = quantize(halves, q, np.dtype(np.int8)).astype(np.float64) - (halves / 0.5 + 3)
-    assert np.all(np.abs(diff) == 0.5)
-
-
-@pytest.mark.parametrize(
-    "dtype, q, lo, hi",
-    [
-        (np.int8, Quantization(0.1, 0), -128, 127),
-        (np.int8, Quantization(0.02, -128), -128, 127),
-        (np.uint8, Quantization(0.1, 0), 0, 255),
-        (np.uint8, Quantization(1 / 255, 128), 0, 255),
-    ],
-)
-def test_quantize_saturates(dtype: Any, q: Quantization, lo: int, hi: int) -> None:
-    beyond = [(hi - q.zero_point + 10) * q.scale, (lo - q.zero_point - 10) * q.scale]
-    x = np.array([1e6, -1e6, np.inf, -np.inf, 1e30, -1e30, *beyond], np.float32)
-    got = quantize(x, q, np.dtype(dtype))
-    assert got.dtype == dtype
-    np.testing.assert_array_equal(got, np.array([hi, lo, hi, lo, hi, lo, hi, lo], dtype))
-    # Just inside the range is not clipped.
-    edge = np.array([(hi - q.zero_point) * q.scale, (lo - q.zero_point) * q.scale], np.float32)
-    np.testing.assert_array_equal(quantize(edge, q, np.dtype(dtype)), np.array([hi, lo], dtype))
-
-
-def test_dequantize_is_affine_and_float32() -> None:
-    q = Quantization(scale=0.25, zero_point=-10)
-    raw = np.array([-128, -10, 0, 127], np.int8)
-    got = dequantize(raw, q)
-    assert got.dtype == np.float32
-    np.testing.assert_array_equal(got, np.array([-29.5, 0.0, 2.5, 34.25], np.float32))
-    u = dequantize(np.array([0, 128, 255], np.uint8), Quantization(0.5, 128))
-    np.testing.assert_array_equal(u, np.array([-64.0, 0.0, 63.5], np.float32))
-
-
-@pytest.mark.parametrize("model", QUANTIZED)
-def test_every_quantized_value_roundtrips_with_the_models_own_parameters(zoo: Zoo, model: str) -> None:
-    ins, outs = inspect_model(zoo.path(model))
-    for spec in ins + outs:
-        dtype = np.dtype(spec.dtype)
-        info = np.iinfo(dtype)
-        every = np.arange(info.min, info.max + 1).astype(dtype)
-        np.testing.assert_array_equal(quantize(dequantize(every, spec.quantization), spec.quantization, dtype), every)

@@ -8,14 +8,13 @@ chunk messages on ``chunk_topic(sha256, index)`` and describes it in the signed 
 
 - ``data``: one file of the artifact's size; a chunk is written at its offset (``pwrite``) only
   after its size and sha256 match the artifact;
-- ``journal``: the verified-chunk journal, fixed 8-byte records (chunk index, the first 4 bytes
-  of the chunk's sha256), appended in groups.
+- ``journal``: the verified-chunk journal (``journal.py``), 8-byte records appended in groups.
 
 A group commit is ``fdatasync(data)``, then append the group's records, then ``fdatasync(journal)``,
 so the journal never names a chunk whose bytes could be missing after a crash or power loss. A
 kill -9 loses at most the uncommitted groups (``commit_bytes`` / ``commit_interval_s``; ``put``
-waits while two groups' worth are pending): those chunks are simply fetched again. On open, a torn or foreign journal tail is cut off, a data file of
-the wrong size and stray files are deleted.
+waits while two groups' worth are pending): those chunks are simply fetched again. On open, a
+torn or foreign journal tail is cut off, a data file of the wrong size and stray files deleted.
 
 Assembly needs every chunk, each verified: a chunk received by this object was hash-checked in
 memory before its ``pwrite``; a chunk found in the journal (written by an earlier process) is read
@@ -28,12 +27,12 @@ each byte is hashed twice, not three times. ``download.Downloader`` fills the st
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
 import os
 import shutil
-import struct
 import threading
 import time
 from pathlib import Path
@@ -41,13 +40,13 @@ from typing import BinaryIO
 
 from edge_agent.errors import CorruptChunksError, TransferError
 from edge_agent.fsutil import atomic_write_bytes, fsync_dir
+from edge_agent.mqtt.journal import Journal
 from edge_agent.wire.protocol import Artifact, check_artifact
 
 log = logging.getLogger(__name__)
 
 DATA_FILE = "data"
 JOURNAL_FILE = "journal"
-_RECORD = struct.Struct("<I4s")  # chunk index, sha256(chunk)[:4]: a torn or foreign record never matches
 DEFAULT_COMMIT_BYTES = 4 << 20  # verified bytes per group commit
 DEFAULT_COMMIT_INTERVAL_S = 0.5  # ... or this long after the oldest uncommitted chunk
 
@@ -78,7 +77,7 @@ class ChunkStore:
         self.commits = 0  # group commits done by this object
         self.discarded_on_open: list[str] = []  # stray files / torn journal tail removed when opening
         self._lock = threading.RLock()
-        self._tags = [bytes.fromhex(h)[:4] for h in artifact.chunks]
+        self._journal = Journal(self.dir / JOURNAL_FILE, [bytes.fromhex(h)[:4] for h in artifact.chunks])
         self._have: set[int] = set()
         self._journaled: set[int] = set()  # what the journal names (a crash keeps exactly these)
         self._checked: set[int] = set()  # held chunks whose bytes this object verified (in memory or read back)
@@ -128,22 +127,11 @@ class ChunkStore:
                 if (self.dir / name).exists():
                     self._discard_file(name)
             return
-        if not self.journal_path.is_file():
-            return
-        raw = self.journal_path.read_bytes()
-        good = 0
-        for off in range(0, len(raw) - _RECORD.size + 1, _RECORD.size):
-            index, tag = _RECORD.unpack_from(raw, off)
-            if index >= self.total or tag != self._tags[index]:
-                break
-            self._have.add(index)
-            self._journaled.add(index)
-            good = off + _RECORD.size
-        if good != len(raw):  # a torn append (kill -9 / power loss) or garbage: cut it off
-            self.discarded_on_open.append(f"{JOURNAL_FILE}[{good}:{len(raw)}]")
-            with open(self.journal_path, "r+b") as fh:
-                fh.truncate(good)
-                os.fsync(fh.fileno())
+        indices, good, size = self._journal.load()
+        self._have.update(indices)
+        self._journaled.update(indices)
+        if good != size:  # a torn append (kill -9 / power loss) or garbage: cut off
+            self.discarded_on_open.append(f"{JOURNAL_FILE}[{good}:{size}]")
         if self.discarded_on_open:
             log.info("chunk store %s: discarded %s", self.dir, self.discarded_on_open[:5])
 
@@ -220,6 +208,19 @@ class ChunkStore:
                 self._wake.notify_all()
         return True
 
+    def prepare(self) -> None:
+        """Create the data file and start the committer before chunks arrive (``put`` does it otherwise).
+
+        Off the receive path: preallocation, a directory fsync and a thread start cost a few ms.
+        """
+        with self._lock:
+            try:
+                self._file()
+            except OSError as exc:
+                raise TransferError(f"cannot create {self.data_path}: {exc}") from exc
+        with self._wake:
+            self._start_worker()
+
     def _raise_worker_error(self) -> None:
         if self._worker_error is not None:
             exc, self._worker_error = self._worker_error, None
@@ -250,31 +251,26 @@ class ChunkStore:
                 group, stop = self._pending, self._stopping
                 self._pending, self._pending_bytes = [], 0
                 self._wake.notify_all()
-            try:
-                self._commit(group)
-            except OSError as exc:
-                with self._lock:
-                    self._worker_error = exc
+            self._commit(group)
             if stop:
                 return
 
     def _commit(self, indices: list[int]) -> None:
-        """Group commit: fdatasync the data, then append and fdatasync the journal records."""
+        """Group commit: fdatasync the data, then append and fdatasync the journal records.
+
+        A disk error is kept and raised by the next ``put`` or ``close`` (as TransferError).
+        """
         with self._lock:
             indices = [i for i in indices if i in self._have]  # not dropped meanwhile
         if not indices:
             return
-        records = b"".join(_RECORD.pack(i, self._tags[i]) for i in indices)
-        os.fdatasync(self._file().fileno())
-        new = not self.journal_path.exists()
-        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, records)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        if new:
-            fsync_dir(self.dir)
+            os.fdatasync(self._file().fileno())
+            self._journal.append(indices)
+        except OSError as exc:
+            with self._lock:
+                self._worker_error = exc
+            return
         with self._lock:
             self._journaled.update(indices)
             self.commits += 1
@@ -311,11 +307,7 @@ class ChunkStore:
         with self._wake:  # a put() racing the exit may have left a group: commit it here
             group, self._pending, self._pending_bytes = self._pending, [], 0
             self._stopping, self._worker = False, None
-        try:
-            self._commit(group)
-        except OSError as exc:
-            with self._lock:
-                self._worker_error = exc
+        self._commit(group)
 
     def drop(self, index: int) -> None:
         """Forget chunk ``index`` (it failed verification): rewrite the journal without it."""
@@ -326,9 +318,7 @@ class ChunkStore:
             self._have.discard(index)
             self._journaled.discard(index)
             self._checked.discard(index)
-            if self.journal_path.exists():
-                records = b"".join(_RECORD.pack(i, self._tags[i]) for i in sorted(self._journaled))
-                atomic_write_bytes(self.journal_path, records, 0o600)
+            self._journal.rewrite(sorted(self._journaled))
 
     def assemble(self, out_path: str | os.PathLike[str], *, keep: bool = False) -> Path:
         """Move the complete data file to ``out_path`` (fsynced; copied when ``keep``); every chunk verified.
@@ -388,11 +378,9 @@ class ChunkStore:
 
     def discard(self) -> None:
         """Delete the chunk directory (after a successful install, or when the artifact is superseded)."""
-        self._stop_worker()
+        with contextlib.suppress(TransferError):  # a failed commit no longer matters
+            self.close()
         with self._lock:
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
             shutil.rmtree(self.dir, ignore_errors=True)
             self._have, self._journaled, self._checked, self._worker_error = self._empty(), set(), set(), None
 

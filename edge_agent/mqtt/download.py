@@ -170,6 +170,8 @@ class Downloader:
             if self.out_path.is_file() and sha256_file(self.out_path) == self.artifact.sha256:
                 log.info("artifact %s already assembled at %s", self.artifact.sha256[:12], self.out_path)
                 return self._finish(self.out_path)
+            if not self.store.complete:
+                self.store.prepare()  # file and committer ready before the first chunk arrives
             for _attempt in range(3):
                 if self.use_http and self.artifact.url and not self.store.complete:
                     self._fetch_http(stop, deadline)

@@ -2,7 +2,7 @@
 
 The machine never imports the model store, the model server or MQTT: it is handed objects
 that satisfy the Protocols below (the real ``ModelStore``/``ModelServer``/``MqttFetcher``, or
-small fakes in ``tests/test_update.py``), so the logic is tested fast and proven elsewhere
+small fakes in ``tests/support/update.py``), so the logic is tested fast and proven elsewhere
 with the real parts. ``Control`` is the one handle through which a lane shuts an update down
 (resume later) or aborts it (a transition of the table).
 """

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import ManifestError
+from edge_agent.wire.jsonlimits import loads_limited
 from edge_agent.wire.names import check_segment, is_sha256, parse_version
 from edge_agent.wire.policy import Policy, parse_window
 from edge_agent.wire.telemetry import check_drift_state
@@ -28,6 +29,7 @@ from edge_agent.wire.topics import features_topic
 PROTOCOL_SCHEMA = 1
 DEFAULT_CHUNK_SIZE = 128 * 1024  # AWS IoT Core's message size limit
 ARTIFACT_KINDS = ("model", "features", "agent")
+MAX_DOCUMENT_DEPTH = 32  # releases, rollouts and device states nest 4 deep
 
 
 # -- artifacts ----------------------------------------------------------------------
@@ -282,10 +284,8 @@ def encode(doc: Mapping[str, Any]) -> bytes:
 
 
 def decode(payload: bytes, what: str) -> dict[str, Any]:
-    try:
-        raw = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{what}: not valid JSON: {exc}") from exc
+    """A JSON object from the wire, nested at most ``MAX_DOCUMENT_DEPTH`` deep; ManifestError otherwise."""
+    raw = loads_limited(payload, max_depth=MAX_DOCUMENT_DEPTH, what=what, error=ManifestError)
     if not isinstance(raw, dict):
         raise ManifestError(f"{what}: expected a JSON object")
     return raw

@@ -1,0 +1,74 @@
+"""Helpers for the chunked-transfer tests: blobs and chunks, a downloader on a thread, white-box looks at a store.
+
+Shared by ``tests/test_transfer.py``, ``tests/test_transfer_crash.py`` and ``tests/test_transfer_http.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edge_agent.mqtt.download import Downloader
+from edge_agent.mqtt.link import MqttLink
+from edge_agent.wire.protocol import Artifact
+from edge_agent.wire.topics import ROOT
+
+KIB = 1024
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 20.0, interval: float = 0.01, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
+
+
+def blob_of(size: int, seed: int = 0) -> bytes:
+    return hashlib.sha256(str(seed).encode()).digest() * (size // 32) + os.urandom(size % 32)
+
+
+def chunk_of(blob: bytes, art: Artifact, i: int) -> bytes:
+    return blob[i * art.chunk_size : (i + 1) * art.chunk_size]
+
+
+class Background(threading.Thread):
+    """``Downloader.run`` on a thread, keeping its result or exception."""
+
+    def __init__(self, dl: Downloader, **kwargs) -> None:
+        super().__init__(daemon=True)
+        self.dl, self.kwargs = dl, kwargs
+        self.result: Path | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.dl.run(**self.kwargs)
+        except BaseException as exc:
+            self.error = exc
+
+    def wait(self, timeout: float = 30) -> Path:
+        self.join(timeout)
+        assert not self.is_alive(), f"download still running after {timeout}s: {self.dl.progress()}"
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def journal_records(chunk_dir: Path) -> int:
+    """Whole records in a chunk store's verified-chunk journal (white-box: what a crash would keep)."""
+    try:
+        return (chunk_dir / "journal").stat().st_size // 8
+    except FileNotFoundError:
+        return 0
+
+
+def chunk_handlers(link: MqttLink) -> list[str]:
+    """Chunk topics the link still remembers (white-box: subscriptions must be dropped when done)."""
+    return [t for t in link._handlers if t.startswith(f"{ROOT}/artifacts/")]
