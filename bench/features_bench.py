@@ -11,7 +11,7 @@
        python3 -m venv /tmp/feastvenv && /tmp/feastvenv/bin/pip install feast
 
 The data: ``--rows`` assets (``asset-0000000`` …) × the maintenance model's 18 ``asset_features``
-(float32, as ``cloud_batch.train.maintenance_features`` produces them), event times within the last hour.
+(float32, as ``cloud_batch.train.maintenance.features`` produces them), event times within the last hour.
 
 Run (prints a markdown table and the command that reproduces it)::
 

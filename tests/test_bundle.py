@@ -123,8 +123,8 @@ def test_unknown_top_level_keys_survive(tmp_path: Path) -> None:
 
 def test_maintenance_asset_features_make_a_bundle(tmp_path: Path) -> None:
     """The cloud's per-asset aggregates fit the format as they are, in the model's feature order."""
-    from cloud_batch.train.maintenance_data import generate
-    from cloud_batch.train.maintenance_features import FEATURE_NAMES, asset_features
+    from cloud_batch.train.maintenance.data import generate
+    from cloud_batch.train.maintenance.features import FEATURE_NAMES, asset_features
 
     manifest = json.loads((REPO / "models" / "maintenance" / "1" / "manifest.json").read_text())
     df = generate(n_assets=5, days=10, seed=0)

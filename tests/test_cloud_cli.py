@@ -141,7 +141,7 @@ def test_main_returns_2_and_prints_error_in_process(tmp_path: Path, capsys: pyte
 
 def test_cli_without_training_never_imports_tensorflow() -> None:
     code = (
-        "import sys, cloud_batch.cli.main as c, cloud_batch.train.digits, cloud_batch.train.maintenance, cloud_batch.registry.models;"
+        "import sys, cloud_batch.cli.main as c, cloud_batch.train.digits, cloud_batch.train.maintenance.job, cloud_batch.registry.models;"
         "c.build_parser().format_help();"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras'}))"
     )

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from cloud_batch.errors import InputError
-from cloud_batch.train.maintenance_data import EVENTS, SENSORS, START, generate
-from cloud_batch.train.maintenance_features import (
+from cloud_batch.train.maintenance.data import EVENTS, SENSORS, START, generate
+from cloud_batch.train.maintenance.features import (
     EXCURSION_C,
     FEATURE_NAMES,
     LIVE_FEATURES,

@@ -17,8 +17,8 @@ import pytest
 from cloud_batch.errors import InputError, RegistryError
 from cloud_batch.features.build import FeatureRegistry, build
 from cloud_batch.features.delta import Rows, compute_delta, read_partition_map
-from cloud_batch.train.maintenance_data import generate
-from cloud_batch.train.maintenance_features import asset_features
+from cloud_batch.train.maintenance.data import generate
+from cloud_batch.train.maintenance.features import asset_features
 from edge_agent.wire.bundle import read_bundle
 from tests.support.cloud_features import NOW, SET, build_csv, frame, write_csv
 from tests.support.env import MODELS

@@ -13,7 +13,7 @@ import pytest
 
 from cloud_batch.registry.models import Registry
 from cloud_batch.train.device_eval import predict_batched
-from cloud_batch.train.maintenance_features import FEATURE_NAMES, LIVE_FEATURES
+from cloud_batch.train.maintenance.features import FEATURE_NAMES, LIVE_FEATURES
 from edge_agent.inference.modelpack import verify_version_dir
 from edge_agent.inference.runtime import LoadedModel
 from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
@@ -82,8 +82,8 @@ def test_shipped_maintenance_ranks_failures_on_unseen_assets() -> None:
     """Recompute the held-out AUC from raw history through asset_features and the edge runtime."""
     from sklearn.metrics import roc_auc_score
 
-    from cloud_batch.train.maintenance import build_dataset, split_assets
-    from cloud_batch.train.maintenance_data import generate
+    from cloud_batch.train.maintenance.data import generate
+    from cloud_batch.train.maintenance.job import build_dataset, split_assets
 
     d = MODELS.path("maintenance", "1")
     m = verify_version_dir(d, run_golden=False)

@@ -139,7 +139,7 @@ def test_maintenance_trains_with_two_named_inputs_and_int8_is_refused(tmp_path: 
     out = python(
         """
         import json, sys
-        from cloud_batch.train.maintenance import train_maintenance
+        from cloud_batch.train.maintenance.job import train_maintenance
         from cloud_batch.errors import QualityGateError
         ok = train_maintenance(sys.argv[1], progress=False)
         out = {"path": str(ok.path), "metrics": ok.metrics}

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.errors import BundleRejected, EdgeError, ManifestError, RequestError
+from edge_agent.jsonlimits import json_depth, loads_limited
 from edge_agent.wire import kserve_v2 as v2
 from edge_agent.wire import protocol
 from edge_agent.wire.bundle import read_bundle
-from edge_agent.wire.jsonlimits import json_depth, loads_limited
 from edge_agent.wire.manifest import Manifest
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))

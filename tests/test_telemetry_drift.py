@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud_batch.train.maintenance_data import SENSORS, generate
+from cloud_batch.train.maintenance.data import SENSORS, generate
 from cloud_batch.train.reference import build_reference
 from edge_agent.http.app import create_app
 from edge_agent.http.metrics import Metrics

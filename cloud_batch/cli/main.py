@@ -50,7 +50,7 @@ def _train_digits(args: argparse.Namespace) -> None:
 
 
 def _train_maintenance(args: argparse.Namespace) -> None:
-    from cloud_batch.train.maintenance import train_maintenance
+    from cloud_batch.train.maintenance.job import train_maintenance
 
     print(train_maintenance(args.registry, quantization=args.quantization, **_train_kwargs(args)).summary())
 

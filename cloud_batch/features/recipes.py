@@ -26,16 +26,16 @@ def maintenance_recipe(
     registry_dir: str | Path | None = None,
     reporter: Reporter | None = None,
 ) -> FeatureTable:
-    """Per-asset aggregates (``maintenance_features.asset_features``) of a sensor history.
+    """Per-asset aggregates (``train.maintenance.features.asset_features``) of a sensor history.
 
-    The history is ``history`` (a frame, CSV or Parquet with ``maintenance_data``'s columns) or,
-    without it, ``maintenance_data.generate(n_assets, days, seed)`` (the defaults are the data
+    The history is ``history`` (a frame, CSV or Parquet with ``train.maintenance.data``'s columns) or,
+    without it, ``train.maintenance.data.generate(n_assets, days, seed)`` (the defaults are the data
     the shipped maintenance model was trained on). ``as_of`` defaults to the newest reading and
     is every row's event time. When ``registry_dir`` holds a ``maintenance`` model, its
     ``asset_features`` feature names must be the recipe's.
     """
-    from cloud_batch.train.maintenance_data import generate
-    from cloud_batch.train.maintenance_features import FEATURE_NAMES, asset_features
+    from cloud_batch.train.maintenance.data import generate
+    from cloud_batch.train.maintenance.features import FEATURE_NAMES, asset_features
 
     reporter = reporter or Reporter(enabled=False)
     if registry_dir is not None:

@@ -67,11 +67,11 @@ from edge_agent.http.metadata import model_metadata
 from edge_agent.http.metrics import UNKNOWN_MODEL, Metrics
 from edge_agent.http.openapi import openapi_json
 from edge_agent.inference.runtime import LoadedModel
+from edge_agent.jsonlimits import loads_limited
 from edge_agent.models.serving import ModelServer
 from edge_agent.telemetry.feedback import parse_feedback
 from edge_agent.telemetry.service import Telemetry
 from edge_agent.wire import kserve_v2 as v2
-from edge_agent.wire.jsonlimits import loads_limited
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 SERVER_NAME = "edgefleet"

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import PayloadTooLargeError, RequestError
-from edge_agent.wire.jsonlimits import loads_limited
+from edge_agent.jsonlimits import loads_limited
 from edge_agent.wire.manifest import NUMPY_TO_V2, V2_TO_NUMPY, Manifest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.errors import ManifestError
-from edge_agent.wire.jsonlimits import loads_limited
+from edge_agent.jsonlimits import loads_limited
 from edge_agent.wire.names import check_name, is_name, is_sha256, parse_version
 from edge_agent.wire.reference import parse_reference
 

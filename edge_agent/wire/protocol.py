@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import ManifestError
-from edge_agent.wire.jsonlimits import loads_limited
+from edge_agent.jsonlimits import loads_limited
 from edge_agent.wire.names import check_segment, is_sha256, parse_version
 from edge_agent.wire.policy import Policy, parse_window
 from edge_agent.wire.telemetry import check_drift_state

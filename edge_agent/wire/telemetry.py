@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from edge_agent.errors import ManifestError, TelemetryRejected
-from edge_agent.wire.jsonlimits import loads_limited
+from edge_agent.jsonlimits import loads_limited
 from edge_agent.wire.names import is_name
 
 SCHEMA_VERSION = 1

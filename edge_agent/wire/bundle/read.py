@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.errors import BundleIntegrityError, BundleRejected, BundleSchemaError, BundleValueError
+from edge_agent.jsonlimits import loads_limited
 from edge_agent.wire.bundle.arrays import validate_arrays
 from edge_agent.wire.bundle.info import BUNDLE_FILE, DATA_FILE, MAX_ENTITY_LEN, Bundle, BundleInfo
-from edge_agent.wire.jsonlimits import loads_limited
 
 _ARRAYS = ("entities", "event_ts", "values", "deleted")
 MAX_JSON_DEPTH = 16  # bundle.json is 3 levels deep

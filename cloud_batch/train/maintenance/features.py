@@ -6,7 +6,7 @@ later, the feature store that pushes each asset's current aggregates to its devi
 model is only as good as the agreement between the features it was trained on and the
 ones it is served with.
 
-The history frame has the columns written by ``maintenance_data.generate``: ``asset_id``,
+The history frame has the columns written by ``maintenance.data.generate``: ``asset_id``,
 ``timestamp``, the sensors in ``LIVE_FEATURES`` and ``event`` (``""``, ``"maintenance"``,
 ``"failure"``). ``asset_id`` is categorical, so every ``groupby`` says ``observed=True`` (pandas 3's
 default): an asset with no reading at or before ``as_of`` gets no row on pandas 2 (Python 3.10) either.

@@ -5,7 +5,7 @@ The served contract (two named inputs, raw values; normalisation is inside the m
 * ``live``: FP32 ``[batch, 4]``, the current reading (``LIVE_FEATURES``: temperature °C,
   vibration mm/s, pressure bar, rpm);
 * ``asset_features``: FP32 ``[batch, K]``, the asset's cached aggregates
-  (``maintenance_features.FEATURE_NAMES``, computed by ``asset_features``);
+  (``maintenance.features.FEATURE_NAMES``, computed by ``asset_features``);
 * output ``failure_prob``: FP32 ``[batch, 1]``, probability of a failure within
   ``HORIZON`` after the reading.
 
@@ -37,8 +37,8 @@ from cloud_batch.train.device_eval import predict_batched, staged_model
 from cloud_batch.train.evalreport import roc_figure
 from cloud_batch.train.gate import Gate
 from cloud_batch.train.job import TrainJob, TrainOptions
-from cloud_batch.train.maintenance_data import generate
-from cloud_batch.train.maintenance_features import FEATURE_NAMES, LIVE_FEATURES, asset_features, live_readings
+from cloud_batch.train.maintenance.data import generate
+from cloud_batch.train.maintenance.features import FEATURE_NAMES, LIVE_FEATURES, asset_features, live_readings
 from cloud_batch.train.result import TrainResult
 
 __all__ = ["Dataset", "asset_features", "build_dataset", "build_model", "train_maintenance"]

@@ -1,0 +1,1 @@
+"""The predictive-maintenance job: ``job`` (train, quantize, gate, register), ``data`` (seeded synthetic sensor history), ``features`` (per-asset aggregates, shared with the feature store's recipes)."""
