@@ -23,7 +23,11 @@ The names mirror ``edge_agent.errors`` (``Rejected…`` final, ``Failed…`` ret
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+from edge_agent.errors import EdgeError
 
 
 class CloudError(Exception):
@@ -40,6 +44,15 @@ class FailedError(CloudError):
 
 class InputError(RejectedError):
     """An argument, data set or file handed to a batch job is invalid."""
+
+
+@contextmanager
+def input_errors() -> Iterator[None]:
+    """The boundary rule: an ``edge_agent`` refusal (bad name, file, key or document) is the caller's InputError."""
+    try:
+        yield
+    except EdgeError as exc:
+        raise InputError(str(exc)) from exc
 
 
 class RegistryError(RejectedError):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -141,6 +142,15 @@ def test_bundle_reader(tmp_path_factory: Any, info: Any, rows: int, shape: list[
     blob = bytearray(out.getvalue())
     if flip and flip < len(blob):
         blob[flip] ^= 0xFF
+    _write_bundle_dir(root, bytes(blob), rows, info)
+    try:
+        read_bundle(root)
+    except BundleRejected:
+        pass
+
+
+def _write_bundle_dir(root: Path, blob: bytes, rows: int, info: Any = None) -> None:
+    """A bundle directory around ``blob`` (as data.npz) whose bundle.json hashes it, so the reader gets past integrity."""
     import hashlib
 
     doc = {
@@ -163,11 +173,22 @@ def test_bundle_reader(tmp_path_factory: Any, info: Any, rows: int, shape: list[
     if isinstance(info, dict):
         doc.update(info)
     (root / "bundle.json").write_text(json.dumps(doc))
-    (root / "data.npz").write_bytes(bytes(blob))
-    try:
-        read_bundle(root)
-    except BundleRejected:
-        pass
+    (root / "data.npz").write_bytes(blob)
+
+
+def test_a_nul_byte_in_an_npy_header_is_a_rejection(tmp_path: Path) -> None:
+    """numpy tokenizes .npy headers; on Python 3.12+ a NUL there is a tokenize.TokenError, not a ValueError."""
+    members = {"entities": np.array(["e0"]), "event_ts": np.zeros(1), "values": np.zeros((1, 2))}
+    with zipfile.ZipFile(io.BytesIO(_npz(members))) as zf:
+        files = {n: zf.read(n) for n in zf.namelist()}
+    files["values.npy"] = files["values.npy"].replace(b"'descr'", b"'de\x00cr'", 1)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for n, data in files.items():
+            zf.writestr(n, data)
+    _write_bundle_dir(tmp_path, out.getvalue(), rows=1)
+    with pytest.raises(BundleRejected):
+        read_bundle(tmp_path)
 
 
 _tricky_text = st.text(alphabet=st.sampled_from('"\\[]{}/ abé\u2028\n\t\x00'), max_size=8)

@@ -119,7 +119,9 @@ def test_memory_returns_to_baseline_after_an_oversize_batch(tcp_agent) -> None:
         status, out = _post(connect, body, headers)
         assert status == 200, out
     peak = _rss_mb(proc.pid, "VmHWM")
-    assert peak > baseline + 300, (baseline, peak)  # the batch really grew the process
+    # The batch really grew the process, well past the tolerance below (tflite-runtime: ~+850 MB;
+    # ai-edge-litert's XNNPACK path: ~+210 MB).
+    assert peak > baseline + 150, (baseline, peak)
     for _ in range(5):
         assert _post(connect, *_int8_body(1))[0] == 200
     after = _rss_mb(proc.pid)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud_batch.errors import InputError, RegistryError
+from cloud_batch.errors import InputError, RegistryError, input_errors
 from cloud_batch.features.recipes import RECIPES
 from cloud_batch.features.tables import FeatureTable, read_table, table_from_frame
 from cloud_batch.progress import Reporter
@@ -155,10 +155,8 @@ def check_version(version: str, what: str = "version") -> str:
 
 
 def check_set(set_name: str) -> str:
-    try:
+    with input_errors():
         return check_segment(set_name, "feature set name")
-    except EdgeError as exc:
-        raise InputError(str(exc)) from exc
 
 
 def _check_build_options(ttl_s: float | None, stale_policy: str, dtype: str) -> None:

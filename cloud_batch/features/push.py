@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloud_batch.errors import BrokerError, InputError, RegistryError
+from cloud_batch.errors import BrokerError, InputError, RegistryError, input_errors
 from cloud_batch.features.build import FeatureRegistry, check_set, check_version
 from cloud_batch.features.delta import ALL, check_delta_compatible, plan_bundles, read_partition_map
 from cloud_batch.fleetops.broker import DEFAULT_CONNECT_TIMEOUT_S, BrokerLink, open_link, publish_doc
@@ -155,10 +155,8 @@ def plan_push(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> PushPlan:
     """Step 1: check every input, write the derived bundles and sign every release; no broker I/O."""
-    try:
+    with input_errors():
         check_segment(fleet, "fleet")
-    except EdgeError as exc:
-        raise InputError(str(exc)) from exc
     check_set(set_name)
     check_version(version)
     if delta_from is not None:

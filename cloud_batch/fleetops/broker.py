@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from cloud_batch.errors import BrokerError, BrokerUnreachableError, InputError
-from edge_agent.errors import EdgeError, FailedError
+from cloud_batch.errors import BrokerError, BrokerUnreachableError, InputError, input_errors
+from edge_agent.errors import FailedError
 from edge_agent.mqtt.link import MqttLink, TlsConfig
 from edge_agent.wire.protocol import encode
 
@@ -77,10 +77,8 @@ def open_link(
 
     ``tls`` (or an ``mqtts://`` URL) makes it a TLS connection; a refused certificate shows as unreachable.
     """
-    try:
+    with input_errors():  # ConfigError: the URL itself is wrong
         link = MqttLink(broker_url, client_id=f"{client_prefix}-{uuid.uuid4().hex[:10]}", tls=tls)
-    except EdgeError as exc:  # ConfigError: the URL itself is wrong
-        raise InputError(str(exc)) from exc
     # A plain TCP connect first: "connection refused" is known at once, MqttLink would keep retrying.
     try:
         socket.create_connection((link.host, link.port), timeout=timeout_s).close()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cloud_batch.errors import BrokerError, InputError
+from cloud_batch.errors import BrokerError, input_errors
 from cloud_batch.fleetops.broker import BrokerLink, Handler
 from edge_agent.errors import EdgeError, FailedError
 from edge_agent.wire.names import check_segment
@@ -240,10 +240,8 @@ def fleet_report(link: BrokerLink, fleet: str, timeout_s: float = 2.0) -> tuple[
 
 
 def check_fleet(fleet: str) -> str:
-    try:
+    with input_errors():
         return check_segment(fleet, "fleet")
-    except EdgeError as exc:
-        raise InputError(str(exc)) from exc
 
 
 def rows_json(rows: list[DeviceRow]) -> str:

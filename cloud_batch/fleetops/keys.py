@@ -14,7 +14,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from cloud_batch.errors import InputError
+from cloud_batch.errors import InputError, input_errors
 from edge_agent.errors import EdgeError
 from edge_agent.models.sealed import fleet_kid, generate_fleet_key, load_fleet_pub
 from edge_agent.wire.signing import generate_keypair, key_id, load_private_key
@@ -45,10 +45,8 @@ def generate_fleet_keys(out_dir: str | Path) -> tuple[Path, Path]:
 
 def load_fleet_public_key(path: str | Path) -> X25519PublicKey:
     """``fleet.pub``; InputError naming the file if it is missing or not an X25519 key."""
-    try:
+    with input_errors():
         return load_fleet_pub(path)
-    except EdgeError as exc:
-        raise InputError(str(exc)) from exc
 
 
 def describe_fleet_key(public: X25519PublicKey) -> str:
@@ -58,10 +56,8 @@ def describe_fleet_key(public: X25519PublicKey) -> str:
 
 def load_signing_key(path: str | Path) -> Ed25519PrivateKey:
     """The private key at ``path``; InputError naming the file if it is missing or not an Ed25519 key."""
-    try:
+    with input_errors():
         return load_private_key(path)
-    except EdgeError as exc:
-        raise InputError(str(exc)) from exc
 
 
 def describe(key: Ed25519PrivateKey) -> str:

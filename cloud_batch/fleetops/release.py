@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cloud_batch.errors import BrokerError, InputError, RegistryError
+from cloud_batch.errors import BrokerError, InputError, RegistryError, input_errors
 from cloud_batch.fleetops.broker import BrokerLink, publish_doc
 from cloud_batch.fleetops.keys import describe_fleet_key, load_fleet_public_key, load_signing_key
 from cloud_batch.fleetops.publish import clear_artifact, publish_artifact
@@ -201,11 +201,9 @@ def plan_release(
     read-only registry). ``encrypt``: release the version sealed for the fleet key ``fleet_pub``
     (default: ``fleet.pub`` beside ``key_path``). InputError / RegistryError.
     """
-    try:
+    with input_errors():
         check_segment(fleet, "fleet")
         check_segment(name, "name")
-    except EdgeError as exc:
-        raise InputError(str(exc)) from exc
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise InputError(f"chunk size {chunk_size!r} must be a positive number of bytes")
     if rollback and expires_in_s is None:

@@ -35,13 +35,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from cloud_batch.errors import InputError, RolloutError, WatchTimeout
+from cloud_batch.errors import RolloutError, WatchTimeout, input_errors
 from cloud_batch.fleetops.broker import BrokerLink, publish_doc
 from cloud_batch.fleetops.fleet import FleetView, Snapshot
 from cloud_batch.fleetops.outcomes import RolloutStatus, evaluate
 from cloud_batch.fleetops.signer import Trust, sign_rollout
 from cloud_batch.registry.devices import DeviceRegistry
-from edge_agent.errors import EdgeError
 from edge_agent.wire.names import check_segment
 from edge_agent.wire.protocol import Release, Rollout
 from edge_agent.wire.topics import release_topic, rollout_topic
@@ -144,11 +143,9 @@ def _auto_halt(link: BrokerLink, status: RolloutStatus, trust: Trust) -> Rollout
 
 def check_target(name: str, fleet: str) -> None:
     """InputError unless ``name`` and ``fleet`` are valid topic segments (checked before any I/O)."""
-    try:
+    with input_errors():
         check_segment(name, "name")
         check_segment(fleet, "fleet")
-    except EdgeError as exc:
-        raise InputError(str(exc)) from exc
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from cloud_batch.errors import InputError
+from cloud_batch.errors import InputError, input_errors
 from cloud_batch.fleetops.keys import load_signing_key
 from cloud_batch.registry.signed import SignedLog
 from edge_agent.errors import EdgeError, RejectedError
@@ -71,10 +71,8 @@ class Trust:
         signing = load_signing_key(key) if key is not None else None
         keys: list[Ed25519PublicKey] = []
         for path in trust:
-            try:
+            with input_errors():
                 keys.append(load_public_key(path))
-            except EdgeError as exc:
-                raise InputError(str(exc)) from exc
         if not keys and signing is not None:
             keys.append(signing.public_key())
         if not keys:

@@ -29,9 +29,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from cloud_batch.errors import BrokerUnreachableError, InputError
+from cloud_batch.errors import BrokerUnreachableError, InputError, input_errors
 from cloud_batch.ingest.store import CommitResult, TelemetryStore, crash_point
-from edge_agent.errors import EdgeError
 from edge_agent.mqtt.link import TlsConfig, parse_broker_url
 from edge_agent.wire.names import check_segment
 from edge_agent.wire.telemetry import encode_ack
@@ -162,18 +161,14 @@ def run_ingest(
     on_commit: Callable[[IngestStats, CommitResult], None] | None = None,
 ) -> IngestStats:
     """Consume the fleet's telemetry into ``options.store`` until idle (or ``stop`` with ``follow``)."""
-    try:
+    with input_errors():
         check_segment(options.fleet, "fleet")
-    except EdgeError as exc:
-        raise InputError(str(exc)) from exc
     stop = stop or threading.Event()
     idle_exit = options.idle_exit_s if options.idle_exit_s is not None else (None if options.follow else 2.0)
     stats = IngestStats()
     with TelemetryStore(options.store, options.fleet) as store:
-        try:
+        with input_errors():
             session = _Session(options)
-        except EdgeError as exc:
-            raise InputError(str(exc)) from exc
         session.start(options.connect_timeout_s)
         try:
             _loop(session, store, options, stats, stop, idle_exit, on_commit)

@@ -27,9 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cloud_batch.errors import InputError
+from cloud_batch.errors import InputError, input_errors
 from cloud_batch.pki.certs import CA_CERT, DEFAULT_SERVICE_DAYS, Issued, check_identity, issue
-from edge_agent.errors import EdgeError
 from edge_agent.fsutil import atomic_write_bytes
 from edge_agent.wire.topics import acl_filters
 
@@ -57,10 +56,8 @@ class BrokerFiles:
 
 def acl_text(fleet: str, release_service: str = RELEASE_SERVICE, ingest_service: str = INGEST_SERVICE) -> str:
     """The ACL file for ``fleet`` (see the module docstring for the rules)."""
-    try:
+    with input_errors():
         f = acl_filters(fleet)
-    except EdgeError as exc:
-        raise InputError(str(exc)) from exc
     check_identity(release_service, "release service name")
     check_identity(ingest_service, "ingest service name")
     if release_service == ingest_service:

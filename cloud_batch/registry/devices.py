@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from cloud_batch.errors import InputError, RegistryError
+from cloud_batch.errors import RegistryError, input_errors
 from edge_agent.errors import EdgeError
 from edge_agent.fsutil import atomic_write_bytes, locked
 from edge_agent.wire.names import check_segment
@@ -29,10 +29,8 @@ class DeviceRegistry:
         self.root = Path(registry_dir) / FLEETS_DIR
 
     def _file(self, fleet: str) -> Path:
-        try:
+        with input_errors():
             return self.root / check_segment(fleet, "fleet") / "devices.csv"
-        except EdgeError as exc:
-            raise InputError(str(exc)) from exc
 
     def entries(self, fleet: str) -> dict[str, float]:
         """device id -> when it was added; empty when the fleet has no list."""
@@ -61,10 +59,8 @@ class DeviceRegistry:
         """Add devices (idempotent); return the ids that were new. InputError for an invalid id."""
         ids = []
         for d in device_ids:
-            try:
+            with input_errors():
                 ids.append(check_segment(d, "device id"))
-            except EdgeError as exc:
-                raise InputError(str(exc)) from exc
         path = self._file(fleet)
         with locked(self.root / ".lock"):
             current = self.entries(fleet)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def _load_npz(blob: bytes, info: BundleInfo) -> dict[str, np.ndarray]:
                     raise BundleValueError(f"bundle {info.id}: {k} is not a numeric/string array: {exc}") from exc
     except BundleRejected:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, ValueError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile, EOFError) as exc:
+        # numpy parses a .npy header with tokenize: a NUL byte in it is a TokenError on Python 3.12+
         raise BundleIntegrityError(f"bundle {info.id}: {DATA_FILE} is not a readable .npz: {exc}") from exc
     out.setdefault("deleted", np.empty(0, dtype="<U1"))
     return out
