@@ -1,9 +1,7 @@
 """Validate an update candidate in a child process, so a model that crashes the interpreter cannot take the agent down.
 
-A ``.tflite`` file is a flatbuffer that the TFLite runtime reads without a verifier: a
-malformed or hostile file can segfault the process that loads it. The agent therefore
-never loads a candidate itself before it has passed here. ``validate_candidate`` runs
-``python -m edge_agent.update.validate`` on the unpacked version directory; the child
+A ``.tflite`` file is a flatbuffer the runtime reads without a verifier: a hostile file can segfault
+the process that loads it, so the agent never loads a candidate before ``validate_candidate``'s child
 
 1. checks the manifest, size and sha256, opens a sealed (encrypted) model into the child's memory
    with the fleet key (``SealedModelRejected``: no key, another key, tampered ciphertext), loads the
@@ -12,7 +10,7 @@ never loads a candidate itself before it has passed here. ``validate_candidate``
 2. re-runs the golden samples (``ValidationError`` with the output and the error),
 3. measures the p50 latency of single-sample calls,
 
-and prints one JSON line. The parent turns that line, a death by signal or a timeout into
+and reports once. The parent turns that report, a death by signal or a timeout into
 the agent's own errors; the latency budget is judged by the parent.
 
 A fresh interpreter per candidate costs ~100-300 ms of imports before any model work, so by
@@ -156,6 +154,14 @@ def _crashed(exitcode: int) -> ValidationError:
     return ValidationError(f"validation process crashed ({sig})")
 
 
+def _stopped(version_dir: Path) -> FailedError:
+    return FailedError(f"validation of {version_dir} stopped")
+
+
+def _timed_out(version_dir: Path, timeout_s: float) -> ValidationError:
+    return ValidationError(f"validation of {version_dir} did not finish within {timeout_s:g}s (killed)")
+
+
 # -- forkserver isolation -------------------------------------------------------------
 _CTX_LOCK = threading.Lock()
 _CTX: multiprocessing.context.ForkServerContext | None = None
@@ -209,9 +215,9 @@ def _run_forked(
     try:
         while report is None and proc.exitcode is None:
             if stop is not None and stop.is_set():
-                raise FailedError(f"validation of {version_dir} stopped")
+                raise _stopped(version_dir)
             if time.monotonic() >= deadline:
-                raise ValidationError(f"validation of {version_dir} did not finish within {timeout_s:g}s (killed)")
+                raise _timed_out(version_dir, timeout_s)
             if reader.poll(min(0.05, max(0.0, deadline - time.monotonic()))):
                 try:
                     report = reader.recv()
@@ -262,7 +268,7 @@ def _run_subprocess(
         if stop is not None and stop.is_set():
             proc.kill()
             proc.communicate()
-            raise FailedError(f"validation of {version_dir} stopped")
+            raise _stopped(version_dir)
         try:
             out, err = proc.communicate(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
             break
@@ -270,9 +276,7 @@ def _run_subprocess(
             if time.monotonic() >= deadline:
                 proc.kill()
                 proc.communicate()
-                raise ValidationError(
-                    f"validation of {version_dir} did not finish within {timeout_s:g}s (killed)"
-                ) from None
+                raise _timed_out(version_dir, timeout_s) from None
     if proc.returncode < 0:
         raise _crashed(proc.returncode)
     report = _last_json_line(out)
