@@ -15,7 +15,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from cloud_batch.errors import InputError, input_errors
-from edge_agent.errors import EdgeError
 from edge_agent.models.sealed import fleet_kid, generate_fleet_key, load_fleet_pub
 from edge_agent.wire.signing import generate_keypair, key_id, load_private_key
 
@@ -26,9 +25,8 @@ def generate_keys(out_dir: str | Path) -> tuple[Path, Path]:
     if (out / "signing.pub").exists() and not (out / "signing.key").exists():
         raise InputError(f"{out / 'signing.pub'} already exists; refusing to overwrite a public key")
     try:
-        return generate_keypair(out)
-    except EdgeError as exc:
-        raise InputError(str(exc)) from exc
+        with input_errors():
+            return generate_keypair(out)
     except OSError as exc:
         raise InputError(f"cannot write keys to {out}: {exc}") from exc
 
@@ -36,9 +34,8 @@ def generate_keys(out_dir: str | Path) -> tuple[Path, Path]:
 def generate_fleet_keys(out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``out_dir/fleet.key`` (0600, for the devices) and ``out_dir/fleet.pub``; InputError if either exists."""
     try:
-        return generate_fleet_key(out_dir)
-    except EdgeError as exc:
-        raise InputError(str(exc)) from exc
+        with input_errors():
+            return generate_fleet_key(out_dir)
     except OSError as exc:
         raise InputError(f"cannot write the fleet key to {out_dir}: {exc}") from exc
 
