@@ -1,6 +1,6 @@
 # edgefleet developer entry points. `make demo` and `make test` work on a fresh machine:
-# both create or refresh .venv (with the cloud and test extras) before doing anything else.
-.PHONY: venv demo test models bench fuzz clean
+# both create or refresh .venv (with the cloud, batch and test extras) before doing anything else.
+.PHONY: venv demo test models bench fuzz clean package deb
 
 # PYTHON=python3.12 picks the interpreter; VENV=.venv-3.12 keeps a second venv beside .venv.
 VENV ?= .venv
@@ -22,6 +22,13 @@ bench: venv
 fuzz: venv
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} $(VENV)/bin/python -m pytest -q -p no:cacheprovider \
 		tests/test_fuzz_codecs.py tests/test_openapi.py
+
+# The frozen one-folder agent (dist/edge-agent/, with VERSION and SHA256SUMS) and its Debian package (#11).
+package: venv
+	$(VENV)/bin/python tools/package.py --sizes
+
+deb: package
+	$(VENV)/bin/python tools/deb.py --folder dist/edge-agent --out dist
 
 -include tools/models.mk
 

@@ -6,7 +6,8 @@
    schema in one transaction, with the same connection settings; also: replacing a full set,
    ``synchronous=NORMAL`` vs ``FULL``, and the rejected alternative (build a new table, rename it over).
 3. Feast's SQLite online store on the same data: ``write_to_online_store`` and
-   ``get_online_features`` for one entity, run in a separate virtualenv (never a project dependency)::
+   ``get_online_features`` for one entity, run by bench/feast_side.py in a separate virtualenv (never a
+   project dependency)::
 
        python3 -m venv /tmp/feastvenv && /tmp/feastvenv/bin/pip install feast
 
@@ -31,7 +32,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -49,60 +49,7 @@ DDL = (
     "vals BLOB NOT NULL) WITHOUT ROWID"
 )
 
-FEAST_SCRIPT = textwrap.dedent(
-    """
-    import json, logging, os, shutil, sys, time, warnings
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    from datetime import timedelta
-    import numpy as np, pandas as pd
-    import feast
-    from feast import Entity, FeatureStore, FeatureView, Field, FileSource, ValueType
-    from feast.infra.online_stores.sqlite import SqliteOnlineStoreConfig
-    from feast.repo_config import RepoConfig
-    from feast.types import Float32
-
-    data, work, n_lookups, ttl = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
-    with np.load(data, allow_pickle=False) as z:
-        ents, ts, vals, names, keys = z["entities"], z["event_ts"], z["values"], [str(x) for x in z["names"]], z["keys"]
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
-    df = pd.DataFrame(vals, columns=names)
-    df.insert(0, "asset_id", ents.astype(object))
-    df["event_timestamp"] = pd.to_datetime(ts, unit="s", utc=True)
-    df.head(10).to_parquet(os.path.join(work, "source.parquet"))
-    cfg = RepoConfig(project="bench", registry=os.path.join(work, "registry.db"), provider="local",
-                     online_store=SqliteOnlineStoreConfig(path=os.path.join(work, "online.db")),
-                     entity_key_serialization_version=3)
-    store = FeatureStore(config=cfg)
-    asset = Entity(name="asset", join_keys=["asset_id"], value_type=ValueType.STRING)
-    src = FileSource(path=os.path.join(work, "source.parquet"), timestamp_field="event_timestamp")
-    fv = FeatureView(name="maintenance", entities=[asset], ttl=timedelta(seconds=ttl),
-                     schema=[Field(name=n, dtype=Float32) for n in names], source=src, online=True)
-    store.apply([asset, fv])
-    t = time.perf_counter()
-    for i in range(0, len(df), 100_000):
-        store.write_to_online_store("maintenance", df.iloc[i:i + 100_000])
-    write_s = time.perf_counter() - t
-    refs = [f"maintenance:{n}" for n in names]
-    keys = keys.tolist()
-    for k in keys[:50]:
-        store.get_online_features(features=refs, entity_rows=[{"asset_id": k}]).to_dict()
-    lat = []
-    for k in keys:
-        t0 = time.perf_counter_ns()
-        store.get_online_features(features=refs, entity_rows=[{"asset_id": k}]).to_dict()
-        lat.append(time.perf_counter_ns() - t0)
-    lat = np.array(lat) / 1000.0
-    sample = {k: [store.get_online_features(features=refs, entity_rows=[{"asset_id": k}]).to_dict()[n][0]
-                  for n in names] for k in keys[:3]}
-    print(json.dumps({"feast_version": feast.__version__, "python": sys.version.split()[0], "rows": int(len(df)),
-                      "write_s": write_s, "write_rows_per_s": len(df) / write_s,
-                      "p50_us": float(np.percentile(lat, 50)), "p99_us": float(np.percentile(lat, 99)),
-                      "lookups": len(keys), "sample": sample,
-                      "db_bytes": os.path.getsize(os.path.join(work, "online.db"))}))
-    """
-)
+FEAST_SIDE = Path(__file__).with_name("feast_side.py")  # run in the feast venv, from the scratch dir
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -278,7 +225,7 @@ def bench_feast(
     data = work / "feast-data.npz"
     np.savez(data, entities=entities[:n], event_ts=event_ts[:n], values=values[:n], names=np.array(names), keys=keys)
     script = work / "feast_part.py"
-    script.write_text(FEAST_SCRIPT)
+    shutil.copyfile(FEAST_SIDE, script)
     t = time.perf_counter()
     proc = subprocess.run(
         [python, str(script), str(data), str(work / "feast"), str(len(keys)), "86400"],

@@ -26,11 +26,9 @@ import os
 import platform
 import random
 import shutil
-import socket
 import sqlite3
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import uvicorn  # noqa: E402
 
 from edge_agent.features.cache import DB_FILE, FeatureCache  # noqa: E402
 from edge_agent.features.join import Joiner  # noqa: E402
@@ -49,15 +46,10 @@ from edge_agent.models.serving import ModelServer  # noqa: E402
 from edge_agent.models.store import ModelStore  # noqa: E402
 from edge_agent.wire.bundle import write_bundle  # noqa: E402
 from edge_agent.wire.kserve_v2 import decode_request  # noqa: E402
+from tests.apiserver import ApiServer  # noqa: E402
 
 MAINT = REPO / "models" / "maintenance" / "1"
 SET = "asset_features"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_cache(work: Path, rows: int, names: list[str]) -> tuple[FeatureCache, np.ndarray, dict[str, float]]:
@@ -89,43 +81,6 @@ def make_cache(work: Path, rows: int, names: list[str]) -> tuple[FeatureCache, n
     timings["apply_s"] = time.perf_counter() - t
     timings["db_mb"] = sum(f.stat().st_size for f in (work / "data").glob(DB_FILE + "*")) / 1e6  # + WAL
     return cache, values, timings
-
-
-class Server:
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        loop = "uvloop" if _has("uvloop") else "asyncio"
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            http="httptools",
-            loop=loop,
-            log_config=None,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
-def _has(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 def bodies(i: int, live: np.ndarray, values: np.ndarray) -> dict[str, bytes]:
@@ -239,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         names = list(store.manifest("maintenance", "1").feature_joins["asset_features"].features)
         cache, values, res["setup"] = make_cache(work, args.rows, names)
         res["in_process"] = in_process(cache, server, args.rows, 20_000)
-        with Server(create_app(server, features=cache)) as srv:
+        with ApiServer(create_app(server, features=cache)) as srv:
             res["http"] = run(srv.port, args.rows, values, args.requests, args.warmup, args.rounds)
         cache.close()
     finally:

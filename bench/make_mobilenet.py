@@ -28,6 +28,19 @@ DEFAULT_OUT = REPO / "bench" / "out" / "mobilenet_v2_int8.tflite"
 CALIBRATION_IMAGES = 20
 
 
+def bench_models(registry: Path) -> dict[str, Path]:
+    """The version dirs a runtime bench compares: shipped digits and, once built, MobileNetV2-int8 registered."""
+    from cloud_batch.registry.models import Registry
+
+    models = {"digits": REPO / "models" / "digits" / "1"}
+    if DEFAULT_OUT.exists():
+        Registry(registry).register(DEFAULT_OUT, "mobilenet", "1")
+        models["mobilenet_int8"] = registry / "mobilenet" / "1"
+    else:
+        print(f"{DEFAULT_OUT} missing (bench/make_mobilenet.py builds it): digits only", file=sys.stderr)
+    return models
+
+
 def build(out: Path, seed: int = 0) -> None:
     """Create the random-weight MobileNetV2, quantize it to int8 and write it to ``out``."""
     from cloud_batch.train.quantize import representative_samples, to_quantized_tflite

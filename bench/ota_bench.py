@@ -27,7 +27,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,45 +50,9 @@ from cloud_batch.sim.fleet import SimFleet, _raise_fd_limit  # noqa: E402
 from cloud_batch.sim.loop import EventLoop  # noqa: E402
 from edge_agent.mqtt.link import MqttLink, parse_broker_url  # noqa: E402
 from edge_agent.wire.protocol import pack_dir  # noqa: E402
+from tests.broker import MOSQUITTO, Broker  # noqa: E402
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MODEL_DIR = REPO / "models" / "digits" / "1"
-
-
-# -- broker ---------------------------------------------------------------------------------
-class Mosquitto:
-    """A private mosquitto on a free port: default settings, in memory, anonymous."""
-
-    def __init__(self, workdir: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.conf = workdir / "mosquitto.conf"
-        self.conf.write_text(
-            ("user root\n" if os.geteuid() == 0 else "")
-            + f"listener {self.port} 127.0.0.1\nallow_anonymous true\nlog_dest none\n"
-        )
-        _raise_fd_limit(8192)  # inherited by mosquitto: one fd per connection
-        self.proc = subprocess.Popen(
-            [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.time() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.time() > deadline or self.proc.poll() is not None:
-                    raise SystemExit("mosquitto did not start") from None
-                time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 def mosquitto_version() -> str:
@@ -285,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
 
     work = Path(tempfile.mkdtemp(prefix="ota-bench-"))
-    broker = None if args.broker else Mosquitto(work)
+    broker = None
+    if not args.broker:
+        _raise_fd_limit(8192)  # inherited by mosquitto: one fd per connection
+        broker = Broker(work / "broker").start()
     url = args.broker or broker.url  # type: ignore[union-attr]
     try:
         key, pub = generate_keys(work / "keys")
@@ -301,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.workers,
                 args.settle_s,
                 args.sim_dir,
-                broker.proc.pid if broker else None,
+                broker.proc.pid if broker and broker.proc else None,
             )
             runs.append(r)
             print(

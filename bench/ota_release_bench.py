@@ -44,6 +44,7 @@ from cloud_batch.fleetops.release import release  # noqa: E402
 from cloud_batch.registry.models import Registry  # noqa: E402
 from edge_agent.mqtt.link import MqttLink  # noqa: E402
 from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE, pack_dir  # noqa: E402
+from edge_agent.wire.topics import chunk_filter  # noqa: E402
 from tests.broker import Broker  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
@@ -73,7 +74,7 @@ def raw_fetch_s(broker_url: str, blob: bytes, chunk_size: int) -> float:
 
     sub = MqttLink(broker_url)
     t0 = time.perf_counter()
-    sub.subscribe(f"edgefleet/v1/artifacts/{art.sha256}/+", on_msg)
+    sub.subscribe(chunk_filter(art.sha256), on_msg)
     sub.start()
     done.wait(120)
     elapsed = time.perf_counter() - t0

@@ -32,13 +32,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cloud_batch.registry.models import Registry  # noqa: E402
+from make_mobilenet import bench_models  # noqa: E402  (bench/ is on sys.path: run as a script)
+
 from edge_agent.inference.bench import latency_stats  # noqa: E402
 from edge_agent.inference.runtime import RuntimeOptions  # noqa: E402
 from edge_agent.models import sealed  # noqa: E402
 from edge_agent.models.store import ModelStore  # noqa: E402
 
-MOBILENET = REPO / "bench" / "out" / "mobilenet_v2_int8.tflite"
 OPTIONS = RuntimeOptions(num_threads=1, pool_size=1)
 
 
@@ -67,12 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="sealed-bench-"))
     key_path, pub_path = sealed.generate_fleet_key(work / "keys")
     pub = sealed.load_fleet_pub(pub_path)
-    models = {"digits": REPO / "models" / "digits" / "1"}
-    if MOBILENET.exists():
-        Registry(work / "registry").register(MOBILENET, "mobilenet", "1")
-        models["mobilenet_int8"] = work / "registry" / "mobilenet" / "1"
-    else:
-        print(f"{MOBILENET} missing (bench/make_mobilenet.py builds it): digits only", file=sys.stderr)
+    models = bench_models(work / "registry")
     rows = []
     try:
         for label, vdir in models.items():

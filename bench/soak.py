@@ -112,12 +112,14 @@ def start_agent(work: Path, broker_url: str, pub: Path, port: int) -> subprocess
     args += ["--fleet", FLEET, "--device-id", "soak-1", "--trust", str(pub), "--log-level", "warning"]
     log = open(work / "agent.log", "wb")  # noqa: SIM115 (the agent's stderr for the whole run)
     proc = subprocess.Popen([str(BIN / "edge-agent"), "run", *args], env=env, stdout=log, stderr=log)
-    for _ in range(300):
+    deadline = time.monotonic() + 180  # slow under tracemalloc or on a busy machine
+    while time.monotonic() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
             return proc
         except OSError:
             time.sleep(0.1)
+    proc.kill()
     raise SystemExit(f"agent did not become ready; see {work / 'agent.log'}")
 
 

@@ -1,20 +1,28 @@
 """Telemetry cost and throughput (issue #8), side by side in one run → docs/benchmarks.md.
 
-    .venv/bin/python bench/telemetry_bench.py [--quick]
+    .venv/bin/python bench/telemetry_bench.py [--quick] [--thread]
+    .venv/bin/python bench/telemetry_bench.py --writer-only [--code DIR]   # DIR: another tree's edge_agent
 
 1. in-process inference path on digits (``InferPath.infer_sync``: decode → predict → encode), telemetry
-   off vs on (``sample_inputs = 0.1``, the writer thread committing every 250 ms), interleaved;
-2. HTTP on two real ``edge-agent run`` processes (telemetry off / on, sample 0.1): p50 at c=1 and
-   throughput at c=8 through tritonclient, alternating rounds;
-3. outbox write rate (``Recorder.flush``: build + one SQLite transaction per flush);
+   off vs on (``sample_inputs = 0.1``, the writer process committing every 250 ms), interleaved;
+2. HTTP on real ``edge-agent run`` processes (telemetry off / on; ``--thread`` adds a third agent with
+   ``[telemetry] writer = "thread"``, the rows built on the agent's own telemetry thread): p50 at c=1 and
+   throughput at c=8 through tritonclient, alternating rounds, and the CPU each one costs per request
+   at c=8: the agent process (``/proc/<pid>/stat``), its event-loop thread, its telemetry thread
+   (``writer_cpu_s`` in ``/agent/status``) and the writer process (``writer.cpu_s``): what telemetry
+   costs, far less sensitive to a busy machine than req/s, and none of it hidden in another process;
+3. outbox write rate (``Recorder.flush`` with the in-process writer: build + one SQLite transaction);
 4. upload bytes per prediction (batches as the uploader builds them);
 5. drain time of a 100k-record backlog into ``cloud_batch.ingest`` through a real mosquitto.
+
+The last lines print a summary against the goals (c=8 throughput ≤ 5% worse, in-process ≤ +3 µs).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -30,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from run import free_port, http_bench, start_agent  # noqa: E402
+if "--code" in sys.argv:  # another tree's edge_agent (e.g. `git archive HEAD edge_agent`), for --writer-only
+    sys.path.insert(0, sys.argv[sys.argv.index("--code") + 1])
 
 from edge_agent.http.infer import InferPath  # noqa: E402
 from edge_agent.models.serving import ModelServer  # noqa: E402
@@ -41,10 +51,11 @@ from edge_agent.wire.telemetry import encode_rows  # noqa: E402
 DIGITS = REPO / "models" / "digits" / "1"
 
 
-def _telemetry(data_dir: Path, sample: float, flush_s: float = 0.25) -> Telemetry:
+def _telemetry(data_dir: Path, sample: float, flush_s: float = 0.25, writer: str = "thread") -> Telemetry:
+    how = {} if writer == "thread" else {"writer": writer}  # a --code tree from before the writer process
     return Telemetry(
         data_dir, registry=CollectorRegistry(), policy=lambda m: ModelPolicy(True, sample),
-        flush_interval_s=flush_s, max_rows=None, max_bytes=None,
+        flush_interval_s=flush_s, max_rows=None, max_bytes=None, **how,
     )  # fmt: skip
 
 
@@ -60,7 +71,7 @@ def in_process(tmp: Path, n: int) -> dict:
     server = ModelServer(store)
     server.sync()
     model = server.get("digits")
-    tel = _telemetry(tmp / "inproc", 0.1)
+    tel = _telemetry(tmp / "inproc", 0.1, writer="process")  # as the agent runs it
     tel.start()
     off = InferPath(None, CollectorRegistry())
     on = InferPath(None, CollectorRegistry(), recorder=tel.recorder)
@@ -87,34 +98,83 @@ def in_process(tmp: Path, n: int) -> dict:
     return {"n": n, "p50_off_us": p50_off, "p50_on_us": p50_on, "delta_us": p50_on - p50_off}
 
 
-def _agent(data_dir: Path, port: int, telemetry: bool) -> subprocess.Popen:
+def _agent(data_dir: Path, port: int, kind: str) -> subprocess.Popen:
+    from run import start_agent  # bench/run.py imports edge_agent from this tree: not with --code
+
     ModelStore(data_dir).install_dir(DIGITS)
-    env = {"EDGEFLEET_TELEMETRY__ENABLED": str(telemetry).lower(), "EDGEFLEET_TELEMETRY__SAMPLE_INPUTS": "0.1"}
+    env = {
+        "EDGEFLEET_TELEMETRY__ENABLED": str(kind != "off").lower(),
+        "EDGEFLEET_TELEMETRY__SAMPLE_INPUTS": "0.1",
+        "EDGEFLEET_TELEMETRY__WRITER": "thread" if kind == "thread" else "process",
+    }
     return start_agent(data_dir, port, env)
 
 
-def http(tmp: Path, n: int, rounds: int) -> dict:
-    ports = {"off": free_port(), "on": free_port()}
-    procs = {k: _agent(tmp / f"http-{k}", p, k == "on") for k, p in ports.items()}
+def _cpu(pid: int, port: int) -> dict[str, float]:
+    """CPU seconds so far: the agent process, its event-loop (main) thread, its telemetry thread, the writer process."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/agent/status", timeout=10) as r:
+        tel = json.loads(r.read()).get("telemetry") or {}
+    return {
+        "agent": _cpu_s(pid),
+        "loop": _cpu_s(pid, pid),
+        "tel_thread": float(tel.get("writer_cpu_s", 0.0)),
+        "writer_proc": float((tel.get("writer") or {}).get("cpu_s", 0.0)),
+    }
+
+
+def http(tmp: Path, n: int, rounds: int, kinds: tuple[str, ...] = ("off", "on")) -> dict:
+    from run import free_port, http_bench
+
+    ports = {k: free_port() for k in kinds}
+    procs = {k: _agent(tmp / f"http-{k}", p, k) for k, p in ports.items()}
     x = np.random.default_rng(1).random((1, 8, 8, 1)).astype(np.float32) * 16
     res: dict[str, dict[str, list[float]]] = {k: {"p50": [], "rps": []} for k in ports}
     try:
         for r in range(rounds):
-            for k in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            for k in kinds if r % 2 == 0 else kinds[::-1]:
                 c1 = http_bench(ports[k], "digits", x, False, n, 1)
+                before = _cpu(procs[k].pid, ports[k])
                 c8 = http_bench(ports[k], "digits", x, False, n * 2, 8)
+                time.sleep(0.6)  # the writer commits what c=8 queued (flush_interval_ms = 250)
+                after = _cpu(procs[k].pid, ports[k])
+                requests = n * 2 + 800  # + 8 x 100 warm-up
+                for part, value in before.items():
+                    res[k].setdefault(part, []).append((after[part] - value) / requests * 1e6)
                 res[k]["p50"].append(c1["p50_ms"])
                 res[k]["rps"].append(c8["throughput_per_s"])
     finally:
         for p in procs.values():
             p.terminate()
             p.wait(timeout=30)
-    return {k: {"p50_ms": statistics.median(v["p50"]), "rps_c8": statistics.median(v["rps"])} for k, v in res.items()}
+    return {k: _http_result(v) for k, v in res.items()}
 
 
-def _fill(tel: Telemetry, n: int, sample: float) -> float:
-    """Queue ``n`` digits predictions as the hot path would and time the writer's flushes."""
-    store = ModelStore(Path(tel.outbox.path).parent / "fill")
+def _http_result(v: dict[str, list[float]]) -> dict:
+    cpu = {
+        f"{part}_us": round(statistics.median(v[part]), 1) for part in ("agent", "loop", "tel_thread", "writer_proc")
+    }
+    both = [a + w for a, w in zip(v["agent"], v["writer_proc"], strict=True)]
+    cpu["agent_plus_writer_proc_us"] = round(statistics.median(both), 1)
+    return {
+        "p50_ms": statistics.median(v["p50"]),
+        "rps_c8": statistics.median(v["rps"]),
+        "cpu_per_req_c8": cpu,
+        "rounds_rps_c8": [round(x) for x in v["rps"]],
+    }
+
+
+def _cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds (user + system) of the process (all threads), or of its thread ``tid``: robust to other load."""
+    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _digits_samples(where: Path) -> tuple[Any, np.ndarray, list[dict[str, np.ndarray]]]:
+    """digits' manifest, 256 random inputs and their outputs (what the hot path hands the recorder)."""
+    store = ModelStore(where)
     store.install_dir(DIGITS)
     server = ModelServer(store)
     server.sync()
@@ -122,14 +182,32 @@ def _fill(tel: Telemetry, n: int, sample: float) -> float:
     xs = np.random.default_rng(2).random((256, 1, 8, 8, 1)).astype(np.float32) * 16
     outs = [model.predict({"pixels": x}) for x in xs]
     server.stop()
-    took = 0.0
+    return model.manifest, xs, outs
+
+
+def _fill(tel: Telemetry, n: int, samples: Any = None) -> tuple[float, float]:
+    """Queue ``n`` digits predictions as the hot path would; the writer's records/s and CPU µs per record."""
+    manifest, xs, outs = samples or _digits_samples(Path(tel.outbox.path).parent / "fill")
+    took = cpu = 0.0
     for start in range(0, n, 2500):  # 2,500 per flush: 10k predictions/s at flush_interval_ms = 250
         for i in range(start, min(n, start + 2500)):
-            tel.recorder.prediction(model.manifest, f"r{i}", 0.0002, {"pixels": xs[i % 256]}, outs[i % 256])
-        t0 = time.perf_counter()
+            tel.recorder.prediction(manifest, tel.recorder.new_id(), 0.0002, {"pixels": xs[i % 256]}, outs[i % 256])
+        t0, c0 = time.perf_counter(), time.thread_time()
         tel.flush()
         took += time.perf_counter() - t0
-    return n / took
+        cpu += time.thread_time() - c0  # this thread's CPU (SQLite's work included; not its fsync waits)
+    return n / took, cpu / n * 1e6
+
+
+def writer_phases(tmp: Path) -> dict[str, float]:
+    """Writer CPU µs per record over the first 100k predictions and the next 100k (recent-id index and
+    outbox full: the steady state of a long-running agent); 2,500 per flush, sample 0.1, bound 100k."""
+    tel = _telemetry(tmp / "phases", 0.1)
+    tel.outbox.max_rows, tel.outbox.max_bytes = 100_000, 64 * 2**20
+    samples = _digits_samples(tmp / "phases-models")
+    out = {phase: round(_fill(tel, 100_000, samples)[1], 2) for phase in ("first_100k", "next_100k")}
+    tel.stop()
+    return out
 
 
 def bytes_per_prediction(tel: Telemetry, n: int) -> float:
@@ -152,8 +230,8 @@ def drain(tmp: Path, n: int) -> dict:
     from edge_agent.mqtt.link import MqttLink
     from tests.broker import Broker
 
-    tel = _telemetry(tmp / "drain", 0.1)
-    _fill(tel, n, 0.1)
+    tel = _telemetry(tmp / "drain", 0.1, writer="process")
+    _fill(tel, n)
     broker = Broker(tmp / "mosquitto").start()
     stop = threading.Event()
     opts = IngestOptions(fleet="bench", broker_url=broker.url, store=tmp / "store", follow=True)
@@ -177,25 +255,57 @@ def drain(tmp: Path, n: int) -> dict:
     return {"records": n, "seconds": took, "bytes": sent.get("bytes"), "batches": sent.get("batches")}
 
 
+def summary(out: dict) -> list[str]:
+    """The goals, met or missed, in a few lines."""
+    ip, h = out["in_process"], out["http"]
+    off, on = h["off"], h["on"]
+    drop = (on["rps_c8"] / off["rps_c8"] - 1) * 100
+    lines = [
+        f"in-process infer_sync p50 off -> on: {ip['p50_off_us']:.1f} -> {ip['p50_on_us']:.1f} us "
+        f"({ip['delta_us']:+.1f} us; goal <= +3 us: {'met' if ip['delta_us'] <= 3 else 'MISSED'})",
+        f"HTTP c=8 throughput off -> on: {off['rps_c8']:.0f} -> {on['rps_c8']:.0f} req/s "
+        f"({drop:+.1f}%; goal >= -5%: {'met' if drop >= -5 else 'MISSED'})",
+        f"HTTP c=1 p50 off -> on: {off['p50_ms']:.3f} -> {on['p50_ms']:.3f} ms",
+    ]
+    for k, v in h.items():
+        c = v["cpu_per_req_c8"]
+        lines.append(
+            f"CPU us/request at c=8, {k:>6}: agent {c['agent_us']:.1f} (event loop {c['loop_us']:.1f}, "
+            f"telemetry thread {c['tel_thread_us']:.1f}) + writer process {c['writer_proc_us']:.1f} "
+            f"= {c['agent_plus_writer_proc_us']:.1f}"
+        )
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--thread", action="store_true", help='add an agent with [telemetry] writer = "thread"')
+    ap.add_argument("--writer-only", action="store_true", help="only the writer's CPU per record, in 2 phases")
+    ap.add_argument("--code", help="import edge_agent from this tree instead (with --writer-only)")
     args = ap.parse_args()
     q = args.quick
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
+        if args.writer_only:
+            import edge_agent
+
+            print(json.dumps({"code": str(Path(edge_agent.__file__).parents[1]), **writer_phases(tmp)}))
+            return 0
         out: dict = {"in_process": in_process(tmp, 5000 if q else 20000)}
         tel = _telemetry(tmp / "rate", 0.1)
-        out["outbox_rows_per_s"] = _fill(tel, 20000 if q else 100000, 0.1)
+        out["outbox_rows_per_s"], out["writer_cpu_us_per_record"] = _fill(tel, 20000 if q else 100000)
         out["bytes_per_prediction_sample_0.1"] = bytes_per_prediction(tel, 20000)
         tel.stop()
         tel0 = _telemetry(tmp / "rate0", 0.0)
-        _fill(tel0, 20000, 0.0)
+        _fill(tel0, 20000)
         out["bytes_per_prediction_sample_0"] = bytes_per_prediction(tel0, 20000)
         tel0.stop()
-        out["http"] = http(tmp, 1000 if q else 3000, 2 if q else 4)
+        kinds = ("off", "on", "thread") if args.thread else ("off", "on")
+        out["http"] = http(tmp, 1000 if q else 3000, 4, kinds)
         out["drain"] = drain(tmp, 20000 if q else 100000)
     print(json.dumps(out, indent=2))
+    print("\n".join(["", "summary:", *summary(out)]))
     return 0
 
 

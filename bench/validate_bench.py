@@ -28,10 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cloud_batch.registry.models import Registry  # noqa: E402
-from edge_agent.update.validate import DEFAULT_RUNS, check, options_from_json, options_to_json, validate_candidate  # noqa: E402
+from make_mobilenet import bench_models  # noqa: E402  (bench/ is on sys.path: run as a script)
 
-MOBILENET = REPO / "bench" / "out" / "mobilenet_v2_int8.tflite"
+from edge_agent.update.validate import DEFAULT_RUNS, check, options_from_json, options_to_json, validate_candidate  # noqa: E402
 
 
 def timed(fn: object) -> float:
@@ -45,12 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="validate-bench-"))
-    models = {"digits": REPO / "models" / "digits" / "1"}
-    if MOBILENET.exists():
-        Registry(work / "registry").register(MOBILENET, "mobilenet", "1")
-        models["mobilenet_int8"] = work / "registry" / "mobilenet" / "1"
-    else:
-        print(f"{MOBILENET} missing (bench/make_mobilenet.py builds it): digits only", file=sys.stderr)
+    models = bench_models(work / "registry")
     options = options_from_json(options_to_json(None))
     first_fork = timed(lambda: validate_candidate(models["digits"], max_latency_ms=None, isolation="forkserver"))
     rows = {}

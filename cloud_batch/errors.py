@@ -11,7 +11,9 @@ Everything ``cloud_batch`` raises on purpose derives from ``CloudError``::
     │   │                           or too far below the float model); nothing was registered
     │   ├── RolloutError            no release/rollout for the model, or its state forbids the operation
     │   │   └── WatchTimeout        ``rollout.watch`` gave up before its condition held (``.status``: the last one)
-    │   └── StoreError              the telemetry store cannot be used (not a store, ledger unreadable, in use)
+    │   ├── StoreError              the telemetry store cannot be used (not a store, ledger unreadable, in use)
+    │   └── PipelineError           a nightly-pipeline step failed (names the step and the cause), or the
+    │                               model's run lock is held by another run
     └── FailedError                 transient: the broker could not be used; retrying later may work
         └── BrokerError             connect failed, publish or subscription not acknowledged
             └── BrokerUnreachableError   no connection within the timeout (wrong URL, broker down, network)
@@ -84,6 +86,10 @@ class WatchTimeout(RolloutError):
 
 class StoreError(RejectedError):
     """The telemetry store (``cloud_batch.ingest``) cannot be opened: not a store, unreadable ledger, or in use."""
+
+
+class PipelineError(RejectedError):
+    """A ``cloud-batch pipeline run`` step failed (the message names the step and cause), or the run is locked."""
 
 
 class BrokerError(FailedError):

@@ -1,10 +1,10 @@
 """Wiring for ``edge-agent run``: config → store, feature cache → model server → HTTP API (+ OTA), SIGTERM drain.
 
-This is the one place that knows how the parts fit; each part stays usable on its own. It also
-applies the process-level limits: the data dir is made private (0700: the feature cache, keys and
-update records inside are readable by the agent's user only), a ``unix:`` socket gets
-``http.socket_mode`` (0660), and uvicorn runs with ``http.limit_concurrency`` (capped below the
-fd limit), the keep-alive timeout and ``http.guard``'s read timeout and idle-connection eviction.
+This is the one place that knows how the parts fit; each part stays usable on its own. It also applies the
+process-level limits: the data dir is made private (0700: the feature cache, keys and update records inside are
+readable by the agent's user only), a ``unix:`` socket gets ``http.socket_mode`` (0660), and uvicorn runs with
+``http.limit_concurrency`` (capped below the fd limit), the keep-alive timeout and ``http.guard``'s read timeout and
+idle-connection eviction.
 """
 
 from __future__ import annotations
@@ -15,45 +15,40 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from edge_agent import __version__
+from edge_agent import __version__, sdnotify
 from edge_agent.config import AgentConfig, socket_mode
 from edge_agent.errors import EdgeError
 from edge_agent.features.cache import DB_FILE, FeatureCache
+from edge_agent.heartbeat import Heartbeat
 from edge_agent.http.app import create_app
+from edge_agent.http.ext.repository import control_allowed
 from edge_agent.http.guard import guarded_protocol
 from edge_agent.http.metrics import Metrics
 from edge_agent.inference.interpreter import default_backend
 from edge_agent.models.serving import ModelServer
+from edge_agent.models.shipped import install_shipped_models
 from edge_agent.models.store import ModelStore
+from edge_agent.streams import open_streams
 from edge_agent.telemetry import DriftMonitor, Telemetry
-from edge_agent.wire.manifest import MANIFEST_FILE
+from edge_agent.update.agent import liveness
+from edge_agent.update.agent.slots import RESTART_EXIT
+from edge_agent.update.agent.watch import open_slot_watch
+
+if TYPE_CHECKING:
+    from edge_agent.mqtt.link import MqttLink
+    from edge_agent.update.coordinator import OtaAgent
+from edge_agent.update.shadow.local import LocalShadows
+from edge_agent.update.shadow.verdict import ShadowHost
 
 log = logging.getLogger("edge_agent")
 
-BOOTSTRAP_MARKER = ".bootstrapped"
 FD_RESERVE = 64  # file descriptors kept free of client connections (models, SQLite, MQTT, the watcher)
-
-
-def install_shipped_models(store: ModelStore, models_dir: Path | None, data_dir: Path) -> list[str]:
-    """On the first start only, install every version found in the shipped registry folder."""
-    marker = Path(data_dir) / BOOTSTRAP_MARKER
-    if marker.exists() or models_dir is None or not Path(models_dir).is_dir():
-        return []
-    installed = []
-    for manifest_path in sorted(Path(models_dir).glob(f"*/*/{MANIFEST_FILE}")):
-        try:
-            m = store.install_dir(manifest_path.parent)
-            installed.append(f"{m.name}:{m.version}")
-        except EdgeError as exc:
-            log.error("shipped model %s not installed: %s", manifest_path.parent, exc)
-    marker.write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
-    return installed
 
 
 class Agent:
@@ -66,10 +61,12 @@ class Agent:
         self.store = ModelStore(cfg.data_dir, keep=cfg.keep_versions, fleet_key=cfg.ota.fleet_key)
         self.features = open_feature_cache(cfg)
         self.server = ModelServer(self.store, cfg.runtime.options())
+        self.local_shadows = LocalShadows(cfg.data_dir, self.store, ShadowHost.of(self.store, self.server))
         self.metrics = Metrics()
         self.metrics.watch(self.server)
         self.telemetry = open_telemetry(cfg, self.metrics)
         self._seen_events: dict[str, tuple[Any, ...]] = {}
+        self.streams = open_streams(cfg.streams, self.server, self.metrics.registry, self.telemetry)  # None: no streams
         self.app = create_app(
             self.server,
             max_body_bytes=cfg.max_body_bytes,
@@ -78,11 +75,21 @@ class Agent:
             features=self.features,
             max_elements=cfg.http.max_tensor_elements,
             telemetry=self.telemetry,
+            streams=self.streams,
+            batching=cfg.batching(),
+            repository_control=control_allowed(cfg.listen, cfg.allow_repository_control),
         )
-        self._uvicorn: Any = None
+        self._uvicorn: _Server | None = None
         self._stop_requested = False
-        self.link: Any = None
-        self.ota: Any = None
+        self.link: MqttLink | None = None  # with ota: set up when a broker is configured (paho imported only then)
+        self.ota: OtaAgent | None = None
+        status = lambda: liveness.status_line(self.server, self.link, self.ota)  # noqa: E731
+        self.heartbeat = Heartbeat(sdnotify.notify, sdnotify.watchdog_period_s(), status=status)
+        self.exit_code = 0  # RESTART_EXIT when the agent slot changed (self-update, docs/deploy.md)
+        healthy = lambda: liveness.healthy(self.server, bool(self._uvicorn and self._uvicorn.started), self.link)  # noqa: E731
+        self.slot_watch = open_slot_watch(cfg, healthy, self.request_restart)
+        if self.slot_watch is not None:
+            self.slot_watch.start()
         if cfg.mqtt.broker:
             self._setup_ota()
 
@@ -103,6 +110,8 @@ class Agent:
             keepalive=m.keepalive_s,
             max_packet_bytes=self.cfg.ota.max_message_bytes,
         )
+        if self.streams is not None:
+            self.streams.attach(self.link, m.fleet, device_id)
         self.ota = OtaAgent(
             self.link,
             self.store,
@@ -117,6 +126,8 @@ class Agent:
             features=self.features,
             groups=m.groups,
         )
+        if self.slot_watch is not None:  # a frozen agent in A/B slots also takes releases of itself (kind "agent")
+            liveness.attach_self_update(self.ota, self.slot_watch, self.request_restart, self.cfg.agent_update)
         if self.telemetry is not None:
             self.ota.publisher.drift = self.telemetry.drift_summary
             self.telemetry.on_drift_change = self.ota.publisher.publish
@@ -132,6 +143,9 @@ class Agent:
                     self._uvicorn.force_exit = True  # a second Ctrl-C skips the drain
                 self._uvicorn.should_exit = True
             self._stop_requested = True
+            if self.streams is not None:
+                self.streams.closing.set()  # SSE feeds end, so the drain does not wait for their clients
+            sdnotify.notify("STOPPING=1", "STATUS=draining")
             log.info("received %s; draining", signal.Signals(signum).name)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -147,13 +161,17 @@ class Agent:
             self.ota.before_serving()  # a candidate that crashed the agent at every start is rolled back here
         self.server.sync()
         self.server.start(self.cfg.watch_interval_s)
+        self.local_shadows.start()  # `edge-agent models shadow` requests, a pending one resumed
+        if self.streams is not None:
+            self.streams.start()
         if self.telemetry is not None:
             self.telemetry.event("restart", agent_version=__version__, pid=os.getpid())
             self.telemetry.poll = self._telemetry_events
             self.telemetry.start()
-        if self.ota is not None:
+        if self.ota is not None and self.link is not None:
             self.link.start()  # connects in the background; serving never waits for the broker
             self.ota.start()  # resumes any update a crash interrupted, then subscribes
+            self.ota.on_tick = self.heartbeat.register("update loop")
 
     def status(self) -> dict[str, Any]:
         return {
@@ -165,11 +183,26 @@ class Agent:
             if self.cfg.mqtt.broker
             else None,
             "ota": self.ota.device_state().to_dict() if self.ota is not None else None,
+            "agent_update": self.slot_watch.slots.status() if self.slot_watch is not None else None,
             **self.server.status(),
             "store": self.store.list(),
             "features": self._feature_sets(),
             "telemetry": self.telemetry.status() if self.telemetry is not None else None,
+            "streams": self.streams.status() if self.streams is not None else None,
         }
+
+    def request_restart(self, reason: str) -> None:
+        """Drain and exit ``RESTART_EXIT`` so that systemd starts the agent slot ``current`` points at."""
+        self.exit_code = RESTART_EXIT
+        sdnotify.notify("STOPPING=1", f"STATUS=restarting: {reason}")
+        self._stop_requested = True
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+
+    def _listening(self) -> None:
+        """On the event loop once the API listens: beat from the loop, start the pings, then READY=1."""
+        self.heartbeat.start_on_loop("event loop")
+        sdnotify.notify("READY=1")
 
     def _telemetry_events(self) -> list[tuple[str, dict[str, Any]]]:
         """New model load errors and finished updates since the last poll, as telemetry events."""
@@ -224,13 +257,18 @@ class Agent:
             config = uvicorn.Config(self.app, host=addr[0], port=addr[1], **kwargs)
             log.info("listening on http://%s:%d", *addr)
         self._uvicorn = _Server(config)
+        self._uvicorn.on_started = self._listening
         try:
             if not self._stop_requested:
                 self._uvicorn.run(sockets=sockets)
         finally:
-            if self.ota is not None:
+            self.heartbeat.stop()
+            if self.ota is not None and self.link is not None:
                 self.ota.stop()
                 self.link.stop()
+            if self.streams is not None:
+                self.streams.stop()
+            self.local_shadows.stop()
             self.server.stop()
             if self.telemetry is not None:
                 self.telemetry.stop()
@@ -274,6 +312,10 @@ def open_telemetry(cfg: AgentConfig, metrics: Metrics) -> Telemetry | None:
             max_bytes=t.max_bytes,
             drift=drift,
             state_top=d.state_top,
+            quotas=t.quotas(),
+            paced=t.paced(),
+            tick_s=t.min_flush_interval_s(),
+            writer=t.writer,
         )
     except EdgeError as exc:
         log.error("telemetry outbox unavailable, serving without telemetry: %s", exc)
@@ -281,7 +323,14 @@ def open_telemetry(cfg: AgentConfig, metrics: Metrics) -> Telemetry | None:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling (it re-raises SIGTERM after the drain: exit -15)."""
+    """uvicorn without its signal handling (it re-raises SIGTERM: exit -15); ``on_started`` runs once listening."""
+
+    on_started: Callable[[], None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.on_started is not None and not self.should_exit:
+            self.on_started()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

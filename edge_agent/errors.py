@@ -11,7 +11,8 @@ Everything the agent raises on purpose derives from ``EdgeError``, and every cla
     │   ├── RequestError            a client's inference request is malformed (HTTP 400)
     │   │   ├── PayloadTooLargeError        request body above the configured limit (HTTP 413)
     │   │   ├── UnsupportedMediaTypeError   a Content-Encoding the server does not decode (HTTP 415)
-    │   │   └── MethodNotAllowedError       wrong HTTP method for the route (HTTP 405)
+    │   │   ├── MethodNotAllowedError       wrong HTTP method for the route (HTTP 405)
+    │   │   └── ControlRefused              repository control on a non-local listener (HTTP 403)
     │   ├── SignatureRejected       unsigned, untrusted key, bad signature
     │   ├── SealedModelRejected     an encrypted model: no or another fleet key, or its ciphertext fails GCM
     │   ├── StaleRejected           authentic but not fresh: replayed (seq not newer) or expired
@@ -32,12 +33,15 @@ Everything the agent raises on purpose derives from ``EdgeError``, and every cla
         ├── StoreError              the model store could not be read or written
         ├── FeatureCacheError       SQLite I/O on the feature cache
         ├── OutboxError             SQLite I/O on the telemetry outbox
+        │   └── WriterLost          the outbox's writer process died or stopped answering
         └── TransferError           an artifact download did not finish (resumes when retried)
             └── CorruptChunksError, TransferTimeout, TransferStopped
 
-Two control-flow signals are not errors and stay private to their modules:
-``http.asgi.ClientGone`` (the client hung up) and ``update.seams.Interrupted`` (a step was
-asked to stop).
+Two control-flow signals are not errors: they derive from ``Exception``, never from
+``EdgeError``, so no ``except EdgeError`` (and no HTTP status) ever catches them::
+
+    ClientGone                      the HTTP client hung up before its whole body (``http.asgi.read_body``)
+    Interrupted                     an update step noticed ``Control.interrupt`` (``update.seams``)
 
 ``Rejected…`` errors are final; ``Failed…`` errors may succeed when retried.
 Lower-layer exceptions are translated where they cross into the agent, keeping
@@ -98,6 +102,10 @@ class MethodNotAllowedError(RequestError):
     def __init__(self, method: str, path: str, allowed: str) -> None:
         super().__init__(f"method {method} not allowed on {path}; use {allowed}")
         self.allowed = allowed
+
+
+class ControlRefused(RequestError):
+    """A ``/v2/repository`` call on a listener that is not loopback/unix without ``allow_repository_control``."""
 
 
 class NotFoundError(EdgeError):
@@ -171,49 +179,45 @@ class FeatureCacheError(FailedError):
 
 
 class BundleRejected(RejectedError):
-    """A feature bundle breaks a rule; applying the same bundle again cannot succeed."""
+    """A feature bundle breaks a rule; applying the same bundle again cannot succeed.
+
+    Each subclass names its rule in the class statement: ``class X(BundleRejected, code="keys")``.
+    """
 
     code = "rejected"
 
+    def __init_subclass__(cls, code: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if code:
+            cls.code = code
 
-class BundleSchemaError(BundleRejected):
+
+class BundleSchemaError(BundleRejected, code="schema"):
     """``bundle.json`` is malformed or disagrees with the arrays (shapes, dtypes, feature list)."""
 
-    code = "schema"
 
-
-class BundleValueError(BundleRejected):
+class BundleValueError(BundleRejected, code="values"):
     """A value is not a finite number of the declared dtype, or an ``event_ts`` is invalid."""
 
-    code = "values"
 
-
-class BundleKeyError(BundleRejected):
+class BundleKeyError(BundleRejected, code="keys"):
     """An entity id is empty, invalid, duplicated, or both upserted and deleted."""
 
-    code = "keys"
 
-
-class BundleIntegrityError(BundleRejected):
+class BundleIntegrityError(BundleRejected, code="integrity"):
     """A file is missing or unreadable, or ``data.npz`` does not hash to ``data_sha256``."""
 
-    code = "integrity"
 
-
-class VersionNotNewer(BundleRejected):
+class VersionNotNewer(BundleRejected, code="version"):
     """The bundle's version is not newer than the set's current version."""
 
-    code = "version"
 
-
-class DeltaBaseMismatch(BundleRejected):
+class DeltaBaseMismatch(BundleRejected, code="delta_base"):
     """A delta was computed against another version (or feature list) than the cache holds.
 
     The OTA layer should fetch the latest snapshot of ``set``; ``current_version`` is what the
     device has (None: nothing), ``base_version`` what the delta needs.
     """
-
-    code = "delta_base"
 
     def __init__(self, message: str, *, set: str, current_version: str | None, base_version: str | None) -> None:
         super().__init__(message)
@@ -222,10 +226,8 @@ class DeltaBaseMismatch(BundleRejected):
         self.base_version = base_version
 
 
-class CacheFull(BundleRejected):
+class CacheFull(BundleRejected, code="too_large"):
     """Applying the bundle would take the cache above ``max_rows`` or ``max_bytes``."""
-
-    code = "too_large"
 
 
 class FeatureSetNotFound(NotFoundError):
@@ -255,6 +257,10 @@ class OutboxError(FailedError):
     """The telemetry outbox's SQLite file could not be read or written."""
 
 
+class WriterLost(OutboxError):
+    """The telemetry writer process died or stopped answering (``telemetry.writer.remote`` restarts or falls back)."""
+
+
 class SignatureRejected(RejectedError):
     """Unsigned, signed by an untrusted key, or the signature does not verify."""
 
@@ -266,12 +272,21 @@ class SealedModelRejected(RejectedError):
     """
 
 
+class ClientGone(Exception):
+    """The client disconnected before sending its whole body."""
+
+
+class Interrupted(Exception):
+    """An update step noticed ``Control.interrupt``: leave the step, the machine decides what follows."""
+
+
 # exception class -> (HTTP status, edgefleet_errors_total reason); looked up by the most specific class.
 HTTP_STATUS: dict[type[BaseException], tuple[int, str]] = {
     RequestError: (400, "bad_request"),
     PayloadTooLargeError: (413, "payload_too_large"),
     UnsupportedMediaTypeError: (415, "bad_request"),
     MethodNotAllowedError: (405, "method_not_allowed"),
+    ControlRefused: (403, "forbidden"),
     NotFoundError: (404, "not_found"),
     FeatureNotFound: (404, "feature_missing"),
     FeatureExpired: (409, "feature_stale"),

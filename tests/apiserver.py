@@ -17,7 +17,7 @@ import uvicorn
 
 from edge_agent.inference.modelpack import build_version_dir
 from edge_agent.inference.runtime import inspect_model
-from edge_agent.wire.manifest import Manifest
+from edge_agent.wire.model.manifest import Manifest
 from tests.support.env import free_port
 
 

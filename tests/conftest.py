@@ -164,3 +164,18 @@ def make_device(
 def v2(digits_dir: Path, tmp_path: Path) -> Path:
     """The shipped digits model relabelled as version 2: a valid candidate."""
     return relabel(digits_dir, tmp_path / "v2", "2")
+
+
+# -- the frozen agent (#11) ------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def frozen_agent() -> Path:
+    """``dist/edge-agent/`` built once per source digest (tests/support/frozen.py); skipped only without PyInstaller."""
+    from tests.support.frozen import cannot_build, frozen_build
+
+    reason = cannot_build()
+    if reason is not None:
+        pytest.skip(f"frozen agent not built: {reason}")
+    try:
+        return frozen_build()[0]
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"PyInstaller build failed: {exc}", pytrace=False)

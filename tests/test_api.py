@@ -15,7 +15,7 @@ from edge_agent.http.app import create_app
 from edge_agent.inference.runtime import quantize
 from edge_agent.models.serving import ModelServer
 from edge_agent.models.store import ModelStore
-from edge_agent.wire.manifest import Manifest
+from edge_agent.wire.model.manifest import Manifest
 from tests.apiserver import ApiServer, digits_data, infer_body
 
 

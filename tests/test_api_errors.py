@@ -16,7 +16,7 @@ from edge_agent.inference.modelpack import build_version_dir
 from edge_agent.models.serving import ModelServer
 from edge_agent.models.store import ModelStore
 from edge_agent.wire import kserve_v2 as v2
-from edge_agent.wire.manifest import Manifest, TensorSpec
+from edge_agent.wire.model.manifest import Manifest, TensorSpec
 from tests.apiserver import ApiServer, digits_data, infer_body
 
 INFER = "/v2/models/digits/infer"

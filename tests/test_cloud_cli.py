@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cloud_batch.cli.main import build_parser, main
-from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
+from edge_agent.wire.model.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
 from tests.support.cli import subcommands
 
 REPO = Path(__file__).resolve().parents[1]

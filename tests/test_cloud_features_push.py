@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from cloud_batch.errors import BrokerUnreachableError, CloudError, InputError, RegistryError
+from cloud_batch.cli.main import main as cloud_batch
+from cloud_batch.errors import CloudError, InputError, RegistryError
 from cloud_batch.features.push import push
 from edge_agent.features.cache import FeatureCache
 from edge_agent.wire.bundle import read_bundle
@@ -58,10 +60,10 @@ def chunk_shas(held: dict[str, bytes]) -> set[str]:
 
 # -- push ------------------------------------------------------------------------------------------
 def test_push_snapshot_publishes_a_signed_features_release_and_retained_chunks(
-    broker: Broker, key_files: tuple[Path, Path], reg: Path, tmp_path: Path
+    broker: Broker, key_files: tuple[Path, Path], reg: Path, tmp_path: Path, cloud_link: Any
 ) -> None:
     build_csv(reg, "1", frame(40), tmp_path)
-    res = push(reg, SET, "1", FLEET, key_files[0], broker.url, chunk_size=CHUNK, progress=True)
+    res = push(reg, SET, "1", FLEET, key_files[0], cloud_link, chunk_size=CHUNK, progress=True)
     held = retained(broker.url)
     topic = features_topic(FLEET, SET)
     assert topic == f"edgefleet/v1/fleets/{FLEET}/features/{SET}/all/all" and [r.topic for r in res.releases] == [topic]
@@ -82,13 +84,13 @@ def test_push_snapshot_publishes_a_signed_features_release_and_retained_chunks(
     assert "pushed feature set cam_stats 1 to fleet plant-7: 1 release" in res.summary()
 
     # Pushing the same version again ships the same bytes: a device holding it sees nothing new.
-    again = push(reg, SET, "1", FLEET, key_files[0], broker.url, chunk_size=CHUNK, progress=False)
+    again = push(reg, SET, "1", FLEET, key_files[0], cloud_link, chunk_size=CHUNK, progress=False)
     assert again.releases[0].release.artifact.sha256 == rel.artifact.sha256 and not again.cleared
     assert chunk_shas(retained(broker.url)) == {rel.artifact.sha256}
 
 
 def test_push_delta_with_snapshot_fallback_and_superseded_artifacts_cleared(
-    broker: Broker, key_files: tuple[Path, Path], reg: Path, tmp_path: Path
+    broker: Broker, key_files: tuple[Path, Path], reg: Path, tmp_path: Path, cloud_link: Any
 ) -> None:
     v1 = frame(30)
     v2 = frame(30, drop=("cam-3", "cam-8"), extra=("cam-99", "cam-100"))
@@ -96,8 +98,8 @@ def test_push_delta_with_snapshot_fallback_and_superseded_artifacts_cleared(
     v2.loc[v2.camera == "cam-6", "computed_at"] = "2026-11-28T00:00:00Z"  # a newer observation, same value
     build_csv(reg, "1", v1, tmp_path)
     build_csv(reg, "2", v2, tmp_path)
-    first = push(reg, SET, "1", FLEET, key_files[0], broker.url, chunk_size=CHUNK, progress=False)
-    res = push(reg, SET, "2", FLEET, key_files[0], broker.url, delta_from="1", chunk_size=CHUNK, progress=False)
+    first = push(reg, SET, "1", FLEET, key_files[0], cloud_link, chunk_size=CHUNK, progress=False)
+    res = push(reg, SET, "2", FLEET, key_files[0], cloud_link, delta_from="1", chunk_size=CHUNK, progress=False)
 
     held = retained(broker.url)
     rel = released(held, features_topic(FLEET, SET), key_files[1])
@@ -130,7 +132,7 @@ def test_push_delta_with_snapshot_fallback_and_superseded_artifacts_cleared(
 
 
 def test_push_with_a_partition_map_publishes_one_release_per_partition(
-    broker: Broker, key_files: tuple[Path, Path], reg: Path, tmp_path: Path
+    broker: Broker, key_files: tuple[Path, Path], reg: Path, tmp_path: Path, cloud_link: Any
 ) -> None:
     build_csv(reg, "1", frame(6), tmp_path)
     (tmp_path / "map1.csv").write_text(
@@ -143,7 +145,7 @@ def test_push_with_a_partition_map_publishes_one_release_per_partition(
         "1",
         FLEET,
         key_files[0],
-        broker.url,
+        cloud_link,
         partition_map=tmp_path / "map1.csv",
         chunk_size=CHUNK,
         progress=False,
@@ -177,7 +179,7 @@ def test_push_with_a_partition_map_publishes_one_release_per_partition(
         "2",
         FLEET,
         key_files[0],
-        broker.url,
+        cloud_link,
         delta_from="1",
         partition_map=tmp_path / "map2.csv",
         chunk_size=CHUNK,
@@ -233,6 +235,7 @@ BAD_PUSHES = [
 @pytest.mark.parametrize("change,error,message", BAD_PUSHES, ids=case_ids(BAD_PUSHES, 20))
 def test_bad_push_input_is_a_clear_error_and_publishes_nothing(
     broker: Broker,
+    cloud_link: Any,
     key_files: tuple[Path, Path],
     reg: Path,
     tmp_path: Path,
@@ -265,7 +268,7 @@ def test_bad_push_input_is_a_clear_error_and_publishes_nothing(
             args.pop("version"),
             args.pop("fleet"),
             args.pop("key"),
-            broker.url,
+            cloud_link,
             progress=False,
             **args,
         )
@@ -273,9 +276,11 @@ def test_bad_push_input_is_a_clear_error_and_publishes_nothing(
 
 
 def test_unreachable_broker_names_the_url_and_publishes_nothing(
-    key_files: tuple[Path, Path], reg: Path, tmp_path: Path
+    key_files: tuple[Path, Path], reg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """The CLI opens the link once every input checked out; an unreachable broker is one error line."""
     build_csv(reg, "1", frame(6), tmp_path)
     url = f"mqtt://127.0.0.1:{free_port()}"
-    with pytest.raises(BrokerUnreachableError, match=f"cannot reach the MQTT broker at {url}"):
-        push(reg, SET, "1", FLEET, key_files[0], url, connect_timeout_s=1.0, progress=False)
+    args = ["features", "push", SET, "--version", "1", "--fleet", FLEET, "--registry", str(reg)]
+    code = cloud_batch([*args, "--key", str(key_files[0]), "--broker", url, "--no-progress"])
+    assert code != 0 and f"cannot reach the MQTT broker at {url}" in capsys.readouterr().err

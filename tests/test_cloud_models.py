@@ -16,7 +16,7 @@ from cloud_batch.train.device_eval import predict_batched
 from cloud_batch.train.maintenance.features import FEATURE_NAMES, LIVE_FEATURES
 from edge_agent.inference.modelpack import verify_version_dir
 from edge_agent.inference.runtime import LoadedModel
-from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
+from edge_agent.wire.model.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = Registry(REPO / "models")

@@ -16,7 +16,7 @@ from cloud_batch.errors import RegistryError
 from cloud_batch.registry.models import Registry
 from edge_agent.inference.golden import load_golden
 from edge_agent.inference.modelpack import verify_version_dir
-from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
+from edge_agent.wire.model.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "models" / "digits" / "1"

@@ -22,7 +22,7 @@ from cloud_batch.fleetops.broker import BrokerLink, open_link
 from cloud_batch.fleetops.keys import generate_keys
 from cloud_batch.fleetops.release import parse_stages, release
 from cloud_batch.registry.models import Registry
-from edge_agent.wire.manifest import MANIFEST_FILE
+from edge_agent.wire.model.manifest import MANIFEST_FILE
 from edge_agent.wire.protocol import Release, Rollout, pack_dir
 from edge_agent.wire.signing import load_public_key, verify
 from edge_agent.wire.topics import chunk_topic, parse_chunk_topic, release_topic, rollout_topic

@@ -10,8 +10,8 @@ import pytest
 
 from cloud_batch.train.reference import build_reference
 from edge_agent.errors import ManifestError
-from edge_agent.wire.manifest import Manifest
-from edge_agent.wire.reference import bin_counts, parse_reference
+from edge_agent.wire.model.manifest import Manifest
+from edge_agent.wire.model.reference import bin_counts, parse_reference
 
 
 def psi(expected: list[float], actual: np.ndarray) -> float:

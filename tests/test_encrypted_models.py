@@ -29,7 +29,7 @@ from edge_agent.errors import ConfigError, ManifestError, SealedModelRejected
 from edge_agent.fsutil import sha256_file
 from edge_agent.models import sealed
 from edge_agent.models.store import ModelStore
-from edge_agent.wire.manifest import MANIFEST_FILE, MODEL_FILE
+from edge_agent.wire.model.manifest import MANIFEST_FILE, MODEL_FILE
 from tests.broker import Broker
 from tests.support.env import free_port
 from tests.support.ota import FLEET, Cloud, Device, relabel

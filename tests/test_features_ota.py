@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -146,7 +147,7 @@ def test_the_newest_release_wins_whatever_order_the_partitions_arrive_in(
 
 # -- end to end: cloud-batch features build/push → OTA → a joined request ---------------------------------
 def test_cloud_batch_push_reaches_the_device_and_feeds_a_joined_request(
-    broker: Broker, tmp_path: Path, digits_dir: Path
+    broker: Broker, tmp_path: Path, digits_dir: Path, cloud_link: Any
 ) -> None:
     from cloud_batch.features.build import build
     from cloud_batch.features.push import push
@@ -164,12 +165,12 @@ def test_cloud_batch_push_reaches_the_device_and_feeds_a_joined_request(
     )
     try:
         build(reg, SET, "1", recipe="maintenance", n_assets=6, days=10, seed=4, as_of="2024-01-09", progress=False)
-        push(reg, SET, "1", FLEET, key, broker.url, chunk_size=CHUNK, progress=False)
+        push(reg, SET, "1", FLEET, key, cloud_link, chunk_size=CHUNK, progress=False)
         wait = Cloud(broker.url, Ed25519PrivateKey.generate())  # only reads the device's state
         try:
             wait.wait(lambda: (s := wait.states.get(dev.device_id)) and s.features.get(SET) == "1", "version 1")
             build(reg, SET, "2", recipe="maintenance", n_assets=6, days=10, seed=4, as_of="2024-01-10", progress=False)
-            push(reg, SET, "2", FLEET, key, broker.url, delta_from="1", chunk_size=CHUNK, progress=False)
+            push(reg, SET, "2", FLEET, key, cloud_link, delta_from="1", chunk_size=CHUNK, progress=False)
             report = wait.wait(
                 lambda: (
                     (r := wait.states[dev.device_id].feature_updates.get(SET))

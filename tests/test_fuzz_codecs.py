@@ -23,7 +23,7 @@ from edge_agent.jsonlimits import json_depth, loads_limited
 from edge_agent.wire import kserve_v2 as v2
 from edge_agent.wire import protocol
 from edge_agent.wire.bundle import read_bundle
-from edge_agent.wire.manifest import Manifest
+from edge_agent.wire.model.manifest import Manifest
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)

@@ -18,7 +18,7 @@ from edge_agent.errors import ManifestError, RejectedError, ValidationError
 from edge_agent.inference.golden import IN, OUT, check_golden, golden_bytes, load_golden, make_golden
 from edge_agent.inference.modelpack import build_version_dir, sha256_file, verify_version_dir
 from edge_agent.inference.runtime import LoadedModel, RuntimeOptions
-from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest
+from edge_agent.wire.model.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest
 from tests.modelzoo import Zoo
 
 

@@ -25,7 +25,7 @@ from edge_agent.http.app import create_app
 from edge_agent.models.serving import ModelServer
 from edge_agent.models.store import ModelStore
 from edge_agent.wire.bundle import FeatureSpec, write_bundle
-from edge_agent.wire.manifest import MANIFEST_FILE
+from edge_agent.wire.model.manifest import MANIFEST_FILE
 from tests.apiserver import ApiServer
 from tests.support.join import FEATURES, MAINT, SET
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from edge_agent.errors import ManifestError
-from edge_agent.wire.manifest import MANIFEST_FILE, Manifest
+from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
 from tests.support.join import FEATURES, MAINT, SET
 
 

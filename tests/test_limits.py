@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from tests.apiserver import ApiServer
+from tests.support.agent import BIN, UnixHTTPConnection, request, stop, wait_ready
 from tests.support.env import MODELS, free_port
-from tests.test_service import BIN, UnixHTTPConnection, request, stop, wait_ready
 
 INFER = "/v2/models/digits/infer"
 

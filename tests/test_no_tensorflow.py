@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from edge_agent.wire.manifest import MANIFEST_FILE
+from edge_agent.wire.model.manifest import MANIFEST_FILE
 
 # Top-level modules that must never be loaded by the edge agent.
 FORBIDDEN = ("tensorflow", "tensorflow_core", "tf_keras", "keras", "cloud_batch", "tensorboard", "jax", "torch")

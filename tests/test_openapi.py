@@ -19,8 +19,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 
 from edge_agent.http.openapi import SPEC, to_yaml
+from tests.support.agent import start_agent, stop, wait_ready
 from tests.support.env import free_port
-from tests.test_service import start_agent, stop, wait_ready
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "openapi.yaml"
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))

@@ -335,8 +335,9 @@ def test_kill9_at_random_points_during_updates(rig: Rig, tmp_path: Path, digits_
         while device.probe()["version"] != active_after:  # type: ignore[index]
             assert time.monotonic() < deadline, f"seed {seed}: device does not serve {active_after}"
             time.sleep(0.05)
-        if final == "committed":
-            assert version in ModelStore(device.data).state("digits").good
+        if final == "committed":  # the record is saved `committed` before its final action (mark good) runs
+            good = lambda v=version: v in ModelStore(device.data).state("digits").good  # noqa: E731
+            wait_for(good, f"seed {seed}: v{version} marked good")
 
     print(f"seed {seed}; kills:\n  " + "\n  ".join(kills))
     assert len(kills) >= 20, f"seed {seed}: only {len(kills)} kills: {kills}"

@@ -18,14 +18,13 @@ import pytest
 from cloud_batch.cli import ota as ota_cli
 from cloud_batch.fleetops.broker import BrokerLink
 from cloud_batch.fleetops.fleet import fleet_status
-from cloud_batch.fleetops.release import release
 from cloud_batch.fleetops.rollout import RolloutError, RolloutStatus, abort, advance, evaluate, rollout_status, watch
 from cloud_batch.fleetops.signer import Trust
 from cloud_batch.sim.fleet import SimFleet
 from edge_agent.wire.policy import in_cohort
 from edge_agent.wire.protocol import DeviceState, Release, Rollout, UpdateReport
 from tests.broker import Broker
-from tests.support.env import MODELS
+from tests.support.releases import release_digits
 
 FLEET = "plant-r"
 N = 50
@@ -76,7 +75,9 @@ class Rig:
 
     def publish(self, **kwargs: object) -> Release:
         """Release digits 1, signed with the key the fleet trusts."""
-        return publish(self.link, self.key_files[0], record_dir=self.record, **kwargs)
+        return release_digits(
+            self.link, self.key_files[0], FLEET, record_dir=self.record, **{"stages": STAGES, **kwargs}
+        )
 
 
 @pytest.fixture
@@ -85,21 +86,6 @@ def rig(broker: Broker, cloud_link: BrokerLink, key_files: tuple[Path, Path], tm
     yield r
     for f in r.fleets:
         f.stop()
-
-
-def publish(link: BrokerLink, key: Path, **kwargs: object) -> Release:
-    return release(
-        MODELS,
-        "digits",
-        "1",
-        FLEET,
-        key,
-        link,
-        stages=kwargs.pop("stages", STAGES),
-        health_window_s=0,  # type: ignore[arg-type]
-        progress=False,
-        **kwargs,
-    )  # type: ignore[arg-type]
 
 
 def stage_done(s: RolloutStatus) -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edge_agent.inference.runtime import dequantize, inspect_model, quantize
-from edge_agent.wire.manifest import Quantization
+from edge_agent.wire.model.manifest import Quantization
 from tests.modelzoo import Zoo
 from tests.support.runtime import QUANTIZED
 

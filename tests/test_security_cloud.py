@@ -16,30 +16,12 @@ import pytest
 
 from cloud_batch.cli import ota as ota_cli
 from cloud_batch.fleetops.broker import BrokerLink
-from cloud_batch.fleetops.release import release
 from edge_agent.wire.protocol import DeviceState, Release, UpdateReport, encode
 from edge_agent.wire.topics import device_state_topic, presence_topic, release_topic
 from tests.broker import Broker, retained
-from tests.support.env import MODELS
+from tests.support.releases import release_digits
 
 FLEET = "plant-s"
-
-
-def publish_release(link: BrokerLink, key: Path, record: Path, **policy: object) -> Release:
-    """digits 1 to the whole fleet at once, signed, recorded in ``record``."""
-    return release(
-        MODELS,
-        "digits",
-        "1",
-        FLEET,
-        key,
-        link,
-        stages=[100],
-        health_window_s=0,
-        progress=False,
-        record_dir=record,
-        **policy,
-    )  # type: ignore[arg-type]
 
 
 def report(link: BrokerLink, device_id: str, rel: Release, result: str) -> None:
@@ -69,7 +51,7 @@ class Rig:
     args: list[str]  # what every `rollout` command of these tests is given
 
     def release(self, max_failure_rate: float) -> Release:
-        return publish_release(self.link, self.key, self.record, max_failure_rate=max_failure_rate)
+        return release_digits(self.link, self.key, FLEET, record_dir=self.record, max_failure_rate=max_failure_rate)
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,28 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.support.agent import BIN, UnixHTTPConnection, request, start_agent, stop, wait_ready
 from tests.support.env import MODELS, free_port
-
-BIN = Path(sys.executable).parent
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=10)
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(self.path)
-
-
-def request(conn: http.client.HTTPConnection, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-    conn.request(
-        method, path, body=json.dumps(body) if body is not None else None, headers={"Content-Type": "application/json"}
-    )
-    resp = conn.getresponse()
-    data = resp.read()
-    return resp.status, json.loads(data) if data else {}
 
 
 def digits_body(n: int = 4) -> tuple[dict, np.ndarray]:
@@ -49,37 +27,6 @@ def digits_body(n: int = 4) -> tuple[dict, np.ndarray]:
     return {
         "inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
     }, d.target[:n]
-
-
-def start_agent(data_dir: Path, listen: str, models_dir: Path | None = MODELS) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
-    env["EDGEFLEET_MODELS_DIR"] = str(models_dir) if models_dir else ""
-    env["EDGEFLEET_WATCH_INTERVAL_S"] = "0.2"
-    env["EDGEFLEET_RUNTIME__MAX_BATCH"] = "20000"  # the drain test's slow request is ~18k digits in one batch
-    return subprocess.Popen(
-        [str(BIN / "edge-agent"), "run", "--data-dir", str(data_dir), "--listen", listen],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def wait_ready(connect, proc: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        try:
-            if request(connect(), "GET", "/v2/health/ready")[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("agent never became ready")
-
-
-def stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=30)
 
 
 @pytest.fixture

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cloud_batch.train.maintenance.data import SENSORS, generate
-from cloud_batch.train.reference import build_reference
+from cloud_batch.train.maintenance.data import SENSORS
 from edge_agent.http.app import create_app
 from edge_agent.http.metrics import Metrics
 from edge_agent.models.serving import ModelServer
@@ -19,47 +17,16 @@ from edge_agent.telemetry import DriftMonitor, ModelPolicy, Telemetry
 from edge_agent.wire.protocol import DeviceState
 from tests.apiserver import ApiServer
 from tests.support.env import MODELS
+from tests.support.telemetry_drift import infer_body, readings, reference_version
 
 WINDOW = 400
 
 
-def _readings(part: int) -> np.ndarray:
-    """Sensor readings of one fleet: part 0 trains the reference, part 1 is later traffic of the same assets."""
-    rows = generate(n_assets=40, days=5, seed=0)[list(SENSORS)].to_numpy(np.float32)
-    rows = rows[np.random.default_rng(1).permutation(len(rows))]
-    return rows[:3000] if part == 0 else rows[3000:]
-
-
-def _body(live: np.ndarray) -> dict:
-    return {
-        "inputs": [
-            {"name": "live", "shape": [1, 4], "datatype": "FP32", "data": live.tolist()},
-            {"name": "asset_features", "shape": [1, 18], "datatype": "FP32", "data": [0.0] * 18},
-        ]
-    }
-
-
 @pytest.fixture
 def maintenance_with_reference(tmp_path: Path) -> ModelServer:
-    src = tmp_path / "maintenance"
-    shutil.copytree(MODELS / "maintenance" / "1", src)
-    manifest = json.loads((src / "manifest.json").read_text())
     store = ModelStore(tmp_path / "data")
     store.install_dir(MODELS / "maintenance" / "1")
-    probe = ModelServer(store)
-    probe.sync()
-    train = _readings(0)
-    model = probe.get("maintenance")
-    parts = [
-        model.predict({"live": train[i : i + 64], "asset_features": np.zeros((len(train[i : i + 64]), 18), np.float32)})
-        for i in range(0, len(train), 64)
-    ]
-    outputs = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    probe.stop()
-    manifest["version"] = "2"
-    manifest["reference"] = build_reference({"live": train}, outputs, {"live": list(SENSORS)})
-    (src / "manifest.json").write_text(json.dumps(manifest))
-    store.install_dir(src)
+    store.install_dir(reference_version(tmp_path))
     store.activate("maintenance", "2")
     server = ModelServer(store)
     server.sync()
@@ -75,14 +42,14 @@ def test_in_distribution_is_stable_and_a_hot_sensor_alerts_within_one_window(
         max_rows=None, max_bytes=None, drift=DriftMonitor(window=WINDOW),
     )  # fmt: skip
     tel.start()
-    live = _readings(1)[: 2 * WINDOW]
+    live = readings(1)[: 2 * WINDOW]
     try:
         with ApiServer(create_app(maintenance_with_reference, metrics=metrics, telemetry=tel)) as api:
             conn = api.connect()
 
             def send(rows: np.ndarray) -> None:
                 for row in rows:
-                    conn.request("POST", "/v2/models/maintenance/infer", json.dumps(_body(row)))
+                    conn.request("POST", "/v2/models/maintenance/infer", json.dumps(infer_body(row)))
                     resp = conn.getresponse()
                     assert resp.status == 200, resp.read()
                     resp.read()

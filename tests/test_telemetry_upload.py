@@ -6,45 +6,14 @@ duplicated one both fail the test.
 
 from __future__ import annotations
 
-import collections
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cloud_batch.fleetops.keys import generate_keys
-from cloud_batch.ingest.consumer import IngestOptions, run_ingest
-from cloud_batch.ingest.read import bodies, read_kind
 from tests.broker import Broker
-from tests.support.telemetry import AgentProcess, label_many, predict_many, wait_until
-
-
-class Ingest:
-    """``run_ingest --follow`` in a thread, stopped by the test."""
-
-    def __init__(self, broker: Broker, store: Path) -> None:
-        self.stop_event = threading.Event()
-        opts = IngestOptions(fleet="tfleet", broker_url=broker.url, store=store, follow=True)
-        self.thread = threading.Thread(target=run_ingest, args=(opts,), kwargs={"stop": self.stop_event}, daemon=True)
-        self.store = store
-
-    def __enter__(self) -> Ingest:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=30)
-
-
-def stored(store: Path, kind: str) -> list[dict]:
-    table = read_kind(store, kind)
-    seqs = table.column("seq").to_pylist()
-    devices = table.column("device_id").to_pylist()
-    dup = [k for k, n in collections.Counter(zip(devices, seqs, strict=True)).items() if n > 1]
-    assert not dup, f"duplicate (device, seq) rows: {dup[:5]}"
-    return bodies(table)
+from tests.support.telemetry import AgentProcess, Ingest, label_many, predict_many, stored, wait_until
 
 
 @pytest.fixture

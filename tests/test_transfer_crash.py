@@ -229,6 +229,22 @@ def test_assemble_needs_every_chunk_verified_and_leaves_the_whole_digest_to_the_
         ChunkStore(tmp_path, Artifact(art.sha256, art.size, art.chunk_size, art.chunks[:-1]))
 
 
+def test_assemble_journals_the_last_group_only_when_the_chunks_are_kept(tmp_path: Path) -> None:
+    """The last group is fdatasynced either way; its records are written only if the journal outlives assembly."""
+    blob = os.urandom(200_000)
+    art = Artifact.from_blob(blob, 64 * KIB)
+    total = len(art.chunks)
+    stores = {}
+    for name in ("kept", "moved"):  # no group commit before assembly: all chunks are the last group
+        stores[name] = ChunkStore(tmp_path / name, art, commit_bytes=1 << 30, commit_interval_s=3600)
+        for i in range(total):
+            assert stores[name].put(i, chunk_of(blob, art, i))
+    assert stores["kept"].assemble(tmp_path / "kept.tar", keep=True).read_bytes() == blob
+    assert ChunkStore(tmp_path / "kept", art).committed() == list(range(total)), "a kept store resumes whole"
+    assert stores["moved"].assemble(tmp_path / "moved.tar").read_bytes() == blob
+    assert stores["moved"].commits == 1 and not stores["moved"].dir.exists(), "one data-only fdatasync, then rename"
+
+
 def test_zero_byte_artifact(mk_link, tmp_path: Path) -> None:
     art = publish_artifact(mk_link(), b"", 64 * KIB)  # publishes nothing: an empty retained payload deletes
     store = ChunkStore(tmp_path, art)

@@ -19,7 +19,7 @@ from edge_agent.mqtt.chunks import ChunkStore
 from edge_agent.mqtt.download import Downloader
 from edge_agent.mqtt.link import MqttLink
 from edge_agent.wire.protocol import Artifact
-from edge_agent.wire.topics import ROOT
+from edge_agent.wire.topics import chunk_filter, parse_chunk_topic
 from tests.support.transfer import KIB, chunk_of
 
 
@@ -29,18 +29,18 @@ def retained_chunks(link: MqttLink, sha: str, timeout: float = 10) -> dict[int, 
     SUBSCRIBE on the same connection arrives after every retained message, so none is missed."""
     got: dict[int, bytes] = {}
     done = threading.Event()
-    marker = f"{ROOT}/artifacts/{sha}/end-marker-{os.getpid()}"
+    marker = chunk_filter(sha).replace("+", f"end-marker-{os.getpid()}")  # under the filter, not a chunk
 
     def on(topic: str, payload: bytes, retained: bool) -> None:
         if topic == marker:
             done.set()
-        elif payload:
-            got[int(topic.rsplit("/", 1)[1])] = payload
+        elif payload and (chunk := parse_chunk_topic(topic)) is not None:
+            got[chunk[1]] = payload
 
-    link.subscribe(f"{ROOT}/artifacts/{sha}/#", on)
+    link.subscribe(chunk_filter(sha), on)
     link.publish(marker, b"end", qos=1)
     assert done.wait(timeout), "marker never arrived"
-    link.unsubscribe(f"{ROOT}/artifacts/{sha}/#")
+    link.unsubscribe(chunk_filter(sha))
     return got
 
 

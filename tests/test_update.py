@@ -82,6 +82,7 @@ def test_on_disk_names_are_frozen() -> None:
         "rolled_back",
         "failed",
         "rejected",
+        "shadowing",
     ]
 
 
@@ -111,7 +112,8 @@ def test_a_good_update_commits_and_cleans_up(rig: Rig) -> None:
 @pytest.mark.parametrize("state", [s for s in State if s not in FINAL])
 def test_the_record_is_saved_before_each_action(tmp_path: Path, digits_dir: Path, state: State) -> None:
     """A crash inside any step leaves that step's state on disk; resuming from there finishes the update."""
-    rig = Rig(tmp_path, digits_dir, window="02:00-03:00" if state is S.WAITING_WINDOW else None)
+    mode = "shadow" if state is S.SHADOWING else "direct"
+    rig = Rig(tmp_path, digits_dir, window="02:00-03:00" if state is S.WAITING_WINDOW else None, mode=mode)
     if state is S.ROLLING_BACK:
         rig.machine._steps[S.HEALTH_CHECK] = lambda *a: (E.HEALTH_BREACH, "too many errors")
     seen: list[str] = []
@@ -127,6 +129,8 @@ def test_the_record_is_saved_before_each_action(tmp_path: Path, digits_dir: Path
     assert seen == [state.value]
     assert rig.on_disk().state == state.value
     rig.machine._steps[state] = real
+    if state is S.SHADOWING:  # promotes (the step itself, with live traffic and kill -9: test_shadow_kill9.py)
+        rig.machine._steps[state] = lambda *a: (E.IN_WINDOW, "shadow passed")
     if state is S.WAITING_WINDOW:
         rig.clock.wall = local_time(2, 30)
     record = rig.machine.resume("digits")
@@ -144,6 +148,16 @@ def test_a_crash_in_a_final_action_is_finished_on_resume(rig: Rig) -> None:
     rig.machine = rig.make_machine()
     rig.machine.resume("digits")
     assert "2" in rig.store.state("digits").good
+
+
+def test_a_commit_killed_before_mark_good_is_finished_before_serving(rig: Rig) -> None:
+    """The next start marks the version good before anything serves, not some time after (the resume)."""
+    rig.machine._finals[S.COMMITTED] = lambda record, control: (_ for _ in ()).throw(SystemExit("kill -9"))
+    with pytest.raises(SystemExit):
+        rig.machine.run(rig.record())
+    assert rig.on_disk().state == "committed" and "2" not in rig.store.state("digits").good
+    recover_before_serving(rig.data, rig.store)
+    assert "2" in rig.store.state("digits").good and rig.on_disk().state == "committed"
 
 
 def test_the_loop_breaker_fails_the_update_rolls_back_and_reports(rig: Rig) -> None:

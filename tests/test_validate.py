@@ -16,7 +16,7 @@ import pytest
 from edge_agent.errors import FailedError, IncompatibleModelError, ValidationError
 from edge_agent.inference.runtime import RuntimeOptions
 from edge_agent.update.validate import Isolation, validate_candidate
-from edge_agent.wire.manifest import GOLDEN_FILE, MODEL_FILE
+from edge_agent.wire.model.manifest import GOLDEN_FILE, MODEL_FILE
 from tests.modelzoo import CUSTOM_OP, Zoo
 from tests.support.models import BROKEN_MODEL_REASONS, crashing_model, replace_model
 

@@ -12,6 +12,12 @@
 8. the field feeds the cloud: labeled traffic (predictions, then feedback labels over HTTP) flows from
    the agent's telemetry outbox over MQTT into `cloud-batch ingest` (whose persistent session was
    opened at the start, so the broker kept the batches for it), and `cloud-batch data summary` shows it.
+9. a nightly batch: maintenance v2 (v1 plus a `precomputed` declaration) is released, `cloud-batch score`
+   scores every asset into the `maintenance_scores` feature set and pushes it; the agent answers asset
+   queries from those rows first, without running the interpreter (`source=precomputed`).
+10. the nightly loop on that field data: `cloud-batch pipeline run` retrains digits, calibrates it,
+   gates it against production (v2), registers and releases v3; the agent hot-swaps to it
+   (docs/nightly.md). The report is copied out of the demo's temp dir and its path printed.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ from sklearn.datasets import load_digits
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# Step 8's labeled traffic: every prediction keeps its inputs (sample_inputs = 1) and gets a label, and the
+# images are a seeded choice, so the nightly run always trains on these same FIELD_ROWS rows; its data
+# check asks for half of them (ingest is exactly once, so all arrive).
+FIELD_ROWS = 40
+SAMPLE_INPUTS = "1.0"
 
 
 def free_port(preferred: int = 8080) -> int:
@@ -177,6 +188,52 @@ def features_demo(base: str, broker_url: str, registry: Path, keys: Path, data_d
         print(f"   asset-999 (not in the cache): HTTP {exc.code} {json.loads(exc.read())['error']}")
 
 
+def precomputed_demo(base: str, broker_url: str, registry: Path, keys: Path, work: Path) -> None:
+    """Nightly batch scores every asset into ``maintenance_scores``; the agent answers from them first."""
+    from cloud_batch.train.maintenance.data import generate
+    from cloud_batch.train.maintenance.features import live_readings
+
+    shipped = REPO / "models" / "maintenance" / "1"
+    m = json.loads((shipped / "manifest.json").read_text())
+    fields = {k: m[k] for k in ("feature_joins", "feature_names", "validation")}
+    fields |= {"outputs": {"output_0": "failure_prob"}}  # the .tflite's output tensor, named as v1 names it
+    fields["precomputed"] = {"set": "maintenance_scores", "outputs": {"failure_prob": ["failure_prob"]}}
+    fields["precomputed"]["max_age_s"] = 86400  # a nightly batch: older scores are not served
+    (work / "maintenance-2.json").write_text(json.dumps(fields))
+    print("== cloud side: maintenance v2 = v1 + a `precomputed` declaration (docs/models.md), released to the fleet")
+    run(
+        str(BIN / "cloud-batch"), "register", str(shipped / "model.tflite"), "--name", "maintenance", "--version", "2",
+        "--registry", str(registry), "--golden", str(shipped / "golden.npz"), "--manifest", str(work / "maintenance-2.json"),
+    )  # fmt: skip
+    publish(broker_url, registry, keys, "release", "maintenance", "--version", "2", "--health-window-s", "1")
+    history = generate()  # the sensor history the asset_features recipe used: each asset's latest reading
+    live_readings(history, history["timestamp"].max()).reset_index().to_parquet(work / "live.parquet")
+    print("== nightly batch: score every asset with maintenance v2 (the device's int8 runtime), publish as features")
+    run(
+        str(BIN / "cloud-batch"), "score", "maintenance", "--version", "2", "--registry", str(registry),
+        "--input", str(work / "live.parquet"), "--output", str(work / "scores.parquet"), "--entity-key", "asset_id",
+        "--features", "asset_features@1", "--publish-features", "maintenance_scores", "--features-version", "1",
+        "--no-progress",
+    )  # fmt: skip
+    publish(broker_url, registry, keys, "features", "push", "maintenance_scores", "--version", "1")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        active = http("GET", f"{base}/v2/models/maintenance")["parameters"].get("active_version")
+        if active == "2" and http("GET", f"{base}/agent/status")["ota"].get("features", {}).get("maintenance_scores"):
+            break
+        time.sleep(0.2)
+    print("== the agent serves maintenance v2 and holds the scores: asset queries are answered precomputed-first")
+    for asset in ("asset-17", "asset-42"):
+        t0 = time.perf_counter()
+        resp = http("POST", f"{base}/v2/models/maintenance/infer", {"parameters": {"entity_id": asset}})
+        ms, p = (time.perf_counter() - t0) * 1e3, resp["parameters"]
+        pre = p.get("precomputed", {})
+        print(
+            f"   {asset}: failure probability {resp['outputs'][0]['data'][0]:.3f} source={p['source']} "
+            f"({pre.get('set')} v{pre.get('version')}, age {pre.get('age_s', 0):.1f} s, {ms:.1f} ms)"
+        )
+
+
 def ingest(broker_url: str, store: Path, idle_s: float) -> None:
     """``cloud-batch ingest`` for fleet 'demo' until ``idle_s`` without a message."""
     run(
@@ -188,7 +245,7 @@ def ingest(broker_url: str, store: Path, idle_s: float) -> None:
 def telemetry_demo(base: str, broker_url: str, store: Path) -> None:
     """Labeled traffic → the agent's outbox → MQTT → ``cloud-batch ingest`` → ``data summary``."""
     digits = load_digits()
-    idx = np.random.default_rng(1).choice(len(digits.images), size=40, replace=False)
+    idx = np.random.default_rng(1).choice(len(digits.images), size=FIELD_ROWS, replace=False)
     ids = []
     for i in idx:
         x = digits.images[i].astype(np.float32)[None, ..., None]
@@ -196,13 +253,37 @@ def telemetry_demo(base: str, broker_url: str, store: Path) -> None:
         ids.append(http("POST", f"{base}/v2/models/digits/infer", body)["id"])
     items = [{"id": rid, "label": int(digits.target[i])} for rid, i in zip(ids, idx, strict=True)]
     stored = http("POST", f"{base}/v2/models/digits/feedback", {"items": items})["stored"]
-    print(f"== 40 predictions served (ids {ids[0]} ...); {stored} feedback labels committed on the device")
+    print(f"== {FIELD_ROWS} predictions served (ids {ids[0]} ...); {stored} feedback labels committed on the device")
     time.sleep(1.5)  # one flush_interval_ms (250 ms) and an upload step
     print("== cloud side: drain the fleet's telemetry into a Parquet store, exactly once per (device, seq)")
     ingest(broker_url, store, 3)
     run(str(BIN / "cloud-batch"), "data", "summary", "--store", str(store))
     outbox = http("GET", f"{base}/agent/status")["telemetry"]["outbox"]
     print(f"== device outbox after the ingest's ack: {outbox}")
+
+
+def nightly_demo(base: str, broker_url: str, work: Path) -> None:
+    """``cloud-batch pipeline run`` on the field data just ingested: digits v3, calibrated, released, hot-swapped."""
+    config = work / "pipeline.toml"  # seed 2: the same holdout production (v2, trained with --seed 2) held out
+    config.write_text(
+        f'[pipeline]\nmodel = "digits"\nfleet = "demo"\nbroker = "{broker_url}"\nstore = "store"\n'
+        "[ingest]\nidle_exit_s = 1.0\n"
+        f"[dataset]\nmin_labeled_rows = {FIELD_ROWS // 2}\nmin_minority_fraction = 0.0\n"
+        "[train]\nepochs = 20\nbatch_size = 32\nseed = 2\n"
+        "[gates]\nmax_regression = 0.02\nmax_ece_regression = 0.02\n"
+        '[release]\nkey = "keys/signing.key"\nhealth_window_s = 1.0\n'
+    )
+    print("== nightly: retrain digits on base + field rows, calibrate, gate against production, release")
+    run(str(BIN / "cloud-batch"), "pipeline", "run", "--config", str(config), "--as-of", "2026-12-01")
+    deadline = time.time() + 60
+    while http("GET", f"{base}/v2/models/digits")["parameters"].get("active_version") != "3":
+        assert time.time() < deadline, "the agent never hot-swapped to digits v3"
+        time.sleep(0.2)
+    cal = http("GET", f"{base}/v2/models/digits")["parameters"]["calibration"]
+    report = Path(tempfile.gettempdir()) / "edgefleet-demo-nightly-report.html"
+    shutil.copy(work / "runs" / "digits" / "2026-12-01" / "report" / "report.html", report)
+    print(f"== the agent hot-swapped to digits v3, calibrated: T={cal['temperature']:.3f}, ECE {cal['ece']:.3f}")
+    print(f"== nightly report: {report}")
 
 
 def main() -> int:
@@ -233,7 +314,11 @@ def main() -> int:
             "--trust",
             str(keys / "signing.pub"),
         ],
-        env={**os.environ, "EDGEFLEET_MODELS_DIR": str(REPO / "models"), "EDGEFLEET_TELEMETRY__SAMPLE_INPUTS": "0.25"},
+        env={
+            **os.environ,
+            "EDGEFLEET_MODELS_DIR": str(REPO / "models"),
+            "EDGEFLEET_TELEMETRY__SAMPLE_INPUTS": SAMPLE_INPUTS,
+        },
     )
     try:
         wait_ready(base, agent)
@@ -283,7 +368,9 @@ def main() -> int:
             time.sleep(0.3)
         run(str(BIN / "cloud-batch"), "fleet", "status", "--fleet", "demo", "--broker", broker_url)
         features_demo(base, broker_url, registry, keys, data_dir)
+        precomputed_demo(base, broker_url, registry, keys, work)
         telemetry_demo(base, broker_url, work / "store")
+        nightly_demo(base, broker_url, work)
     finally:
         agent.send_signal(signal.SIGTERM)
         code = agent.wait(timeout=30)

@@ -9,13 +9,16 @@ code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from cloud_batch.errors import CloudError
 from edge_agent.errors import EdgeError
+from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE
 
 PROG = "cloud-batch"
 DEFAULT_REGISTRY = Path("registry")
@@ -25,10 +28,37 @@ Handler = Callable[[argparse.Namespace], "int | None"]
 SubParsers = Any  # argparse's _SubParsersAction is private
 
 
+def command_doc(doc: str | None) -> tuple[str, str, str]:
+    """A command's help from its docstring: (summary line, body, the block after ``Example:``).
+
+    The summary line is the one-line help in the command list, the body the description of
+    ``--help`` (the summary when there is none), and every help ends with an example.
+    """
+    text = inspect.cleandoc(doc or "")
+    head, sep, example = text.partition("\nExample:\n")
+    summary, _, body = head.partition("\n")
+    if not sep or not summary.strip() or not example.strip():
+        raise ValueError(f"a command docstring needs a summary line and an 'Example:' block, got {doc!r}")
+    return summary.strip(), body.strip() or summary.strip(), textwrap.dedent(example)
+
+
 def add_command(
-    sub: SubParsers, name: str, *, help: str, description: str, example: str, handler: Handler | None = None
+    sub: SubParsers,
+    name: str,
+    handler: Handler | None = None,
+    *,
+    doc: str | None = None,
+    help: str | None = None,
+    description: str | None = None,
+    example: str | None = None,
 ) -> argparse.ArgumentParser:
-    """Add subcommand ``name`` whose help ends with an ``Example:`` block; bind ``handler`` if given."""
+    """Add subcommand ``name``, bound to ``handler`` if given.
+
+    Its help comes from ``doc`` or the handler's docstring (``command_doc``), or from the explicit
+    ``help``/``description``/``example``; either way it ends with an ``Example:`` block.
+    """
+    if help is None or description is None or example is None:
+        help, description, example = command_doc(doc or (handler.__doc__ if handler else None))
     parser = sub.add_parser(
         name,
         help=help,
@@ -42,10 +72,18 @@ def add_command(
 
 
 def add_group(
-    sub: SubParsers, name: str, *, dest: str, help: str, description: str, example: str, metavar: str = "COMMAND"
+    sub: SubParsers,
+    name: str,
+    *,
+    dest: str,
+    doc: str | None = None,
+    help: str | None = None,
+    description: str | None = None,
+    example: str | None = None,
+    metavar: str = "COMMAND",
 ) -> SubParsers:
     """A command that only holds subcommands (``keys generate``, ``fleet status``); returns their subparsers."""
-    group = add_command(sub, name, help=help, description=description, example=example)
+    group = add_command(sub, name, doc=doc, help=help, description=description, example=example)
     return group.add_subparsers(dest=dest, metavar=metavar, required=True)
 
 
@@ -77,6 +115,12 @@ def registry_arg(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="registry directory (default: ./registry)",
     )
+
+
+def chunk_size_arg(parser: argparse.ArgumentParser) -> None:
+    """``--chunk-size BYTES``: how artifacts (models, bundles) are cut into retained MQTT chunks."""
+    help = f"artifact chunk size (default: {DEFAULT_CHUNK_SIZE})"
+    parser.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES", help=help)
 
 
 def tls_args(parser: argparse.ArgumentParser) -> None:

@@ -14,10 +14,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cloud_batch.cli.common import SubParsers, add_command, add_group, positive_int, run, standalone_parser, tls_args
-from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE
+from cloud_batch.cli.common import (
+    SubParsers,
+    add_command,
+    add_group,
+    chunk_size_arg,
+    positive_int,
+    run,
+    standalone_parser,
+    tls_args,
+)
 
 BROKER = "mqtt://localhost:1883"
+FEATURES_DOC = """build feature bundles and push them to a fleet
+
+Feature sets: one row of numbers per entity (an asset, a camera), computed in the cloud
+and cached on devices, which join them into real-time predictions. `build` writes a snapshot
+version into the registry (DIR/features/SET/V/); `push` publishes it, signed, over MQTT.
+
+Example:
+cloud-batch features build asset_features --version 1 --registry registry --recipe maintenance
+cloud-batch features push asset_features --version 1 --fleet plant-7 --registry registry --key keys/signing.key --broker mqtt://localhost:1883
+"""
 
 
 # -- handlers ------------------------------------------------------------------------------------
@@ -34,6 +52,23 @@ def _options(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
 
 
 def _build(args: argparse.Namespace) -> None:
+    """write a snapshot version of a feature set into the registry
+
+    Write feature set SET version V as a snapshot bundle (bundle.json + data.npz) into
+    DIR/features/SET/V/, from either
+      --from FILE.csv|FILE.parquet --entity-key COL   precomputed features: every other numeric column
+                                                     is a feature; event times from --event-ts-col
+                                                     (epoch seconds or ISO-8601; default: now)
+      --recipe maintenance                           per-asset aggregates (asset_features) of the sensor
+                                                     history (--history FILE, or the seeded synthetic one)
+    Values must be finite numbers, one row per entity: a text column, a NaN or a duplicate entity
+    is an error naming it, and nothing is written. Versions are immutable: building the same
+    content again is a no-op, different content under an existing version is refused.
+
+    Example:
+    cloud-batch features build asset_features --version 1 --registry registry --recipe maintenance
+    cloud-batch features build cam_stats --version 3 --registry registry --from stats.csv --entity-key camera --event-ts-col computed_at --ttl-s 86400 --stale-policy serve
+    """
     from cloud_batch.features.build import build
 
     options = _options(args, _BUILD_OPTIONS)
@@ -41,6 +76,20 @@ def _build(args: argparse.Namespace) -> None:
 
 
 def _push(args: argparse.Namespace) -> None:
+    """publish a feature set version to a fleet over MQTT
+
+    Publish snapshot V of SET from the registry as a signed release of kind 'features',
+    retained on edgefleet/v1/fleets/F/features/SET/all/all, with the bundle as retained chunks.
+    --delta-from V0 sends only what changed since V0 (new or changed entities, deletions), with the
+    snapshot as fallback for devices that do not hold V0. --partition-map FILE.csv (columns
+    entity,partition; partition device:<id> or group:<name>) sends each partition only its
+    entities, on its own topic (.../device/<id> or .../group/<name>); every entity must be mapped.
+    Every input is checked before anything is published; superseded artifacts are cleared.
+
+    Example:
+    cloud-batch features push asset_features --version 2 --fleet plant-7 --registry registry --key keys/signing.key --broker mqtt://localhost:1883
+    cloud-batch features push asset_features --version 3 --fleet plant-7 --registry registry --key keys/signing.key --broker mqtt://localhost:1883 --delta-from 2 --partition-map sites.csv
+    """
     from cloud_batch.features.push import plan_push, publish_push
     from cloud_batch.fleetops.broker import open_link, tls_config
 
@@ -64,38 +113,9 @@ def _seconds(text: str) -> float:
 # -- wiring ------------------------------------------------------------------------------------
 def register_commands(sub: SubParsers) -> None:
     """Add ``features`` (``build``, ``push``) to the ``cloud-batch`` subparsers."""
-    features_sub = add_group(
-        sub,
-        "features",
-        dest="features_command",
-        help="build feature bundles and push them to a fleet",
-        description="Feature sets: one row of numbers per entity (an asset, a camera), computed in the cloud\n"
-        "and cached on devices, which join them into real-time predictions. `build` writes a snapshot\n"
-        "version into the registry (DIR/features/SET/V/); `push` publishes it, signed, over MQTT.",
-        example="cloud-batch features build asset_features --version 1 --registry registry --recipe maintenance\n"
-        f"cloud-batch features push asset_features --version 1 --fleet plant-7 --registry registry "
-        f"--key keys/signing.key --broker {BROKER}",
-    )
+    features_sub = add_group(sub, "features", dest="features_command", doc=FEATURES_DOC)
 
-    build = add_command(
-        features_sub,
-        "build",
-        handler=_build,
-        help="write a snapshot version of a feature set into the registry",
-        description="Write feature set SET version V as a snapshot bundle (bundle.json + data.npz) into\n"
-        "DIR/features/SET/V/, from either\n"
-        "  --from FILE.csv|FILE.parquet --entity-key COL   precomputed features: every other numeric column\n"
-        "                                                 is a feature; event times from --event-ts-col\n"
-        "                                                 (epoch seconds or ISO-8601; default: now)\n"
-        "  --recipe maintenance                           per-asset aggregates (asset_features) of the sensor\n"
-        "                                                 history (--history FILE, or the seeded synthetic one)\n"
-        "Values must be finite numbers, one row per entity: a text column, a NaN or a duplicate entity\n"
-        "is an error naming it, and nothing is written. Versions are immutable: building the same\n"
-        "content again is a no-op, different content under an existing version is refused.",
-        example="cloud-batch features build asset_features --version 1 --registry registry --recipe maintenance\n"
-        "cloud-batch features build cam_stats --version 3 --registry registry --from stats.csv "
-        "--entity-key camera --event-ts-col computed_at --ttl-s 86400 --stale-policy serve",
-    )
+    build = add_command(features_sub, "build", _build)
     build.add_argument("set", metavar="SET", help="feature set name (a topic segment, e.g. asset_features)")
     build.add_argument("--version", required=True, metavar="V", help="version to build, e.g. 3 or 1.2.0")
     build.add_argument("--registry", required=True, type=Path, metavar="DIR", help="registry directory")
@@ -154,23 +174,7 @@ def register_commands(sub: SubParsers) -> None:
     )
     build.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
 
-    push = add_command(
-        features_sub,
-        "push",
-        handler=_push,
-        help="publish a feature set version to a fleet over MQTT",
-        description="Publish snapshot V of SET from the registry as a signed release of kind 'features',\n"
-        "retained on edgefleet/v1/fleets/F/features/SET/all/all, with the bundle as retained chunks.\n"
-        "--delta-from V0 sends only what changed since V0 (new or changed entities, deletions), with the\n"
-        "snapshot as fallback for devices that do not hold V0. --partition-map FILE.csv (columns\n"
-        "entity,partition; partition device:<id> or group:<name>) sends each partition only its\n"
-        "entities, on its own topic (.../device/<id> or .../group/<name>); every entity must be mapped.\n"
-        "Every input is checked before anything is published; superseded artifacts are cleared.",
-        example=f"cloud-batch features push asset_features --version 2 --fleet plant-7 --registry registry "
-        f"--key keys/signing.key --broker {BROKER}\n"
-        f"cloud-batch features push asset_features --version 3 --fleet plant-7 --registry registry "
-        f"--key keys/signing.key --broker {BROKER} --delta-from 2 --partition-map sites.csv",
-    )
+    push = add_command(features_sub, "push", _push)
     push.add_argument("set", metavar="SET", help="feature set name")
     push.add_argument("--version", required=True, metavar="V", help="built version to publish")
     push.add_argument("--fleet", required=True, metavar="F", help="fleet name (a topic segment)")
@@ -185,13 +189,7 @@ def register_commands(sub: SubParsers) -> None:
         metavar="FILE.csv",
         help="entity,partition CSV: one release per device:<id> / group:<name>",
     )
-    push.add_argument(
-        "--chunk-size",
-        type=positive_int,
-        default=DEFAULT_CHUNK_SIZE,
-        metavar="BYTES",
-        help=f"artifact chunk size (default: {DEFAULT_CHUNK_SIZE})",
-    )
+    chunk_size_arg(push)
     push.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

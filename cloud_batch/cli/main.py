@@ -17,11 +17,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cloud_batch.cli.agent import register_commands as add_agent
 from cloud_batch.cli.common import PROG, SubParsers, add_command, add_group, positive_int, registry_arg, run
 from cloud_batch.cli.data import register_commands as add_data
 from cloud_batch.cli.features import register_commands as add_features
 from cloud_batch.cli.ota import register_commands
+from cloud_batch.cli.pipeline import register_commands as add_pipeline
 from cloud_batch.cli.pki import register_commands as add_pki
+from cloud_batch.cli.score import register_commands as add_score
 
 # -- train ---------------------------------------------------------------------
 
@@ -103,11 +106,22 @@ def add_train(sub: SubParsers) -> None:
 
 
 def _register(args: argparse.Namespace) -> None:
+    from cloud_batch.errors import input_errors
+    from cloud_batch.registry.compat import register_compatible
     from cloud_batch.registry.models import Registry
+    from edge_agent.wire.model.merge import build_kwargs, load_fields
 
+    with input_errors():
+        fields = build_kwargs(load_fields(args.manifest)) if args.manifest else {}
     registry = Registry(args.registry)
-    manifest = registry.register(args.tflite, args.name, args.version, golden=args.golden)
+    manifest, taken, changes = register_compatible(
+        registry, args.tflite, args.name, args.version, breaking=args.breaking, golden=args.golden, **fields
+    )
     path = registry.path(manifest.name, manifest.version)
+    for generic, kept in sorted(taken.items()):
+        print(f"named {generic!r} {kept!r}, as in the previous version")
+    for change in changes:
+        print(f"breaking: {change}")
     print(
         f"registered {manifest.name} version {manifest.version} -> {path} "
         f"({manifest.size} bytes, sha256 {manifest.sha256[:12]}…)"
@@ -135,6 +149,10 @@ def add_register(sub: SubParsers) -> None:
     parser.add_argument(
         "--golden", type=Path, metavar="FILE.npz", help="golden samples: arrays in:<input> and out:<output>"
     )
+    parser.add_argument("--manifest", type=Path, metavar="FILE.json", help="manifest fields to merge (docs/vision.md)")
+    parser.add_argument(
+        "--breaking", action="store_true", help="allow a signature unlike the latest version's (docs/shadow.md)"
+    )
 
 
 # Subcommands in help order. Others append theirs (keys, release, rollout, fleet, features).
@@ -145,6 +163,9 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     add_features,
     add_data,
     add_pki,
+    add_score,
+    add_pipeline,
+    add_agent,
 ]
 
 

@@ -19,15 +19,15 @@ from cloud_batch.cli.common import (
     SubParsers,
     add_command,
     add_group,
+    chunk_size_arg,
     positive,
-    positive_int,
     rate,
     registry_arg,
     run,
     standalone_parser,
     tls_args,
 )
-from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE
+from cloud_batch.cli.model_policy import add_model_policy_args, model_policy_args
 
 EXIT_HALTED = 1
 
@@ -71,6 +71,8 @@ def _release(args: argparse.Namespace) -> None:
         expires_in_s=args.expires_in,
         encrypt=args.encrypt,
         fleet_pub=args.fleet_pub,
+        model=model_policy_args(args),
+        kind=args.kind,
     )
     with open_link(args.broker, tls=tls_config(args.tls_ca, args.tls_cert, args.tls_key)) as link:
         rel = publish_release(link, plan, progress=not args.no_progress)
@@ -179,8 +181,10 @@ def register_commands(sub: SubParsers) -> None:
         "cloud-batch release digits --version 3 --fleet plant-7 --registry models --key keys/signing.key "
         "--broker mqtt://localhost:1883 --rollout 5,25,100 --window 02:00-04:00",
     )
-    rel.add_argument("name", metavar="NAME", help="model name in the registry")
+    rel.add_argument("name", metavar="NAME", help="model name in the registry (edge-agent with --kind agent)")
     rel.add_argument("--version", required=True, metavar="V", help="registered version to release")
+    rel.add_argument("--kind", choices=("model", "agent"), default="model",
+                     help="agent: release the agent itself (cloud-batch agent register; docs/deploy.md)")  # fmt: skip
     rel.add_argument("--fleet", required=True, metavar="F", help="fleet name (a topic segment)")
     registry_arg(rel)
     rel.add_argument("--key", required=True, type=Path, metavar="KEYFILE", help="signing.key from `keys generate`")
@@ -215,13 +219,7 @@ def register_commands(sub: SubParsers) -> None:
         metavar="S",
         help="error-rate watch after activation before committing (default: 30)",
     )
-    rel.add_argument(
-        "--chunk-size",
-        type=positive_int,
-        default=DEFAULT_CHUNK_SIZE,
-        metavar="BYTES",
-        help=f"artifact chunk size (default: {DEFAULT_CHUNK_SIZE})",
-    )
+    chunk_size_arg(rel)
     rel.add_argument("--no-progress", action="store_true", help="no progress bar")
     rel.add_argument(
         "--encrypt",
@@ -229,6 +227,7 @@ def register_commands(sub: SubParsers) -> None:
         help="encrypt the model for the fleet key (AES-256-GCM, key wrapped with X25519); devices need ota.fleet_key",
     )
     rel.add_argument("--fleet-pub", type=Path, metavar="FILE", help="fleet.pub for --encrypt (default: beside --key)")
+    add_model_policy_args(rel)
 
     ro_sub = add_group(
         sub,

@@ -17,7 +17,37 @@ from cloud_batch.cli.common import SubParsers, add_command, add_group, positive_
 DEFAULT_CA = Path("pki")
 
 
+PKI_DOC = """the broker's CA, client certificates and mTLS/ACL config
+
+A P-256 CA for the MQTT link. Devices and cloud services connect with certificates it
+issued; the broker takes the certificate's CN as the user name and enforces per-identity ACLs.
+Signatures protect content, ACLs protect topics, TLS protects the link (docs/deploy.md).
+
+Example:
+cloud-batch pki init --out pki
+cloud-batch pki issue device cam-7 --fleet plant-7 --ca pki
+cloud-batch pki broker-config --fleet plant-7 --ca pki --out broker --host broker.example.com
+"""
+
+ISSUE_DOC = """issue a device or service client certificate
+
+Issue a client certificate (CN = the device id or service name) and its key (mode 0600).
+
+Example:
+cloud-batch pki issue device cam-7 --fleet plant-7 --ca pki
+cloud-batch pki issue service release-service --ca pki
+"""
+
+
 def _init(args: argparse.Namespace) -> None:
+    """create the CA (ca.pem, ca.key)
+
+    Create a CA in DIR: ca.pem (give it to devices and the broker), ca.key (P-256, mode 0600)
+    and index.json (every name issued). Refuses to overwrite an existing CA.
+
+    Example:
+    cloud-batch pki init --out pki
+    """
     from cloud_batch.pki.certs import CA_KEY, init_ca
 
     cert = init_ca(args.out, name=args.name, days=args.days)
@@ -25,6 +55,15 @@ def _init(args: argparse.Namespace) -> None:
 
 
 def _issue_device(args: argparse.Namespace) -> None:
+    """a device's certificate (CN = device id, OU = fleet)
+
+    Write ID.pem, ID.key (mode 0600) and ca.pem into --out (default: CA/devices/ID/): what
+    `edge-agent run --tls-cert --tls-key --tls-ca` needs. A name issued as a service is refused.
+
+    Example:
+    cloud-batch pki issue device cam-7 --fleet plant-7 --ca pki --registry registry
+    cloud-batch pki issue device cam-8 --fleet plant-7 --ca pki --out /media/provision/cam-8
+    """
     from cloud_batch.pki.certs import DEFAULT_DEVICE_DAYS, issue_device
 
     days = args.days or DEFAULT_DEVICE_DAYS
@@ -34,24 +73,37 @@ def _issue_device(args: argparse.Namespace) -> None:
 
 
 def _issue_service(args: argparse.Namespace) -> None:
+    """a cloud service's certificate (release service, ingest)
+
+    Write NAME.pem, NAME.key (mode 0600) and ca.pem into --out (default: CA/services/NAME/)
+    for `cloud-batch ... --tls-cert --tls-key --tls-ca`. The broker ACL gives the names passed to
+    `broker-config` (default release-service and ingest) their rights. A device's name is refused.
+
+    Example:
+    cloud-batch pki issue service release-service --ca pki
+    cloud-batch pki issue service ingest --ca pki
+    """
     from cloud_batch.pki.certs import DEFAULT_SERVICE_DAYS, issue_service
 
     print(issue_service(args.ca, args.name, args.out, days=args.days or DEFAULT_SERVICE_DAYS).summary())
 
 
 def _broker_config(args: argparse.Namespace) -> None:
+    """write a mosquitto mTLS listener config and ACL for a fleet
+
+    Issue the broker's server certificate (for every --host) and write DIR/mosquitto.conf
+    (TLS listener, require_certificate, use_identity_as_username) and DIR/acl: a device publishes
+    only under fleets/F/devices/<its CN>/#; only the release service publishes releases, rollouts,
+    features and artifacts; ingest reads telemetry and publishes its acks.
+
+    Example:
+    cloud-batch pki broker-config --fleet plant-7 --ca pki --out /etc/mosquitto/edgefleet --host broker.example.com
+    """
     from cloud_batch.pki.mosquitto import write_broker_config
 
-    files = write_broker_config(
-        args.ca,
-        args.fleet,
-        args.out,
-        hosts=args.host or ("localhost", "127.0.0.1"),
-        port=args.port,
-        bind=args.bind,
-        release_service=args.release_service,
-        ingest_service=args.ingest_service,
-    )
+    hosts = args.host or ("localhost", "127.0.0.1")
+    services = {"release_service": args.release_service, "ingest_service": args.ingest_service}
+    files = write_broker_config(args.ca, args.fleet, args.out, hosts=hosts, port=args.port, bind=args.bind, **services)
     print(files.summary())
 
 
@@ -67,51 +119,14 @@ def _days_arg(parser: argparse.ArgumentParser, default: str) -> None:
 
 def register_commands(sub: SubParsers) -> None:
     """Add ``pki init``, ``pki issue device|service`` and ``pki broker-config`` to the ``cloud-batch`` subparsers."""
-    pki = add_group(
-        sub,
-        "pki",
-        dest="pki_command",
-        help="the broker's CA, client certificates and mTLS/ACL config",
-        description="A P-256 CA for the MQTT link. Devices and cloud services connect with certificates it\n"
-        "issued; the broker takes the certificate's CN as the user name and enforces per-identity ACLs.\n"
-        "Signatures protect content, ACLs protect topics, TLS protects the link (docs/deploy.md).",
-        example="cloud-batch pki init --out pki\n"
-        "cloud-batch pki issue device cam-7 --fleet plant-7 --ca pki\n"
-        "cloud-batch pki broker-config --fleet plant-7 --ca pki --out broker --host broker.example.com",
-    )
-    init = add_command(
-        pki,
-        "init",
-        handler=_init,
-        help="create the CA (ca.pem, ca.key)",
-        description="Create a CA in DIR: ca.pem (give it to devices and the broker), ca.key (P-256, mode 0600)\n"
-        "and index.json (every name issued). Refuses to overwrite an existing CA.",
-        example="cloud-batch pki init --out pki",
-    )
+    pki = add_group(sub, "pki", dest="pki_command", doc=PKI_DOC)
+    init = add_command(pki, "init", _init)
     init.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory for the CA")
     init.add_argument("--name", default="edgefleet CA", metavar="CN", help="the CA's common name")
     init.add_argument("--days", type=positive_int, default=3650, metavar="N", help="validity in days (default: 3650)")
 
-    issue = add_group(
-        pki,
-        "issue",
-        dest="issue_kind",
-        metavar="KIND",
-        help="issue a device or service client certificate",
-        description="Issue a client certificate (CN = the device id or service name) and its key (mode 0600).",
-        example="cloud-batch pki issue device cam-7 --fleet plant-7 --ca pki\n"
-        "cloud-batch pki issue service release-service --ca pki",
-    )
-    dev = add_command(
-        issue,
-        "device",
-        handler=_issue_device,
-        help="a device's certificate (CN = device id, OU = fleet)",
-        description="Write ID.pem, ID.key (mode 0600) and ca.pem into --out (default: CA/devices/ID/): what\n"
-        "`edge-agent run --tls-cert --tls-key --tls-ca` needs. A name issued as a service is refused.",
-        example="cloud-batch pki issue device cam-7 --fleet plant-7 --ca pki --registry registry\n"
-        "cloud-batch pki issue device cam-8 --fleet plant-7 --ca pki --out /media/provision/cam-8",
-    )
+    issue = add_group(pki, "issue", dest="issue_kind", metavar="KIND", doc=ISSUE_DOC)
+    dev = add_command(issue, "device", _issue_device)
     dev.add_argument("id", metavar="ID", help="device id (the agent's --device-id)")
     dev.add_argument("--fleet", required=True, metavar="F", help="the device's fleet")
     _ca_arg(dev)
@@ -121,33 +136,13 @@ def register_commands(sub: SubParsers) -> None:
         "--registry", type=Path, metavar="DIR", help="also add the device to the fleet's known devices (`fleet add`)"
     )
 
-    svc = add_command(
-        issue,
-        "service",
-        handler=_issue_service,
-        help="a cloud service's certificate (release service, ingest)",
-        description="Write NAME.pem, NAME.key (mode 0600) and ca.pem into --out (default: CA/services/NAME/)\n"
-        "for `cloud-batch ... --tls-cert --tls-key --tls-ca`. The broker ACL gives the names passed to\n"
-        "`broker-config` (default release-service and ingest) their rights. A device's name is refused.",
-        example="cloud-batch pki issue service release-service --ca pki\ncloud-batch pki issue service ingest --ca pki",
-    )
+    svc = add_command(issue, "service", _issue_service)
     svc.add_argument("name", metavar="NAME", help="service name (the certificate CN)")
     _ca_arg(svc)
     svc.add_argument("--out", type=Path, metavar="DIR", help="where to write (default: CA/services/NAME)")
     _days_arg(svc, "825")
 
-    bc = add_command(
-        pki,
-        "broker-config",
-        handler=_broker_config,
-        help="write a mosquitto mTLS listener config and ACL for a fleet",
-        description="Issue the broker's server certificate (for every --host) and write DIR/mosquitto.conf\n"
-        "(TLS listener, require_certificate, use_identity_as_username) and DIR/acl: a device publishes\n"
-        "only under fleets/F/devices/<its CN>/#; only the release service publishes releases, rollouts,\n"
-        "features and artifacts; ingest reads telemetry and publishes its acks.",
-        example="cloud-batch pki broker-config --fleet plant-7 --ca pki --out /etc/mosquitto/edgefleet "
-        "--host broker.example.com",
-    )
+    bc = add_command(pki, "broker-config", _broker_config)
     bc.add_argument("--fleet", required=True, metavar="F", help="the fleet this broker serves")
     _ca_arg(bc)
     bc.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory for the config and broker key")

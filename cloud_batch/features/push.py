@@ -18,7 +18,7 @@ from typing import Any
 from cloud_batch.errors import BrokerError, InputError, RegistryError, input_errors
 from cloud_batch.features.build import FeatureRegistry, check_set, check_version
 from cloud_batch.features.delta import ALL, check_delta_compatible, plan_bundles, read_partition_map
-from cloud_batch.fleetops.broker import DEFAULT_CONNECT_TIMEOUT_S, BrokerLink, open_link, publish_doc
+from cloud_batch.fleetops.broker import BrokerLink, publish_doc
 from cloud_batch.fleetops.fleet import FleetView
 from cloud_batch.fleetops.keys import load_signing_key
 from cloud_batch.fleetops.release import clear_superseded, make_release_id, publish_chunks
@@ -28,7 +28,7 @@ from edge_agent.errors import EdgeError
 from edge_agent.wire.bundle import BundleInfo, read_info
 from edge_agent.wire.names import check_segment, parse_version
 from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE, Artifact, Release, decode, pack_dir
-from edge_agent.wire.topics import ROOT, features_topic
+from edge_agent.wire.topics import features_set_filter, features_topic
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +107,19 @@ def push(
     version: str,
     fleet: str,
     key_path: str | Path,
-    broker_url: str,
+    link: BrokerLink,
     *,
     delta_from: str | None = None,
     partition_map: str | Path | Mapping[str, tuple[str, str]] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     publish_timeout_s: float = 60.0,
 ) -> PushResult:
-    """Publish snapshot ``version`` of ``set_name`` (or a delta from ``delta_from``) to ``fleet``.
+    """``plan_push`` then ``publish_push`` on ``link`` (open: ``fleetops.broker.open_link``): publish snapshot
+    ``version`` of ``set_name`` (or a delta from ``delta_from``) to ``fleet`` in one call (the pipeline, tests).
 
-    ``plan_push``, then ``publish_push`` on a link to ``broker_url`` opened only after the plan
-    succeeded. Raises InputError / RegistryError for bad inputs (nothing published),
-    BrokerUnreachableError when the broker cannot be reached, BrokerError when it does not
-    acknowledge a publish.
+    Raises InputError / RegistryError for bad inputs (nothing published), BrokerError when the broker
+    does not acknowledge a publish.
     """
     plan = plan_push(
         registry_dir,
@@ -133,14 +131,7 @@ def push(
         partition_map=partition_map,
         chunk_size=chunk_size,
     )
-    with open_link(broker_url, connect_timeout_s) as link:
-        return publish_push(
-            link,
-            plan,
-            progress=progress,
-            publish_timeout_s=publish_timeout_s,
-            sync_timeout_s=min(5.0, connect_timeout_s),
-        )
+    return publish_push(link, plan, progress=progress, publish_timeout_s=publish_timeout_s)
 
 
 def plan_push(
@@ -290,7 +281,7 @@ def _pack(path: Path) -> bytes:
 
 def _retained_releases(link: BrokerLink, fleet: str, set_name: str, timeout_s: float) -> dict[str, Release]:
     """Topic → the retained, parseable Release on every partition topic of ``set_name``."""
-    filt = f"{ROOT}/fleets/{fleet}/features/{set_name}/+/+"
+    filt = features_set_filter(fleet, set_name)
     found: dict[str, Release] = {}
 
     def on_release(topic: str, payload: bytes, retained: bool) -> None:

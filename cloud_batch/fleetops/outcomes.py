@@ -23,6 +23,7 @@ from edge_agent.wire.protocol import (
     Release,
     Rollout,
 )
+from edge_agent.wire.shadow import shadow_lines
 
 
 @dataclass
@@ -34,6 +35,7 @@ class DeviceOutcome:
     result: str | None  # None while in progress
     reason: str | None
     at: float
+    shadow: dict[str, Any] | None = None  # a shadow release: the device's figures (wire.shadow.ShadowFigures)
 
 
 @dataclass
@@ -106,6 +108,7 @@ class RolloutStatus:
         lines += [f"  warning: {p}" for p in self.problems[:10]]
         if self.action is None and self.rollout.status == "active" and self.over_threshold:
             lines.append("over the threshold: `rollout advance` halts it (status only reads)")
+        lines += shadow_lines([(d.device_id, d.state, d.shadow) for d in self.devices])
         bad = [d for d in self.devices if d.result in (RESULT_FAILED, RESULT_ROLLED_BACK, RESULT_REJECTED)]
         for d in bad[:10]:
             lines.append(f"    {d.device_id}: {d.result}: {d.reason or '-'}")
@@ -156,7 +159,9 @@ def evaluate(
     for device_id in cohort:
         report = states[device_id].updates.get(name)
         if report is not None and report.release_id == release.release_id:
-            devices.append(DeviceOutcome(device_id, report.state, report.result, report.reason, report.at))
+            devices.append(
+                DeviceOutcome(device_id, report.state, report.result, report.reason, report.at, report.shadow)
+            )
     return RolloutStatus(
         name,
         fleet,

@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from typing import Any
 from cloud_batch.errors import BrokerError, InputError, RegistryError, input_errors
 from cloud_batch.fleetops.broker import BrokerLink, publish_doc
 from cloud_batch.fleetops.keys import describe_fleet_key, load_fleet_public_key, load_signing_key
+from cloud_batch.fleetops.model_policy import model_policy
 from cloud_batch.fleetops.publish import clear_artifact, publish_artifact
 from cloud_batch.fleetops.signer import sign_release, sign_rollout
 from cloud_batch.registry.models import Registry
@@ -42,7 +43,7 @@ from cloud_batch.registry.signed import SignedLog
 from edge_agent.errors import EdgeError
 from edge_agent.fsutil import fsync_dir, fsync_tree
 from edge_agent.models.sealed import FLEET_PUB_FILE, seal_version_dir
-from edge_agent.wire.manifest import MANIFEST_FILE, Manifest
+from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
 from edge_agent.wire.names import check_segment
 from edge_agent.wire.policy import Policy, parse_window
 from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE, Artifact, Release, Rollout, pack_dir
@@ -192,6 +193,8 @@ def plan_release(
     record_dir: str | Path | None = None,
     encrypt: bool = False,
     fleet_pub: str | Path | None = None,
+    model: dict[str, Any] | None = None,
+    kind: str = "model",
 ) -> ReleasePlan:
     """Check every input, pack the version, sign and record the release and its rollout; no I/O to the broker.
 
@@ -210,15 +213,20 @@ def plan_release(
         expires_in_s = ROLLBACK_EXPIRES_S
     if expires_in_s is not None and not (expires_in_s > 0 and math.isfinite(expires_in_s)):
         raise InputError(f"expiry {expires_in_s!r} s must be a positive number")
-    policy = build_policy(
-        stages=stages,
-        max_failure_rate=max_failure_rate,
-        max_latency_ms=max_latency_ms,
-        window=window,
-        urgent=urgent,
-        health_window_s=health_window_s,
-    )
-    version_dir = _version_dir(registry_dir, name, version)
+    limits: dict[str, Any] = {
+        "max_failure_rate": max_failure_rate,
+        "max_latency_ms": max_latency_ms,
+        "health_window_s": health_window_s,
+    }
+    policy = build_policy(stages=stages, window=window, urgent=urgent, **limits)
+    policy = replace(policy, **model_policy(**(model or {})))  # shadow, breaking, health signals
+    if kind == "agent":  # the agent's own build (registry/agents.py): no manifest, never encrypted
+        from cloud_batch.registry.agents import agent_dir, check_agent_release
+
+        check_agent_release(name, encrypt)
+        version_dir = agent_dir(registry_dir, version)
+    else:
+        version_dir = _version_dir(registry_dir, name, version)
     key = load_signing_key(key_path)
     record = record_dir if record_dir is not None else registry_dir
     if fleet_pub is not None and not encrypt:
@@ -241,9 +249,10 @@ def plan_release(
         rollback=rollback,
         policy=policy,
         expires_at=time.time() + expires_in_s if expires_in_s is not None else None,
+        kind=kind,
     )
     log_ = SignedLog(record)
-    before = log_.latest(fleet, "model", name)
+    before = log_.latest(fleet, kind, name)
     signed = sign_release(rel, key, log_)
     first = Rollout(release_id, policy.stages[0], 0, "active", fleet=fleet, name=name)
     rollout = sign_rollout(first, key, log_)

@@ -17,12 +17,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cloud_batch.errors import InputError
 from cloud_batch.ingest.read import bodies, read_kind
 from edge_agent.fsutil import atomic_write_bytes
+from edge_agent.wire.telemetry import sample_array
+
+
+def _sample(tensor: dict[str, Any]) -> np.ndarray | None:
+    """A sampled input (``b64`` or ``data``, ``wire.telemetry.sample_array``); None when it is malformed."""
+    try:
+        return sample_array(tensor)
+    except (ValueError, TypeError):
+        return None
 
 
 def latest_labels(store: str | Path, model: str) -> dict[tuple[str, str], Any]:
@@ -63,9 +73,10 @@ def labeled_rows(store: str | Path, model: str) -> pa.Table:
                 inputs[name] = [None] * n
                 inputs[f"{name}_shape"] = [None] * n
         for name in [k for k in inputs if not k.endswith("_shape")]:
-            t = sampled.get(name) if isinstance(sampled.get(name), dict) else {}
-            inputs[name].append([float(v) for v in t.get("data", [])] if t else None)
-            inputs[f"{name}_shape"].append(t.get("shape") if t else None)
+            t = sampled.get(name) if isinstance(sampled.get(name), dict) else None
+            arr = _sample(t) if t else None
+            inputs[name].append(None if arr is None else arr.astype(np.float64).ravel().tolist())
+            inputs[f"{name}_shape"].append(None if arr is None else list(arr.shape))
         for k, v in zip(
             cols, (device, key[1], body.get("version"), ts, body.get("entity_id"), labels[key]), strict=True
         ):

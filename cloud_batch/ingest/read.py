@@ -29,9 +29,11 @@ def read_kind(store: str | Path, kind: str) -> pa.Table:
     if not base.is_dir():
         return SCHEMA.empty_table()
     try:
-        return ds.dataset(base, format="parquet", partitioning="hive", schema=None).to_table()
+        table = ds.dataset(base, format="parquet", partitioning="hive", schema=None).to_table()
     except (OSError, pa.ArrowInvalid) as exc:
         raise StoreError(f"cannot read {base}: {exc}") from exc
+    # A partition whose only files are still hidden (``.pending``, mid-commit) reads as no columns at all.
+    return table if table.num_rows else SCHEMA.empty_table()
 
 
 def bodies(table: pa.Table) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from edge_agent.errors import EdgeError
 from edge_agent.fsutil import atomic_write_bytes, fsync_dir, fsync_tree, locked
 from edge_agent.inference.golden import load_golden
 from edge_agent.inference.modelpack import build_version_dir, sha256_file, verify_version_dir
-from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, list_versions
+from edge_agent.wire.model.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, list_versions
 from edge_agent.wire.names import check_name, parse_version
 
 EVAL_SUFFIX = ".eval"

@@ -12,10 +12,11 @@ import threading
 from pathlib import Path
 
 from cloud_batch.sim.host import Handler, LinkHost
+from edge_agent.config import OtaConfig
 from edge_agent.errors import ManifestError
 from edge_agent.mqtt.chunks import ChunkStore
 from edge_agent.mqtt.download import Downloader
-from edge_agent.wire.manifest import MANIFEST_FILE
+from edge_agent.wire.model.manifest import MANIFEST_FILE
 from edge_agent.wire.protocol import Release, unpack_to
 
 
@@ -51,9 +52,9 @@ def download(
     """Fetch ``release``'s artifact chunk by chunk over MQTT (no HTTP), sha256-checked; TransferStopped if stopped."""
     out = downloads / f"{release.artifact.sha256}.tar"
     Downloader(
-        link,  # type: ignore[arg-type]
+        link,
         ChunkStore(downloads, release.artifact),
-        window=8,
+        window=OtaConfig.chunk_window,
         use_http=False,
         out_path=out,
         stall_timeout_s=stall_timeout_s,

@@ -19,7 +19,7 @@ from cloud_batch.errors import CloudError
 from edge_agent.errors import EdgeError
 from edge_agent.inference.modelpack import build_version_dir
 from edge_agent.inference.runtime import LoadedModel, RuntimeOptions
-from edge_agent.wire.manifest import MODEL_FILE
+from edge_agent.wire.model.manifest import MODEL_FILE
 
 
 @contextmanager

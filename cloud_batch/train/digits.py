@@ -78,7 +78,8 @@ def train_digits(
     """Train the digits CNN, quantize it, and register it if the quantized model passes the gate.
 
     The gate refuses (QualityGateError, nothing written) when held-out int8 accuracy is
-    below ``min_accuracy`` or more than ``max_drop`` below the float model.
+    below ``min_accuracy`` or more than ``max_drop`` below the float model. The nightly pipeline
+    (``cloud_batch.pipeline``) trains this network on base + field rows.
     """
     options = TrainOptions(registry_dir, version, epochs, seed, progress)
     job = TrainJob(NAME, options, Gate("accuracy", min_accuracy, max_drop), "int8", "accuracy")

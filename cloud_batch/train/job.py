@@ -25,7 +25,7 @@ from cloud_batch.train.quantize import MODES, representative_samples, to_quantiz
 from cloud_batch.train.reference import build_reference
 from cloud_batch.train.result import TrainResult
 from cloud_batch.train.tf_env import quiet_native_output, seed_everything, tensorflow
-from edge_agent.wire.manifest import Manifest
+from edge_agent.wire.model.manifest import Manifest
 
 
 @dataclass(frozen=True)

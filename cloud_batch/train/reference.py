@@ -1,6 +1,6 @@
 """The training reference a model's manifest carries, so the device can measure input and output drift.
 
-Format and binning rule: ``edge_agent.wire.reference`` (the agent applies the same
+Format and binning rule: ``edge_agent.wire.model.reference`` (the agent applies the same
 ``bin_counts`` to its rolling window, so PSI compares like with like). Tabular inputs get
 quantile edges; images (rank > 2) get edges from each channel's mean and std, which is cheap
 over millions of pixels and still separates a brightness or contrast shift.
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.wire.reference import bin_counts, columns, output_classes
+from edge_agent.wire.model.reference import bin_counts, columns, output_classes
 
 MAX_BINS = 10  # q0..q10
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.wire.manifest import Manifest
+from edge_agent.wire.model.manifest import Manifest
 
 
 @dataclass

@@ -22,9 +22,13 @@ from edge_agent.cli.common import Handler
 from edge_agent.cli.common import add_command as _add
 from edge_agent.cli.common import common_args as _common
 from edge_agent.cli.common import config_from_args as _config
+from edge_agent.cli.shadow import add_shadow_command
 from edge_agent.errors import EdgeError, NotFoundError
+from edge_agent.models.shadow.child import SHADOW_COMMAND
 from edge_agent.update.validate import VALIDATE_COMMAND
 from edge_agent.update.validate import main as validate_main
+from edge_agent.wire.model.calibration import calibration_of
+from edge_agent.wire.model.calibration import describe as describe_calibration
 
 if TYPE_CHECKING:  # imported lazily at run time: `edge-agent --help` stays fast
     from edge_agent.inference.runtime import LoadedModel
@@ -54,16 +58,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     agent.install_signal_handlers()
     agent.prepare()
     agent.serve()
-    return 0
+    return agent.exit_code  # RESTART_EXIT (75) after an agent slot switch: systemd starts the new slot
 
 
 def cmd_models_install(args: argparse.Namespace) -> int:
     """The file is untrusted: it is loaded, measured and validated only in the isolated child, as over the air."""
+    from edge_agent.inference.modelpack import apply_manifest_fields
     from edge_agent.update.validate import build_and_validate
+    from edge_agent.wire.model.merge import load_fields
 
     cfg = _config(args)
     if not args.file.is_file():
         raise NotFoundError(f"model file not found: {args.file}")
+    fields = load_fields(args.manifest) if args.manifest else None  # checked before any work
 
     def isolated(tflite: Path, out_dir: Path, *, name: str, version: str) -> None:
         build_and_validate(
@@ -74,6 +81,8 @@ def cmd_models_install(args: argparse.Namespace) -> int:
             runtime_options=cfg.runtime.options(),
             timeout_s=cfg.ota.validate_timeout_s,
         )
+        if fields:
+            apply_manifest_fields(out_dir, fields)  # JSON only: merged, validated, golden renamed
 
     m = _store(args).install_file(args.file, args.name, args.version, builder=isolated)
     print(f"installed {m.name} version {m.version} (sha256 {m.sha256[:12]}…)")
@@ -118,6 +127,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from edge_agent.inference.preprocess import load_input_file
 
     model = _active_model(args)
+    if args.video is not None:
+        from edge_agent.cli.video import predict_video
+
+        return predict_video(model, args)
     outputs = model.predict(load_input_file(args.input, model.manifest))
     result: dict[str, Any] = {
         "model_name": model.name,
@@ -150,7 +163,12 @@ def cmd_status(args: argparse.Namespace) -> int:
                 live = json.loads(resp.read())
         except (urllib.error.URLError, OSError, ValueError):
             live = None
-    rows = _store(args).list()
+    store = _store(args)
+    rows = store.list()
+    for row in rows:  # the active version's calibration, as the nightly pipeline recorded it
+        row["calibration"] = (
+            calibration_of(store.manifest(row["name"], row["active"]).metrics) if row["active"] else None
+        )
     out: dict[str, Any] = {
         "running": live is not None,
         "listen": cfg.listen,
@@ -167,6 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         serving = (live or {}).get("models", {}).get(row["name"], {})
         extra = f" serving v{serving['version']} on {serving['delegate']}" if serving else ""
         print(f"  {row['name']}: active {row['active']}, versions {', '.join(row['versions'])}{extra}")
+        print(f"    calibration: {describe_calibration(row['calibration'])}")
     for name, err in (live or {}).get("errors", {}).items():
         print(f"  {name}: version {err['version']} failed to load: {err['reason']}")
     return 0
@@ -249,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     run, models, predict, status, bench = (_add(sub, name, *spec) for name, spec in _COMMANDS.items())
     msub = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
     install, activate, rollback, listing = (_add(msub, name, *spec) for name, spec in _MODELS_COMMANDS.items())
+    add_shadow_command(msub)
 
     _common(run)
     run.add_argument("--listen", help="HOST:PORT or unix:/path/to.sock (default 127.0.0.1:8080)")
@@ -272,13 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("file", type=Path, metavar="FILE.tflite")
     install.add_argument("--name", required=True)
     install.add_argument("--version", help="version (default: next integer)")
+    install.add_argument("--manifest", type=Path, metavar="FILE.json", help="manifest fields to merge (docs/vision.md)")
     activate.add_argument("name")
     activate.add_argument("version")
     rollback.add_argument("name")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
     predict.add_argument("name")
-    predict.add_argument("--input", required=True, type=Path, help=".npy, .npz, .json or an image (image models)")
+    what = predict.add_mutually_exclusive_group(required=True)
+    what.add_argument("--input", type=Path, help=".npy, .npz, .json or an image (image models)")
+    what.add_argument("--video", type=Path, help="a video file: one JSON line per processed frame (image models)")
+    predict.add_argument("--every", type=int, default=1, metavar="N", help="with --video: every Nth frame (default 1)")
+    predict.add_argument("--out", type=Path, metavar="FILE.jsonl", help="with --video: write here (default stdout)")
     predict.add_argument("--json", action="store_true")
     status.add_argument("--listen", help="where the running agent listens")
     status.add_argument("--json", action="store_true")
@@ -294,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_agent.cli.telemetry import add_commands as add_telemetry_commands
 
     add_telemetry_commands(sub)
+    from edge_agent.cli.agent import add_commands as add_agent_commands
+
+    add_agent_commands(sub)
     return parser
 
 
@@ -301,6 +329,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == [VALIDATE_COMMAND]:  # the validation child of a frozen (PyInstaller) agent
         return validate_main(args_list[1:])
+    if args_list[:1] == [SHADOW_COMMAND]:  # the shadow child of a frozen agent (models/shadow/child.py)
+        from edge_agent.models.shadow import child
+
+        return child.main(args_list[1:])
+    if args_list[:1] == ["__telemetry_writer__"]:  # the telemetry writer of a frozen agent (telemetry/writer/child.py)
+        from edge_agent.telemetry.writer import child as telemetry_child
+
+        return telemetry_child.main(args_list[1:])
+    if args_list[:1] in (["__selftest__"], ["__boot__"]):  # agent slots (update/agent/selftest.py)
+        from edge_agent.update.agent import selftest
+
+        return (selftest.selftest_main if args_list[0] == "__selftest__" else selftest.boot_main)(args_list[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -64,7 +64,7 @@ from typing import Any
 from edge_agent.errors import FeatureCacheError, FeatureExpired, FeatureNotFound, FeatureSetNotFound
 from edge_agent.features import schema
 from edge_agent.features.plan import ApplyPlan, plan
-from edge_agent.features.records import ApplyResult, FeatureRow, SetInfo, SetMeta, set_info_from_row
+from edge_agent.features.records import ApplyResult, FeatureRow, SetInfo, SetMeta, check_text, set_info_from_row
 from edge_agent.features.schema import transaction
 from edge_agent.features.writer import Bounds, other_usage, write_rows
 from edge_agent.wire.bundle import DTYPES, Bundle, BundleInfo, read_bundle
@@ -191,6 +191,7 @@ class FeatureCache:
         meta = self._meta.get(set)
         if meta is None:
             return self._get_consistent(set, entity, now)
+        check_text(entity, "entity id")
         try:
             conn = self._local.conn
         except AttributeError:
@@ -212,6 +213,9 @@ class FeatureCache:
 
     def get_many(self, set: str, entities: Sequence[str], *, now: float | None = None) -> list[FeatureRow | None]:
         """Rows for several entities (None where unknown), all read from one committed version of the set."""
+        check_text(set, "feature set name")
+        for entity in entities:
+            check_text(entity, "entity id")
         conn = self._conn()
         t = self._clock() if now is None else now
         try:

@@ -51,9 +51,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from edge_agent.errors import FeatureExpired, FeatureNotFound, FeatureSetNotFound, FeaturesNotReady, RequestError
-from edge_agent.features.records import SetMeta
+from edge_agent.features.records import SetMeta, check_text
 from edge_agent.wire.bundle import MAX_ENTITY_LEN
-from edge_agent.wire.manifest import V2_TO_NUMPY, FeatureJoin, Manifest
+from edge_agent.wire.model.manifest import V2_TO_NUMPY, FeatureJoin, Manifest
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -85,20 +85,30 @@ def entity_ids(params: Mapping[str, Any]) -> list[str] | None:
     return many
 
 
+def one_row_per_entity(inputs: Mapping[str, np.ndarray], n: int) -> None:
+    """RequestError unless every input the request carries has a batch of ``n`` (the entities it names)."""
+    for name, arr in inputs.items():
+        if (arr.shape[0] if arr.ndim else 1) != n:
+            raise RequestError(
+                f"input {name!r} has a batch of {arr.shape[0] if arr.ndim else 1} but the "
+                f"request names {n} entit{'y' if n == 1 else 'ies'}: one row per entity"
+            )
+
+
 def _check_entity(value: Any, where: str) -> None:
     if not isinstance(value, str) or not value or len(value) > MAX_ENTITY_LEN:
         raise RequestError(
             f"{where} must be a non-empty string of at most {MAX_ENTITY_LEN} characters, got {value!r:.60}"
         )
-    if not value.isascii():  # JSON "\ud800" decodes to a lone surrogate, which is not text SQLite can bind
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise RequestError(f"{where} is not valid Unicode text (a lone surrogate?), got {value!r:.60}") from None
+    check_text(value, where)
 
 
 class JoinMetrics:
-    """``edgefleet_feature_joins_total{model,set,outcome}`` in the API's registry (one per registry)."""
+    """The feature cache's serving metrics in the API's registry (one per registry).
+
+    ``edgefleet_feature_joins_total{model,set,outcome}`` and, for models that declare precomputed
+    answers (``precomputed.py``), ``edgefleet_infer_source_total{model,source}``.
+    """
 
     _by_registry: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, JoinMetrics]] = weakref.WeakKeyDictionary()
     _lock: ClassVar[threading.Lock] = threading.Lock()
@@ -112,7 +122,13 @@ class JoinMetrics:
             ("model", "set", "outcome"),
             registry=registry,
         )
-        self._children: dict[tuple[str, str, str], Any] = {}
+        self.sources = Counter(
+            "edgefleet_infer_source",
+            "Answers of models with precomputed outputs, by model and source (precomputed, live).",
+            ("model", "source"),
+            registry=registry,
+        )
+        self._children: dict[tuple[str, ...], Any] = {}
 
     @classmethod
     def of(cls, registry: CollectorRegistry) -> JoinMetrics:
@@ -127,6 +143,13 @@ class JoinMetrics:
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = self.joins.labels(model, feature_set, outcome)
+        child.inc()
+
+    def source(self, model: str, source: str) -> None:
+        key = (model, source)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.sources.labels(model, source)
         child.inc()
 
 
@@ -170,12 +193,7 @@ class Joiner:
                 f"entity in parameters.{ENTITY_PARAM} (or {ENTITIES_PARAM}), or send the input"
             )
         n = len(entities)
-        for name, arr in request.inputs.items():
-            if (arr.shape[0] if arr.ndim else 1) != n:
-                raise RequestError(
-                    f"input {name!r} has a batch of {arr.shape[0] if arr.ndim else 1} but the "
-                    f"request names {n} entit{'y' if n == 1 else 'ies'}: one row per entity"
-                )
+        one_row_per_entity(request.inputs, n)
         cache = self.cache
         if cache is None:
             raise FeaturesNotReady(
@@ -273,4 +291,12 @@ class Joiner:
             self.metrics.count(self.manifest.name, j.set, outcome)
 
 
-__all__ = ["ENTITIES_PARAM", "ENTITY_PARAM", "FeaturesNotReady", "JoinMetrics", "Joiner", "entity_ids"]
+__all__ = [
+    "ENTITIES_PARAM",
+    "ENTITY_PARAM",
+    "FeaturesNotReady",
+    "JoinMetrics",
+    "Joiner",
+    "entity_ids",
+    "one_row_per_entity",
+]

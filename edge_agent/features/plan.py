@@ -4,9 +4,10 @@
 run) and ``FeatureCache.apply`` (inside its write transaction) all decide with the same code:
 
 1. the same version with the same data is already cached: a no-op (``ApplyPlan.noop``);
-2. the version must be newer than the cached one (``wire.names.require_newer``), unless it is
-   a signed rollback (``allow_downgrade``) to an older *snapshot*; the same version with other
-   data is never accepted;
+2. the version must be newer than the cached one, unless it is a signed rollback
+   (``allow_downgrade``) to an older *snapshot*; the same version with other data is never
+   accepted. :func:`require_version` is this rule, also for release admission
+   (``update.admission``), which knows neither the bundle's kind nor its data yet;
 3. a delta must extend the cached version (``base_version``) with the same features, dtype and
    entity key, else the device needs a snapshot (``DeltaBaseMismatch``);
 4. a snapshot must fit ``max_rows`` together with the other sets' rows (``CacheFull``). A delta's
@@ -21,6 +22,7 @@ Errors (all ``BundleRejected``: final for that bundle)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge_agent.errors import CacheFull, DeltaBaseMismatch, VersionNotNewer
@@ -62,14 +64,12 @@ def plan(
     prev = current.version if current is not None else None
     if current is not None and current.version == info.version and current.data_sha256 == info.data_sha256:
         return ApplyPlan(info.id, info.set, info.kind, info.version, current, noop=True, downgrade=False)
-    same = prev == info.version
-    rollback = allow_downgrade and info.kind == "snapshot" and not same
-    suffix = " (same version, different data)" if same else ""
-    require_newer(
-        "version",
+    suffix = " (same version, different data)" if prev == info.version else ""
+    downgrade = require_version(
         info.version,
         prev,
-        rollback=rollback,
+        rollback=allow_downgrade,
+        kind=info.kind,
         held=f"cached {info.set}",
         error=lambda msg: VersionNotNewer(f"bundle {info.id}: {msg}{suffix}"),
     )
@@ -79,8 +79,31 @@ def plan(
         raise CacheFull(
             f"bundle {info.id}: the cache would hold {other_rows + info.rows} rows, above max_rows={max_rows}"
         )
-    downgrade = rollback and not is_newer(info.version, prev)
     return ApplyPlan(info.id, info.set, info.kind, info.version, current, noop=False, downgrade=downgrade)
+
+
+def require_version(
+    incoming: str,
+    current: str | None,
+    *,
+    rollback: bool,
+    kind: str | None = None,
+    what: str = "version",
+    held: str = "cached",
+    error: Callable[[str], Exception] = VersionNotNewer,
+) -> bool:
+    """The feature-set version rule (anti-rollback); True when it admits a downgrade.
+
+    ``incoming`` must be newer than ``current`` unless ``rollback`` (a signed rollback release).
+    With the bundle in hand (``kind`` given) a rollback lifts the rule only for a snapshot of
+    another version: a delta needs its base, and the same version with other data is never
+    accepted (with the same data ``plan`` has already called it a no-op). At release level
+    (``kind`` None: the kind and the data are inside the artifact, not fetched yet) a signed
+    rollback passes, and ``plan`` decides once the bundle is downloaded (docs/protocol.md).
+    """
+    lifted = rollback and (kind is None or (kind == "snapshot" and incoming != current))
+    require_newer(what, incoming, current, rollback=lifted, held=held, error=error)
+    return lifted and not is_newer(incoming, current)
 
 
 def _check_delta(current: SetInfo | None, info: BundleInfo) -> None:

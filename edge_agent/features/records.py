@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.errors import RequestError
+
 
 @dataclass(frozen=True)
 class SetMeta:
@@ -180,6 +182,16 @@ SET_COLUMNS = (
     "name", "version", "kind", "base_version", "entity_key", "features", "dtype", "ttl_s", "stale_policy",
     "partition", "rows", "bytes", "oldest_ts", "newest_ts", "data_sha256", "created_at", "applied_at", "apply_id",
 )  # fmt: skip
+
+
+def check_text(value: str, where: str) -> None:
+    """RequestError unless ``value`` is text SQLite can bind: a lone surrogate (JSON ``"\\ud800"``, or
+    undecodable bytes in argv) would be a UnicodeEncodeError deep in sqlite3. Cheap for ASCII."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(f"{where} is not valid Unicode text (a lone surrogate?), got {value!r:.60}") from None
 
 
 def set_info_from_row(r: Sequence[Any], now: float) -> SetInfo:

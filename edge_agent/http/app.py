@@ -13,7 +13,11 @@ Endpoints::
                                                   200 stored, 400 bad body or label, 404 unknown id, 409 labelled
     GET  /metrics                                 Prometheus text format
     GET  /agent/status                            the agent's status document
+    GET  /agent/streams[/{id}/latest|/{id}/events] camera streams: status, newest result, SSE (``streams.py``)
     GET  /v2/openapi.json                         this API as OpenAPI 3 (``docs/openapi.yaml``, shipped as JSON)
+    GET  /v2/models[/{name}[/versions/{v}]]/stats  statistics extension, Triton's shape (``stats.py``)
+    POST /v2/repository/index, .../models/{name}/load|unload   repository extension (``repository.py``;
+                                                  403 unless loopback/unix listener or allow_repository_control)
 
 Errors are always JSON ``{"error": "..."}``: 400 malformed request (or a batch over the model's
 ``max_batch``), 404 unknown model, version or route, 405 wrong method, 408 request not sent within
@@ -44,16 +48,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from edge_agent import __version__
-from edge_agent.errors import MethodNotAllowedError, NotFoundError, NotReadyError, RequestError
+from edge_agent.errors import ClientGone, MethodNotAllowedError, NotFoundError, NotReadyError, RequestError
 from edge_agent.features.cache import FeatureCache
 from edge_agent.http.asgi import (
     JSON,
     OCTETS,
-    ClientGone,
     Receive,
     Scope,
     Send,
@@ -62,20 +65,32 @@ from edge_agent.http.asgi import (
     send_error,
     send_response,
 )
+from edge_agent.http.ext.repository import PREFIX as REPOSITORY_PREFIX
+from edge_agent.http.ext.repository import Repository
+from edge_agent.http.ext.repository import handle as handle_repository
+from edge_agent.http.ext.shadow_metrics import watch_shadows
+from edge_agent.http.ext.stats import handle as handle_stats
+from edge_agent.http.ext.stats import is_stats_path
 from edge_agent.http.infer import INLINE_BELOW_S, MAX_TENSOR_ELEMENTS, InferPath
 from edge_agent.http.metadata import model_metadata
 from edge_agent.http.metrics import UNKNOWN_MODEL, Metrics
 from edge_agent.http.openapi import openapi_json
+from edge_agent.http.streams import PREFIX as STREAMS_PREFIX
+from edge_agent.http.streams import handle as handle_streams
+from edge_agent.inference.batching import Batching, BatchPolicy
 from edge_agent.inference.runtime import LoadedModel
 from edge_agent.jsonlimits import loads_limited
 from edge_agent.models.serving import ModelServer
 from edge_agent.telemetry.feedback import parse_feedback
-from edge_agent.telemetry.service import Telemetry
+from edge_agent.telemetry.hub import Telemetry
 from edge_agent.wire import kserve_v2 as v2
+
+if TYPE_CHECKING:
+    from edge_agent.streams.manager import StreamManager
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 SERVER_NAME = "edgefleet"
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics"]
 
 _HEADER_LENGTH = v2.HEADER_LENGTH.lower().encode()
 
@@ -83,7 +98,18 @@ Handler = Callable[[Scope], Awaitable[tuple[int, bytes, bytes]]]
 
 
 class InferenceAPI:
-    """The ASGI application; build it with :func:`create_app`."""
+    """The V2 inference API for ``server`` as an ASGI app (``create_app`` is this class).
+
+    ``metrics`` defaults to a fresh :class:`Metrics` (own registry), bound to ``server``'s
+    swaps. ``status`` supplies ``GET /agent/status`` (default: ``server.status()``). Models
+    whose warm latency times the batch size is below ``inline_below_s`` run on the event loop.
+    ``features`` is the feature cache that models with ``feature_joins`` read from.
+    ``max_elements`` bounds the tensor values of one request (413 above). ``telemetry`` records
+    predictions and takes feedback labels (None: ids are still given, nothing is recorded).
+    ``streams`` serves ``/agent/streams`` (``http/streams.py``; None: no streams configured).
+    ``batching``: ``{model: BatchPolicy}`` for dynamic batching (off for the others).
+    ``repository_control``: allow ``/v2/repository/*`` (the agent passes ``repository.control_allowed``).
+    """
 
     def __init__(
         self,
@@ -97,13 +123,18 @@ class InferenceAPI:
         features: FeatureCache | None = None,
         max_elements: int = MAX_TENSOR_ELEMENTS,
         telemetry: Telemetry | None = None,
+        streams: StreamManager | None = None,
+        batching: Mapping[str, BatchPolicy] | None = None,
+        repository_control: bool = False,
     ) -> None:
         self.server = server
+        self.streams = streams
         self.features = features
         self.telemetry = telemetry
         self.max_body_bytes = int(max_body_bytes)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch(server)
+        watch_shadows(self.metrics.registry, server.taps)  # edgefleet_shadow_* while a candidate is shadowed
         self.status = status
         self.path = InferPath(
             features,
@@ -112,7 +143,11 @@ class InferenceAPI:
             workers=workers or max(2, min(8, os.cpu_count() or 2)),
             max_elements=max_elements,
             recorder=telemetry.recorder if telemetry is not None else None,
+            taps=server.taps,
+            batching=Batching(batching or {}, self.metrics.stats),
+            stats=self.metrics.stats,
         )
+        self.repository = Repository(server, repository_control)
         self._static: dict[str, Handler] = {
             "/v2/health/live": self._live,
             "/v2/health/ready": self._ready,
@@ -129,7 +164,14 @@ class InferenceAPI:
         if kind == "http":
             path: str = scope["path"]
             if path.startswith("/v2/models/"):
-                await self._model_route(scope, receive, send, path)
+                if is_stats_path(path):
+                    await handle_stats(scope, send, self.metrics.stats, self.server, self.path.in_thread)
+                else:
+                    await self._model_route(scope, receive, send, path)
+            elif path.startswith(REPOSITORY_PREFIX):
+                await handle_repository(scope, receive, send, self.repository, self.path.in_thread)
+            elif path.startswith(STREAMS_PREFIX):
+                await handle_streams(scope, receive, send, self.streams)
             else:
                 await self._static_route(scope, send, path)
         elif kind == "lifespan":
@@ -149,8 +191,10 @@ class InferenceAPI:
                 return
 
     def close(self) -> None:
-        """Stop the worker threads (a later request starts new ones)."""
+        """Stop the worker threads and the batchers (a later request starts new ones)."""
         self.path.close()
+        if self.path.batching is not None:
+            self.path.batching.close()
 
     # -- static routes ------------------------------------------------------------------
     async def _static_route(self, scope: Scope, send: Send, path: str) -> None:
@@ -302,33 +346,4 @@ class InferenceAPI:
         return name if name in server.loaded() or name in server.errors() else UNKNOWN_MODEL
 
 
-def create_app(
-    server: ModelServer,
-    *,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    metrics: Metrics | None = None,
-    status: Callable[[], dict[str, Any]] | None = None,
-    inline_below_s: float = INLINE_BELOW_S,
-    features: FeatureCache | None = None,
-    max_elements: int = MAX_TENSOR_ELEMENTS,
-    telemetry: Telemetry | None = None,
-) -> InferenceAPI:
-    """The V2 inference API for ``server`` as an ASGI app.
-
-    ``metrics`` defaults to a fresh :class:`Metrics` (own registry), bound to ``server``'s
-    swaps. ``status`` supplies ``GET /agent/status`` (default: ``server.status()``). Models
-    whose warm latency times the batch size is below ``inline_below_s`` run on the event loop.
-    ``features`` is the feature cache that models with ``feature_joins`` read from.
-    ``max_elements`` bounds the tensor values of one request (413 above). ``telemetry`` records
-    predictions and takes feedback labels (None: ids are still given, nothing is recorded).
-    """
-    return InferenceAPI(
-        server,
-        max_body_bytes=max_body_bytes,
-        metrics=metrics,
-        status=status,
-        inline_below_s=inline_below_s,
-        features=features,
-        max_elements=max_elements,
-        telemetry=telemetry,
-    )
+create_app = InferenceAPI  # the V2 inference API for ``server`` as an ASGI app (options: InferenceAPI)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from edge_agent.errors import (
+    ClientGone,
     MethodNotAllowedError,
     PayloadTooLargeError,
     RequestError,
@@ -29,10 +30,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 JSON = b"application/json"
 OCTETS = b"application/octet-stream"
-
-
-class ClientGone(Exception):
-    """The client disconnected before sending its whole body."""
 
 
 async def send_response(

@@ -9,7 +9,10 @@ with two additions:
 - **read timeout**: a request's headers and body must arrive within ``read_timeout_s`` of the
   connection opening (or of its first byte, on a kept-alive connection). Past it, a connection
   still sending headers gets ``408 {"error": ...}`` and is closed; one still sending its body is
-  closed (the app sees the client gone). Like Go's ``http.Server.ReadTimeout``.
+  closed (the app sees the client gone). Like Go's ``http.Server.ReadTimeout``. A request only
+  writes its deadline (one clock read); one sweep per server, every ``read_timeout_s / 4`` (at
+  most 1 s) while connections are open, closes the late ones, so a timeout fires up to a sweep
+  interval late. A timer armed and cancelled per request cost ~1-2 µs (docs/benchmarks.md).
 - **eviction**: a new connection that finds ``limit_concurrency`` connections open closes the
   one that has waited longest without a request in progress (half-sent headers or idle
   keep-alive) instead of being turned away, so legitimate clients get through a slowloris while
@@ -33,7 +36,7 @@ class GuardedProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a read timeout and eviction of idle connections."""
 
     read_timeout_s: float = 10.0
-    _read_timer: asyncio.TimerHandle | None = None
+    _deadline: float | None = None  # the request being read must have arrived by then (None: not reading)
     _waiting_since: float | None = None  # no request running since then: may be evicted
     _sending = True  # a request has begun arriving (False: idle keep-alive, closed silently)
 
@@ -42,26 +45,26 @@ class GuardedProtocol(HttpToolsProtocol):
         if limit is not None and len(self.connections) >= limit - 1:  # uvicorn counts this one too
             _evict_oldest_idle(self.connections)
         super().connection_made(transport)
-        self._waiting_since = time.monotonic()
-        self._arm()
+        self._waiting_since = now = time.monotonic()
+        self._deadline = now + self.read_timeout_s
+        _Sweep.ensure(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        self._waiting_since = None
+        self._deadline = self._waiting_since = None
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         self._sending = True
         super().on_message_begin()
-        if self._read_timer is None:
-            self._arm()
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.read_timeout_s
 
     def on_headers_complete(self) -> None:
         self._waiting_since = None
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._disarm()
+        self._deadline = None
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
@@ -70,18 +73,10 @@ class GuardedProtocol(HttpToolsProtocol):
             self._waiting_since = time.monotonic()
             self._sending = False
 
-    # -- timers ---------------------------------------------------------------------
-    def _arm(self) -> None:
-        self._disarm()
-        self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timeout)
-
-    def _disarm(self) -> None:
-        if self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
-
+    # -- the read timeout -------------------------------------------------------------
     def _read_timeout(self) -> None:
-        self._read_timer = None
+        """Called by the sweep once ``_deadline`` has passed."""
+        self._deadline = None
         if self.transport.is_closing():
             return
         if self._waiting_since is not None:  # still sending headers: tell it why
@@ -103,13 +98,41 @@ def _evict_oldest_idle(connections: Any) -> None:
     idle = [c for c in connections if isinstance(c, GuardedProtocol) and c._waiting_since is not None]
     if idle:
         victim = min(idle, key=lambda c: c._waiting_since or 0.0)
-        victim._waiting_since = None
-        victim._disarm()
+        victim._waiting_since = victim._deadline = None
         connections.discard(victim)  # now: its connection_lost may run after the new request is counted
         if victim._sending:
             victim.close_with(503, "too many connections: this unfinished request was dropped for a new client")
         else:
             victim.transport.close()
+
+
+class _Sweep:
+    """One per server (its ``ServerState``): closes the guarded connections past their deadline, every ``interval``."""
+
+    def __init__(self, proto: GuardedProtocol) -> None:
+        self.loop, self.connections = proto.loop, proto.connections
+        self.interval = min(1.0, proto.read_timeout_s / 4)
+        self.handle: asyncio.TimerHandle | None = None
+
+    @staticmethod
+    def ensure(proto: GuardedProtocol) -> None:
+        """Start the sweep of ``proto``'s server if it is not running (on a new connection)."""
+        state = proto.server_state
+        sweep = getattr(state, "_edgefleet_sweep", None)
+        if sweep is None:
+            sweep = _Sweep(proto)
+            state._edgefleet_sweep = sweep  # type: ignore[attr-defined]
+        if sweep.handle is None:
+            sweep.handle = sweep.loop.call_later(sweep.interval, sweep.run)
+
+    def run(self) -> None:
+        now = time.monotonic()
+        guarded = [c for c in self.connections if isinstance(c, GuardedProtocol)]
+        for c in guarded:
+            if c._deadline is not None and c._deadline <= now:
+                c._read_timeout()
+        # Keep sweeping while connections are open; the next connection starts it again.
+        self.handle = self.loop.call_later(self.interval, self.run) if guarded else None
 
 
 def guarded_protocol(read_timeout_s: float) -> type[GuardedProtocol]:

@@ -15,11 +15,13 @@ Every infer request takes these steps, in this order, whatever its model or size
    ``id`` (the request's, or one generated here); with telemetry on, the prediction is queued
    for the outbox (``telemetry.Recorder.prediction``: a deque append, no I/O).
 
-Where the steps run is the only thing that varies. A body over ``OFFLOAD_BODY_BYTES`` takes
-the whole path in a worker thread. Otherwise decode and encode stay on the event loop; the
-join goes to a thread when it reads more than ``JOIN_INLINE_ENTITIES`` entities, and predict
-when the model's warm latency times the batch is not below ``inline_below_s`` (for tiny
-models a thread hop costs more than the invoke).
+The sequence is written once, in :meth:`InferPath.infer`; where the steps run is the only thing
+that varies. A body over ``OFFLOAD_BODY_BYTES`` takes the whole path in a worker thread
+(:meth:`InferPath.infer_sync` runs the same coroutine with every step placed on that thread).
+Otherwise decode and encode stay on the event loop; the join goes to a thread when it reads
+more than ``JOIN_INLINE_ENTITIES`` entities, and predict when the model's warm latency times
+the batch is not below ``inline_below_s`` (for tiny models a thread hop costs more than the
+invoke).
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from edge_agent.config import HttpConfig
 from edge_agent.features.join import ENTITIES_PARAM, ENTITY_PARAM, Joiner, JoinMetrics
+from edge_agent.features.precomputed import PrecomputedFirst
 from edge_agent.telemetry.recorder import IdSource, Recorder
 from edge_agent.wire import kserve_v2 as v2
 
@@ -41,12 +45,15 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from edge_agent.features.cache import FeatureCache
+    from edge_agent.inference.batching import Batching
     from edge_agent.inference.runtime import LoadedModel
+    from edge_agent.inference.stats import InferenceStats
+    from edge_agent.models.taps import ModelTaps
 
 INLINE_BELOW_S = 0.001  # run predict on the event loop when (warm latency x batch) is below this
 OFFLOAD_BODY_BYTES = 256 * 1024  # decode/encode bodies above this off the event loop
 JOIN_INLINE_ENTITIES = 32  # feature-cache reads for more entities than this run off the event loop
-MAX_TENSOR_ELEMENTS = 4 * 1024 * 1024  # values per request, all inputs together (config: http.max_tensor_elements)
+MAX_TENSOR_ELEMENTS = HttpConfig().max_tensor_elements  # values per request, all inputs together
 
 T = TypeVar("T")
 Response = tuple[bytes, "int | None"]  # body, and the JSON header length when binary data follows
@@ -64,8 +71,14 @@ class InferPath:
         workers: int = 2,
         max_elements: int = MAX_TENSOR_ELEMENTS,
         recorder: Recorder | None = None,
+        taps: ModelTaps | None = None,
+        batching: Batching | None = None,
+        stats: InferenceStats | None = None,
     ) -> None:
         self.features = features
+        self.batching = batching  # models with dynamic batching (inference/batching.py); off: None or empty
+        self.stats = stats  # the statistics extension's counters (inference/stats.py)
+        self.taps = taps  # recent figures and shadow copies (models.taps), fed after every predict
         self.recorder = recorder
         self.new_id = recorder.new_id if recorder is not None else IdSource()
         self.registry = registry
@@ -73,6 +86,7 @@ class InferPath:
         self.workers = workers
         self.max_elements = max_elements
         self._joiners: dict[str, Joiner] = {}  # model name -> joiner of the manifest last seen
+        self.precomputed = PrecomputedFirst(features, registry)  # models whose manifest declares precomputed
         self._executor: ThreadPoolExecutor | None = None
 
     # -- worker threads ---------------------------------------------------------------
@@ -90,23 +104,49 @@ class InferPath:
         return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
     # -- the path -----------------------------------------------------------------------
-    async def infer(self, model: LoadedModel, body: bytes, header_length: bytes | None) -> Response:
-        """Serve one request body on ``model``, running each step on the loop or in a thread (module doc)."""
-        if len(body) > OFFLOAD_BODY_BYTES:
+    async def infer(
+        self, model: LoadedModel, body: bytes, header_length: bytes | None, on_thread: bool = False
+    ) -> Response:
+        """Serve one request body on ``model``: the one sequence of steps (module doc).
+
+        Each step runs on the event loop or in a worker thread (``in_thread``), as the module doc
+        says. ``on_thread``: the caller is already a worker thread (:meth:`infer_sync`): every step
+        runs here and no dynamic batching, so the coroutine never suspends.
+        """
+        batcher = self.batching.get(model) if self.batching and not on_thread else None
+        big = len(body) > OFFLOAD_BODY_BYTES and not on_thread
+        if big and batcher is None:
             return await self.in_thread(self.infer_trimmed, model, body, header_length)
         t0 = time.perf_counter()
-        request = self.decode(model, body, header_length)
-        if model.manifest.feature_joins and self._many_entities(request):
+        request = (
+            await self.in_thread(self.decode, model, body, header_length)
+            if big
+            else self.decode(model, body, header_length)
+        )
+        pre = self.precomputed.first(model, request) if model.manifest.precomputed is not None else None
+        if pre is not None and pre.outputs is not None:  # answered from the cache: no predict, no taps
+            self.record(model, request, pre.outputs, t0, None)
+            return self.encode(model, request, pre.outputs, pre.params)
+        if model.manifest.feature_joins and not on_thread and self._many_entities(request):
             params = await self.in_thread(self.complete, model, request)
         else:
             params = self.complete(model, request)
         warm = model.warm_latency_s
-        if warm is not None and warm * request.batch_size < self.inline_below_s:
+        tp = time.perf_counter()
+        queued = infer_s = 0.0
+        if batcher is not None:  # shares one invoke with concurrent requests; gets back exactly its own rows
+            outputs, queued, infer_s = await batcher.infer(request.inputs, request.raw_outputs)
+        elif on_thread or (warm is not None and warm * request.batch_size < self.inline_below_s):
             outputs = model.predict_checked(request.inputs, request.raw_outputs)
         else:
             outputs = await self.in_thread(model.predict_checked, request.inputs, request.raw_outputs)
-        self.record(model, request, outputs, t0)
-        return self.encode(model, request, outputs, params)
+        te = time.perf_counter()
+        self.record(model, request, outputs, t0, tp)
+        if pre is not None:
+            params = self.precomputed.live(model, pre, params)
+        response = self.encode(model, request, outputs, params)
+        self.count(model, request.batch_size, (t0, tp, te), queued, infer_s if batcher is not None else None)
+        return response
 
     def infer_trimmed(self, model: LoadedModel, body: bytes, header_length: bytes | None) -> Response:
         """:meth:`infer_sync`, then hand the heap's free pages back to the OS (large bodies only).
@@ -120,19 +160,42 @@ class InferPath:
             trim_heap()
 
     def infer_sync(self, model: LoadedModel, body: bytes, header_length: bytes | None) -> Response:
-        """The same steps, all on the calling thread."""
-        t0 = time.perf_counter()
-        request = self.decode(model, body, header_length)
-        params = self.complete(model, request)
-        outputs = model.predict_checked(request.inputs, request.raw_outputs)
-        self.record(model, request, outputs, t0)
-        return self.encode(model, request, outputs, params)
+        """:meth:`infer` with every step on the calling thread: its coroutine returns at the first ``send``."""
+        steps = self.infer(model, body, header_length, on_thread=True)
+        try:
+            steps.send(None)
+        except StopIteration as done:
+            return cast(Response, done.value)
+        steps.close()
+        raise RuntimeError("InferPath.infer suspended on a worker thread")  # a step placed off the thread: a bug
+
+    def count(
+        self,
+        model: LoadedModel,
+        rows: int,
+        marks: tuple[float, float, float],
+        queued: float = 0.0,
+        batch_s: float | None = None,
+    ) -> None:
+        """The request's phases into the statistics (``marks``: start, predict start, predict end; encode ends now).
+
+        ``batch_s``: the invoke time of the dynamic batch it rode in (counted as an execution by the batcher).
+        """
+        if self.stats is not None:
+            t0, tp, te = marks
+            infer_s = te - tp - queued if batch_s is None else batch_s
+            self.stats.phases(
+                model.name, model.version, rows, tp - t0, queued, infer_s, time.perf_counter() - te, batch_s is None
+            )
 
     # -- the steps ----------------------------------------------------------------------
     def decode(self, model: LoadedModel, body: bytes, header_length: bytes | None) -> v2.InferRequest:
         """Step 1; joined inputs may be missing until :meth:`complete` fills them."""
         return v2.decode_request(
-            body, header_length, allow_no_inputs=bool(model.manifest.feature_joins), max_elements=self.max_elements
+            body,
+            header_length,
+            allow_no_inputs=bool(model.manifest.feature_joins or model.manifest.precomputed),
+            max_elements=self.max_elements,
         )
 
     def complete(self, model: LoadedModel, request: v2.InferRequest) -> dict[str, Any] | None:
@@ -143,8 +206,16 @@ class InferPath:
         v2.check_request(request, model.manifest)
         return params
 
-    def record(self, model: LoadedModel, request: v2.InferRequest, outputs: dict[str, np.ndarray], t0: float) -> None:
-        """Give the inference its id (the client's or a new one) and queue its telemetry record."""
+    def record(
+        self, model: LoadedModel, request: v2.InferRequest, outputs: dict[str, np.ndarray], t0: float, tp: float | None
+    ) -> None:
+        """Give the inference its id (the client's or a new one), queue its telemetry record, feed the taps.
+
+        ``tp``: when predict started (the taps get the predict time: what versions are compared on);
+        None: no predict ran (a precomputed answer, ``features.precomputed``), so no taps.
+        """
+        if self.taps is not None and tp is not None:
+            self.taps.observe(model, request, outputs, time.perf_counter() - tp)
         rid = request.id
         if rid is None:
             rid = request.id = self.new_id()

@@ -13,7 +13,8 @@ from edge_agent.features.cache import FeatureCache
 from edge_agent.features.join import ENTITIES_PARAM, ENTITY_PARAM
 from edge_agent.inference.runtime import LoadedModel
 from edge_agent.models.serving import ModelServer
-from edge_agent.wire.manifest import Manifest, TensorSpec
+from edge_agent.wire.model.calibration import calibration_of
+from edge_agent.wire.model.manifest import Manifest, TensorSpec
 from edge_agent.wire.names import check_name, parse_version
 
 
@@ -70,6 +71,7 @@ def model_metadata(
         "preprocessing": manifest.preprocessing,
         "sha256": manifest.sha256,
         "created_at": manifest.created_at,
+        "calibration": calibration_of(manifest.metrics),  # temperature + ECE (cloud_batch.pipeline), or None
     }
     if loaded is not None and serving:
         params["runtime"] = loaded.info()
@@ -77,6 +79,8 @@ def model_metadata(
         params["feature_joins"] = joins_metadata(features, manifest)
         for name_in, j in manifest.feature_joins.items():
             params["inputs"][name_in]["joined_from"] = j.set
+    if manifest.precomputed is not None:  # answered from this feature set first (features/precomputed.py)
+        params["precomputed"] = manifest.precomputed.to_dict()
     return {
         "name": manifest.name,
         "versions": installed,

@@ -11,6 +11,8 @@ Metrics::
     edgefleet_errors_total{model,reason}                failed infer requests by reason
     edgefleet_active_version{model,version}             1 for the version serving each model
     edgefleet_inflight_requests                          infer requests being processed
+    nv_inference_*{model,version}                       Triton's names, from ``stats`` (http/ext/nvmetrics.py)
+    edgefleet_infer_source_total{model,source}          precomputed vs live answers (features/precomputed.py)
 
 ``version`` is the version that served (empty when none did, e.g. a 404); ``model`` is
 ``UNKNOWN_MODEL`` for names the server does not know, so clients cannot blow up the
@@ -25,6 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
+
+from edge_agent.http.ext.nvmetrics import TritonCollector
+from edge_agent.inference.stats import InferenceStats
 
 if TYPE_CHECKING:
     from edge_agent.inference.runtime import LoadedModel
@@ -78,6 +83,8 @@ class Metrics:
             "edgefleet_active_version", "1 for the model version that is serving.", model_version, registry=r
         )
         self.inflight = Gauge("edgefleet_inflight_requests", "Inference requests being processed.", registry=r)
+        self.stats = InferenceStats()  # the statistics extension's counters; nv_* series read them
+        r.register(TritonCollector(self.stats))
         if process:
             from prometheus_client import PlatformCollector, ProcessCollector
 
@@ -93,6 +100,8 @@ class Metrics:
         """Count one infer request and record its latency."""
         self._child(self.requests, model, version, code).inc()
         self._child(self.latency, model, version).observe(seconds)
+        if version:  # a request that reached a model version
+            self.stats.request(model, version, code == 200, seconds)
 
     def error(self, model: str, reason: str) -> None:
         self._child(self.errors, model, reason).inc()

@@ -26,6 +26,7 @@ def _get(summary: str, *codes: int, ok: dict[str, Any] = _OBJ) -> dict[str, Any]
 
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _TENSOR = {
     "type": "object",
     "required": ["name", "shape", "datatype"],
@@ -109,6 +110,27 @@ _FEEDBACK = {
     }
 }
 
+
+def _repository(summary: str, params: list[dict[str, Any]], *codes: int, array: bool = False) -> dict[str, Any]:
+    """A repository extension call (403 unless local control is allowed: docs/api.md)."""
+    version = {"type": "object", "properties": {"version": {"type": "string"}, "config": {"type": "string"}}}
+    ok = {
+        "description": "ok",
+        "content": {"application/json": {"schema": {"type": "array", "items": {"type": "object"}}}},
+    }
+    return {
+        "post": {
+            "summary": summary,
+            "parameters": params,
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": {"type": "object", "properties": {"parameters": version}}}},
+            },
+            "responses": {"200": ok if array else _OBJ, **_errors(400, 403, 413, *codes)},
+        }
+    }
+
+
 SPEC: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
@@ -138,6 +160,30 @@ SPEC: dict[str, Any] = {
         "/v2/models/{name}/infer": _infer([_NAME]),
         "/v2/models/{name}/versions/{version}/infer": _infer([_NAME, _VERSION]),
         "/v2/models/{name}/feedback": _FEEDBACK,
+        "/v2/models/stats": _get("Statistics of the serving model versions (Triton's statistics extension)"),
+        "/v2/models/{name}/stats": {**_get("Statistics of a model's installed versions", 404), "parameters": [_NAME]},
+        "/v2/models/{name}/versions/{version}/stats": {
+            **_get("Statistics of one model version", 404),
+            "parameters": [_NAME, _VERSION],
+        },
+        "/v2/repository/index": _repository("Installed models and versions with their state", [], array=True),
+        "/v2/repository/models/{name}/load": _repository(
+            "Activate parameters.version (the store's atomic pointer, then the hot swap), or serve again", [_NAME], 404
+        ),
+        "/v2/repository/models/{name}/unload": _repository("Stop serving a model until it is loaded", [_NAME], 404),
+        "/agent/streams": _get("Camera streams and their status (fps, drops, last error)"),
+        "/agent/streams/{id}/latest": {
+            **_get("A stream's newest result and its frame's age", 404, 503),
+            "parameters": [_ID],
+        },
+        "/agent/streams/{id}/events": {
+            **_get(
+                "A stream's results as Server-Sent Events (event: result)",
+                404,
+                ok={"description": "ok", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            ),
+            "parameters": [_ID],
+        },
     },
     "components": {
         "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edge_agent.errors import IncompatibleModelError
-from edge_agent.wire.manifest import Manifest, Quantization, TensorSpec
+from edge_agent.wire.model.manifest import Manifest, Quantization, TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ import numpy as np
 
 from edge_agent.errors import ManifestError, RejectedError
 from edge_agent.fsutil import atomic_write_bytes, fsync_tree, sha256_file
-from edge_agent.inference.golden import check_golden, golden_bytes, load_golden, make_golden
+from edge_agent.inference.golden import IN, OUT, check_golden, golden_bytes, load_golden, make_golden
 from edge_agent.inference.runtime import LoadedModel, ModelSource, RuntimeOptions, inspect_model
-from edge_agent.wire.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, TensorSpec
+from edge_agent.wire.model.manifest import GOLDEN_FILE, MANIFEST_FILE, MODEL_FILE, Manifest, TensorSpec
 from edge_agent.wire.names import check_name, parse_version
 
 
@@ -147,6 +147,27 @@ def check_specs(manifest: Manifest, model_ins: list[TensorSpec], model_outs: lis
                     f"{q.to_dict() if q else None}, but the model's tensor is {a.dtype} {list(a.shape)} "
                     f"quantization {mq.to_dict() if mq else None}"
                 )
+
+
+def apply_manifest_fields(version_dir: str | Path, fields: Mapping[str, Any]) -> Manifest:
+    """Merge ``--manifest`` fields (``wire/model/merge.py``) into a built version directory, in place.
+
+    Only JSON is touched (the model is never loaded here): the manifest is merged and validated,
+    and golden samples follow any tensor renames.
+    """
+    from edge_agent.wire.model.merge import merge_manifest
+
+    d = Path(version_dir)
+    manifest, renamed = merge_manifest(Manifest.load(d / MANIFEST_FILE), fields)
+    if any(renamed.values()) and manifest.golden:
+        prefix = {"inputs": IN, "outputs": OUT}
+        samples = load_golden(d / manifest.golden)
+        for side, names in renamed.items():
+            for old, new in names.items():
+                samples[prefix[side] + new] = samples.pop(prefix[side] + old)
+        atomic_write_bytes(d / manifest.golden, golden_bytes(samples))
+    atomic_write_bytes(d / MANIFEST_FILE, manifest.to_json().encode())
+    return manifest
 
 
 def copy_version_dir(src: str | Path, parent: str | Path) -> Path:

@@ -39,7 +39,7 @@ from edge_agent.inference.interpreter import (
     open_interpreter,
     tensor_bindings,
 )
-from edge_agent.wire.manifest import Manifest, Quantization, TensorSpec
+from edge_agent.wire.model.manifest import Manifest, Quantization, TensorSpec
 
 # Re-exported: callers that load models import the options from here, next to LoadedModel.
 __all__ = [
@@ -129,7 +129,7 @@ class LoadedModel:
         self.manifest = manifest
         self.options = options or RuntimeOptions()
         self.backend = self.options.backend or default_backend()
-        self._pool: queue.SimpleQueue[_Session] = queue.SimpleQueue()
+        self._pool: queue.SimpleQueue[_Session | None] = queue.SimpleQueue()
         self._created = 0
         self._lock = threading.Lock()
         first, self.delegate = open_interpreter(self.source, self.options)
@@ -154,23 +154,28 @@ class LoadedModel:
 
     # -- pool ---------------------------------------------------------------
     def _acquire(self) -> _Session:
+        """A pooled session; the pool holds sessions and ``None``: a slot whose interpreter was dropped.
+
+        ``_created`` counts slots (up to ``pool_size``), not interpreters: a dropped interpreter
+        leaves its slot in the pool as ``None``, so a caller already blocked in ``get`` wakes up
+        and opens a fresh one (a bare count would leave it waiting for ever).
+        """
         try:
-            return self._pool.get_nowait()
+            session = self._pool.get_nowait()
         except queue.Empty:
-            pass
-        with self._lock:
-            grow = self._created < max(1, self.options.pool_size)
-            if grow:
-                self._created += 1
-        if grow:
-            try:
-                interp, _ = open_interpreter(self.source, self.options)
-                return _Session(interp, self.manifest)
-            except BaseException:
-                with self._lock:
-                    self._created -= 1
-                raise
-        return self._pool.get()
+            with self._lock:
+                grow = self._created < max(1, self.options.pool_size)
+                if grow:
+                    self._created += 1
+            session = None if grow else self._pool.get()
+        if session is not None:
+            return session
+        try:
+            interp, _ = open_interpreter(self.source, self.options)
+            return _Session(interp, self.manifest)
+        except BaseException:
+            self._pool.put(None)  # the slot stays free: the next caller tries again
+            raise
 
     def check_batch(self, batch: int) -> None:
         """RequestError when one call would carry more than ``max_batch`` rows (before any work is done)."""
@@ -217,8 +222,26 @@ class LoadedModel:
         The HTTP hot path: the codec checked the request once, so only the conversion to the
         tensors' native types (quantizing real values) and the batch rules are left.
         """
+        return self._run(self.to_native(inputs), raw_outputs)
+
+    # -- the dynamic batcher's steps (inference/batching.py): convert, run stacked, finish per request --
+    @property
+    def batchable(self) -> bool:
+        """Every input has a dynamic batch dimension: requests can be stacked into one invoke."""
+        return self._dynamic_batch
+
+    def to_native(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Checked inputs converted to the tensors' native types (real values quantized)."""
         specs, natives = self._in_specs, self._natives
-        return self._run({n: _to_native(specs[n], a, natives[n]) for n, a in inputs.items()}, raw_outputs)
+        return {n: _to_native(specs[n], a, natives[n]) for n, a in inputs.items()}
+
+    def run_native(self, feeds: dict[str, np.ndarray], raw_outputs: frozenset[str] | set[str]) -> dict[str, np.ndarray]:
+        """Native inputs through the batch rules and one invoke."""
+        return self._run(feeds, raw_outputs)
+
+    def finish(self, raw: dict[str, np.ndarray], raw_outputs: frozenset[str] | set[str]) -> dict[str, np.ndarray]:
+        """Dequantize the outputs not named in ``raw_outputs`` (in place; returns ``raw``)."""
+        return self._finish(raw, raw_outputs)
 
     def _run(self, feeds: dict[str, np.ndarray], raw_outputs: frozenset[str] | set[str]) -> dict[str, np.ndarray]:
         """The batch rules, then invoke: a fixed-batch-1 model loops over a larger batch."""
@@ -247,11 +270,7 @@ class LoadedModel:
             self.failures += 1  # the health window after an update watches this rate
             raise
         finally:
-            if session.broken:  # drop it; _acquire opens a fresh interpreter in its place
-                with self._lock:
-                    self._created -= 1
-            else:
-                self._pool.put(session)
+            self._pool.put(None if session.broken else session)  # broken: dropped, _acquire opens a fresh one
 
     def _finish(self, raw: dict[str, np.ndarray], raw_outputs: frozenset[str] | set[str]) -> dict[str, np.ndarray]:
         for spec in self.manifest.outputs:

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from edge_agent.errors import ConfigError, ManifestError, SealedModelRejected
 from edge_agent.fsutil import atomic_write_bytes, sha256_file
-from edge_agent.wire.manifest import MANIFEST_FILE, Manifest
+from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
 from edge_agent.wire.signing import read_pem_key, write_key_pair
 
 ALG = "X25519-HKDF-SHA256-A256GCM"

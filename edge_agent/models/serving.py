@@ -18,6 +18,7 @@ from typing import Any
 from edge_agent.errors import EdgeError, NotFoundError, NotReadyError
 from edge_agent.inference.runtime import LoadedModel, RuntimeOptions
 from edge_agent.models.store import ModelStore
+from edge_agent.models.taps import ModelTaps
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,20 @@ class ModelServer:
         self._models: dict[str, LoadedModel] = {}
         self._errors: dict[str, LoadError] = {}
         self._listeners: list[SwapListener] = []
+        self._unloaded: set[str] = set()  # models stopped by the repository extension until loaded again
         self._sync_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.synced_once = False
+        self.taps = ModelTaps()  # recent figures per version, shadow runners (fed by the request path)
 
     # -- lookups (hot path) ---------------------------------------------------
     def get(self, name: str, version: str | None = None) -> LoadedModel:
         """The serving model, or NotFoundError/NotReadyError with a reason a client can act on."""
         model = self._models.get(name)
         if model is None:
+            if name in self._unloaded:
+                raise NotReadyError(f"model {name!r} is unloaded (POST /v2/repository/models/{name}/load serves it)")
             if name in self._errors:
                 raise NotReadyError(f"model {name!r} is not loaded: {self._errors[name].reason}")
             raise NotFoundError(f"unknown model {name!r}")
@@ -74,6 +79,10 @@ class ModelServer:
     def errors(self) -> dict[str, LoadError]:
         return dict(self._errors)
 
+    def unloaded(self) -> set[str]:
+        """Models stopped by :meth:`unload`."""
+        return set(self._unloaded)
+
     def add_listener(self, fn: SwapListener) -> None:
         """Call ``fn(name, old, new)`` after every swap (metrics, telemetry)."""
         self._listeners.append(fn)
@@ -82,7 +91,7 @@ class ModelServer:
     def sync(self) -> list[tuple[str, str | None, str | None]]:
         """Bring the served set in line with the store; return the swaps made as (name, old, new)."""
         with self._sync_lock:
-            wanted = self.store.active_map()
+            wanted = {n: v for n, v in self.store.active_map().items() if n not in self._unloaded}
             changes: list[tuple[str, str | None, str | None]] = []
             for name, version in wanted.items():
                 current = self._models.get(name)
@@ -114,6 +123,19 @@ class ModelServer:
                 self._notify(name, old, None)
             self.synced_once = True
             return changes
+
+    def unload(self, name: str) -> None:
+        """Stop serving ``name`` until :meth:`load` (in memory only: a restart serves it again)."""
+        with self._sync_lock:
+            self._unloaded.add(name)
+        self.sync()
+
+    def load(self, name: str) -> None:
+        """Serve ``name`` again after :meth:`unload`, at the store's active version (synced now)."""
+        with self._sync_lock:
+            self._unloaded.discard(name)
+            self._errors.pop(name, None)  # an explicit load retries a version that failed before
+        self.sync()
 
     def _load(self, name: str, version: str) -> LoadedModel:
         model = self.store.load(name, version, self.options)  # a sealed model: decrypted into memory only

@@ -31,7 +31,7 @@ from edge_agent.fsutil import atomic_write_json, fsync_dir, locked
 from edge_agent.inference.modelpack import build_version_dir, copy_version_dir, verify_version_dir
 from edge_agent.inference.runtime import LoadedModel, ModelSource, RuntimeOptions
 from edge_agent.models.sealed import load_fleet_key, model_source
-from edge_agent.wire.manifest import MANIFEST_FILE, Manifest, list_versions
+from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest, list_versions
 from edge_agent.wire.names import check_name, parse_version
 
 STATE_FILE = "state.json"

@@ -15,20 +15,24 @@ so the journal never names a chunk whose bytes could be missing after a crash or
 kill -9 loses at most the uncommitted groups (``commit_bytes`` / ``commit_interval_s``; ``put``
 waits while two groups' worth are pending): those chunks are simply fetched again. On open, a
 torn or foreign journal tail is cut off, a data file of the wrong size and stray files deleted.
+Creating the data file fsyncs no directory: the journal's first append does, which makes the data
+file's entry durable too (before it, no record names a chunk).
 
 Assembly needs every chunk, each verified: a chunk received by this object was hash-checked in
 memory before its ``pwrite``; a chunk found in the journal (written by an earlier process) is read
 back and hash-checked once, and one that rotted on disk is dropped and fetched again
-(CorruptChunksError). Then the data file is fsynced and renamed into place: no copy. The store
-does **not** hash the whole artifact: the chunk hashes prove every byte, and the one whole sha256
-check is the consumer's (the update machine's verifying step, before anything is unpacked), so
-each byte is hashed twice, not three times. ``download.Downloader`` fills the store.
+(CorruptChunksError). Then the data file is fsynced and renamed into place: no copy. That last
+``fdatasync`` runs alongside a group commit still in progress, and neither appends to the journal
+(it is deleted with the directory right after the rename): a crash before the rename loses only
+the last group's records, as one a moment earlier would have. The store does **not** hash the
+whole artifact: the chunk hashes prove every byte, and the one whole sha256 check is the
+consumer's (the update machine's verifying step, before anything is unpacked), so each byte is
+hashed twice, not three times. ``download.Downloader`` fills the store.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import logging
 import os
@@ -40,7 +44,7 @@ from typing import BinaryIO
 
 from edge_agent.errors import CorruptChunksError, TransferError
 from edge_agent.fsutil import atomic_write_bytes, fsync_dir
-from edge_agent.mqtt.journal import Journal
+from edge_agent.mqtt.journal import Journal, open_data
 from edge_agent.wire.protocol import Artifact, check_artifact
 
 log = logging.getLogger(__name__)
@@ -85,6 +89,7 @@ class ChunkStore:
         self._pending: list[int] = []  # stored, not yet committed (the next group), oldest first
         self._pending_bytes, self._pending_since = 0, 0.0  # since: when the oldest pending chunk was stored
         self._stopping = False
+        self._moving = False  # assemble() is about to rename the data file: no more journal appends
         self._worker: threading.Thread | None = None
         self._worker_error: OSError | None = None
         self._fh: BinaryIO | None = None
@@ -211,7 +216,7 @@ class ChunkStore:
     def prepare(self) -> None:
         """Create the data file and start the committer before chunks arrive (``put`` does it otherwise).
 
-        Off the receive path: preallocation, a directory fsync and a thread start cost a few ms.
+        Off the receive path: preallocation and a thread start cost up to a few ms on a busy CPU.
         """
         with self._lock:
             try:
@@ -236,7 +241,7 @@ class ChunkStore:
         """Background: commit the pending group when it is big (commit_bytes) or old (commit_interval_s).
 
         It wakes when a group starts and when it is full, not once per chunk: the receiving threads
-        keep the CPU. On ``_stopping`` it commits what is pending and exits.
+        keep the CPU. On ``_stopping`` it exits and leaves what is pending to ``_stop_worker``.
         """
         while True:
             with self._wake:
@@ -248,17 +253,18 @@ class ChunkStore:
                     if left <= 0:
                         break
                     self._wake.wait(left)
-                group, stop = self._pending, self._stopping
+                if self._stopping:
+                    return
+                group = self._pending
                 self._pending, self._pending_bytes = [], 0
                 self._wake.notify_all()
             self._commit(group)
-            if stop:
-                return
 
-    def _commit(self, indices: list[int]) -> None:
+    def _commit(self, indices: list[int], journal: bool = True) -> None:
         """Group commit: fdatasync the data, then append and fdatasync the journal records.
 
-        A disk error is kept and raised by the next ``put`` or ``close`` (as TransferError).
+        ``journal=False``: the data only (the data file is renamed away next). A disk error is kept
+        and raised by the next ``put`` or ``close`` (as TransferError).
         """
         with self._lock:
             indices = [i for i in indices if i in self._have]  # not dropped meanwhile
@@ -266,48 +272,50 @@ class ChunkStore:
             return
         try:
             os.fdatasync(self._file().fileno())
-            self._journal.append(indices)
+            journal = journal and not self._moving  # a commit in progress when assemble() began: data only
+            if journal:
+                self._journal.append(indices)
         except OSError as exc:
             with self._lock:
                 self._worker_error = exc
             return
         with self._lock:
-            self._journaled.update(indices)
+            if journal:
+                self._journaled.update(indices)
             self.commits += 1
 
     def _file(self) -> BinaryIO:
         """The data file, created and preallocated at the artifact's size on first use."""
         with self._lock:
             if self._fh is None:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                new = not self.data_path.exists()
-                self._fh = open(self.data_path, "w+b" if new else "r+b", buffering=0)  # noqa: SIM115 (held open)
-                if new:
-                    os.fchmod(self._fh.fileno(), 0o600)
-                    self._fh.truncate(self.artifact.size)
-                    try:  # reserve the blocks now: a full disk fails here, not half way through
-                        os.posix_fallocate(self._fh.fileno(), 0, self.artifact.size)
-                    except OSError as exc:
-                        if exc.errno == errno.ENOSPC:
-                            raise
-                    fsync_dir(self.dir)
+                self._fh = open_data(self.data_path, self.artifact.size)
             return self._fh
 
     def _read(self, index: int) -> bytes:
         return os.pread(self._file().fileno(), self.expected_size(index), index * self.artifact.chunk_size)
 
-    def _stop_worker(self) -> None:
-        """Let the worker commit everything queued and exit (never called with the lock held)."""
+    def _stop_worker(self, journal: bool = True) -> None:
+        """Stop the worker and commit what is pending here (never called with the lock held).
+
+        ``journal=False`` (the data file is renamed away next): the pending group's ``fdatasync``
+        runs at once, alongside a commit in progress (whose journal append is then skipped),
+        instead of after it.
+        """
         worker = self._worker
-        if worker is not None and worker.is_alive():
-            with self._wake:
-                self._stopping = True
-                self._wake.notify_all()
-            worker.join()
-        with self._wake:  # a put() racing the exit may have left a group: commit it here
+        with self._wake:
+            self._stopping, self._moving = True, not journal
+            self._wake.notify_all()
             group, self._pending, self._pending_bytes = self._pending, [], 0
-            self._stopping, self._worker = False, None
-        self._commit(group)
+        if not journal:
+            self._commit(group, journal=False)
+            group = []
+        if worker is not None and worker.is_alive():
+            worker.join()
+        with self._wake:
+            group += self._pending
+            self._pending, self._pending_bytes = [], 0
+            self._stopping, self._moving, self._worker = False, False, None
+        self._commit(group, journal)
 
     def drop(self, index: int) -> None:
         """Forget chunk ``index`` (it failed verification): rewrite the journal without it."""
@@ -337,9 +345,9 @@ class ChunkStore:
             if self.artifact.size == 0:
                 atomic_write_bytes(out, b"")
                 return out
-            self._stop_worker()  # every chunk committed (fdatasync'd)
-            self._raise_worker_error()
             self._check_on_disk()
+            self._stop_worker(journal=keep)  # every chunk fdatasync'd; the last group journaled only if kept
+            self._raise_worker_error()
             if keep:
                 tmp = out.with_name(f".{out.name}.tmp")
                 shutil.copyfile(self.data_path, tmp)

@@ -26,13 +26,15 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlparse
 
 from edge_agent.errors import CorruptChunksError, TransferError, TransferStopped, TransferTimeout
 from edge_agent.fsutil import sha256_file
 from edge_agent.mqtt.chunks import ChunkStore
+from edge_agent.mqtt.download_defaults import CHUNK_WINDOW, STALL_TIMEOUT_S
 from edge_agent.mqtt.http_range import HTTP_ERRORS, fetch_run, runs_of
-from edge_agent.mqtt.link import MqttLink
+from edge_agent.mqtt.link import Handler
 from edge_agent.wire.topics import chunk_filter, chunk_topic, parse_chunk_topic
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,19 @@ ProgressCallback = Callable[[int, int], None]  # (chunks on disk, total chunks)
 # back to back, as fast as a raw fetch); larger ones, resumed ones and rate-limited ones use the
 # per-chunk window, so memory stays bounded and chunks already on disk are not sent again.
 WHOLE_MAX_BYTES = 32 * 1024 * 1024
+
+
+class ChunkLink(Protocol):
+    """What ``Downloader`` needs of a link: ``MqttLink``, or the simulator's ``LoopLink``."""
+
+    @property
+    def connects(self) -> int:
+        """How many times the link has (re)connected; a change means the broker may have dropped subscriptions."""
+        ...
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None: ...
+
+    def unsubscribe(self, topic_filter: str) -> None: ...
 
 
 # -- rate limiting -----------------------------------------------------------------
@@ -109,12 +124,12 @@ class Downloader:
 
     def __init__(
         self,
-        link: MqttLink,
+        link: ChunkLink,
         store: ChunkStore,
         *,
-        window: int = 8,
+        window: int = CHUNK_WINDOW,
         bandwidth_bps: float | None = None,
-        stall_timeout_s: float = 30,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
         on_progress: ProgressCallback | None = None,
         out_path: str | os.PathLike[str] | None = None,
         keep_chunks: bool = False,

@@ -4,14 +4,17 @@ Fixed 8-byte records: the chunk index (u32, little-endian) and the first 4 bytes
 sha256. ``ChunkStore`` appends a group's records only after ``fdatasync`` of the data they name,
 and ``append`` fdatasyncs them in turn, so a record never names bytes a crash could lose. A torn
 append (kill -9, power loss) or foreign bytes never match their chunk's tag: ``load`` stops at
-the first such record and cuts the tail off.
+the first such record and cuts the tail off. ``open_data`` opens (creating and preallocating)
+the data file those records describe.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 from edge_agent.fsutil import atomic_write_bytes, fsync_dir
 
@@ -61,3 +64,23 @@ class Journal:
         """Replace the journal (atomically) by the records of ``indices``, if it exists."""
         if self.path.exists():
             atomic_write_bytes(self.path, b"".join(RECORD.pack(i, self.tags[i]) for i in indices), 0o600)
+
+
+def open_data(path: Path, size: int) -> BinaryIO:
+    """Open the data file at ``path`` unbuffered, creating it (0600, preallocated to ``size``) if absent.
+
+    No directory fsync: the journal's first append does it (before it, no record names a chunk).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    fh = open(path, "w+b" if new else "r+b", buffering=0)  # noqa: SIM115 (held open by the caller)
+    if new:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.truncate(size)
+        try:  # reserve the blocks now: a full disk fails here, not half way through
+            os.posix_fallocate(fh.fileno(), 0, size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                fh.close()
+                raise
+    return fh

@@ -18,7 +18,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -30,6 +30,14 @@ from edge_agent.errors import ConfigError, FailedError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes, bool], None]  # (topic, payload, retained)
+
+
+class PublishLink(Protocol):
+    """What a component that only sends needs of a link (``MqttLink``): stream results, for one."""
+
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1, wait_s: float | None = None
+    ) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Drift on the device: PSI of each input feature and of the output classes against the training reference.
 
-A model version whose manifest carries a ``reference`` (``wire/reference.py``) gets a window per
+A model version whose manifest carries a ``reference`` (``wire/model/reference.py``) gets a window per
 version: the input columns and output classes of its requests are collected until the window
 holds ``window`` requests (default 1,000) or ``window_s`` seconds passed (default 1 h), then
 binned with the reference's own edges (``reference.bin_counts``, the rule the trainer used) and
@@ -22,7 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.wire.reference import bin_counts, columns, output_classes
+from edge_agent.wire.model.reference import bin_counts, columns, output_classes
+
+# The defaults of ``[drift]``: ``config.telemetry.DriftConfig`` takes them from here (config sits
+# above telemetry in the layers, so the values live with the code that uses them).
+WINDOW = 1000  # requests per window ...
+WINDOW_S = 3600.0  # ... or this many seconds, whichever comes first
+WATCH = 0.1  # PSI above this: watch
+ALERT = 0.25  # PSI above this: alert
 
 EPS = 1e-4
 OUTPUT_PREFIX = "output:"  # the feature label of an output's class distribution
@@ -84,10 +91,10 @@ class DriftMonitor:
     def __init__(
         self,
         *,
-        window: int = 1000,
-        window_s: float = 3600.0,
-        watch: float = 0.1,
-        alert: float = 0.25,
+        window: int = WINDOW,
+        window_s: float = WINDOW_S,
+        watch: float = WATCH,
+        alert: float = ALERT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.window, self.window_s = window, window_s
@@ -151,6 +158,11 @@ class DriftMonitor:
         top = max([*scores.values(), output_psi or 0.0], default=0.0)
         level = "alert" if top > self.alert else "watch" if top > self.watch else "ok"
         return DriftResult(model, w.version, w.n, scores, output_psi, level)
+
+    def remember(self, result: DriftResult) -> None:
+        """Keep ``result`` as its model's newest (a window closed in the writer process, ``telemetry.writer.remote``)."""
+        with self._lock:
+            self._latest[result.model] = result
 
     def latest(self) -> dict[str, DriftResult]:
         """The newest result per model."""

@@ -27,7 +27,7 @@ from edge_agent.errors import FeedbackConflict, InferenceNotFound, RequestError
 from edge_agent.telemetry.outbox import Outbox, Row
 from edge_agent.telemetry.recorder import ModelPolicy, Recorder
 from edge_agent.wire.kserve_v2 import dumps
-from edge_agent.wire.manifest import Manifest
+from edge_agent.wire.model.manifest import Manifest
 
 MAX_ITEMS = 1000
 MAX_ID_LEN = 256

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from edge_agent.errors import EdgeError, TelemetryRejected
-from edge_agent.telemetry.outbox import Outbox
+from edge_agent.telemetry.writer.remote import Store
 from edge_agent.wire.telemetry import MAX_BATCH_BYTES, decode_ack, encode_rows
 from edge_agent.wire.topics import telemetry_ack_topic, telemetry_topic
 
@@ -51,17 +51,20 @@ class Link(Protocol):
 
 
 class Uploader:
-    """One device's upload state; :meth:`step` is called by the telemetry thread and says when to call again."""
+    """One device's upload state; :meth:`step` is called by the telemetry thread and says when to call again.
+
+    ``max_bps`` and ``resend_timeout_s`` have no defaults here: ``TelemetryConfig`` is their one home.
+    """
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: Store,
         link: Link,
         fleet: str,
         device_id: str,
         *,
-        max_bps: float | None = None,
-        resend_timeout_s: float = 30.0,
+        max_bps: float | None,
+        resend_timeout_s: float,
         window: int = 8,
         connect_grace_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,

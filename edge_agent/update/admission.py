@@ -9,11 +9,13 @@ A release document is checked in this order, and the first failed check is the r
    reported, the caller only counts and logs it;
 2. it fits the topic it came on: the model or feature set named by the topic, the kind the
    topic carries, the partition of a feature topic, and for a feature set a version newer than
-   one already being applied there (``check_model_topic`` / ``check_features_topic``);
+   one already queued or being applied there unless a signed rollback
+   (``check_model_topic`` / ``check_features_topic``);
 3. ``admit``: the signature again (the machine re-admits a stored document), this fleet, a kind
    this device installs, for a feature release a partition that includes this device, a version
-   newer than the one in use (``wire.names.require_newer``) unless a signed rollback, and
-   artifacts within ``max_artifact_bytes``. Freshness (``wire.freshness``) is checked first,
+   newer than the one in use unless a signed rollback (``wire.names.require_newer``; for a
+   feature set ``features.plan.require_version``, the cache's own rule), and artifacts within
+   ``max_artifact_bytes``. Freshness (``wire.freshness``) is checked first,
    right after the signature: not expired, and a ``seq`` newer than the highest accepted for
    this (kind, name), else ``StaleRejected`` (a replay: logged, never reported).
 
@@ -29,14 +31,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from edge_agent.errors import ManifestError, RejectedError, ReleaseRejected, VersionNotNewer
+from edge_agent.errors import ManifestError, RejectedError, ReleaseRejected
+from edge_agent.features.plan import require_version
 from edge_agent.update.seams import Admit
 from edge_agent.wire.freshness import require_fresh, require_unexpired
-from edge_agent.wire.names import is_newer, require_newer
+from edge_agent.wire.names import require_newer
 from edge_agent.wire.protocol import Release, Rollout, decode
 from edge_agent.wire.signing import verify
 
 Highest = Callable[[str], "tuple[int, str] | None"]  # ledger key -> highest accepted (seq, id)
+
+
+AGENT_RELEASE_NAME = "edge-agent"  # releases of the agent itself (kind "agent") use this name's topic
 
 
 def ledger_key(kind: str, name: str) -> str:
@@ -84,8 +90,8 @@ class Admission:
         """Step 2 for ``releases/<name>``: the release is a model release for that model."""
         if release.name != name:
             raise RejectedError(f"release for model {release.name!r} published on the topic of {name!r}")
-        if release.kind != "model":
-            raise RejectedError(f"a release of kind {release.kind!r} on a model release topic")
+        if release.kind != ("agent" if name == AGENT_RELEASE_NAME else "model"):  # the agent's own: update/agent/slots
+            raise RejectedError(f"a release of kind {release.kind!r} on the release topic of {name!r}")
 
     @staticmethod
     def check_features_topic(release: Release, feature_set: str, by: str, key: str, pending: str | None) -> None:
@@ -99,10 +105,8 @@ class Admission:
                 f"wrong partition: the release is signed for {release.partition['by']}/"
                 f"{release.partition['key']} but arrived on {by}/{key}"
             )
-        if pending is not None and not is_newer(release.version, pending):
-            raise RejectedError(
-                f"anti-rollback: version {release.version} is not newer than version {pending} being applied"
-            )
+        if pending is not None:
+            _require_feature_version(release, pending, held="queued or running")
 
     def authenticate_rollout(self, payload: bytes, name: str) -> Rollout:
         """A rollout document that is signed by a trusted key for this fleet and model; RejectedError otherwise."""
@@ -134,14 +138,9 @@ class Admission:
         fresh = require_fresh(what, release.seq, release.release_id, highest(ledger_key(release.kind, release.name)))
         if release.kind == "features":
             self._admit_partition(release)
-            require_newer(
-                f"feature set {release.name} version",
-                release.version,
-                current,
-                rollback=release.rollback,
-                error=VersionNotNewer,
-                held="cached",
-            )
+            _require_feature_version(release, current, held="cached")
+        elif release.kind == "agent":
+            require_newer("agent version", release.version, current, rollback=release.rollback, held="running")
         elif release.kind != "model":
             raise RejectedError(f"kind {release.kind!r} is not applied by this agent")
         else:
@@ -172,3 +171,10 @@ class Admission:
             self.admit(release, doc, current(release.kind, release.name), highest, now())
 
         return admit
+
+
+def _require_feature_version(release: Release, current: str | None, held: str) -> None:
+    """The feature cache's version rule at release level: the bundle's kind and data are not known yet."""
+    require_version(
+        release.version, current, rollback=release.rollback, what=f"feature set {release.name} version", held=held
+    )

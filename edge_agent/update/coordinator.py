@@ -22,14 +22,9 @@ The device state (active model versions, cached feature set versions, the last u
 is published retained after every state change and on every (re)connect, beside a retained
 ``online`` presence whose ``offline`` counterpart is the link's last will (``will_for``).
 
-Wiring::
-
-    link = MqttLink(url, device_id, will=will_for(fleet, device_id))
-    ota = OtaAgent(link, store, server, data_dir, device_id, fleet, trusted_keys, options=OtaConfig(...),
-                   features=FeatureCache(data_dir / "features.db"), groups=["line-3"])
-    link.start(); ota.start()   # resumes a persisted update first
-    ...
-    ota.stop(); link.stop()
+Wiring: ``link = MqttLink(url, device_id, will=will_for(fleet, device_id))``, ``ota = OtaAgent(link, store,
+server, data_dir, device_id, fleet, trusted_keys, options=OtaConfig(...), features=FeatureCache(...))``, then
+``link.start(); ota.start()`` (resumes a persisted update first) and at the end ``ota.stop(); link.stop()``.
 """
 
 from __future__ import annotations
@@ -52,6 +47,7 @@ from edge_agent.inference.runtime import RuntimeOptions
 from edge_agent.mqtt.link import MqttLink, Will
 from edge_agent.update.admission import Admission
 from edge_agent.update.gate import RolloutGate
+from edge_agent.update.installers import Installer
 from edge_agent.update.intake import Intake
 from edge_agent.update.lanes import Lanes
 from edge_agent.update.machine import UpdateMachine
@@ -66,8 +62,8 @@ from edge_agent.update.seams import (
     Validator,
     Wait,
     event_wait,
-    in_use,
 )
+from edge_agent.update.shadow.verdict import shadow_seams
 from edge_agent.update.states import State, UpdateRecord, record_key, recover_before_serving
 from edge_agent.update.validate import validate_candidate
 from edge_agent.wire.names import check_name, check_segment
@@ -118,24 +114,20 @@ class OtaAgent:
         """``store``: ModelStore; ``server``: ModelServer; ``trusted_keys``: Ed25519 public keys.
 
         ``options``: the ``[ota]`` settings; ``runtime_options``: for validating candidates
-        (default: the server's). ``features``: the feature cache feature releases are applied to
-        (None: the agent takes no feature releases); ``groups``: the feature partitions this device
-        is in. ``fetcher``, ``validator``, ``health``, ``now``, ``monotonic`` and ``wait`` replace
-        the real artifact download, child-process validation, health counters and clocks (tests).
-        ``metrics``: the Prometheus registry the OTA counters go to (default: a private one).
+        (default: the server's). ``features``: the feature cache feature releases are applied to (None: the
+        agent takes no feature releases); ``groups``: the feature partitions this device is in. ``fetcher``,
+        ``validator``, ``health``, ``now``, ``monotonic`` and ``wait`` replace the real artifact download,
+        child-process validation, health counters and clocks (tests). ``metrics``: the Prometheus registry
+        the OTA counters go to (default: a private one).
         """
-        self.link = link
-        self.store = store
-        self.server = server
+        self.link, self.store, self.server = link, store, server
         self.data_dir = Path(data_dir)
         self.device_id = check_segment(device_id, "device id")
         self.fleet = check_segment(fleet, "fleet")
         self.trusted = list(trusted_keys)
-        self.features = features
+        self.features, self.now = features, now
         self.groups = tuple(check_segment(g, "group") for g in groups)
         self.options = opts = options or OtaConfig()
-        self.now = now
-        self._current = in_use(store, features)
         self.admission = Admission(
             self.fleet, self.device_id, tuple(self.trusted), opts.max_artifact_bytes, self.groups, features is not None
         )
@@ -144,12 +136,13 @@ class OtaAgent:
             server=server,
             fetcher=fetcher or MqttFetcher(link, self.data_dir / "downloads", opts),
             validate=validator or self._child_validator(runtime_options or getattr(server, "options", None)),
-            admit=self.admission.bind(self._current, lambda key: self.intake.ledger.highest(key), now),
+            admit=self.admission.bind(self._in_use, lambda key: self.intake.ledger.highest(key), now),
             health=health,
             now=now,
             monotonic=monotonic,
             wait=wait,
             features=features,
+            **shadow_seams(store, server),
         )
         self.machine = UpdateMachine(self.data_dir, seams, opts, on_change=self._on_record)
         self.reports = Reports(self.machine.records.dir, now)
@@ -161,8 +154,18 @@ class OtaAgent:
         self._inbox: queue.SimpleQueue[tuple[str, str, bytes]] = queue.SimpleQueue()
         self._counted: set[str] = set()  # models whose unfinished update before_serving() already counted
         self._intake: threading.Thread | None = None
+        self.on_tick: Callable[[], None] = lambda: None  # called on every turn of the intake loop (the watchdog's beat)
         self._topics = [rollout_filter(self.fleet), release_filter(self.fleet)]
         self._feature_topics = features_filters(self.fleet, self.device_id, self.groups) if features is not None else []
+
+    def attach_agent(self, installer: Installer, version: str, slot: str) -> None:
+        """Take releases of kind ``agent`` through ``installer``; the device state reports ``version`` and ``slot``."""
+        self.machine.installers["agent"] = installer
+        self.publisher.agent_version, self.publisher.agent_slot = version, slot
+
+    def _in_use(self, kind: str, name: str) -> str | None:
+        """The version admission compares a release with: its kind's installer says (None: no such kind)."""
+        return inst.current(name) if (inst := self.machine.installers.get(kind)) is not None else None
 
     def _child_validator(self, runtime: RuntimeOptions | None) -> Validator:
         """The real validator: ``validate_candidate`` in a child process with this device's runtime options."""
@@ -238,6 +241,7 @@ class OtaAgent:
     def _intake_loop(self) -> None:
         connects = 0
         while not self.stopped.is_set():
+            self.on_tick()
             if self.link.connects != connects and self.link.connected:
                 connects = self.link.connects
                 self.publisher.online()
@@ -263,7 +267,7 @@ class OtaAgent:
     def _admit(self, lane: str, release: Release, doc: dict[str, Any], key: str) -> bool:
         """``intake.admit``; False (after reporting a rejection, or ignoring a replay) if it may not go on."""
         try:
-            self.intake.admit(release, doc, self._current(release.kind, release.name), lane)
+            self.intake.admit(release, doc, self._in_use(release.kind, release.name), lane)
         except StaleRejected:
             return False
         except RejectedError as exc:

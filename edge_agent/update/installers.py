@@ -22,15 +22,19 @@ from edge_agent.errors import (
     EdgeError,
     FailedError,
     IncompatibleModelError,
+    Interrupted,
     ManifestError,
     NotFoundError,
 )
 from edge_agent.features.cache import FeatureCache
 from edge_agent.inference.modelpack import verify_version_dir
 from edge_agent.models.sealed import check_key, load_fleet_key
-from edge_agent.update.seams import Control, Interrupted, Seams, server_health
+from edge_agent.update.health import signals
+from edge_agent.update.health.window import HealthWindow
+from edge_agent.update.seams import Control, Seams, server_health
 from edge_agent.update.states import Event, UpdateRecord, log_update
 from edge_agent.wire.bundle import Bundle, read_bundle
+from edge_agent.wire.model.signature import require_compatible
 from edge_agent.wire.protocol import Release
 
 E = Event
@@ -76,6 +80,7 @@ class ModelInstaller:
         self.server = seams.server
         self.validator = seams.validate
         self.health = seams.health or server_health(seams.server)
+        self.taps = seams.taps  # the request path's figures: the model health signals (health.signals)
         self.monotonic = seams.monotonic
         self.wait = seams.wait
         self.config = config
@@ -92,6 +97,10 @@ class ModelInstaller:
             )
         key = self.config.fleet_key
         check_key(manifest, load_fleet_key(key) if key is not None else None)  # sealed: can this device open it?
+        active = self.store.active(record.name)
+        if active is not None and active != record.version:  # the clients of the active version keep working
+            old = self.store.manifest(record.name, active)
+            record.details["signature_changes"] = require_compatible(old, manifest, breaking=release.policy.breaking)
         record.details["encrypted"] = manifest.extra.get("encrypted") is True
 
     def validate(self, record: UpdateRecord, release: Release, staging: Path, control: Control) -> Event | None:
@@ -106,33 +115,25 @@ class ModelInstaller:
             store.install_dir(staging, verify=False)  # validated in the child process already
         elif record.version not in store.versions(name):
             raise FailedError(f"staged candidate {staging} is gone and {name} {record.version} is not installed")
+        if signals.wanted(release.policy) and "baseline" not in record.details:  # before the pointer moves
+            record.details["baseline"] = signals.baseline(self.taps, name, record.previous_version)
         store.activate(name, record.version)
         log_update(record, logging.INFO, "activated %s %s (previous %s)", name, record.version, record.previous_version)
         self.wait_served(record, record.version, control)
 
     def watch(self, record: UpdateRecord, release: Release, control: Control) -> tuple[Event, str | None]:
-        policy, clock = release.policy, self.monotonic
-        deadline = clock() + policy.health_window_s
-        version, calls0, fails0 = self.health(record.name)
-        while True:
-            version, calls, fails = self.health(record.name)
-            if version != record.version:
-                raise FailedError(
-                    f"{record.name} {record.version} stopped serving during the health window (serving: {version})"
-                )
-            if calls < calls0:  # the model was reloaded: its counters restarted
-                calls0, fails0 = 0, 0
-            dc, df = calls - calls0, fails - fails0
-            if dc >= self.config.health_min_calls and df / dc > policy.max_error_rate:
-                return E.HEALTH_BREACH, (
-                    f"health window: {df} of {dc} calls failed ({df / dc:.0%}), above the "
-                    f"release's maximum error rate {policy.max_error_rate:.0%}"
-                )
-            if clock() >= deadline:
-                log_update(record, logging.INFO, "health window passed: %d calls, %d failures", dc, df)
-                return E.OK, None
-            if self.wait(control.interrupt, min(self.config.poll_s, max(0.0, deadline - clock()))):
-                raise Interrupted()
+        window = HealthWindow(
+            self.health, self.taps, self.config.health_min_calls, self.config.poll_s, self.monotonic, self.wait
+        )
+        got = window.watch(
+            record.name, record.version, release.policy, record.details.get("baseline"), control.interrupt
+        )
+        if got.signals is not None:
+            record.details["signals"] = got.signals
+        if got.breach is not None:
+            return E.HEALTH_BREACH, got.breach
+        log_update(record, logging.INFO, "health window passed: %d calls, %d failures", got.calls, got.failures)
+        return E.OK, None
 
     def restore(self, record: UpdateRecord, control: Control, interruptible: bool) -> str | None:
         """Make the version that served before the candidate active again (no-op if the candidate is not active)."""

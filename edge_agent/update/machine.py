@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import OtaConfig
-from edge_agent.errors import EdgeError, FailedError, RejectedError
+from edge_agent.errors import EdgeError, FailedError, Interrupted, RejectedError
 from edge_agent.fsutil import fsync_dir, fsync_tree
 from edge_agent.inference.modelpack import sha256_file
 from edge_agent.update.installers import FeatureInstaller, Installer, ModelInstaller
-from edge_agent.update.seams import Control, Interrupted, Seams
+from edge_agent.update.seams import Control, Seams
+from edge_agent.update.shadow.verdict import ShadowStep
 from edge_agent.update.states import (
     FINAL,
     TRANSITIONS,
@@ -88,6 +89,9 @@ class UpdateMachine:
             S.VERIFYING: self._verify,
             S.VALIDATING: self._validate,
             S.WAITING_WINDOW: self._wait_window,
+            S.SHADOWING: ShadowStep(
+                seams, config, self.staging_dir, self._notify, self._may_activate, self.records.save
+            ),
             S.ACTIVATING: self._activate,
             S.HEALTH_CHECK: self._health_check,
             S.ROLLING_BACK: self._roll_back,
@@ -309,6 +313,8 @@ class UpdateMachine:
                 record, logging.WARNING, "%s; fetching the release's fallback snapshot", record.details.get("fallback")
             )
             return E.FALLBACK, None
+        if release.policy.mode == "shadow" and record.kind == "model":
+            return E.SHADOW, None
         return (E.IN_WINDOW, None) if self._may_activate(release) else (E.OUT_OF_WINDOW, None)
 
     def _may_activate(self, release: Release) -> bool:

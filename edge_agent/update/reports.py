@@ -160,6 +160,7 @@ class StatePublisher:
         self.link, self.fleet, self.device_id = link, fleet, device_id
         self.store, self.features, self.reports = store, features, reports
         self.agent_version = agent_version
+        self.agent_slot = ""  # the A/B slot of a frozen agent (set by the app)
         self.drift: Callable[[], dict[str, dict[str, Any]]] = dict  # newest drift per model (set by the app)
         self._lock = threading.Lock()
 
@@ -187,6 +188,7 @@ class StatePublisher:
             features=features,
             feature_updates=feature_updates,
             drift=self.drift(),
+            agent_slot=self.agent_slot,
         )
 
     def publish(self, wait_s: float | None = None) -> None:

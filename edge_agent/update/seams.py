@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edge_agent.config import OtaConfig
 from edge_agent.errors import EdgeError
@@ -24,6 +24,11 @@ from edge_agent.mqtt.download import Downloader
 from edge_agent.mqtt.link import MqttLink
 from edge_agent.update.states import FINAL, PRE_ACTIVATION, TRANSITIONS, Event, ModelPointer, State
 from edge_agent.wire.protocol import Artifact, Release
+
+if TYPE_CHECKING:
+    from edge_agent.models.shadow import ShadowModel
+    from edge_agent.models.taps import ModelTaps
+    from edge_agent.wire.model.manifest import Manifest
 
 
 class ServedModel(Protocol):
@@ -72,6 +77,8 @@ class ModelSlots(ModelPointer, Protocol):
 
     def mark_good(self, name: str, version: str) -> None: ...
 
+    def manifest(self, name: str, version: str) -> Manifest: ...
+
 
 class ArtifactFetcher(Protocol):
     """Gets an artifact's bytes onto disk (``MqttFetcher`` over MQTT; a fake in unit tests)."""
@@ -110,17 +117,6 @@ def server_health(server: ModelServing) -> HealthSource:
     return read
 
 
-def in_use(store: ModelSlots, features: FeatureCache | None) -> Callable[[str, str], str | None]:
-    """``(kind, name) -> the version in use now``: what admission compares a release with."""
-
-    def current(kind: str, name: str) -> str | None:
-        if kind == "features":
-            return features.version(name) if features is not None else None
-        return store.active(name) if kind == "model" else None
-
-    return current
-
-
 @dataclass
 class Seams:
     """Everything the machine touches outside itself."""
@@ -135,6 +131,8 @@ class Seams:
     monotonic: Callable[[], float] = time.monotonic  # the health window, timeouts
     wait: Wait = event_wait
     features: FeatureCache | None = None  # set: releases of kind "features" are applied to this cache
+    taps: ModelTaps | None = None  # the request path's figures: shadowing and the health signals (models.taps)
+    load: Callable[[str, str], ShadowModel] | None = None  # (name, version) -> what the shadow process loads
 
 
 class MqttFetcher:
@@ -188,7 +186,3 @@ class Control:
             self.keep_download = keep_download
             self.interrupt.set()
             return True
-
-
-class Interrupted(Exception):
-    """A step noticed ``Control.interrupt``."""

@@ -5,6 +5,8 @@ States are a ``str`` Enum whose values are the on-disk format (frozen: never ren
     idle ─ok▶ downloading ─ok▶ verifying ─ok▶ validating ─in_window▶ activating ─ok▶ health_check ─ok▶ committed
                                                   │                        ▲
                                                   └─out_of_window▶ waiting_window ─in_window┘
+    validating ─shadow▶ shadowing ─in_window▶ activating | ─out_of_window▶ waiting_window   (a shadow release)
+    shadowing ─rejected/error/abort▶ failed   (the candidate never served; the reason holds its figures)
     activating   ─error/rejected/abort▶ rolling_back ─ok▶ rolled_back
     health_check ─health_breach/error/abort▶ rolling_back ─error▶ failed
     idle ─rejected▶ rejected
@@ -64,6 +66,7 @@ class State(str, Enum):
     ROLLED_BACK = "rolled_back"
     FAILED = "failed"
     REJECTED = "rejected"
+    SHADOWING = "shadowing"  # installed and loaded beside the active version, fed a copy of live traffic
 
 
 class Event(str, Enum):
@@ -77,12 +80,15 @@ class Event(str, Enum):
     HEALTH_BREACH = "health_breach"
     ABORT = "abort"  # superseded by a newer release, or the rollout was aborted
     FALLBACK = "fallback"  # a feature delta does not fit the cached version: fetch the release's snapshot
+    SHADOW = "shadow"  # a shadow release: compare the candidate on live traffic before activating
 
 
 S, E = State, Event
 FINAL: frozenset[State] = frozenset({S.COMMITTED, S.ROLLED_BACK, S.FAILED, S.REJECTED})
 # States in which the candidate has not been activated: a newer release may supersede them.
-PRE_ACTIVATION: frozenset[State] = frozenset({S.IDLE, S.DOWNLOADING, S.VERIFYING, S.VALIDATING, S.WAITING_WINDOW})
+PRE_ACTIVATION: frozenset[State] = frozenset(
+    {S.IDLE, S.DOWNLOADING, S.VERIFYING, S.VALIDATING, S.WAITING_WINDOW, S.SHADOWING}
+)
 
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.IDLE, E.OK): S.DOWNLOADING,
@@ -103,6 +109,12 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.VALIDATING, E.ERROR): S.FAILED,
     (S.VALIDATING, E.ABORT): S.FAILED,
     (S.VALIDATING, E.FALLBACK): S.DOWNLOADING,
+    (S.VALIDATING, E.SHADOW): S.SHADOWING,
+    (S.SHADOWING, E.IN_WINDOW): S.ACTIVATING,
+    (S.SHADOWING, E.OUT_OF_WINDOW): S.WAITING_WINDOW,
+    (S.SHADOWING, E.REJECTED): S.FAILED,
+    (S.SHADOWING, E.ERROR): S.FAILED,
+    (S.SHADOWING, E.ABORT): S.FAILED,
     (S.WAITING_WINDOW, E.IN_WINDOW): S.ACTIVATING,
     (S.WAITING_WINDOW, E.ERROR): S.FAILED,
     (S.WAITING_WINDOW, E.ABORT): S.FAILED,
@@ -126,6 +138,7 @@ RESUME: dict[State, State] = {
     S.VERIFYING: S.VERIFYING,  # unpack again into a fresh staging dir
     S.VALIDATING: S.VALIDATING,
     S.WAITING_WINDOW: S.WAITING_WINDOW,
+    S.SHADOWING: S.SHADOWING,  # a new, full window: the candidate is loaded again, never served
     S.ACTIVATING: S.ACTIVATING,  # install and activate are idempotent
     S.HEALTH_CHECK: S.HEALTH_CHECK,  # a new, full window
     S.ROLLING_BACK: S.ROLLING_BACK,
@@ -156,8 +169,8 @@ FEATURES_PREFIX = "features:"  # record keys of feature sets: "features:<set>" (
 
 
 def record_key(kind: str, name: str) -> str:
-    """The key of an artifact's update record and lane: the model name, or ``features:<set>``."""
-    return name if kind == "model" else f"{kind}:{name}"
+    """The key of an artifact's update record and lane: the model name (or ``edge-agent``), or ``features:<set>``."""
+    return name if kind in ("model", "agent") else f"{kind}:{name}"
 
 
 @dataclass
@@ -200,7 +213,14 @@ class UpdateRecord:
 
     def report(self) -> UpdateReport:
         return UpdateReport(
-            self.release_id, self.name, self.version, self.state, self.result, self.reason, self.updated_at
+            self.release_id,
+            self.name,
+            self.version,
+            self.state,
+            self.result,
+            self.reason,
+            self.updated_at,
+            self.details.get("shadow"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -296,6 +316,8 @@ class ModelPointer(Protocol):
 
     def activate(self, name: str, version: str) -> None: ...
 
+    def mark_good(self, name: str, version: str) -> None: ...
+
 
 def recover_before_serving(
     data_dir: str | Path,
@@ -320,8 +342,12 @@ def recover_before_serving(
         except EdgeError as exc:
             log.error("update record of %s unreadable: %s", name, exc)
             continue
-        if record is None or record.final or record.kind != "model":
+        if record is None or record.kind != "model":
             continue  # feature sets are not loaded at start: their updates count their loads when they resume
+        if record.final:  # killed between saving `committed` and its final action: finish it before serving
+            if record.state == State.COMMITTED.value and store.active(name) == record.version:
+                store.mark_good(name, record.version)
+            continue
         record.loops += 1
         if record.loops > max_loops:
             reason = f"loop breaker: {record.loops - 1} state saves/loads without finishing (max {max_loops})"

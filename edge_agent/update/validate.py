@@ -17,25 +17,24 @@ A fresh interpreter per candidate costs ~100-300 ms of imports before any model 
 default the child is forked from a multiprocessing *forkserver* that imported numpy and the TFLite
 runtime once (``preload``): each candidate still runs in its own process, a segfault still kills
 only that process, and the report comes back over a pipe. A frozen (PyInstaller) agent, or
-``isolation="subprocess"``, uses the ``python -m`` child instead.
+``isolation="subprocess"``, uses the ``python -m`` child instead. Both ways of starting a child
+are ``inference.childproc``'s, shared with the shadow runner.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import multiprocessing
-import multiprocessing.connection
 import os
-import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from edge_agent.errors import (
     EdgeError,
@@ -45,7 +44,18 @@ from edge_agent.errors import (
     SealedModelRejected,
     ValidationError,
 )
-from edge_agent.inference.runtime import DelegateSpec, RuntimeOptions
+from edge_agent.inference.childproc import (
+    Isolation,
+    child_command,
+    child_env,
+    die_with_parent,
+    exit_reason,
+    forkserver,
+    isolation,
+    options_from_json,
+    options_to_json,
+)
+from edge_agent.inference.runtime import RuntimeOptions
 
 DEFAULT_RUNS = 30
 _ERROR_KINDS: dict[str, type[EdgeError]] = {
@@ -54,26 +64,7 @@ _ERROR_KINDS: dict[str, type[EdgeError]] = {
     "sealed": SealedModelRejected,
     "validation": ValidationError,
 }
-_PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
-
-
-def options_to_json(options: RuntimeOptions | None) -> str:
-    o = options or RuntimeOptions()
-    delegates = [{"library": d.library, "options": dict(d.options)} for d in o.delegates]
-    return json.dumps({"num_threads": o.num_threads, "delegates": delegates})
-
-
-def options_from_json(text: str) -> RuntimeOptions:
-    raw = json.loads(text)
-    delegates = tuple(
-        DelegateSpec(str(d["library"]), {str(k): str(v) for k, v in (d.get("options") or {}).items()})
-        for d in raw.get("delegates") or []
-    )
-    # One interpreter: validation measures a single call's latency, as one request sees it.
-    return RuntimeOptions(num_threads=raw.get("num_threads"), delegates=delegates, pool_size=1)
-
-
-Isolation = Literal["forkserver", "subprocess"]
+PRELOAD = ("edge_agent.update.validate", "edge_agent.inference.golden")  # what the forkserver imports for the child
 
 
 def validate_candidate(
@@ -98,7 +89,8 @@ def validate_candidate(
     the private key file a sealed candidate is opened with, by the child, into its memory only.
     """
     key = None if fleet_key is None else {"fleet_key": str(fleet_key)}
-    return _judge(_isolated(Path(version_dir), runtime_options, timeout_s, runs, stop, isolation, key), max_latency_ms)
+    job = _Job(Path(version_dir), runtime_options, timeout_s, runs, stop, key)
+    return _judge(_isolated(job, isolation), max_latency_ms)
 
 
 def build_and_validate(
@@ -118,21 +110,30 @@ def build_and_validate(
     touched it. Same errors as ``validate_candidate``.
     """
     build = {"tflite": str(Path(tflite).resolve()), "name": name, "version": version}
-    return _judge(_isolated(Path(out_dir), runtime_options, timeout_s, DEFAULT_RUNS, None, isolation, build), None)
+    job = _Job(Path(out_dir), runtime_options, timeout_s, DEFAULT_RUNS, None, build)
+    return _judge(_isolated(job, isolation), None)
 
 
-def _isolated(
-    version_dir: Path,
-    options: RuntimeOptions | None,
-    timeout_s: float,
-    runs: int,
-    stop: threading.Event | None,
-    isolation: Isolation | None,
-    build: dict[str, str] | None,
-) -> dict[str, Any]:
-    mode = isolation or ("subprocess" if getattr(sys, "frozen", False) else "forkserver")
-    run = _run_forked if mode == "forkserver" else _run_subprocess
-    return run(version_dir, options, timeout_s, runs, stop, build)
+@dataclass(frozen=True)
+class _Job:
+    """One isolated validation: what the child loads and how long the parent waits for it."""
+
+    version_dir: Path
+    options: RuntimeOptions | None
+    timeout_s: float
+    runs: int
+    stop: threading.Event | None
+    build: dict[str, str] | None = None
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.timeout_s
+
+    def stopped(self) -> bool:
+        return self.stop is not None and self.stop.is_set()
+
+
+def _isolated(job: _Job, mode: Isolation | None) -> dict[str, Any]:
+    return _run_forked(job) if isolation(mode) == "forkserver" else _run_subprocess(job)
 
 
 def _judge(report: dict[str, Any], max_latency_ms: float | None) -> dict[str, Any]:
@@ -147,11 +148,7 @@ def _judge(report: dict[str, Any], max_latency_ms: float | None) -> dict[str, An
 
 
 def _crashed(exitcode: int) -> ValidationError:
-    try:
-        sig = signal.Signals(-exitcode).name
-    except ValueError:
-        sig = f"signal {-exitcode}"
-    return ValidationError(f"validation process crashed ({sig})")
+    return ValidationError(f"validation process crashed ({exit_reason(exitcode)})")
 
 
 def _stopped(version_dir: Path) -> FailedError:
@@ -163,66 +160,31 @@ def _timed_out(version_dir: Path, timeout_s: float) -> ValidationError:
 
 
 # -- forkserver isolation -------------------------------------------------------------
-_CTX_LOCK = threading.Lock()
-_CTX: multiprocessing.context.ForkServerContext | None = None
-
-
-def _context() -> multiprocessing.context.ForkServerContext:
-    """The forkserver context, its server preloaded with numpy and the installed TFLite runtime."""
-    global _CTX
-    with _CTX_LOCK:
-        if _CTX is None:
-            ctx = multiprocessing.get_context("forkserver")
-            runtimes = [m for m in ("tflite_runtime.interpreter", "ai_edge_litert.interpreter") if _importable(m)]
-            ctx.set_forkserver_preload(["edge_agent.update.validate", "edge_agent.inference.golden", *runtimes[:1]])
-            _CTX = ctx
-        return _CTX
-
-
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _forked_child(
-    version_dir: str, options: str, runs: int, build: dict[str, str] | None, conn: multiprocessing.connection.Connection
-) -> None:
+def _forked_child(version_dir: str, options: str, runs: int, build: dict[str, str] | None, conn: Connection) -> None:
     """The forked child: one report over the pipe (a crash sends nothing; the parent sees the signal)."""
-    _die_with_parent()
+    die_with_parent()
     conn.send(report_for(Path(version_dir), options_from_json(options), runs, build))
     conn.close()
 
 
-def _run_forked(
-    version_dir: Path,
-    options: RuntimeOptions | None,
-    timeout_s: float,
-    runs: int,
-    stop: threading.Event | None,
-    build: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    ctx = _context()
+def _run_forked(job: _Job) -> dict[str, Any]:
+    ctx = forkserver(PRELOAD)
     reader, writer = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=_forked_child, args=(str(version_dir), options_to_json(options), runs, build, writer), daemon=True
-    )
+    args = (str(job.version_dir), options_to_json(job.options), job.runs, job.build, writer)
+    proc = ctx.Process(target=_forked_child, args=args, daemon=True)
     proc.start()
     writer.close()
-    deadline = time.monotonic() + timeout_s
+    deadline = job.deadline()
     report: dict[str, Any] | None = None
     try:
         while report is None and proc.exitcode is None:
-            if stop is not None and stop.is_set():
-                raise _stopped(version_dir)
+            if job.stopped():
+                raise _stopped(job.version_dir)
             if time.monotonic() >= deadline:
-                raise _timed_out(version_dir, timeout_s)
-            if reader.poll(min(0.05, max(0.0, deadline - time.monotonic()))):
-                try:
-                    report = reader.recv()
-                except (EOFError, OSError):  # died without a report: the exit code says how
-                    proc.join(5)
+                raise _timed_out(job.version_dir, job.timeout_s)
+            report = _receive(reader, min(0.05, max(0.0, deadline - time.monotonic())), proc)
+        if report is None:  # it exited: a report it sent just before is still in the pipe
+            report = _receive(reader, 0, proc)
     finally:
         if report is None:
             proc.kill()
@@ -237,38 +199,37 @@ def _run_forked(
     raise ValidationError(f"validation process exited with status {exitcode} without a report")
 
 
+def _receive(reader: Connection, wait_s: float, proc: Any) -> dict[str, Any] | None:
+    """The child's report if one arrives within ``wait_s``; None otherwise (a dead child: its exit code says how)."""
+    if not reader.poll(wait_s):
+        return None
+    try:
+        report: dict[str, Any] = reader.recv()
+        return report
+    except (EOFError, OSError):
+        proc.join(5)
+        return None
+
+
 # -- subprocess isolation ----------------------------------------------------------------
-def _run_subprocess(
-    version_dir: Path,
-    options: RuntimeOptions | None,
-    timeout_s: float,
-    runs: int,
-    stop: threading.Event | None,
-    build: dict[str, str] | None = None,
-) -> dict[str, Any]:
+def _run_subprocess(job: _Job) -> dict[str, Any]:
     # A frozen (PyInstaller) agent has no `python -m`: its own binary runs the child instead.
-    child = (
-        [sys.executable, VALIDATE_COMMAND]
-        if getattr(sys, "frozen", False)
-        else [sys.executable, "-m", "edge_agent.update.validate"]
-    )
-    cmd = [*child, str(version_dir), "--runs", str(runs), "--options", options_to_json(options)]
+    child = child_command("edge_agent.update.validate", VALIDATE_COMMAND)
+    cmd = [*child, str(job.version_dir), "--runs", str(job.runs), "--options", options_to_json(job.options)]
+    build = job.build
     if build is not None and "tflite" in build:
         cmd += ["--build-from", build["tflite"], "--name", build["name"], "--version", build["version"]]
     if build is not None and "fleet_key" in build:
         cmd += ["--fleet-key", build["fleet_key"]]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(), text=True, start_new_session=True
     )
-    deadline = time.monotonic() + timeout_s
+    deadline = job.deadline()
     while True:
-        if stop is not None and stop.is_set():
+        if job.stopped():
             proc.kill()
             proc.communicate()
-            raise _stopped(version_dir)
+            raise _stopped(job.version_dir)
         try:
             out, err = proc.communicate(timeout=max(0.0, min(0.1, deadline - time.monotonic())))
             break
@@ -276,7 +237,7 @@ def _run_subprocess(
             if time.monotonic() >= deadline:
                 proc.kill()
                 proc.communicate()
-                raise _timed_out(version_dir, timeout_s) from None
+                raise _timed_out(job.version_dir, job.timeout_s) from None
     if proc.returncode < 0:
         raise _crashed(proc.returncode)
     report = _last_json_line(out)
@@ -324,17 +285,9 @@ def check(version_dir: Path, options: RuntimeOptions, runs: int, fleet_key: str 
         model.predict(sample)
         times.append(time.perf_counter() - t0)
     stats = latency_stats(times)
-    return {
-        "ok": True,
-        "name": manifest.name,
-        "version": manifest.version,
-        "p50_ms": stats["p50_ms"],
-        "p95_ms": stats["p95_ms"],
-        "runs": stats["n"],
-        "golden": golden,
-        "delegate": model.delegate,
-        "pid": os.getpid(),
-    }
+    ident = {"name": manifest.name, "version": manifest.version, "delegate": model.delegate, "pid": os.getpid()}
+    timing = {"p50_ms": stats["p50_ms"], "p95_ms": stats["p95_ms"], "runs": stats["n"]}
+    return {"ok": True, **ident, **timing, "golden": golden}
 
 
 def report_for(
@@ -358,17 +311,6 @@ def report_for(
         return {"ok": False, "kind": "validation", "reason": f"{type(exc).__name__}: {exc}"}
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the agent dies (kill -9), instead of validating for nobody."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 VALIDATE_COMMAND = "__validate__"  # hidden first argument of a frozen edge-agent binary
 
 
@@ -387,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", default="1", help="model version (with --build-from)")
     parser.add_argument("--fleet-key", metavar="FILE", help="private fleet key that opens a sealed model")
     args = parser.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     build = {} if args.build_from is None else {"tflite": args.build_from, "name": args.name, "version": args.version}
     if args.fleet_key:
         build["fleet_key"] = args.fleet_key

@@ -28,7 +28,7 @@ import numpy as np
 
 from edge_agent.errors import PayloadTooLargeError, RequestError
 from edge_agent.jsonlimits import loads_limited
-from edge_agent.wire.manifest import NUMPY_TO_V2, V2_TO_NUMPY, Manifest
+from edge_agent.wire.model.manifest import NUMPY_TO_V2, V2_TO_NUMPY, Manifest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"

@@ -26,6 +26,17 @@ class Policy:
     health_window_s: float = 30.0  # error-rate watch after activation
     max_error_rate: float = 0.05  # within the health window; above → automatic rollback
     stages: list[int] = field(default_factory=lambda: [100])  # rollout percentages
+    # Shadow releases, signature changes and model-aware health (rules and checks: wire/shadow.py).
+    mode: str = "direct"  # "shadow": mirror live traffic to the candidate first, promote by the rules below
+    shadow_rate: float = 0.2  # share of live requests copied to the candidate
+    shadow_min_samples: int = 200  # verdict once this many samples are compared ...
+    shadow_window_s: float = 600.0  # ... or when this window closes
+    promote_min_agreement: float = 0.98  # argmax agreement (regression: relative error within 5%)
+    promote_max_latency_ratio: float = 1.2  # candidate p50 / active p50 on the same requests
+    promote_max_error_rate: float = 0.0  # candidate invocations that raised
+    breaking: bool = False  # the signature may differ from the active version's
+    max_latency_ratio: float | None = None  # health window: p99 against the previous version's p99 here
+    max_output_psi: float | None = None  # health window: PSI of outputs against the previous version's
 
 
 def in_cohort(device_id: str, name: str, percent: int) -> bool:

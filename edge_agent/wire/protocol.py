@@ -22,7 +22,8 @@ from typing import Any
 from edge_agent.errors import ManifestError
 from edge_agent.jsonlimits import loads_limited
 from edge_agent.wire.names import check_segment, is_sha256, parse_version
-from edge_agent.wire.policy import Policy, parse_window
+from edge_agent.wire.policy import Policy
+from edge_agent.wire.shadow import check_policy, shadow_report, without_empty_shadow
 from edge_agent.wire.telemetry import check_drift_state
 from edge_agent.wire.topics import features_topic
 
@@ -179,8 +180,7 @@ class Release:
         features_topic(rel.fleet, rel.name, rel.partition["by"], rel.partition["key"])  # validates the partition
         if not 0 <= rel.policy.max_failure_rate <= 1 or not 0 <= rel.policy.max_error_rate <= 1:
             raise ManifestError("release.policy: rates must be between 0 and 1")
-        if rel.policy.window is not None:
-            parse_window(rel.policy.window)
+        check_policy(rel.policy)  # the window, shadow, signature and health fields
         return rel
 
 
@@ -306,6 +306,7 @@ class UpdateReport:
     result: str | None = None  # None while in progress; else one of the RESULT_* values
     reason: str | None = None
     at: float = field(default_factory=time.time)
+    shadow: dict[str, Any] | None = None  # shadow releases: the live figures (wire.shadow.ShadowFigures)
 
 
 @dataclass
@@ -323,9 +324,10 @@ class DeviceState:
     features: dict[str, str] = field(default_factory=dict)
     feature_updates: dict[str, UpdateReport] = field(default_factory=dict)
     drift: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> newest drift window (wire.telemetry)
+    agent_slot: str = ""  # the A/B slot the agent runs from ("a", "b"; "" when not installed in slots)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "type": "device_state"}
+        return without_empty_shadow({**asdict(self), "type": "device_state"})  # older readers: no "shadow": null
 
     @classmethod
     def from_dict(cls, raw: Any) -> DeviceState:
@@ -344,13 +346,14 @@ class DeviceState:
                 _str_map(raw.get("features"), "features"),
                 _reports(raw.get("feature_updates"), "feature_updates"),
                 check_drift_state(raw.get("drift")),
+                _str(raw.get("agent_slot", ""), "agent_slot", limit=16),
             )
         except KeyError as exc:
             raise ManifestError(f"device state: missing field {exc.args[0]!r}") from exc
 
 
 MAX_STATE_ENTRIES = 256  # models, feature sets or reports in one device state
-_REPORT_FIELDS = {"release_id", "name", "version", "state", "result", "reason", "at"}
+_REPORT_FIELDS = {"release_id", "name", "version", "state", "result", "reason", "at", "shadow"}
 
 
 def _str(value: Any, what: str, *, optional: bool = False, limit: int = 1000) -> Any:
@@ -391,5 +394,6 @@ def _reports(value: Any, what: str) -> dict[str, UpdateReport]:
             _str(r.get("result"), f"{where}.result", optional=True, limit=64),
             _str(r.get("reason"), f"{where}.reason", optional=True, limit=2000),
             _num(r.get("at", 0), f"{where}.at"),
+            shadow_report(r.get("shadow")),
         )
     return out

@@ -21,7 +21,9 @@ Ingest acks with a retained JSON document on ``topics.telemetry_ack_topic``:
 *contiguous* seq it has durably stored for the device. The device deletes rows up to ``N``.
 
 Record bodies are validated loosely on the wire (a dict), documented in docs/protocol.md:
-``prediction`` {model, version, request_id, latency_ms, outputs, entity_id?, inputs?},
+``prediction`` {model, version, request_id, latency_ms, outputs, entity_id?, inputs?} where ``inputs`` is
+``{name: {"shape", "datatype", "b64"}}`` (the tensor's little-endian bytes; earlier agents sent
+``"data"``, a flat list of numbers, and :func:`sample_array` reads both),
 ``feedback`` {model, request_id, label, replace?}, ``event`` {type, ...},
 ``drift`` {model, version, window, psi: {feature: float}, output_psi}.
 
@@ -33,6 +35,7 @@ does not: :func:`decode_batch` returns the good records on the batch and the bad
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import time
@@ -40,8 +43,11 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
+import numpy as np
+
 from edge_agent.errors import ManifestError, TelemetryRejected
 from edge_agent.jsonlimits import loads_limited
+from edge_agent.wire.model.manifest import V2_TO_NUMPY
 from edge_agent.wire.names import is_name
 
 SCHEMA_VERSION = 1
@@ -230,6 +236,20 @@ def decode_ack(payload: bytes, device_id: str | None = None) -> int:
     if device_id is not None and doc.get("device_id") != device_id:
         raise TelemetryRejected(f"telemetry ack is for {doc.get('device_id')!r}, not {device_id!r}")
     return seq
+
+
+def sample_array(tensor: dict[str, Any]) -> np.ndarray:
+    """A sampled input back as an array (``b64`` or, from older agents, ``data``); ValueError when malformed."""
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"sampled input shape {shape!r} is not a list of sizes")
+    if "b64" in tensor:
+        dtype = V2_TO_NUMPY.get(str(tensor.get("datatype")))
+        if dtype is None:
+            raise ValueError(f"sampled input datatype {tensor.get('datatype')!r} is not numeric")
+        raw = base64.b64decode(str(tensor["b64"]), validate=True)
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+    return np.asarray(tensor.get("data", []), dtype=np.float64).reshape(shape)
 
 
 MAX_DRIFT_MODELS, MAX_DRIFT_FEATURES = 64, 16

@@ -6,6 +6,7 @@ Topics (``ROOT = "edgefleet/v1"``)::
     ROOT/fleets/{fleet}/rollouts/{name}           retained  Rollout control (JSON, unsigned)
     ROOT/fleets/{fleet}/devices/{id}/state        retained  DeviceState (JSON)
     ROOT/fleets/{fleet}/devices/{id}/presence     retained  "online" / "offline" (LWT)
+    ROOT/fleets/{fleet}/devices/{id}/streams/{stream}/results   QoS 0  a camera stream's results (JSON)
     ROOT/fleets/{fleet}/features/{set}/{by}/{key} retained  signed Release of kind "features"
                                                             (by/key: all/all, device/{id}, group/{g})
     ROOT/artifacts/{sha256}/{index}               retained  raw chunk bytes
@@ -55,6 +56,11 @@ def features_filters(fleet: str, device_id: str, groups: list[str] | tuple[str, 
         f"{base}/device/{check_segment(device_id, 'device id')}",
         *(f"{base}/group/{check_segment(g, 'group')}" for g in groups),
     ]
+
+
+def features_set_filter(fleet: str, feature_set: str) -> str:
+    """Every partition topic of one feature set of ``fleet`` (what ``features push`` reads back)."""
+    return _fleet_topic(fleet, "features", check_segment(feature_set, "feature set"), "+", "+")
 
 
 def device_state_topic(fleet: str, device_id: str) -> str:
@@ -148,6 +154,12 @@ def _fleet_parts(topic: str, n: int, kinds: tuple[str, ...]) -> list[str] | None
     if len(parts) != n or "/".join(parts[:3]) != f"{ROOT}/fleets" or parts[4] not in kinds:
         return None
     return parts[3:]
+
+
+def stream_results_topic(fleet: str, device_id: str, stream: str) -> str:
+    """Where a device publishes a camera stream's results (QoS 0, not retained; edge_agent/streams)."""
+    device, name = check_segment(device_id, "device id"), check_segment(stream, "stream")
+    return _fleet_topic(fleet, "devices", device, "streams", name, "results")
 
 
 # -- telemetry (device -> cloud) and its acknowledgement (cloud -> device) -------------------------

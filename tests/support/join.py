@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from edge_agent.wire.manifest import MANIFEST_FILE
+from edge_agent.wire.model.manifest import MANIFEST_FILE
 from tests.support.env import MODELS
 
 MAINT = MODELS / "maintenance" / "1"

@@ -7,7 +7,7 @@ import struct
 from pathlib import Path
 
 from edge_agent.inference.modelpack import sha256_file
-from edge_agent.wire.manifest import MANIFEST_FILE, MODEL_FILE
+from edge_agent.wire.model.manifest import MANIFEST_FILE, MODEL_FILE
 
 
 def replace_model(version_dir: Path, data: bytes) -> Path:

@@ -29,11 +29,11 @@ from edge_agent.models.serving import ModelServer
 from edge_agent.models.store import ModelStore
 from edge_agent.mqtt.link import MqttLink
 from edge_agent.update.coordinator import OtaAgent, will_for
-from edge_agent.wire.manifest import MANIFEST_FILE
+from edge_agent.wire.model.manifest import MANIFEST_FILE
 from edge_agent.wire.policy import Policy
 from edge_agent.wire.protocol import Artifact, DeviceState, Release, Rollout, UpdateReport, encode, pack_dir
 from edge_agent.wire.signing import sign
-from edge_agent.wire.topics import ROOT, release_topic, rollout_topic
+from edge_agent.wire.topics import presence_filter, release_topic, rollout_topic, state_filter
 
 FLEET = "plant-7"
 CHUNK = 4096  # small chunks: every artifact takes a dozen or more
@@ -63,8 +63,8 @@ class Cloud:
         self.states: dict[str, DeviceState] = {}
         self.presence: dict[str, bytes] = {}
         self.cond = threading.Condition()
-        self.link.subscribe(f"{ROOT}/fleets/{FLEET}/devices/+/state", self._on_state)
-        self.link.subscribe(f"{ROOT}/fleets/{FLEET}/devices/+/presence", self._on_presence)
+        self.link.subscribe(state_filter(FLEET), self._on_state)
+        self.link.subscribe(presence_filter(FLEET), self._on_presence)
         self.link.start()
         assert self.link.wait_connected(10)
 

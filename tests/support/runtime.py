@@ -11,7 +11,7 @@ import numpy as np
 
 from edge_agent.inference.modelpack import sha256_file
 from edge_agent.inference.runtime import LoadedModel, RuntimeOptions, inspect_model
-from edge_agent.wire.manifest import Manifest
+from edge_agent.wire.model.manifest import Manifest
 from tests.modelzoo import Zoo
 
 QUANTIZED = ("int8", "uint8", "multi_io", "fixed_batch")

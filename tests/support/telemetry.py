@@ -1,7 +1,8 @@
-"""A real ``edge-agent run`` process with telemetry on, and an HTTP client that remembers inference ids."""
+"""A real ``edge-agent run`` process with telemetry on, an HTTP client that remembers inference ids, a real ingest."""
 
 from __future__ import annotations
 
+import collections
 import http.client
 import json
 import os
@@ -15,6 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from cloud_batch.ingest.consumer import IngestOptions, run_ingest
+from cloud_batch.ingest.read import bodies, read_kind
+from tests.broker import Broker
 from tests.support.env import MODELS, free_port
 
 BIN = Path(sys.executable).parent
@@ -132,3 +136,31 @@ def wait_until(cond: Any, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+class Ingest:
+    """``run_ingest --follow`` for ``fleet`` in a thread, stopped by the test."""
+
+    def __init__(self, broker: Broker, store: Path, fleet: str = "tfleet") -> None:
+        self.stop_event = threading.Event()
+        opts = IngestOptions(fleet=fleet, broker_url=broker.url, store=store, follow=True)
+        self.thread = threading.Thread(target=run_ingest, args=(opts,), kwargs={"stop": self.stop_event}, daemon=True)
+        self.store = store
+
+    def __enter__(self) -> Ingest:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=30)
+
+
+def stored(store: Path, kind: str) -> list[dict[str, Any]]:
+    """The bodies of every ``kind`` row in the store; fails on a duplicate (device, seq)."""
+    table = read_kind(store, kind)
+    seqs = table.column("seq").to_pylist()
+    devices = table.column("device_id").to_pylist()
+    dup = [k for k, n in collections.Counter(zip(devices, seqs, strict=True)).items() if n > 1]
+    assert not dup, f"duplicate (device, seq) rows: {dup[:5]}"
+    return bodies(table)

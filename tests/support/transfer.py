@@ -15,7 +15,7 @@ from pathlib import Path
 from edge_agent.mqtt.download import Downloader
 from edge_agent.mqtt.link import MqttLink
 from edge_agent.wire.protocol import Artifact
-from edge_agent.wire.topics import ROOT
+from edge_agent.wire.topics import parse_chunk_topic
 
 KIB = 1024
 
@@ -71,4 +71,4 @@ def journal_records(chunk_dir: Path) -> int:
 
 def chunk_handlers(link: MqttLink) -> list[str]:
     """Chunk topics the link still remembers (white-box: subscriptions must be dropped when done)."""
-    return [t for t in link._handlers if t.startswith(f"{ROOT}/artifacts/")]
+    return [t for t in link._handlers if parse_chunk_topic(t.replace("+", "0")) is not None]

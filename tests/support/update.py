@@ -21,7 +21,7 @@ from edge_agent.models.store import ModelStore
 from edge_agent.update.machine import UpdateMachine
 from edge_agent.update.seams import Seams
 from edge_agent.update.states import UpdateRecord
-from edge_agent.wire.manifest import MANIFEST_FILE
+from edge_agent.wire.model.manifest import MANIFEST_FILE
 from edge_agent.wire.policy import Policy
 from edge_agent.wire.protocol import Artifact, Release, pack_dir
 

@@ -171,7 +171,8 @@ def train_maintenance(
     """Generate fleet history, train the failure model, quantize, gate on held-out AUC, register.
 
     The gate refuses (QualityGateError, nothing written) when the quantized model's AUC is
-    below ``min_auc`` or more than ``max_drop`` below the float model's.
+    below ``min_auc`` or more than ``max_drop`` below the float model's. The nightly pipeline
+    (``cloud_batch.pipeline``) trains this network on base + labeled field rows.
     """
     from sklearn.metrics import roc_auc_score, roc_curve
 

@@ -27,8 +27,10 @@ import numpy as np
 
 from edge_agent.errors import ManifestError
 from edge_agent.jsonlimits import loads_limited
+from edge_agent.wire.model.precomputed import Precomputed, parse_precomputed
+from edge_agent.wire.model.reference import parse_reference
+from edge_agent.wire.model.vision import check_vision
 from edge_agent.wire.names import check_name, is_name, is_sha256, parse_version
-from edge_agent.wire.reference import parse_reference
 
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.tflite"
@@ -233,25 +235,11 @@ def _tensors(raw: dict[str, Any], key: str) -> list[TensorSpec]:
     return specs
 
 
-_KNOWN_KEYS = {
-    "schema_version",
-    "name",
-    "version",
-    "file",
-    "sha256",
-    "size",
-    "inputs",
-    "outputs",
-    "labels",
-    "preprocessing",
-    "metrics",
-    "created_at",
-    "golden",
-    "validation",
-    "feature_joins",
-    "max_batch",
-    "reference",
-}
+# The top-level keys parsed into fields; every other key stays in ``Manifest.extra`` (and round-trips).
+# Fields written as they are held; the others (tensors, joins, max_batch, reference) have their own form.
+_PLAIN_KEYS: tuple[str, ...] = ("name", "version", "file", "sha256", "size", "labels", "preprocessing", "metrics")
+_PLAIN_KEYS += ("created_at", "golden", "validation")
+_KNOWN_KEYS = {"schema_version", "inputs", "outputs", "feature_joins", "max_batch", "reference", *_PLAIN_KEYS}
 
 
 @dataclass
@@ -276,10 +264,11 @@ class Manifest:
     # Inputs filled from the feature cache (input name -> join); empty for most models.
     feature_joins: dict[str, FeatureJoin] = field(default_factory=dict)
     max_batch: int | None = None  # the largest batch one request may carry (None: the agent's runtime.max_batch)
-    reference: dict[str, Any] | None = None  # drift reference (wire/reference.py); None: no drift
+    reference: dict[str, Any] | None = None  # drift reference (wire/model/reference.py); None: no drift
 
     def __post_init__(self) -> None:
         # A writer may pass the raw JSON form through ``extra`` (cloud_batch does): validate it here.
+        self.precomputed: Precomputed | None = parse_precomputed(self.extra.get("precomputed"), self.outputs)
         if "feature_joins" in self.extra:
             raw = self.extra["feature_joins"]
             self.extra = {k: v for k, v in self.extra.items() if k != "feature_joins"}  # the caller's dict stays
@@ -299,22 +288,8 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.extra)
-        out.update(
-            schema_version=SCHEMA_VERSION,
-            name=self.name,
-            version=self.version,
-            file=self.file,
-            sha256=self.sha256,
-            size=self.size,
-            inputs=[t.to_dict() for t in self.inputs],
-            outputs=[t.to_dict() for t in self.outputs],
-            labels=self.labels,
-            preprocessing=self.preprocessing,
-            metrics=self.metrics,
-            created_at=self.created_at,
-            golden=self.golden,
-            validation=self.validation,
-        )
+        out.update({key: getattr(self, key) for key in _PLAIN_KEYS}, schema_version=SCHEMA_VERSION)
+        out.update(inputs=[t.to_dict() for t in self.inputs], outputs=[t.to_dict() for t in self.outputs])
         if self.max_batch is not None:
             out["max_batch"] = self.max_batch
         if self.feature_joins:
@@ -362,13 +337,9 @@ class Manifest:
         for key in ("preprocessing", "metrics", "validation"):
             if key in raw and not isinstance(raw[key], dict):
                 raise ManifestError(f"manifest.{key}: expected an object")
+        check_vision(raw, inputs, [t.name for t in outputs])
         m = cls(
-            name=name,
-            version=version,
-            sha256=sha,
-            size=size,
-            inputs=inputs,
-            outputs=outputs,
+            *(name, version, sha, size, inputs, outputs),
             file=file,
             labels=labels,
             preprocessing=dict(raw.get("preprocessing") or {}),

@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge_agent.config.agentupdate import AgentUpdateConfig, validate_agent_update
+from edge_agent.config.batching import BatchPolicy, batching_policies
+from edge_agent.config.streams import StreamConfig, parse_streams
+from edge_agent.config.telemetry import DriftConfig, TelemetryConfig, validate_telemetry
 from edge_agent.errors import ConfigError, EdgeError
 from edge_agent.inference.runtime import DelegateSpec, RuntimeOptions
-from edge_agent.telemetry.recorder import ModelPolicy
+from edge_agent.mqtt.download_defaults import CHUNK_WINDOW, STALL_TIMEOUT_S
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,7 +42,7 @@ def default_data_dir() -> Path:
 
 def default_models_dir() -> Path:
     """The shipped models: ``models/`` beside the package (source checkout) or bundled with it."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent  # edge_agent/
     for cand in (here.parent / "models", here / "models"):
         if cand.is_dir():
             return cand
@@ -90,8 +94,8 @@ class OtaConfig:
 
     max_artifact_bytes: int = 256 * 1024 * 1024
     bandwidth_bps: float | None = None  # download limit in bytes/s; None = unlimited
-    chunk_window: int = 8  # chunks requested at once
-    stall_timeout_s: float = 30.0  # re-request the window after this long without a chunk
+    chunk_window: int = CHUNK_WINDOW  # chunks requested at once (8)
+    stall_timeout_s: float = STALL_TIMEOUT_S  # re-request the window after this long without a chunk (30 s)
     download_timeout_s: float | None = None  # None: wait for the artifact as long as the release stands
     download_attempts: int = 5  # transient download failures before the update fails
     retry_backoff_s: float = 2.0  # first retry delay; doubles per attempt
@@ -113,45 +117,6 @@ class FeaturesConfig:
     max_rows: int | None = None  # a bundle that would exceed the bound is rejected, never half-applied
     max_bytes: int | None = None
     synchronous: str = "FULL"  # SQLite synchronous; FULL: an applied bundle survives power loss
-
-
-@dataclass
-class TelemetryConfig:
-    """The telemetry outbox and its upload (``[telemetry]``; docs/telemetry.md).
-
-    ``[telemetry.models.<name>]`` overrides ``enabled`` and ``sample_inputs`` per model; the outbox
-    and the uploader are one per device, so ``max_rows``, ``max_bytes``, ``max_bps`` and
-    ``flush_interval_ms`` are device-wide (a per-model value is refused, not silently ignored).
-    """
-
-    enabled: bool = True
-    sample_inputs: float = 0.0  # share of predictions whose inputs are kept (0-1)
-    max_rows: int | None = 100_000
-    max_bytes: int | None = 64 * 1024 * 1024
-    max_bps: float | None = None  # upload bytes/s; None = unlimited
-    flush_interval_ms: int = 250  # queued predictions are committed this often: the power-loss window
-    resend_timeout_s: float = 30.0  # re-send from the first unacked record when the ack stalls this long
-    models: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def policy(self, model: str) -> ModelPolicy:
-        """The effective ``enabled``/``sample_inputs`` of ``model``."""
-        o = self.models.get(model, {})
-        return ModelPolicy(
-            enabled=_bool(o.get("enabled", self.enabled)),
-            sample_inputs=float(o.get("sample_inputs", self.sample_inputs)),
-        )
-
-
-@dataclass
-class DriftConfig:
-    """On-device drift against the manifest's training reference (``[drift]``)."""
-
-    enabled: bool = True
-    window: int = 1000  # requests per window ...
-    window_s: float = 3600.0  # ... or this many seconds, whichever comes first
-    watch: float = 0.1  # PSI above this: watch
-    alert: float = 0.25  # PSI above this: alert
-    state_top: int = 3  # features per model in DeviceState
 
 
 def _bool(value: Any) -> bool:
@@ -191,6 +156,14 @@ class AgentConfig:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    agent_update: AgentUpdateConfig = field(default_factory=AgentUpdateConfig)  # config/agentupdate.py
+    streams: list[StreamConfig] = field(default_factory=list)  # [[streams]] (config/streams.py)
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # [models.NAME.batching]: config/batching.py
+    allow_repository_control: bool = False  # /v2/repository/* on a non-loopback listener (docs/api.md)
+
+    def batching(self) -> dict[str, BatchPolicy]:
+        """The models with dynamic batching on, and their policies."""
+        return batching_policies(self.models)
 
     def listen_address(self) -> tuple[str, int] | str:
         """``(host, port)`` for TCP, or the socket path for ``unix:/path``."""
@@ -269,6 +242,8 @@ def _apply(obj: Any, values: Mapping[str, Any], where: str) -> None:
             if not isinstance(value, list) or not all(isinstance(d, Mapping) and "library" in d for d in value):
                 raise ConfigError("runtime.delegates must be a list of tables with a 'library' key")
             setattr(obj, key, [dict(d) for d in value])
+        elif key == "streams":
+            setattr(obj, key, parse_streams(value))
         else:
             setattr(obj, key, _coerce(where + key, value, fields[key].type))
 
@@ -320,29 +295,6 @@ def _validate_limits(cfg: AgentConfig) -> None:
     socket_mode(h.socket_mode)
 
 
-_MODEL_KEYS = {"enabled", "sample_inputs"}
-
-
-def _validate_telemetry(t: TelemetryConfig, d: DriftConfig) -> None:
-    """``[telemetry]`` (with its per-model tables) and ``[drift]``."""
-    for name, o in {"": {"sample_inputs": t.sample_inputs}, **t.models}.items():
-        where = f"telemetry.models.{name}." if name else "telemetry."
-        if not isinstance(o, Mapping) or set(o) - _MODEL_KEYS:
-            raise ConfigError(f"{where[:-1]}: per-model keys are {sorted(_MODEL_KEYS)} (the others are device-wide)")
-        try:
-            p = t.policy(name) if name else ModelPolicy(t.enabled, float(t.sample_inputs))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where[:-1]}: {exc}") from exc
-        if not 0.0 <= p.sample_inputs <= 1.0:
-            raise ConfigError(f"{where}sample_inputs must be between 0 and 1")
-    if (t.max_rows is not None and t.max_rows < 1) or (t.max_bytes is not None and t.max_bytes < 4096):
-        raise ConfigError("telemetry.max_rows must be at least 1 and telemetry.max_bytes at least 4096")
-    if (t.max_bps is not None and t.max_bps <= 0) or t.flush_interval_ms < 1 or t.resend_timeout_s <= 0:
-        raise ConfigError("telemetry.max_bps, flush_interval_ms and resend_timeout_s must be positive")
-    if d.window < 1 or d.window_s <= 0 or not 0 < d.watch <= d.alert or d.state_top < 1:
-        raise ConfigError("drift.window, window_s and state_top must be positive and 0 < drift.watch <= drift.alert")
-
-
 def _validate(cfg: AgentConfig) -> None:
     parse_listen(cfg.listen)
     if cfg.max_body_bytes < 1024:
@@ -378,6 +330,8 @@ def _validate(cfg: AgentConfig) -> None:
         load_fleet_key(cfg.ota.fleet_key)  # fail at start: missing, not X25519, or readable by others
     if cfg.features.synchronous.upper() not in {"NORMAL", "FULL", "EXTRA"}:
         raise ConfigError("features.synchronous must be NORMAL, FULL or EXTRA")
-    _validate_telemetry(cfg.telemetry, cfg.drift)
+    validate_telemetry(cfg.telemetry, cfg.drift, _coerce)
+    validate_agent_update(cfg.agent_update)
+    cfg.batching()
     if cfg.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("log_level must be one of debug, info, warning, error")

@@ -1,0 +1,257 @@
+"""The primary's latency and the agent's CPU with a shadow candidate on every request (``shadow_rate = 1``).
+
+digits 1 serves through the real V2 API (uvicorn + httptools, in this process); a client sends
+requests one at a time over one keep-alive connection. In interleaved rounds (so drift hits
+every mode alike) the shadow is off, or digits 2 (the same model) runs in shadow on a copy of
+every request: the ``ShadowRunner`` a shadow release starts (bounded queue, a shipping thread
+that sends each wake-up's copies to the shadow process in one message, the candidate and the
+reference copy of the active version run there). ``--baseline REV`` adds rounds of the
+runner as it was at git revision REV (e.g. the in-process worker thread of 182381c), loaded
+from ``git show``, for a before/after in the same run.
+
+Reported per mode: the client-observed p50/p90/p99, the p99 change against the adjacent
+shadow-off rounds (goal: <= +5%), this process's CPU time per request and the extra CPU per
+shadowed copy (all threads: ``time.process_time``, paired with the adjacent off round; the
+load-robust figure), the shadow process's CPU per copy (``/proc/<pid>/stat``), and the
+shadow's own figures (compared, dropped).
+
+Run (prints a markdown table, the goal and the command that reproduces it)::
+
+    .venv/bin/python bench/shadow_bench.py --quick                      # <= 2 minutes
+    .venv/bin/python bench/shadow_bench.py --requests 4000 --rounds 10
+    .venv/bin/python bench/shadow_bench.py --quick --baseline 182381c   # before/after, interleaved
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from edge_agent.http.app import create_app  # noqa: E402
+from edge_agent.inference.runtime import RuntimeOptions  # noqa: E402
+from edge_agent.models.serving import ModelServer  # noqa: E402
+from edge_agent.models.shadow import ShadowModel, ShadowRunner  # noqa: E402
+from edge_agent.models.store import ModelStore  # noqa: E402
+from tests.apiserver import ApiServer  # noqa: E402
+from tests.support.ota import relabel  # noqa: E402
+from tests.support.shadow import digits_body  # noqa: E402
+
+DIGITS = REPO / "models" / "digits" / "1"
+GOAL = 0.05  # the primary's p99 may rise at most 5%
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def run_round(conn: http.client.HTTPConnection, body: bytes, n: int) -> list[float]:
+    out = []
+    headers = {"Content-Type": "application/json"}
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("POST", "/v2/models/digits/infer", body, headers)
+        resp = conn.getresponse()
+        resp.read()
+        out.append(time.perf_counter() - t0)
+        assert resp.status == 200
+    return out
+
+
+def proc_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` (0 when unknown or gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def baseline_module(rev: str) -> ModuleType:
+    """The shadow runner module as it was at git revision ``rev`` (a file then: ``edge_agent/models/shadow.py``)."""
+    src = subprocess.run(
+        ["git", "show", f"{rev}:edge_agent/models/shadow.py"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    path = Path(tempfile.mkdtemp(prefix="shadow-baseline-")) / "shadow_baseline.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("shadow_baseline", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Shadow:
+    """One mode's runner, started before a round and stopped after it."""
+
+    def __init__(self, mode: str, store: ModelStore, baseline: ModuleType | None) -> None:
+        self.mode, self.store, self.baseline = mode, store, baseline
+        self.runner: Any = None
+
+    def start(self) -> None:
+        if self.mode == "process":
+            v1, v2 = (ShadowModel("digits", v, self.store.version_dir("digits", v)) for v in ("1", "2"))
+            self.runner = ShadowRunner(v2, "1", 1.0, reference=v1)
+            self.runner.ready.wait(60)  # copies are sampled from the moment both versions are loaded
+        elif self.mode == "thread" and self.baseline is not None:
+            private = RuntimeOptions(num_threads=1, pool_size=1)
+            cand, ref = self.store.load("digits", "2", private), self.store.load("digits", "1", private)
+            cand.warmup(3)
+            ref.warmup(3)
+            self.runner = self.baseline.ShadowRunner(cand, "1", 1.0, reference=ref)
+
+    def pid(self) -> int | None:
+        return getattr(self.runner, "child_pid", None)
+
+    def thread_cpu_s(self) -> float:
+        """CPU seconds of the runner's own thread in this process (shipping, or the old worker)."""
+        ident = self.runner._thread.ident if self.runner is not None else None
+        return time.clock_gettime(time.pthread_getcpuclockid(ident)) if ident is not None else 0.0
+
+
+def measure(
+    shadow: Shadow, server: ModelServer, conn: http.client.HTTPConnection, body: bytes, n: int
+) -> dict[str, Any]:
+    """One round of ``n`` requests in ``shadow``'s mode: latencies, this process's CPU per request, the shadow's costs."""
+    shadow.start()
+    before = (0, 0)
+    if shadow.runner is not None:
+        server.taps.start_shadow("digits", shadow.runner)
+    run_round(conn, body, 200)  # not measured (every mode alike): the shadow process starts and loads
+    if shadow.runner is not None:
+        deadline = time.monotonic() + 30
+        while shadow.runner.figures().samples == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        f = shadow.runner.figures()
+        before = (f.samples, f.dropped)
+    child0, thread0, cpu0 = proc_cpu_s(shadow.pid()), shadow.thread_cpu_s(), time.process_time()
+    lat = run_round(conn, body, n)
+    out: dict[str, Any] = {"lat": lat, "cpu": (time.process_time() - cpu0) / n, "p99": float(np.percentile(lat, 99))}
+    if shadow.runner is not None:
+        time.sleep(0.3)  # the last queued copies are compared
+        f = shadow.runner.figures()
+        out |= {"copies": f.samples - before[0], "dropped": f.dropped - before[1]}
+        out |= {"thread": shadow.thread_cpu_s() - thread0, "child": proc_cpu_s(shadow.pid()) - child0}
+        server.taps.stop_shadow("digits", shadow.runner)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=4000, help="requests per round")
+    ap.add_argument("--rounds", type=int, default=10, help="rounds of each mode (interleaved)")
+    ap.add_argument("--rows", type=int, default=1, help="digits per request")
+    ap.add_argument("--quick", action="store_true", help="1000 requests x 8 rounds (<= 2 minutes)")
+    ap.add_argument("--baseline", metavar="REV", help="also run the shadow runner of this git revision")
+    args = ap.parse_args()
+    if args.quick:
+        args.requests, args.rounds = 1000, 8  # short rounds, many pairs: load drifting hits both sides
+    baseline = baseline_module(args.baseline) if args.baseline else None
+    modes = ["off", "process", *(["thread"] if baseline else [])]
+    work = Path(tempfile.mkdtemp(prefix="shadow-bench-"))
+    try:
+        store = ModelStore(work / "data")
+        store.install_dir(DIGITS)
+        store.install_dir(relabel(DIGITS, work / "v2", "2"))
+        server = ModelServer(store, RuntimeOptions(num_threads=1))
+        server.sync()
+        body = digits_body(DIGITS, rows=args.rows)
+        stats: dict[str, dict[str, Any]] = {m: {"compared": 0, "dropped": 0} for m in modes}
+        for m in modes:
+            stats[m] |= {k: [] for k in ("lat", "cpu", "extra", "thread", "child", "p99x")}
+        with ApiServer(create_app(server)) as api:
+            conn = http.client.HTTPConnection(api.host, api.port, timeout=10)
+            run_round(conn, body, 500)  # warm-up
+            for r in range(args.rounds):
+                order = modes[r % len(modes) :] + modes[: r % len(modes)]  # no mode always runs first
+                got = {
+                    mode: measure(Shadow(mode, store, baseline), server, conn, body, args.requests) for mode in order
+                }
+                off = got["off"]
+                for mode, res in got.items():
+                    s = stats[mode]
+                    s["lat"] += res["lat"]
+                    s["cpu"].append(res["cpu"])
+                    if mode != "off":
+                        copies = max(1, res["copies"])
+                        s["thread"].append(res["thread"] / copies)
+                        s["child"].append(res["child"] / copies)
+                        s["compared"] += res["copies"]
+                        s["dropped"] += res["dropped"]
+                        s["p99x"].append(res["p99"] / off["p99"])
+                        s["extra"].append((res["cpu"] - off["cpu"]) * args.requests / copies)
+            conn.close()
+        report(args, modes, stats)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(args: argparse.Namespace, modes: list[str], stats: dict[str, dict[str, Any]]) -> None:
+    cmd = f".venv/bin/python bench/shadow_bench.py --requests {args.requests} --rounds {args.rounds}"
+    cmd += f" --rows {args.rows}" if args.rows != 1 else ""
+    cmd += f" --baseline {args.baseline}" if args.baseline else ""
+    load = os.getloadavg()[0]
+    print(
+        f"# {cmd}\n# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {load:.1f}, python {sys.version.split()[0]}"
+    )
+    labels = {
+        "off": "shadow off",
+        "process": "shadow_rate = 1, shadow process",
+        "thread": f"shadow_rate = 1, thread ({args.baseline})",
+    }
+    print(
+        "| primary (digits 1, c=1) | requests | p50 ms | p90 ms | p99 ms | agent CPU µs/request "
+        "| shadow thread in the agent, CPU µs/copy | extra agent CPU µs/copy (all threads) "
+        "| shadow process CPU µs/copy |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    out: dict[str, Any] = {}
+    for mode in modes:
+        s = stats[mode]
+        a = np.asarray(s["lat"]) * 1e3
+        row: dict[str, Any] = {"n": len(a)} | {f"p{q}_ms": float(np.percentile(a, q)) for q in (50, 90, 99)}
+        row["cpu_us_per_request"] = float(np.median(s["cpu"])) * 1e6
+        for key, name in (("thread", "thread"), ("extra", "extra"), ("child", "child")):
+            row[f"{name}_cpu_us_per_copy"] = float(np.median(s[key])) * 1e6 if s[key] else None
+        out[mode] = row
+        cells = [_us(row[f"{k}_cpu_us_per_copy"]) for k in ("thread", "extra")]
+        cells.append(_us(row["child_cpu_us_per_copy"]) if mode == "process" else "")
+        print(
+            f"| {labels[mode]} | {row['n']} | {row['p50_ms']:.3f} | {row['p90_ms']:.3f} | {row['p99_ms']:.3f} "
+            f"| {row['cpu_us_per_request']:.1f} | {' | '.join(cells)} |"
+        )
+    print()
+    for mode in modes[1:]:
+        s, row = stats[mode], out[mode]
+        pooled = row["p99_ms"] / out["off"]["p99_ms"] - 1
+        paired = float(np.median(s["p99x"])) - 1 if s["p99x"] else float("nan")
+        row |= {"p99_change": pooled, "p99_change_paired": paired, "compared": s["compared"], "dropped": s["dropped"]}
+        verdict = "MET" if max(pooled, paired) <= GOAL else "MISSED"
+        print(
+            f"{labels[mode]}: p99 {pooled:+.1%} pooled, {paired:+.1%} median of {len(s['p99x'])} paired rounds "
+            f"(goal <= +{GOAL:.0%}: {verdict}); {s['compared']} copies compared, {s['dropped']} dropped"
+        )
+    print(json.dumps(out))
+
+
+def _us(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+if __name__ == "__main__":
+    main()

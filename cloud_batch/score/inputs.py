@@ -1,0 +1,207 @@
+"""What ``cloud-batch score`` reads: one reader per kind of input, all checked before any work starts.
+
+A reader turns ``--input PATH`` into :class:`InputRows`: the row count, a key per row (entity id,
+row index or file name), an input fingerprint, and ``chunk(start, stop)``, a picklable slice that a
+worker turns into model inputs with ``feeds()``. Tabular and NumPy inputs are loaded and checked
+whole in the driver (their chunks carry arrays); image chunks carry file names and are decoded in the
+workers (``images.py``). ``readers.py`` lists the readers; a video reader is one more entry there.
+
+Every refusal is an ``InputError`` naming what is wrong (file, column, row).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from cloud_batch.errors import InputError
+from edge_agent.wire.model.manifest import Manifest, TensorSpec
+
+TABLE_SUFFIXES = (".parquet", ".pq", ".csv")
+ARRAY_SUFFIXES = (".npy", ".npz")
+HASH_BLOCK = 1 << 20
+MAX_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """How rows become model inputs: the key column, ``--map``, ``--features`` and ``--strict``."""
+
+    registry_dir: Path
+    entity_key: str | None = None
+    mapping: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    features: str | None = None  # "SET" or "SET@VERSION"
+    strict: bool = False
+
+
+class Chunk(Protocol):
+    """A slice of the input that a worker can turn into model inputs (picklable)."""
+
+    keys: np.ndarray
+
+    def feeds(self) -> dict[str, np.ndarray]: ...
+
+
+@dataclass
+class ArrayChunk:
+    """Rows already loaded and checked: real-valued arrays per model input."""
+
+    keys: np.ndarray
+    arrays: dict[str, np.ndarray]
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return self.arrays
+
+
+@dataclass
+class InputRows:
+    """A checked input: ``n`` rows, their keys (column ``key_name``), and slices of it for the workers."""
+
+    kind: str
+    n: int
+    key_name: str
+    keys: np.ndarray
+    fingerprint: str
+    slicer: Callable[[int, int], Chunk]
+    skipped: list[str] = field(default_factory=list)  # inputs left out (undecodable images), listed
+    identity: dict[str, object] = field(default_factory=dict)  # what else decides the rows (features version)
+
+    def chunk(self, start: int, stop: int) -> Chunk:
+        return self.slicer(start, stop)
+
+
+class Reader(Protocol):
+    """One kind of input: ``matches`` a path, ``read``s and checks it."""
+
+    kind: str
+
+    def matches(self, path: Path) -> bool: ...
+
+    def read(self, path: Path, manifest: Manifest, options: InputOptions) -> InputRows: ...
+
+
+def fingerprint_soon(files: Sequence[Path], root: Path) -> Callable[[], str]:
+    """Start :func:`fingerprint` in a thread (hashlib releases the GIL) while the reader checks the rows."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
+    future = pool.submit(fingerprint, files, root)
+    pool.shutdown(wait=False)
+    return future.result
+
+
+def fingerprint(files: Sequence[Path], root: Path) -> str:
+    """sha256 over every file's relative name, size and content, in order."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(root) if f != root else f.name}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(HASH_BLOCK):
+                h.update(block)
+    return h.hexdigest()
+
+
+def shown(items: Sequence[object]) -> str:
+    head = ", ".join(repr(i) for i in list(items)[:MAX_SHOWN])
+    return head + (f" and {len(items) - MAX_SHOWN} more" if len(items) > MAX_SHOWN else "")
+
+
+def files_in(path: Path, suffixes: Sequence[str]) -> list[Path]:
+    """``path`` itself, or the files with ``suffixes`` directly in the directory ``path`` (sorted by name)."""
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+
+
+def check_finite(arr: np.ndarray, what: str, columns: Sequence[str] | None = None) -> None:
+    """InputError naming the first row (1-based) and column of a NaN or infinity in ``arr`` ([N, ...])."""
+    if arr.dtype.kind in "iub" or np.isfinite(arr.sum(dtype=np.float64)):
+        return  # one pass, no temporaries: a float64 sum is finite iff every value is (or, rarely, it overflowed)
+    bad = ~np.isfinite(arr.reshape(len(arr), -1))
+    if bad.any():
+        r, c = (int(i) for i in np.argwhere(bad)[0])
+        col = repr(columns[c]) if columns is not None else f"element {c}"
+        kind = "NaN" if np.isnan(arr.reshape(len(arr), -1)[r, c]) else "an infinite value"
+        n = int(bad.sum())
+        raise InputError(
+            f"{what}: {kind} in row {r + 1}, column {col} ({n} non-finite value{'s' if n > 1 else ''}); "
+            "the model takes finite numbers only: impute or drop those rows"
+        )
+
+
+def row_width(spec: TensorSpec) -> int:
+    return int(np.prod([d for d in spec.shape[1:]])) if len(spec.shape) > 1 else 1
+
+
+def as_input(spec: TensorSpec, arr: np.ndarray, what: str) -> np.ndarray:
+    """``arr`` ([N, ...] numbers) shaped as ``spec``'s rows, in float32 real values (what the device receives)."""
+    rows = (len(arr), *(d for d in spec.shape[1:]))
+    if any(d < 0 for d in rows[1:]):
+        return arr.astype(np.float32)
+    if int(np.prod(arr.shape[1:])) != int(np.prod(rows[1:])):
+        raise InputError(
+            f"{what}: rows of shape {list(arr.shape[1:])} do not fit input {spec.name!r} {list(spec.shape)}"
+        )
+    return np.ascontiguousarray(arr.reshape(rows), dtype=np.float32)
+
+
+class NumpyReader:
+    """``.npy`` (a single-input model) or ``.npz`` (one array per input name); keyed by row index."""
+
+    kind = "numpy"
+
+    def matches(self, path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() in ARRAY_SUFFIXES
+
+    def read(self, path: Path, manifest: Manifest, options: InputOptions) -> InputRows:
+        if options.entity_key or options.mapping or options.features:
+            raise InputError("--entity-key, --map and --features apply to tabular inputs (Parquet/CSV), not .npy/.npz")
+        names = [s.name for s in manifest.inputs]
+        fp = fingerprint_soon([path], path)
+        try:
+            if path.suffix.lower() == ".npy":
+                if len(names) != 1:
+                    raise InputError(f"{manifest.name} has inputs {names}; give an .npz with one array per input")
+                raw = {names[0]: np.load(path, allow_pickle=False)}
+            else:
+                with np.load(path, allow_pickle=False) as data:
+                    raw = {k: data[k] for k in data.files}
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"cannot read {path}: {exc}") from exc
+        missing, unknown = [n for n in names if n not in raw], [k for k in raw if k not in names]
+        if missing or unknown:
+            raise InputError(f"{path.name}: arrays {sorted(raw)} do not match the model's inputs {names}")
+        arrays: dict[str, np.ndarray] = {}
+        for spec in manifest.inputs:
+            arr = raw[spec.name]
+            what = f"{path.name}[{spec.name!r}]"
+            if arr.dtype.kind not in "fiub" or arr.dtype.kind == "b" or arr.ndim == 0:
+                raise InputError(f"{what}: dtype {arr.dtype} is not numeric rows")
+            check_finite(arr, what)
+            arrays[spec.name] = as_input(spec, arr, what)
+        n = require_rows({len(a) for a in arrays.values()}, path)
+        return array_rows(self.kind, arrays, "row", np.arange(n, dtype=np.int64), fp())
+
+
+def require_rows(lengths: set[int], path: Path) -> int:
+    if len(lengths) != 1:
+        raise InputError(f"{path}: the model's inputs have different row counts {sorted(lengths)}")
+    n = lengths.pop()
+    if n == 0:
+        raise InputError(f"{path} is empty: no rows to score")
+    return n
+
+
+def array_rows(
+    kind: str, arrays: dict[str, np.ndarray], key_name: str, keys: np.ndarray, fp: str, **extra: object
+) -> InputRows:
+    """InputRows over loaded arrays: a chunk is a slice of every array."""
+
+    def slicer(start: int, stop: int) -> Chunk:
+        return ArrayChunk(keys[start:stop], {k: v[start:stop] for k, v in arrays.items()})
+
+    return InputRows(kind, len(keys), key_name, keys, fp, slicer, identity=dict(extra))

@@ -1,0 +1,205 @@
+"""Child processes that run models apart from the agent: one forkserver, one frozen-binary fallback.
+
+Two jobs run a model outside the agent's process: validating a candidate that might crash the
+runtime (``update.validate``) and running a shadow candidate on copies of live traffic without
+taking the agent's GIL (``models.shadow``). Both start their child the same way:
+
+- by default it is forked from a multiprocessing *forkserver* that imported numpy and the
+  installed TFLite runtime once (``forkserver``): no ~100-300 ms of imports per child, yet each
+  child is its own process (a segfault kills only it);
+- a frozen (PyInstaller) agent has no ``python -m`` and no importable forkserver entry point: it
+  re-runs its own binary with a hidden first argument (``child_command``), as does
+  ``isolation="subprocess"``.
+
+``Child`` is a started child with one duplex ``Connection`` in either mode (a socketpair whose
+child end is passed by descriptor to a subprocess), for a child that lives as long as a job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Literal
+
+from edge_agent.inference.runtime import DelegateSpec, RuntimeOptions
+
+Isolation = Literal["forkserver", "subprocess"]
+RUNTIMES = ("tflite_runtime.interpreter", "ai_edge_litert.interpreter")
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
+_LOCK = threading.Lock()
+_CTX: multiprocessing.context.ForkServerContext | None = None
+_PRELOAD: list[str] = []
+
+
+def options_to_json(options: RuntimeOptions | None) -> str:
+    """The runtime options a child is given (num_threads, delegates; the backend seam stays in this process)."""
+    o = options or RuntimeOptions()
+    delegates = [{"library": d.library, "options": dict(d.options)} for d in o.delegates]
+    return json.dumps({"num_threads": o.num_threads, "delegates": delegates})
+
+
+def options_from_json(text: str) -> RuntimeOptions:
+    """A child's runtime options from ``options_to_json``: one interpreter."""
+    raw = json.loads(text)
+    delegates = tuple(
+        DelegateSpec(str(d["library"]), {str(k): str(v) for k, v in (d.get("options") or {}).items()})
+        for d in raw.get("delegates") or []
+    )
+    # One interpreter: a child times single calls, as one request sees them (validation, shadow).
+    return RuntimeOptions(num_threads=raw.get("num_threads"), delegates=delegates, pool_size=1)
+
+
+def frozen() -> bool:
+    """A PyInstaller-built agent (no ``python -m``)."""
+    return bool(getattr(sys, "frozen", False))
+
+
+def isolation(requested: Isolation | None) -> Isolation:
+    """The mode a child starts in: ``requested``, else ``subprocess`` when frozen, else ``forkserver``."""
+    return requested or ("subprocess" if frozen() else "forkserver")
+
+
+def forkserver(preload: Sequence[str] = ()) -> multiprocessing.context.ForkServerContext:
+    """The forkserver context; its server (started by the first child) imports numpy, the runtime and ``preload``.
+
+    Callers name the modules their children need; the server preloads all those named before it starts.
+    """
+    global _CTX
+    with _LOCK:
+        if _CTX is None:
+            _CTX = multiprocessing.get_context("forkserver")
+            _PRELOAD.extend(["numpy", "edge_agent.inference.runtime", *[m for m in RUNTIMES if _importable(m)][:1]])
+        for module in preload:
+            if module not in _PRELOAD:
+                _PRELOAD.append(module)
+        _CTX.set_forkserver_preload(list(_PRELOAD))
+        return _CTX
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def child_command(module: str, frozen_command: str) -> list[str]:
+    """``python -m module``, or the frozen binary with its hidden ``frozen_command`` (see ``cli.main``)."""
+    return [sys.executable, frozen_command] if frozen() else [sys.executable, "-m", module]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a ``child_command``: this package importable, TensorFlow's logging quiet."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def exit_reason(exitcode: int) -> str:
+    """``SIGSEGV`` for a death by signal (a negative exit code), else ``status N``."""
+    if exitcode >= 0:
+        return f"status {exitcode}"
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent dies (kill -9), instead of working for nobody."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class Child:
+    """A started child and its end of one duplex ``Connection`` (``conn``); ``exitcode`` None while it runs."""
+
+    def __init__(
+        self,
+        target: Callable[[Connection], None],
+        module: str,
+        frozen_command: str,
+        mode: Isolation | None = None,
+        preload: Sequence[str] = (),
+    ) -> None:
+        """Forkserver: ``target(conn)`` runs in the child. Subprocess: ``child_command(...) --fd N`` does."""
+        self.mode = isolation(mode)
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._popen: subprocess.Popen[bytes] | None = None
+        if self.mode == "forkserver":
+            ctx = forkserver(preload)
+            self.conn, theirs = ctx.Pipe(duplex=True)
+            self._proc = ctx.Process(target=target, args=(theirs,), daemon=True)
+            self._proc.start()
+            theirs.close()
+        else:
+            mine, child = socket.socketpair()
+            cmd = [*child_command(module, frozen_command), "--fd", str(child.fileno())]
+            self._popen = subprocess.Popen(
+                cmd, pass_fds=(child.fileno(),), env=child_env(), stdin=subprocess.DEVNULL, start_new_session=True
+            )
+            child.close()
+            self.conn = Connection(mine.detach())
+        self.pid = self._proc.pid if self._proc is not None else self._popen.pid if self._popen else None
+
+    @property
+    def exitcode(self) -> int | None:
+        if self._proc is not None:
+            return self._proc.exitcode
+        return self._popen.poll() if self._popen is not None else None
+
+    def kill(self) -> None:
+        """SIGKILL the child (a parent blocked writing to it then gets an error instead of waiting)."""
+        if self._proc is not None and self._proc.exitcode is None:
+            self._proc.kill()
+        elif self._popen is not None and self._popen.poll() is None:
+            self._popen.kill()
+
+    def stop(self, timeout_s: float) -> None:
+        """Close the connection (the child's cue to exit), wait ``timeout_s``, then kill it."""
+        self.conn.close()
+        if self._proc is not None:
+            self._proc.join(timeout_s)
+            if self._proc.exitcode is None:
+                self._proc.kill()
+                self._proc.join()
+        elif self._popen is not None:
+            try:
+                self._popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self._popen.kill()
+                self._popen.wait()
+
+
+def connection_from_fd(fd: int) -> Connection:
+    """A subprocess child's end of its ``Child.conn`` (the descriptor passed with ``--fd``)."""
+    return Connection(fd)
+
+
+def fd_main(argv: Sequence[str] | None, module: str, description: str, serve: Callable[[Connection], None]) -> int:
+    """A subprocess child's ``main``: ``python -m module --fd N`` serves the inherited connection, dying with the agent."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {module}", description=description, epilog=f"Example: python -m {module} --fd 5"
+    )
+    parser.add_argument("--fd", type=int, required=True, help="the connection's descriptor, inherited from the agent")
+    args = parser.parse_args(argv)
+    die_with_parent()
+    serve(connection_from_fd(args.fd))
+    return 0

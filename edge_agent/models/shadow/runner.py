@@ -1,0 +1,199 @@
+"""The agent's side of a shadow: sample live requests, ship them to the shadow child in bulk, keep its figures.
+
+The request path only calls :meth:`ShadowRunner.offer`: one random draw and, for a sampled
+request, an append to a bounded queue (a full queue drops the copy and counts it). One
+shipping thread wakes every ``BATCH_EVERY_S``, packs what was queued into messages of up to
+``SHIP_CHUNK`` copies (``blob.pack``: the copies' tensors stacked, no per-copy pickling;
+a short sleep between two messages, so no single hold of the GIL grows with the request rate)
+and sends them to the child (``child``), which runs the candidate and the reference copy of the
+active version in its own process, with its own GIL, and reports the figures a few times a second. While the child is
+behind, the socket's buffer fills and the send waits (without the GIL); copies stay queued
+meanwhile, and past ``queue_size`` are dropped and counted.
+
+A child that dies (a segfault on a live input, the OOM killer) does not take the agent down:
+the runner keeps its last figures and sets ``failure`` (``shadow process died (SIGSEGV)``), which
+the verdict rejects with (``update.shadow.verdict``). It is not restarted: a candidate that
+crashes the runtime on live traffic is not one to promote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import select
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.inference.childproc import Child, Isolation, exit_reason, options_to_json
+from edge_agent.inference.runtime import RuntimeOptions
+from edge_agent.models.shadow import child
+from edge_agent.models.shadow.blob import Sample, pack
+from edge_agent.wire.shadow import ShadowFigures
+
+log = logging.getLogger(__name__)
+
+QUEUE_SIZE = 256  # sampled copies waiting for the child; more are dropped (and counted)
+BATCH_EVERY_S = 0.05  # the shipping thread sends what was queued this often
+SHIP_CHUNK = 64  # copies per message: one pack holds the GIL ~0.1 ms (cold caches), however busy the model
+PAUSE_S = 0.0002  # between two messages of one wake-up, the GIL is left to the requests
+STOP_TIMEOUT_S = 2.0  # a child that does not exit this long after its connection closed is killed
+LOAD_TIMEOUT_S = 60.0  # the child must have loaded both versions this long after the start, or the shadow fails
+
+
+@dataclass(frozen=True)
+class ShadowModel:
+    """A version as the shadow child loads it: its directory (a sealed one is opened there with ``fleet_key``)."""
+
+    name: str
+    version: str
+    version_dir: Path
+    fleet_key: Path | None = None
+    options: RuntimeOptions | None = None  # the child's runtime options (one interpreter; default one thread)
+
+    def spec(self) -> dict[str, str | None]:
+        return {"dir": str(self.version_dir), "fleet_key": None if self.fleet_key is None else str(self.fleet_key)}
+
+
+class ShadowRunner:
+    """Runs ``candidate`` in a child process on sampled copies of the requests ``primary_version`` answered."""
+
+    def __init__(
+        self,
+        candidate: ShadowModel,
+        primary_version: str,
+        rate: float,
+        *,
+        reference: ShadowModel | None = None,
+        queue_size: int = QUEUE_SIZE,
+        isolation: Isolation | None = None,
+        resume: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``reference``: the active version, loaded privately in the child and timed beside the candidate
+        (None: the live time). ``resume``: a ``state()`` saved before a restart, to go on from.
+        ``isolation``: how the child starts (``inference.childproc``; default forkserver, subprocess when frozen).
+        """
+        self.candidate = candidate
+        self.reference = reference
+        self.primary_version = primary_version
+        self.rate = rate
+        self.queue_size = queue_size
+        self.dropped = 0
+        self.failure: str | None = None  # set when the child could not load the versions or died
+        self.ready = threading.Event()  # set once the child has loaded both versions (copies flow from then on)
+        self.child_pid: int | None = None
+        self._child: Child | None = None
+        self._options = candidate.options or RuntimeOptions(num_threads=1, pool_size=1)
+        self._isolation = isolation
+        self._pending: deque[Sample] = deque()  # appended by the request path, drained by the shipping thread
+        self._random = random.Random()
+        self._state: dict[str, Any] | None = dict(resume) if resume else None
+        self._figures = child.Tally(resume).to_dict()  # the child's last report (replaced whole: no lock needed)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._ship, name=f"shadow-{candidate.name}", daemon=True)
+        self._thread.start()
+
+    # -- the request path -------------------------------------------------------------
+    def offer(
+        self, version: str, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], s: float
+    ) -> None:
+        """A request the active version answered; copied to the candidate with probability ``rate``
+        once the child has loaded both versions (before that, nothing is sampled or counted)."""
+        if version != self.primary_version or not self.ready.is_set() or self._random.random() >= self.rate:
+            return
+        if len(self._pending) >= self.queue_size:
+            self.dropped += 1  # the figure is a count; a lost increment under a race is harmless
+            return
+        self._pending.append((inputs, outputs, s))
+
+    # -- the shipping thread ------------------------------------------------------------
+    def _ship(self) -> None:
+        try:
+            proc = Child(child.serve_forked, child.MODULE, child.SHADOW_COMMAND, self._isolation, [child.MODULE])
+        except Exception as exc:  # no process could be started: the verdict rejects with the reason
+            self.fail(f"shadow process could not start: {exc}")
+            return
+        self.child_pid, self._child = proc.pid, proc
+        try:
+            setup = {
+                "candidate": self.candidate.spec(),
+                "reference": None if self.reference is None else self.reference.spec(),
+                "options": options_to_json(self._options),
+                "resume": self._state,
+            }
+            proc.conn.send_bytes(json.dumps(setup).encode())
+            self._loop(proc)
+        except (EOFError, OSError):
+            if not self._stop.is_set():
+                self.fail(f"shadow process died ({_reason(proc)})")
+        finally:
+            proc.stop(STOP_TIMEOUT_S)
+
+    def _loop(self, proc: Child) -> None:
+        """Ship and read reports until stopped. Every step is cheap for the GIL: a plain sleep, a
+        ``select.poll`` (``Connection.poll`` builds a selector per call), packs of ``SHIP_CHUNK``
+        copies and their writes."""
+        poller = select.poll()
+        poller.register(proc.conn.fileno(), select.POLLIN)
+        while True:
+            time.sleep(BATCH_EVERY_S)
+            if self._stop.is_set():
+                return
+            while poller.poll(0):  # readable: a report, or EOF (EOFError) once the child is gone
+                report = json.loads(proc.conn.recv_bytes())
+                if "error" in report:
+                    self.fail(f"shadow process could not load the versions: {report['error']}")
+                    return
+                if report.get("ready"):
+                    self.ready.set()
+                else:
+                    self._state = report.pop("state", None)
+                    self._figures = report
+            pending = self._pending
+            while pending and not self._stop.is_set():  # only filled once ready (``offer``)
+                proc.conn.send_bytes(pack([pending.popleft() for _ in range(min(SHIP_CHUNK, len(pending)))]))
+                if pending:
+                    time.sleep(PAUSE_S)  # a request waiting for the GIL gets it between chunks
+
+    def fail(self, reason: str) -> None:
+        """Mark the shadow failed (the verdict rejects with ``reason``); the first reason wins."""
+        if self.failure is None:
+            self.failure = reason
+        log.warning("shadow of %s %s: %s", self.candidate.name, self.candidate.version, reason)
+
+    # -- readers --------------------------------------------------------------------------
+    def figures(self) -> ShadowFigures:
+        """The figures so far (the child's last answer, and the copies dropped here)."""
+        return ShadowFigures(**self._figures, dropped=self.dropped)
+
+    def state(self) -> dict[str, Any] | None:
+        """What a restarted agent resumes from (``ShadowRunner(..., resume=...)``); None before any figures."""
+        return self._state
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop shipping and end the child (queued copies are discarded)."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive() and self._child is not None:  # blocked sending to a child that gets no CPU
+            self._child.kill()
+            self._thread.join(timeout_s)
+        self._pending.clear()
+
+    def info(self) -> dict[str, Any]:
+        return {"version": self.candidate.version, "rate": self.rate, **self.figures().to_dict()}
+
+
+def _reason(proc: Child) -> str:
+    """How the child ended (its exit code may take a moment to be collected after the connection broke)."""
+    deadline = time.monotonic() + 1.0
+    while proc.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    code = proc.exitcode
+    return "no exit status yet" if code is None else exit_reason(code)

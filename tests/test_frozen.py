@@ -1,0 +1,100 @@
+"""The frozen one-folder agent (#11 part 1): what the folder holds, and the real binary serving, predicting, validating."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.update.agent.slots import verify_manifest
+from tests.support.env import MODELS
+from tests.support.frozen import FrozenAgent, digits_body, package_tool
+
+
+def test_folder_has_version_manifest_and_models_but_no_tensorflow(frozen_agent: Path) -> None:
+    tool = package_tool()
+    assert (frozen_agent / "VERSION").read_text().strip() == tool.agent_version()
+    assert verify_manifest(frozen_agent) == []
+    listed = (frozen_agent / "SHA256SUMS").read_text()
+    assert "  edge-agent\n" in listed and "  VERSION\n" in listed
+    assert (frozen_agent / "_internal" / "models" / "digits" / "1" / "model.tflite").is_file()
+    top = [p.name.lower() for p in (frozen_agent / "_internal").iterdir()]  # tflite_runtime's own wrapper is fine
+    assert not [n for n in top if n.startswith(("tensorflow", "libtensorflow", "keras", "cloud_batch", "sklearn"))]
+
+
+def test_build_cache_key_covers_dependency_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dependency bump (numpy, the runtime, PyInstaller...) is a new build, not a stale cached one."""
+    tool = package_tool()
+    pins = tool.dependency_versions()
+    assert f"numpy=={np.__version__}" in pins and any(p.startswith("pyinstaller==") for p in pins)
+    assert any(p.startswith(("tflite-runtime==", "ai-edge-litert==")) for p in pins)
+    before = tool.source_digest(tmp_path)
+    monkeypatch.setattr(tool, "dependency_versions", lambda: [*pins[:-1], "starlette==0.0.1"])
+    assert tool.source_digest(tmp_path) != before
+
+
+def test_manifest_names_a_changed_file(frozen_agent: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(frozen_agent, copy, symlinks=True)
+    (copy / "VERSION").write_text("9.9.9\n")
+    (copy / "extra.txt").write_text("not shipped\n")
+    assert verify_manifest(copy) == ["VERSION", "extra.txt"]
+
+
+def test_run_serves_digits_without_opencv_and_sigterm_exits_0(frozen_agent: Path, tmp_path: Path) -> None:
+    agent = FrozenAgent(frozen_agent / "edge-agent", tmp_path / "data").start()
+    try:
+        agent.wait_ready()
+        status, out = agent.request("POST", "/v2/models/digits/infer", digits_body())
+        assert status == 200, out
+        assert out["model_name"] == "digits" and len(out["outputs"][0]["data"]) == 10
+        assert agent.request("GET", "/v2/models/nope")[0] == 404
+        assert agent.proc is not None
+        maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+        # The runtime is mapped (so the OpenCV check below means something): tflite_runtime, or ai_edge_litert on 3.12+.
+        assert "tflite_runtime" in maps or "ai_edge_litert" in maps
+        assert "cv2" not in maps and "opencv" not in maps, "OpenCV mapped by an agent serving only tensor models"
+    finally:
+        code = agent.terminate()
+    assert code == 0, agent.log.read_text()[-2000:]
+
+
+def run_cli(binary: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(binary), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_models_list_predict_and_install_through_the_frozen_validator(frozen_agent: Path, tmp_path: Path) -> None:
+    binary, data = frozen_agent / "edge-agent", tmp_path / "data"
+    agent = FrozenAgent(binary, data).start()  # the first start installs the shipped models
+    agent.wait_ready()
+    assert agent.terminate() == 0
+    listed = run_cli(binary, "models", "list", "--json", "--data-dir", str(data))
+    assert listed.returncode == 0, listed.stderr
+    assert {r["name"]: r["active"] for r in json.loads(listed.stdout)} == {"digits": "1", "maintenance": "1"}
+
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(1).random((1, 8, 8, 1)).astype(np.float32) * 16)
+    pred = run_cli(binary, "predict", "digits", "--input", str(x), "--json", "--data-dir", str(data))
+    assert pred.returncode == 0, pred.stderr
+    assert json.loads(pred.stdout)["model_version"] == "1"
+    # An untrusted file is validated in a child: a frozen agent re-runs itself as `edge-agent __validate__`.
+    inst = run_cli(binary, "models", "install", str(MODELS / "digits" / "1" / "model.tflite"), "--name", "digits",
+                   "--version", "2", "--data-dir", str(data))  # fmt: skip
+    assert inst.returncode == 0, inst.stderr
+    assert "installed digits version 2" in inst.stdout
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"TFL3" + b"\0" * 64)
+    refused = run_cli(binary, "models", "install", str(bad), "--name", "digits", "--data-dir", str(data))
+    assert refused.returncode == 1 and refused.stderr.startswith("error: "), refused.stderr
+
+
+def test_validate_child_reports_json(frozen_agent: Path) -> None:
+    done = run_cli(frozen_agent / "edge-agent", "__validate__", str(MODELS / "digits" / "1"), "--runs", "3")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["ok"] is True

@@ -1,0 +1,215 @@
+"""``cloud-batch score`` on the local engine: every input kind, the output's shape and metadata, reruns, publishing.
+
+Expected values come from the device runtime itself (``LoadedModel.predict`` on the same artifact,
+one row at a time): the batch path must give the same numbers, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cloud_batch.cli.main import main
+from cloud_batch.errors import RegistryError
+from cloud_batch.features.build import FeatureRegistry
+from cloud_batch.score.inputs import ArrayChunk
+from cloud_batch.score.job import score
+from cloud_batch.score.local import pool_context, run_local
+from cloud_batch.score.parts import read_metadata, staging_dir, written
+from cloud_batch.score.worker import ScorerSpec
+from edge_agent.inference.preprocess import load_input_file
+from edge_agent.inference.runtime import LoadedModel
+from edge_agent.wire.model.manifest import Manifest
+from tests.support.score import LIVE, digits_rows, live_frame, read_scores, score_registry, write_images
+
+
+@pytest.fixture
+def sreg(tmp_path: Path) -> Path:
+    return score_registry(tmp_path / "registry")
+
+
+def _device(reg: Path, name: str) -> LoadedModel:
+    manifest = Manifest.load(reg / name / "1" / "manifest.json")
+    return LoadedModel(reg / name / "1" / manifest.file, manifest)
+
+
+def _one_by_one(model: LoadedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    n = len(next(iter(inputs.values())))
+    outs = [model.predict({k: v[i : i + 1] for k, v in inputs.items()}) for i in range(n)]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def test_digits_npy_matches_the_device_runtime_row_by_row(sreg: Path, tmp_path: Path) -> None:
+    x = digits_rows(300)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "scores.parquet"
+    result = score(
+        sreg, "digits", "1", tmp_path / "x.npy", out, workers=2, batch_size=64, partition_rows=70, progress=False
+    )
+    assert (result.rows, result.parts, result.skipped_parts) == (300, 5, 0)
+    df = read_scores(out)
+    assert df["row"].tolist() == list(range(300))  # input order kept
+    probs = df[[f"probs_{i}" for i in range(10)]].to_numpy()
+    expected = _one_by_one(_device(sreg, "digits"), {"pixels": x})["probs"]
+    assert np.array_equal(probs, expected)
+    assert df["top_class"].tolist() == expected.argmax(axis=1).tolist()
+    assert np.array_equal(df["top_score"].to_numpy(), expected.max(axis=1))
+    meta = read_metadata(out)
+    assert meta is not None
+    manifest = Manifest.load(sreg / "digits" / "1" / "manifest.json")
+    assert (meta["model"], meta["version"], meta["engine"], meta["rows"]) == ("digits", "1", "local", 300)
+    assert meta["artifact_sha256"] == manifest.sha256 and len(meta["input_fingerprint"]) == 64
+    assert not staging_dir(out).exists()
+
+
+def test_rerun_with_same_arguments_is_a_no_op(sreg: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", digits_rows(50))
+    out = tmp_path / "s.parquet"
+    score(sreg, "digits", "1", tmp_path / "x.npy", out, workers=1, progress=False)
+    before = out.read_bytes()
+    again = score(sreg, "digits", "1", tmp_path / "x.npy", out, workers=1, progress=False)
+    assert again.skipped_parts == again.parts == 1 and out.read_bytes() == before
+
+
+def test_maintenance_from_columns_and_feature_set_with_entity_key(sreg: Path, tmp_path: Path) -> None:
+    df = live_frame(120)
+    df.to_parquet(tmp_path / "live.parquet")
+    out = tmp_path / "m.parquet"
+    score(sreg, "maintenance", "1", tmp_path / "live.parquet", out, entity_key="asset_id", features="asset_features",
+          workers=2, partition_rows=50, progress=False)  # fmt: skip
+    got = read_scores(out)
+    assert list(got.columns) == ["asset_id", "failure_prob"]  # no labels: not a classifier
+    assert got["asset_id"].tolist() == df["asset_id"].tolist()
+    bundle = FeatureRegistry(sreg).read("asset_features", "1")
+    order = [list(bundle.entities).index(a) for a in df["asset_id"]]
+    inputs = {"live": df[list(LIVE)].to_numpy(np.float32), "asset_features": bundle.values[order]}
+    expected = _one_by_one(_device(sreg, "maintenance"), inputs)["failure_prob"][:, 0]
+    assert np.array_equal(got["failure_prob"].to_numpy(), expected)
+
+
+def test_csv_directory_and_map_give_the_same_rows(sreg: Path, tmp_path: Path) -> None:
+    df = live_frame(90).rename(columns={"temperature": "t"})
+    parts = tmp_path / "csvs"
+    parts.mkdir()
+    df.iloc[:40].to_csv(parts / "a.csv", index=False)
+    df.iloc[40:].to_csv(parts / "b.csv", index=False)
+    out = tmp_path / "m.parquet"
+    mapping = {"live": ["t", "vibration", "pressure", "rpm"]}
+    score(sreg, "maintenance", "1", parts, out, entity_key="asset_id", mapping=mapping, features="asset_features@1",
+          workers=1, progress=False)  # fmt: skip
+    single = tmp_path / "one.csv"
+    df.to_csv(single, index=False)
+    out2 = tmp_path / "m2.parquet"
+    score(sreg, "maintenance", "1", single, out2, entity_key="asset_id", mapping=mapping, features="asset_features",
+          workers=1, progress=False)  # fmt: skip
+    assert read_scores(out).equals(read_scores(out2))
+
+
+def test_npz_with_every_input_by_name(sreg: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    arrays = {"live": rng.normal(10, 3, (40, 4)).astype(np.float32), "asset_features": rng.uniform(0, 5, (40, 18))}
+    np.savez(tmp_path / "m.npz", **arrays)
+    out = tmp_path / "m.parquet"
+    score(sreg, "maintenance", "1", tmp_path / "m.npz", out, workers=1, progress=False)
+    expected = _one_by_one(_device(sreg, "maintenance"), arrays)["failure_prob"][:, 0]
+    assert np.array_equal(read_scores(out)["failure_prob"].to_numpy(), expected)
+
+
+def test_image_directory_decoded_like_the_agent_and_bad_files_left_out(sreg: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    names = write_images(images, digits_rows(12))
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "i.parquet"
+    result = score(sreg, "digits", "1", images, out, workers=2, partition_rows=5, progress=False)
+    assert result.undecodable == ["broken.png"] and result.rows == 12
+    got = read_scores(out)
+    assert got["file"].tolist() == names
+    manifest = Manifest.load(sreg / "digits" / "1" / "manifest.json")
+    tensors = np.concatenate([load_input_file(images / n, manifest)["pixels"] for n in names])
+    expected = _one_by_one(_device(sreg, "digits"), {"pixels": tensors})["probs"]
+    assert np.array_equal(got[[f"probs_{i}" for i in range(10)]].to_numpy(), expected)
+
+
+def test_cli_publish_features_builds_a_set_that_features_build_reads_unchanged(
+    sreg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live_frame(50).to_parquet(tmp_path / "live.parquet")  # 50 rows, one per asset
+    out = tmp_path / "scores.parquet"
+    args = ["score", "maintenance", "--version", "1", "--registry", str(sreg), "--input", str(tmp_path / "live.parquet"),
+            "--output", str(out), "--entity-key", "asset_id", "--features", "asset_features", "--workers", "1",
+            "--publish-features", "maintenance_scores", "--features-version", "1", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert "maintenance_scores version 1" in capsys.readouterr().out
+    published = FeatureRegistry(sreg).read("maintenance_scores", "1")
+    assert published.info.feature_names == ("failure_prob",) and published.info.entity_key == "asset_id"
+    scores = read_scores(out).set_index("asset_id")["failure_prob"]
+    assert np.array_equal(published.values[:, 0], scores.loc[list(published.entities)].to_numpy())
+    # `features build --from` takes the output as it is
+    assert main(["features", "build", "again", "--version", "1", "--registry", str(sreg), "--from", str(out),
+                 "--entity-key", "asset_id", "--no-progress"]) == 0  # fmt: skip
+    again = FeatureRegistry(sreg).read("again", "1")
+    assert np.array_equal(again.values, published.values)
+    assert json.loads(pq.read_schema(out).metadata[b"edgefleet.score"])["rows"] == 50
+
+
+class _DyingChunk(ArrayChunk):
+    """A chunk whose worker dies as it starts on it, as when the runtime crashes (imported by the worker)."""
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return super().feeds()
+
+
+def test_a_worker_that_dies_is_a_clean_error_and_the_partitions_written_stay(sreg: Path, tmp_path: Path) -> None:
+    x, keys = digits_rows(200), np.arange(200, dtype=np.int64)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    spec = ScorerSpec(str(sreg / "digits" / "1"), 64, "row", str(staging))
+    tasks = [(0, ArrayChunk(keys[:100], {"pixels": x[:100]})), (1, _DyingChunk(keys[100:], {"pixels": x[100:]}))]
+    reported: list[int] = []
+    with pytest.raises(RegistryError, match=r"a scoring worker died .* rerun to resume"):
+        run_local(spec, tasks, 1, lambda part, rows, cpu: reported.append(part))
+    assert reported == [0] and set(written(staging)) == {0}
+    assert pq.read_metadata(written(staging)[0]).num_rows == 100
+
+
+def test_workers_are_not_forked_from_the_threaded_driver(sreg: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", digits_rows(50))
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "error", message=r".*use of fork\(\) may lead to deadlocks", category=DeprecationWarning
+        )
+        result = score(sreg, "digits", "1", tmp_path / "x.npy", tmp_path / "s.parquet", workers=1, progress=False)
+    assert pool_context().get_start_method() in ("forkserver", "spawn")
+    assert result.worker_cpu_s is not None and result.worker_cpu_s > 0
+
+
+def test_a_torn_or_short_partition_is_scored_again(sreg: Path, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", digits_rows(300))
+    reference, out = tmp_path / "reference.parquet", tmp_path / "o.parquet"
+    score(sreg, "digits", "1", tmp_path / "x.npy", reference, workers=1, partition_rows=100, progress=False)
+
+    def stop(parts: int, rows: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        score(sreg, "digits", "1", tmp_path / "x.npy", out, workers=1, partition_rows=100, progress=False, on_part=stop)
+    staging = staging_dir(out)
+    for path in written(staging).values():
+        path.unlink()
+    part0 = pq.read_table(reference).slice(0, 100)
+    pq.write_table(part0, staging / "0_local.parquet")
+    torn = (staging / "0_local.parquet").read_bytes()[:-20]  # what a power cut can leave without fsync
+    (staging / "0_local.parquet").write_bytes(torn)
+    pq.write_table(part0.slice(0, 10), staging / "1_local.parquet")  # a complete footer, rows missing
+    pq.write_table(part0, staging / "7_local.parquet")  # not a partition of this run
+    again = score(sreg, "digits", "1", tmp_path / "x.npy", out, workers=1, partition_rows=100, progress=False)
+    assert again.skipped_parts == 0
+    assert out.read_bytes() == reference.read_bytes()
