@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 import paho.mqtt.client as mqtt  # noqa: E402
 
+from bench.procstat import cpu_s  # noqa: E402
 from cloud_batch.fleetops.broker import open_link  # noqa: E402
 from cloud_batch.fleetops.keys import generate_keys  # noqa: E402
 from cloud_batch.fleetops.release import release  # noqa: E402
@@ -69,8 +70,7 @@ def cpu_seconds(pid: int | None = None) -> float:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_s(pid)
     except (OSError, IndexError, ValueError):
         return float("nan")
 

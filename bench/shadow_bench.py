@@ -44,6 +44,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.procstat import cpu_s  # noqa: E402
 from edge_agent.http.app import create_app  # noqa: E402
 from edge_agent.inference.runtime import RuntimeOptions  # noqa: E402
 from edge_agent.models.serving import ModelServer  # noqa: E402
@@ -55,7 +56,6 @@ from tests.support.shadow import digits_body  # noqa: E402
 
 DIGITS = REPO / "models" / "digits" / "1"
 GOAL = 0.05  # the primary's p99 may rise at most 5%
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def run_round(conn: http.client.HTTPConnection, body: bytes, n: int) -> list[float]:
@@ -76,10 +76,9 @@ def proc_cpu_s(pid: int | None) -> float:
     if pid is None:
         return 0.0
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return cpu_s(pid)
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def baseline_module(rev: str) -> ModuleType:

@@ -30,38 +30,8 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import package  # noqa: E402
 
+from bench.procstat import children, cpu_s, pss_mb, rss_mb  # noqa: E402
 from tests.support.frozen import FrozenAgent, digits_body  # noqa: E402
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def children(pid: int) -> list[int]:
-    """``pid``'s descendants (from /proc/*/stat parent ids)."""
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    found, todo = [], [pid]
-    while todo:
-        this = todo.pop()
-        kids = [c for c, p in parent.items() if p == this]
-        found += kids
-        todo += kids
-    return found
-
-
-def pss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -69,12 +39,6 @@ def memory(pid: int) -> dict[str, float]:
     tree = [pid, *children(pid)]
     return {"rss_mb": rss_mb(pid), "tree_rss_mb": sum(map(rss_mb, tree)), "tree_pss_mb": sum(map(pss_mb, tree)),
             "processes": len(tree)}  # fmt: skip
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far (start-up cost independent of other load on the machine)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 WRITER: dict[str, str] = {}  # --writer: the [telemetry] writer setting given to the agents

@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 
+from bench.procstat import rss_mb  # noqa: E402
 from cloud_batch.features.build import build  # noqa: E402
 from cloud_batch.features.push import plan_push, publish_push  # noqa: E402
 from cloud_batch.fleetops.broker import open_link  # noqa: E402
@@ -60,11 +61,7 @@ DIGITS = REPO / "models" / "digits" / "1"
 
 def proc_sample(pid: int) -> tuple[float, int]:
     """(RSS in MB, open fds) of ``pid``."""
-    rss_kb = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss_kb = int(line.split()[1])
-    return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+    return rss_mb(pid), len(os.listdir(f"/proc/{pid}/fd"))
 
 
 class Load(threading.Thread):

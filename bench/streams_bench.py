@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.batching_bench import mode_env  # noqa: E402
 from bench.gitcode import tree_at  # noqa: E402
+from bench.procstat import rss_mb  # noqa: E402
 from bench.run import free_port  # noqa: E402
 from edge_agent.inference.preprocess import frame_to_tensor  # noqa: E402
 from edge_agent.inference.runtime import LoadedModel, RuntimeOptions  # noqa: E402
@@ -245,9 +246,7 @@ def agent_start(mode: str, head: Path, work: Path) -> tuple[float, int]:
                 raise SystemExit(f"{mode} agent did not become ready")
         took = time.perf_counter() - t0
         time.sleep(1.0)  # settle: the watcher and first sync have run
-        with open(f"/proc/{proc.pid}/status") as f:
-            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-        return took, rss
+        return took, int(rss_mb(proc.pid) * 1024 * 1024)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ sys.path.insert(0, str(REPO / "bench"))
 if "--code" in sys.argv:  # another tree's edge_agent (e.g. `git archive HEAD edge_agent`), for --writer-only
     sys.path.insert(0, sys.argv[sys.argv.index("--code") + 1])
 
+from bench.procstat import cpu_s  # noqa: E402
 from edge_agent.http.infer import InferPath  # noqa: E402
 from edge_agent.models.serving import ModelServer  # noqa: E402
 from edge_agent.models.store import ModelStore  # noqa: E402
@@ -117,8 +117,8 @@ def _cpu(pid: int, port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/agent/status", timeout=10) as r:
         tel = json.loads(r.read()).get("telemetry") or {}
     return {
-        "agent": _cpu_s(pid),
-        "loop": _cpu_s(pid, pid),
+        "agent": cpu_s(pid),
+        "loop": cpu_s(pid, pid),
         "tel_thread": float(tel.get("writer_cpu_s", 0.0)),
         "writer_proc": float((tel.get("writer") or {}).get("cpu_s", 0.0)),
     }
@@ -163,13 +163,6 @@ def _http_result(v: dict[str, list[float]]) -> dict:
         "cpu_per_req_c8": cpu,
         "rounds_rps_c8": [round(x) for x in v["rps"]],
     }
-
-
-def _cpu_s(pid: int, tid: int | None = None) -> float:
-    """CPU seconds (user + system) of the process (all threads), or of its thread ``tid``: robust to other load."""
-    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _digits_samples(where: Path) -> tuple[Any, np.ndarray, list[dict[str, np.ndarray]]]:

@@ -42,7 +42,8 @@ def test_an_agreeing_candidate_is_promoted_and_serves_after_its_health_window(
 ) -> None:
     device, api = served
     with Traffic(api.host, api.port, digits_body(digits_dir)) as traffic:
-        doc = cloud.release(v2, **SHADOW, promote_max_latency_ratio=20)  # the same model; the latency rule has its own test
+        # the same model twice; the latency rule has its own test (a loaded box skews 200-sample p50s)
+        doc = cloud.release(v2, **SHADOW, promote_max_latency_ratio=20)
         report = cloud.wait_result(device.device_id, doc["release_id"])
         cloud.wait(lambda: traffic.versions.count("2") >= 5, "version 2 to answer")
     assert report.result == "success", report
