@@ -6,7 +6,8 @@ every mode alike) the shadow is off, or digits 2 (the same model) runs in shadow
 every request: the ``ShadowRunner`` a shadow release starts (bounded queue, a shipping thread
 that sends each wake-up's copies to the shadow process in one message, the candidate and the
 reference copy of the active version run there). ``--baseline REV`` adds rounds of the
-runner as it was at git revision REV (e.g. the in-process worker thread of 182381c), loaded
+runner as it was at git revision REV (a revision with ``edge_agent/models/shadow.py``; the worker-thread
+design measured in docs/benchmarks.md, 182381c, is not in this repository's history), loaded
 from ``git show``, for a before/after in the same run.
 
 Reported per mode: the client-observed p50/p90/p99, the p99 change against the adjacent
@@ -19,7 +20,7 @@ Run (prints a markdown table, the goal and the command that reproduces it)::
 
     .venv/bin/python bench/shadow_bench.py --quick                      # <= 2 minutes
     .venv/bin/python bench/shadow_bench.py --requests 4000 --rounds 10
-    .venv/bin/python bench/shadow_bench.py --quick --baseline 182381c   # before/after, interleaved
+    .venv/bin/python bench/shadow_bench.py --quick --baseline REV       # before/after, interleaved
 """
 
 from __future__ import annotations

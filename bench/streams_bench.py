@@ -12,7 +12,7 @@
    model slowed to ~25 ms a frame (its backend sleeps in ``invoke``). Process CPU use, the frame's
    age when inference starts, and how far the result lags behind the source's own clock.
 3. **The agent without streams**: ``edge-agent run`` start time (spawn → ready) and RSS once ready,
-   this working tree against ``edge_agent`` as committed at ``--base REV`` (default ``3085c7b^``, the
+   this working tree against ``edge_agent`` as committed at ``--base REV`` (default ``5e4ad96``, the
    commit before streams landed; it also predates the rest of #8-#11 and #13, which that commit
    carried), alternating, with bytecode cached (``PYTHONPYCACHEPREFIX``; a warm-up start per side);
    and the import time and Python heap of the stream modules such an agent loads (#12's part alone).
@@ -52,7 +52,7 @@ from tests.support.video import write_clip  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SOURCE_FPS = 100
-DEFAULT_BASE = "3085c7b^"  # the commit before camera streams (#12) landed
+DEFAULT_BASE = "5e4ad96"  # the last landed commit before #9-#13 (camera streams among them)
 
 
 def install_face(work: Path, options: RuntimeOptions | None = None) -> ModelServer:

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/transfer_bench.py                     # 12.9 MB, 128 KiB chunks, 7 rounds
     .venv/bin/python bench/transfer_bench.py --quick             # 15 rounds, no 'before': ~10 s
-    .venv/bin/python bench/transfer_bench.py --compare 182381c   # also today's code against that commit's
+    .venv/bin/python bench/transfer_bench.py --compare 5e4ad96   # also today's code against that commit's
 
 One private mosquitto (tests/broker.py) holds the artifact as retained chunks; one device link,
 already connected (as in a running agent), fetches it again and again. Each round runs, in turn:
