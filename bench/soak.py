@@ -13,7 +13,7 @@ from models/), then for ``--minutes``:
 - a broker restart every ``--restart-every-s`` (300 s);
 - telemetry on (the default) with 10% of inputs sampled: the outbox fills to its bound (no ingest
   acknowledges it here), so its drop path runs for most of the soak;
-- every 5 s: the agent's RSS and open fds (/proc).
+- every 5 s: the agent's RSS and open fds, and the summed RSS of the agent and its child processes (/proc).
 
 Reports RSS growth after the warm-up (first ``--warmup-min`` minutes), the fd range, requests
 by outcome (4xx "refused by design" apart from failures) and committed releases/pushes, as
@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 
-from bench.procstat import rss_mb  # noqa: E402
+from bench.procstat import children, rss_mb  # noqa: E402
 from cloud_batch.features.build import build  # noqa: E402
 from cloud_batch.features.push import plan_push, publish_push  # noqa: E402
 from cloud_batch.fleetops.broker import open_link  # noqa: E402
@@ -59,9 +59,10 @@ FLEET = "soak"
 DIGITS = REPO / "models" / "digits" / "1"
 
 
-def proc_sample(pid: int) -> tuple[float, int]:
-    """(RSS in MB, open fds) of ``pid``."""
-    return rss_mb(pid), len(os.listdir(f"/proc/{pid}/fd"))
+def proc_sample(pid: int) -> tuple[float, int, float]:
+    """(RSS in MB, open fds) of ``pid``, and the summed RSS of it and its descendants (the telemetry writer)."""
+    tree = sum(rss_mb(c) for c in children(pid))
+    return rss_mb(pid), len(os.listdir(f"/proc/{pid}/fd")), rss_mb(pid) + tree
 
 
 class Load(threading.Thread):
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     port = free_port()
     agent = start_agent(work, broker.url, pub, port)
-    samples: list[tuple[float, float, int]] = []
+    samples: list[tuple[float, float, int, float]] = []
     events: list[tuple[float, str]] = []
     stop = threading.Event()
     loads: list[Load] = []
@@ -187,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             if agent.poll() is not None:
                 raise SystemExit(f"the agent exited with {agent.returncode}; see {work / 'agent.log'}")
             if now >= next_sample:
-                rss, fds = proc_sample(agent.pid)
-                samples.append((now, rss, fds))
+                samples.append((now, *proc_sample(agent.pid)))
                 next_sample += 5
             if now >= next_release:
                 mver += 1
@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         errors.update(load.errors)
     warm = [s for s in samples if s[0] >= args.warmup_min * 60] or samples
     rss0, rss1 = warm[0][1], warm[-1][1]
+    tree0, tree1 = warm[0][3], warm[-1][3]
     served = {k: v.get("version") for k, v in status.get("models", {}).items()}
     result = {
         "minutes": args.minutes,
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb_after_warmup": [round(rss0, 1), round(rss1, 1)],
         "rss_growth_pct": round((rss1 - rss0) / rss0 * 100, 2),
         "rss_mb_min_max": [round(min(s[1] for s in warm), 1), round(max(s[1] for s in warm), 1)],
+        "tree_rss_mb_after_warmup": [round(tree0, 1), round(tree1, 1)],
+        "tree_rss_growth_pct": round((tree1 - tree0) / tree0 * 100, 2),
         "fds_min_max_after_warmup": [min(s[2] for s in warm), max(s[2] for s in warm)],
         "releases": sum(1 for _, e in events if e == "release"),
         "pushes": sum(1 for _, e in events if e == "push"),
@@ -254,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"- RSS after warm-up: {rss0:.1f} → {rss1:.1f} MB ({result['rss_growth_pct']:+.2f}%), fds {result['fds_min_max_after_warmup']}"
     )
+    print(f"- with its child processes: {tree0:.1f} → {tree1:.1f} MB ({result['tree_rss_growth_pct']:+.2f}%)")
     print(
         f"- {result['releases']} releases, {result['pushes']} pushes, {result['broker_restarts']} broker restarts; serving {served}"
     )
@@ -262,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plot(samples: list[tuple[float, float, int]], events: list[tuple[float, str]], out: Path, warmup: float) -> None:
+def plot(
+    samples: list[tuple[float, float, int, float]], events: list[tuple[float, str]], out: Path, warmup: float
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,8 +276,11 @@ def plot(samples: list[tuple[float, float, int]], events: list[tuple[float, str]
 
     t = [s[0] / 60 for s in samples]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 5.5), sharex=True)
-    ax1.plot(t, [s[1] for s in samples], color="tab:blue")
-    ax1.set_ylabel("agent RSS (MB)")
+    lines = [
+        *ax1.plot(t, [s[1] for s in samples], color="tab:blue", label="agent"),
+        *ax1.plot(t, [s[3] for s in samples], color="tab:cyan", label="agent + children (summed)"),
+    ]
+    ax1.set_ylabel("RSS (MB)")
     ax2.plot(t, [s[2] for s in samples], color="tab:green")
     ax2.set_ylabel("open fds")
     ax2.set_xlabel("minutes")
@@ -280,7 +289,7 @@ def plot(samples: list[tuple[float, float, int]], events: list[tuple[float, str]
         ax.axvspan(0, warmup, color="0.92")
         for when, what in events:
             ax.axvline(when / 60, color=colors[what], lw=0.6, alpha=0.6)
-    handles = [plt.Line2D([], [], color=c, label=k) for k, c in colors.items()]
+    handles = [*lines, *(plt.Line2D([], [], color=c, label=k) for k, c in colors.items())]
     ax1.legend(handles=handles, loc="lower right", fontsize=8)
     ax1.set_title("edge-agent soak: RSS and fds (grey: warm-up; lines: releases, pushes, broker restarts)")
     fig.tight_layout()
