@@ -61,8 +61,8 @@ DIGITS = REPO / "models" / "digits" / "1"
 
 def proc_sample(pid: int) -> tuple[float, int, float]:
     """(RSS in MB, open fds) of ``pid``, and the summed RSS of it and its descendants (the telemetry writer)."""
-    tree = sum(rss_mb(c) for c in children(pid))
-    return rss_mb(pid), len(os.listdir(f"/proc/{pid}/fd")), rss_mb(pid) + tree
+    rss = rss_mb(pid)
+    return rss, len(os.listdir(f"/proc/{pid}/fd")), rss + sum(rss_mb(c) for c in children(pid))
 
 
 class Load(threading.Thread):
