@@ -1,12 +1,12 @@
 """The frozen agent (#11): build time, folder size by library, cold start to first prediction, idle RSS.
 
-    .venv/bin/python bench/ship_bench.py [--runs 5] [--out bench/out/ship.json] [--folder DIR] [--writer thread]
+    .venv/bin/python bench/ship_bench.py [--runs 5] [--out bench/out/ship.json] [--folder DIR] [--writer process]
 
 Builds ``tools/package.py`` into a temp dir (a fresh PyInstaller run, its own work dir), then
 starts the frozen ``edge-agent run`` and, side by side, the source install's ``edge-agent run``
 (the same data dir layout, shipped models installed on the first start): time from ``exec`` to
 the first 200 of a digits ``infer``, and two seconds after that prediction (idle): VmRSS of the
-agent process, and of the agent with its children (the telemetry writer process, on by default)
+agent process, and of the agent with its children (a telemetry writer process with `--writer process`)
 both as summed VmRSS and as summed PSS (``smaps_rollup``: shared library pages counted once).
 """
 

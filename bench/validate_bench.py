@@ -1,6 +1,7 @@
-"""Isolated validation: a fresh ``python -m`` child vs a forkserver child, beside the model's own work (issue #15).
+"""Isolated validation: a fresh child vs a forkserver child, beside the model's own work (issue #15).
 
     .venv/bin/python bench/validate_bench.py [--rounds 5]
+    .venv/bin/python bench/validate_bench.py --frozen build/frozen/<digest>/dist/edge-agent [--rounds 5]
 
 For digits (models/digits/1) and the int8 MobileNetV2 (bench/out/mobilenet_v2_int8.tflite, built
 by bench/make_mobilenet.py), one run measures, alternating, ``--rounds`` times each:
@@ -8,10 +9,12 @@ by bench/make_mobilenet.py), one run measures, alternating, ``--rounds`` times e
 - ``in-process``: ``validate.check`` in this process (manifest + sha256, load, golden samples,
   30 timed calls): the model's own work, with no isolation;
 - ``subprocess``: ``validate_candidate(isolation="subprocess")``, a fresh interpreter per candidate
-  (the agent's behaviour before #15);
+  (``python -m``, or the frozen binary re-run as ``__validate__``: the agent's behaviour before #15);
 - ``forkserver``: ``validate_candidate(isolation="forkserver")``, a child forked from a server
   that imported numpy and the TFLite runtime once (the server's own start is reported apart).
 
+``--frozen DIR`` runs the same measurement inside the frozen binary ``DIR/edge-agent`` (its
+interpreter, its runtime, its forkserver: ``tests.support.frozen.run_in_frozen``).
 Overhead = isolated median − in-process median. Prints a markdown table and the command.
 """
 
@@ -19,58 +22,76 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from make_mobilenet import bench_models  # noqa: E402  (bench/ is on sys.path: run as a script)
 
-from edge_agent.update.validate import DEFAULT_RUNS, check, options_from_json, options_to_json, validate_candidate  # noqa: E402
+def measure(models: dict[str, str], rounds: int) -> dict[str, Any]:
+    """Medians in ms per model and mode, and the forkserver's first start; self-contained (runs frozen too)."""
+    import statistics
+    import time
+    from pathlib import Path
 
+    from edge_agent.update.validate import DEFAULT_RUNS, check, options_from_json, options_to_json, validate_candidate
 
-def timed(fn: object) -> float:
-    t0 = time.perf_counter()
-    fn()  # type: ignore[operator]
-    return time.perf_counter() - t0
+    def timed(fn: Any) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    options = options_from_json(options_to_json(None))
+    first = timed(lambda: validate_candidate(models["digits"], max_latency_ms=None, isolation="forkserver"))
+    rows, raw = {}, {}
+    for name, vdir in models.items():
+        t: dict[str, list[float]] = {"in-process": [], "subprocess": [], "forkserver": []}
+        for _ in range(rounds):
+            t["in-process"].append(timed(lambda v=vdir: check(Path(v), options, DEFAULT_RUNS)))
+            for mode in ("subprocess", "forkserver"):
+                t[mode].append(timed(lambda v=vdir, m=mode: validate_candidate(v, max_latency_ms=None, isolation=m)))
+        rows[name] = {k: statistics.median(v) * 1e3 for k, v in t.items()}
+        raw[name] = {k: [round(x * 1e3, 1) for x in v] for k, v in t.items()}
+    return {"rows": rows, "raw": raw, "first_fork_ms": first * 1e3}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--frozen", type=Path, help="a frozen build's folder (dist/edge-agent): measure inside it")
     args = ap.parse_args(argv)
+    from make_mobilenet import bench_models  # bench/ is on sys.path when run as a script
+
     work = Path(tempfile.mkdtemp(prefix="validate-bench-"))
-    models = bench_models(work / "registry")
-    options = options_from_json(options_to_json(None))
-    first_fork = timed(lambda: validate_candidate(models["digits"], max_latency_ms=None, isolation="forkserver"))
-    rows = {}
     try:
-        for name, vdir in models.items():
-            t: dict[str, list[float]] = {"in-process": [], "subprocess": [], "forkserver": []}
-            for _ in range(args.rounds):
-                t["in-process"].append(timed(lambda v=vdir: check(v, options, DEFAULT_RUNS)))
-                for mode in ("subprocess", "forkserver"):
-                    t[mode].append(
-                        timed(lambda v=vdir, m=mode: validate_candidate(v, max_latency_ms=None, isolation=m))
-                    )
-            rows[name] = {k: statistics.median(v) * 1e3 for k, v in t.items()}
-            print(name, {k: [round(x * 1e3, 1) for x in v] for k, v in t.items()}, flush=True)
+        models = {k: str(v) for k, v in bench_models(work / "registry").items()}
+        if args.frozen is not None:
+            from tests.support.frozen import run_in_frozen
+
+            out = run_in_frozen(args.frozen / "edge-agent", measure, models, args.rounds, timeout_s=1800)
+        else:
+            out = measure(models, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print("\n| model | in-process ms | subprocess ms | overhead | forkserver ms | overhead |")
+    for name, t in out["raw"].items():
+        print(name, t, flush=True)
+    where = f"frozen {args.frozen}" if args.frozen else sys.executable
+    print(f"\n{where}\n\n| model | in-process ms | subprocess ms | overhead | forkserver ms | overhead |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, r in rows.items():
+    for name, r in out["rows"].items():
         base = r["in-process"]
         print(
             f"| {name} | {base:.1f} | {r['subprocess']:.1f} | {r['subprocess'] - base:+.1f} | "
             f"{r['forkserver']:.1f} | {r['forkserver'] - base:+.1f} |"
         )
-    print(f"\nforkserver start + first digits validation: {first_fork * 1e3:.0f} ms (once per agent process)")
-    print(f"medians of {args.rounds}; reproduce: `.venv/bin/python bench/validate_bench.py --rounds {args.rounds}`")
+    print(f"\nforkserver start + first digits validation: {out['first_fork_ms']:.0f} ms (once per agent process)")
+    frozen = f" --frozen {args.frozen}" if args.frozen else ""
+    print(
+        f"medians of {args.rounds}; reproduce: `.venv/bin/python bench/validate_bench.py --rounds {args.rounds}{frozen}`"
+    )
     return 0
 
 

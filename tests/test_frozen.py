@@ -11,7 +11,7 @@ import pytest
 
 from edge_agent.update.agent.slots import verify_manifest
 from tests.support.env import MODELS
-from tests.support.frozen import FrozenAgent, digits_body, package_tool
+from tests.support.frozen import FrozenAgent, digits_body, package_tool, run_in_frozen
 
 
 def test_folder_has_version_manifest_and_models_but_no_tensorflow(frozen_agent: Path) -> None:
@@ -82,7 +82,7 @@ def test_models_list_predict_and_install_through_the_frozen_validator(frozen_age
     pred = run_cli(binary, "predict", "digits", "--input", str(x), "--json", "--data-dir", str(data))
     assert pred.returncode == 0, pred.stderr
     assert json.loads(pred.stdout)["model_version"] == "1"
-    # An untrusted file is validated in a child: a frozen agent re-runs itself as `edge-agent __validate__`.
+    # An untrusted file is validated in a child, forked from the frozen binary run as a forkserver.
     inst = run_cli(binary, "models", "install", str(MODELS / "digits" / "1" / "model.tflite"), "--name", "digits",
                    "--version", "2", "--data-dir", str(data))  # fmt: skip
     assert inst.returncode == 0, inst.stderr
@@ -91,6 +91,26 @@ def test_models_list_predict_and_install_through_the_frozen_validator(frozen_age
     bad.write_bytes(b"TFL3" + b"\0" * 64)
     refused = run_cli(binary, "models", "install", str(bad), "--name", "digits", "--data-dir", str(data))
     assert refused.returncode == 1 and refused.stderr.startswith("error: "), refused.stderr
+
+
+def _validate_twice(version_dir: str) -> dict:
+    """Runs inside the frozen interpreter (``run_in_frozen``): two validations as the agent runs them."""
+    import multiprocessing.forkserver
+    import os
+
+    from edge_agent.update.validate import validate_candidate
+
+    reports = [validate_candidate(version_dir, max_latency_ms=None) for _ in range(2)]
+    server = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    return {"ok": [r["ok"] for r in reports], "pids": [r["pid"] for r in reports], "server": server, "me": os.getpid()}
+
+
+def test_a_frozen_agent_validates_in_children_of_its_own_forkserver(frozen_agent: Path) -> None:
+    # No binary re-run per candidate: the first validation starts the forkserver, both fork from it.
+    got = run_in_frozen(frozen_agent / "edge-agent", _validate_twice, str(MODELS / "digits" / "1"))
+    assert got["ok"] == [True, True]
+    assert isinstance(got["server"], int) and got["server"] != got["me"]
+    assert len(set(got["pids"])) == 2 and got["me"] not in got["pids"]
 
 
 def test_validate_child_reports_json(frozen_agent: Path) -> None:

@@ -85,7 +85,7 @@ def test_the_process_writes_the_rows_the_thread_writes_and_survives_a_kill(
         proc.stop()
 
 
-def test_a_frozen_agent_starts_the_writer_as_a_subprocess(tmp_path: Path, model_server: ModelServer) -> None:
+def test_the_writer_also_runs_as_a_fresh_subprocess(tmp_path: Path, model_server: ModelServer) -> None:
     tel = _telemetry(tmp_path / "t", "process", isolation="subprocess")
     try:
         assert tel.outbox.append([Row("event", 1.0, "{}")]) == 1

@@ -109,6 +109,13 @@ def test_a_good_update_commits_and_cleans_up(rig: Rig) -> None:
     assert rig.changes[-1] == ("committed", "success")
 
 
+def test_the_validator_is_warmed_as_a_model_download_starts(rig: Rig) -> None:
+    warmed: list[list[str]] = []
+    rig.machine.seams.warm = lambda: warmed.append(rig.states())  # what had happened when it was called
+    assert rig.machine.run(rig.record()).state == "committed"
+    assert warmed == [["idle", "downloading"]]  # once, before the download, long before validating
+
+
 @pytest.mark.parametrize("state", [s for s in State if s not in FINAL])
 def test_the_record_is_saved_before_each_action(tmp_path: Path, digits_dir: Path, state: State) -> None:
     """A crash inside any step leaves that step's state on disk; resuming from there finishes the update."""

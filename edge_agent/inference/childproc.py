@@ -6,10 +6,11 @@ taking the agent's GIL (``models.shadow``). Both start their child the same way:
 
 - by default it is forked from a multiprocessing *forkserver* that imported numpy and the
   installed TFLite runtime once (``forkserver``): no ~100-300 ms of imports per child, yet each
-  child is its own process (a segfault kills only it);
-- a frozen (PyInstaller) agent has no ``python -m`` and no importable forkserver entry point: it
-  re-runs its own binary with a hidden first argument (``child_command``), as does
-  ``isolation="subprocess"``.
+  child is its own process (a segfault kills only it). A frozen (PyInstaller) agent has one too:
+  its binary, re-run as multiprocessing asks, serves as the forkserver (``edge_agent.__main__``
+  calls ``multiprocessing.freeze_support()``, which PyInstaller's runtime hook diverts);
+- ``isolation="subprocess"`` runs a fresh interpreter per child: ``python -m module``, or a
+  frozen binary with a hidden first argument (``child_command``).
 
 ``Child`` is a started child with one duplex ``Connection`` in either mode (a socketpair whose
 child end is passed by descriptor to a subprocess), for a child that lives as long as a job.
@@ -66,8 +67,8 @@ def frozen() -> bool:
 
 
 def isolation(requested: Isolation | None) -> Isolation:
-    """The mode a child starts in: ``requested``, else ``subprocess`` when frozen, else ``forkserver``."""
-    return requested or ("subprocess" if frozen() else "forkserver")
+    """The mode a child starts in: ``requested``, else ``forkserver`` (frozen or not)."""
+    return requested or "forkserver"
 
 
 def forkserver(preload: Sequence[str] = ()) -> multiprocessing.context.ForkServerContext:
@@ -85,6 +86,14 @@ def forkserver(preload: Sequence[str] = ()) -> multiprocessing.context.ForkServe
                 _PRELOAD.append(module)
         _CTX.set_forkserver_preload(list(_PRELOAD))
         return _CTX
+
+
+def warm(preload: Sequence[str] = ()) -> None:
+    """Start the forkserver on a background thread unless it runs; a child started later waits for it, no more."""
+    from multiprocessing import forkserver as server
+
+    forkserver(preload)
+    threading.Thread(target=server.ensure_running, name="edgefleet-forkserver-start", daemon=True).start()
 
 
 def _importable(module: str) -> bool:

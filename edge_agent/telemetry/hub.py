@@ -4,9 +4,9 @@ The thread flushes the recorder every ``flush_interval_s`` (the power-loss windo
 broker link is attached, steps the uploader in between. Events (update results, load errors,
 restarts) are queued by any thread with :meth:`Telemetry.event` and committed by the next flush.
 
-``writer="process"`` (the agent's default, ``[telemetry] writer``) hands each flush to a writer
-process that owns the outbox (``telemetry.writer.remote``); ``"thread"`` builds and commits rows on this
-thread (``writer.local.LocalWriter``), as the process's fallback does.
+``writer="thread"`` (the agent's default, ``[telemetry] writer``) builds and commits rows on this
+thread (``writer.local.LocalWriter``); ``"process"`` hands each flush to a writer process that owns
+the outbox (``telemetry.writer.remote``), falling back to the thread after repeated deaths.
 
 Metrics (in the API's registry)::
 

@@ -65,7 +65,7 @@ from edge_agent.update.seams import (
 )
 from edge_agent.update.shadow.verdict import shadow_seams
 from edge_agent.update.states import State, UpdateRecord, record_key, recover_before_serving
-from edge_agent.update.validate import validate_candidate
+from edge_agent.update.validate import validate_candidate, warm_up
 from edge_agent.wire.names import check_name, check_segment
 from edge_agent.wire.protocol import DeviceState, Release
 from edge_agent.wire.topics import (
@@ -142,6 +142,7 @@ class OtaAgent:
             monotonic=monotonic,
             wait=wait,
             features=features,
+            warm=warm_up if validator is None else None,
             **shadow_seams(store, server),
         )
         self.machine = UpdateMachine(self.data_dir, seams, opts, on_change=self._on_record)

@@ -262,6 +262,8 @@ class UpdateMachine:
         self.installer(record.kind)  # a kind this device cannot install fails before any download
         artifact = self.artifact_of(record, release)
         out = self.artifact_path(artifact)
+        if self.seams.warm is not None and record.kind == "model":
+            self.seams.warm()
         for attempt in range(1, self.download_attempts + 1):
             try:
                 self.seams.fetcher.fetch(artifact, out, control.interrupt)

@@ -133,6 +133,7 @@ class Seams:
     features: FeatureCache | None = None  # set: releases of kind "features" are applied to this cache
     taps: ModelTaps | None = None  # the request path's figures: shadowing and the health signals (models.taps)
     load: Callable[[str, str], ShadowModel] | None = None  # (name, version) -> what the shadow process loads
+    warm: Callable[[], None] | None = None  # called as a download starts: the validator's forkserver starts meanwhile
 
 
 class MqttFetcher:

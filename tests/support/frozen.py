@@ -132,3 +132,38 @@ def digits_body(seed: int = 0) -> dict[str, Any]:
 
     x = np.random.default_rng(seed).random(64).astype(np.float32) * 16
     return {"inputs": [{"name": "pixels", "shape": [1, 8, 8, 1], "datatype": "FP32", "data": x.tolist()}]}
+
+
+# What PyInstaller's multiprocessing hook runs inside a frozen binary started as a forkserver:
+# ``edge-agent <interpreter flags> -c "from multiprocessing.forkserver import main..."``. The flags
+# must be the frozen interpreter's own (``subprocess._args_from_interpreter_flags()`` there).
+FORKSERVER_PREFIX = "from multiprocessing.forkserver import main"
+FROZEN_FLAGS = ("-B", "-S", "-I")
+
+
+def run_in_frozen(binary: Path, fn: Any, *args: Any, timeout_s: float = 300) -> Any:
+    """``fn(*args)`` inside the frozen interpreter of ``binary``; its JSON-able result.
+
+    ``fn`` is sent as source (``inspect.getsource``), so it imports what it needs in its body, from
+    what the frozen build bundles. This is how a bench or a test reaches code paths of the frozen
+    agent that no CLI command exposes (the diversion exists because ``__main__`` calls
+    ``multiprocessing.freeze_support()``).
+    """
+    import inspect
+    import textwrap
+
+    code = (
+        f"{FORKSERVER_PREFIX}; import json, sys; ns = {{}}; exec(sys.argv[-2], ns); "
+        f"print('RESULT ' + json.dumps(ns[{fn.__name__!r}](*json.loads(sys.argv[-1]))))"
+    )
+    source = "from __future__ import annotations\n" + textwrap.dedent(inspect.getsource(fn))
+    done = subprocess.run(
+        [str(binary), *FROZEN_FLAGS, "-c", code, source, json.dumps(list(args))],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"frozen run failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])

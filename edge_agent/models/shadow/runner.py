@@ -78,7 +78,7 @@ class ShadowRunner:
     ) -> None:
         """``reference``: the active version, loaded privately in the child and timed beside the candidate
         (None: the live time). ``resume``: a ``state()`` saved before a restart, to go on from.
-        ``isolation``: how the child starts (``inference.childproc``; default forkserver, subprocess when frozen).
+        ``isolation``: how the child starts (``inference.childproc``; default forkserver).
         """
         self.candidate = candidate
         self.reference = reference
