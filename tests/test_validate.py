@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,14 @@ def copy_version(src: Path, out: Path) -> Path:
 
 
 def test_a_good_candidate_passes_with_its_latency(digits_dir: Path) -> None:
+    t0 = time.perf_counter()
     report = validate_candidate(digits_dir, max_latency_ms=None, runtime_options=RuntimeOptions(num_threads=1))
+    wall_ms = (time.perf_counter() - t0) * 1e3
     assert report["ok"] is True
     assert (report["name"], report["version"]) == ("digits", "1")
     assert report["p50_ms"] > 0 and report["runs"] > 0
+    # The child's own work, the part of the wall time that is not isolation (bench/validate_bench.py).
+    assert report["runs"] * report["p50_ms"] * 0.5 < report["check_ms"] < wall_ms
     assert set(report["golden"]) == {"probs"}
     # A budget it meets is fine too.
     assert validate_candidate(digits_dir, max_latency_ms=10_000)["ok"]
