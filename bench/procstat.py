@@ -55,3 +55,12 @@ def children(pid: int) -> list[int]:
         found += kids
         todo += kids
     return found
+
+
+def switches(pid: int, tid: int) -> tuple[int, int]:
+    """Thread ``tid``'s voluntary and involuntary context switches so far."""
+    text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    return (
+        int(text.split("\nvoluntary_ctxt_switches:")[1].split()[0]),
+        int(text.split("nonvoluntary_ctxt_switches:")[1].split()[0]),
+    )

@@ -10,7 +10,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from edge_agent.telemetry import ModelPolicy, Telemetry
-from edge_agent.telemetry.outbox import Outbox, Row
+from edge_agent.telemetry.outbox import CHUNK, Outbox, Row
 from edge_agent.wire.telemetry import decode_batch, encode_rows
 
 
@@ -86,3 +86,17 @@ def test_feedback_survives_a_full_outbox_and_is_counted_in_metrics(tmp_path: Pat
     assert [r[1] for r in tel.outbox.read_after(0, 10**9)].count("feedback") == 1
     assert registry.get_sample_value("edgefleet_outbox_dropped_total", {"kind": "prediction"}) == 15
     tel.stop()
+
+
+def test_a_large_append_keeps_order_in_few_statements(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "t.db")
+    statements: list[str] = []
+    box._db.set_trace_callback(statements.append)
+    n = 3 * CHUNK + 77  # three full statements, then 64 + 8 + 4 + 1
+    assert box.append([Row("event", float(i), f'{{"i":{i}}}') for i in range(n)]) == n
+    inserts = [s for s in statements if s.startswith("INSERT INTO records")]
+    assert len(inserts) == 3 + bin(77).count("1")  # not one per row: each step hands the agent's GIL away
+    rows = box.read_after(0, 10**9, limit_rows=n)
+    assert [json.loads(r[3])["i"] for r in rows] == list(range(n))  # seq order is append order
+    assert [r[0] for r in rows] == list(range(1, n + 1))
+    box.close()

@@ -19,6 +19,7 @@ telemetry batch and in ``edgefleet_outbox_dropped_total{kind}``.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
@@ -45,10 +46,13 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 # Plain ``?`` placeholders (numbered ones with a sequence are deprecated in 3.12, an error in 3.14); ``size`` is
 # the body's length in characters, SQLite's length() of TEXT, computed in Python: ``len(str)`` is O(1).
 _INSERT = "INSERT INTO records(kind, ts, body, model, request_id, has_inputs, size) VALUES (?,?,?,?,?,?,?)"
-# Rows go in statements of CHUNK rows (SQLite updates sqlite_sequence once per statement: ~1.5-2 µs of CPU
-# per row less than one statement per row, docs/benchmarks.md); the remainder row by row.
-CHUNK = 100
-_INSERT_CHUNK = _INSERT.replace("(?,?,?,?,?,?,?)", ",".join(["(?,?,?,?,?,?,?)"] * CHUNK))
+# Rows go in multi-row statements of CHUNK rows and, for the rest, of 128, 64, ..., 1 rows: few statements
+# per flush (SQLite updates sqlite_sequence once per statement, ~1.5-2 µs of CPU per row less than one
+# statement per row; and each statement's step releases the GIL, a hand-off to the event loop and back in the
+# agent, docs/benchmarks.md "GIL hand-offs"), from a fixed set of cached statement texts. SQLite before
+# 3.32 allows 999 parameters per statement (7 per row), later versions 32,766.
+CHUNK = 256 if sqlite3.sqlite_version_info >= (3, 32, 0) else 128
+SIZES = tuple(1 << i for i in range(CHUNK.bit_length() - 1, -1, -1))
 _SET_META = "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value"
 MAX_LABELS = 200_000  # label ids remembered for the 409 rule (oldest forgotten first)
 
@@ -83,12 +87,22 @@ class OutboxStats:
 
 
 def _insert(db: sqlite3.Connection, rows: list[Row]) -> None:
-    """INSERT ``rows`` in order (so seqs follow it); ``size`` is the body's length (``len(str)`` is O(1))."""
-    full = len(rows) - len(rows) % CHUNK
-    for start in range(0, full, CHUNK):
-        db.execute(_INSERT_CHUNK, [v for row in rows[start : start + CHUNK] for v in (*row, len(row[2]))])
-    if full < len(rows):
-        db.executemany(_INSERT, [(*row, len(row[2])) for row in rows[full:]])
+    """INSERT ``rows`` in order (so seqs follow it); ``size`` is the body's length (``len(str)`` is O(1)).
+
+    Statements of CHUNK rows, then of the SIZES that make up the rest (at most one of each).
+    """
+    start, n = 0, len(rows)
+    for size in SIZES:
+        while n - start >= size:
+            part = rows[start : start + size]
+            db.execute(_insert_sql(size), [v for row in part for v in (*row, len(row[2]))])
+            start += size
+
+
+@functools.cache
+def _insert_sql(n: int) -> str:
+    """The INSERT of ``n`` rows (sqlite3 keeps each text's prepared statement in its cache)."""
+    return _INSERT.replace("(?,?,?,?,?,?,?)", ",".join(["(?,?,?,?,?,?,?)"] * n))
 
 
 class Outbox:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.inference.arrays import concat
 from edge_agent.telemetry.outbox import Row
 from edge_agent.wire.model.manifest import NUMPY_TO_V2, Manifest
 
@@ -100,7 +101,7 @@ def stacks(items: list[Item], idxs: Iterable[int], outputs: bool) -> Iterator[tu
             else:
                 group.append(i)
     for (_, name, _, _), group in groups.items():
-        yield name, group, np.stack([(items[i][5] if outputs else items[i][4])[name] for i in group])
+        yield name, group, concat([(items[i][5] if outputs else items[i][4])[name] for i in group], stack=True)
 
 
 def _outputs(items: list[Item]) -> list[str]:

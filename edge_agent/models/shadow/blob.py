@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.inference.arrays import concat
+
 Sample = tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], float]  # inputs, active outputs, active seconds
 Tensors = dict[str, np.ndarray]
 _INPUTS, _OUTPUTS, _SECONDS = itemgetter(0), itemgetter(1), itemgetter(2)
@@ -77,8 +79,8 @@ def unpack(blob: bytes) -> list[Block]:
 def _stack(copies: Sequence[Mapping[str, np.ndarray]]) -> tuple[Tensors, list[int]] | None:
     """The copies' tensors concatenated per name and each copy's rows; None when they do not stack.
 
-    Only C-level iteration per copy (``map``, ``np.concatenate`` with ``casting="no"`` refusing
-    another dtype, rank or shape), so a wake-up's copies cost little of the agent's GIL. The
+    Only C-level iteration per copy (``map``, ``inference.arrays.concat`` refusing another dtype,
+    rank or shape, and never releasing the GIL per copy), so a wake-up's copies cost little of the agent's GIL. The
     first copy's names are taken: a copy without one of them does not stack (KeyError).
     """
     out: Tensors = {}
@@ -88,7 +90,7 @@ def _stack(copies: Sequence[Mapping[str, np.ndarray]]) -> tuple[Tensors, list[in
             if not a.ndim:
                 return None
             parts = list(map(itemgetter(name), copies))
-            out[name] = np.concatenate(parts, dtype=a.dtype, casting="no")
+            out[name] = concat(parts)
             rows = rows or list(map(len, parts))
     except (KeyError, ValueError, TypeError):
         return None

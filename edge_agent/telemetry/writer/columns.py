@@ -16,16 +16,16 @@ seen, keyed by ``(name, version)``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
+from edge_agent.inference.arrays import concat
 from edge_agent.telemetry.rows import Item
 from edge_agent.wire.model.manifest import Manifest
 
 Key = tuple[str, str]  # (model, version)
-_shape, _dtype = attrgetter("shape"), attrgetter("dtype")
 Tensors = dict[str, "np.ndarray | list[np.ndarray]"]
 
 
@@ -52,17 +52,11 @@ class Packed:
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
-    """``arrays`` as one ``[n, *shape]`` array when they share shape and dtype, else the list itself.
-
-    ``concatenate`` + ``reshape``: ~8x cheaper than ``np.stack`` (no view per array) for small tensors.
-    """
-    shapes = set(map(_shape, arrays))
-    if len(shapes) != 1 or len(set(map(_dtype, arrays))) != 1:
+    """``arrays`` as one ``[n, *shape]`` array when they share shape and dtype, else the list itself."""
+    try:
+        return concat(arrays, stack=True)
+    except ValueError:
         return arrays
-    shape = arrays[0].shape
-    if not shape:
-        return np.array(arrays)
-    return np.concatenate(arrays).reshape(len(arrays), *shape)
 
 
 def pack(items: list[Item], known: set[Key], drift: bool) -> Packed:
