@@ -109,11 +109,13 @@ def test_a_good_update_commits_and_cleans_up(rig: Rig) -> None:
     assert rig.changes[-1] == ("committed", "success")
 
 
-def test_the_validator_is_warmed_as_a_model_download_starts(rig: Rig) -> None:
-    warmed: list[list[str]] = []
-    rig.machine.seams.warm = lambda: warmed.append(rig.states())  # what had happened when it was called
+def test_the_validator_is_warmed_as_a_model_download_starts_and_cooled_when_the_update_ends(rig: Rig) -> None:
+    calls: list[tuple[str, list[str]]] = []  # each hook, with what had happened when it was called
+    rig.machine.seams.warm = lambda: calls.append(("warm", rig.states()))
+    rig.machine.seams.cool = lambda: calls.append(("cool", rig.states()))
     assert rig.machine.run(rig.record()).state == "committed"
-    assert warmed == [["idle", "downloading"]]  # once, before the download, long before validating
+    done = ["idle", "downloading", "verifying", "validating", "activating", "health_check", "committed"]
+    assert calls == [("warm", ["idle", "downloading"]), ("cool", done)]  # warm long before validating
 
 
 @pytest.mark.parametrize("state", [s for s in State if s not in FINAL])

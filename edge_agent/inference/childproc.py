@@ -39,6 +39,7 @@ Isolation = Literal["forkserver", "subprocess"]
 RUNTIMES = ("tflite_runtime.interpreter", "ai_edge_litert.interpreter")
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 _LOCK = threading.Lock()
+_STARTS = threading.Lock()  # held while a forkserver child starts and while ``release`` checks and stops
 _CTX: multiprocessing.context.ForkServerContext | None = None
 _PRELOAD: list[str] = []
 
@@ -94,6 +95,35 @@ def warm(preload: Sequence[str] = ()) -> None:
 
     forkserver(preload)
     threading.Thread(target=server.ensure_running, name="edgefleet-forkserver-start", daemon=True).start()
+
+
+def start(proc: multiprocessing.process.BaseProcess) -> None:
+    """``proc.start()`` for a forkserver child: never while ``release`` is stopping the server."""
+    with _STARTS:
+        proc.start()
+
+
+def release() -> bool:
+    """Stop the forkserver and multiprocessing's resource tracker if no child of this process is alive.
+
+    Together they hold ~36 MB beside a frozen agent (docs/deploy.md, "Sizing"); the next child, or
+    ``warm``, starts them again. A live child keeps them running: a forked child reports its exit
+    through the server. This uses multiprocessing's ``_stop()`` methods (Python 3.10-3.13); where
+    they are missing nothing is stopped. Returns whether they were stopped.
+    """
+    from multiprocessing import forkserver as server
+    from multiprocessing import resource_tracker as tracker
+
+    stops = [
+        getattr(getattr(m, name, None), "_stop", None)
+        for m, name in ((server, "_forkserver"), (tracker, "_resource_tracker"))
+    ]
+    with _STARTS:
+        if _CTX is None or multiprocessing.active_children() or not all(map(callable, stops)):
+            return False
+        for stop in stops:
+            stop()  # type: ignore[misc]
+    return True
 
 
 def _importable(module: str) -> bool:
@@ -156,7 +186,7 @@ class Child:
             ctx = forkserver(preload)
             self.conn, theirs = ctx.Pipe(duplex=True)
             self._proc = ctx.Process(target=target, args=(theirs,), daemon=True)
-            self._proc.start()
+            start(self._proc)
             theirs.close()
         else:
             mine, child = socket.socketpair()

@@ -65,7 +65,7 @@ from edge_agent.update.seams import (
 )
 from edge_agent.update.shadow.verdict import shadow_seams
 from edge_agent.update.states import State, UpdateRecord, record_key, recover_before_serving
-from edge_agent.update.validate import validate_candidate, warm_up
+from edge_agent.update.validate import cool_down, validate_candidate, warm_up
 from edge_agent.wire.names import check_name, check_segment
 from edge_agent.wire.protocol import DeviceState, Release
 from edge_agent.wire.topics import (
@@ -113,12 +113,11 @@ class OtaAgent:
     ) -> None:
         """``store``: ModelStore; ``server``: ModelServer; ``trusted_keys``: Ed25519 public keys.
 
-        ``options``: the ``[ota]`` settings; ``runtime_options``: for validating candidates
-        (default: the server's). ``features``: the feature cache feature releases are applied to (None: the
-        agent takes no feature releases); ``groups``: the feature partitions this device is in. ``fetcher``,
-        ``validator``, ``health``, ``now``, ``monotonic`` and ``wait`` replace the real artifact download,
-        child-process validation, health counters and clocks (tests). ``metrics``: the Prometheus registry
-        the OTA counters go to (default: a private one).
+        ``options``: the ``[ota]`` settings; ``runtime_options``: for validating candidates (default: the server's).
+        ``features``: the cache feature releases go to (None: no feature releases); ``groups``: the feature
+        partitions this device is in. ``fetcher``, ``validator`` (and with it the forkserver's warm/cool hooks),
+        ``health``, ``now``, ``monotonic`` and ``wait`` replace the real download, child-process validation, health
+        counters and clocks (tests). ``metrics``: the OTA counters' Prometheus registry (default: a private one).
         """
         self.link, self.store, self.server = link, store, server
         self.data_dir = Path(data_dir)
@@ -143,6 +142,7 @@ class OtaAgent:
             wait=wait,
             features=features,
             warm=warm_up if validator is None else None,
+            cool=cool_down if validator is None else None,
             **shadow_seams(store, server),
         )
         self.machine = UpdateMachine(self.data_dir, seams, opts, on_change=self._on_record)

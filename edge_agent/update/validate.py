@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -55,6 +56,8 @@ from edge_agent.inference.childproc import (
     isolation,
     options_from_json,
     options_to_json,
+    release,
+    start,
     warm,
 )
 from edge_agent.inference.runtime import RuntimeOptions
@@ -76,6 +79,12 @@ def warm_up() -> None:
     frozen) overlaps the transfer instead of adding to the validation.
     """
     warm(PRELOAD)
+
+
+def cool_down() -> None:
+    """Stop the forkserver once an update has ended, if no child needs it (``childproc.release``)."""
+    if release():
+        logging.getLogger(__name__).info("validation forkserver stopped until the next update")
 
 
 def validate_candidate(
@@ -183,7 +192,7 @@ def _run_forked(job: _Job) -> dict[str, Any]:
     reader, writer = ctx.Pipe(duplex=False)
     args = (str(job.version_dir), options_to_json(job.options), job.runs, job.build, writer)
     proc = ctx.Process(target=_forked_child, args=args, daemon=True)
-    proc.start()
+    start(proc)
     writer.close()
     deadline = job.deadline()
     report: dict[str, Any] | None = None
