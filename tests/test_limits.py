@@ -124,8 +124,14 @@ def test_memory_returns_to_baseline_after_an_oversize_batch(tcp_agent) -> None:
     assert peak > baseline + 150, (baseline, peak)
     for _ in range(5):
         assert _post(connect, *_int8_body(1))[0] == 200
-    after = _rss_mb(proc.pid)
-    assert after < baseline + 60, f"RSS {after:.0f} MB after, {baseline:.0f} MB before, peak {peak:.0f} MB"
+    # Settled: the telemetry thread commits the three big records on its next flush (every 250 ms), building
+    # their rows in this process meanwhile; the lowest of a few samples over the next second is what stays.
+    samples = []
+    for _ in range(6):
+        time.sleep(0.2)
+        samples.append(_rss_mb(proc.pid))
+    after = min(samples)
+    assert after < baseline + 60, f"RSS {samples} MB after, {baseline:.0f} MB before, peak {peak:.0f} MB"
 
 
 # -- connections ----------------------------------------------------------------------------
