@@ -59,8 +59,7 @@ def children(pid: int) -> list[int]:
 
 def switches(pid: int, tid: int) -> tuple[int, int]:
     """Thread ``tid``'s voluntary and involuntary context switches so far."""
-    text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-    return (
-        int(text.split("\nvoluntary_ctxt_switches:")[1].split()[0]),
-        int(text.split("nonvoluntary_ctxt_switches:")[1].split()[0]),
+    status = f"task/{tid}/status"
+    return int(_status_kb(pid, status, "voluntary_ctxt_switches:")), int(
+        _status_kb(pid, status, "nonvoluntary_ctxt_switches:")
     )

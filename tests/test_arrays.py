@@ -31,6 +31,7 @@ def test_stack_and_concatenate_match_numpy(dtype: str) -> None:
         ([np.zeros((1, 3), np.float32), np.zeros((1, 3), np.float64)], False),  # dtypes differ
         ([np.array([object()], dtype=object)], True),  # objects are pointers, not values
         ([np.zeros((), np.float32)], False),  # a scalar has no axis to concatenate on
+        ([np.zeros(3, np.float32), np.zeros((), np.float32)], False),  # ... wherever it is in the list
         ([], True),
     ],
 )

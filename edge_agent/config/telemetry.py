@@ -46,9 +46,7 @@ class TelemetryConfig:
     max_bps: float | None = None  # upload bytes/s; None = unlimited
     flush_interval_ms: int = 250  # queued predictions are committed this often: the power-loss window
     resend_timeout_s: float = 30.0  # re-send from the first unacked record when the ack stalls this long
-    writer: str = (
-        "thread"  # "thread": rows built and committed on the agent's telemetry thread; "process": a writer process
-    )
+    writer: str = "thread"  # "thread": rows built on the agent's telemetry thread; "process": in a child process
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # [telemetry.models.<name>] overrides
 
     def policy(self, model: str) -> ModelPolicy:

@@ -15,7 +15,7 @@ from operator import attrgetter
 
 import numpy as np
 
-_dtype = attrgetter("dtype")
+_dtype, _ndim = attrgetter("dtype"), attrgetter("ndim")
 
 
 def concat(arrays: Sequence[np.ndarray], *, stack: bool = False) -> np.ndarray:
@@ -27,8 +27,8 @@ def concat(arrays: Sequence[np.ndarray], *, stack: bool = False) -> np.ndarray:
     if not arrays:
         raise ValueError("nothing to join")
     first = arrays[0]
-    if first.dtype.hasobject or (not stack and first.ndim == 0):
-        raise ValueError("cannot join arrays of objects or scalars")
+    if first.dtype.hasobject or (not stack and not all(map(_ndim, arrays))):
+        raise ValueError("cannot join arrays of objects, or concatenate scalars")
     tails = {a.shape for a in arrays} if stack else {a.shape[1:] for a in arrays}
     if len(tails) != 1 or len(set(map(_dtype, arrays))) != 1:
         raise ValueError("arrays differ in shape or dtype")

@@ -146,7 +146,7 @@ class UpdateMachine:
             if state in FINAL:
                 self._finals[state](record, control)
                 self._notify(record)  # a final state is reported once its clean-up is done
-                if self.seams.cool is not None:
+                if self.seams.cool is not None and record.kind == "model":
                     self.seams.cool()
                 return record
             step = self._act(record, state, control)

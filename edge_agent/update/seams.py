@@ -134,7 +134,7 @@ class Seams:
     taps: ModelTaps | None = None  # the request path's figures: shadowing and the health signals (models.taps)
     load: Callable[[str, str], ShadowModel] | None = None  # (name, version) -> what the shadow process loads
     warm: Callable[[], None] | None = None  # called as a download starts: the validator's forkserver starts meanwhile
-    cool: Callable[[], None] | None = None  # called when an update ends: the forkserver stops if no child needs it
+    cool: Callable[[], None] | None = None  # called when a model update ends: the forkserver stops if no child needs it
 
 
 class MqttFetcher:

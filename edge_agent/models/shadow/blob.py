@@ -86,9 +86,7 @@ def _stack(copies: Sequence[Mapping[str, np.ndarray]]) -> tuple[Tensors, list[in
     out: Tensors = {}
     rows: list[int] = []
     try:
-        for name, a in copies[0].items():
-            if not a.ndim:
-                return None
+        for name in copies[0]:
             parts = list(map(itemgetter(name), copies))
             out[name] = concat(parts)
             rows = rows or list(map(len, parts))
