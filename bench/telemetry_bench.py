@@ -204,7 +204,13 @@ def writer_phases(tmp: Path) -> dict[str, float]:
 
 
 def bytes_per_prediction(tel: Telemetry, n: int) -> float:
-    rows = tel.outbox.read_after(0, 10**12, limit_rows=n)
+    """Compressed batch bytes per prediction over the first ``n`` predictions (rows may be packs of many)."""
+    rows, records = [], 0
+    for row in tel.outbox.read_after(0, 10**12, limit_rows=n):
+        records += json.loads(row[3]).get("n", 1) if row[1] == "predictions" else 1
+        rows.append(row)
+        if records >= n:
+            break
     total, i = 0, 0
     while i < len(rows):
         part = rows[i : i + 2000]
@@ -215,7 +221,7 @@ def bytes_per_prediction(tel: Telemetry, n: int) -> float:
             except Exception:
                 part = part[: len(part) // 2]
         i += len(part)
-    return total / len(rows)
+    return total / records
 
 
 def drain(tmp: Path, n: int) -> dict:

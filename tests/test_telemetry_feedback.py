@@ -13,6 +13,7 @@ from edge_agent.http.metrics import Metrics
 from edge_agent.models.serving import ModelServer
 from edge_agent.telemetry import ModelPolicy, Telemetry
 from tests.apiserver import ApiServer, digits_data, infer_body
+from tests.support.telemetry import outbox_records
 
 
 def _telemetry(data_dir: Path, metrics: Metrics) -> Telemetry:
@@ -77,7 +78,7 @@ def test_ids_and_feedback_rules(served: tuple[ApiServer, Telemetry]) -> None:
     assert status == 405
 
     tel.flush()
-    kinds = [r[1] for r in tel.outbox.read_after(0, 10**9)]
+    kinds = [kind for _, kind, _ in outbox_records(tel.outbox)]
     assert kinds.count("prediction") == 3 and kinds.count("feedback") == 3
 
 

@@ -18,8 +18,9 @@ from edge_agent.telemetry.bound import Quota
 from edge_agent.telemetry.outbox import Outbox, Row
 from edge_agent.telemetry.pacing import Pacing
 from edge_agent.telemetry.recorder import Recorder
+from edge_agent.telemetry.rows import record_bytes
 from tests.broker import Broker
-from tests.support.telemetry import AgentProcess, predict_many, wait_until
+from tests.support.telemetry import AgentProcess, outbox_records, predict_many, wait_until
 
 TOML = """
 [telemetry]
@@ -111,20 +112,26 @@ def test_max_bps_token_bucket_strips_inputs_then_drops_and_refills(tmp_path: Pat
     box = Outbox(tmp_path / "t.db")
     recorder = Recorder(box, lambda m: policy, pacing=pacing)
     _queue(recorder, model_server, 60)
+    queued = list(recorder._queue)
     recorder.flush()
-    sizes = [len(r[3]) for r in box.read_after(0, 10**9)]
-    assert sum(sizes) <= 5000 < sum(sizes) + sizes[-1], "the bucket held one second: 5000 bytes"
-    assert box.dropped() == {"prediction": 60 - len(sizes)}, "a row that does not fit even stripped is dropped"
-    clock.now += 0.04  # 200 bytes more: not a whole sampled row (~550), but one without its inputs (~170)
+    kept = outbox_records(box)
+    sizes = [record_bytes(queued[int(b["request_id"][1:])], "inputs" in b) for _, _, b in kept]
+    with_inputs = ["inputs" in b for _, _, b in kept]
+    assert with_inputs == sorted(with_inputs, reverse=True) and with_inputs[0], "samples go only once they stop fitting"
+    lean = record_bytes(queued[0], False)
+    assert sum(sizes) <= 5000 < sum(sizes) + lean, "the bucket held one second: 5000 bytes, spent to the last record"
+    stripped = with_inputs.count(False)
+    assert box.dropped() == {"prediction": 60 - len(kept), **({"inputs": stripped} if stripped else {})}
+    clock.now += (lean + 10) / 5000  # a little more than one record without its inputs
     _queue(recorder, model_server, 2, start=60)
     recorder.flush()
-    last = json.loads(box.read_after(0, 10**9)[-1][3])
-    assert last["request_id"] == "r60" and last["inputs_dropped"] and "inputs" not in last
-    assert box.dropped() == {"prediction": 60 - len(sizes) + 1, "inputs": 1}
+    last = outbox_records(box)[-1][2]
+    assert last["request_id"] == "r60" and "inputs" not in last, "the sample went, the prediction fit"
+    assert box.dropped() == {"prediction": 60 - len(kept) + 1, "inputs": stripped + 1}
     clock.now += 1.0  # a second refills the bucket
     _queue(recorder, model_server, 60, start=100)
     recorder.flush()
-    assert len(box.read_after(0, 10**9)) == len(sizes) * 2 + 1
+    assert len(outbox_records(box)) == len(kept) * 2 + 1
     box.close()
 
 
@@ -145,7 +152,7 @@ def test_a_model_flush_interval_keeps_its_predictions_queued_until_due(
     assert recorder.flush(force=False) == 3 and recorder.pending() == 0
     _queue(recorder, model_server, 2, start=8)
     assert recorder.flush() == 2, "an explicit flush (feedback, shutdown) commits everything"
-    assert [json.loads(r[3])["request_id"] for r in box.read_after(0, 10**9)] == [f"r{i}" for i in range(10)]
+    assert [b["request_id"] for _, _, b in outbox_records(box)] == [f"r{i}" for i in range(10)]
     box.close()
 
 

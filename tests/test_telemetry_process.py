@@ -7,7 +7,6 @@ agent writes on its own thread, and the frozen agent's way of starting the child
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 from pathlib import Path
@@ -22,6 +21,7 @@ from edge_agent.telemetry.outbox import Row
 from edge_agent.telemetry.recorder import ModelPolicy
 from edge_agent.telemetry.rows import Item
 from edge_agent.telemetry.writer import remote
+from tests.support.telemetry import outbox_records
 
 
 def _telemetry(where: Path, writer: str, **kw: Any) -> Telemetry:
@@ -46,8 +46,8 @@ def _items(server: ModelServer, start: int, n: int) -> list[Item]:
     return items
 
 
-def _records(tel: Telemetry) -> list[tuple[int, str, str]]:
-    return [(seq, kind, body) for seq, kind, _, body in tel.outbox.read_after(0, 10**9)]
+def _records(tel: Telemetry) -> list[tuple[int, str, dict[str, Any]]]:
+    return outbox_records(tel.outbox)
 
 
 def test_the_process_writes_the_rows_the_thread_writes_and_survives_a_kill(
@@ -68,9 +68,9 @@ def test_the_process_writes_the_rows_the_thread_writes_and_survives_a_kill(
         assert proc.recorder.writer.write(_items(model_server, 40, 10), None, None, 0) == 10
         status = proc.status()["writer"]
         assert status["mode"] == "process" and status["restarts"] == 1 and status["pid"] not in (None, first)
-        seqs = [s for s, _, _ in _records(proc)]
-        ids = [json.loads(b)["request_id"] for _, k, b in _records(proc) if k == "prediction"]
-        assert seqs == list(range(1, 52)) and ids == [f"r{i}" for i in range(50)]  # nothing lost, nothing twice
+        seqs = sorted(s for s, _, _ in _records(proc))
+        ids = sorted(b["request_id"] for _, k, b in _records(proc) if k == "prediction")
+        assert seqs == list(range(1, 52)) and ids == sorted(f"r{i}" for i in range(50))  # nothing lost, nothing twice
 
         for _ in range(remote.MAX_RESTARTS):  # one more loss than the budget: the agent writes itself
             pid = proc.outbox.pid
@@ -103,7 +103,7 @@ def test_the_queue_keeps_inputs_only_where_the_writer_reads_them(tmp_path: Path,
         queued = list(tel.recorder._queue)
         assert all(bool(it[4]) == it[7] for it in queued) and 0 < sum(it[7] for it in queued) < 40
         assert tel.flush() == 40
-        bodies = [json.loads(b) for _, k, b in _records(tel) if k == "prediction"]
-        assert [("inputs" in b) for b in bodies] == [it[7] for it in queued]
+        bodies = {b["request_id"]: b for _, k, b in _records(tel) if k == "prediction"}
+        assert [("inputs" in bodies[it[1]]) for it in queued] == [it[7] for it in queued]
     finally:
         tel.stop()

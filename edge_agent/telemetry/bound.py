@@ -3,29 +3,37 @@
 A scope is the whole outbox or one model's rows (every kind whose ``model`` is that name). Inside
 a scope, while it is over its ``max_rows`` / ``max_bytes``:
 
-1. ``inputs``: the oldest sampled inputs are stripped from their prediction rows (the prediction
-   stays, marked ``"inputs_dropped": true``); only while over ``max_bytes``;
-2. ``prediction``: the oldest prediction rows are deleted;
+1. ``inputs``: the oldest sampled inputs are stripped from their prediction rows (the predictions
+   stay, marked ``inputs_dropped``); only while over ``max_bytes``;
+2. ``prediction``: the oldest prediction rows are deleted, a pack at a time (up to
+   ``wire.telemetry.pack.MAX_PACK`` predictions, so a bound may shed up to that many more than it must);
 3. ``drift``, ``event``, ``feedback``: only when nothing else is left to drop and the scope is
    still over (the hard cap), oldest first.
 
+Rows and drops are counted in records: a pack of ``n`` predictions is ``n``.
 Model quotas are applied first, then the device-wide bound. :class:`Usage` keeps the counts in
 step with every write, so checking the bound costs no query.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from edge_agent.wire.telemetry.pack import PACK_KIND, strip_inputs, trim
+
 PROTECTED = ("drift", "event", "feedback")  # dropped only at the hard cap, in this order
+
+
+def drop_kind(kind: str) -> str:
+    """The kind a dropped row is counted as: a pack's predictions are ``prediction``."""
+    return "prediction" if kind == PACK_KIND else kind
 
 
 @dataclass(frozen=True)
 class Quota:
-    """A limit on rows and bytes of record bodies; None = unbounded."""
+    """A limit on records and bytes of record bodies; None = unbounded."""
 
     max_rows: int | None = None
     max_bytes: int | None = None
@@ -37,7 +45,7 @@ class Quota:
 
 
 class Usage:
-    """Rows and body bytes in the outbox, in total and for each model that has a quota."""
+    """Records and body bytes in the outbox, in total and for each model that has a quota."""
 
     def __init__(self, db: sqlite3.Connection, models: Iterable[str] = ()) -> None:
         self.total = [0, 0]
@@ -48,9 +56,7 @@ class Usage:
         self.total = [0, 0]
         for counts in self.per.values():
             counts[:] = [0, 0]
-        for model, rows, size in db.execute(
-            "SELECT model, COUNT(*), COALESCE(SUM(size), 0) FROM records GROUP BY model"
-        ):
+        for model, rows, size in db.execute("SELECT model, SUM(n), COALESCE(SUM(size), 0) FROM records GROUP BY model"):
             self.add(model, rows, size)
 
     def add(self, model: str | None, rows: int, size: int) -> None:
@@ -66,14 +72,6 @@ class Usage:
         return self.total if model is None else self.per[model]
 
 
-def strip_inputs(body: str) -> str:
-    """A prediction body without its sampled inputs, marked ``"inputs_dropped": true``."""
-    doc = json.loads(body)
-    doc.pop("inputs", None)
-    doc["inputs_dropped"] = True
-    return json.dumps(doc, separators=(",", ":"))
-
-
 def shed(db: sqlite3.Connection, usage: Usage, quota: Quota, model: str | None = None) -> dict[str, int]:
     """Apply the drop order to one scope inside the caller's transaction; drops by kind."""
     drops: dict[str, int] = {}
@@ -85,32 +83,63 @@ def shed(db: sqlite3.Connection, usage: Usage, quota: Quota, model: str | None =
 
     while bytes_over():
         found = db.execute(
-            f"SELECT seq, size, body, model FROM records WHERE has_inputs = 1{where} ORDER BY seq LIMIT 256", args
+            f"SELECT seq, size, body, model, has_inputs FROM records WHERE has_inputs > 0{where} ORDER BY seq LIMIT 256",
+            args,
         ).fetchall()
         if not found:
             break
-        for seq, size, body, owner in found:
+        for seq, size, body, owner, sampled in found:
             text = strip_inputs(body)
             db.execute("UPDATE records SET body=?, size=?, has_inputs=0 WHERE seq=?", (text, len(text), seq))
             usage.add(owner, 0, len(text) - size)
-            drops["inputs"] = drops.get("inputs", 0) + 1
+            drops["inputs"] = drops.get("inputs", 0) + sampled
             if not bytes_over():
                 break
-    for kind in ("prediction", *PROTECTED):
+    for kinds in (("prediction", PACK_KIND), *((k,) for k in PROTECTED)):
+        kind, marks = kinds[0], ",".join("?" * len(kinds))
         while quota.over(*counts):
-            excess = counts[0] - quota.max_rows if quota.max_rows is not None else 0
-            n = max(1, min(excess, 1000)) if excess > 0 else 64
             found = db.execute(
-                f"SELECT seq, size, model FROM records WHERE kind=?{where} ORDER BY seq LIMIT ?", (kind, *args, n)
+                f"SELECT seq, size, model, n FROM records WHERE kind IN ({marks}){where} ORDER BY seq LIMIT ?",
+                (*kinds, *args, _batch(quota, counts)),
             ).fetchall()
             if not found:
                 break
             upto = 0
-            for seq, size, owner in found:
+            for seq, size, owner, records in found:
                 if not quota.over(*counts):
                     break
+                need = _excess(quota, counts, records, size)
+                if need < records:  # the oldest pack holds more than must go: drop its oldest ``need``
+                    _trim(db, usage, seq, owner, need)
+                    drops[kind] = drops.get(kind, 0) + need
+                    break
                 upto = seq
-                usage.add(owner, -1, -size)
-                drops[kind] = drops.get(kind, 0) + 1
-            db.execute(f"DELETE FROM records WHERE kind=?{where} AND seq<=?", (kind, *args, upto))
+                usage.add(owner, -records, -size)
+                drops[kind] = drops.get(kind, 0) + records
+            db.execute(f"DELETE FROM records WHERE kind IN ({marks}){where} AND seq<=?", (*kinds, *args, upto))
     return drops
+
+
+def _batch(quota: Quota, counts: list[int]) -> int:
+    """Rows to fetch per round of shedding: about the excess, within 1..1000."""
+    excess = counts[0] - quota.max_rows if quota.max_rows is not None else 0
+    return max(1, min(excess, 1000)) if excess > 0 else 64
+
+
+def _excess(quota: Quota, counts: list[int], n: int, size: int) -> int:
+    """How many of a row's ``n`` records must go for the scope to fit (at least one)."""
+    need = counts[0] - quota.max_rows if quota.max_rows is not None else 0
+    if quota.max_bytes is not None and counts[1] > quota.max_bytes:
+        need = max(need, -(-(counts[1] - quota.max_bytes) * n // max(1, size)))
+    return max(1, need)
+
+
+def _trim(db: sqlite3.Connection, usage: Usage, seq: int, owner: str | None, k: int) -> None:
+    """Drop the oldest ``k`` predictions of the pack ``seq`` (its sampled inputs among them)."""
+    (body,) = db.execute("SELECT body FROM records WHERE seq=?", (seq,)).fetchone()
+    text, ids, sampled = trim(body, k)
+    db.execute(
+        "UPDATE records SET body=?, size=?, n=n-?, has_inputs=?, request_id=? WHERE seq=?",
+        (text, len(text), k, sampled, ids, seq),
+    )
+    usage.add(owner, -k, len(text) - len(body))

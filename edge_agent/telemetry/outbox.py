@@ -2,11 +2,15 @@
 
 ``<data-dir>/telemetry.db``, separate from the feature cache::
 
-    records(seq INTEGER PRIMARY KEY AUTOINCREMENT, kind, ts, model, request_id, has_inputs, size, body)
+    records(seq INTEGER PRIMARY KEY AUTOINCREMENT, kind, ts, model, has_inputs, n, size, request_id, body)
     labels(request_id PRIMARY KEY, model, seq)      inference ids that have a feedback label (409 rule)
     meta(key PRIMARY KEY, value)                    acked_seq, dropped:<kind>
 
-``seq`` comes from AUTOINCREMENT, so it never repeats, even after every row was acked and deleted.
+A row is one record, or a pack of ``n`` predictions (kind ``predictions``, ``wire.telemetry.pack``) whose
+``seq`` is its last record's: it holds ``seq - n + 1 .. seq``, ``request_id`` is the JSON list of its ids
+and ``has_inputs`` the number of its sampled inputs. Each append numbers its rows after the highest seq
+ever used (``sqlite_sequence``, AUTOINCREMENT's counter), so a seq never repeats, even after every row
+was acked and deleted. Counts (``max_rows``, the stats, the drops) are of records, not rows.
 Rows leave only two ways: :meth:`Outbox.ack` (the ingest stored them) or the bound (counted).
 
 The bound (``max_rows``, ``max_bytes``, and per-model :class:`~edge_agent.telemetry.bound.Quota`),
@@ -20,6 +24,7 @@ telemetry batch and in ``edgefleet_outbox_dropped_total{kind}``.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sqlite3
 import threading
@@ -29,7 +34,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from edge_agent.errors import OutboxError
-from edge_agent.telemetry.bound import PROTECTED, Quota, Usage, shed
+from edge_agent.telemetry.bound import PROTECTED, Quota, Usage, drop_kind, shed
+from edge_agent.wire.telemetry.pack import PACK_KIND
 
 DB_FILE = "telemetry.db"
 __all__ = ["DB_FILE", "PROTECTED", "Outbox", "OutboxStats", "Quota", "Row"]
@@ -37,35 +43,57 @@ __all__ = ["DB_FILE", "PROTECTED", "Outbox", "OutboxStats", "Quota", "Row"]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, ts REAL NOT NULL, model TEXT,
-    request_id TEXT, has_inputs INTEGER NOT NULL DEFAULT 0, size INTEGER NOT NULL, body TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS records_request ON records(request_id) WHERE request_id IS NOT NULL;
-CREATE INDEX IF NOT EXISTS records_inputs ON records(seq) WHERE has_inputs = 1;
+    has_inputs INTEGER NOT NULL DEFAULT 0, n INTEGER NOT NULL DEFAULT 1, size INTEGER NOT NULL,
+    request_id TEXT, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS records_request ON records(request_id) WHERE request_id IS NOT NULL AND n = 1;
+CREATE INDEX IF NOT EXISTS records_sampled ON records(seq) WHERE has_inputs > 0;
 CREATE TABLE IF NOT EXISTS labels (request_id TEXT PRIMARY KEY, model TEXT NOT NULL, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 # Plain ``?`` placeholders (numbered ones with a sequence are deprecated in 3.12, an error in 3.14); ``size`` is
 # the body's length in characters, SQLite's length() of TEXT, computed in Python: ``len(str)`` is O(1).
-_INSERT = "INSERT INTO records(kind, ts, body, model, request_id, has_inputs, size) VALUES (?,?,?,?,?,?,?)"
+_INSERT = "INSERT INTO records(seq, kind, ts, body, model, request_id, has_inputs, n, size) VALUES (?,?,?,?,?,?,?,?,?)"
+# Small columns come before the ids and the body: SQLite reads a row's columns in order, and a pack's
+# ids and body spill into overflow pages, which a scan for ``n`` or ``size`` would otherwise walk.
+# Outboxes made before packs are rebuilt in that order (seqs and sqlite_sequence are kept).
+_MIGRATE = """
+BEGIN IMMEDIATE;
+ALTER TABLE records RENAME TO records_old;
+DROP INDEX IF EXISTS records_inputs;
+DROP INDEX IF EXISTS records_request;
+{schema}
+INSERT INTO sqlite_sequence(name, seq) SELECT 'records', seq FROM sqlite_sequence WHERE name = 'records_old';
+INSERT INTO records(seq, kind, ts, model, has_inputs, n, size, request_id, body)
+    SELECT seq, kind, ts, model, has_inputs, 1, size, request_id, body FROM records_old;
+DROP TABLE records_old;
+COMMIT;
+"""
 # Rows go in multi-row statements of CHUNK rows and, for the rest, of 128, 64, ..., 1 rows: few statements
 # per flush (SQLite updates sqlite_sequence once per statement, ~1.5-2 µs of CPU per row less than one
 # statement per row; and each statement's step releases the GIL, a hand-off to the event loop and back in the
 # agent, docs/benchmarks.md "GIL hand-offs"), from a fixed set of cached statement texts. SQLite before
-# 3.32 allows 999 parameters per statement (7 per row), later versions 32,766.
-CHUNK = 256 if sqlite3.sqlite_version_info >= (3, 32, 0) else 128
+# 3.32 allows 999 parameters per statement (9 per row), later versions 32,766.
+CHUNK = 256 if sqlite3.sqlite_version_info >= (3, 32, 0) else 64
 SIZES = tuple(1 << i for i in range(CHUNK.bit_length() - 1, -1, -1))
+_WIDTH = 9  # values bound per row: seq, the Row's seven fields, size
+_ID_TEXT = json.encoder.encode_basestring_ascii  # an id as it appears in a pack's JSON list of ids
 _SET_META = "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value"
 MAX_LABELS = 200_000  # label ids remembered for the 409 rule (oldest forgotten first)
 
 
 class Row(NamedTuple):
-    """A record about to be appended; ``body`` is its JSON text (a tuple: bound to the INSERT as it is)."""
+    """A record (or a pack of ``n``) about to be appended; ``body`` is its JSON text (bound to the INSERT as it is).
+
+    ``has_inputs``: how many sampled inputs it carries (a bool for one record).
+    """
 
     kind: str
     ts: float
     body: str
     model: str | None = None
     request_id: str | None = None
-    has_inputs: bool = False
+    has_inputs: int = 0
+    n: int = 1
 
 
 @dataclass(frozen=True)
@@ -86,23 +114,30 @@ class OutboxStats:
         }
 
 
-def _insert(db: sqlite3.Connection, rows: list[Row]) -> None:
-    """INSERT ``rows`` in order (so seqs follow it); ``size`` is the body's length (``len(str)`` is O(1)).
+def _insert(db: sqlite3.Connection, rows: list[Row]) -> int:
+    """INSERT ``rows`` in order, numbered after the highest seq used so far; returns the last seq.
 
-    Statements of CHUNK rows, then of the SIZES that make up the rest (at most one of each).
+    ``size`` is the body's length (``len(str)`` is O(1)). Statements of CHUNK rows, then of the SIZES
+    that make up the rest (at most one of each).
     """
-    start, n = 0, len(rows)
+    found = db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()
+    seq = int(found[0]) if found else 0
+    values: list[Any] = []
+    for row in rows:
+        seq += row.n
+        values += (seq, *row, len(row.body))
+    start, n, width = 0, len(rows), _WIDTH
     for size in SIZES:
         while n - start >= size:
-            part = rows[start : start + size]
-            db.execute(_insert_sql(size), [v for row in part for v in (*row, len(row[2]))])
+            db.execute(_insert_sql(size), values[start * width : (start + size) * width])
             start += size
+    return seq
 
 
 @functools.cache
 def _insert_sql(n: int) -> str:
     """The INSERT of ``n`` rows (sqlite3 keeps each text's prepared statement in its cache)."""
-    return _INSERT.replace("(?,?,?,?,?,?,?)", ",".join(["(?,?,?,?,?,?,?)"] * n))
+    return _INSERT.replace("(?,?,?,?,?,?,?,?,?)", ",".join(["(?,?,?,?,?,?,?,?,?)"] * n))
 
 
 class Outbox:
@@ -130,6 +165,11 @@ class Outbox:
             self._db.execute("PRAGMA busy_timeout=5000")  # the CLI may write while the agent runs
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a feedback commit survives power loss
+            if (
+                self._db.execute("SELECT 1 FROM pragma_table_info('records')").fetchone()
+                and not self._db.execute("SELECT 1 FROM pragma_table_info('records') WHERE name='n'").fetchone()
+            ):
+                self._db.executescript(_MIGRATE.replace("{schema}", _SCHEMA))
             self._db.executescript(_SCHEMA)
             self.usage = Usage(self._db, self.quotas)
         except (OSError, sqlite3.Error) as exc:
@@ -163,8 +203,7 @@ class Outbox:
             try:
                 db = self._db
                 db.execute("BEGIN IMMEDIATE")
-                _insert(db, rows)
-                last = int(db.execute("SELECT seq FROM sqlite_sequence WHERE name='records'").fetchone()[0])
+                last = _insert(db, rows)
                 for request_id, model in labels or ():
                     db.execute(
                         "INSERT INTO labels(request_id, model, seq) VALUES (?,?,?) "
@@ -173,9 +212,9 @@ class Outbox:
                     )
                 if self.usage.per:
                     for r in rows:
-                        self.usage.add(r.model, 1, len(r.body))
+                        self.usage.add(r.model, r.n, len(r.body))
                 else:
-                    self.usage.add(None, len(rows), sum(len(r.body) for r in rows))
+                    self.usage.add(None, sum(r.n for r in rows), sum(len(r.body) for r in rows))
                 drops = self._bound(drops)
                 if token is not None:
                     db.execute(_SET_META, ("writer_token", token))
@@ -239,7 +278,7 @@ class Outbox:
                     db.execute("COMMIT")
                     return 0
                 gone = db.execute(
-                    "SELECT model, COUNT(*), COALESCE(SUM(size), 0) FROM records WHERE seq <= ? GROUP BY model",
+                    "SELECT model, SUM(n), COALESCE(SUM(size), 0) FROM records WHERE seq <= ? GROUP BY model",
                     (acked_seq,),
                 ).fetchall()
                 db.execute("DELETE FROM records WHERE seq <= ?", (acked_seq,))
@@ -278,23 +317,33 @@ class Outbox:
         """Drop one row that can never be sent (larger than a batch); counted like any other drop."""
         with self._lock:
             try:
-                row = self._db.execute("SELECT size, model FROM records WHERE seq=?", (seq,)).fetchone()
+                row = self._db.execute("SELECT size, model, n FROM records WHERE seq=?", (seq,)).fetchone()
                 if row is None:
                     return
                 self._db.execute("DELETE FROM records WHERE seq=?", (seq,))
-                self.usage.add(row[1], -1, -row[0])
+                self.usage.add(row[1], -row[2], -row[0])
             except sqlite3.Error as exc:
                 raise OutboxError(f"telemetry outbox write failed: {exc}") from exc
-        self.count_drop(kind, 1)
+        self.count_drop(drop_kind(kind), row[2])
 
     def find_prediction(self, request_id: str) -> str | None:
-        """The model of the prediction ``request_id`` if it is still in the outbox."""
+        """The model of the prediction ``request_id`` if it is still in the outbox (a record of its own or in a pack).
+
+        Packs are searched by their ids' JSON text (``instr``, ~1-2 ms per 100,000 ids held) and
+        confirmed by parsing; the agent asks only for ids its in-memory index no longer has.
+        """
         with self._lock:
             row = self._db.execute(
-                "SELECT model FROM records WHERE request_id=? AND kind='prediction' ORDER BY seq DESC LIMIT 1",
+                "SELECT model FROM records WHERE request_id=? AND n = 1 AND kind='prediction' ORDER BY seq DESC LIMIT 1",
                 (request_id,),
             ).fetchone()
-        return None if row is None else str(row[0])
+            if row is not None:
+                return str(row[0])
+            packs = self._db.execute(
+                "SELECT model, request_id FROM records WHERE kind=? AND instr(request_id, ?) > 0 ORDER BY seq DESC",
+                (PACK_KIND, _ID_TEXT(request_id)),
+            ).fetchall()
+        return next((str(model) for model, ids in packs if request_id in json.loads(ids)), None)
 
     def has_label(self, request_id: str) -> bool:
         with self._lock:

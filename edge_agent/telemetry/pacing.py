@@ -7,10 +7,11 @@ The outbox and the uploader are shared, so a per-model limit is a share within t
   model's queued predictions are committed once its own interval has passed since its last
   commit (half a tick of slack), and stay queued until then. That interval is the model's
   power-loss window.
-* ``max_bps``: a token bucket over the bytes of the model's prediction bodies as they are written
-  (uncompressed: an upper bound of what the model adds to the upload), refilled at ``max_bps``
-  and holding one second of it (at least 4 KiB, so any record can pass). A row that does not fit
-  loses its sampled inputs first (counted ``inputs``), then is dropped (counted ``prediction``).
+* ``max_bps``: a token bucket over the bytes each queued prediction adds to the outbox
+  (``rows.record_bytes``: its id, its outputs and any sampled input in base64, uncompressed: an upper
+  bound of what the model adds to the upload), refilled at ``max_bps`` and holding one second of it
+  (at least 4 KiB, so any record can pass). A prediction that does not fit loses its sampled inputs
+  first (counted ``inputs``), then is dropped (counted ``prediction``), before packs are built.
   Feedback, events and drift are never throttled.
 """
 
@@ -20,8 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from edge_agent.telemetry.bound import strip_inputs
-from edge_agent.telemetry.outbox import Row
+from edge_agent.telemetry.rows import Item, record_bytes
 
 MIN_BURST = 4096
 
@@ -85,21 +85,19 @@ class Pacing:
             (now_items if ok else later).append(item)
         return now_items, later
 
-    def limit(self, rows: list[Row]) -> tuple[list[Row], dict[str, int]]:
-        """The prediction rows that fit their model's token bucket (inputs stripped first); drops by kind."""
-        kept: list[Row] = []
+    def limit(self, items: list[Item]) -> tuple[list[Item], dict[str, int]]:
+        """The queued predictions that fit their model's token bucket (sampled inputs given up first); drops by kind."""
+        kept: list[Item] = []
         drops: dict[str, int] = {}
-        for row in rows:
-            bucket = self._bucket(row.model) if row.kind == "prediction" and row.model is not None else None
-            if bucket is None or bucket.take(len(row.body)):
-                kept.append(row)
+        for item in items:
+            bucket = self._bucket(item[0].name)
+            if bucket is None or bucket.take(record_bytes(item, item[7])):
+                kept.append(item)
                 continue
-            if row.has_inputs:
-                stripped = row._replace(body=strip_inputs(row.body), has_inputs=False)
-                if bucket.take(len(stripped.body)):
-                    kept.append(stripped)
-                    drops["inputs"] = drops.get("inputs", 0) + 1
-                    continue
+            if item[7] and bucket.take(record_bytes(item, False)):
+                kept.append((*item[:7], False))
+                drops["inputs"] = drops.get("inputs", 0) + 1
+                continue
             drops["prediction"] = drops.get("prediction", 0) + 1
         return kept, drops
 

@@ -1,34 +1,31 @@
-"""Prediction records as outbox rows, built once per flush on the writer thread.
+"""Queued predictions as outbox rows: prediction packs (``wire.telemetry.pack``), built once per flush.
 
-The writer holds the GIL that serves requests, so what it pays per record is taken from the
-request path (docs/benchmarks.md, "Telemetry"). Per flush, not per record, this module:
-
-* stacks the outputs of all queued predictions that share (model, output, shape, dtype) and takes
-  their top-k in one numpy pass, then renders every row's ``{"top_k": ...}`` with a single C-level
-  ``json`` call split at the row boundaries (numbers only, so the split is exact);
-* keeps sampled inputs as their exact bytes, base64 (``{"shape", "datatype", "b64"}``): formatting
-  64 floats as decimal text cost ~15 µs per sampled record, base64 ~0.5 µs, and it is lossless;
-* renders each body from a per-model prefix and an f-string (no dict, no encoder per record).
-
-Non-finite output values become ``null`` (the record stays valid JSON).
+The writer holds the GIL that serves requests, so what it pays per prediction is taken from the
+request path (docs/benchmarks.md, "Telemetry packs"). A pack holds up to MAX_PACK predictions of one
+model version and output shape as columns: request ids as one JSON list, timestamps and latencies as
+two arrays, each output's top-k (or, when small, the whole output) as arrays, sampled inputs stacked
+per (name, shape, dtype); every array travels as its bytes in base64. Per flush, not per prediction,
+this module stacks the outputs of a pack and takes their top-k in one numpy pass. One JSON row per
+prediction (what agents before packs wrote) cost ~14 µs per prediction here; a pack ~1 µs.
 """
 
 from __future__ import annotations
 
-import base64
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from edge_agent.inference.arrays import concat
 from edge_agent.telemetry.outbox import Row
-from edge_agent.wire.model.manifest import NUMPY_TO_V2, Manifest
+from edge_agent.wire.model.manifest import Manifest
+from edge_agent.wire.telemetry.pack import MAX_PACK, PACK_KIND, tensor_text
 
 TOP_K = 3
 FULL_OUTPUT_MAX = 16  # an output of at most this many values is sent whole
 MAX_SAMPLE_VALUES = 32_768  # a sampled input above this many values is not kept (counted as "inputs")
+PACK_INPUT_BYTES = 48 * 1024  # sampled input bytes in one pack: with the rest, base64 stays below a 128 KiB batch
 _encode = json.JSONEncoder(separators=(",", ":"), check_circular=False, allow_nan=False).encode
 _text = json.encoder.encode_basestring_ascii
 
@@ -36,119 +33,119 @@ _text = json.encoder.encode_basestring_ascii
 Item = tuple[Manifest, str, float, float, dict[str, np.ndarray], dict[str, np.ndarray], Any, bool]
 
 
-def _json_values(arr: np.ndarray) -> Any:
-    """``arr`` as nested lists for JSON: floats rounded to 6 decimals, non-finite values as None."""
-    if arr.dtype.kind != "f":
-        return arr.tolist()
-    out = np.round(arr.astype(np.float64), 6)
-    finite = np.isfinite(out)
-    if finite.all():
-        return out.tolist()
-    obj = out.astype(object)
-    obj[~finite] = None
-    return obj.tolist()
-
-
-def _split_rows(values: Any, n: int, depth: int) -> list[str]:
-    """JSON text of each of the ``n`` rows of ``values`` (nested lists of numbers, ``depth`` levels per row)."""
-    if n == 1:
-        return [_encode(values[0])]
-    text = _encode(values)
-    close, open_ = "]" * depth, "[" * depth
-    parts = text[1 + depth : -1 - depth].split(f"{close},{open_}")
-    return [f"{open_}{p}{close}" for p in parts]
-
-
-def output_texts(stacked: np.ndarray, classifier: bool) -> list[str]:
-    """JSON text of one output's summary for each of the ``n`` predictions in ``stacked`` (``[n, *shape]``).
+def output_text(stacked: np.ndarray, classifier: bool) -> str:
+    """JSON text of one output's column in a pack, from the ``n`` predictions' values stacked (``[n, *shape]``).
 
     A classifier's output (the manifest has ``labels``) and any output above FULL_OUTPUT_MAX values
-    become ``{"top_k": [[class, score], ...]}`` (a list of those per row for a batch); other
-    outputs are sent whole.
+    become ``{"top_k": {"index", "score"}}`` (``[n, m, k]``: ``m`` rows per prediction, ``k`` best
+    classes); other outputs are sent whole, ``{"values": ...}``.
     """
     n, per = stacked.shape[0], stacked[0]
     if per.ndim == 0 or per.shape[-1] < 2 or (not classifier and per.size <= FULL_OUTPUT_MAX):
-        return _split_rows(_json_values(stacked), n, max(0, stacked.ndim - 1))
+        return f'{{"values":{tensor_text(stacked)}}}'
     flat = stacked.reshape(n, -1, per.shape[-1])
     k = min(TOP_K, flat.shape[-1])
     idx = np.argsort(-flat.astype(np.float64), axis=-1, kind="stable")[..., :k]
-    scores = np.take_along_axis(flat, idx, axis=-1).astype(np.float64)
-    if flat.shape[1] == 1 and np.isfinite(scores).all():  # the usual request: one C-level format call per group
-        pairs = np.empty((n, k, 2), np.float64)
-        pairs[..., 0], pairs[..., 1] = idx[:, 0], scores[:, 0]
-        row = '{"top_k":[' + ",".join(["[%d,%.6g]"] * k) + "]}"
-        return ("\n".join([row] * n) % tuple(pairs.ravel().tolist())).split("\n")
-    pairs = np.empty((*idx.shape, 2), dtype=object)
-    pairs[..., 0] = idx
-    pairs[..., 1] = np.round(scores, 6)
-    pairs[..., 1][~np.isfinite(scores)] = None
-    if flat.shape[1] == 1:
-        return [f'{{"top_k":{t}}}' for t in _split_rows(pairs[:, 0].tolist(), n, 2)]
-    return [f'{{"top_k":{t}}}' for t in _split_rows(pairs.tolist(), n, 3)]
+    scores = np.take_along_axis(flat, idx, axis=-1).astype(np.float32)
+    return f'{{"top_k":{{"index":{tensor_text(idx.astype(np.int32))},"score":{tensor_text(scores)}}}}}'
 
 
-def stacks(items: list[Item], idxs: Iterable[int], outputs: bool) -> Iterator[tuple[str, list[int], np.ndarray]]:
-    """``(tensor name, item indices, stacked array)`` per (model, name, shape, dtype) of the items' outputs or inputs."""
-    groups: dict[tuple[int, str, tuple[int, ...], np.dtype[Any]], list[int]] = {}
-    for i in idxs:
-        item = items[i]
-        tensors = item[5] if outputs else item[4]
-        for name, arr in tensors.items():
-            key = (id(item[0]), name, arr.shape, arr.dtype)
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [i]
-            else:
-                group.append(i)
-    for (_, name, _, _), group in groups.items():
-        yield name, group, concat([(items[i][5] if outputs else items[i][4])[name] for i in group], stack=True)
+def record_bytes(item: Item, with_inputs: bool) -> int:
+    """About what ``item`` adds to its pack's body, in bytes (the ``max_bps`` bucket's measure: ``pacing``)."""
+    out = sum(a.nbytes for a in item[5].values())
+    inputs = sum(a.nbytes for a in item[4].values()) if with_inputs else 0
+    return 24 + len(item[1]) + (out + inputs) * 4 // 3
 
 
-def _outputs(items: list[Item]) -> list[str]:
-    """The members of each queued prediction's ``outputs`` object, as JSON text."""
-    out = [""] * len(items)
-    for name, idxs, stacked in stacks(items, range(len(items)), outputs=True):
-        key = _text(name) + ":"
-        for i, text in zip(idxs, output_texts(stacked, bool(items[idxs[0]][0].labels)), strict=True):
-            out[i] = f"{out[i]},{key}{text}" if out[i] else key + text
-    return out
+def _kept_sample(item: Item) -> bool:
+    return sum(a.size for a in item[4].values()) <= MAX_SAMPLE_VALUES
 
 
-def _samples(items: list[Item], idxs: list[int]) -> dict[int, str]:
-    """``"inputs"`` JSON text of the sampled ``items[i]``: ``{name: {"shape", "datatype", "b64"}}``.
+def _input_bytes(items: list[Item], idxs: list[int]) -> int:
+    return sum(a.nbytes for i in idxs if items[i][7] for a in items[i][4].values())
 
-    The bytes are the tensor's, little-endian. An item whose inputs hold more than
-    MAX_SAMPLE_VALUES values is left out (the caller counts it).
+
+def _packs(items: list[Item]) -> Iterator[list[int]]:
+    """Indices of the items of each pack: one model version, MAX_PACK and PACK_INPUT_BYTES at most, in queue order."""
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(items):
+        group = groups.get(id(item[0]))
+        if group is None:
+            groups[id(item[0])] = [i]
+        else:
+            group.append(i)
+    for group in groups.values():
+        for start in range(0, len(group), MAX_PACK):
+            chunk = group[start : start + MAX_PACK]
+            if _input_bytes(items, chunk) <= PACK_INPUT_BYTES:
+                yield chunk
+                continue
+            pack: list[int] = []  # many sampled inputs: cut where the bytes run out
+            for i in chunk:
+                if pack and _input_bytes(items, [*pack, i]) > PACK_INPUT_BYTES:
+                    yield pack
+                    pack = []
+                pack.append(i)
+            yield pack
+
+
+def _inputs(items: list[Item], pack: list[int], sampled: list[int]) -> str:
+    """The pack's ``"inputs"`` list: the sampled rows' tensors stacked per (name, shape, dtype)."""
+    groups: dict[tuple[str, tuple[int, ...], str], list[int]] = {}
+    for row in sampled:
+        for name, arr in items[pack[row]][4].items():
+            groups.setdefault((name, arr.shape, arr.dtype.str), []).append(row)
+    parts = []
+    for (name, _, _), rows in groups.items():
+        stacked = concat([items[pack[r]][4][name] for r in rows], stack=True)
+        parts.append(f'{{"name":{_text(name)},"rows":{_encode(rows)},{tensor_text(stacked)[1:]}')
+    return "[" + ",".join(parts) + "]"
+
+
+def _row(items: list[Item], pack: list[int], sampled: list[int]) -> Row:
+    """The pack of ``items[pack]`` (their outputs of one shape); ``sampled``: positions in it whose inputs go along."""
+    manifest = items[pack[0]][0]
+    ids = _encode([items[i][1] for i in pack])
+    ts = np.fromiter((items[i][3] for i in pack), np.float64, len(pack))
+    latency = np.fromiter((items[i][2] for i in pack), np.float64, len(pack)) * 1000.0
+    classifier = bool(manifest.labels)
+    outputs = ",".join(
+        f"{_text(name)}:{output_text(concat([items[i][5][name] for i in pack], stack=True), classifier)}"
+        for name in items[pack[0]][5]
+    )
+    body = (
+        f'{{"model":{_text(manifest.name)},"version":{_text(manifest.version)},"n":{len(pack)},"ids":{ids},'
+        f'"ts":{tensor_text(ts)},"latency_ms":{tensor_text(latency.astype(np.float32))},"outputs":{{{outputs}}}'
+    )
+    entities = [items[i][6] for i in pack]
+    if any(e is not None for e in entities):
+        body += f',"entity_ids":{_encode(entities)}'
+    if sampled:
+        body += f',"inputs":{_inputs(items, pack, sampled)}'
+    return Row(PACK_KIND, float(ts[0]), body + "}", manifest.name, ids, len(sampled), len(pack))
+
+
+def _rows(items: list[Item], pack: list[int], out: list[Row]) -> int:
+    """Append the pack(s) of ``items[pack]`` to ``out``; returns how many sampled inputs were left out (too large).
+
+    Outputs of different shapes (batches of different sizes) cannot share a pack: such a chunk is split by shape.
     """
-    kept = [i for i in idxs if sum(a.size for a in items[i][4].values()) <= MAX_SAMPLE_VALUES]
-    out = dict.fromkeys(kept, "")
-    for name, group, stacked in stacks(items, kept, outputs=False):
-        le = stacked.astype(stacked.dtype.newbyteorder("<"), copy=False)
-        head = f'{_text(name)}:{{"shape":{_encode(list(stacked.shape[1:]))},"datatype":"{NUMPY_TO_V2.get(stacked.dtype.name, "FP32")}","b64":"'
-        for i, row in zip(group, le, strict=True):
-            text = head + base64.b64encode(row.tobytes()).decode("ascii") + '"}'
-            out[i] = f"{out[i]},{text}" if out[i] else text
-    return out
+    sampled = [r for r, i in enumerate(pack) if items[i][7]]
+    kept = [r for r in sampled if _kept_sample(items[pack[r]])]
+    try:
+        out.append(_row(items, pack, kept))
+    except ValueError:  # concat: shapes differ within the chunk
+        by_shape: dict[tuple[Any, ...], list[int]] = {}
+        for i in pack:
+            by_shape.setdefault(tuple(a.shape for a in items[i][5].values()), []).append(i)
+        if len(by_shape) == 1:
+            raise
+        return sum(_rows(items, part, out) for part in by_shape.values())
+    return len(sampled) - len(kept)
 
 
 def prediction_rows(items: list[Item]) -> tuple[list[Row], int]:
-    """The outbox rows of ``items`` (one per prediction, in order) and how many sampled inputs were left out."""
-    sampled = [i for i, item in enumerate(items) if item[7]]
-    samples = _samples(items, sampled) if sampled else {}
-    outputs = _outputs(items)
-    latency = np.round(np.fromiter((it[2] for it in items), np.float64, len(items)) * 1000.0, 3).tolist()
-    prefixes: dict[int, str] = {}
+    """The outbox rows of ``items`` (packs, in queue order within each) and how many sampled inputs were left out."""
     rows: list[Row] = []
-    for i, (item, outs, lat) in enumerate(zip(items, outputs, latency, strict=True)):
-        manifest, rid, _, ts, _, _, entity, _ = item
-        prefix = prefixes.get(id(manifest))
-        if prefix is None:
-            prefix = prefixes[id(manifest)] = f'{{"model":{_text(manifest.name)},"version":{_text(manifest.version)}'
-        body = f'{prefix},"request_id":{_text(rid)},"latency_ms":{lat!r},"outputs":{{{outs}}}'
-        if entity is not None:
-            body += f',"entity_id":{_encode(entity)}'
-        sample = samples.get(i)
-        if sample is not None:
-            body += f',"inputs":{{{sample}}}'
-        rows.append(Row("prediction", ts, body + "}", manifest.name, rid, sample is not None))
-    return rows, len(sampled) - len(samples)
+    left_out = sum(_rows(items, pack, rows) for pack in _packs(items))
+    return rows, left_out

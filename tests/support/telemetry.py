@@ -18,6 +18,7 @@ import numpy as np
 
 from cloud_batch.ingest.consumer import IngestOptions, run_ingest
 from cloud_batch.ingest.read import bodies, read_kind
+from edge_agent.wire.telemetry.pack import PACK_KIND, expand
 from tests.broker import Broker
 from tests.support.env import MODELS, free_port
 
@@ -85,6 +86,18 @@ class AgentProcess:
 
     def telemetry(self) -> dict[str, Any]:
         return dict(self.request("GET", "/agent/status")[1]["telemetry"])
+
+
+def outbox_records(outbox: Any) -> list[tuple[int, str, dict[str, Any]]]:
+    """The records of an outbox (or a writer process's) as the cloud reads them, ``(seq, kind, body)``: packs expanded."""
+    out: list[tuple[int, str, dict[str, Any]]] = []
+    for seq, kind, _, body in outbox.read_after(0, 10**12, limit_rows=10**9):
+        doc = json.loads(body)
+        if kind == PACK_KIND:
+            out += [(s, "prediction", b) for s, _, b in expand(seq, doc)]
+        else:
+            out.append((seq, kind, doc))
+    return out
 
 
 def call(conn: http.client.HTTPConnection, method: str, path: str, body: Any = None) -> tuple[int, Any]:

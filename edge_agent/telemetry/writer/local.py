@@ -6,8 +6,8 @@ building rows, drift windows and SQLite never take the GIL that serves requests;
 runs on the agent's telemetry thread when that process cannot (the fallback), and in
 ``edge-agent feedback``.
 
-Per write: the rows of the queued predictions (``rows.prediction_rows``), the drift windows they
-close (``drift``), each model's ``max_bps`` share (``pacing.Pacing.limit``), then the rows plus
+Per write: each model's ``max_bps`` share of the queued predictions (``pacing.Pacing.limit``), their
+packs (``rows.prediction_rows``), the drift windows they close (``drift``), then the rows plus
 ``extra`` (events, feedback) and every drop counted in one ``Outbox.append``.
 """
 
@@ -44,36 +44,35 @@ class LocalWriter:
         overflow: int = 0,
         token: int | None = None,
     ) -> int:
-        """Commit ``items`` and ``extra`` in one transaction (``overflow``: predictions a full queue dropped); rows written."""
+        """Commit ``items`` and ``extra`` in one transaction (``overflow``: predictions a full queue dropped); records written."""
         rows: list[Row] = []
         results: list[DriftResult] = []
         drops: dict[str, int] = {"prediction": overflow} if overflow else {}
-        if items:
-            self._build_rows(items, rows, results, drops)
-        if self.pacing is not None:
-            rows, throttled = self.pacing.limit(rows)
+        if items and self.pacing is not None:
+            items, throttled = self.pacing.limit(items)
             for kind, n in throttled.items():
                 drops[kind] = drops.get(kind, 0) + n
+        if items:
+            self._build_rows(items, rows, results, drops)
         rows.extend(extra or ())
         if rows or drops:
             self.outbox.append(rows, labels, token=token, drops=drops)
         for result in results:
             if self.on_drift is not None:
                 self.on_drift(result)
-        return len(rows)
+        return sum(r.n for r in rows)
 
     def _build_rows(
         self, items: list[Item], rows: list[Row], results: list[DriftResult], drops: dict[str, int]
     ) -> None:
-        """Append the rows of ``items`` (queued predictions) and of any drift window they close."""
+        """Append the packs of ``items`` (queued predictions), then the rows of any drift window they close."""
         built, left_out = prediction_rows(items)
         if left_out:
             drops["inputs"] = drops.get("inputs", 0) + left_out
+        rows.extend(built)
         if self.drift is None:
-            rows.extend(built)
             return
-        for item, row in zip(items, built, strict=True):
-            rows.append(row)
+        for item in items:
             manifest, inputs, outputs = item[0], item[4], item[5]
             if manifest.reference is not None:
                 result = self.drift.observe(manifest.name, manifest.version, manifest.reference, inputs, outputs)

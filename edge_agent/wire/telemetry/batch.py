@@ -23,7 +23,9 @@ Ingest acks with a retained JSON document on ``topics.telemetry_ack_topic``:
 Record bodies are validated loosely on the wire (a dict), documented in docs/protocol.md:
 ``prediction`` {model, version, request_id, latency_ms, outputs, entity_id?, inputs?} where ``inputs`` is
 ``{name: {"shape", "datatype", "b64"}}`` (the tensor's little-endian bytes; earlier agents sent
-``"data"``, a flat list of numbers, and :func:`sample_array` reads both),
+``"data"``, a flat list of numbers, and :func:`~edge_agent.wire.telemetry.pack.sample_array` reads both),
+``predictions`` (a pack of predictions, ``wire.telemetry.pack``: :func:`decode_batch` expands it into
+``prediction`` records, so ingest never sees one),
 ``feedback`` {model, request_id, label, replace?}, ``event`` {type, ...},
 ``drift`` {model, version, window, psi: {feature: float}, output_psi}.
 
@@ -35,7 +37,6 @@ does not: :func:`decode_batch` returns the good records on the batch and the bad
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import time
@@ -43,15 +44,15 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
-import numpy as np
-
 from edge_agent.errors import ManifestError, TelemetryRejected
 from edge_agent.jsonlimits import loads_limited
-from edge_agent.wire.model.manifest import V2_TO_NUMPY
 from edge_agent.wire.names import is_name
+from edge_agent.wire.telemetry.pack import PACK_KIND, expand
 
 SCHEMA_VERSION = 1
-KINDS = ("prediction", "feedback", "event", "drift")
+KINDS = ("prediction", "feedback", "event", "drift")  # the kinds ingest stores
+WIRE_KINDS = (*KINDS, PACK_KIND)  # and on the wire: packs of predictions (``pack``), expanded by decode_batch
+MAX_EXPANDED = 65_536  # predictions one batch may expand to (8 MiB of packs would otherwise be ~200k dicts)
 DROP_KINDS = ("inputs", *KINDS)  # ``dropped`` keys: "inputs" counts sampled inputs stripped from kept predictions
 MAX_BATCH_BYTES = 128 * 1024
 MAX_DECOMPRESSED_BYTES = 8 * 1024 * 1024
@@ -146,8 +147,8 @@ def _check_record(raw: Any) -> tuple[int | None, TelemetryRecord | str]:
     if not _is_seq(seq):
         return None, f"record seq {seq!r} is not an integer >= 1"
     kind, ts, body = raw.get("kind"), raw.get("ts"), raw.get("body")
-    if kind not in KINDS:
-        return seq, f"record kind {kind!r} is not one of {', '.join(KINDS)}"
+    if kind not in WIRE_KINDS:
+        return seq, f"record kind {kind!r} is not one of {', '.join(WIRE_KINDS)}"
     if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
         return seq, f"record ts {ts!r} is not a finite number"
     if not isinstance(body, dict):
@@ -201,6 +202,12 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
             rejects.append((seq or 0, rec))
         elif rec.seq <= prev:
             rejects.append((rec.seq, f"record seq {rec.seq} does not follow {prev}"))
+        elif rec.kind == PACK_KIND:
+            why = _expand_into(good, rec, prev, first)
+            if why:
+                rejects.append((rec.seq, why))
+            else:
+                prev = rec.seq
         else:
             good.append(rec)
             prev = rec.seq
@@ -213,6 +220,20 @@ def decode_batch(payload: bytes) -> TelemetryBatch:
         dropped=dict(dropped),
         rejects=tuple(rejects),
     )
+
+
+def _expand_into(good: list[TelemetryRecord], rec: TelemetryRecord, prev: int, first: int) -> str | None:
+    """Append a pack's predictions to ``good`` (those below the batch's ``first`` were acked already); or why not."""
+    try:
+        preds = expand(rec.seq, rec.body)
+    except (ValueError, TypeError) as exc:
+        return f"pack {rec.seq}: {exc}"
+    if preds[0][0] <= prev:
+        return f"pack {rec.seq} starts at seq {preds[0][0]}, not after {prev}"
+    if len(good) + len(preds) > MAX_EXPANDED:
+        return f"pack {rec.seq}: the batch expands to more than {MAX_EXPANDED} records"
+    good.extend(TelemetryRecord(seq, "prediction", ts, body) for seq, ts, body in preds if seq >= first)
+    return None
 
 
 def encode_ack(device_id: str, acked_seq: int) -> bytes:
@@ -236,20 +257,6 @@ def decode_ack(payload: bytes, device_id: str | None = None) -> int:
     if device_id is not None and doc.get("device_id") != device_id:
         raise TelemetryRejected(f"telemetry ack is for {doc.get('device_id')!r}, not {device_id!r}")
     return seq
-
-
-def sample_array(tensor: dict[str, Any]) -> np.ndarray:
-    """A sampled input back as an array (``b64`` or, from older agents, ``data``); ValueError when malformed."""
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise ValueError(f"sampled input shape {shape!r} is not a list of sizes")
-    if "b64" in tensor:
-        dtype = V2_TO_NUMPY.get(str(tensor.get("datatype")))
-        if dtype is None:
-            raise ValueError(f"sampled input datatype {tensor.get('datatype')!r} is not numeric")
-        raw = base64.b64decode(str(tensor["b64"]), validate=True)
-        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
-    return np.asarray(tensor.get("data", []), dtype=np.float64).reshape(shape)
 
 
 MAX_DRIFT_MODELS, MAX_DRIFT_FEATURES = 64, 16
