@@ -1,6 +1,6 @@
 """The HTTP request path of this tree against ``edge_agent`` at another commit, side by side in one run.
 
-    .venv/bin/python bench/http_ab.py --base REV [--rounds 6] [--requests 2000] [--this-env KEY=VALUE ...]
+    .venv/bin/python bench/http_ab.py --base REV [--rounds 6] [--requests 2000] [--this-env KEY=VALUE ...] [--env KEY=VALUE ...]
 
 Two real ``edge-agent run`` processes on the same machine (the base one imports ``edge_agent`` from
 ``git archive REV``, ``bench/gitcode.py``), the shipped digits model, tritonclient.http; rounds
@@ -39,8 +39,10 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=2000, help="per case and round")
     ap.add_argument("--this-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment of this tree's agent only, e.g. EDGEFLEET_TELEMETRY__ENABLED=false")  # fmt: skip
+    ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of both agents")
     args = ap.parse_args()
-    this_env = dict(item.split("=", 1) for item in args.this_env)
+    both = dict(item.split("=", 1) for item in args.env)
+    this_env = {**both, **dict(item.split("=", 1) for item in args.this_env)}
     from sklearn.datasets import load_digits
 
     x = load_digits().images[:1].astype(np.float32)[..., None]
@@ -48,7 +50,7 @@ def main() -> int:
     agents: dict[str, tuple[subprocess.Popen, int]] = {}
     try:
         tree, sha = tree_at(args.base, work)
-        for side, env in (("base", tree_env(tree)), ("this", this_env)):
+        for side, env in (("base", {**both, **tree_env(tree)}), ("this", this_env)):
             ModelStore(work / side).install_dir(REPO / "models" / "digits" / "1")
             port = free_port()
             agents[side] = (start_agent(work / side, port, env), port)

@@ -1,12 +1,13 @@
 """Telemetry cost and throughput (issue #8), side by side in one run → docs/benchmarks.md.
 
-    .venv/bin/python bench/telemetry_bench.py [--quick] [--thread]
+    .venv/bin/python bench/telemetry_bench.py [--quick] [--process]
     .venv/bin/python bench/telemetry_bench.py --writer-only [--code DIR]   # DIR: another tree's edge_agent
 
 1. in-process inference path on digits (``InferPath.infer_sync``: decode → predict → encode), telemetry
-   off vs on (``sample_inputs = 0.1``, the writer process committing every 250 ms), interleaved;
-2. HTTP on real ``edge-agent run`` processes (telemetry off / on; ``--thread`` adds a third agent with
-   ``[telemetry] writer = "thread"``, the rows built on the agent's own telemetry thread): p50 at c=1 and
+   off vs on (``sample_inputs = 0.1``, the default writer, on the telemetry thread, committing every 250 ms),
+   interleaved;
+2. HTTP on real ``edge-agent run`` processes (telemetry off / on with the default writer; ``--process`` adds
+   a third agent with ``[telemetry] writer = "process"``, the packs built in the writer process): p50 at c=1 and
    throughput at c=8 through tritonclient, alternating rounds, and the CPU each one costs per request
    at c=8: the agent process (``/proc/<pid>/stat``), its event-loop thread, its telemetry thread
    (``writer_cpu_s`` in ``/agent/status``) and the writer process (``writer.cpu_s``): what telemetry
@@ -71,7 +72,7 @@ def in_process(tmp: Path, n: int) -> dict:
     server = ModelServer(store)
     server.sync()
     model = server.get("digits")
-    tel = _telemetry(tmp / "inproc", 0.1, writer="process")  # as the agent runs it
+    tel = _telemetry(tmp / "inproc", 0.1)  # as the agent runs it by default
     tel.start()
     off = InferPath(None, CollectorRegistry())
     on = InferPath(None, CollectorRegistry(), recorder=tel.recorder)
@@ -105,7 +106,7 @@ def _agent(data_dir: Path, port: int, kind: str) -> subprocess.Popen:
     env = {
         "EDGEFLEET_TELEMETRY__ENABLED": str(kind != "off").lower(),
         "EDGEFLEET_TELEMETRY__SAMPLE_INPUTS": "0.1",
-        "EDGEFLEET_TELEMETRY__WRITER": "thread" if kind == "thread" else "process",
+        "EDGEFLEET_TELEMETRY__WRITER": "process" if kind == "process" else "thread",
     }
     return start_agent(data_dir, port, env)
 
@@ -229,7 +230,7 @@ def drain(tmp: Path, n: int) -> dict:
     from edge_agent.mqtt.link import MqttLink
     from tests.broker import Broker
 
-    tel = _telemetry(tmp / "drain", 0.1, writer="process")
+    tel = _telemetry(tmp / "drain", 0.1)
     _fill(tel, n)
     broker = Broker(tmp / "mosquitto").start()
     stop = threading.Event()
@@ -279,7 +280,7 @@ def summary(out: dict) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--thread", action="store_true", help='add an agent with [telemetry] writer = "thread"')
+    ap.add_argument("--process", action="store_true", help='add an agent with [telemetry] writer = "process"')
     ap.add_argument("--writer-only", action="store_true", help="only the writer's CPU per record, in 2 phases")
     ap.add_argument("--code", help="import edge_agent from this tree instead (with --writer-only)")
     args = ap.parse_args()
@@ -300,7 +301,7 @@ def main() -> int:
         _fill(tel0, 20000)
         out["bytes_per_prediction_sample_0"] = bytes_per_prediction(tel0, 20000)
         tel0.stop()
-        kinds = ("off", "on", "thread") if args.thread else ("off", "on")
+        kinds = ("off", "on", "process") if args.process else ("off", "on")
         out["http"] = http(tmp, 1000 if q else 3000, 4, kinds)
         out["drain"] = drain(tmp, 20000 if q else 100000)
     print(json.dumps(out, indent=2))
