@@ -10,7 +10,7 @@
    once per wait) and CPU;
 3. the same two agents, ``--rounds`` alternating rounds of ``--requests`` at c=8: the median of the
    per-round ratios on/off (adjacent rounds share the machine's state, so the paired ratio moves
-   less than the ratio of medians) for throughput and for the agent's CPU per request.
+   less than the ratio of medians) for throughput, p50 and the agent's CPU per request.
 """
 
 from __future__ import annotations
@@ -96,22 +96,27 @@ def main() -> int:
                               f"involuntary {(nv - nv0) / n:.3f}/request, CPU {(c - c0) / n * 1e6:.1f} µs/request")  # fmt: skip
             rps: dict[str, list[float]] = {k: [] for k in ENV}
             cpu: dict[str, list[float]] = {k: [] for k in ENV}
+            p50: dict[str, list[float]] = {k: [] for k in ENV}
             for r in range(args.rounds):
                 for k in ENV if r % 2 == 0 else list(ENV)[::-1]:
                     c0 = cpu_s(procs[k].pid)
                     res = http_bench(ports[k], "digits", x, False, args.requests, 8)
                     cpu[k].append((cpu_s(procs[k].pid) - c0) / (args.requests + 800))
                     rps[k].append(res["throughput_per_s"])
+                    p50[k].append(res["p50_ms"])
         finally:
             for p in procs.values():
                 p.terminate()
                 p.wait(timeout=30)
     ratio = statistics.median(b / a for a, b in zip(rps["off"], rps["on"], strict=True))
     cpu_ratio = statistics.median(b / a for a, b in zip(cpu["off"], cpu["on"], strict=True))
+    p50_ratio = statistics.median(b / a for a, b in zip(p50["off"], p50["on"], strict=True))
     print(f"c=8, {args.rounds} paired rounds of {args.requests}: throughput on/off {ratio:.3f} "
           f"({(ratio - 1) * 100:+.1f}%; goal >= -5%: {'met' if ratio >= 0.95 else 'MISSED'}), "
+          f"p50 on/off {p50_ratio:.3f} ({'met' if p50_ratio <= 1.05 else 'MISSED'}), "
           f"agent CPU per request on/off {cpu_ratio:.3f}; medians off {statistics.median(rps['off']):.0f}, "
-          f"on {statistics.median(rps['on']):.0f} req/s")  # fmt: skip
+          f"on {statistics.median(rps['on']):.0f} req/s, p50 off {statistics.median(p50['off']):.3f}, "
+          f"on {statistics.median(p50['on']):.3f} ms")  # fmt: skip
     print(f"reproduce: `.venv/bin/python bench/gil_bench.py --rounds {args.rounds} --requests {args.requests}`")
     return 0
 
