@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from edge_agent.errors import TelemetryRejected
 from edge_agent.models.serving import ModelServer
 from edge_agent.telemetry.outbox import Outbox, Row
-from edge_agent.telemetry.rows import Item, prediction_rows
+from edge_agent.telemetry.rows import PACK_BYTES, Item, prediction_rows
 from edge_agent.wire.telemetry import decode_batch, encode_rows
 from tests.support.telemetry import outbox_records
 
@@ -142,3 +142,20 @@ def test_any_damage_to_a_pack_is_a_reject_never_an_exception(
         return
     assert len(batch.records) + len(batch.rejects) >= 1
     assert all(r.kind == "prediction" and 1 <= r.seq <= seq for r in batch.records)
+
+
+def test_large_outputs_make_smaller_packs_that_each_fit_a_batch(model_server: ModelServer) -> None:
+    manifest = model_server.get("digits").manifest
+    rng = np.random.default_rng(5)
+    items: list[Item] = [
+        (manifest, f"big-{i}", 0.001, 1e9 + i, {}, {"probs": rng.random((1, 200, 10)).astype(np.float32)}, None, False)
+        for i in range(30)
+    ]
+    rows, _ = prediction_rows(items)
+    assert sum(r.n for r in rows) == 30 and len(rows) > 1, "30 x 200 rows of top-k do not go in one pack"
+    assert all(len(r.body) <= PACK_BYTES + 4096 for r in rows)
+    seq = 0
+    for row in rows:
+        seq += row.n
+        batch = decode_batch(_wire([(seq, row.kind, row.ts, row.body)]))  # encode_rows refuses > 128 KiB
+        assert all(len(r.body["outputs"]["probs"]["top_k"]) == 200 for r in batch.records)

@@ -25,7 +25,8 @@ from edge_agent.wire.telemetry.pack import MAX_PACK, PACK_KIND, tensor_text
 TOP_K = 3
 FULL_OUTPUT_MAX = 16  # an output of at most this many values is sent whole
 MAX_SAMPLE_VALUES = 32_768  # a sampled input above this many values is not kept (counted as "inputs")
-PACK_INPUT_BYTES = 48 * 1024  # sampled input bytes in one pack: with the rest, base64 stays below a 128 KiB batch
+PACK_INPUT_BYTES = 48 * 1024  # raw sampled input bytes in one pack ...
+PACK_BYTES = 48 * 1024  # ... and the rest of its body (record_bytes, base64-sized): with both, below a 128 KiB batch
 _encode = json.JSONEncoder(separators=(",", ":"), check_circular=False, allow_nan=False).encode
 _text = json.encoder.encode_basestring_ascii
 
@@ -41,7 +42,7 @@ def output_text(stacked: np.ndarray, classifier: bool) -> str:
     classes); other outputs are sent whole, ``{"values": ...}``.
     """
     n, per = stacked.shape[0], stacked[0]
-    if per.ndim == 0 or per.shape[-1] < 2 or (not classifier and per.size <= FULL_OUTPUT_MAX):
+    if _whole(per.shape, classifier):
         return f'{{"values":{tensor_text(stacked)}}}'
     flat = stacked.reshape(n, -1, per.shape[-1])
     k = min(TOP_K, flat.shape[-1])
@@ -50,11 +51,23 @@ def output_text(stacked: np.ndarray, classifier: bool) -> str:
     return f'{{"top_k":{{"index":{tensor_text(idx.astype(np.int32))},"score":{tensor_text(scores)}}}}}'
 
 
+def _whole(shape: tuple[int, ...], classifier: bool) -> bool:
+    """Whether an output of this shape (one prediction's) goes whole rather than as its top-k."""
+    return not shape or shape[-1] < 2 or (not classifier and int(np.prod(shape)) <= FULL_OUTPUT_MAX)
+
+
 def record_bytes(item: Item, with_inputs: bool) -> int:
-    """About what ``item`` adds to its pack's body, in bytes (the ``max_bps`` bucket's measure: ``pacing``)."""
-    out = sum(a.nbytes for a in item[5].values())
+    """About what ``item`` adds to its pack's body, in bytes: base64-sized, uncompressed.
+
+    The ``max_bps`` bucket's measure (``pacing``) and what bounds a pack (PACK_BYTES).
+    """
+    classifier = bool(item[0].labels)
+    out = sum(
+        a.nbytes if _whole(a.shape, classifier) else a.size // a.shape[-1] * min(TOP_K, a.shape[-1]) * 8
+        for a in item[5].values()
+    )
     inputs = sum(a.nbytes for a in item[4].values()) if with_inputs else 0
-    return 24 + len(item[1]) + (out + inputs) * 4 // 3
+    return 24 + len(item[1]) + (12 + out + inputs) * 4 // 3
 
 
 def _kept_sample(item: Item) -> bool:
@@ -128,8 +141,13 @@ def _row(items: list[Item], pack: list[int], sampled: list[int]) -> Row:
 def _rows(items: list[Item], pack: list[int], out: list[Row]) -> int:
     """Append the pack(s) of ``items[pack]`` to ``out``; returns how many sampled inputs were left out (too large).
 
-    Outputs of different shapes (batches of different sizes) cannot share a pack: such a chunk is split by shape.
+    Outputs of different shapes (batches of different sizes) cannot share a pack: such a chunk is split by shape;
+    one whose outputs are large (``record_bytes``) is split to PACK_BYTES.
     """
+    per = record_bytes(items[pack[0]], False)
+    if len(pack) > 1 and len(pack) * per > PACK_BYTES:  # large outputs: fewer predictions per pack
+        step = max(1, PACK_BYTES // per)
+        return sum(_rows(items, pack[i : i + step], out) for i in range(0, len(pack), step))
     sampled = [r for r, i in enumerate(pack) if items[i][7]]
     kept = [r for r in sampled if _kept_sample(items[pack[r]])]
     try:
