@@ -7,19 +7,25 @@ path is decode (zlib, JSON, validation) + dedup against the ledger + Parquet (zs
 SQLite ledger commit (``synchronous=FULL``) + rename; a second pass re-commits everything to
 measure the duplicate path (broker redelivery / device re-sends).
 
-    .venv/bin/python bench/ingest_bench.py            # ~10 s
+    .venv/bin/python bench/ingest_bench.py            # ~10 s: records as agents before packs sent them
+    .venv/bin/python bench/ingest_bench.py --packs    # the predictions as the agent's packs (expanded by decode)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cloud_batch.ingest.store import TelemetryStore
-from edge_agent.wire.telemetry import TelemetryBatch, TelemetryRecord, decode_batch, encode_batch
+from edge_agent.telemetry.rows import Item, prediction_rows
+from edge_agent.wire.model.manifest import Manifest
+from edge_agent.wire.telemetry import TelemetryBatch, TelemetryRecord, decode_batch, encode_batch, encode_rows
 from edge_agent.wire.topics import telemetry_topic
 
 FLEET = "bench"
@@ -56,6 +62,35 @@ def messages(devices: int, rows: int, per_batch: int) -> list[tuple[str, bytes]]
     return out
 
 
+def pack_messages(devices: int, rows: int, per_batch: int) -> list[tuple[str, bytes]]:
+    """The same workload with the predictions of each batch as the agent's packs (``telemetry.rows``)."""
+    manifest = Manifest.load(Path(__file__).resolve().parents[1] / "models" / "digits" / "1" / "manifest.json")
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(10), 256).astype(np.float32).reshape(256, 1, 10)
+    pixels = rng.uniform(0, 16, (256, 1, 8, 8, 1)).astype(np.float32)
+    out, t0 = [], time.time()
+    for d in range(devices):
+        device = f"dev-{d:04d}"
+        for first in range(1, rows + 1, per_batch):
+            seqs = range(first, min(first + per_batch - 1, rows) + 1)
+            items: list[Item] = [
+                (manifest, f"{device}-{s}", 0.00021, t0 + s * 0.001, {"pixels": pixels[s % 256]},
+                 {"probs": probs[s % 256]}, None, s % 5 == 0)
+                for s in seqs if s % 10
+            ]  # fmt: skip
+            wire, seq = [], first - 1
+            for row in prediction_rows(items)[0]:
+                seq += row.n
+                wire.append((seq, row.kind, row.ts, row.body))
+            for s in seqs:
+                if s % 10 == 0:
+                    seq += 1
+                    kind, ts, doc = _kind_body(device, s, t0)
+                    wire.append((seq, kind, ts, json.dumps(doc, separators=(",", ":"))))
+            out.append((telemetry_topic(FLEET, device), encode_rows(device, FLEET, first, wire, {})))
+    return out
+
+
 def _kind_body(device: str, seq: int, t0: float) -> tuple[str, float, dict[str, Any]]:
     kind, b = body(device, seq)
     return kind, t0 + seq * 0.001, b
@@ -67,8 +102,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=10_000)
     ap.add_argument("--per-batch", type=int, default=500)
     ap.add_argument("--group", type=int, default=20)
+    ap.add_argument("--packs", action="store_true", help="predictions as prediction packs (agents since 2026-12-02)")
     args = ap.parse_args()
-    msgs = messages(args.devices, args.rows, args.per_batch)
+    msgs = (pack_messages if args.packs else messages)(args.devices, args.rows, args.per_batch)
     total = args.devices * args.rows
     size = sum(len(p) for _, p in msgs)
     print(f"{len(msgs)} batches, {total} rows, {size / total:.1f} compressed bytes/row")

@@ -60,7 +60,7 @@ MAX_DEPTH = 64
 _ACK_MAX_BYTES = 4096
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TelemetryRecord:
     """One outbox row on the wire; the device id lives on the batch."""
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 from typing import Any
 
 import numpy as np
@@ -142,8 +141,18 @@ def _column(doc: dict[str, Any], key: str, n: int) -> list[float]:
     return arr.astype(np.float64).tolist()
 
 
-def _score(s: float) -> float | None:
-    return float(f"{s:.6g}") if math.isfinite(s) else None
+def significant6(x: np.ndarray) -> np.ndarray:
+    """``x`` rounded to 6 significant digits, as ``float(f"{v:.6g}")`` gives (float64; non-finite values kept)."""
+    x = x.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        digits = 5 - np.floor(np.log10(np.abs(x)))
+        digits = np.where(np.isfinite(digits), digits, 0)
+        scale = 10.0**digits
+        out = np.where(digits >= 0, np.round(x * scale) / scale, np.round(x / 10.0**-digits) * 10.0**-digits)
+    out = np.where(np.isfinite(x), out, x)
+    for i in np.flatnonzero(np.abs(digits) > 22):  # powers of ten beyond 1e22 are inexact: format those few
+        out.flat[i] = float(f"{x.flat[i]:.6g}")
+    return out
 
 
 def _output(spec: Any, name: str, n: int) -> list[Any]:
@@ -152,9 +161,13 @@ def _output(spec: Any, name: str, n: int) -> list[Any]:
         index, score = sample_array(spec["top_k"].get("index")), sample_array(spec["top_k"].get("score"))
         if index.ndim != 3 or index.shape != score.shape or index.shape[0] != n or index.dtype.kind not in "iu":
             raise ValueError(f"pack output {name!r} top_k index and score must both be [{n}, m, k] (integer index)")
-        rows = [[[[int(c), _score(s)] for c, s in zip(ci, si, strict=True)] for ci, si in zip(cr, sr, strict=True)]
-                for cr, sr in zip(index.tolist(), score.astype(np.float64).tolist(), strict=True)]  # fmt: skip
-        return [{"top_k": r[0] if len(r) == 1 else r} for r in rows]
+        scores = significant6(score)
+        pairs = np.empty((*index.shape, 2), dtype=object)
+        pairs[..., 0] = index
+        pairs[..., 1] = scores
+        pairs[..., 1][~np.isfinite(scores)] = None
+        rows = pairs.tolist()
+        return [{"top_k": r[0]} for r in rows] if index.shape[1] == 1 else [{"top_k": r} for r in rows]
     if isinstance(spec, dict) and "values" in spec:
         values = sample_array(spec["values"])
         if values.ndim < 1 or values.shape[0] != n:
