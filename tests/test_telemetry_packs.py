@@ -18,6 +18,7 @@ from edge_agent.models.serving import ModelServer
 from edge_agent.telemetry.outbox import Outbox, Row
 from edge_agent.telemetry.rows import PACK_BYTES, Item, prediction_rows
 from edge_agent.wire.telemetry import decode_batch, encode_rows
+from edge_agent.wire.telemetry.pack import significant6
 from tests.support.telemetry import outbox_records
 
 
@@ -159,3 +160,16 @@ def test_large_outputs_make_smaller_packs_that_each_fit_a_batch(model_server: Mo
         seq += row.n
         batch = decode_batch(_wire([(seq, row.kind, row.ts, row.body)]))  # encode_rows refuses > 128 KiB
         assert all(len(r.body["outputs"]["probs"]["top_k"]) == 200 for r in batch.records)
+
+
+def test_scores_round_to_six_significant_digits_exactly_as_printf_does() -> None:
+    rng = np.random.default_rng(7)
+    x = np.concatenate([
+        rng.random(20_000).astype(np.float32),
+        (rng.standard_normal(20_000) * 10.0 ** rng.integers(-40, 38, 20_000)).astype(np.float32),
+        np.array([0.0, -0.0, 1.0, 0.5, 0.7, 123456789.0, 1e-40, 3.4e38], np.float32),
+    ])  # fmt: skip
+    want = np.array([float(f"{float(v):.6g}") for v in x])
+    assert np.array_equal(significant6(x), want)
+    odd = significant6(np.array([np.nan, np.inf, -np.inf], np.float32))
+    assert np.isnan(odd[0]) and list(odd[1:]) == [np.inf, -np.inf]
