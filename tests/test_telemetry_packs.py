@@ -173,3 +173,15 @@ def test_scores_round_to_six_significant_digits_exactly_as_printf_does() -> None
     assert np.array_equal(significant6(x), want)
     odd = significant6(np.array([np.nan, np.inf, -np.inf], np.float32))
     assert np.isnan(odd[0]) and list(odd[1:]) == [np.inf, -np.inf]
+
+
+def test_id_lookups_follow_new_trimmed_and_acked_packs(tmp_path: Path, model_server: ModelServer) -> None:
+    box = Outbox(tmp_path / "t.db", max_rows=100)
+    box.append([_pack(model_server, 0, 60)])
+    assert box.find_prediction("r0") == "digits" and box.find_prediction("r60") is None  # the id hashes, built
+    box.append([_pack(model_server, 60, 60)])  # 120 records, 100 allowed: the first pack loses r0..r19
+    assert [box.find_prediction(f"r{i}") for i in (19, 20, 60, 119)] == [None, "digits", "digits", "digits"]
+    assert box.ack(60) == 40  # the first pack (seq 60) is stored in the cloud
+    assert [box.find_prediction(f"r{i}") for i in (20, 59, 60)] == [None, None, "digits"]
+    assert box.find_prediction("never-issued") is None and box.find_prediction('r6"') is None
+    box.close()
