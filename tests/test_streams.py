@@ -75,6 +75,39 @@ def test_digits_clip_is_classified_and_mqtt_matches_latest(tmp_path: Path, model
     assert registry.get_sample_value("edgefleet_stream_source_state", {"stream": "cam", "state": "stopped"}) == 1
 
 
+def test_a_clip_ends_only_after_its_last_frame_was_processed(tmp_path: Path, model_server: ModelServer) -> None:
+    """``ended`` means every frame was handled: CI once saw a stream report it with the last frame still queued."""
+    import threading
+
+    clip = tmp_path / "digits.avi"
+    digits_clip(clip, n=3)
+    manager = StreamManager([stream_config(source=str(clip), model="digits", policy="every", loop=False)],
+                            model_server, CollectorRegistry())  # fmt: skip
+    stream = manager.get("cam")
+    docs: list[dict] = []
+    seen_while_held: list[str] = []
+    release = threading.Event()
+
+    def hold(doc: dict) -> None:  # keeps the inference thread on frame 2 until the reader has reached the end
+        if doc["frame"] == 2:
+            wait_for(stream.capture.ended.is_set, 30, "the reader to reach the end of the clip")
+            seen_while_held.append(stream.state)
+            release.wait(30)
+
+    stream.subscribe(docs.append)
+    stream.subscribe(hold)  # both before the start: frames 1 and 2 take microseconds
+    manager.start()
+    try:
+        wait_for(lambda: bool(seen_while_held), 60, "frame 2 to be held")
+        assert seen_while_held == ["running"], "frame 3 is still queued: not ended yet"
+        release.set()
+        wait_for(lambda: stream.state == "ended", 60, "the clip to end")
+        assert [d["frame"] for d in docs] == [1, 2, 3]
+    finally:
+        release.set()
+        manager.stop()
+
+
 def test_mqtt_results_are_rate_limited_and_filtered_by_score(
     tmp_path: Path, model_server: ModelServer, mk_link
 ) -> None:

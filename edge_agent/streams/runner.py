@@ -125,6 +125,8 @@ class Stream:
     def _on_capture_state(self, state: str, error: str | None) -> None:
         if self.state == "failed" and state == "running":
             return  # a model problem stays visible until a frame succeeds
+        if state == "ended":
+            return  # the inference thread says so once it has taken the last frame (``_run``), not before
         self._set_state(state, error)
 
     def _on_read(self, dropped: bool) -> None:
