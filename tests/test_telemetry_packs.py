@@ -105,6 +105,12 @@ def test_a_bad_pack_is_refused_alone_and_acked_records_are_not_sent_again(model_
     batch = decode_batch(_wire([(5, good.kind, good.ts, good.body), (9, other.kind, other.ts, json.dumps(doc))]))
     assert [r.seq for r in batch.records] == [1, 2, 3, 4, 5]
     assert batch.rejects == ((9, "pack 9: pack ids must be a list of 4 str"),)
+    doc = json.loads(_pack(model_server, 5, 4, every=1).body)
+    doc["inputs"][0].pop("datatype")
+    doc["inputs"].append({"name": "x", "rows": [0], "shape": [1], "data": [1.0]})  # no b64: not a pack's
+    for damaged in ({**doc, "inputs": doc["inputs"][:1]}, {**doc, "inputs": doc["inputs"][1:]}):
+        batch = decode_batch(_wire([(9, "predictions", 1.0, json.dumps(damaged))]))
+        assert not batch.records and len(batch.rejects) == 1 and "pack 9" in batch.rejects[0][1]
     # An ack that fell inside a pack: the batch covers 4.., so seqs 1-3 are not delivered twice.
     batch = decode_batch(_wire([(5, good.kind, good.ts, good.body)], first=4))
     assert [(r.seq, r.body["request_id"]) for r in batch.records] == [(4, "r3"), (5, "r4")]

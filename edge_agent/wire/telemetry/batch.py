@@ -226,7 +226,7 @@ def _expand_into(good: list[TelemetryRecord], rec: TelemetryRecord, prev: int, f
     """Append a pack's predictions to ``good`` (those below the batch's ``first`` were acked already); or why not."""
     try:
         preds = expand(rec.seq, rec.body)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
         return f"pack {rec.seq}: {exc}"
     if preds[0][0] <= prev:
         return f"pack {rec.seq} starts at seq {preds[0][0]}, not after {prev}"

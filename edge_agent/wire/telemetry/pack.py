@@ -193,7 +193,7 @@ def expand(seq: int, body: dict[str, Any]) -> list[tuple[int, float, dict[str, A
     entities = _ids(body, "entity_ids", n, None) if "entity_ids" in body else [None] * n
     samples: list[dict[str, Any]] = [{} for _ in range(n)]
     for group in body.get("inputs", []) if isinstance(body.get("inputs", []), list) else [None]:
-        if not isinstance(group, dict) or not isinstance(group.get("name"), str):
+        if not isinstance(group, dict) or not isinstance(group.get("name"), str) or "b64" not in group:
             raise ValueError("pack inputs must be a list of {name, rows, shape, datatype, b64}")
         rows = group.get("rows")
         stacked = sample_array(group)
