@@ -11,7 +11,6 @@ prediction (what agents before packs wrote) cost ~14 µs per prediction here; a 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,15 +19,13 @@ import numpy as np
 from edge_agent.inference.arrays import concat
 from edge_agent.telemetry.outbox import Row
 from edge_agent.wire.model.manifest import Manifest
-from edge_agent.wire.telemetry.pack import MAX_PACK, PACK_KIND, tensor_text
+from edge_agent.wire.telemetry.pack import MAX_PACK, PACK_KIND, encode, topk_text, values_text
 
 TOP_K = 3
 FULL_OUTPUT_MAX = 16  # an output of at most this many values is sent whole
 MAX_SAMPLE_VALUES = 32_768  # a sampled input above this many values is not kept (counted as "inputs")
 PACK_INPUT_BYTES = 48 * 1024  # raw sampled input bytes in one pack ...
 PACK_BYTES = 48 * 1024  # ... and the rest of its body (record_bytes, base64-sized): with both, below a 128 KiB batch
-_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False, allow_nan=False).encode
-_text = json.encoder.encode_basestring_ascii
 
 # A queued prediction: (manifest, request id, latency s, ts, inputs, outputs, entity id, sampled)
 Item = tuple[Manifest, str, float, float, dict[str, np.ndarray], dict[str, np.ndarray], Any, bool]
@@ -43,12 +40,11 @@ def output_text(stacked: np.ndarray, classifier: bool) -> str:
     """
     n, per = stacked.shape[0], stacked[0]
     if _whole(per.shape, classifier):
-        return f'{{"values":{tensor_text(stacked)}}}'
+        return values_text(stacked)
     flat = stacked.reshape(n, -1, per.shape[-1])
     k = min(TOP_K, flat.shape[-1])
     idx = np.argsort(-flat.astype(np.float64), axis=-1, kind="stable")[..., :k]
-    scores = np.take_along_axis(flat, idx, axis=-1).astype(np.float32)
-    return f'{{"top_k":{{"index":{tensor_text(idx.astype(np.int32))},"score":{tensor_text(scores)}}}}}'
+    return topk_text(idx, np.take_along_axis(flat, idx, axis=-1))
 
 
 def _whole(shape: tuple[int, ...], classifier: bool) -> bool:
@@ -94,48 +90,45 @@ def _packs(items: list[Item]) -> Iterator[list[int]]:
                 yield chunk
                 continue
             pack: list[int] = []  # many sampled inputs: cut where the bytes run out
+            size = 0
             for i in chunk:
-                if pack and _input_bytes(items, [*pack, i]) > PACK_INPUT_BYTES:
+                extra = _input_bytes(items, [i])
+                if pack and size + extra > PACK_INPUT_BYTES:
                     yield pack
-                    pack = []
+                    pack, size = [], 0
                 pack.append(i)
+                size += extra
             yield pack
 
 
-def _inputs(items: list[Item], pack: list[int], sampled: list[int]) -> str:
-    """The pack's ``"inputs"`` list: the sampled rows' tensors stacked per (name, shape, dtype)."""
+def _inputs(items: list[Item], pack: list[int], sampled: list[int]) -> list[tuple[str, list[int], np.ndarray]]:
+    """The pack's sampled inputs: ``(name, positions, stacked rows)`` per (name, shape, dtype)."""
     groups: dict[tuple[str, tuple[int, ...], str], list[int]] = {}
     for row in sampled:
         for name, arr in items[pack[row]][4].items():
             groups.setdefault((name, arr.shape, arr.dtype.str), []).append(row)
-    parts = []
-    for (name, _, _), rows in groups.items():
-        stacked = concat([items[pack[r]][4][name] for r in rows], stack=True)
-        parts.append(f'{{"name":{_text(name)},"rows":{_encode(rows)},{tensor_text(stacked)[1:]}')
-    return "[" + ",".join(parts) + "]"
+    return [
+        (name, rows, concat([items[pack[r]][4][name] for r in rows], stack=True))
+        for (name, _, _), rows in groups.items()
+    ]
 
 
 def _row(items: list[Item], pack: list[int], sampled: list[int]) -> Row:
     """The pack of ``items[pack]`` (their outputs of one shape); ``sampled``: positions in it whose inputs go along."""
     manifest = items[pack[0]][0]
-    ids = _encode([items[i][1] for i in pack])
     ts = np.fromiter((items[i][3] for i in pack), np.float64, len(pack))
     latency = np.fromiter((items[i][2] for i in pack), np.float64, len(pack)) * 1000.0
     classifier = bool(manifest.labels)
-    outputs = ",".join(
-        f"{_text(name)}:{output_text(concat([items[i][5][name] for i in pack], stack=True), classifier)}"
+    outputs = {
+        name: output_text(concat([items[i][5][name] for i in pack], stack=True), classifier)
         for name in items[pack[0]][5]
-    )
-    body = (
-        f'{{"model":{_text(manifest.name)},"version":{_text(manifest.version)},"n":{len(pack)},"ids":{ids},'
-        f'"ts":{tensor_text(ts)},"latency_ms":{tensor_text(latency.astype(np.float32))},"outputs":{{{outputs}}}'
-    )
+    }
     entities = [items[i][6] for i in pack]
-    if any(e is not None for e in entities):
-        body += f',"entity_ids":{_encode(entities)}'
-    if sampled:
-        body += f',"inputs":{_inputs(items, pack, sampled)}'
-    return Row(PACK_KIND, float(ts[0]), body + "}", manifest.name, ids, len(sampled), len(pack))
+    body, ids = encode(
+        manifest.name, manifest.version, [items[i][1] for i in pack], ts, latency, outputs,
+        entities if any(e is not None for e in entities) else None, _inputs(items, pack, sampled) if sampled else (),
+    )  # fmt: skip
+    return Row(PACK_KIND, float(ts[0]), body, manifest.name, ids, len(sampled), len(pack))
 
 
 def _rows(items: list[Item], pack: list[int], out: list[Row]) -> int:

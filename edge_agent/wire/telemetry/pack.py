@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ PACK_KIND = "predictions"
 MAX_PACK = 256  # predictions per pack as the agent builds them
 MAX_PACK_DECODE = 4096  # the most a decoder accepts in one pack
 _encode = json.JSONEncoder(separators=(",", ":"), check_circular=False, allow_nan=False).encode
+_text = json.encoder.encode_basestring_ascii
 
 
 def tensor_text(arr: np.ndarray) -> str:
@@ -45,6 +47,52 @@ def tensor_text(arr: np.ndarray) -> str:
     return (
         f'{{"shape":{_encode(list(arr.shape))},"datatype":"{NUMPY_TO_V2.get(arr.dtype.name, "FP32")}","b64":"{b64}"}}'
     )
+
+
+def topk_text(index: np.ndarray, score: np.ndarray) -> str:
+    """An output's column of top-k classes: ``index`` and ``score``, both ``[n, m, k]``."""
+    return (
+        f'{{"top_k":{{"index":{tensor_text(index.astype(np.int32))},"score":{tensor_text(score.astype(np.float32))}}}}}'
+    )
+
+
+def values_text(values: np.ndarray) -> str:
+    """An output's column of whole values, ``[n, *shape]``."""
+    return f'{{"values":{tensor_text(values)}}}'
+
+
+def encode(
+    model: str,
+    version: str,
+    ids: Sequence[str],
+    ts: np.ndarray,
+    latency_ms: np.ndarray,
+    outputs: Mapping[str, str],
+    entity_ids: Sequence[Any] | None = None,
+    inputs: Sequence[tuple[str, Sequence[int], np.ndarray]] = (),
+) -> tuple[str, str]:
+    """A pack's body and its ids as JSON text (the outbox searches the latter).
+
+    ``outputs``: each output's column (:func:`topk_text` or :func:`values_text`); ``entity_ids``: one per
+    prediction, or None when none has one; ``inputs``: ``(name, positions, stacked rows)`` per group of
+    sampled inputs.
+    """
+    ids_text = _encode(list(ids))
+    columns = ",".join(f"{_text(name)}:{text}" for name, text in outputs.items())
+    body = (
+        f'{{"model":{_text(model)},"version":{_text(version)},"n":{len(ids)},"ids":{ids_text},'
+        f'"ts":{tensor_text(ts.astype(np.float64))},"latency_ms":{tensor_text(latency_ms.astype(np.float32))},'
+        f'"outputs":{{{columns}}}'
+    )
+    if entity_ids is not None:
+        body += f',"entity_ids":{_encode(list(entity_ids))}'
+    if inputs:
+        groups = ",".join(
+            f'{{"name":{_text(name)},"rows":{_encode(list(rows))},{tensor_text(stacked)[1:]}'
+            for name, rows, stacked in inputs
+        )
+        body += f',"inputs":[{groups}]'
+    return body + "}", ids_text
 
 
 def sample_array(tensor: dict[str, Any]) -> np.ndarray:
