@@ -5,8 +5,9 @@ a scope, while it is over its ``max_rows`` / ``max_bytes``:
 
 1. ``inputs``: the oldest sampled inputs are stripped from their prediction rows (the predictions
    stay, marked ``inputs_dropped``); only while over ``max_bytes``;
-2. ``prediction``: the oldest prediction rows are deleted, a pack at a time (up to
-   ``wire.telemetry.pack.MAX_PACK`` predictions, so a bound may shed up to that many more than it must);
+2. ``prediction``: the oldest predictions are deleted: whole rows (a pack is up to
+   ``wire.telemetry.pack.MAX_PACK`` predictions), and of the last pack that must shrink only its
+   oldest ones (``pack.trim`` rewrites it), so no more go than the bound needs;
 3. ``drift``, ``event``, ``feedback``: only when nothing else is left to drop and the scope is
    still over (the hard cap), oldest first.
 

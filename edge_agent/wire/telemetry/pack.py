@@ -2,8 +2,8 @@
 
 The agent's telemetry writer commits each flush's predictions as packs: one per model version and
 output shape, at most :data:`MAX_PACK` predictions. A pack keeps its columns as numbers (base64 of the
-little-endian bytes), so building one costs the agent about a µs per prediction, where one JSON row
-per prediction cost ~14 µs of the GIL that serves requests (docs/benchmarks.md, "Telemetry packs").
+little-endian bytes), so building and committing one costs the agent ~3 µs per prediction, where one
+JSON row per prediction cost ~14 µs of the GIL that serves requests (docs/benchmarks.md, "Telemetry packs").
 The pack's body, JSON::
 
     {"model": "digits", "version": "2", "n": 3,
