@@ -28,6 +28,7 @@ from tests.broker import Broker
 from tests.modelzoo import Zoo, build_in_subprocess
 from tests.support.env import MODELS
 from tests.support.ota import Cloud, Device, relabel
+from tests.support.shared import built_once
 
 
 # -- models and stores ---------------------------------------------------------------------------
@@ -65,9 +66,9 @@ def api(model_server: ModelServer) -> Iterator[ApiServer]:
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
-    """All model-zoo models, built with TensorFlow in a subprocess once per test session."""
+    """All model-zoo models, built with TensorFlow in a subprocess once per run (shared by the xdist workers)."""
     try:
-        return build_in_subprocess(tmp_path_factory.mktemp("modelzoo"))
+        return Zoo(built_once(tmp_path_factory, "modelzoo", build_in_subprocess))
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         pytest.fail(str(exc), pytrace=False)
 

@@ -1,6 +1,7 @@
 """``cloud-batch`` wiring: help texts, registering a model, errors as ``error: ...`` with exit code 2.
 
-Runs the installed console script in subprocesses (as a user would). Nothing here trains,
+Runs the installed console script in subprocesses (as a user would); the help texts of every
+command are read through ``main()`` in-process, after one ``--help`` of the script. Nothing here trains,
 so TensorFlow is never needed; one test checks that it is not even imported.
 """
 
@@ -32,16 +33,21 @@ def all_commands() -> list[list[str]]:
     return [[]] + [path for path, _ in subcommands(build_parser())]
 
 
-def test_every_help_text_ends_with_an_example() -> None:
+def test_every_help_text_ends_with_an_example(capsys: pytest.CaptureFixture[str]) -> None:
     commands = all_commands()
     assert {"train digits", "train maintenance", "register"} <= {" ".join(c) for c in commands}
+    top = run("--help")  # the installed console script once; every command's help through its main()
+    assert top.returncode == 0, top.stderr
+    assert top.stdout.startswith("usage: cloud-batch")
     for path in commands:
-        proc = run(*path, "--help")
-        assert proc.returncode == 0, proc.stderr
-        tail = proc.stdout.rstrip().rsplit("Example:", 1)
+        with pytest.raises(SystemExit) as info:
+            main([*path, "--help"])
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        tail = out.rstrip().rsplit("Example:", 1)
         assert len(tail) == 2, f"`cloud-batch {' '.join(path)} --help` has no Example: block"
         example = tail[1].strip().splitlines()
-        assert example and all(line.strip().startswith("cloud-batch") for line in example), proc.stdout
+        assert example and all(line.strip().startswith("cloud-batch") for line in example), out
 
 
 def test_register_a_tflite_then_same_again_is_fine_but_different_is_refused(tmp_path: Path) -> None:

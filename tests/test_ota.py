@@ -26,6 +26,7 @@ from edge_agent.inference.modelpack import build_version_dir, verify_version_dir
 from edge_agent.wire.protocol import Artifact
 from tests.broker import Broker
 from tests.support.ota import COMMITTED_PATH, FLEET, Cloud, Device
+from tests.support.shared import built_once
 
 PROBE_BUILD = textwrap.dedent(
     """
@@ -59,20 +60,24 @@ def probe_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     Version 2 passes validation (golden samples and warm-up use a batch of one) and then fails
     every real request with a batch of 8 inside the interpreter: a model that breaks in service.
-    Built with TensorFlow in a subprocess (the test process must not import TensorFlow).
+    Built with TensorFlow in a subprocess (the test process must not import TensorFlow), once per run.
     """
+
+    def build(root: Path) -> None:
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+        proc = subprocess.run(
+            [sys.executable, "-c", PROBE_BUILD, str(root)], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    models = built_once(tmp_path_factory, "probe", build)
     root = tmp_path_factory.mktemp("probe")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE_BUILD, str(root)], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     x = np.random.default_rng(1).random((1, 8, 8, 1)).astype(np.float32)
     dirs = {}
     for version, model in (("1", "good"), ("2", "batch_one")):
         dirs[version] = root / version
         build_version_dir(
-            root / f"{model}.tflite", dirs[version], name="probe", version=version, golden_inputs={"pixels": x}
+            models / f"{model}.tflite", dirs[version], name="probe", version=version, golden_inputs={"pixels": x}
         )
     return dirs
 
