@@ -8,7 +8,11 @@ that sends each wake-up's copies to the shadow process in one message, the candi
 reference copy of the active version run there). ``--baseline REV`` adds rounds of the
 runner as it was at git revision REV (a revision with ``edge_agent/models/shadow.py``; the worker-thread
 design measured in docs/benchmarks.md, 182381c, is not in this repository's history), loaded
-from ``git show``, for a before/after in the same run.
+from ``git show``, for a before/after in the same run. ``--control`` adds rounds with no shadow at all
+but a stand-in for its CPU: a separate process at the shadow process's priority (nice 10) that
+spins ``--control-us`` µs every ms (the shadow's measured share of a core: ~50-130 µs of CPU per
+copy at ~1 copy per ms). It answers whether *any* concurrent work of that size on the second core
+moves the primary's p99 on this machine, whatever the shadow does.
 
 Reported per mode: the client-observed p50/p90/p99, the p99 change against the adjacent
 shadow-off rounds (goal: <= +5%), this process's CPU time per request and the extra CPU per
@@ -50,12 +54,24 @@ from edge_agent.http.app import create_app  # noqa: E402
 from edge_agent.inference.runtime import RuntimeOptions  # noqa: E402
 from edge_agent.models.serving import ModelServer  # noqa: E402
 from edge_agent.models.shadow import ShadowModel, ShadowRunner  # noqa: E402
+from edge_agent.models.shadow.child import NICE  # noqa: E402
 from edge_agent.models.store import ModelStore  # noqa: E402
 from tests.apiserver import ApiServer  # noqa: E402
 from tests.support.ota import relabel  # noqa: E402
 from tests.support.shadow import digits_body  # noqa: E402
 
 DIGITS = REPO / "models" / "digits" / "1"
+# The --control stand-in: spin argv[1] µs of every millisecond at the shadow process's nice (argv[2]).
+CONTROL_LOAD = """
+import os, sys, time
+os.nice(int(sys.argv[2]))
+busy = float(sys.argv[1]) / 1e6
+while True:
+    t = time.perf_counter()
+    while time.perf_counter() - t < busy:
+        pass
+    time.sleep(max(0.0, 0.001 - busy))
+"""
 GOAL = 0.05  # the primary's p99 may rise at most 5%
 
 
@@ -99,15 +115,23 @@ def baseline_module(rev: str) -> ModuleType:
 class Shadow:
     """One mode's runner, started before a round and stopped after it."""
 
-    def __init__(self, mode: str, store: ModelStore, baseline: ModuleType | None) -> None:
-        self.mode, self.store, self.baseline = mode, store, baseline
+    def __init__(self, mode: str, store: ModelStore, baseline: ModuleType | None, control_us: float = 0) -> None:
+        self.mode, self.store, self.baseline, self.control_us = mode, store, baseline, control_us
         self.runner: Any = None
+        self.load: subprocess.Popen[bytes] | None = None
+
+    def stop_load(self) -> None:
+        if self.load is not None:
+            self.load.kill()
+            self.load.wait()
 
     def start(self) -> None:
         if self.mode == "process":
             v1, v2 = (ShadowModel("digits", v, self.store.version_dir("digits", v)) for v in ("1", "2"))
             self.runner = ShadowRunner(v2, "1", 1.0, reference=v1)
             self.runner.ready.wait(60)  # copies are sampled from the moment both versions are loaded
+        elif self.mode == "control":
+            self.load = subprocess.Popen([sys.executable, "-c", CONTROL_LOAD, str(self.control_us), str(NICE)])
         elif self.mode == "thread" and self.baseline is not None:
             private = RuntimeOptions(num_threads=1, pool_size=1)
             cand, ref = self.store.load("digits", "2", private), self.store.load("digits", "1", private)
@@ -148,6 +172,7 @@ def measure(
         out |= {"copies": f.samples - before[0], "dropped": f.dropped - before[1]}
         out |= {"thread": shadow.thread_cpu_s() - thread0, "child": proc_cpu_s(shadow.pid()) - child0}
         server.taps.stop_shadow("digits", shadow.runner)
+    shadow.stop_load()
     return out
 
 
@@ -158,11 +183,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1, help="digits per request")
     ap.add_argument("--quick", action="store_true", help="1000 requests x 8 rounds (<= 2 minutes)")
     ap.add_argument("--baseline", metavar="REV", help="also run the shadow runner of this git revision")
+    ap.add_argument("--control", action="store_true", help="also run rounds with a stand-in load and no shadow")
+    ap.add_argument("--control-us", type=float, default=130.0, help="the stand-in's CPU µs per ms (default 130)")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.rounds = 1000, 8  # short rounds, many pairs: load drifting hits both sides
     baseline = baseline_module(args.baseline) if args.baseline else None
-    modes = ["off", "process", *(["thread"] if baseline else [])]
+    modes = ["off", "process", *(["thread"] if baseline else []), *(["control"] if args.control else [])]
     work = Path(tempfile.mkdtemp(prefix="shadow-bench-"))
     try:
         store = ModelStore(work / "data")
@@ -180,14 +207,17 @@ def main() -> None:
             for r in range(args.rounds):
                 order = modes[r % len(modes) :] + modes[: r % len(modes)]  # no mode always runs first
                 got = {
-                    mode: measure(Shadow(mode, store, baseline), server, conn, body, args.requests) for mode in order
+                    mode: measure(Shadow(mode, store, baseline, args.control_us), server, conn, body, args.requests)
+                    for mode in order
                 }
                 off = got["off"]
                 for mode, res in got.items():
                     s = stats[mode]
                     s["lat"] += res["lat"]
                     s["cpu"].append(res["cpu"])
-                    if mode != "off":
+                    if mode == "control":
+                        s["p99x"].append(res["p99"] / off["p99"])
+                    elif mode != "off":
                         copies = max(1, res["copies"])
                         s["thread"].append(res["thread"] / copies)
                         s["child"].append(res["child"] / copies)
@@ -205,6 +235,7 @@ def report(args: argparse.Namespace, modes: list[str], stats: dict[str, dict[str
     cmd = f".venv/bin/python bench/shadow_bench.py --requests {args.requests} --rounds {args.rounds}"
     cmd += f" --rows {args.rows}" if args.rows != 1 else ""
     cmd += f" --baseline {args.baseline}" if args.baseline else ""
+    cmd += f" --control --control-us {args.control_us:g}" if args.control else ""
     load = os.getloadavg()[0]
     print(
         f"# {cmd}\n# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {load:.1f}, python {sys.version.split()[0]}"
@@ -213,6 +244,7 @@ def report(args: argparse.Namespace, modes: list[str], stats: dict[str, dict[str
         "off": "shadow off",
         "process": "shadow_rate = 1, shadow process",
         "thread": f"shadow_rate = 1, thread ({args.baseline})",
+        "control": f"no shadow; a stand-in load of {args.control_us:g} µs/ms at nice {NICE}",
     }
     print(
         "| primary (digits 1, c=1) | requests | p50 ms | p90 ms | p99 ms | agent CPU µs/request "
@@ -242,6 +274,9 @@ def report(args: argparse.Namespace, modes: list[str], stats: dict[str, dict[str
         paired = float(np.median(s["p99x"])) - 1 if s["p99x"] else float("nan")
         row |= {"p99_change": pooled, "p99_change_paired": paired, "compared": s["compared"], "dropped": s["dropped"]}
         verdict = "MET" if max(pooled, paired) <= GOAL else "MISSED"
+        if mode == "control":  # no shadow ran: the floor any concurrent work of this size sets, not a verdict
+            print(f"{labels[mode]}: p99 {pooled:+.1%} pooled, {paired:+.1%} median of {len(s['p99x'])} paired rounds")
+            continue
         print(
             f"{labels[mode]}: p99 {pooled:+.1%} pooled, {paired:+.1%} median of {len(s['p99x'])} paired rounds "
             f"(goal <= +{GOAL:.0%}: {verdict}); {s['compared']} copies compared, {s['dropped']} dropped"

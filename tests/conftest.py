@@ -31,6 +31,17 @@ from tests.support.ota import Cloud, Device, relabel
 from tests.support.shared import built_once
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs the PyInstaller build (through ``frozen_agent``) ``frozen``.
+
+    The frozen agent carries its own Python (the build's, 3.11); `.ci/run` runs these on that
+    leg only (``-m "not frozen"`` on the others), where the build is the shipped configuration.
+    """
+    for item in items:
+        if "frozen_agent" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.frozen)
+
+
 # -- models and stores ---------------------------------------------------------------------------
 @pytest.fixture
 def digits_dir() -> Path:
