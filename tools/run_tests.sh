@@ -6,6 +6,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}  # CI's matrix runs the suite in .venv-3.12 / .venv-3.13 too
+# Let Python cache bytecode as modules are first imported (see the Makefile): with
+# PYTHONDONTWRITEBYTECODE set, every agent and CLI process a test starts recompiled edge_agent, and a
+# venv installed without precompiling (COMPILE_BYTECODE=0, CI's extra legs) recompiled everything.
+unset PYTHONDONTWRITEBYTECODE
 if [ "$#" -eq 0 ]; then  # a narrowed run (`make test ARGS=...` or direct call with args) skips the checks
   echo "test: ruff check, ruff format --check, mypy, lint-imports"
   "$VENV"/bin/ruff check . || exit 1
