@@ -124,8 +124,13 @@ def test_the_window_opens_once_the_shadow_process_has_loaded(digits_dir: Path) -
     """
     taps = ModelTaps()
     host = _host(taps, digits_dir, digits_dir)
-    policy = Policy(  # the same model twice; 3 samples' p50 ratio is noise on a loaded box, so the rule is wide
-        mode="shadow", shadow_rate=1.0, shadow_min_samples=3, shadow_window_s=5, promote_max_latency_ratio=20
+    policy = Policy(  # the same model twice; this test is about the window, so the latency rule stays out of the way:
+        # 3 samples' p50 ratio is noise on a loaded box (25.7 seen in CI, against a rule of 20 then)
+        mode="shadow",
+        shadow_rate=1.0,
+        shadow_min_samples=3,
+        shadow_window_s=5,
+        promote_max_latency_ratio=1e6,
     )
 
     def clock() -> float:
