@@ -273,10 +273,10 @@ def report(args: argparse.Namespace, modes: list[str], stats: dict[str, dict[str
         pooled = row["p99_ms"] / out["off"]["p99_ms"] - 1
         paired = float(np.median(s["p99x"])) - 1 if s["p99x"] else float("nan")
         row |= {"p99_change": pooled, "p99_change_paired": paired, "compared": s["compared"], "dropped": s["dropped"]}
-        verdict = "MET" if max(pooled, paired) <= GOAL else "MISSED"
         if mode == "control":  # no shadow ran: the floor any concurrent work of this size sets, not a verdict
             print(f"{labels[mode]}: p99 {pooled:+.1%} pooled, {paired:+.1%} median of {len(s['p99x'])} paired rounds")
             continue
+        verdict = "MET" if max(pooled, paired) <= GOAL else "MISSED"
         print(
             f"{labels[mode]}: p99 {pooled:+.1%} pooled, {paired:+.1%} median of {len(s['p99x'])} paired rounds "
             f"(goal <= +{GOAL:.0%}: {verdict}); {s['compared']} copies compared, {s['dropped']} dropped"
