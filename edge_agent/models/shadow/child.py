@@ -8,12 +8,15 @@ one, the runtime options, the figures to resume from), answers ``{"ready": ...}`
 copies of every ``blob.pack``ed message and reports the figures so far every
 ``REPORT_EVERY_S`` while they change. A closed connection ends it.
 
-Copies are run in batches padded to ``BATCH_ROWS`` rows (one interpreter shape: a new batch
-size would resize the interpreter, which costs more than the invocations). Latency is compared
-like with like: every ``REFERENCE_EVERY``-th batch also runs on the private reference copy of
-the active version (alternating which runs first), so both p50s are measured in this process on
-the same inputs (with 4-row batches, 200 copies give ~25 pairs). Without a reference, the active
-version's own times are used.
+Copies are run in batches padded to one size (one interpreter shape: a new batch size would
+resize the interpreter, which costs more than the invocations): ``BATCH_ROWS`` rows for a model
+whose padded batch stays within ``PAD_BUDGET_S`` at its warm-up latency, fewer (down to 1) for
+a costly one, where padding would waste more than the per-call overhead it saves. Latency is
+compared like with like: a batch also runs on the private reference copy of the active version
+(alternating which runs first), so both p50s are measured in this process on the same inputs:
+every batch until ``MIN_PAIRS`` pairs are kept, then every ``REFERENCE_EVERY``-th (the reference
+is the shadow's largest cost after the candidate). Without a reference, the active version's own
+times are used.
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ log = logging.getLogger(__name__)
 
 SHADOW_COMMAND = "__shadow__"  # hidden first argument of a frozen edge-agent binary (cli.main)
 MODULE = "edge_agent.models.shadow.child"
-BATCH_ROWS = 4  # copies are run in batches padded to this many rows: many small batches, many latency pairs
-REFERENCE_EVERY = 2  # every 2nd batch is also timed on the reference copy (~25 pairs per 200 copies)
+BATCH_ROWS = 4  # copies are run in batches padded to at most this many rows (short runs: see below)
+PAD_BUDGET_S = 0.001  # ... as long as a padded batch costs at most this at the warm-up latency per row
+MIN_PAIRS = 32  # every batch is timed on the reference copy until this many latency pairs are kept ...
+REFERENCE_EVERY = 8  # ... then every 8th (16-row batches at 200 copies: 13 batches, all timed)
 KEEP_LATENCIES = 4096  # latency pairs kept for the p50 ratio (the most recent)
 KEEP_STATE_PAIRS = 64  # ... of which a restarted agent resumes with this many
 NICE = 10  # ~1/10 of a normal process's share of a busy core: the agent first, the shadow never starved
@@ -101,8 +106,9 @@ class Shadow:
 
     def __init__(self, candidate: LoadedModel, reference: LoadedModel | None, tally: Tally | None = None) -> None:
         self.candidate, self.reference = candidate, reference
-        self.size = max(1, min(BATCH_ROWS, candidate.max_batch))
+        self.size = batch_rows(candidate)
         self.tally = tally or Tally()
+        self.timed = 0  # batches timed on the reference: which version runs first alternates
 
     def run(self, block: Block) -> None:
         """Every copy of ``block``, consecutive copies together in batches of at most ``size`` rows."""
@@ -121,8 +127,9 @@ class Shadow:
         active = {n: a if not a.ndim else a[lo:hi] for n, a in block.outputs.items()}
         # The reference runs first on every other timed batch: neither version gets the warmer caches.
         t = self.tally
-        timed = self.reference is not None and t.batches % REFERENCE_EVERY == 0
-        first = timed and t.batches // REFERENCE_EVERY % 2 == 0
+        timed = self.reference is not None and (len(t.latency) < MIN_PAIRS or t.batches % REFERENCE_EVERY == 0)
+        first = timed and self.timed % 2 == 0
+        self.timed += timed
         t.batches += 1
         active_s = sum(block.seconds[i:j])
         if first and self.reference is not None:
@@ -144,6 +151,16 @@ class Shadow:
         t.abs_sum += mad * n if np.isfinite(mad) else 0.0
         if timed or self.reference is None:
             t.latency.append((active_s, cand_s))
+
+
+def batch_rows(model: LoadedModel) -> int:
+    """The padded batch size: the largest power of two up to ``BATCH_ROWS`` (and the model's batch
+    limits) whose batch costs at most ``PAD_BUDGET_S`` at the warm-up latency (batch 1) per row."""
+    size = max(1, min(BATCH_ROWS, model.max_batch, model.options.max_resident_batch))
+    per_row = model.warm_latency_s or 0.0
+    while size > 1 and size * per_row > PAD_BUDGET_S:
+        size //= 2
+    return size
 
 
 def _padded(a: np.ndarray, lo: int, hi: int, size: int) -> np.ndarray:
