@@ -13,17 +13,18 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from cloud_batch.cli.main import main
-from cloud_batch.errors import RegistryError
+from cloud_batch.errors import InputError, RegistryError
 from cloud_batch.features.build import FeatureRegistry
 from cloud_batch.score.inputs import ArrayChunk
 from cloud_batch.score.job import score
-from cloud_batch.score.local import pool_context, run_local
-from cloud_batch.score.parts import read_metadata, staging_dir, written
-from cloud_batch.score.worker import ScorerSpec
+from cloud_batch.score.local import MappedChunk, pool_context, run_local, shared_inputs
+from cloud_batch.score.parts import Merger, read_metadata, staging_dir, written
+from cloud_batch.score.worker import ScorerSpec, write_part
 from edge_agent.inference.preprocess import load_input_file
 from edge_agent.inference.runtime import LoadedModel
 from edge_agent.wire.model.manifest import Manifest
@@ -213,3 +214,45 @@ def test_a_torn_or_short_partition_is_scored_again(sreg: Path, tmp_path: Path) -
     again = score(sreg, "digits", "1", tmp_path / "x.npy", out, workers=1, partition_rows=100, progress=False)
     assert again.skipped_parts == 0
     assert out.read_bytes() == reference.read_bytes()
+
+
+def test_loaded_rows_reach_the_workers_through_one_shared_file_removed_afterwards(tmp_path: Path) -> None:
+    x, keys = digits_rows(300), np.arange(300, dtype=np.int64)
+    wide = np.arange(300 * 3, dtype=np.float64).reshape(300, 3)  # another dtype, not a multiple of the alignment
+    tasks = [(p, ArrayChunk(keys[a : a + 100], {"pixels": x[a : a + 100], "w": wide[a : a + 100]})) for p, a in
+             enumerate(range(0, 300, 100))]  # fmt: skip
+    tasks.append((3, _DyingChunk(keys[:1], {"pixels": x[:1]})))  # a subclass ships as it is
+    with shared_inputs(tasks, str(tmp_path)) as shipped:
+        (shared,) = {c.path for _, c in shipped if isinstance(c, MappedChunk)}
+        assert Path(shared).parent == tmp_path and Path(shared).name.startswith(".")  # a rerun removes a leftover
+        assert shipped[3][1] is tasks[3][1]
+        for (part, sent), (same, chunk) in zip(tasks[:3], shipped[:3], strict=True):
+            feeds = chunk.feeds()
+            assert part == same and np.array_equal(chunk.keys, sent.keys)
+            assert all(np.array_equal(feeds[k], v) and feeds[k].dtype == v.dtype for k, v in sent.feeds().items())
+    assert list(tmp_path.iterdir()) == []
+    with shared_inputs(tasks, str(tmp_path / "gone")) as shipped:  # no file can be made there: pickled instead
+        assert [c for _, c in shipped] == [c for _, c in tasks]
+
+
+def test_the_merge_appends_partitions_in_order_as_they_appear(tmp_path: Path) -> None:
+    out = tmp_path / "o.parquet"
+    staging = staging_dir(out)
+    staging.mkdir()
+    table = [pa.table({"row": np.arange(a, a + 3), "p": np.full(3, a, np.float32)}) for a in (0, 3, 6)]
+    merger = Merger(out, 3, {"rows": 9})
+    write_part(staging, 1, table[1])
+    merger.advance()
+    assert merger.next == 0  # partition 0 first
+    write_part(staging, 0, table[0])
+    merger.advance()
+    assert merger.next == 2 and not out.exists()
+    with pytest.raises(InputError, match=r"partition 2 .* missing"):
+        merger.finish()
+    merger.close()
+    assert [p.name for p in staging.iterdir() if p.name.startswith(".")] == []  # the temp file is gone
+    merger = Merger(out, 3, {"rows": 9})
+    write_part(staging, 2, table[2])
+    assert merger.finish() == 9
+    assert pq.read_table(out)["row"].to_pylist() == list(range(9)) and not staging.exists()
+    assert read_metadata(out) == {"rows": 9}

@@ -3,8 +3,9 @@
 A child process runs ``score`` on the local engine (2 workers, 20 partitions) in its own session
 and SIGKILLs its whole process group (driver, forkserver and pool workers): either from a worker right after it
 wrote partition ``k`` (the other worker may be half-way through writing one), or from the driver
-once every partition is written, before the merge. The rerun must keep the complete partitions
-(it skips them) and write the rest.
+once every partition is written (the merge, which runs beside the scoring, has appended all but the
+last to its temp file). The rerun must keep the complete partitions (it skips them), drop the
+merge's temp file, and write the rest.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def test_resume_after_kill9_gives_the_uninterrupted_output(tmp_path: Path, where
     # a worker killing at part k leaves the parts not yet started (how many depends on when the second
     # worker came up: under load the first may have done nearly all); the driver kills once all 20 are there
     assert 1 <= len(done) <= 20 and (len(done) == 20 or where == "worker")
+    if where == "driver":  # the merge ran beside the scoring: its temp file is there, unfinished
+        assert [p for p in staging_dir(out).iterdir() if p.name.startswith(f".{out.name}.")]
 
     resumed = score(reg, "digits", "1", source, out, workers=2, batch_size=32, partition_rows=100, progress=False)
     assert resumed.skipped_parts == len(done) and resumed.parts == 20

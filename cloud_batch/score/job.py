@@ -2,7 +2,7 @@
 
 Order of work: check the options, the model version (and its artifact's sha256), and the whole
 input; decide whether the output is already done, resumable or refused; only then score the
-missing partitions (``local`` or ``ray``), merge them into the output, and optionally build a
+missing partitions (``local`` or ``ray``) while merging them in order into the output, and optionally build a
 feature set from it (``publish_features``). Every refusal before scoring is an ``InputError`` or
 ``RegistryError``; nothing is written.
 """
@@ -188,14 +188,25 @@ def score(
         tasks = [(p, rows.chunk(*bounds[p])) for p in range(n_parts) if p not in done]
         result.skipped_parts = len(done)
         spec = ScorerSpec(str(version_dir), batch_size, rows.key_name, str(parts.staging_dir(output)))
-        t0 = time.perf_counter()
-        result.worker_cpu_s = _run(engine, spec, tasks, n_workers, ray_address, reporter, on_part, len(done))
         meta = {
             "identity": identity, "engine": engine, "model": model, "version": version,
             "artifact_sha256": manifest.sha256, "input_fingerprint": rows.fingerprint, "rows": rows.n,
             "columns": [rows.key_name, *output_columns(manifest)],
         }  # fmt: skip
-        parts.merge(output, n_parts, meta)
+        merger = parts.Merger(output, n_parts, meta)
+
+        def after_part(parts_done: int, rows_done: int) -> None:
+            if on_part is not None:
+                on_part(parts_done, rows_done)
+            merger.advance()  # the merge overlaps the scoring
+
+        t0 = time.perf_counter()
+        try:
+            merger.advance()  # partitions a killed run left
+            result.worker_cpu_s = _run(engine, spec, tasks, n_workers, ray_address, reporter, after_part, len(done))
+            merger.finish()
+        finally:
+            merger.close()
         result.seconds = time.perf_counter() - t0
     if publish_features is not None and features_version is not None:
         result.published = build(

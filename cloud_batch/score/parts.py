@@ -12,8 +12,9 @@ complete partitions and hidden temp files, and a rerun with the same identity sc
 missing partitions. Partition files are not fsync'd (that cost ~7 ms each here, 15% of a
 maintenance run): they are a cache of work, not the result, so a rerun checks each one's Parquet
 footer against the rows it must hold and scores it again when it is short, torn or unreadable (what a
-power cut can leave). When all are there they are concatenated, in order, into the output (temp
-file, fsync, ``os.replace``, fsync dir) whose Parquet metadata (key ``edgefleet.score``) records the
+power cut can leave). The ``Merger`` appends partitions in order to a hidden temp file in the
+staging directory as they appear (the merge overlaps the scoring); when all are there, that file
+becomes the output (fsync, ``os.replace``, fsync dir), whose Parquet metadata (key ``edgefleet.score``) records the
 identity, the engine and the row count; then the staging directory is removed. An output or staging
 directory from a different identity is refused unless ``overwrite``.
 """
@@ -118,30 +119,66 @@ def open_staging(output: Path, identity: dict[str, Any], overwrite: bool, part_r
     return done
 
 
-def merge(output: Path, parts: int, metadata: dict[str, Any]) -> int:
-    """Concatenate the partitions in order into ``output`` (atomically); returns the row count.
+class Merger:
+    """Concatenates the partitions in order into ``output`` as they appear; ``finish`` makes it the output.
 
-    The schema is the partitions' own without their file metadata, so the output does not depend
-    on which engine wrote which partition.
+    ``advance()`` (after each partition is written) appends every next partition already on disk
+    to a hidden temp file in the staging directory, so the merge overlaps the scoring; the
+    ``finish()`` appends the rest, fsyncs and renames the file to ``output`` (atomically), fsyncs
+    the directory and removes the staging directory. The schema is the partitions' own without
+    their file metadata, so the output does not depend on which engine wrote which partition.
+    A run that fails leaves the temp file to ``close()`` (or, after a kill, to the rerun's cleanup).
     """
-    staging = staging_dir(output)
-    files = written(staging)
-    schema = pq.read_schema(files[0]).remove_metadata()
-    schema = schema.with_metadata({META_KEY: json.dumps(metadata, sort_keys=True).encode()})
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
-    os.close(fd)
-    rows = 0
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for p in range(parts):
-                table = pq.read_table(files[p]).select(schema.names).cast(schema)
-                rows += table.num_rows
-                writer.write_table(table)
-        with open(tmp, "rb+") as fh:
+
+    def __init__(self, output: Path, parts: int, metadata: dict[str, Any]) -> None:
+        self.output, self.parts, self.metadata = output, parts, metadata
+        self.staging = staging_dir(output)
+        self.next = 0  # the first partition not yet appended
+        self.rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp: Path | None = None
+        self._schema: pa.Schema | None = None
+
+    def advance(self) -> None:
+        """Append every next partition that is already written."""
+        files = written(self.staging)
+        while self.next < self.parts and self.next in files:
+            self._append(files[self.next])
+            self.next += 1
+
+    def _append(self, path: Path) -> None:
+        if self._writer is None:
+            schema = pq.read_schema(path).remove_metadata()
+            self._schema = schema.with_metadata({META_KEY: json.dumps(self.metadata, sort_keys=True).encode()})
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.output.name}.", dir=self.staging)
+            os.close(fd)
+            self._tmp = Path(tmp)
+            self._writer = pq.ParquetWriter(tmp, self._schema)
+        assert self._schema is not None
+        table = pq.read_table(path).select(self._schema.names).cast(self._schema)
+        self.rows += table.num_rows
+        self._writer.write_table(table)
+
+    def finish(self) -> int:
+        """Append the rest (all must be written), make the file the output; returns the row count."""
+        self.advance()
+        if self.next < self.parts or self._writer is None or self._tmp is None:
+            raise InputError(f"partition {self.next} of {self.output} is missing: rerun to score it")
+        self._writer.close()
+        self._writer = None
+        with open(self._tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, output)
-        fsync_dir(output.parent)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    shutil.rmtree(staging, ignore_errors=True)
-    return rows
+        os.replace(self._tmp, self.output)
+        self._tmp = None
+        fsync_dir(self.output.parent)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        return self.rows
+
+    def close(self) -> None:
+        """Drop an unfinished temp file (a no-op after ``finish``)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None

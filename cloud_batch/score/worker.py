@@ -66,7 +66,8 @@ def write_part(staging: str | Path, part: int, table: pa.Table) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{part}_", suffix=".tmp", dir=staging)
     try:
         with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table, fh, compression="none")  # a staging file: the merge compresses once
+            # A staging file: the merge encodes once. Dictionary encoding here cost 6.6 ms of a part's 7.5 ms.
+            pq.write_table(table, fh, compression="none", use_dictionary=False, write_statistics=False)
         os.replace(tmp, Path(staging) / part_name(part, "local"))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
