@@ -12,7 +12,9 @@ from ``git show``, for a before/after in the same run. ``--control`` adds rounds
 but a stand-in for its CPU: a separate process at the shadow process's priority (nice 10) that
 spins ``--control-us`` µs every ms (the shadow's measured share of a core: ~50-130 µs of CPU per
 copy at ~1 copy per ms). It answers whether *any* concurrent work of that size on the second core
-moves the primary's p99 on this machine, whatever the shadow does.
+moves the primary's p99 on this machine, whatever the shadow does. ``--client-process`` runs the
+client in a process of its own (as an app on the device, or a caller elsewhere, would be) instead of
+a thread of this one, where it shares the agent's GIL; this process's CPU is then the agent's alone.
 
 Reported per mode: the client-observed p50/p90/p99, the p99 change against the adjacent
 shadow-off rounds (goal: <= +5%), this process's CPU time per request and the extra CPU per
@@ -25,6 +27,7 @@ Run (prints a markdown table, the goal and the command that reproduces it)::
     .venv/bin/python bench/shadow_bench.py --quick                      # <= 2 minutes
     .venv/bin/python bench/shadow_bench.py --requests 4000 --rounds 10
     .venv/bin/python bench/shadow_bench.py --quick --baseline REV       # before/after, interleaved
+    .venv/bin/python bench/shadow_bench.py --requests 2000 --rounds 16 --client-process --control
 """
 
 from __future__ import annotations
@@ -73,9 +76,51 @@ while True:
     time.sleep(max(0.0, 0.001 - busy))
 """
 GOAL = 0.05  # the primary's p99 may rise at most 5%
+# --client-process: the client in its own process (its own GIL, like an app on the device or a remote
+# caller): argv = host port; each stdin line "n" runs n requests of the body (the first line) and
+# answers one line, the latencies in seconds as JSON.
+CLIENT = """
+import http.client, json, sys, time
+conn = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10)
+body = bytes.fromhex(sys.stdin.readline().strip())
+headers = {"Content-Type": "application/json"}
+for line in sys.stdin:
+    out = []
+    for _ in range(int(line)):
+        t0 = time.perf_counter()
+        conn.request("POST", "/v2/models/digits/infer", body, headers)
+        resp = conn.getresponse()
+        resp.read()
+        out.append(time.perf_counter() - t0)
+        assert resp.status == 200, resp.status
+    print(json.dumps(out), flush=True)
+"""
 
 
-def run_round(conn: http.client.HTTPConnection, body: bytes, n: int) -> list[float]:
+class ClientProcess:
+    """``run_round`` in a separate client process (``--client-process``)."""
+
+    def __init__(self, host: str, port: int, body: bytes) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CLIENT, host, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(body.hex() + "\n")
+
+    def run(self, n: int) -> list[float]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return [float(x) for x in json.loads(self.proc.stdout.readline())]
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def run_round(conn: http.client.HTTPConnection | ClientProcess, body: bytes, n: int) -> list[float]:
+    if isinstance(conn, ClientProcess):
+        return conn.run(n)
     out = []
     headers = {"Content-Type": "application/json"}
     for _ in range(n):
@@ -149,7 +194,7 @@ class Shadow:
 
 
 def measure(
-    shadow: Shadow, server: ModelServer, conn: http.client.HTTPConnection, body: bytes, n: int
+    shadow: Shadow, server: ModelServer, conn: http.client.HTTPConnection | ClientProcess, body: bytes, n: int
 ) -> dict[str, Any]:
     """One round of ``n`` requests in ``shadow``'s mode: latencies, this process's CPU per request, the shadow's costs."""
     shadow.start()
@@ -185,6 +230,9 @@ def main() -> None:
     ap.add_argument("--baseline", metavar="REV", help="also run the shadow runner of this git revision")
     ap.add_argument("--control", action="store_true", help="also run rounds with a stand-in load and no shadow")
     ap.add_argument("--control-us", type=float, default=130.0, help="the stand-in's CPU µs per ms (default 130)")
+    ap.add_argument(
+        "--client-process", action="store_true", help="the client in its own process (default: a thread of this one)"
+    )
     args = ap.parse_args()
     if args.quick:
         args.requests, args.rounds = 1000, 8  # short rounds, many pairs: load drifting hits both sides
@@ -202,7 +250,11 @@ def main() -> None:
         for m in modes:
             stats[m] |= {k: [] for k in ("lat", "cpu", "extra", "thread", "child", "p99x")}
         with ApiServer(create_app(server)) as api:
-            conn = http.client.HTTPConnection(api.host, api.port, timeout=10)
+            conn: http.client.HTTPConnection | ClientProcess = (
+                ClientProcess(api.host, api.port, body)
+                if args.client_process
+                else http.client.HTTPConnection(api.host, api.port, timeout=10)
+            )
             run_round(conn, body, 500)  # warm-up
             for r in range(args.rounds):
                 order = modes[r % len(modes) :] + modes[: r % len(modes)]  # no mode always runs first
@@ -236,6 +288,7 @@ def report(args: argparse.Namespace, modes: list[str], stats: dict[str, dict[str
     cmd += f" --rows {args.rows}" if args.rows != 1 else ""
     cmd += f" --baseline {args.baseline}" if args.baseline else ""
     cmd += f" --control --control-us {args.control_us:g}" if args.control else ""
+    cmd += " --client-process" if args.client_process else ""
     load = os.getloadavg()[0]
     print(
         f"# {cmd}\n# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {load:.1f}, python {sys.version.split()[0]}"
