@@ -2,8 +2,8 @@
 
 Order of work: check the options, the model version (and its artifact's sha256), and the whole
 input; decide whether the output is already done, resumable or refused; only then score the
-missing partitions (``local`` or ``ray``) while merging them in order into the output, and optionally build a
-feature set from it (``publish_features``). Every refusal before scoring is an ``InputError`` or
+missing partitions (``local`` or ``ray``) while merging them in order into the output, and
+optionally build a feature set from it (``publish_features``). Every refusal before scoring is an ``InputError`` or
 ``RegistryError``; nothing is written.
 """
 

@@ -37,8 +37,9 @@ from cloud_batch.score.inputs import ArrayChunk, Chunk
 from cloud_batch.score.worker import ScorerSpec, init_worker, pool_task
 
 OnPart = Callable[..., None]  # (part, rows[, worker CPU seconds])
-# The scorer and this module (its chunks), the TFLite runtimes ``inference.interpreter.default_backend`` tries (the forkserver skips
-# one that is not installed), and what Arrow imports on a worker's first table (0.2 s of CPU per worker).
+# This module (its chunks) and the scorer, the TFLite runtimes ``inference.interpreter.default_backend``
+# tries (the forkserver skips one that is not installed), and what Arrow imports on a worker's first
+# table (0.2 s of CPU per worker).
 PRELOAD = [
     "cloud_batch.score.local", "tflite_runtime.interpreter", "ai_edge_litert.interpreter", "pyarrow.compute", "pandas",
 ]  # fmt: skip

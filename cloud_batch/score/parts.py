@@ -14,9 +14,10 @@ maintenance run): they are a cache of work, not the result, so a rerun checks ea
 footer against the rows it must hold and scores it again when it is short, torn or unreadable (what a
 power cut can leave). The ``Merger`` appends partitions in order to a hidden temp file in the
 staging directory as they appear (the merge overlaps the scoring); when all are there, that file
-becomes the output (fsync, ``os.replace``, fsync dir), whose Parquet metadata (key ``edgefleet.score``) records the
-identity, the engine and the row count; then the staging directory is removed. An output or staging
-directory from a different identity is refused unless ``overwrite``.
+becomes the output (fsync, ``os.replace``, fsync dir), whose Parquet metadata (key
+``edgefleet.score``) records the identity, the engine and the row count; then the staging directory
+is removed. An output or staging directory from a different identity is refused unless
+``overwrite``.
 """
 
 from __future__ import annotations

@@ -45,10 +45,10 @@ log = logging.getLogger(__name__)
 
 SHADOW_COMMAND = "__shadow__"  # hidden first argument of a frozen edge-agent binary (cli.main)
 MODULE = "edge_agent.models.shadow.child"
-BATCH_ROWS = 4  # copies are run in batches padded to at most this many rows (short runs: see below)
+BATCH_ROWS = 4  # copies are run in batches padded to at most this many rows (longer runs raised the p99)
 PAD_BUDGET_S = 0.001  # ... as long as a padded batch costs at most this at the warm-up latency per row
 MIN_PAIRS = 32  # every batch is timed on the reference copy until this many latency pairs are kept ...
-REFERENCE_EVERY = 8  # ... then every 8th (16-row batches at 200 copies: 13 batches, all timed)
+REFERENCE_EVERY = 8  # ... then every 8th (200 copies in 4-row batches: 50 batches, 36 timed)
 KEEP_LATENCIES = 4096  # latency pairs kept for the p50 ratio (the most recent)
 KEEP_STATE_PAIRS = 64  # ... of which a restarted agent resumes with this many
 NICE = 10  # ~1/10 of a normal process's share of a busy core: the agent first, the shadow never starved
@@ -154,8 +154,8 @@ class Shadow:
 
 
 def batch_rows(model: LoadedModel) -> int:
-    """The padded batch size: the largest power of two up to ``BATCH_ROWS`` (and the model's batch
-    limits) whose batch costs at most ``PAD_BUDGET_S`` at the warm-up latency (batch 1) per row."""
+    """The padded batch size: ``BATCH_ROWS`` (within the model's batch limits), halved until the batch
+    costs at most ``PAD_BUDGET_S`` at the warm-up latency (batch 1) per row, down to 1."""
     size = max(1, min(BATCH_ROWS, model.max_batch, model.options.max_resident_batch))
     per_row = model.warm_latency_s or 0.0
     while size > 1 and size * per_row > PAD_BUDGET_S:
