@@ -39,14 +39,26 @@ class Block:
 
 def pack(items: Sequence[Sample]) -> bytes:
     """``items`` as one message (see the module docstring)."""
-    header: list[dict[str, Any]] = []
-    buffers: list[np.ndarray] = []
+    blocks = []
     for group, (inputs, rows), (outputs, _) in _stacked(items):
         seconds = np.fromiter(map(_SECONDS, group), np.float64, len(group))
-        buffers += [np.asarray(rows, np.int64), seconds, *inputs.values(), *outputs.values()]
-        header.append({"copies": len(group), "in": _specs(inputs), "out": _specs(outputs)})
+        blocks.append((np.asarray(rows, np.int64), seconds, inputs, outputs))
+    return _message(blocks)
+
+
+def pack_stacked(seconds: np.ndarray, inputs: Tensors, outputs: Tensors) -> bytes:
+    """One block of copies of one row each, already stacked (``runner.Ring``), as one message."""
+    return _message([(np.ones(len(seconds), np.int64), seconds, inputs, outputs)])
+
+
+def _message(blocks: Sequence[tuple[np.ndarray, np.ndarray, Tensors, Tensors]]) -> bytes:
+    header: list[dict[str, Any]] = []
+    buffers: list[np.ndarray] = []
+    for rows, seconds, inputs, outputs in blocks:
+        buffers += [rows, seconds, *inputs.values(), *outputs.values()]
+        header.append({"copies": len(seconds), "in": _specs(inputs), "out": _specs(outputs)})
     head = json.dumps(header).encode()
-    return b"".join([len(head).to_bytes(4, "little"), head, *(a.data for a in buffers)])
+    return b"".join([len(head).to_bytes(4, "little"), head, *(np.ascontiguousarray(a).data for a in buffers)])
 
 
 def _specs(tensors: Mapping[str, np.ndarray]) -> list[list[Any]]:

@@ -1,9 +1,10 @@
 """The agent's side of a shadow: sample live requests, ship them to the shadow child in bulk, keep its figures.
 
 The request path only calls :meth:`ShadowRunner.offer`: one random draw and, for a sampled
-request, an append to a bounded queue (a full queue drops the copy and counts it). One
+request, a copy by value into the ``ring`` (one-row requests of its signature) or else an append
+of its arrays to a bounded queue (a full ring or queue drops the copy and counts it). One
 shipping thread wakes every ``BATCH_EVERY_S``, packs what was queued into messages of up to
-``SHIP_CHUNK`` copies (``blob.pack``: the copies' tensors stacked, no per-copy pickling;
+``SHIP_CHUNK`` copies (ring slices, or ``blob.pack``: the copies' tensors stacked, no per-copy pickling;
 a short sleep between two messages, so no single hold of the GIL grows with the request rate)
 and sends them to the child (``child``), which runs the candidate and the reference copy of the
 active version in its own process, with its own GIL, and reports the figures a few times a second. While the child is
@@ -36,6 +37,7 @@ from edge_agent.inference.childproc import Child, Isolation, exit_reason, option
 from edge_agent.inference.runtime import RuntimeOptions
 from edge_agent.models.shadow import child
 from edge_agent.models.shadow.blob import Sample, pack
+from edge_agent.models.shadow.ring import Ring, fits
 from edge_agent.wire.shadow import ShadowFigures
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,8 @@ class ShadowRunner:
         self._options = candidate.options or RuntimeOptions(num_threads=1, pool_size=1)
         self._isolation = isolation
         self._pending: deque[Sample] = deque()  # appended by the request path, drained by the shipping thread
+        self._ring: Ring | None = None  # one-row copies of the first such copy's signature (``ring``)
+        self._ring_lock = threading.Lock()
         self._random = random.Random()
         self._state: dict[str, Any] | None = dict(resume) if resume else None
         self._figures = child.Tally(resume).to_dict()  # the child's last report (replaced whole: no lock needed)
@@ -107,6 +111,16 @@ class ShadowRunner:
         """A request the active version answered; copied to the candidate with probability ``rate``
         once the child has loaded both versions (before that, nothing is sampled or counted)."""
         if version != self.primary_version or not self.ready.is_set() or self._random.random() >= self.rate:
+            return
+        ring = self._ring
+        if ring is None and fits(inputs, outputs):
+            with self._ring_lock:  # once: a second ring made by a racing request would lose its copies
+                if self._ring is None:
+                    self._ring = Ring(inputs, outputs, self.queue_size)
+                ring = self._ring
+        if ring is not None and ring.matches(inputs, outputs):
+            if not ring.put(inputs, outputs, s):
+                self.dropped += 1
             return
         if len(self._pending) >= self.queue_size:
             self.dropped += 1  # the figure is a count; a lost increment under a race is harmless
@@ -156,7 +170,11 @@ class ShadowRunner:
                 else:
                     self._state = report.pop("state", None)
                     self._figures = report
-            pending = self._pending
+            ring, pending = self._ring, self._pending
+            while ring is not None and not self._stop.is_set() and (blob := ring.take(SHIP_CHUNK)) is not None:
+                proc.conn.send_bytes(blob)
+                if len(ring):
+                    time.sleep(PAUSE_S)
             while pending and not self._stop.is_set():  # only filled once ready (``offer``)
                 proc.conn.send_bytes(pack([pending.popleft() for _ in range(min(SHIP_CHUNK, len(pending)))]))
                 if pending:
