@@ -242,10 +242,10 @@ def test_the_merge_appends_partitions_in_order_as_they_appear(tmp_path: Path) ->
     table = [pa.table({"row": np.arange(a, a + 3), "p": np.full(3, a, np.float32)}) for a in (0, 3, 6)]
     merger = Merger(out, 3, {"rows": 9})
     write_part(staging, 1, table[1])
-    merger.advance()
+    merger.advance(1)
     assert merger.next == 0  # partition 0 first
     write_part(staging, 0, table[0])
-    merger.advance()
+    merger.advance(0)  # and 1, reported before
     assert merger.next == 2 and not out.exists()
     with pytest.raises(InputError, match=r"partition 2 .* missing"):
         merger.finish()

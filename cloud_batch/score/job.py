@@ -195,10 +195,10 @@ def score(
         }  # fmt: skip
         merger = parts.Merger(output, n_parts, meta)
 
-        def after_part(parts_done: int, rows_done: int) -> None:
+        def after_part(part: int, parts_done: int, rows_done: int) -> None:
             if on_part is not None:
                 on_part(parts_done, rows_done)
-            merger.advance()  # the merge overlaps the scoring
+            merger.advance(part)  # the merge overlaps the scoring
 
         t0 = time.perf_counter()
         try:
@@ -217,9 +217,10 @@ def score(
 
 def _run(
     engine: str, spec: ScorerSpec, tasks: list[Any], workers: int, address: str | None, reporter: Reporter,
-    on_part: Callable[[int, int], None] | None, already: int,
+    on_part: Callable[[int, int, int], None], already: int,
 ) -> float | None:  # fmt: skip
-    """Run the engine behind a rows/s progress bar; ``on_part`` gets running totals; the workers' CPU seconds."""
+    """Run the engine behind a rows/s progress bar; ``on_part(part, parts done, rows done)`` after each
+    partition; returns the workers' CPU seconds."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     total = sum(len(chunk.keys) for _, chunk in tasks)
@@ -240,8 +241,7 @@ def _run(
         rate = counts["rows"] / max(1e-9, time.perf_counter() - t0)
         bar.update(task, advance=n, rate=f"{rate:,.0f} rows/s")
         bar.refresh()
-        if on_part is not None:
-            on_part(counts["parts"], counts["rows"])
+        on_part(part, counts["parts"], counts["rows"])
 
     with bar:
         if engine == "ray":

@@ -41,6 +41,11 @@ RUN_FILE = "run.json"
 _PART = re.compile(r"^(\d+)_[^/]+\.parquet$")
 
 
+def part_name(part: int, writer: str) -> str:
+    """A partition file's name: ``<part>_<writer>.parquet`` (Ray's ``write_parquet`` names it the same way)."""
+    return f"{part}_{writer}.parquet"
+
+
 def staging_dir(output: Path) -> Path:
     return output.with_name(output.name + ".parts")
 
@@ -123,8 +128,11 @@ def open_staging(output: Path, identity: dict[str, Any], overwrite: bool, part_r
 class Merger:
     """Concatenates the partitions in order into ``output`` as they appear; ``finish`` makes it the output.
 
-    ``advance()`` (after each partition is written) appends every next partition already on disk
-    to a hidden temp file in the staging directory, so the merge overlaps the scoring; the
+    ``advance(part)`` (after partition ``part`` is written; ``advance()`` at the start, for what a
+    killed run left) appends every next partition already on disk to a hidden temp file in the
+    staging directory, so the merge overlaps the scoring. Partitions reported ready are remembered,
+    so the staging directory is listed only when a partition file is not at its local engine's
+    name (Ray's carry a uuid): a run of N partitions on the local engine lists it twice, not N times. The
     ``finish()`` appends the rest, fsyncs and renames the file to ``output`` (atomically), fsyncs
     the directory and removes the staging directory. The schema is the partitions' own without
     their file metadata, so the output does not depend on which engine wrote which partition.
@@ -136,16 +144,24 @@ class Merger:
         self.staging = staging_dir(output)
         self.next = 0  # the first partition not yet appended
         self.rows = 0
+        self._ready: set[int] = set()  # partitions written (reported, or found on disk)
         self._writer: pq.ParquetWriter | None = None
         self._tmp: Path | None = None
         self._schema: pa.Schema | None = None
 
-    def advance(self) -> None:
-        """Append every next partition that is already written."""
-        files = written(self.staging)
-        while self.next < self.parts and self.next in files:
-            self._append(files[self.next])
+    def advance(self, part: int | None = None) -> None:
+        """Append every next partition that is already written (``part``: the one just written; None: look)."""
+        if part is None:
+            self._ready.update(written(self.staging))
+        else:
+            self._ready.add(part)
+        while self.next < self.parts and self.next in self._ready:
+            self._append(self._file(self.next))
             self.next += 1
+
+    def _file(self, part: int) -> Path:
+        local = self.staging / part_name(part, "local")
+        return local if local.exists() else written(self.staging)[part]
 
     def _append(self, path: Path) -> None:
         if self._writer is None:

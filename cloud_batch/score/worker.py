@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from cloud_batch.errors import InputError
 from cloud_batch.score.inputs import Chunk
+from cloud_batch.score.parts import part_name
 from cloud_batch.score.video import result_column
 from edge_agent.errors import EdgeError
 from edge_agent.inference.runtime import LoadedModel, RuntimeOptions
@@ -54,11 +55,6 @@ def output_columns(manifest: Manifest) -> list[str]:
 
 def is_classifier(manifest: Manifest) -> bool:
     return bool(manifest.labels) and len(manifest.outputs) == 1
-
-
-def part_name(part: int, writer: str) -> str:
-    """A partition file's name: ``<part>_<writer>.parquet`` (Ray's ``write_parquet`` names it the same way)."""
-    return f"{part}_{writer}.parquet"
 
 
 def write_part(staging: str | Path, part: int, table: pa.Table) -> None:
