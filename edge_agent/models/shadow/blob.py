@@ -47,7 +47,7 @@ def pack(items: Sequence[Sample]) -> bytes:
 
 
 def pack_stacked(seconds: np.ndarray, inputs: Tensors, outputs: Tensors) -> bytes:
-    """One block of copies of one row each, already stacked (``runner.Ring``), as one message."""
+    """One block of copies of one row each, already stacked (``ring.Ring``), as one message."""
     return _message([(np.ones(len(seconds), np.int64), seconds, inputs, outputs)])
 
 
@@ -134,10 +134,10 @@ def _both(items: Sequence[Sample]) -> tuple[Stacked, Stacked] | None:
     return None if inputs is None or outputs is None else (inputs, outputs)
 
 
-def _key(item: Sample) -> Hashable | None:
+def signature(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> Hashable | None:
     """What must match for two copies to stack; None for a copy with a 0-d tensor (never stacked)."""
     parts = []
-    for side in (item[0], item[1]):
+    for side in (inputs, outputs):
         for name, a in side.items():
             if not a.ndim:
                 return None
@@ -149,7 +149,7 @@ def _blocks(items: Sequence[Sample]) -> list[list[Sample]]:
     out: list[list[Sample]] = []
     last: Hashable | None = None
     for item in items:
-        key = _key(item)
+        key = signature(item[0], item[1])
         if out and key is not None and key == last:
             out[-1].append(item)
         else:
