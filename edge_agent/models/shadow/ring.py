@@ -1,12 +1,14 @@
 """Copies of one-row requests, copied into preallocated arrays on the request path (the shadow's usual case).
 
 Holding each sampled request's arrays until the shipping thread packed them, then freeing them
-all at once, cost the agent's GIL in bursts: with the shadow process doing no work at all, the
-primary's p99 still rose 35–47% (docs/benchmarks.md, shadow). A ``Ring`` takes the copies'
-values instead (its signature checked, one small ``memcpy`` per tensor under an uncontended lock: ~3.7 µs per sampled request on digits, against 0.1 µs for appending the arrays) into
-arrays stacked per name, so the shipping thread sends slices of them: no per-copy objects to
-stack or to free. It holds copies of one signature (the first one offered: names, dtypes and
-shapes of one-row inputs and outputs); any other copy goes the general way (``blob.pack``).
+in bursts, is part of what raises the primary's p99 under a shadow: with the shadow process doing
+no work at all, the p99 still rose 35–47%. A ``Ring`` takes the copies' values instead (the
+signature checked, one small copy per tensor under an uncontended lock: ~3.7 µs per sampled digits
+request, against 0.1 µs for appending its arrays) into arrays stacked per name, so the shipping
+thread sends slices of them: no per-copy objects to stack or to free. In three A/B pairs the p99
+rise fell from +43–67% to +35–53% (docs/benchmarks.md, shadow): smaller, not gone. A ring holds
+copies of one signature (the first one-row copy offered); any other copy goes the general way
+(``blob.pack``).
 """
 
 from __future__ import annotations
