@@ -1,17 +1,20 @@
-"""The shadow's copy ring: one-row copies stacked on the request path, shipped as ``blob`` messages."""
+"""The shadow's copy ring: one-row copies stacked on the request path in memory the shadow child maps too."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from edge_agent.inference.childproc import Isolation
 from edge_agent.inference.golden import load_golden
 from edge_agent.inference.runtime import LoadedModel, RuntimeOptions
 from edge_agent.models.shadow import ShadowModel, ShadowRunner
-from edge_agent.models.shadow.blob import pack, unpack
-from edge_agent.models.shadow.ring import Ring, fits
+from edge_agent.models.shadow.blob import Block, pack, unpack
+from edge_agent.models.shadow.ring import RING_BYTES, SLOTS, Ring, RingView, fits
 from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
 
 
@@ -20,23 +23,41 @@ def _copy(i: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
     return {"pixels": x}, {"probs": np.full((1, 10), i / 100, np.float32)}, i / 1000
 
 
-def test_copies_come_out_in_order_as_the_general_pack_would_send_them_across_the_wrap() -> None:
+def _same(got: list[Block], ids: range) -> None:
+    """``got`` holds the copies ``ids`` as the general ``pack`` would send them (the ring's blocks may be split at the wrap)."""
+    (want,) = unpack(pack([_copy(i) for i in ids]))
+    assert [r for b in got for r in b.rows] == want.rows and [x for b in got for x in b.seconds] == want.seconds
+    for side in ("inputs", "outputs"):
+        b = getattr(want, side)
+        a = {k: np.concatenate([getattr(g, side)[k] for g in got]) for k in b}
+        assert all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in b)
+
+
+def test_copies_come_out_in_order_through_a_second_mapping_across_the_wrap() -> None:
     ring = Ring(*_copy(0)[:2], size=5)
+    view = RingView(ring.layout(), os.dup(ring.fd))  # what the child maps from the descriptor it is sent
     for i in range(4):
         assert ring.put(*_copy(i))
-    first = unpack(ring.take(3) or b"")
+    first = ring.publish()
+    assert first == (0, 4) and ring.publish() is None  # published once
+    _same(view.blocks(*first), range(4))
+    ring.free(3)  # the child is done with three; the fourth stays its own
     for i in range(4, 8):  # wraps around the end of the arrays
         assert ring.put(*_copy(i))
     assert not ring.put(*_copy(99)) and len(ring) == 5  # full: the copy is refused (the runner counts a drop)
-    rest = unpack(ring.take(64) or b"")
-    assert ring.take(64) is None and len(ring) == 0
-    for blocks, ids in ((first, range(3)), (rest, range(3, 8))):
-        (got,) = blocks
-        (want,) = unpack(pack([_copy(i) for i in ids]))
-        assert got.rows == want.rows and got.seconds == want.seconds
-        for side in ("inputs", "outputs"):
-            a, b = getattr(got, side), getattr(want, side)
-            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    rest = ring.publish()
+    assert rest == (4, 4)
+    _same(view.blocks(*rest), range(4, 8))
+    assert len(view.blocks(*rest)) == 2  # split at the wrap, views both
+    ring.free(5)
+    assert len(ring) == 0 and ring.publish() is None
+
+
+def test_a_ring_of_large_copies_is_bounded_by_bytes() -> None:
+    image = {"image": np.zeros((1, 224, 224, 3), np.float32)}
+    ring = Ring(image, {"logits": np.zeros((1, 1000), np.float32)})
+    assert ring.size < 64 and ring.size * image["image"].nbytes <= RING_BYTES
+    assert Ring(*_copy(0)[:2]).size == SLOTS
 
 
 def test_only_copies_of_the_rings_signature_go_in() -> None:
@@ -52,13 +73,21 @@ def test_only_copies_of_the_rings_signature_go_in() -> None:
     assert not fits({"pixels": np.float32(1.0)}, outputs)  # no batch dimension
 
 
-def test_one_row_and_batch_copies_are_both_compared_by_the_shadow_process(digits_dir: Path) -> None:
-    """The ring (one-row copies) and the general path (a 3-row copy, a copy of another signature) side by side."""
+@pytest.mark.parametrize("isolation", ["forkserver", "subprocess"])
+def test_one_row_and_batch_copies_are_both_compared_by_the_shadow_process(
+    digits_dir: Path, isolation: Isolation
+) -> None:
+    """The ring (one-row copies, its memory handed over the child's socket in either mode) and the general
+    path (a 3-row copy, a copy of another signature) side by side."""
     manifest = Manifest.load(digits_dir / MANIFEST_FILE)
     active = LoadedModel(digits_dir / manifest.file, manifest, RuntimeOptions(num_threads=1, pool_size=1))
     x = load_golden(digits_dir / "golden.npz")["in:pixels"]
     runner = ShadowRunner(
-        ShadowModel("digits", "2", digits_dir), "1", 1.0, reference=ShadowModel("digits", "1", digits_dir)
+        ShadowModel("digits", "2", digits_dir),
+        "1",
+        1.0,
+        reference=ShadowModel("digits", "1", digits_dir),
+        isolation=isolation,
     )
     copies = [{"pixels": x[i : i + 1]} for i in range(6)] + [{"pixels": x[:3]}, {"pixels": x[:1].astype(np.float64)}]
     try:

@@ -1,4 +1,4 @@
-"""The agent's message to its shadow child: one wake-up's copies, stacked (``pack``; the child ``unpack``s).
+"""The agent's messages to its shadow child: one wake-up's copies, stacked (``pack``; the child ``read``s), or control.
 
 Pickling every copy's small arrays would cost the agent's GIL per copy, so the copies are
 shipped as blocks: consecutive copies whose tensors stack (same names, dtypes and shapes apart
@@ -7,7 +7,8 @@ with each copy's rows and the active version's seconds for it (usually all of a 
 copies are one block). A tensor without a batch dimension (0-d) is never stacked: its copy is a
 block of its own. The message is the header's length (4 bytes, little-endian), the header
 (JSON: per block the number of copies and each tensor's name, dtype and shape) and the raw
-buffers in that order (per block: rows as int64, seconds as float64, inputs, outputs).
+buffers in that order (per block: rows as int64, seconds as float64, inputs, outputs). A ``control``
+message is the same length and a JSON object instead (``ring``: one-row copies in shared memory).
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def pack(items: Sequence[Sample]) -> bytes:
     return _message(blocks)
 
 
-def pack_stacked(seconds: np.ndarray, inputs: Tensors, outputs: Tensors) -> bytes:
-    """One block of copies of one row each, already stacked (``ring.Ring``), as one message."""
-    return _message([(np.ones(len(seconds), np.int64), seconds, inputs, outputs)])
+def control(message: Mapping[str, Any]) -> bytes:
+    """A control message (``ring``): its header is a JSON object where a ``pack``ed one has a list of blocks."""
+    head = json.dumps(message).encode()
+    return len(head).to_bytes(4, "little") + head
 
 
 def _message(blocks: Sequence[tuple[np.ndarray, np.ndarray, Tensors, Tensors]]) -> bytes:
@@ -67,8 +69,19 @@ def _specs(tensors: Mapping[str, np.ndarray]) -> list[list[Any]]:
 
 def unpack(blob: bytes) -> list[Block]:
     """The blocks of a ``pack``ed message (arrays are read-only views of ``blob``)."""
+    out = read(blob)
+    if not isinstance(out, list):
+        raise ValueError("a control message, not copies")
+    return out
+
+
+def read(blob: bytes) -> list[Block] | dict[str, Any]:
+    """A ``pack``ed message's blocks, or a ``control`` message's object."""
     size = int.from_bytes(blob[:4], "little")
     offset = 4 + size
+    header = json.loads(blob[4:offset])
+    if isinstance(header, dict):
+        return header
 
     def take(dtype: str, shape: list[int]) -> np.ndarray:
         nonlocal offset
@@ -79,7 +92,7 @@ def unpack(blob: bytes) -> list[Block]:
         return a
 
     out = []
-    for raw in json.loads(blob[4:offset]):
+    for raw in header:
         n = int(raw["copies"])
         rows, seconds = take("<i8", [n]).tolist(), take("<f8", [n]).tolist()
         inputs = {name: take(dtype, shape) for name, dtype, shape in raw["in"]}

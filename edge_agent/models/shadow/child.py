@@ -5,7 +5,8 @@ It runs in its own process (``inference.childproc``: forked from the preloaded f
 its invocations and comparisons never hold the agent's GIL. Over its one connection it gets a
 setup message (JSON: the two versions' directories, the fleet key file that opens a sealed
 one, the runtime options, the figures to resume from), answers ``{"ready": ...}`` or ``{"error": ...}``, then runs the
-copies of every ``blob.pack``ed message and reports the figures so far every
+copies of every ``blob.pack``ed message and of the shared ``ring`` (mapped once; the agent names
+its filled slots, the child answers ``{"freed": n}`` once it ran them) and reports the figures so far every
 ``REPORT_EVERY_S`` while they change. A closed connection ends it.
 
 Copies are run in batches padded to one size (one interpreter shape: a new batch size would
@@ -29,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,9 @@ import numpy as np
 from edge_agent.inference.childproc import die_with_parent, fd_main, options_from_json
 from edge_agent.inference.runtime import LoadedModel
 from edge_agent.models.sealed import load_fleet_key, model_source
-from edge_agent.models.shadow.blob import Block, unpack
+from edge_agent.models.shadow.blob import Block, read
 from edge_agent.models.shadow.compare import compare
+from edge_agent.models.shadow.ring import RingView
 from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
 
 log = logging.getLogger(__name__)
@@ -219,14 +222,24 @@ def serve(conn: Connection) -> None:
 def _run(conn: Connection, shadow: Shadow) -> None:
     """Messages in; the figures out every REPORT_EVERY_S while they change (waiting messages or not)."""
     last, dirty = time.monotonic(), True  # a first report: resumed figures show without traffic
+    ring: RingView | None = None  # the agent's shared ring of one-row copies, once it is sent
     while True:
         due = last + REPORT_EVERY_S - time.monotonic()
         if dirty and (due <= 0 or not conn.poll(due)):
             conn.send_bytes(json.dumps({**shadow.tally.to_dict(), "state": shadow.tally.state()}).encode())
             last, dirty = time.monotonic(), False
             continue
-        for block in unpack(conn.recv_bytes()):
-            shadow.run(block)
+        message = read(conn.recv_bytes())
+        if isinstance(message, list):
+            for block in message:
+                shadow.run(block)
+        elif "ring" in message:
+            ring = RingView(message["ring"], recv_handle(conn))
+        elif ring is not None:  # {"slots": [start, n]}: copies in the shared ring, freed once run
+            start, n = message["slots"]
+            for block in ring.blocks(start, n):
+                shadow.run(block)
+            conn.send_bytes(json.dumps({"freed": n}).encode())
         dirty = True
 
 

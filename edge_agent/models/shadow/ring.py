@@ -1,24 +1,40 @@
-"""Copies of one-row requests, copied into preallocated arrays on the request path (the shadow's usual case).
+"""Copies of one-row requests in memory the shadow child maps too: nothing packed or sent per copy.
 
-Holding each sampled request's arrays until the shipping thread packed them, then freeing them
-in bursts, is part of what raises the primary's p99 under a shadow: with the shadow process doing
-no work at all, the p99 still rose 35–47%. A ``Ring`` takes the copies' values instead (the
-signature checked, one small copy per tensor under an uncontended lock: ~3.7 µs per sampled digits
-request, against 0.1 µs for appending its arrays) into arrays stacked per name, so the shipping
-thread sends slices of them: no per-copy objects to stack or to free. In three A/B pairs the p99
-rise fell from +43–67% to +35–53% (docs/benchmarks.md, shadow): smaller, not gone. A ring holds
-copies of one signature (the first one-row copy offered); any other copy goes the general way
-(``blob.pack``).
+The request path copies a sampled one-row request's values into preallocated arrays stacked per
+tensor name (the signature checked, one small copy per tensor under an uncontended lock). Those
+arrays live in an anonymous shared file (``memfd``) whose descriptor the child gets once
+(``Ring.layout()``, then ``multiprocessing.reduction.send_handle``); the child maps it read-only
+(``RingView``). The agent's shipping thread then only *publishes* what was filled since its
+last wake-up, as a few bytes (``{"slots": [start, n]}``), and frees those slots when the child
+answers ``{"freed": n}``. Both hand-overs go through the socket, whose kernel locks order the
+copies' writes before the child's reads (and its reads before their slots are reused), on any CPU.
+
+Packing and sending each wake-up's copies (and the child receiving them) was the part of the
+shadow that raised the primary's p99 most (docs/benchmarks.md, shadow): with the child doing no
+work at all the p99 still rose 35–47%. A ring holds copies of one signature (the first one-row
+copy offered); any other copy goes the general way (``blob.pack``). Its slots are bounded by bytes
+as well as by count (``RING_BYTES``): a large image model's ring holds a few dozen copies.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import tempfile
 import threading
+import weakref
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from edge_agent.models.shadow.blob import Tensors, pack_stacked, signature
+from edge_agent.models.shadow.blob import Block, Tensors, signature
+
+SLOTS = 1024  # copies a ring holds: a wake-up's worth (BATCH_EVERY_S) at ~10,000 sampled requests/s ...
+RING_BYTES = 8 << 20  # ... in at most this much memory (at least MIN_SLOTS copies)
+MIN_SLOTS = 8
+
+Spec = list[list[Any]]  # per tensor [side, name, dtype, row shape]
 
 
 def fits(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> bool:
@@ -26,17 +42,65 @@ def fits(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) ->
     return all(a.ndim and a.shape[0] == 1 for side in (inputs, outputs) for a in side.values())
 
 
-class Ring:
-    """Up to ``size`` one-row copies of one signature, in arrays stacked per tensor name."""
+def _views(buf: Any, size: int, spec: Spec) -> tuple[Tensors, Tensors, np.ndarray]:
+    """The ring's arrays over ``buf`` (laid out in ``spec``'s order, each 64-byte aligned; seconds last)."""
+    sides: dict[str, Tensors] = {"in": {}, "out": {}}
+    offset = 0
+    for side, name, dtype, shape in spec:
+        dt = np.dtype(dtype)
+        count = size * int(np.prod(shape, dtype=np.int64))
+        sides[side][name] = np.frombuffer(buf, dt, count, offset).reshape(size, *shape)
+        offset = _aligned(offset + count * dt.itemsize)
+    return sides["in"], sides["out"], np.frombuffer(buf, np.float64, size, offset)
 
-    def __init__(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], size: int) -> None:
-        self.size = size
-        self.inputs: Tensors = {n: np.empty((size, *a.shape[1:]), a.dtype) for n, a in inputs.items()}
-        self.outputs: Tensors = {n: np.empty((size, *a.shape[1:]), a.dtype) for n, a in outputs.items()}
-        self.seconds = np.empty(size, np.float64)
+
+def _nbytes(size: int, spec: Spec) -> int:
+    offset = 0
+    for _, _, dtype, shape in spec:
+        offset = _aligned(offset + size * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    return offset + size * 8
+
+
+def _aligned(n: int) -> int:
+    return -(-n // 64) * 64
+
+
+def _shared_file(nbytes: int) -> int:
+    """A descriptor of ``nbytes`` of anonymous shared memory (a memfd; an unlinked temporary file without one)."""
+    try:
+        fd = os.memfd_create("edgefleet-shadow-ring", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        fd = os.dup(tempfile.TemporaryFile().fileno())  # noqa: SIM115 (the duplicate outlives the object)
+    try:
+        os.ftruncate(fd, nbytes)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Ring:
+    """Up to ``size`` one-row copies of one signature, in shared arrays stacked per tensor name.
+
+    Raises OSError when no shared memory can be had (the runner then ships copies the general way).
+    """
+
+    def __init__(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], size: int = SLOTS) -> None:
+        self.spec: Spec = [["in", n, a.dtype.str, list(a.shape[1:])] for n, a in inputs.items()]
+        self.spec += [["out", n, a.dtype.str, list(a.shape[1:])] for n, a in outputs.items()]
+        row = _nbytes(1, self.spec)
+        self.size = max(1, min(size, max(MIN_SLOTS, RING_BYTES // row)))
+        self.fd = _shared_file(_nbytes(self.size, self.spec))
+        weakref.finalize(self, os.close, self.fd)  # the mapping goes with the arrays; the child has its own
+        self._map = mmap.mmap(self.fd, _nbytes(self.size, self.spec))
+        self.inputs, self.outputs, self.seconds = _views(self._map, self.size, self.spec)
         self.key = signature(inputs, outputs)
-        self._start = self._count = 0
+        self._start = self._count = self._published = 0  # slots [start, start+published) are the child's
         self._lock = threading.Lock()
+
+    def layout(self) -> dict[str, Any]:
+        """What the child needs besides the descriptor to map the same arrays (``RingView``)."""
+        return {"size": self.size, "spec": self.spec}
 
     def matches(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> bool:
         """Whether a one-row copy stacks with this ring's (``blob.signature``: names, dtypes, row shapes)."""
@@ -59,18 +123,45 @@ class Ring:
     def __len__(self) -> int:
         return self._count
 
-    def take(self, limit: int) -> bytes | None:
-        """Up to ``limit`` of the oldest copies as one ``blob`` message (their slots freed); None when empty."""
+    def publish(self) -> tuple[int, int] | None:
+        """The slots filled since the last call, as ``(start, n)`` (they may wrap); None when there are none."""
         with self._lock:
-            start, n = self._start, min(self._count, limit)
-        if n == 0:
-            return None
-        idx = np.arange(start, start + n) % self.size if start + n > self.size else slice(start, start + n)
-        # Only this (the shipping) thread frees slots, so the n taken stay as they are until freed below.
-        blob = pack_stacked(
-            self.seconds[idx], {k: v[idx] for k, v in self.inputs.items()}, {k: v[idx] for k, v in self.outputs.items()}
-        )
+            n = self._count - self._published
+            start = (self._start + self._published) % self.size
+            self._published = self._count
+        return (start, n) if n else None
+
+    def free(self, n: int) -> None:
+        """The child is done with the ``n`` oldest published slots: they take new copies."""
         with self._lock:
-            self._start = (start + n) % self.size
+            n = max(0, min(n, self._published))
+            self._start = (self._start + n) % self.size
             self._count -= n
-        return blob
+            self._published -= n
+
+
+class RingView:
+    """The child's read-only mapping of a ``Ring`` (``layout`` and the descriptor the agent sent)."""
+
+    def __init__(self, layout: Mapping[str, Any], fd: int) -> None:
+        self.size, spec = int(layout["size"]), layout["spec"]
+        try:
+            self._map = mmap.mmap(fd, _nbytes(self.size, spec), prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self.inputs, self.outputs, self.seconds = _views(self._map, self.size, spec)
+
+    def blocks(self, start: int, n: int) -> list[Block]:
+        """Published slots ``start``… (``n`` of them, wrapping) as blocks of views: nothing is copied."""
+        spans = [(start, min(start + n, self.size))]
+        if start + n > self.size:
+            spans.append((0, start + n - self.size))
+        return [
+            Block(
+                [1] * (hi - lo),
+                self.seconds[lo:hi].tolist(),
+                {k: v[lo:hi] for k, v in self.inputs.items()},
+                {k: v[lo:hi] for k, v in self.outputs.items()},
+            )
+            for lo, hi in spans
+        ]

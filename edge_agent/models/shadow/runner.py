@@ -1,15 +1,16 @@
 """The agent's side of a shadow: sample live requests, ship them to the shadow child in bulk, keep its figures.
 
 The request path only calls :meth:`ShadowRunner.offer`: one random draw and, for a sampled
-request, a copy by value into the ``ring`` (one-row requests of its signature) or else an append
-of its arrays to a bounded queue (a full ring or queue drops the copy and counts it). One
-shipping thread wakes every ``BATCH_EVERY_S``, packs what was queued into messages of up to
-``SHIP_CHUNK`` copies (ring slices, or ``blob.pack``: the copies' tensors stacked, no per-copy pickling;
-a short sleep between two messages, so no single hold of the GIL grows with the request rate)
-and sends them to the child (``child``), which runs the candidate and the reference copy of the
-active version in its own process, with its own GIL, and reports the figures a few times a second. While the child is
-behind, the socket's buffer fills and the send waits (without the GIL); copies stay queued
-meanwhile, and past ``queue_size`` are dropped and counted.
+request, a copy by value into the ``ring`` (one-row requests of its signature: shared memory the
+child maps too) or else an append of its arrays to a bounded queue (a full ring or queue drops the
+copy and counts it). One shipping thread wakes every ``BATCH_EVERY_S``; it names the ring's slots
+filled since its last wake-up to the child (a few bytes; the child frees them when done) and packs
+what was queued into messages of up to ``SHIP_CHUNK`` copies (``blob.pack``: the copies' tensors
+stacked, no per-copy pickling; a short sleep between two messages, so no single hold of the GIL
+grows with the request rate). The child (``child``) runs the candidate and the reference copy of
+the active version in its own process, with its own GIL, and reports the figures a few times a
+second. While the child is behind, the ring fills and the socket's buffer fills (the send waits,
+without the GIL); past the ring's slots or ``queue_size`` queued copies, copies are dropped and counted.
 
 A child that dies (a segfault on a live input, the OOM killer) does not take the agent down:
 the runner keeps its last figures and sets ``failure`` (``shadow process died (SIGSEGV)``), which
@@ -28,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from multiprocessing.reduction import send_handle
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +38,13 @@ import numpy as np
 from edge_agent.inference.childproc import Child, Isolation, exit_reason, options_to_json
 from edge_agent.inference.runtime import RuntimeOptions
 from edge_agent.models.shadow import child
-from edge_agent.models.shadow.blob import Sample, pack
+from edge_agent.models.shadow.blob import Sample, control, pack
 from edge_agent.models.shadow.ring import Ring, fits
 from edge_agent.wire.shadow import ShadowFigures
 
 log = logging.getLogger(__name__)
 
-QUEUE_SIZE = 256  # sampled copies waiting for the child; more are dropped (and counted)
+QUEUE_SIZE = 256  # sampled copies the ring cannot take waiting for the child; more are dropped (and counted)
 BATCH_EVERY_S = 0.05  # the shipping thread sends what was queued this often
 SHIP_CHUNK = 64  # copies per message: one pack holds the GIL ~0.1 ms (cold caches), however busy the model
 PAUSE_S = 0.0002  # between two messages of one wake-up, the GIL is left to the requests
@@ -97,6 +99,8 @@ class ShadowRunner:
         self._pending: deque[Sample] = deque()  # appended by the request path, drained by the shipping thread
         self._ring: Ring | None = None  # one-row copies of the first such copy's signature (``ring``)
         self._ring_lock = threading.Lock()
+        self._no_ring = False  # set when a ring could not be made
+        self._ring_sent = False  # the child has the ring's descriptor (the shipping thread sends it once)
         self._random = random.Random()
         self._state: dict[str, Any] | None = dict(resume) if resume else None
         self._figures = child.Tally(resume).to_dict()  # the child's last report (replaced whole: no lock needed)
@@ -113,11 +117,8 @@ class ShadowRunner:
         if version != self.primary_version or not self.ready.is_set() or self._random.random() >= self.rate:
             return
         ring = self._ring
-        if ring is None and fits(inputs, outputs):
-            with self._ring_lock:  # once: a second ring made by a racing request would lose its copies
-                if self._ring is None:
-                    self._ring = Ring(inputs, outputs, self.queue_size)
-                ring = self._ring
+        if ring is None and fits(inputs, outputs) and not self._no_ring:
+            ring = self._make_ring(inputs, outputs)
         if ring is not None and ring.matches(inputs, outputs):
             if not ring.put(inputs, outputs, s):
                 self.dropped += 1
@@ -126,6 +127,16 @@ class ShadowRunner:
             self.dropped += 1  # the figure is a count; a lost increment under a race is harmless
             return
         self._pending.append((inputs, outputs, s))
+
+    def _make_ring(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> Ring | None:
+        with self._ring_lock:  # once: a second ring made by a racing request would lose its copies
+            if self._ring is None and not self._no_ring:
+                try:
+                    self._ring = Ring(inputs, outputs)
+                except OSError as exc:  # no shared memory (fds or memory exhausted): the general way
+                    self._no_ring = True
+                    log.warning("shadow of %s: no shared copy ring (%s); copies are sent", self.candidate.name, exc)
+            return self._ring
 
     # -- the shipping thread ------------------------------------------------------------
     def _ship(self) -> None:
@@ -165,20 +176,31 @@ class ShadowRunner:
                 if "error" in report:
                     self.fail(f"shadow process could not load the versions: {report['error']}")
                     return
-                if report.get("ready"):
+                if "freed" in report:
+                    if self._ring is not None:
+                        self._ring.free(int(report["freed"]))
+                elif report.get("ready"):
                     self.ready.set()
                 else:
                     self._state = report.pop("state", None)
                     self._figures = report
             ring, pending = self._ring, self._pending
-            while ring is not None and not self._stop.is_set() and (blob := ring.take(SHIP_CHUNK)) is not None:
-                proc.conn.send_bytes(blob)
-                if len(ring):
-                    time.sleep(PAUSE_S)
+            if ring is not None and not self._stop.is_set():
+                self._publish(proc, ring)
             while pending and not self._stop.is_set():  # only filled once ready (``offer``)
                 proc.conn.send_bytes(pack([pending.popleft() for _ in range(min(SHIP_CHUNK, len(pending)))]))
                 if pending:
                     time.sleep(PAUSE_S)  # a request waiting for the GIL gets it between chunks
+
+    def _publish(self, proc: Child, ring: Ring) -> None:
+        """Hand the ring to the child once, then name the slots filled since the last wake-up (a few bytes)."""
+        if not self._ring_sent:
+            proc.conn.send_bytes(control({"ring": ring.layout()}))
+            send_handle(proc.conn, ring.fd, proc.pid)
+            self._ring_sent = True
+        span = ring.publish()
+        if span is not None:
+            proc.conn.send_bytes(control({"slots": list(span)}))
 
     def fail(self, reason: str) -> None:
         """Mark the shadow failed (the verdict rejects with ``reason``); the first reason wins."""
