@@ -6,8 +6,8 @@ its invocations and comparisons never hold the agent's GIL. Over its one connect
 setup message (JSON: the two versions' directories, the fleet key file that opens a sealed
 one, the runtime options, the figures to resume from), answers ``{"ready": ...}`` or ``{"error": ...}``, then runs the
 copies of every ``blob.pack``ed message and of the shared ``ring`` (mapped once; the agent names
-its filled slots, the child answers ``{"freed": n}`` once it ran them) and reports the figures so far every
-``REPORT_EVERY_S`` while they change. A closed connection ends it.
+its filled slots, the child answers ``{"freed": n}`` with the figures once it ran them) and
+otherwise reports the figures so far every ``REPORT_EVERY_S`` while they change. A closed connection ends it.
 
 Copies are run in batches padded to one size (one interpreter shape: a new batch size would
 resize the interpreter, which costs more than the invocations): ``BATCH_ROWS`` rows for a model
@@ -55,7 +55,7 @@ REFERENCE_EVERY = 8  # ... then every 8th (200 copies in 4-row batches: 50 batch
 KEEP_LATENCIES = 4096  # latency pairs kept for the p50 ratio (the most recent)
 KEEP_STATE_PAIRS = 64  # ... of which a restarted agent resumes with this many
 NICE = 10  # ~1/10 of a normal process's share of a busy core: the agent first, the shadow never starved
-REPORT_EVERY_S = 0.1  # figures go to the agent at most this often (each report costs the agent a parse)
+REPORT_EVERY_S = 0.25  # figures go to the agent at most this often (each report wakes the agent and costs a parse)
 
 
 def load(spec: Mapping[str, Any], options: str) -> LoadedModel:
@@ -226,7 +226,7 @@ def _run(conn: Connection, shadow: Shadow) -> None:
     while True:
         due = last + REPORT_EVERY_S - time.monotonic()
         if dirty and (due <= 0 or not conn.poll(due)):
-            conn.send_bytes(json.dumps({**shadow.tally.to_dict(), "state": shadow.tally.state()}).encode())
+            conn.send_bytes(json.dumps(_report(shadow)).encode())
             last, dirty = time.monotonic(), False
             continue
         message = read(conn.recv_bytes())
@@ -239,8 +239,14 @@ def _run(conn: Connection, shadow: Shadow) -> None:
             start, n = message["slots"]
             for block in ring.blocks(start, n):
                 shadow.run(block)
-            conn.send_bytes(json.dumps({"freed": n}).encode())
+            conn.send_bytes(json.dumps({"freed": n, **_report(shadow)}).encode())  # one wake-up of the agent
+            last, dirty = time.monotonic(), False
+            continue
         dirty = True
+
+
+def _report(shadow: Shadow) -> dict[str, Any]:
+    return {**shadow.tally.to_dict(), "state": shadow.tally.state()}
 
 
 def serve_forked(conn: Connection) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from edge_agent.models.shadow.blob import Block, Tensors, signature
 
-SLOTS = 1024  # copies a ring holds: a wake-up's worth (BATCH_EVERY_S) at ~10,000 sampled requests/s ...
+SLOTS = 4096  # copies a ring holds: a wake-up's worth (runner.BATCH_EVERY_S) at ~8,000 sampled requests/s ...
 RING_BYTES = 8 << 20  # ... in at most this much memory (at least MIN_SLOTS copies)
 MIN_SLOTS = 8
 
