@@ -3,9 +3,10 @@
 digits 1 serves through the real V2 API (uvicorn + httptools, in this process); a client sends
 requests one at a time over one keep-alive connection. In interleaved rounds (so drift hits
 every mode alike) the shadow is off, or digits 2 (the same model) runs in shadow on a copy of
-every request: the ``ShadowRunner`` a shadow release starts (bounded queue, a shipping thread
-that sends each wake-up's copies to the shadow process in one message, the candidate and the
-reference copy of the active version run there). ``--baseline REV`` adds rounds of the
+every request: the ``ShadowRunner`` a shadow release starts (one-row copies in a ring of shared
+memory, a shipping thread that hands each 0.5 s's copies to the shadow process, the candidate and
+the reference copy of the active version run there). Rounds should last several hand-overs
+(``--requests 4000`` at ~0.35 ms a request: ~1.4 s). ``--baseline REV`` adds rounds of the
 runner as it was at git revision REV (a revision with ``edge_agent/models/shadow.py``; the worker-thread
 design measured in docs/benchmarks.md, 182381c, is not in this repository's history), loaded
 from ``git show``, for a before/after in the same run. ``--control`` adds rounds with no shadow at all
@@ -27,7 +28,7 @@ Run (prints a markdown table, the goal and the command that reproduces it)::
     .venv/bin/python bench/shadow_bench.py --quick                      # <= 2 minutes
     .venv/bin/python bench/shadow_bench.py --requests 4000 --rounds 10
     .venv/bin/python bench/shadow_bench.py --quick --baseline REV       # before/after, interleaved
-    .venv/bin/python bench/shadow_bench.py --requests 2000 --rounds 16 --client-process --control
+    .venv/bin/python bench/shadow_bench.py --requests 4000 --rounds 16 --client-process --control
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4000, help="requests per round")
     ap.add_argument("--rounds", type=int, default=10, help="rounds of each mode (interleaved)")
     ap.add_argument("--rows", type=int, default=1, help="digits per request")
-    ap.add_argument("--quick", action="store_true", help="1000 requests x 8 rounds (<= 2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="4000 requests x 6 rounds (<= 2 minutes)")
     ap.add_argument("--baseline", metavar="REV", help="also run the shadow runner of this git revision")
     ap.add_argument("--control", action="store_true", help="also run rounds with a stand-in load and no shadow")
     ap.add_argument("--control-us", type=float, default=130.0, help="the stand-in's CPU µs per ms (default 130)")
@@ -235,7 +236,9 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.quick:
-        args.requests, args.rounds = 1000, 8  # short rounds, many pairs: load drifting hits both sides
+        # Each round spans a few of the runner's hand-overs (every 0.5 s): a round shorter than one may
+        # hold none, and its p99 then says nothing about what they cost.
+        args.requests, args.rounds = 4000, 6
     baseline = baseline_module(args.baseline) if args.baseline else None
     modes = ["off", "process", *(["thread"] if baseline else []), *(["control"] if args.control else [])]
     work = Path(tempfile.mkdtemp(prefix="shadow-bench-"))
