@@ -154,7 +154,7 @@ def signature(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray
         for name, a in side.items():
             if not a.ndim:
                 return None
-            parts.append((name, a.dtype.str, a.shape[1:]))
+            parts.append((name, a.dtype, a.shape[1:]))
     return tuple(parts)
 
 

@@ -39,7 +39,11 @@ Spec = list[list[Any]]  # per tensor [side, name, dtype, row shape]
 
 def fits(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> bool:
     """Whether a copy can go into a ring: every tensor has a batch dimension of one row."""
-    return all(a.ndim and a.shape[0] == 1 for side in (inputs, outputs) for a in side.values())
+    for side in (inputs, outputs):
+        for a in side.values():
+            if not a.ndim or a.shape[0] != 1:
+                return False
+    return True
 
 
 def _views(buf: Any, size: int, spec: Spec) -> tuple[Tensors, Tensors, np.ndarray]:

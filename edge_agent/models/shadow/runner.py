@@ -94,6 +94,7 @@ class ShadowRunner:
         self.dropped = 0
         self.failure: str | None = None  # set when the child could not load the versions or died
         self.ready = threading.Event()  # set once the child has loaded both versions (copies flow from then on)
+        self._sampling = False  # ``ready`` as a plain attribute: the request path reads it on every request
         self.child_pid: int | None = None
         self._child: Child | None = None
         self._options = candidate.options or RuntimeOptions(num_threads=1, pool_size=1)
@@ -117,7 +118,9 @@ class ShadowRunner:
     ) -> None:
         """A request the active version answered; copied to the candidate with probability ``rate``
         once the child has loaded both versions (before that, nothing is sampled or counted)."""
-        if version != self.primary_version or not self.ready.is_set() or self._random.random() >= self.rate:
+        if not self._sampling or version != self.primary_version:
+            return
+        if self.rate < 1.0 and self._random.random() >= self.rate:
             return
         ring = self._ring
         if ring is None and fits(inputs, outputs) and not self._no_ring:
@@ -198,6 +201,7 @@ class ShadowRunner:
         if freed is not None and self._ring is not None:
             self._ring.free(int(freed))
         if report.get("ready"):
+            self._sampling = True
             self.ready.set()
         elif report:
             self._state = report.pop("state", None)
