@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
@@ -15,6 +18,8 @@ from edge_agent.inference.runtime import LoadedModel, RuntimeOptions
 from edge_agent.models.shadow import ShadowModel, ShadowRunner
 from edge_agent.models.shadow.blob import Block, pack, unpack
 from edge_agent.models.shadow.ring import RING_BYTES, SLOTS, Ring, RingView, fits
+from edge_agent.models.taps import ModelTaps
+from edge_agent.wire import kserve_v2 as v2
 from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
 
 
@@ -103,3 +108,36 @@ def test_one_row_and_batch_copies_are_both_compared_by_the_shadow_process(
     figures = runner.figures()
     assert runner._ring is not None and len(runner._ring) == 0  # the one-row copies went through the ring
     assert figures.samples == len(copies) and figures.agreement == 1.0 and figures.dropped == 0
+
+
+def test_the_request_path_can_leave_the_copy_until_the_response_is_sent(digits_dir: Path) -> None:
+    """``ModelTaps.observe(..., later=...)`` schedules the shadow copy instead of taking it (the HTTP path
+    passes the event loop's ``call_soon``); without ``later`` it is taken at once."""
+    manifest = Manifest.load(digits_dir / MANIFEST_FILE)
+    model = LoadedModel(digits_dir / manifest.file, manifest, RuntimeOptions(num_threads=1, pool_size=1))
+    x = load_golden(digits_dir / "golden.npz")["in:pixels"][:1]
+    body = json.dumps(
+        {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+    )
+    request = v2.decode_request(body.encode(), None, manifest)
+    outputs = model.predict_checked(request.inputs)
+    offered: list[tuple[object, ...]] = []
+    scheduled: list[tuple[object, ...]] = []
+
+    class Runner:  # what the taps call on a shadow runner
+        def offer(self, *args: object) -> None:
+            offered.append(args)
+
+        def stop(self) -> None:
+            pass
+
+    taps = ModelTaps()
+    taps.start_shadow("digits", cast(ShadowRunner, Runner()))
+    taps.observe(model, request, outputs, 0.001, lambda fn, *args: scheduled.append((fn, *args)))
+    assert offered == [] and len(scheduled) == 1  # nothing copied yet: it waits for the loop
+    fn, *args = scheduled[0]
+    cast(Callable[..., None], fn)(*args)
+    taps.observe(model, request, outputs, 0.002)
+    assert [a[0] for a in offered] == [manifest.version, manifest.version] and offered[0][1] is request.inputs
+    recent = taps.recent("digits", manifest.version)
+    assert recent is not None and recent.count == 2  # the recent figures are kept at once either way

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from edge_agent.inference.batching import Batching
     from edge_agent.inference.runtime import LoadedModel
     from edge_agent.inference.stats import InferenceStats
-    from edge_agent.models.taps import ModelTaps
+    from edge_agent.models.taps import Later, ModelTaps
 
 INLINE_BELOW_S = 0.001  # run predict on the event loop when (warm latency x batch) is below this
 OFFLOAD_BODY_BYTES = 256 * 1024  # decode/encode bodies above this off the event loop
@@ -141,7 +141,7 @@ class InferPath:
         else:
             outputs = await self.in_thread(model.predict_checked, request.inputs, request.raw_outputs)
         te = time.perf_counter()
-        self.record(model, request, outputs, t0, tp)
+        self.record(model, request, outputs, t0, tp, None if on_thread else asyncio.get_running_loop().call_soon)
         if pre is not None:
             params = self.precomputed.live(model, pre, params)
         response = self.encode(model, request, outputs, params)
@@ -207,15 +207,22 @@ class InferPath:
         return params
 
     def record(
-        self, model: LoadedModel, request: v2.InferRequest, outputs: dict[str, np.ndarray], t0: float, tp: float | None
+        self,
+        model: LoadedModel,
+        request: v2.InferRequest,
+        outputs: dict[str, np.ndarray],
+        t0: float,
+        tp: float | None,
+        later: Later | None = None,
     ) -> None:
         """Give the inference its id (the client's or a new one), queue its telemetry record, feed the taps.
 
         ``tp``: when predict started (the taps get the predict time: what versions are compared on);
-        None: no predict ran (a precomputed answer, ``features.precomputed``), so no taps.
+        None: no predict ran (a precomputed answer, ``features.precomputed``), so no taps. ``later``:
+        on the event loop, its ``call_soon``: a shadow copy is taken once the response is sent.
         """
         if self.taps is not None and tp is not None:
-            self.taps.observe(model, request, outputs, time.perf_counter() - tp)
+            self.taps.observe(model, request, outputs, time.perf_counter() - tp, later)
         rid = request.id
         if rid is None:
             rid = request.id = self.new_id()
