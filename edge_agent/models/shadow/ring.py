@@ -46,23 +46,29 @@ def fits(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) ->
     return True
 
 
-def _views(buf: Any, size: int, spec: Spec) -> tuple[Tensors, Tensors, np.ndarray]:
-    """The ring's arrays over ``buf`` (laid out in ``spec``'s order, each 64-byte aligned; seconds last)."""
-    sides: dict[str, Tensors] = {"in": {}, "out": {}}
-    offset = 0
+def _layout(size: int, spec: Spec) -> tuple[list[tuple[str, str, np.dtype[Any], list[int], int, int]], int]:
+    """Each tensor's place for ``size`` rows: (side, name, dtype, row shape, byte offset, values), in
+    ``spec``'s order, each 64-byte aligned; and where the seconds start (they come last)."""
+    parts, offset = [], 0
     for side, name, dtype, shape in spec:
         dt = np.dtype(dtype)
         count = size * int(np.prod(shape, dtype=np.int64))
-        sides[side][name] = np.frombuffer(buf, dt, count, offset).reshape(size, *shape)
+        parts.append((side, name, dt, shape, offset, count))
         offset = _aligned(offset + count * dt.itemsize)
-    return sides["in"], sides["out"], np.frombuffer(buf, np.float64, size, offset)
+    return parts, offset
+
+
+def _views(buf: Any, size: int, spec: Spec) -> tuple[Tensors, Tensors, np.ndarray]:
+    """The ring's arrays over ``buf`` (``_layout``)."""
+    sides: dict[str, Tensors] = {"in": {}, "out": {}}
+    parts, seconds_at = _layout(size, spec)
+    for side, name, dt, shape, offset, count in parts:
+        sides[side][name] = np.frombuffer(buf, dt, count, offset).reshape(size, *shape)
+    return sides["in"], sides["out"], np.frombuffer(buf, np.float64, size, seconds_at)
 
 
 def _nbytes(size: int, spec: Spec) -> int:
-    offset = 0
-    for _, _, dtype, shape in spec:
-        offset = _aligned(offset + size * int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
-    return offset + size * 8
+    return _layout(size, spec)[1] + size * 8
 
 
 def _aligned(n: int) -> int:
@@ -94,9 +100,10 @@ class Ring:
         self.spec += [["out", n, a.dtype.str, list(a.shape[1:])] for n, a in outputs.items()]
         row = _nbytes(1, self.spec)
         self.size = max(1, min(size, max(MIN_SLOTS, RING_BYTES // row)))
-        self.fd = _shared_file(_nbytes(self.size, self.spec))
+        nbytes = _nbytes(self.size, self.spec)
+        self.fd = _shared_file(nbytes)
         weakref.finalize(self, os.close, self.fd)  # the mapping goes with the arrays; the child has its own
-        self._map = mmap.mmap(self.fd, _nbytes(self.size, self.spec))
+        self._map = mmap.mmap(self.fd, nbytes)
         self.inputs, self.outputs, self.seconds = _views(self._map, self.size, self.spec)
         self.key = signature(inputs, outputs)
         self._start = self._count = self._published = 0  # slots [start, start+published) are the child's
