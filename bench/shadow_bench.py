@@ -54,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.procstat import cpu_s  # noqa: E402
+from bench.shadow_stats import GOAL, bootstrap, when_slow  # noqa: E402
 from edge_agent.http.app import create_app  # noqa: E402
 from edge_agent.inference.runtime import RuntimeOptions  # noqa: E402
 from edge_agent.models.serving import ModelServer  # noqa: E402
@@ -76,10 +77,9 @@ while True:
         pass
     time.sleep(max(0.0, 0.001 - busy))
 """
-GOAL = 0.05  # the primary's p99 may rise at most 5%
 # --client-process: the client in its own process (its own GIL, like an app on the device or a remote
 # caller): argv = host port; each stdin line "n" runs n requests of the body (the first line) and
-# answers one line, the latencies in seconds as JSON.
+# answers one line, [start (time.monotonic, shared by all processes), latency] in seconds per request as JSON.
 CLIENT = """
 import http.client, json, sys, time
 conn = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=10)
@@ -88,11 +88,11 @@ headers = {"Content-Type": "application/json"}
 for line in sys.stdin:
     out = []
     for _ in range(int(line)):
-        t0 = time.perf_counter()
+        m0, t0 = time.monotonic(), time.perf_counter()
         conn.request("POST", "/v2/models/digits/infer", body, headers)
         resp = conn.getresponse()
         resp.read()
-        out.append(time.perf_counter() - t0)
+        out.append([m0, time.perf_counter() - t0])
         assert resp.status == 200, resp.status
     print(json.dumps(out), flush=True)
 """
@@ -108,28 +108,29 @@ class ClientProcess:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(body.hex() + "\n")
 
-    def run(self, n: int) -> list[float]:
+    def run(self, n: int) -> list[tuple[float, float]]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(f"{n}\n")
         self.proc.stdin.flush()
-        return [float(x) for x in json.loads(self.proc.stdout.readline())]
+        return [(float(m), float(x)) for m, x in json.loads(self.proc.stdout.readline())]
 
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
 
 
-def run_round(conn: http.client.HTTPConnection | ClientProcess, body: bytes, n: int) -> list[float]:
+def run_round(conn: http.client.HTTPConnection | ClientProcess, body: bytes, n: int) -> list[tuple[float, float]]:
+    """``n`` requests, one at a time: (start on ``time.monotonic``, latency in seconds) of each."""
     if isinstance(conn, ClientProcess):
         return conn.run(n)
     out = []
     headers = {"Content-Type": "application/json"}
     for _ in range(n):
-        t0 = time.perf_counter()
+        m0, t0 = time.monotonic(), time.perf_counter()
         conn.request("POST", "/v2/models/digits/infer", body, headers)
         resp = conn.getresponse()
         resp.read()
-        out.append(time.perf_counter() - t0)
+        out.append((m0, time.perf_counter() - t0))
         assert resp.status == 200
     return out
 
@@ -165,6 +166,8 @@ class Shadow:
         self.mode, self.store, self.baseline, self.control_us = mode, store, baseline, control_us
         self.runner: Any = None
         self.load: subprocess.Popen[bytes] | None = None
+        self.handovers: list[float] = []  # when the runner named filled slots to the shadow process ...
+        self.answers: list[float] = []  # ... and when the process's answers (freed slots, figures) came
 
     def stop_load(self) -> None:
         if self.load is not None:
@@ -175,6 +178,7 @@ class Shadow:
         if self.mode == "process":
             v1, v2 = (ShadowModel("digits", v, self.store.version_dir("digits", v)) for v in ("1", "2"))
             self.runner = ShadowRunner(v2, "1", 1.0, reference=v1)
+            self._timestamp(self.runner)
             self.runner.ready.wait(60)  # copies are sampled from the moment both versions are loaded
         elif self.mode == "control":
             self.load = subprocess.Popen([sys.executable, "-c", CONTROL_LOAD, str(self.control_us), str(NICE)])
@@ -184,6 +188,32 @@ class Shadow:
             cand.warmup(3)
             ref.warmup(3)
             self.runner = self.baseline.ShadowRunner(cand, "1", 1.0, reference=ref)
+
+    def _timestamp(self, runner: ShadowRunner) -> None:
+        """Note the time of each hand-over and answer: the spans in which the shadow process works."""
+        publish, answer = runner._publish, runner._answer
+
+        def timed_publish(proc: Any, ring: Any) -> None:
+            if len(ring) > ring._published:  # it names copies: the shadow process has work until it answers
+                self.handovers.append(time.monotonic())
+            publish(proc, ring)
+
+        def timed_answer(*args: Any) -> bool:
+            self.answers.append(time.monotonic())
+            return answer(*args)
+
+        runner._publish, runner._answer = timed_publish, timed_answer  # type: ignore[method-assign, assignment]
+
+    def working(self, starts: np.ndarray) -> np.ndarray:
+        """Which of the requests started at ``starts`` began while the shadow process ran a hand-over's copies."""
+        handovers, answers = np.asarray(self.handovers), np.asarray(self.answers)
+        if not len(handovers) or not len(answers):
+            return np.zeros(len(starts), bool)
+        last = np.searchsorted(handovers, starts) - 1
+        begun = handovers[np.clip(last, 0, None)]
+        done = np.searchsorted(answers, begun)  # the first answer after that hand-over
+        ends = np.where(done < len(answers), answers[np.clip(done, 0, len(answers) - 1)], np.inf)
+        return (last >= 0) & (starts < ends)
 
     def pid(self) -> int | None:
         return getattr(self.runner, "child_pid", None)
@@ -210,8 +240,12 @@ def measure(
         f = shadow.runner.figures()
         before = (f.samples, f.dropped)
     child0, thread0, cpu0 = proc_cpu_s(shadow.pid()), shadow.thread_cpu_s(), time.process_time()
-    lat = run_round(conn, body, n)
-    out: dict[str, Any] = {"lat": lat, "cpu": (time.process_time() - cpu0) / n, "p99": float(np.percentile(lat, 99))}
+    timed = run_round(conn, body, n)
+    cpu = (time.process_time() - cpu0) / n
+    lat = [t for _, t in timed]
+    out: dict[str, Any] = {"lat": lat, "cpu": cpu, "p99": float(np.percentile(lat, 99))}
+    if shadow.mode == "process":
+        out["working"] = shadow.working(np.asarray([m for m, _ in timed]))
     if shadow.runner is not None:
         time.sleep(0.3)  # the last queued copies are compared
         f = shadow.runner.figures()
@@ -251,7 +285,7 @@ def main() -> None:
         body = digits_body(DIGITS, rows=args.rows)
         stats: dict[str, dict[str, Any]] = {m: {"compared": 0, "dropped": 0} for m in modes}
         for m in modes:
-            stats[m] |= {k: [] for k in ("lat", "cpu", "extra", "thread", "child", "p99x")}
+            stats[m] |= {k: [] for k in ("lat", "rounds", "working", "cpu", "extra", "thread", "child", "p99x")}
         with ApiServer(create_app(server)) as api:
             conn: http.client.HTTPConnection | ClientProcess = (
                 ClientProcess(api.host, api.port, body)
@@ -269,6 +303,8 @@ def main() -> None:
                 for mode, res in got.items():
                     s = stats[mode]
                     s["lat"] += res["lat"]
+                    s["rounds"].append(np.asarray(res["lat"]))
+                    s["working"] += list(res.get("working", ()))
                     s["cpu"].append(res["cpu"])
                     if mode == "control":
                         s["p99x"].append(res["p99"] / off["p99"])
@@ -332,9 +368,15 @@ def report(args: argparse.Namespace, modes: list[str], stats: dict[str, dict[str
         if mode == "control":  # no shadow ran: the floor any concurrent work of this size sets, not a verdict
             print(f"{labels[mode]}: p99 {pooled:+.1%} pooled, {paired:+.1%} median of {len(s['p99x'])} paired rounds")
             continue
+        low, high = bootstrap(stats["off"]["rounds"], s["rounds"])
+        row |= {"p99_change_ci90": [low, high]}
+        if s["working"]:
+            print(when_slow(labels[mode], out["off"]["p99_ms"] / 1e3, np.asarray(s["lat"]), np.asarray(s["working"])))
         verdict = "MET" if max(pooled, paired) <= GOAL else "MISSED"
+        proven = "the bound is within it" if high <= GOAL else "the bound is not"
         print(
-            f"{labels[mode]}: p99 {pooled:+.1%} pooled, {paired:+.1%} median of {len(s['p99x'])} paired rounds "
+            f"{labels[mode]}: p99 {pooled:+.1%} pooled (90% interval {low:+.1%} .. {high:+.1%}, rounds resampled; "
+            f"{proven}), {paired:+.1%} median of {len(s['p99x'])} paired rounds "
             f"(goal <= +{GOAL:.0%}: {verdict}); {s['compared']} copies compared, {s['dropped']} dropped"
         )
     print(json.dumps(out))

@@ -1,0 +1,143 @@
+"""The primary's p99 with the shadow on and off in short alternating blocks of one run.
+
+``shadow_bench`` starts a shadow process per round, so a round lasts seconds, and a stretch of host
+noise (a preempted vCPU, another tenant's burst) lands in one mode's rounds more than the other's:
+on this VM the pooled p99 of two identical runs differs by 15-25%. Here one ``ShadowRunner`` lives
+through the whole run and its ``rate`` is switched between 1 (every request copied) and 0 (none)
+every ``--block`` requests (about a second), so the modes alternate hundreds of times. ``rate = 0``
+is the shadow attached and idle: the request path's check and one random draw per request, the
+shipping thread's wake-ups, a shadow process waiting. The shadow process runs an "on" block's last
+copies during the next "off" block: the off block's requests that start before it has answered are
+left out (they belong to neither mode), and counted.
+
+Same server, model and client as ``shadow_bench --client-process`` (digits 1 primary, digits 2 in
+shadow, one request at a time from a client process over keep-alive)::
+
+    .venv/bin/python bench/shadow_toggle.py --quick          # 40 pairs of 2,000-request blocks: ~1.5 min
+    .venv/bin/python bench/shadow_toggle.py --pairs 120      # ~4 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.shadow_bench import DIGITS, ClientProcess, Shadow, run_round  # noqa: E402
+from bench.shadow_stats import GOAL, bootstrap, when_slow  # noqa: E402
+from edge_agent.http.app import create_app  # noqa: E402
+from edge_agent.inference.runtime import RuntimeOptions  # noqa: E402
+from edge_agent.models.serving import ModelServer  # noqa: E402
+from edge_agent.models.store import ModelStore  # noqa: E402
+from tests.apiserver import ApiServer  # noqa: E402
+from tests.support.ota import relabel  # noqa: E402
+from tests.support.shadow import digits_body  # noqa: E402
+
+
+@dataclass
+class Blocks:
+    """Latencies (s) per block of each mode, which "on" requests started while the shadow process worked, and the rest."""
+
+    on: list[np.ndarray]
+    off: list[np.ndarray]
+    working: np.ndarray
+    left_out: int
+    compared: int
+
+
+def run(pairs: int, block: int) -> Blocks:
+    """``pairs`` on/off pairs of ``block`` requests: the latencies per block, and what was left out."""
+    work = Path(tempfile.mkdtemp(prefix="shadow-toggle-"))
+    try:
+        store = ModelStore(work / "data")
+        store.install_dir(DIGITS)
+        store.install_dir(relabel(DIGITS, work / "v2", "2"))
+        server = ModelServer(store, RuntimeOptions(num_threads=1))
+        server.sync()
+        body = digits_body(DIGITS, rows=1)
+        on: list[np.ndarray] = []
+        off: list[np.ndarray] = []
+        on_working: list[np.ndarray] = []
+        left_out = 0
+        with ApiServer(create_app(server)) as api:
+            client = ClientProcess(api.host, api.port, body)
+            shadow = Shadow("process", store, None)
+            shadow.start()
+            runner = shadow.runner
+            server.taps.start_shadow("digits", runner)
+            run_round(client, body, 500)  # warm-up, and the first copies reach the shadow process
+            deadline = time.monotonic() + 30
+            while runner.figures().samples == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            for b in range(2 * pairs):
+                sampling = b % 2 == 0
+                runner.rate = 1.0 if sampling else 0.0
+                timed = np.asarray(run_round(client, body, block))
+                starts, lat = timed[:, 0], timed[:, 1]
+                if sampling:
+                    on.append(lat)
+                    on_working.append(starts)
+                else:
+                    time.sleep(0.02)  # the shadow's answer to a hand-over at the block's end is noted
+                    keep = ~shadow.working(starts)
+                    left_out += int((~keep).sum())
+                    off.append(lat[keep])
+            working = shadow.working(np.concatenate(on_working))
+            figures = runner.figures()
+            server.taps.stop_shadow("digits", runner)
+            client.close()
+        return Blocks(on, off, working, left_out, figures.samples)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=60, help="on/off pairs of blocks")
+    ap.add_argument("--block", type=int, default=2000, help="requests per block (~1 s)")
+    ap.add_argument("--quick", action="store_true", help="40 pairs of 2,000 requests (~1.5 min)")
+    args = ap.parse_args()
+    if args.quick:
+        args.pairs, args.block = 40, 2000
+    got = run(args.pairs, args.block)
+    on, off = np.concatenate(got.on), np.concatenate(got.off)
+    print(f"# .venv/bin/python bench/shadow_toggle.py --pairs {args.pairs} --block {args.block}")
+    print(
+        f"# {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, python {platform.python_version()}"
+    )
+    print("| primary (digits 1, c=1), one shadow runner | requests | p50 ms | p90 ms | p99 ms |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for label, lat in (("shadow_rate = 0 (attached, idle)", off), ("shadow_rate = 1", on)):
+        p50, p90, p99 = np.percentile(lat, [50, 90, 99]) * 1e3
+        print(f"| {label} | {len(lat)} | {p50:.3f} | {p90:.3f} | {p99:.3f} |")
+    pooled = float(np.percentile(on, 99) / np.percentile(off, 99) - 1)
+    paired = float(
+        np.median([np.percentile(a, 99) / np.percentile(b, 99) for a, b in zip(got.on, got.off, strict=True)])
+    )
+    paired -= 1
+    low, high = bootstrap(got.off, got.on)
+    verdict = "MET" if high <= GOAL else "MISSED" if pooled > GOAL else "not settled (the interval passes the goal)"
+    print()
+    print(when_slow("shadow_rate = 1", float(np.percentile(off, 99)), on, got.working))
+    print(
+        f"p99 {pooled:+.1%} pooled (90% interval {low:+.1%} .. {high:+.1%}, block pairs resampled), {paired:+.1%} "
+        f"median of {args.pairs} paired blocks; goal <= +{GOAL:.0%}: {verdict}. {got.compared} copies compared; "
+        f"{got.left_out} requests of off blocks left out (the shadow process still ran the last on block's copies)"
+    )
+    print(json.dumps({"p99_change": pooled, "p99_change_paired": paired, "ci90": [low, high], "verdict": verdict}))
+
+
+if __name__ == "__main__":
+    main()
