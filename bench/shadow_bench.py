@@ -119,6 +119,16 @@ class ClientProcess:
         self.proc.wait()
 
 
+def digits_server(work: Path) -> tuple[ModelStore, ModelServer]:
+    """A store under ``work`` with digits 1 (served) and a copy as digits 2 (the shadow), and its server."""
+    store = ModelStore(work / "data")
+    store.install_dir(DIGITS)
+    store.install_dir(relabel(DIGITS, work / "v2", "2"))
+    server = ModelServer(store, RuntimeOptions(num_threads=1))
+    server.sync()
+    return store, server
+
+
 def run_round(conn: http.client.HTTPConnection | ClientProcess, body: bytes, n: int) -> list[tuple[float, float]]:
     """``n`` requests, one at a time: (start on ``time.monotonic``, latency in seconds) of each."""
     if isinstance(conn, ClientProcess):
@@ -277,11 +287,7 @@ def main() -> None:
     modes = ["off", "process", *(["thread"] if baseline else []), *(["control"] if args.control else [])]
     work = Path(tempfile.mkdtemp(prefix="shadow-bench-"))
     try:
-        store = ModelStore(work / "data")
-        store.install_dir(DIGITS)
-        store.install_dir(relabel(DIGITS, work / "v2", "2"))
-        server = ModelServer(store, RuntimeOptions(num_threads=1))
-        server.sync()
+        store, server = digits_server(work)
         body = digits_body(DIGITS, rows=args.rows)
         stats: dict[str, dict[str, Any]] = {m: {"compared": 0, "dropped": 0} for m in modes}
         for m in modes:

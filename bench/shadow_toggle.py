@@ -35,14 +35,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.shadow_bench import DIGITS, ClientProcess, Shadow, run_round  # noqa: E402
+from bench.shadow_bench import DIGITS, ClientProcess, Shadow, digits_server, run_round  # noqa: E402
 from bench.shadow_stats import GOAL, bootstrap, when_slow  # noqa: E402
 from edge_agent.http.app import create_app  # noqa: E402
-from edge_agent.inference.runtime import RuntimeOptions  # noqa: E402
-from edge_agent.models.serving import ModelServer  # noqa: E402
-from edge_agent.models.store import ModelStore  # noqa: E402
 from tests.apiserver import ApiServer  # noqa: E402
-from tests.support.ota import relabel  # noqa: E402
 from tests.support.shadow import digits_body  # noqa: E402
 
 
@@ -61,11 +57,7 @@ def run(pairs: int, block: int) -> Blocks:
     """``pairs`` on/off pairs of ``block`` requests: the latencies per block, and what was left out."""
     work = Path(tempfile.mkdtemp(prefix="shadow-toggle-"))
     try:
-        store = ModelStore(work / "data")
-        store.install_dir(DIGITS)
-        store.install_dir(relabel(DIGITS, work / "v2", "2"))
-        server = ModelServer(store, RuntimeOptions(num_threads=1))
-        server.sync()
+        store, server = digits_server(work)
         body = digits_body(DIGITS, rows=1)
         on: list[np.ndarray] = []
         off: list[np.ndarray] = []
