@@ -3,8 +3,8 @@
 A child process runs ``score`` on the local engine (2 workers, 20 partitions) in its own session
 and SIGKILLs its whole process group (driver, forkserver and pool workers): either from a worker right after it
 wrote partition ``k`` (the other worker may be half-way through writing one), or from the driver
-once every partition is written (the merge, which runs beside the scoring, has appended all but the
-last to its temp file). The rerun must keep the complete partitions (it skips them), drop the
+once every partition is written and the merge, which runs beside the scoring, has appended them to
+its temp file, before ``finish`` makes it the output. The rerun must keep the complete partitions (it skips them), drop the
 merge's temp file, and write the rest.
 """
 
@@ -27,7 +27,7 @@ CHILD = textwrap.dedent(
     """
     import os, signal, sys
     from cloud_batch.score.job import score
-    from cloud_batch.score import worker
+    from cloud_batch.score import parts, worker
 
     reg, source, out, where, at = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
     run_part = worker.Scorer.run_part
@@ -41,13 +41,20 @@ CHILD = textwrap.dedent(
     if where == "worker":  # top level: every pool worker imports this script again (forkserver) and patches itself
         worker.Scorer.run_part = killing_run_part
 
-    def on_part(parts, rows):
-        if where == "driver" and parts == at:
+    advance = parts.Merger.advance
+
+    def killing_advance(self, part=None):
+        # After the merge took partition ``part``: once ``at`` are written, all of them are in its temp file
+        # (waiting for the last to finish would not do: partition 0 may be the last, and the merge goes in order).
+        advance(self, part)
+        if len(self._ready) >= at:
             os.killpg(0, signal.SIGKILL)
 
+    if where == "driver":
+        parts.Merger.advance = killing_advance
+
     if __name__ == "__main__":
-        score(reg, "digits", "1", source, out, workers=2, batch_size=32, partition_rows=100, progress=False,
-              on_part=on_part)
+        score(reg, "digits", "1", source, out, workers=2, batch_size=32, partition_rows=100, progress=False)
         print("finished without being killed", flush=True)
     """
 )
@@ -78,7 +85,7 @@ def test_resume_after_kill9_gives_the_uninterrupted_output(tmp_path: Path, where
     # a worker killing at part k leaves the parts not yet started (how many depends on when the second
     # worker came up: under load the first may have done nearly all); the driver kills once all 20 are there
     assert 1 <= len(done) <= 20 and (len(done) == 20 or where == "worker")
-    if where == "driver":  # the merge ran beside the scoring: its temp file is there, unfinished
+    if where == "driver":  # the merge ran beside the scoring: its temp file is there, not yet the output
         assert [p for p in staging_dir(out).iterdir() if p.name.startswith(f".{out.name}.")]
 
     resumed = score(reg, "digits", "1", source, out, workers=2, batch_size=32, partition_rows=100, progress=False)
