@@ -8,6 +8,17 @@ GOAL = 0.05  # the primary's p99 may rise at most 5%
 BOOTSTRAP = 400  # resamples for the pooled p99 rise's interval
 
 
+def working(handovers: np.ndarray, answers: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Which requests (started at ``starts``) began between a hand-over and the shadow process's next answer."""
+    if not len(handovers) or not len(answers):
+        return np.zeros(len(starts), bool)
+    last = np.searchsorted(handovers, starts) - 1
+    begun = handovers[np.clip(last, 0, None)]
+    done = np.searchsorted(answers, begun)  # the first answer after that hand-over
+    ends = np.where(done < len(answers), answers[np.clip(done, 0, len(answers) - 1)], np.inf)
+    return (last >= 0) & (starts < ends)
+
+
 def when_slow(label: str, threshold_s: float, lat: np.ndarray, working: np.ndarray) -> str:
     """Whether the slow requests (above the shadow-off p99) fall where the shadow process works.
 

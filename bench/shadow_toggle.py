@@ -35,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.shadow_bench import DIGITS, ClientProcess, Shadow, digits_server, run_round  # noqa: E402
+from bench.shadow_bench import DIGITS, ClientProcess, Shadow, digits_server, first_copies, run_round  # noqa: E402
 from bench.shadow_stats import GOAL, bootstrap, when_slow  # noqa: E402
 from edge_agent.http.app import create_app  # noqa: E402
 from tests.apiserver import ApiServer  # noqa: E402
@@ -70,9 +70,7 @@ def run(pairs: int, block: int) -> Blocks:
             runner = shadow.runner
             server.taps.start_shadow("digits", runner)
             run_round(client, body, 500)  # warm-up, and the first copies reach the shadow process
-            deadline = time.monotonic() + 30
-            while runner.figures().samples == 0 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            first_copies(runner)
             for b in range(2 * pairs):
                 sampling = b % 2 == 0
                 runner.rate = 1.0 if sampling else 0.0

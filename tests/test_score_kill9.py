@@ -4,8 +4,8 @@ A child process runs ``score`` on the local engine (2 workers, 20 partitions) in
 and SIGKILLs its whole process group (driver, forkserver and pool workers): either from a worker right after it
 wrote partition ``k`` (the other worker may be half-way through writing one), or from the driver
 once every partition is written and the merge, which runs beside the scoring, has appended them to
-its temp file, before ``finish`` makes it the output. The rerun must keep the complete partitions (it skips them), drop the
-merge's temp file, and write the rest.
+its temp file, before ``finish`` makes it the output. The rerun must keep the complete partitions
+(it skips them), drop the merge's temp file, and write the rest.
 """
 
 from __future__ import annotations
