@@ -10,6 +10,13 @@ arrays already in the raw INT8/UINT8 type pass straight through.
 even when resized back), so an interpreter that ran a batch above ``max_resident_batch`` is
 dropped after the call and a fresh one is opened on demand: memory returns to its baseline.
 
+**One row as two.** Some runtimes have a cliff at one row: tflite-runtime 2.14's int8
+``FULLY_CONNECTED`` takes a matrix-vector path at batch 1 that is several times slower on x86 than
+the matrix path at batch 2 (digits here: 169 µs for one row, 64 µs for two). ``warmup`` measures
+both on this device and, when two rows cost at most ``PAD_GAIN`` of one and the padded row's
+outputs are bit-identical to the unpadded ones, runs every one-row call as that row twice
+(``row_pad``). Measured, never assumed: a runtime or CPU without the cliff keeps one row.
+
 Where interpreters come from (the injectable backend) lives in ``interpreter.py``. A call is
 checked once: ``predict`` checks plain arrays itself; the API's decoded requests were checked
 by ``kserve_v2.check_request`` and go through ``predict_checked``.
@@ -54,6 +61,17 @@ __all__ = [
     "open_interpreter",
     "quantize",
 ]
+
+
+PAD_GAIN = 0.75  # one row runs as two when two rows cost at most this share of one (the cliff is ~3x)
+PAD_PROBE_MAX_S = 0.002  # ... probed only for models this fast at one row (the cliff is ~0.1 ms per layer)
+
+
+def choose_row_pad(one_s: list[float], two_s: list[float]) -> int:
+    """Rows a one-row call runs as (1 or 2), from timed invocations at one and at two rows."""
+    if not one_s or not two_s:
+        return 1
+    return 2 if float(np.median(two_s)) <= PAD_GAIN * float(np.median(one_s)) else 1
 
 
 def quantize(x: np.ndarray, q: Quantization, dtype: np.dtype[Any]) -> np.ndarray:
@@ -141,6 +159,7 @@ class LoadedModel:
         self._fixed_batch = {s.shape[0] for s in manifest.inputs if s.shape} if not self._dynamic_batch else set()
         self.max_batch = manifest.max_batch or self.options.max_batch
         self.warm_latency_s: float | None = None
+        self.row_pad = 1  # a one-row call runs as this many copies of its row (``warmup`` decides)
         self.calls = 0  # interpreter invocations (client mistakes rejected before invoke don't count)
         self.failures = 0  # invocations that raised
 
@@ -256,18 +275,22 @@ class LoadedModel:
                 raw = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
                 return self._finish(raw, raw_outputs)
             raise RequestError(f"batch size {batch} not supported; the model takes {sorted(self._fixed_batch)}")
+        if batch == 1 and self.row_pad > 1:
+            raw = self._invoke({n: np.concatenate([a] * self.row_pad) for n, a in feeds.items()}, self.row_pad)
+            return self._finish({k: v[:1] for k, v in raw.items()}, raw_outputs)
         return self._finish(self._invoke(feeds, batch), raw_outputs)
 
-    def _invoke(self, feeds: Mapping[str, np.ndarray], batch: int = 1) -> dict[str, np.ndarray]:
+    def _invoke(self, feeds: Mapping[str, np.ndarray], batch: int = 1, counted: bool = True) -> dict[str, np.ndarray]:
+        """One invoke on a pooled interpreter; ``counted``: in ``calls`` and ``failures`` (not the warm-up's probe)."""
         session = self._acquire()
-        self.calls += 1
+        self.calls += counted
         try:
             out = session.run(feeds)
             if batch > self.options.max_resident_batch:
                 session.broken = True  # free its grown arena now rather than hold it for ever
             return out
         except Exception:
-            self.failures += 1  # the health window after an update watches this rate
+            self.failures += counted  # the health window after an update watches this rate
             raise
         finally:
             self._pool.put(None if session.broken else session)  # broken: dropped, _acquire opens a fresh one
@@ -300,15 +323,47 @@ class LoadedModel:
         return out
 
     def warmup(self, runs: int = 5) -> float:
-        """Run a few calls on every pooled interpreter; record and return the median latency in seconds."""
+        """Run a few one-row calls and decide ``row_pad``; record and return the median one-row latency in seconds."""
         sample = self.example_inputs()
+        self.warm_latency_s = self._median_call_s(sample, runs)
+        paddable = self._dynamic_batch and min(self.max_batch, self.options.max_resident_batch) >= 2
+        if paddable and self.warm_latency_s <= PAD_PROBE_MAX_S:
+            self.row_pad = self._probe_row_pad(max(3, runs))
+            if self.row_pad > 1:
+                self.warm_latency_s = self._median_call_s(sample, runs)
+        return self.warm_latency_s
+
+    def _median_call_s(self, sample: Mapping[str, np.ndarray], runs: int) -> float:
         times = []
         for _ in range(max(1, runs)):
             t0 = time.perf_counter()
             self.predict(sample)
             times.append(time.perf_counter() - t0)
-        self.warm_latency_s = float(np.median(times))
-        return self.warm_latency_s
+        return float(np.median(times))
+
+    def _probe_row_pad(self, runs: int) -> int:
+        """``choose_row_pad`` over ``runs`` invocations at one row, then at two; 1 as soon as two rows fail
+        or a row's outputs depend on the other row's values (a model that mixes rows is never padded)."""
+        one = self.to_native(self.example_inputs(1, seed=0))
+        one_s, two_s = [], []
+        alone = self._invoke(one, counted=False)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            self._invoke(one, counted=False)
+            one_s.append(time.perf_counter() - t0)
+        for i in range(runs + 1):  # the first call resizes the interpreter: not timed
+            other = self.to_native(self.example_inputs(1, seed=i + 1))
+            pair = {n: np.concatenate([a, other[n]]) for n, a in one.items()}
+            t0 = time.perf_counter()
+            try:
+                out = self._invoke(pair, 2, counted=False)
+            except Exception:  # a model that declares a batch dimension yet fails at two rows
+                return 1
+            if i:
+                two_s.append(time.perf_counter() - t0)
+            if any(not np.array_equal(v[:1], alone[k]) for k, v in out.items()):
+                return 1
+        return choose_row_pad(one_s, two_s)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -319,4 +374,5 @@ class LoadedModel:
             "num_threads": self.options.num_threads,
             "pool_size": self.options.pool_size,
             "warm_latency_ms": None if self.warm_latency_s is None else round(self.warm_latency_s * 1e3, 4),
+            "row_pad": self.row_pad,
         }
