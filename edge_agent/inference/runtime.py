@@ -11,8 +11,8 @@ even when resized back), so an interpreter that ran a batch above ``max_resident
 dropped after the call and a fresh one is opened on demand: memory returns to its baseline.
 
 **One row as two.** Some runtimes have a cliff at one row: tflite-runtime 2.14's int8
-``FULLY_CONNECTED`` takes a matrix-vector path at batch 1 that is several times slower on x86 than
-the matrix path at batch 2 (digits here: 169 µs for one row, 64 µs for two). ``warmup`` measures
+``FULLY_CONNECTED`` takes a matrix-vector path at batch 1 that is ~8x slower than its matrix path on
+an AVX2-only x86 host (digits there: 169 µs for one row, 64 µs for two; none on an AVX-512 host). ``warmup`` measures
 both on this device and, when two rows cost at most ``PAD_GAIN`` of one and the padded row's
 outputs are bit-identical to the unpadded ones, runs every one-row call as that row twice
 (``row_pad``). Measured, never assumed: a runtime or CPU without the cliff keeps one row.
