@@ -25,8 +25,10 @@ def when_slow(label: str, threshold_s: float, lat: np.ndarray, working: np.ndarr
     Within the same rounds, so a drift of the machine between rounds does not enter: if the shadow's
     work slowed the primary, the requests that started while it ran a hand-over's copies would be
     slow more often than the others."""
+    if not working.any():  # rounds too short to hold a hand-over, or no copy handed over
+        return f"{label}: no request started while the shadow process ran copies"
     slow = lat > threshold_s
-    inside = float(slow[working].mean()) if working.any() else float("nan")
+    inside = float(slow[working].mean())
     outside = float(slow[~working].mean()) if (~working).any() else float("nan")
     rise = np.percentile(lat, 99) / np.percentile(lat[~working], 99) - 1 if (~working).any() else float("nan")
     return (
