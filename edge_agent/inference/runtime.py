@@ -27,7 +27,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ __all__ = [
     "LoadedModel",
     "ModelSource",
     "RuntimeOptions",
+    "call_times",
     "default_backend",
     "dequantize",
     "inspect_model",
@@ -325,32 +326,20 @@ class LoadedModel:
     def warmup(self, runs: int = 5) -> float:
         """Run a few one-row calls and decide ``row_pad``; record and return the median one-row latency in seconds."""
         sample = self.example_inputs()
-        self.warm_latency_s = self._median_call_s(sample, runs)
+        self.warm_latency_s = float(np.median(call_times(lambda: self.predict(sample), runs)))
         paddable = self._dynamic_batch and min(self.max_batch, self.options.max_resident_batch) >= 2
         if paddable and self.warm_latency_s <= PAD_PROBE_MAX_S:
             self.row_pad = self._probe_row_pad(max(3, runs))
             if self.row_pad > 1:
-                self.warm_latency_s = self._median_call_s(sample, runs)
+                self.warm_latency_s = float(np.median(call_times(lambda: self.predict(sample), runs)))
         return self.warm_latency_s
-
-    def _median_call_s(self, sample: Mapping[str, np.ndarray], runs: int) -> float:
-        times = []
-        for _ in range(max(1, runs)):
-            t0 = time.perf_counter()
-            self.predict(sample)
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
 
     def _probe_row_pad(self, runs: int) -> int:
         """``choose_row_pad`` over ``runs`` invocations at one row, then at two; 1 as soon as two rows fail
         or a row's outputs depend on the other row's values (a model that mixes rows is never padded)."""
         one = self.to_native(self.example_inputs(1, seed=0))
-        one_s, two_s = [], []
         alone = self._invoke(one, counted=False)
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            self._invoke(one, counted=False)
-            one_s.append(time.perf_counter() - t0)
+        one_s, two_s = call_times(lambda: self._invoke(one, counted=False), runs), []
         for i in range(runs + 1):  # the first call resizes the interpreter: not timed
             other = self.to_native(self.example_inputs(1, seed=i + 1))
             pair = {n: np.concatenate([a, other[n]]) for n, a in one.items()}
@@ -376,3 +365,13 @@ class LoadedModel:
             "warm_latency_ms": None if self.warm_latency_s is None else round(self.warm_latency_s * 1e3, 4),
             "row_pad": self.row_pad,
         }
+
+
+def call_times(call: Callable[[], object], runs: int) -> list[float]:
+    """Seconds of each of ``runs`` calls of ``call`` (at least one)."""
+    times = []
+    for _ in range(max(1, runs)):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return times

@@ -60,7 +60,7 @@ from edge_agent.inference.childproc import (
     start,
     warm,
 )
-from edge_agent.inference.runtime import RuntimeOptions
+from edge_agent.inference.runtime import RuntimeOptions, call_times
 
 DEFAULT_RUNS = 30
 _ERROR_KINDS: dict[str, type[EdgeError]] = {
@@ -300,12 +300,7 @@ def check(version_dir: Path, options: RuntimeOptions, runs: int, fleet_key: str 
     sample = model.example_inputs(batch=1, seed=3)
     for _ in range(3):
         model.predict(sample)
-    times = []
-    for _ in range(max(1, runs)):
-        t0 = time.perf_counter()
-        model.predict(sample)
-        times.append(time.perf_counter() - t0)
-    stats = latency_stats(times)
+    stats = latency_stats(call_times(lambda: model.predict(sample), runs))
     ident = {"name": manifest.name, "version": manifest.version, "delegate": model.delegate, "pid": os.getpid()}
     timing = {"p50_ms": stats["p50_ms"], "p95_ms": stats["p95_ms"], "runs": stats["n"]}
     timing["check_ms"] = round((time.perf_counter() - started) * 1e3, 3)  # the model's own work, for overhead figures
