@@ -3,10 +3,11 @@ and without ``row_pad``, side by side in one run.
 
     .venv/bin/python bench/row_pad_bench.py            # digits and maintenance, 5 rounds: ~20 s
 
-Per round, for each shipped model: a bare interpreter (``num_threads=1``, inputs already in the
-native type) timed at 1, 2 and 4 rows; then two ``LoadedModel``s, one as ``warmup`` left it (its
-``row_pad`` is printed) and one forced to ``row_pad = 1``, timed alternately on the same one-row
-inputs. Medians over rounds of each round's median.
+Per round, for each shipped model, two ``LoadedModel``s (``num_threads=1``): one as ``warmup`` left
+it (its ``row_pad`` is printed) and one never warmed up (``row_pad = 1``), each through
+``edge_agent.inference.bench.bench_in_process`` (a bare interpreter on the same inputs, already in
+the native type, interleaved with the agent's ``predict``) at one row; then the bare interpreter alone
+at 2 and 4 rows. p50s, median over rounds.
 """
 
 from __future__ import annotations
@@ -15,46 +16,15 @@ import argparse
 import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from edge_agent.inference.bench import bench_in_process  # noqa: E402
 from edge_agent.inference.interpreter import default_backend  # noqa: E402
 from edge_agent.inference.runtime import LoadedModel, RuntimeOptions  # noqa: E402
 from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest  # noqa: E402
-
-
-def median_us(fn: Callable[[], object], calls: int) -> float:
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
-
-
-def raw_us(path: Path, batch: int, calls: int) -> float:
-    """A bare interpreter's set_tensor + invoke at ``batch`` rows of zeros."""
-    it = default_backend().interpreter(model_path=str(path), num_threads=1)
-    ins = it.get_input_details()
-    for d in ins:
-        it.resize_tensor_input(d["index"], [batch, *d["shape"][1:]])
-    it.allocate_tensors()
-    xs = [(d["index"], np.zeros([batch, *d["shape"][1:]], d["dtype"])) for d in ins]
-
-    def call() -> None:
-        for idx, x in xs:
-            it.set_tensor(idx, x)
-        it.invoke()
-
-    return median_us(call, calls)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,15 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         rows: dict[str, list[float]] = {k: [] for k in ("r1", "r2", "r4", "chosen", "one")}
         pads = []
         for _ in range(args.rounds):
-            for b in (1, 2, 4):
-                rows[f"r{b}"].append(raw_us(path, b, args.calls))
             chosen = LoadedModel(path, manifest, RuntimeOptions(num_threads=1))
             chosen.warmup()
             pads.append(chosen.row_pad)
-            one = LoadedModel(path, manifest, RuntimeOptions(num_threads=1))
-            x = chosen.example_inputs(1, seed=1)
-            for model, key in ((chosen, "chosen"), (one, "one"), (one, "one"), (chosen, "chosen")):
-                rows[key].append(median_us(lambda m=model, x=x: m.predict(x), args.calls // 2))
+            one = LoadedModel(path, manifest, RuntimeOptions(num_threads=1))  # row_pad stays 1: no warmup
+            plain = bench_in_process(one, args.calls, rounds=2)
+            padded = bench_in_process(chosen, args.calls, rounds=2)
+            rows["r1"].append(plain["raw"]["p50_ms"] * 1e3)
+            rows["one"].append(plain["agent"]["p50_ms"] * 1e3)
+            rows["chosen"].append(padded["agent"]["p50_ms"] * 1e3)
+            for b in (2, 4):
+                rows[f"r{b}"].append(bench_in_process(one, args.calls // 2, rounds=1, batch=b)["raw"]["p50_ms"] * 1e3)
         med = {k: statistics.median(v) for k, v in rows.items()}
         print(
             f"| {name} | {med['r1']:.1f} | {med['r2']:.1f} | {med['r4']:.1f} | {'/'.join(map(str, sorted(set(pads))))} "
