@@ -24,8 +24,9 @@ from tests.support.frozen import FrozenAgent, digits_body
 
 AGENT_DIR = AGENT.relative_to("/").as_posix()  # "opt/edgefleet/agent", as dpkg-deb -c lists it
 
-# The children that lower their priority (os.nice: setpriority, in @resources), each run to its end over a closed
-# pipe, under a seccomp filter that denies those calls with the unit's action (what systemd would load).
+# The children that lower their priority (os.nice: setpriority; the shadow's worker: sched_setscheduler, both in
+# @resources), each run to its end over a closed pipe, under a seccomp filter that denies those calls with the unit's
+# action (a systemd that does not re-allow them); the shadow's worker then runs the copies at the child's priority.
 NICE_CHILDREN = """
 import ctypes, multiprocessing, sys
 lib = ctypes.CDLL("libseccomp.so.2")
@@ -34,16 +35,21 @@ lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
 lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
 lib.seccomp_load.argtypes = [ctypes.c_void_p]
 ctx = lib.seccomp_init(0x7FFF0000)  # SCMP_ACT_ALLOW the rest
-for name in (b"setpriority", b"nice"):
+for name in (b"setpriority", b"nice", b"sched_setscheduler"):
     assert lib.seccomp_rule_add(ctx, int(sys.argv[1]), lib.seccomp_syscall_resolve_name(name), 0) == 0
 assert lib.seccomp_load(ctx) == 0
 from edge_agent.models.shadow.child import serve as shadow
 from edge_agent.telemetry.writer.child import serve as writer
+from edge_agent.models.shadow.worker import Worker
 for serve in (writer, shadow):
     ours, theirs = multiprocessing.Pipe()
     ours.close()
     serve(theirs)
-print("ok")
+work = Worker(lambda block: None, dict, lambda message: None, idle=True, starved_s=60)
+work._thread.join(10)  # refused SCHED_IDLE: the worker thread ends ...
+work.check()  # ... and the calling thread runs the copies
+work.submit([], 0)
+print("ok" if work.priority == "nice" else work.priority)
 """
 
 
@@ -111,6 +117,7 @@ def test_the_sandbox_refuses_a_filtered_call_with_eperm_and_the_children_go_on()
     """Under ``~@resources`` a filtered call must fail (EPERM), not kill the telemetry writer or shadow child (SIGSYS)."""
     unit = unit_settings()
     assert "~@privileged @resources" in unit["SystemCallFilter"]
+    assert unit["SystemCallFilter"][-1] == "setpriority sched_setscheduler"  # lowering one's priority stays allowed
     if ctypes.util.find_library("seccomp") is None:
         pytest.skip("libseccomp is not installed: the filter cannot be reproduced here")
     errno_name = unit.get("SystemCallErrorNumber", [""])[-1]

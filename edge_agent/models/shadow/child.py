@@ -8,6 +8,8 @@ one, the runtime options, the figures to resume from), answers ``{"ready": ...}`
 copies of every ``blob.pack``ed message and of the shared ``ring`` (mapped once; the agent names
 its filled slots, the child answers ``{"freed": n}`` with the figures once it ran them) and
 otherwise reports the figures so far every ``REPORT_EVERY_S`` while they change. A closed connection ends it.
+The copies run on a ``SCHED_IDLE`` thread (``worker``; setup ``"idle"``), which the main thread
+(nice 10) takes over from when it falls ``starved_s`` behind.
 
 Copies are run in batches padded to one size (one interpreter shape: a new batch size would
 resize the interpreter, which costs more than the invocations): ``BATCH_ROWS`` rows for a model
@@ -26,6 +28,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -42,6 +45,7 @@ from edge_agent.models.sealed import load_fleet_key, model_source
 from edge_agent.models.shadow.blob import Block, read
 from edge_agent.models.shadow.compare import compare
 from edge_agent.models.shadow.ring import RingView
+from edge_agent.models.shadow.worker import STARVED_S, Worker
 from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
 
 log = logging.getLogger(__name__)
@@ -190,8 +194,9 @@ def _timed(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> tuple[dict[s
 def _best_effort() -> None:
     """Run at a low priority: requests come first on a busy CPU, yet the shadow still progresses.
 
-    Not ``SCHED_IDLE``: on a saturated CPU that starved the shadow completely (every copy dropped,
-    so a busy device rejected every candidate with "no request was compared"; seen in CI).
+    The whole child is not ``SCHED_IDLE``: on a saturated CPU that starved the shadow completely
+    (every copy dropped, so a busy device rejected every candidate with "no request was compared";
+    seen in CI). Only the worker thread is, and this nice-10 main thread takes over from it (``worker``).
     """
     try:
         os.nice(NICE)
@@ -212,37 +217,51 @@ def serve(conn: Connection) -> None:
             return
         shadow = Shadow(candidate, reference, Tally(setup.get("resume")))
         conn.send_bytes(json.dumps({"ready": True, "pid": os.getpid()}).encode())
-        _run(conn, shadow)
+        _run(conn, shadow, setup)
     except (EOFError, OSError):  # the agent closed the connection (stop) or died
         return
     finally:
         conn.close()
 
 
-def _run(conn: Connection, shadow: Shadow) -> None:
-    """Messages in; the figures out every REPORT_EVERY_S while they change (waiting messages or not)."""
-    last, dirty = time.monotonic(), True  # a first report: resumed figures show without traffic
+def _run(conn: Connection, shadow: Shadow, setup: Mapping[str, Any]) -> None:
+    """Messages in, their copies to the ``Worker``; its figures out every REPORT_EVERY_S while they change."""
+    lock = threading.Lock()  # the worker thread answers freed slots, this one the rest
+
+    def send(message: dict[str, Any]) -> None:
+        with lock:
+            conn.send_bytes(json.dumps(message).encode())
+
+    work = Worker(
+        shadow.run,
+        lambda: _report(shadow),
+        send,
+        idle=bool(setup.get("idle", False)),
+        starved_s=float(setup.get("starved_s", STARVED_S)),
+    )
+    last = time.monotonic()
     ring: RingView | None = None  # the agent's shared ring of one-row copies, once it is sent
     while True:
+        busy = work.waiting()  # copies not yet run, or figures not yet sent
         due = last + REPORT_EVERY_S - time.monotonic()
-        if dirty and (due <= 0 or not conn.poll(due)):
-            conn.send_bytes(json.dumps(_report(shadow)).encode())
-            last, dirty = time.monotonic(), False
+        report = work.take_report() if due <= 0 else None
+        if report is not None:
+            send(report)
+            last = time.monotonic()
+            continue
+        wait = None if not busy else due if 0 < due < REPORT_EVERY_S else REPORT_EVERY_S
+        if not conn.poll(wait):
+            work.check()
             continue
         message = read(conn.recv_bytes())
         if isinstance(message, list):
-            for block in message:
-                shadow.run(block)
+            work.submit(message, None)
         elif "ring" in message:
             ring = RingView(message["ring"], recv_handle(conn))
         elif ring is not None:  # {"slots": [start, n]}: copies in the shared ring, freed once run
             start, n = message["slots"]
-            for block in ring.blocks(start, n):
-                shadow.run(block)
-            conn.send_bytes(json.dumps({"freed": n, **_report(shadow)}).encode())  # one wake-up of the agent
-            last, dirty = time.monotonic(), False
-            continue
-        dirty = True
+            work.submit(ring.blocks(start, n), n)
+        work.check()
 
 
 def _report(shadow: Shadow) -> dict[str, Any]:

@@ -38,7 +38,7 @@ import numpy as np
 
 from edge_agent.inference.childproc import Child, Isolation, exit_reason, options_to_json
 from edge_agent.inference.runtime import RuntimeOptions
-from edge_agent.models.shadow import child
+from edge_agent.models.shadow import child, worker
 from edge_agent.models.shadow.blob import Sample, control, pack
 from edge_agent.models.shadow.ring import Ring, fits
 from edge_agent.wire.shadow import ShadowFigures
@@ -52,6 +52,8 @@ SHIP_CHUNK = 64  # copies per message: one pack holds the GIL ~0.1 ms (cold cach
 PAUSE_S = 0.0002  # between two messages of one wake-up, the GIL is left to the requests
 STOP_TIMEOUT_S = 2.0  # a child that does not exit this long after its connection closed is killed
 LOAD_TIMEOUT_S = 60.0  # the child must have loaded both versions this long after the start, or the shadow fails
+IDLE_WORKER = True  # the child runs the copies on a SCHED_IDLE thread (``worker``) ...
+STARVED_S = worker.STARVED_S  # ... until a hand-over waits this long for it: then at nice 10
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class ShadowRunner:
         self._random = random.Random()
         self._state: dict[str, Any] | None = dict(resume) if resume else None
         self._figures = child.Tally(resume).to_dict()  # the child's last report (replaced whole: no lock needed)
+        self.priority: str | None = None  # where the child runs the copies: "idle" or "nice" (``worker``)
         self._stop = threading.Event()
         self._wake = os.pipe()  # written by ``stop``: the shipping thread's wait ends at once
         self._thread = threading.Thread(target=self._ship, name=f"shadow-{candidate.name}", daemon=True)
@@ -158,6 +161,8 @@ class ShadowRunner:
                 "reference": None if self.reference is None else self.reference.spec(),
                 "options": options_to_json(self._options),
                 "resume": self._state,
+                "idle": IDLE_WORKER,
+                "starved_s": STARVED_S,
             }
             proc.conn.send_bytes(json.dumps(setup).encode())
             self._loop(proc)
@@ -205,6 +210,7 @@ class ShadowRunner:
             self.ready.set()
         elif report:
             self._state = report.pop("state", None)
+            self.priority = report.pop("priority", self.priority)
             self._figures = report
         return True
 
@@ -249,7 +255,12 @@ class ShadowRunner:
                 os.close(fd)
 
     def info(self) -> dict[str, Any]:
-        return {"version": self.candidate.version, "rate": self.rate, **self.figures().to_dict()}
+        return {
+            "version": self.candidate.version,
+            "rate": self.rate,
+            "priority": self.priority,
+            **self.figures().to_dict(),
+        }
 
 
 def _reason(proc: Child) -> str:
