@@ -1,6 +1,6 @@
 """The agent against MLServer on the same digits model, side by side in one run.
 
-    python3.11 -m venv /tmp/mlsvenv && /tmp/mlsvenv/bin/pip install mlserver==1.7.1 tflite-runtime==2.14.0 'numpy<2'
+    python3.11 -m venv /tmp/mlsvenv && /tmp/mlsvenv/bin/pip install mlserver==1.7.1 tflite-runtime==2.14.0 'numpy<2' 'uvloop<0.21'
     .venv/bin/python bench/mlserver_bench.py --mlserver-python /tmp/mlsvenv/bin/python [--rounds 6] [--requests 2000]
 
 MLServer is never a project dependency: it runs from its own venv, with ``bench/mlserver_side.py``

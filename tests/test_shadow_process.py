@@ -16,26 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.inference.golden import load_golden
-from edge_agent.inference.runtime import LoadedModel, RuntimeOptions
 from edge_agent.models import sealed
 from edge_agent.models.shadow import ShadowModel, ShadowRunner
 from edge_agent.models.taps import ModelTaps
 from edge_agent.update.shadow.verdict import ShadowHost, compare_live
-from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
 from edge_agent.wire.policy import Policy
 from edge_agent.wire.shadow import ShadowFigures
+from tests.support.shadow import offer
 
 POLICY = Policy(mode="shadow", shadow_rate=1.0, shadow_min_samples=10_000, shadow_window_s=60)
-
-
-def _offer(runner: ShadowRunner, digits_dir: Path, copies: int) -> None:
-    manifest = Manifest.load(digits_dir / MANIFEST_FILE)
-    active = LoadedModel(digits_dir / manifest.file, manifest, RuntimeOptions(num_threads=1, pool_size=1))
-    x = load_golden(digits_dir / "golden.npz")["in:pixels"]
-    for i in range(copies):
-        inputs = {"pixels": x[i : i + 1]}
-        runner.offer(manifest.version, inputs, active.predict(inputs), 0.001)
 
 
 def test_a_sealed_candidate_opens_in_the_frozen_agents_child(
@@ -55,7 +44,7 @@ def test_a_sealed_candidate_opens_in_the_frozen_agents_child(
     runner = ShadowRunner(candidate, "1", 1.0, reference=ShadowModel("digits", "1", digits_dir), isolation="subprocess")
     try:
         assert runner.ready.wait(60), runner.failure
-        _offer(runner, digits_dir, 5)
+        offer(runner, digits_dir, 5)
         deadline = time.monotonic() + 60
         while runner.figures().samples < 5:
             assert time.monotonic() < deadline and runner.failure is None, (runner.figures(), runner.failure)
@@ -82,7 +71,7 @@ def test_a_shadow_process_that_dies_rejects_and_the_agent_lives_on(digits_dir: P
             os.kill(runner.child_pid, signal.SIGKILL)
             killed.append(runner.child_pid)
         elif not killed:
-            _offer(runner, digits_dir, 3)
+            offer(runner, digits_dir, 3)
         return event.wait(timeout)
 
     host.wait = wait
@@ -140,7 +129,7 @@ def test_the_window_opens_once_the_shadow_process_has_loaded(digits_dir: Path) -
     def wait(event: threading.Event, timeout: float) -> bool:
         runner = taps.shadows()["digits"]
         if runner.ready.is_set():
-            _offer(runner, digits_dir, 1)
+            offer(runner, digits_dir, 1)
         return event.wait(timeout)
 
     host.monotonic, host.wait = clock, wait

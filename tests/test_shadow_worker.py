@@ -18,11 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.inference.golden import load_golden
-from edge_agent.inference.runtime import LoadedModel, RuntimeOptions
 from edge_agent.models.shadow import ShadowModel, ShadowRunner, runner, worker
 from edge_agent.models.shadow.blob import Block
-from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
+from tests.support.shadow import offer
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
 
@@ -106,16 +104,6 @@ def _policies(pid: int) -> dict[str, int]:
     return out
 
 
-def _offer(shadow: ShadowRunner, digits_dir: Path, copies: int) -> None:
-    """``copies`` one-row requests as the active version answered them (the golden rows, round and round)."""
-    manifest = Manifest.load(digits_dir / MANIFEST_FILE)
-    active = LoadedModel(digits_dir / manifest.file, manifest, RuntimeOptions(num_threads=1, pool_size=1))
-    x = load_golden(digits_dir / "golden.npz")["in:pixels"]
-    rows = [({"pixels": x[i : i + 1]}, active.predict({"pixels": x[i : i + 1]})) for i in range(len(x))]
-    for i in range(copies):
-        shadow.offer(manifest.version, *rows[i % len(rows)], 0.001)
-
-
 def _spin(stop: Any) -> None:
     while not stop.is_set():
         pass
@@ -134,14 +122,14 @@ def test_the_real_shadow_process_runs_copies_idle_and_keeps_comparing_on_a_satur
     try:
         assert shadow.ready.wait(60), shadow.failure
         assert shadow.child_pid is not None
-        _offer(shadow, digits_dir, 20)
+        offer(shadow, digits_dir, 20)
         _wait(lambda: shadow.figures().samples >= 20 and shadow.priority == "idle", 60)
         assert 5 in _policies(shadow.child_pid).values(), _policies(shadow.child_pid)  # one SCHED_IDLE thread
         # Busy processes on every core at normal priority: the idle thread gets (almost) nothing.
         spinners = [ctx.Process(target=_spin, args=(stop,)) for _ in range(2 * (os.cpu_count() or 1))]
         for p in spinners:
             p.start()
-        _offer(shadow, digits_dir, 3000)  # one hand-over: ~0.2 s of the idle thread's CPU, which it no longer gets
+        offer(shadow, digits_dir, 3000)  # one hand-over: ~0.2 s of the idle thread's CPU, which it no longer gets
         _wait(lambda: shadow.figures().samples >= 3020, 120)
         assert shadow.priority == "nice", "the main thread took over"
         assert shadow.failure is None and shadow.figures().agreement == 1.0

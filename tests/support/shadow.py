@@ -1,5 +1,6 @@
 """Shared parts of the shadow-release and model-health tests: candidates that differ, live client traffic.
 
+``offer`` hands a ``ShadowRunner`` one-row copies as the active digits version answered them.
 ``skewed`` makes a digits version that predicts other classes (its input quantization scale is
 changed in the manifest and its golden samples re-recorded, so it validates); ``renamed``
 one whose output has another name (a signature change). ``Traffic`` is a client thread that
@@ -19,11 +20,22 @@ import numpy as np
 
 from edge_agent.fsutil import sha256_file
 from edge_agent.inference.golden import IN, golden_bytes, load_golden, make_golden
-from edge_agent.inference.runtime import LoadedModel
+from edge_agent.inference.runtime import LoadedModel, RuntimeOptions
+from edge_agent.models.shadow import ShadowRunner
 from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
 from edge_agent.wire.protocol import UpdateReport
 from tests.apiserver import ApiServer
 from tests.support.ota import Cloud, relabel
+
+
+def offer(runner: ShadowRunner, digits_dir: Path, copies: int) -> None:
+    """``copies`` one-row requests of the golden inputs (round and round) with digits' answers, offered to ``runner``."""
+    manifest = Manifest.load(digits_dir / MANIFEST_FILE)
+    active = LoadedModel(digits_dir / manifest.file, manifest, RuntimeOptions(num_threads=1, pool_size=1))
+    x = load_golden(digits_dir / "golden.npz")[f"{IN}pixels"]
+    rows = [({"pixels": x[i : i + 1]}, active.predict({"pixels": x[i : i + 1]})) for i in range(len(x))]
+    for i in range(copies):
+        runner.offer(manifest.version, *rows[i % len(rows)], 0.001)
 
 
 def skewed(digits_dir: Path, out: Path, version: str, factor: float = 6.0) -> Path:

@@ -2,8 +2,8 @@
 
 A thread scheduled ``SCHED_IDLE`` runs on CPU time nothing else wants: a request thread of the
 agent that wakes up preempts it at once, and the scheduler places wake-ups on its core as on an
-idle one. On digits at ``shadow_rate = 1`` that took the primary's p99 rise from +7…+14% (the
-whole child at nice 10) to +3…+5% (docs/benchmarks.md, shadow). But on a saturated CPU such a
+idle one. On digits at ``shadow_rate = 1`` that took the primary's p99 rise from a mean of +9.3%
+(the whole child at nice 10) to +4.1% (docs/benchmarks.md, "An idle-priority worker"). But on a saturated CPU such a
 thread gets almost nothing, and an unprivileged thread cannot leave ``SCHED_IDLE`` again (every
 copy was dropped under CI's load when the whole child ran so). Hence the split: the child's main
 thread (nice 10) reads the agent's messages and submits their copies; a worker thread at idle
