@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.gitcode import tree_at, tree_env  # noqa: E402
 from bench.run import free_port, http_bench, start_agent  # noqa: E402
+from bench.sidebyside import alternate, table  # noqa: E402
 from edge_agent.models.store import ModelStore  # noqa: E402
 
 CASES = (("JSON", False, 1), ("binary", True, 1), ("JSON", False, 8), ("binary", True, 8))
@@ -54,16 +54,12 @@ def main() -> int:
             ModelStore(work / side).install_dir(REPO / "models" / "digits" / "1")
             port = free_port()
             agents[side] = (start_agent(work / side, port, env), port)
-        results: dict[tuple[str, str, int], dict[str, list[float]]] = {}
-        for r in range(args.rounds):
-            for side in ("base", "this") if r % 2 == 0 else ("this", "base"):
-                for label, binary, conc in CASES:
-                    res = http_bench(agents[side][1], "digits", x, binary, args.requests, conc)
-                    got = results.setdefault((side, label, conc), {"p50": [], "p99": [], "rps": []})
-                    got["p50"].append(res["p50_ms"])
-                    got["p99"].append(res["p99_ms"])
-                    got["rps"].append(res["throughput_per_s"])
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        results = alternate(
+            ("base", "this"),
+            [(label, conc) for label, _, conc in CASES],
+            args.rounds,
+            lambda side, case: http_bench(agents[side][1], "digits", x, case[0] == "binary", args.requests, case[1]),
+        )
     finally:
         for proc, _ in agents.values():
             proc.send_signal(signal.SIGTERM)
@@ -71,15 +67,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(f"base = {args.base} ({sha}); this = the working tree {this_env or ''}; "
           f"medians over {args.rounds} rounds of {args.requests} requests")  # fmt: skip
-    print(
-        "| encoding | concurrency | base p50 ms | this p50 ms | base p99 ms | this p99 ms | base req/s | this req/s |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for label, _, conc in CASES:
-        b, t = results[("base", label, conc)], results[("this", label, conc)]
-        cells = [statistics.median(v[k]) for k in ("p50", "p99") for v in (b, t)]
-        rps = [statistics.median(v["rps"]) for v in (b, t)]
-        print(f"| {label} | {conc} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {rps[0]:,.0f} | {rps[1]:,.0f} |")
+    table(results, ("base", "this"), [(label, conc) for label, _, conc in CASES], ["encoding", "concurrency"])
     return 0
 
 

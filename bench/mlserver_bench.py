@@ -17,12 +17,9 @@ import argparse
 import json
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.run import free_port, http_bench, start_agent  # noqa: E402
+from bench.run import free_port, http_bench, start_agent, wait_ready  # noqa: E402
+from bench.sidebyside import alternate, table  # noqa: E402
 from edge_agent.models.store import ModelStore  # noqa: E402
 
 MODEL_DIR = REPO / "models" / "digits" / "1"
@@ -67,18 +65,10 @@ def start_mlserver(python: Path, work: Path, port: int, workers: int) -> subproc
         stdout=subprocess.DEVNULL,
         stderr=open(work / "mlserver.log", "wb"),  # noqa: SIM115 - closed with the process
     )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlserver exited {proc.returncode}: {(work / 'mlserver.log').read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models/digits/ready", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"mlserver not ready in 120 s: {(work / 'mlserver.log').read_text()[-2000:]}")
+    if not wait_ready(proc, f"http://127.0.0.1:{port}/v2/models/digits/ready", 120):
+        proc.kill()
+        raise RuntimeError(f"mlserver not ready (exit {proc.poll()}): {(work / 'mlserver.log').read_text()[-2000:]}")
+    return proc
 
 
 def answers(port: int, x: np.ndarray) -> np.ndarray:
@@ -122,16 +112,12 @@ def main() -> int:
         diff = float(np.max(np.abs(got["agent"] - got["mlserver"])))
         same = int(np.sum(got["agent"].argmax(1) == got["mlserver"].argmax(1)))
         print(f"64 digits: max |agent - mlserver| = {diff:g}, same class {same}/64", flush=True)
-        results: dict[tuple[str, int], dict[str, list[float]]] = {}
-        for r in range(args.rounds):
-            for side in ("agent", "mlserver") if r % 2 == 0 else ("mlserver", "agent"):
-                for conc in CONCURRENCY:
-                    res = http_bench(servers[side][1], "digits", x, False, args.requests, conc)
-                    cell = results.setdefault((side, conc), {"p50": [], "p99": [], "rps": []})
-                    cell["p50"].append(res["p50_ms"])
-                    cell["p99"].append(res["p99_ms"])
-                    cell["rps"].append(res["throughput_per_s"])
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        results = alternate(
+            ("agent", "mlserver"),
+            CONCURRENCY,
+            args.rounds,
+            lambda side, conc: http_bench(servers[side][1], "digits", x, False, args.requests, conc),
+        )
     finally:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
@@ -142,15 +128,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(f"digits, JSON, medians over {args.rounds} rounds of {args.requests} requests; "
           f"MLServer parallel_workers={args.parallel_workers}")  # fmt: skip
-    print(
-        "| concurrency | agent p50 ms | MLServer p50 ms | agent p99 ms | MLServer p99 ms | agent req/s | MLServer req/s |"
-    )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for conc in CONCURRENCY:
-        a, m = results[("agent", conc)], results[("mlserver", conc)]
-        cells = [statistics.median(v[k]) for k in ("p50", "p99") for v in (a, m)]
-        rps = [statistics.median(v["rps"]) for v in (a, m)]
-        print(f"| {conc} | " + " | ".join(f"{c:.3f}" for c in cells) + f" | {rps[0]:,.0f} | {rps[1]:,.0f} |")
+    table(results, ("agent", "mlserver"), CONCURRENCY, ["concurrency"])
     return 0
 
 

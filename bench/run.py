@@ -50,16 +50,23 @@ def start_agent(data_dir: Path, port: int, extra_env: dict[str, str] | None = No
     proc = subprocess.Popen(
         [str(BIN / "edge-agent"), "run", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"], env=env
     )
-    deadline = time.time() + 60
-    while time.time() < deadline:
+    if not wait_ready(proc, f"http://127.0.0.1:{port}/v2/health/ready", 60):
+        proc.kill()
+        raise SystemExit("agent did not become ready")
+    return proc
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout_s: float) -> bool:
+    """Poll ``url`` until it answers 200 (True), ``proc`` exits or ``timeout_s`` passes (False)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status == 200:
-                    return proc
+                    return True
         except OSError:
             time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("agent did not become ready")
+    return False
 
 
 def http_bench(port: int, model: str, x: np.ndarray, binary: bool, n: int, concurrency: int) -> dict:
