@@ -8,8 +8,8 @@ one, the runtime options, the figures to resume from), answers ``{"ready": ...}`
 copies of every ``blob.pack``ed message and of the shared ``ring`` (mapped once; the agent names
 its filled slots, the child answers ``{"freed": n}`` with the figures once it ran them) and
 otherwise reports the figures so far every ``REPORT_EVERY_S`` while they change. A closed connection ends it.
-The copies run on a ``SCHED_IDLE`` thread (``worker``; setup ``"idle"``), which the main thread
-(nice 10) takes over from when it falls ``starved_s`` behind.
+The copies run on this thread (``worker``), or with setup ``"idle"`` on a ``SCHED_IDLE`` thread
+that the main thread (nice 10) takes over from when it falls ``starved_s`` behind (off by default).
 
 Copies are run in batches padded to one size (one interpreter shape: a new batch size would
 resize the interpreter, which costs more than the invocations): ``BATCH_ROWS`` rows for a model
@@ -196,7 +196,7 @@ def _best_effort() -> None:
 
     The whole child is not ``SCHED_IDLE``: on a saturated CPU that starved the shadow completely
     (every copy dropped, so a busy device rejected every candidate with "no request was compared";
-    seen in CI). Only the worker thread is, and this nice-10 main thread takes over from it (``worker``).
+    seen in CI). With setup ``"idle"`` only a worker thread is, and this thread takes over from it (``worker``).
     """
     try:
         os.nice(NICE)

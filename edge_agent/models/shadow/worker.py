@@ -1,4 +1,8 @@
-"""Where the shadow child runs its copies: on a ``SCHED_IDLE`` thread, taken over at nice 10 when it starves.
+"""Where the shadow child runs its copies: inline at nice 10, or (``runner.IDLE_WORKER``, off) on a ``SCHED_IDLE`` thread.
+
+Off by default: on a saturated CPU the takeover below waited for the starved thread to release
+the GIL and its lock, and a shadow window of 4-12 s compared nothing (the kill -9 test beside
+four busy processes); a worker *process* would not share the GIL. What follows is the opt-in design.
 
 A thread scheduled ``SCHED_IDLE`` runs on CPU time nothing else wants: a request thread of the
 agent that wakes up preempts it at once, and the scheduler places wake-ups on its core as on an
