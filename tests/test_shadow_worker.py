@@ -113,7 +113,7 @@ def test_the_real_shadow_process_runs_copies_idle_and_keeps_comparing_on_a_satur
     digits_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(runner, "IDLE_WORKER", True)  # off by default (runner.IDLE_WORKER)
-    monkeypatch.setattr(runner, "STARVED_S", 0.3)
+    monkeypatch.setattr(worker, "STARVED_S", 0.3)
     shadow = ShadowRunner(
         ShadowModel("digits", "2", digits_dir), "1", 1.0, reference=ShadowModel("digits", "1", digits_dir)
     )

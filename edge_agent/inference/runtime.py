@@ -326,12 +326,16 @@ class LoadedModel:
     def warmup(self, runs: int = 5) -> float:
         """Run a few one-row calls and decide ``row_pad``; record and return the median one-row latency in seconds."""
         sample = self.example_inputs()
-        self.warm_latency_s = float(np.median(call_times(lambda: self.predict(sample), runs)))
+
+        def one_row_s() -> float:
+            return float(np.median(call_times(lambda: self.predict(sample), runs)))
+
+        self.warm_latency_s = one_row_s()
         paddable = self._dynamic_batch and min(self.max_batch, self.options.max_resident_batch) >= 2
         if paddable and self.warm_latency_s <= PAD_PROBE_MAX_S:
             self.row_pad = self._probe_row_pad(max(3, runs))
             if self.row_pad > 1:
-                self.warm_latency_s = float(np.median(call_times(lambda: self.predict(sample), runs)))
+                self.warm_latency_s = one_row_s()
         return self.warm_latency_s
 
     def _probe_row_pad(self, runs: int) -> int:

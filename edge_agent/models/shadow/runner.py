@@ -52,11 +52,10 @@ SHIP_CHUNK = 64  # copies per message: one pack holds the GIL ~0.1 ms (cold cach
 PAUSE_S = 0.0002  # between two messages of one wake-up, the GIL is left to the requests
 STOP_TIMEOUT_S = 2.0  # a child that does not exit this long after its connection closed is killed
 LOAD_TIMEOUT_S = 60.0  # the child must have loaded both versions this long after the start, or the shadow fails
-# True: the child runs the copies on a SCHED_IDLE thread (``worker``) until a hand-over waits STARVED_S for
+# True: the child runs the copies on a SCHED_IDLE thread (``worker``) until a hand-over waits worker.STARVED_S for
 # it, then at nice 10. Off: on a saturated CPU the takeover waited for the starved thread's GIL and lock, and
 # a 4-12 s shadow window compared nothing (tests/test_shadow_kill9.py beside 4 busy processes; docs/shadow.md).
 IDLE_WORKER = False
-STARVED_S = worker.STARVED_S
 
 
 @dataclass(frozen=True)
@@ -165,7 +164,7 @@ class ShadowRunner:
                 "options": options_to_json(self._options),
                 "resume": self._state,
                 "idle": IDLE_WORKER,
-                "starved_s": STARVED_S,
+                "starved_s": worker.STARVED_S,
             }
             proc.conn.send_bytes(json.dumps(setup).encode())
             self._loop(proc)

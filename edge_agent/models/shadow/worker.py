@@ -78,11 +78,11 @@ class Worker:
 
     def submit(self, blocks: list[Block], freed: int | None) -> None:
         """Copies to run (``freed``: answer ``{"freed": n}`` once they are done)."""
-        item = Item(deque(_sliced(blocks)), freed, time.monotonic())
-        if self._thread is None:
+        if self._thread is None:  # inline: the blocks as they came (slices only matter for a takeover)
             with self._lock:
-                self._finish(item)
+                self._finish(Item(deque(blocks), freed, time.monotonic()))
             return
+        item = Item(deque(_sliced(blocks)), freed, time.monotonic())
         with self._cond:
             self._items.append(item)
             self._cond.notify()
