@@ -59,7 +59,7 @@ from edge_agent.http.app import create_app  # noqa: E402
 from edge_agent.inference.runtime import RuntimeOptions  # noqa: E402
 from edge_agent.models.serving import ModelServer  # noqa: E402
 from edge_agent.models.shadow import ShadowModel, ShadowRunner  # noqa: E402
-from edge_agent.models.shadow.child import NICE  # noqa: E402
+from edge_agent.models.shadow.priority import NICE  # noqa: E402
 from edge_agent.models.store import ModelStore  # noqa: E402
 from edge_agent.wire.shadow import ShadowFigures  # noqa: E402
 from tests.apiserver import ApiServer  # noqa: E402

@@ -15,6 +15,7 @@ shadow, one request at a time from a client process over keep-alive)::
 
     .venv/bin/python bench/shadow_toggle.py --quick          # 40 pairs of 2,000-request blocks: ~1.5 min
     .venv/bin/python bench/shadow_toggle.py --pairs 120      # ~4 min
+    .venv/bin/python bench/shadow_toggle.py --pairs 80 --nice   # the shadow process at nice 10 throughout (A/B)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from bench.shadow_bench import DIGITS, ClientProcess, Shadow, digits_server, first_copies, run_round  # noqa: E402
 from bench.shadow_stats import GOAL, bootstrap, when_slow  # noqa: E402
 from edge_agent.http.app import create_app  # noqa: E402
+from edge_agent.models.shadow import runner as shadow_runner  # noqa: E402
 from tests.apiserver import ApiServer  # noqa: E402
 from tests.support.shadow import digits_body  # noqa: E402
 
@@ -51,6 +53,7 @@ class Blocks:
     working: np.ndarray
     left_out: int
     compared: int
+    priority: str | None  # the shadow process's at the end: "idle", or "nice" (given back when it starved)
 
 
 def run(pairs: int, block: int) -> Blocks:
@@ -85,10 +88,10 @@ def run(pairs: int, block: int) -> Blocks:
                     left_out += int((~keep).sum())
                     off.append(lat[keep])
             working = shadow.working(np.concatenate(on_working))
-            figures = runner.figures()
+            figures, priority = runner.figures(), runner.priority
             server.taps.stop_shadow("digits", runner)
             client.close()
-        return Blocks(on, off, working, left_out, figures.samples)
+        return Blocks(on, off, working, left_out, figures.samples, priority)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -98,12 +101,14 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=60, help="on/off pairs of blocks")
     ap.add_argument("--block", type=int, default=2000, help="requests per block (~1 s)")
     ap.add_argument("--quick", action="store_true", help="40 pairs of 2,000 requests (~1.5 min)")
+    ap.add_argument("--nice", action="store_true", help="the shadow process at nice 10 throughout, not SCHED_IDLE")
     args = ap.parse_args()
+    shadow_runner.IDLE = not args.nice
     if args.quick:
         args.pairs, args.block = 40, 2000
     got = run(args.pairs, args.block)
     on, off = np.concatenate(got.on), np.concatenate(got.off)
-    print(f"# .venv/bin/python bench/shadow_toggle.py --pairs {args.pairs} --block {args.block}")
+    print(f"# .venv/bin/python bench/shadow_toggle.py --pairs {args.pairs} --block {args.block}{' --nice' * args.nice}")
     print(
         f"# {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, python {platform.python_version()}"
     )
@@ -124,9 +129,11 @@ def main() -> None:
     print(
         f"p99 {pooled:+.1%} pooled (90% interval {low:+.1%} .. {high:+.1%}, block pairs resampled), {paired:+.1%} "
         f"median of {args.pairs} paired blocks; goal <= +{GOAL:.0%}: {verdict}. {got.compared} copies compared; "
-        f"{got.left_out} requests of off blocks left out (the shadow process still ran the last on block's copies)"
+        f"{got.left_out} requests of off blocks left out (the shadow process still ran the last on block's copies); "
+        f"the shadow process ended at priority {got.priority}"
     )
-    print(json.dumps({"p99_change": pooled, "p99_change_paired": paired, "ci90": [low, high], "verdict": verdict}))
+    summary = {"p99_change": pooled, "p99_change_paired": paired, "ci90": [low, high], "verdict": verdict}
+    print(json.dumps({**summary, "priority": got.priority}))
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ from tests.support.frozen import FrozenAgent, digits_body
 
 AGENT_DIR = AGENT.relative_to("/").as_posix()  # "opt/edgefleet/agent", as dpkg-deb -c lists it
 
-# The children that lower their priority (os.nice: setpriority; the shadow's worker: sched_setscheduler, both in
-# @resources), each run to its end over a closed pipe, under a seccomp filter that denies those calls with the unit's
-# action (a systemd that does not re-allow them); the shadow's worker then runs the copies at the child's priority.
+# The children that lower their priority (os.nice: setpriority; the shadow's SCHED_IDLE: sched_setscheduler, both
+# in @resources), each run to its end over a closed pipe, under a seccomp filter that denies those calls with the
+# unit's action (a systemd that does not re-allow them); the shadow child then stays at the priority it has.
 NICE_CHILDREN = """
 import ctypes, multiprocessing, sys
 lib = ctypes.CDLL("libseccomp.so.2")
@@ -40,16 +40,12 @@ for name in (b"setpriority", b"nice", b"sched_setscheduler"):
 assert lib.seccomp_load(ctx) == 0
 from edge_agent.models.shadow.child import serve as shadow
 from edge_agent.telemetry.writer.child import serve as writer
-from edge_agent.models.shadow.worker import Worker
+from edge_agent.models.shadow import priority
 for serve in (writer, shadow):
     ours, theirs = multiprocessing.Pipe()
     ours.close()
     serve(theirs)
-work = Worker(lambda block: None, dict, lambda message: None, idle=True, starved_s=60)
-work._thread.join(10)  # refused SCHED_IDLE: the worker thread ends ...
-work.check()  # ... and the calling thread runs the copies
-work.submit([], 0)
-print("ok" if work.priority == "nice" else work.priority)
+print("ok" if (priority.go_idle(), priority.current()) == (False, "nice") else "went idle")
 """
 
 
@@ -118,6 +114,7 @@ def test_the_sandbox_refuses_a_filtered_call_with_eperm_and_the_children_go_on()
     unit = unit_settings()
     assert "~@privileged @resources" in unit["SystemCallFilter"]
     assert unit["SystemCallFilter"][-1] == "setpriority sched_setscheduler"  # lowering one's priority stays allowed
+    assert unit["LimitNICE"] == ["10"]  # ... and the agent may give the shadow child nice 10 back (shadow.priority)
     if ctypes.util.find_library("seccomp") is None:
         pytest.skip("libseccomp is not installed: the filter cannot be reproduced here")
     errno_name = unit.get("SystemCallErrorNumber", [""])[-1]

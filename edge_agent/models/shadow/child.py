@@ -8,8 +8,8 @@ one, the runtime options, the figures to resume from), answers ``{"ready": ...}`
 copies of every ``blob.pack``ed message and of the shared ``ring`` (mapped once; the agent names
 its filled slots, the child answers ``{"freed": n}`` with the figures once it ran them) and
 otherwise reports the figures so far every ``REPORT_EVERY_S`` while they change. A closed connection ends it.
-The copies run on this thread (``worker``), or with setup ``"idle"`` on a ``SCHED_IDLE`` thread
-that the main thread (nice 10) takes over from when it falls ``starved_s`` behind (off by default).
+It loads at nice 10, then (setup ``"idle"``) runs ``SCHED_IDLE`` until the agent gives it nice 10
+back because it starved (``priority``).
 
 Copies are run in batches padded to one size (one interpreter shape: a new batch size would
 resize the interpreter, which costs more than the invocations): ``BATCH_ROWS`` rows for a model
@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -42,10 +41,10 @@ import numpy as np
 from edge_agent.inference.childproc import die_with_parent, fd_main, options_from_json
 from edge_agent.inference.runtime import LoadedModel
 from edge_agent.models.sealed import load_fleet_key, model_source
+from edge_agent.models.shadow import priority
 from edge_agent.models.shadow.blob import Block, read
 from edge_agent.models.shadow.compare import compare
 from edge_agent.models.shadow.ring import RingView
-from edge_agent.models.shadow.worker import STARVED_S, Worker
 from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,6 @@ MIN_PAIRS = 32  # every batch is timed on the reference copy until this many lat
 REFERENCE_EVERY = 8  # ... then every 8th (200 copies in 4-row batches: 50 batches, 36 timed)
 KEEP_LATENCIES = 4096  # latency pairs kept for the p50 ratio (the most recent)
 KEEP_STATE_PAIRS = 64  # ... of which a restarted agent resumes with this many
-NICE = 10  # ~1/10 of a normal process's share of a busy core: the agent first, the shadow never starved
 REPORT_EVERY_S = 0.25  # figures go to the agent at most this often (each report wakes the agent and costs a parse)
 
 
@@ -191,22 +189,12 @@ def _timed(model: LoadedModel, inputs: Mapping[str, np.ndarray]) -> tuple[dict[s
     return out, time.perf_counter() - t0
 
 
-def _best_effort() -> None:
-    """Run at a low priority: requests come first on a busy CPU, yet the shadow still progresses.
-
-    The whole child is not ``SCHED_IDLE``: on a saturated CPU that starved the shadow completely
-    (every copy dropped, so a busy device rejected every candidate with "no request was compared";
-    seen in CI). With setup ``"idle"`` only a worker thread is, and this thread takes over from it (``worker``).
-    """
-    try:
-        os.nice(NICE)
-    except OSError:
-        pass
-
-
 def serve(conn: Connection) -> None:
-    """The child's life: setup, then one figures answer per message, until the connection closes."""
-    _best_effort()
+    """The child's life: setup, then one figures answer per message, until the connection closes.
+
+    It loads at nice 10 and, with setup ``"idle"``, runs the copies ``SCHED_IDLE`` (``priority``).
+    """
+    priority.lower()
     try:
         setup = json.loads(conn.recv_bytes())
         try:
@@ -216,56 +204,44 @@ def serve(conn: Connection) -> None:
             conn.send_bytes(json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode())
             return
         shadow = Shadow(candidate, reference, Tally(setup.get("resume")))
-        conn.send_bytes(json.dumps({"ready": True, "pid": os.getpid()}).encode())
-        _run(conn, shadow, setup)
+        if setup.get("idle"):
+            priority.go_idle()
+        conn.send_bytes(json.dumps({"ready": True, "pid": os.getpid(), "priority": priority.current()}).encode())
+        _run(conn, shadow)
     except (EOFError, OSError):  # the agent closed the connection (stop) or died
         return
     finally:
         conn.close()
 
 
-def _run(conn: Connection, shadow: Shadow, setup: Mapping[str, Any]) -> None:
-    """Messages in, their copies to the ``Worker``; its figures out every REPORT_EVERY_S while they change."""
-    lock = threading.Lock()  # the worker thread answers freed slots, this one the rest
-
-    def send(message: dict[str, Any]) -> None:
-        with lock:
-            conn.send_bytes(json.dumps(message).encode())
-
-    work = Worker(
-        shadow.run,
-        lambda: _report(shadow),
-        send,
-        idle=bool(setup.get("idle", False)),
-        starved_s=float(setup.get("starved_s", STARVED_S)),
-    )
-    last = time.monotonic()
+def _run(conn: Connection, shadow: Shadow) -> None:
+    """Messages in; the figures out every REPORT_EVERY_S while they change (waiting messages or not)."""
+    last, dirty = time.monotonic(), True  # a first report: resumed figures show without traffic
     ring: RingView | None = None  # the agent's shared ring of one-row copies, once it is sent
     while True:
-        busy = work.waiting()  # copies not yet run, or figures not yet sent
         due = last + REPORT_EVERY_S - time.monotonic()
-        report = work.take_report() if due <= 0 else None
-        if report is not None:
-            send(report)
-            last = time.monotonic()
-            continue
-        wait = None if not busy else due if 0 < due < REPORT_EVERY_S else REPORT_EVERY_S
-        if not conn.poll(wait):
-            work.check()
+        if dirty and (due <= 0 or not conn.poll(due)):
+            conn.send_bytes(json.dumps(_report(shadow)).encode())
+            last, dirty = time.monotonic(), False
             continue
         message = read(conn.recv_bytes())
         if isinstance(message, list):
-            work.submit(message, None)
+            for block in message:
+                shadow.run(block)
         elif "ring" in message:
             ring = RingView(message["ring"], recv_handle(conn))
         elif ring is not None:  # {"slots": [start, n]}: copies in the shared ring, freed once run
             start, n = message["slots"]
-            work.submit(ring.blocks(start, n), n)
-        work.check()
+            for block in ring.blocks(start, n):
+                shadow.run(block)
+            conn.send_bytes(json.dumps({"freed": n, **_report(shadow)}).encode())  # one wake-up of the agent
+            last, dirty = time.monotonic(), False
+            continue
+        dirty = True
 
 
 def _report(shadow: Shadow) -> dict[str, Any]:
-    return {**shadow.tally.to_dict(), "state": shadow.tally.state()}
+    return {**shadow.tally.to_dict(), "state": shadow.tally.state(), "priority": priority.current()}
 
 
 def serve_forked(conn: Connection) -> None:

@@ -9,8 +9,10 @@ what was queued into messages of up to ``SHIP_CHUNK`` copies (``blob.pack``: the
 stacked, no per-copy pickling; a short sleep between two messages, so no single hold of the GIL
 grows with the request rate). The child (``child``) runs the candidate and the reference copy of
 the active version in its own process, with its own GIL, and reports the figures a few times a
-second. While the child is behind, the ring fills and the socket's buffer fills (the send waits,
-without the GIL); past the ring's slots or ``queue_size`` queued copies, copies are dropped and counted.
+second. While the child is behind, the ring fills and the socket's buffer fills (queued copies wait
+while it is full); past the ring's slots or ``queue_size`` queued copies, copies are dropped and counted.
+The child runs ``SCHED_IDLE`` (``priority``); when a hand-over has waited ``priority.STARVED_S`` with
+no word from it, the shipping thread gives it nice 10 back (``_watch``).
 
 A child that dies (a segfault on a live input, the OOM killer) does not take the agent down:
 the runner keeps its last figures and sets ``failure`` (``shadow process died (SIGSEGV)``), which
@@ -38,7 +40,7 @@ import numpy as np
 
 from edge_agent.inference.childproc import Child, Isolation, exit_reason, options_to_json
 from edge_agent.inference.runtime import RuntimeOptions
-from edge_agent.models.shadow import child, worker
+from edge_agent.models.shadow import child, priority
 from edge_agent.models.shadow.blob import Sample, control, pack
 from edge_agent.models.shadow.ring import Ring, fits
 from edge_agent.wire.shadow import ShadowFigures
@@ -52,10 +54,7 @@ SHIP_CHUNK = 64  # copies per message: one pack holds the GIL ~0.1 ms (cold cach
 PAUSE_S = 0.0002  # between two messages of one wake-up, the GIL is left to the requests
 STOP_TIMEOUT_S = 2.0  # a child that does not exit this long after its connection closed is killed
 LOAD_TIMEOUT_S = 60.0  # the child must have loaded both versions this long after the start, or the shadow fails
-# True: the child runs the copies on a SCHED_IDLE thread (``worker``) until a hand-over waits worker.STARVED_S for
-# it, then at nice 10. Off: on a saturated CPU the takeover waited for the starved thread's GIL and lock, and
-# a 4-12 s shadow window compared nothing (tests/test_shadow_kill9.py beside 4 busy processes; docs/shadow.md).
-IDLE_WORKER = False
+IDLE = True  # the child runs the copies SCHED_IDLE until it starves (``priority``); False: at nice 10 throughout
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,8 @@ class ShadowRunner:
         self._random = random.Random()
         self._state: dict[str, Any] | None = dict(resume) if resume else None
         self._figures = child.Tally(resume).to_dict()  # the child's last report (replaced whole: no lock needed)
-        self.priority: str | None = None  # where the child runs the copies: "idle" or "nice" (``worker``)
+        self.priority: str | None = None  # the child's priority, "idle" or "nice" (``priority``)
+        self._waiting_since: float | None = None  # the first hand-over since the child last said anything
         self._stop = threading.Event()
         self._wake = os.pipe()  # written by ``stop``: the shipping thread's wait ends at once
         self._thread = threading.Thread(target=self._ship, name=f"shadow-{candidate.name}", daemon=True)
@@ -163,8 +163,7 @@ class ShadowRunner:
                 "reference": None if self.reference is None else self.reference.spec(),
                 "options": options_to_json(self._options),
                 "resume": self._state,
-                "idle": IDLE_WORKER,
-                "starved_s": worker.STARVED_S,
+                "idle": IDLE,
             }
             proc.conn.send_bytes(json.dumps(setup).encode())
             self._loop(proc)
@@ -190,17 +189,37 @@ class ShadowRunner:
                         return
                 continue
             due = time.monotonic() + BATCH_EVERY_S
+            self._watch(proc)
             ring, pending = self._ring, self._pending
             if ring is not None:
                 self._publish(proc, ring)
-            while pending and not self._stop.is_set():  # only filled once ready (``offer``)
+            while pending and not self._stop.is_set() and _writable(proc):  # only filled once ready (``offer``)
                 proc.conn.send_bytes(pack([pending.popleft() for _ in range(min(SHIP_CHUNK, len(pending)))]))
+                self._handed()
                 if pending:
                     time.sleep(PAUSE_S)  # a request waiting for the GIL gets it between chunks
+
+    def _handed(self) -> None:
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
+
+    def _watch(self, proc: Child) -> None:
+        """Give a ``SCHED_IDLE`` child nice 10 back once a hand-over has waited ``priority.STARVED_S`` with no word
+        from it (a saturated CPU): from here, at normal priority, as it cannot do so itself without CPU time."""
+        since = self._waiting_since
+        if self.priority != priority.IDLE or since is None or time.monotonic() - since < priority.STARVED_S:
+            return
+        if proc.pid is not None and priority.restore(proc.pid):
+            self.priority = priority.NICE_NAME
+            log.warning("shadow of %s: the idle-priority child starved; it runs at nice %d from now on",
+                        self.candidate.name, priority.NICE)  # fmt: skip
+        else:
+            self._waiting_since = None  # refused (or gone): looked at again after the next hand-over
 
     def _answer(self, proc: Child) -> bool:
         """One message from the child: ready, an error (False: the shadow ends), figures, freed ring slots."""
         report = json.loads(proc.conn.recv_bytes())
+        self._waiting_since = None  # the child is not starved
         if "error" in report:
             self.fail(f"shadow process could not load the versions: {report['error']}")
             return False
@@ -208,11 +227,13 @@ class ShadowRunner:
         if freed is not None and self._ring is not None:
             self._ring.free(int(freed))
         if report.get("ready"):
+            self.priority = report.get("priority")
             self._sampling = True
             self.ready.set()
         elif report:
             self._state = report.pop("state", None)
-            self.priority = report.pop("priority", self.priority)
+            told = report.pop("priority", self.priority)
+            self.priority = self.priority if self.priority == priority.NICE_NAME else told  # given back: for good
             self._figures = report
         return True
 
@@ -225,6 +246,7 @@ class ShadowRunner:
         span = ring.publish()
         if span is not None:
             proc.conn.send_bytes(control({"slots": list(span)}))
+            self._handed()
 
     def fail(self, reason: str) -> None:
         """Mark the shadow failed (the verdict rejects with ``reason``); the first reason wins."""
@@ -256,13 +278,12 @@ class ShadowRunner:
             for fd in self._wake:
                 os.close(fd)
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "version": self.candidate.version,
-            "rate": self.rate,
-            "priority": self.priority,
-            **self.figures().to_dict(),
-        }
+
+def _writable(proc: Child) -> bool:
+    """Whether the child's socket takes more now (a starved child must not block the thread that watches it)."""
+    poller = select.poll()
+    poller.register(proc.conn.fileno(), select.POLLOUT)
+    return bool(poller.poll(0))
 
 
 def _reason(proc: Child) -> str:
