@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 NICE = 10  # ~1/10 of a normal process's share of a busy core: the agent first, the shadow never starved
 STARVED_S = 1.0  # a hand-over waiting this long with no word from an idle child: the agent gives its priority back
@@ -36,10 +37,7 @@ def go_idle() -> bool:
     """Every thread of this process ``SCHED_IDLE``, if it may leave it again (:func:`reversible`)."""
     if not reversible():
         return False
-    try:
-        for tid in _tasks(os.getpid()):
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:
+    if not _move(os.getpid(), os.SCHED_IDLE):
         restore(os.getpid())
         return False
     return True
@@ -66,18 +64,31 @@ def reversible() -> bool:
     thread = threading.Thread(target=attempt, name="shadow-idle-probe")
     thread.start()
     thread.join()
+    _gone(thread.native_id)  # a probe stuck idle must not be among the threads counted or moved afterwards
     return result == [True]
+
+
+def _gone(tid: int | None, timeout_s: float = 1.0) -> None:
+    """Wait until thread ``tid`` of this process has left /proc (``join`` returns a moment before it exits)."""
+    deadline = time.monotonic() + timeout_s
+    while tid is not None and os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def restore(pid: int) -> bool:
     """Every thread of process ``pid`` back to the normal policy (its nice value stays); False if refused or gone."""
+    return _move(pid, os.SCHED_OTHER)
+
+
+def _move(pid: int, policy: int) -> bool:
+    """Every thread of process ``pid`` to ``policy``; False if one was refused or the process is gone."""
     try:
-        tids = _tasks(pid)
+        tids = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
     except OSError:
         return False
     for tid in tids:
         try:
-            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
         except ProcessLookupError:  # a thread that ended meanwhile
             continue
         except OSError:
@@ -89,7 +100,3 @@ def current() -> str:
     """This thread's priority as the reports name it."""
     idle = hasattr(os, "SCHED_IDLE") and os.sched_getscheduler(0) == os.SCHED_IDLE
     return IDLE if idle else NICE_NAME
-
-
-def _tasks(pid: int) -> list[int]:
-    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
