@@ -57,6 +57,9 @@ if pid == 0:
     time.sleep(30)
     os._exit(0)
 idle = os.read(r, 1) == b"1"
+deadline = time.monotonic() + 30  # a probe thread stuck idle may take a while to finish exiting under load
+while len(os.listdir(f"/proc/{pid}/task")) > 1 and time.monotonic() < deadline:
+    time.sleep(0.01)
 def policies():
     tasks = os.listdir(f"/proc/{pid}/task")
     return sorted({int(open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[38]) for t in tasks})

@@ -64,7 +64,7 @@ def reversible() -> bool:
     thread = threading.Thread(target=attempt, name="shadow-idle-probe")
     thread.start()
     thread.join()
-    _gone(thread.native_id)  # a probe stuck idle must not be among the threads counted or moved afterwards
+    _gone(thread.native_id)  # left before the threads are listed (a probe stuck idle may take longer: harmless)
     return result == [True]
 
 
