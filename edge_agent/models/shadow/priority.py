@@ -2,7 +2,7 @@
 
 A process scheduled ``SCHED_IDLE`` runs on CPU time nothing else wants: a request thread of the
 agent that wakes up preempts it at once. On digits at ``shadow_rate = 1`` that took the primary's
-p99 rise from +10.8% (the child at nice 10) to +2.6% (docs/benchmarks.md). On a saturated CPU
+p99 rise from +10.6% (the child at nice 10) to +2.3% (docs/benchmarks.md). On a saturated CPU
 such a process gets almost nothing, so the agent's runner, at normal priority, watches it: when a
 hand-over has waited ``STARVED_S`` with no word from the child, it calls :func:`restore` on the
 child's threads from outside, and the child goes on at nice 10, needing no CPU time of its own to
