@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from edge_agent.inference.childproc import lower_priority
 from edge_agent.models.shadow import ShadowModel, ShadowRunner, priority
 from tests.support.shadow import offer
 
@@ -52,7 +53,7 @@ exec(sys.argv[1], priority.__dict__)
 r, w = os.pipe()
 pid = os.fork()
 if pid == 0:
-    priority.lower()
+    os.nice(priority.NICE)  # as the child's lower_priority
     os.write(w, b"1" if priority.go_idle() else b"0")
     time.sleep(30)
     os._exit(0)
@@ -97,7 +98,7 @@ def test_go_idle_sets_every_thread_and_restore_gives_the_normal_policy_back_keep
         import threading
 
         threading.Thread(target=done.wait, daemon=True).start()  # a second thread, started before
-        priority.lower()
+        lower_priority(priority.NICE)
         if priority.go_idle() and priority.current() == priority.IDLE:
             ready.set()
         done.wait(30)

@@ -167,6 +167,14 @@ def die_with_parent() -> None:
         pass
 
 
+def lower_priority(nice: int) -> None:
+    """This process ``nice`` steps below the agent; a refusal (a seccomp filter) leaves it where it is."""
+    try:
+        os.nice(nice)
+    except OSError:
+        pass
+
+
 class Child:
     """A started child and its end of one duplex ``Connection`` (``conn``); ``exitcode`` None while it runs."""
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.inference.childproc import die_with_parent, fd_main, options_from_json
+from edge_agent.inference.childproc import die_with_parent, fd_main, lower_priority, options_from_json
 from edge_agent.inference.runtime import LoadedModel
 from edge_agent.models.sealed import load_fleet_key, model_source
 from edge_agent.models.shadow import priority
@@ -194,7 +194,7 @@ def serve(conn: Connection) -> None:
 
     It loads at nice 10 and, with setup ``"idle"``, runs the copies ``SCHED_IDLE`` (``priority``).
     """
-    priority.lower()
+    lower_priority(priority.NICE)
     try:
         setup = json.loads(conn.recv_bytes())
         try:

@@ -25,14 +25,6 @@ STARVED_S = 1.0  # a hand-over waiting this long with no word from an idle child
 IDLE, NICE_NAME = "idle", "nice"  # the two priorities in the child's reports and ``ShadowRunner.priority``
 
 
-def lower() -> None:
-    """This process at nice ``NICE`` (a refusal, as under a seccomp filter, leaves it as it was)."""
-    try:
-        os.nice(NICE)
-    except OSError:
-        pass
-
-
 def go_idle() -> bool:
     """Every thread of this process ``SCHED_IDLE``, if it may leave it again (:func:`reversible`)."""
     if not reversible():

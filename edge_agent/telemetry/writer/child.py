@@ -20,7 +20,6 @@ lower priority (``NICE``) than the agent, and dies with it (``die_with_parent``)
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from edge_agent.errors import EdgeError
-from edge_agent.inference.childproc import die_with_parent, fd_main
+from edge_agent.inference.childproc import die_with_parent, fd_main, lower_priority
 from edge_agent.telemetry.drift import DriftMonitor, DriftResult
 from edge_agent.telemetry.outbox import Outbox, Quota
 from edge_agent.telemetry.pacing import Pacing
@@ -93,10 +92,7 @@ class _Server:
 def serve(conn: Connection) -> None:
     """Answer the agent's requests until it closes the connection or sends ``close``."""
     die_with_parent()
-    try:
-        os.nice(NICE)
-    except OSError:
-        pass
+    lower_priority(NICE)
     server: _Server | None = None
     while True:
         try:
