@@ -180,6 +180,8 @@ class ShadowRunner:
         poller = select.poll()
         poller.register(proc.conn.fileno(), select.POLLIN)
         poller.register(self._wake[0], select.POLLIN)  # ``stop``
+        room = select.poll()  # the child's socket takes more now (a starved child must not block the watcher)
+        room.register(proc.conn.fileno(), select.POLLOUT)
         due = time.monotonic() + BATCH_EVERY_S
         while not self._stop.is_set():
             wait = due - time.monotonic()
@@ -193,7 +195,7 @@ class ShadowRunner:
             ring, pending = self._ring, self._pending
             if ring is not None:
                 self._publish(proc, ring)
-            while pending and not self._stop.is_set() and _writable(proc):  # only filled once ready (``offer``)
+            while pending and not self._stop.is_set() and room.poll(0):  # only filled once ready (``offer``)
                 proc.conn.send_bytes(pack([pending.popleft() for _ in range(min(SHIP_CHUNK, len(pending)))]))
                 self._handed()
                 if pending:
@@ -277,13 +279,6 @@ class ShadowRunner:
         if not self._thread.is_alive():
             for fd in self._wake:
                 os.close(fd)
-
-
-def _writable(proc: Child) -> bool:
-    """Whether the child's socket takes more now (a starved child must not block the thread that watches it)."""
-    poller = select.poll()
-    poller.register(proc.conn.fileno(), select.POLLOUT)
-    return bool(poller.poll(0))
 
 
 def _reason(proc: Child) -> str:
