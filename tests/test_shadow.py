@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from edge_agent.http.app import create_app
+from edge_agent.wire.shadow import PRIORITIES
 from tests.apiserver import ApiServer
 from tests.support.ota import Cloud, Device
 from tests.support.shadow import Traffic, digits_body, release_under_traffic, skewed
@@ -95,6 +96,12 @@ def test_a_slower_candidate_than_the_rule_allows_is_rejected(
         assert 'edgefleet_shadow_samples_total{model="digits",version="2"}' in metrics, metrics[-2000:]
         assert 'edgefleet_shadow_rate{model="digits",version="2"} 1.0' in metrics
         assert 'edgefleet_shadow_latency_ratio{model="digits",version="2"}' in metrics
+        # the shadow process's CPU priority: reported live, and a Prometheus state set (idle where allowed)
+        assert figures["priority"] in PRIORITIES, figures
+        for p in PRIORITIES:
+            on = "1.0" if p == figures["priority"] else "0.0"
+            series = f'edgefleet_shadow_priority{{edgefleet_shadow_priority="{p}",model="digits",version="2"}} {on}'
+            assert series in metrics, metrics[-2000:]
         report = cloud.wait_result(device.device_id, doc["release_id"])
     assert report.result == "failed", report
     assert "p50 latency ratio" in (report.reason or "") and "> 0.05" in (report.reason or ""), report.reason

@@ -21,6 +21,7 @@ import pytest
 
 from edge_agent.inference.childproc import lower_priority
 from edge_agent.models.shadow import ShadowModel, ShadowRunner, priority
+from edge_agent.wire.shadow import PRIORITIES
 from tests.support.shadow import offer
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
@@ -46,8 +47,11 @@ def _wait(condition: Any, timeout: float) -> None:
 
 # Run as ``nobody`` with the system Python (the venv's may sit under an unreadable /root): a forked
 # child lowers itself and goes idle as the shadow child does; the parent, the same user, gives it back.
+# ``priority`` is run from its source; the one name it imports is handed in (argv 2), not the package.
 UNPRIVILEGED = """
 import os, sys, time, types
+shadow = sys.modules["edge_agent.wire.shadow"] = types.ModuleType("edge_agent.wire.shadow")
+shadow.PRIORITIES = tuple(sys.argv[2].split(","))
 priority = types.ModuleType("priority")
 exec(sys.argv[1], priority.__dict__)
 r, w = os.pipe()
@@ -82,7 +86,8 @@ def test_an_unprivileged_child_goes_idle_only_when_its_nice_limit_lets_the_agent
     python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
     source = Path(priority.__file__).read_text()
     command = ["prlimit", f"--nice={nice_limit}:{nice_limit}", "setpriv", "--reuid=65534", "--regid=65534",
-               "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", python, "-c", UNPRIVILEGED, source]  # fmt: skip
+               "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", python, "-c", UNPRIVILEGED, source,
+               ",".join(PRIORITIES)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, cwd="/", timeout=60)
     if done.returncode and "failed to set the NICE resource limit" in done.stderr:  # a hard limit below it
         pytest.skip(f"RLIMIT_NICE {nice_limit} cannot be set here (raising the hard limit needs CAP_SYS_RESOURCE)")

@@ -99,6 +99,8 @@ def test_the_verdict_names_every_failed_rule_with_the_figures() -> None:
     assert reason.startswith("shadow rejected: agreement 0.500 < 0.98; p50 latency ratio 2.00 > 1.2; error rate 0.091")
     assert verdict(ShadowFigures(dropped=7), policy)[1] == "shadow: no request was compared (0 errors, 7 dropped)"
     assert describe(good.to_dict()) == "500 samples, agreement 0.990, latency ratio 1.10, 0 errors, 0 dropped"
+    starved = {**good.to_dict(), "priority": "nice"}
+    assert describe(starved) == "500 samples, agreement 0.990, latency ratio 1.10, 0 errors, 0 dropped, priority nice"
 
 
 def test_compare_classes_regression_and_shape_mismatch() -> None:
@@ -120,6 +122,10 @@ def test_device_state_carries_the_shadow_figures_and_checks_them() -> None:
         DeviceState.from_dict({**raw, "updates": {"digits": {**report, "shadow": {"samples": 1, "evil": 2}}}})
     with pytest.raises(ManifestError, match=r"shadow\.samples"):
         DeviceState.from_dict({**raw, "updates": {"digits": {**report, "shadow": {"samples": "many"}}}})
+    idle = {**report, "shadow": {**figures, "priority": "idle"}}
+    assert DeviceState.from_dict({**raw, "updates": {"digits": idle}}).updates["digits"].shadow == idle["shadow"]
+    with pytest.raises(ManifestError, match=r"shadow\.priority: unexpected value 'realtime'"):
+        DeviceState.from_dict({**raw, "updates": {"digits": {**report, "shadow": {"priority": "realtime"}}}})
 
 
 def test_the_runner_compares_every_copy_whatever_its_batch(digits_dir: Path) -> None:

@@ -89,6 +89,10 @@ def parse_promote_if(text: str) -> dict[str, float]:
     return out
 
 
+PRIORITIES = ("idle", "nice")  # the shadow process's CPU priority: SCHED_IDLE, or nice 10 given back
+WORDS = {"verdict": ("promote", "reject"), "priority": PRIORITIES}  # the figures that are words
+
+
 @dataclass
 class ShadowFigures:
     """What the device measured while shadowing: reported live in ``updates.{name}.shadow``."""
@@ -100,6 +104,7 @@ class ShadowFigures:
     errors: int = 0  # candidate invocations that raised
     dropped: int = 0  # sampled copies dropped because the shadow queue was full
     verdict: str | None = None  # None while shadowing; "promote" or "reject"
+    priority: str | None = None  # one of PRIORITIES; None before the shadow process has said
 
     @property
     def error_rate(self) -> float:
@@ -116,11 +121,10 @@ class ShadowFigures:
             raise ManifestError("device state: shadow must be a shadow figures object")
         for key, value in raw.items():
             whole = key in ("samples", "errors", "dropped")
-            ok = (
-                value in (None, "promote", "reject")
-                if key == "verdict"
-                else (isinstance(value, int) if whole else value is None or isinstance(value, (int, float)))
-            )
+            if key in WORDS:
+                ok = value is None or value in WORDS[key]
+            else:
+                ok = isinstance(value, int) if whole else value is None or isinstance(value, (int, float))
             if not ok or isinstance(value, bool):
                 raise ManifestError(f"device state: shadow.{key}: unexpected value {value!r}")
         return cls(**raw)
@@ -159,8 +163,10 @@ def describe(figures: dict[str, Any]) -> str:
     f = ShadowFigures.from_dict(figures)
     agreement = "n/a" if f.agreement is None else f"{f.agreement:.3f}"
     ratio = "n/a" if f.latency_ratio is None else f"{f.latency_ratio:.2f}"
+    priority = f", priority {f.priority}" if f.priority else ""
     verdict_ = f", {f.verdict}" if f.verdict else ""
-    return f"{f.samples} samples, agreement {agreement}, latency ratio {ratio}, {f.errors} errors, {f.dropped} dropped{verdict_}"
+    counts = f"{f.errors} errors, {f.dropped} dropped"
+    return f"{f.samples} samples, agreement {agreement}, latency ratio {ratio}, {counts}{priority}{verdict_}"
 
 
 def shadow_lines(devices: list[tuple[str, str, dict[str, Any] | None]], limit: int = 10) -> list[str]:

@@ -8,6 +8,10 @@ Metrics (one series per model and candidate version while it is shadowed)::
     edgefleet_shadow_errors_total{model,version}     candidate invocations that raised
     edgefleet_shadow_dropped_total{model,version}    sampled copies dropped: the shadow queue was full
     edgefleet_shadow_rate{model,version}             share of live requests copied
+    edgefleet_shadow_priority{model,version,edgefleet_shadow_priority}
+                                                     1 for the shadow process's CPU priority ("idle":
+                                                     SCHED_IDLE, "nice": nice 10, given back when it
+                                                     starved), 0 for the other (a Prometheus state set)
 
 Nothing is touched on the request path: the collector reads the runners' figures when scraped.
 """
@@ -18,10 +22,11 @@ import weakref
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, StateSetMetricFamily
 from prometheus_client.registry import Collector
 
 from edge_agent.models.taps import ModelTaps
+from edge_agent.wire.shadow import PRIORITIES
 
 _attached: weakref.WeakKeyDictionary[CollectorRegistry, set[int]] = weakref.WeakKeyDictionary()
 
@@ -46,6 +51,9 @@ class ShadowCollector(Collector):
         rate = GaugeMetricFamily(
             "edgefleet_shadow_rate", "Share of live requests copied to the candidate.", labels=labels
         )
+        priority = StateSetMetricFamily(
+            "edgefleet_shadow_priority", "The shadow process's CPU priority.", labels=labels
+        )
         for name, runner in sorted(self.taps.shadows().items()):
             f, key = runner.figures(), [name, runner.candidate.version]
             samples.add_metric(key, f.samples)
@@ -56,7 +64,9 @@ class ShadowCollector(Collector):
                 agreement.add_metric(key, f.agreement)
             if f.latency_ratio is not None:
                 ratio.add_metric(key, f.latency_ratio)
-        yield from (samples, agreement, ratio, errors, dropped, rate)
+            if f.priority is not None:
+                priority.add_metric(key, {p: p == f.priority for p in PRIORITIES})
+        yield from (samples, agreement, ratio, errors, dropped, rate, priority)
 
 
 def watch_shadows(registry: CollectorRegistry, taps: ModelTaps) -> None:

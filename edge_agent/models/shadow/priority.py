@@ -20,9 +20,11 @@ import os
 import threading
 import time
 
+from edge_agent.wire.shadow import PRIORITIES
+
 NICE = 10  # ~1/10 of a normal process's share of a busy core: the agent first, the shadow never starved
 STARVED_S = 1.0  # a hand-over waiting this long with no word from an idle child: the agent gives its priority back
-IDLE, NICE_NAME = "idle", "nice"  # the two priorities in the child's reports and ``ShadowRunner.priority``
+IDLE, NICE_NAME = PRIORITIES  # the two priorities in the child's reports, ``ShadowRunner.priority`` and the figures
 
 
 def go_idle() -> bool:

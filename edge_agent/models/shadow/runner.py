@@ -258,8 +258,8 @@ class ShadowRunner:
 
     # -- readers --------------------------------------------------------------------------
     def figures(self) -> ShadowFigures:
-        """The figures so far (the child's last answer, and the copies dropped here)."""
-        return ShadowFigures(**self._figures, dropped=self.dropped)
+        """The figures so far (the child's last answer, and the copies dropped here and the child's priority)."""
+        return ShadowFigures(**self._figures, dropped=self.dropped, priority=self.priority)
 
     def state(self) -> dict[str, Any] | None:
         """What a restarted agent resumes from (``ShadowRunner(..., resume=...)``); None before any figures."""
