@@ -123,8 +123,11 @@ def test_go_idle_sets_every_thread_and_restore_gives_the_normal_policy_back_keep
     assert not priority.restore(proc.pid), "a process that is gone"
 
 
-def _spin(stop: Any) -> None:
-    while not stop.is_set():
+def _spin(seconds: float) -> None:
+    """Busy for ``seconds`` (ended early by a kill): no shared lock or event, whose futex waits would
+    let the spinners sleep and hand the idle child the CPU they were meant to take."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
         pass
 
 
@@ -133,7 +136,6 @@ def test_the_real_shadow_process_runs_idle_and_keeps_comparing_on_a_saturated_cp
         ShadowModel("digits", "2", digits_dir), "1", 1.0, reference=ShadowModel("digits", "1", digits_dir)
     )
     ctx = multiprocessing.get_context("fork")
-    stop = ctx.Event()
     spinners: list[Any] = []
     try:
         assert shadow.ready.wait(60), shadow.failure
@@ -142,7 +144,7 @@ def test_the_real_shadow_process_runs_idle_and_keeps_comparing_on_a_saturated_cp
         offer(shadow, digits_dir, 20)
         _wait(lambda: shadow.figures().samples >= 20, 60)  # (a busy host may already have starved it)
         # Busy processes on every core at normal priority: the idle child gets (almost) nothing.
-        spinners = [ctx.Process(target=_spin, args=(stop,)) for _ in range(2 * (os.cpu_count() or 1))]
+        spinners = [ctx.Process(target=_spin, args=(180.0,)) for _ in range(2 * (os.cpu_count() or 1))]
         for p in spinners:
             p.start()
         offer(shadow, digits_dir, 3000)  # ~0.2 s of the child's CPU, which it no longer gets while idle
@@ -151,7 +153,7 @@ def test_the_real_shadow_process_runs_idle_and_keeps_comparing_on_a_saturated_cp
         assert set(_policies(shadow.child_pid).values()) == {0}
         assert shadow.failure is None and shadow.figures().agreement == 1.0
     finally:
-        stop.set()
         for p in spinners:
+            p.kill()
             p.join(10)
         shadow.stop()
