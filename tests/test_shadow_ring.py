@@ -1,11 +1,11 @@
-"""The shadow's copy ring: one-row copies stacked on the request path in memory the shadow child maps too."""
+"""The shadow's copy ring: copies stacked on the request path in memory the shadow child maps too."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -23,14 +23,14 @@ from edge_agent.wire import kserve_v2 as v2
 from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
 
 
-def _copy(i: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
-    x = np.full((1, 8, 8, 1), i, np.float32)
-    return {"pixels": x}, {"probs": np.full((1, 10), i / 100, np.float32)}, i / 1000
+def _copy(i: int, rows: int = 1) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], float]:
+    x = np.full((rows, 8, 8, 1), i, np.float32) + np.arange(rows, dtype=np.float32).reshape(rows, 1, 1, 1) / 10
+    return {"pixels": x}, {"probs": np.full((rows, 10), i / 100, np.float32)}, i / 1000
 
 
-def _same(got: list[Block], ids: range) -> None:
+def _same(got: list[Block], ids: Sequence[int], rows: Callable[[int], int] = lambda i: 1) -> None:
     """``got`` holds the copies ``ids`` as the general ``pack`` would send them (the ring's blocks may be split at the wrap)."""
-    (want,) = unpack(pack([_copy(i) for i in ids]))
+    (want,) = unpack(pack([_copy(i, rows(i)) for i in ids]))
     assert [r for b in got for r in b.rows] == want.rows and [x for b in got for x in b.seconds] == want.seconds
     for side in ("inputs", "outputs"):
         b = getattr(want, side)
@@ -58,6 +58,42 @@ def test_copies_come_out_in_order_through_a_second_mapping_across_the_wrap() -> 
     assert len(ring) == 0 and ring.publish() is None
 
 
+def test_copies_of_several_rows_stay_contiguous_skipping_the_end_of_the_arrays() -> None:
+    """Copies of 1-3 rows in a ring of 10: one that would straddle the end starts again at slot 0 (the
+    skipped slots are published and freed with it, and never reach the child as rows)."""
+    ring = Ring(*_copy(0, 2)[:2], size=10)  # made from a 2-row copy: the signature has no batch size
+    view = RingView(ring.layout(), os.dup(ring.fd))
+    rows = {0: 3, 1: 3, 2: 1, 3: 2, 4: 2, 5: 1, 6: 3}.__getitem__
+    for i in range(3):  # slots 0-6
+        assert ring.put(*_copy(i, rows(i)))
+    first = ring.publish()
+    assert first == (0, 7)
+    _same(view.blocks(*first), range(3), rows)
+    ring.free(7)
+    assert ring.put(*_copy(3, rows(3)))  # slots 7-8
+    assert ring.put(*_copy(4, rows(4)))  # slot 9 skipped: slots 0-1
+    assert len(ring) == 5  # with the skipped slot
+    rest = ring.publish()
+    assert rest == (7, 5)
+    got = view.blocks(*rest)
+    assert [b.rows for b in got] == [[2], [2]]  # the skipped slot is stepped over, each copy whole
+    _same(got, range(3, 5), rows)
+    ring.free(5)
+    assert len(ring) == 0
+    assert ring.put(*_copy(5, 3)) and ring.put(*_copy(6, 3))  # slots 2-4, 5-7
+    assert not ring.put(*_copy(7, 3))  # slots 8-9 are too few and 0-2 would need them skipped: full, dropped
+    assert len(ring) == 6 and ring.put(*_copy(8, 2))  # nothing was marked by the refused copy: 8-9
+    assert ring.publish() == (2, 8)
+    _same(view.blocks(2, 8), [5, 6, 8], {5: 3, 6: 3, 8: 2}.__getitem__)
+
+
+def test_a_copy_of_more_rows_than_a_quarter_of_the_ring_goes_the_general_way() -> None:
+    ring = Ring(*_copy(0)[:2], size=16)
+    assert ring.max_rows == 4
+    assert ring.matches(*_copy(1, 4)[:2]) and not ring.matches(*_copy(1, 5)[:2])
+    assert not ring.matches({"pixels": np.zeros((2, 8, 8, 1), np.float32)}, _copy(1)[1])  # rows differ per tensor
+
+
 def test_a_ring_of_large_copies_is_bounded_by_bytes() -> None:
     image = {"image": np.zeros((1, 224, 224, 3), np.float32)}
     ring = Ring(image, {"logits": np.zeros((1, 1000), np.float32)})
@@ -73,8 +109,8 @@ def test_only_copies_of_the_rings_signature_go_in() -> None:
     assert not ring.matches({"pixels": inputs["pixels"].astype(np.float64)}, outputs)
     assert not ring.matches({"pixels": np.zeros((1, 8, 8, 2), np.float32)}, outputs)
     assert not ring.matches(inputs, {"probs": np.zeros((1, 10), np.float32), "more": np.zeros((1, 1), np.float32)})
-    assert fits(inputs, outputs)
-    assert not fits({"pixels": np.zeros((2, 8, 8, 1), np.float32)}, outputs)  # a batch: the general path
+    assert fits(inputs, outputs) and fits(*_copy(1, 3)[:2])
+    assert not fits({"pixels": np.zeros((2, 8, 8, 1), np.float32)}, outputs)  # 2 rows in, 1 out: the general path
     assert not fits({"pixels": np.float32(1.0)}, outputs)  # no batch dimension
 
 
@@ -82,8 +118,8 @@ def test_only_copies_of_the_rings_signature_go_in() -> None:
 def test_one_row_and_batch_copies_are_both_compared_by_the_shadow_process(
     digits_dir: Path, isolation: Isolation
 ) -> None:
-    """The ring (one-row copies, its memory handed over the child's socket in either mode) and the general
-    path (a 3-row copy, a copy of another signature) side by side."""
+    """The ring (one-row and batch copies, its memory handed over the child's socket in either mode) and the
+    general path (a copy of another signature) side by side."""
     manifest = Manifest.load(digits_dir / MANIFEST_FILE)
     active = LoadedModel(digits_dir / manifest.file, manifest, RuntimeOptions(num_threads=1, pool_size=1))
     x = load_golden(digits_dir / "golden.npz")["in:pixels"]
@@ -94,10 +130,17 @@ def test_one_row_and_batch_copies_are_both_compared_by_the_shadow_process(
         reference=ShadowModel("digits", "1", digits_dir),
         isolation=isolation,
     )
-    copies = [{"pixels": x[i : i + 1]} for i in range(6)] + [{"pixels": x[:3]}, {"pixels": x[:1].astype(np.float64)}]
+    ringed = [{"pixels": x[i : i + 1]} for i in range(6)] + [{"pixels": x[:3]}, {"pixels": x[2:4]}]
+    copies = [*ringed, {"pixels": x[:1].astype(np.float64)}]
+    put: list[int] = []
     try:
         assert runner.ready.wait(60), runner.failure
-        for inputs in copies:
+        runner.offer("1", copies[0], active.predict(copies[0]), 0.001)  # makes the ring
+        ring = runner._ring
+        assert ring is not None
+        real_put = ring.put
+        ring.put = lambda i, o, s: put.append(len(i["pixels"])) or real_put(i, o, s)  # type: ignore[method-assign]
+        for inputs in copies[1:]:
             runner.offer("1", inputs, active.predict(inputs), 0.001)
         deadline = time.monotonic() + 60
         while runner.figures().samples < len(copies):
@@ -106,7 +149,8 @@ def test_one_row_and_batch_copies_are_both_compared_by_the_shadow_process(
     finally:
         runner.stop()
     figures = runner.figures()
-    assert runner._ring is not None and len(runner._ring) == 0  # the one-row copies went through the ring
+    assert put == [1, 1, 1, 1, 1, 3, 2]  # every copy of the ring's signature went through it, the batches too
+    assert len(ring) == 0  # all freed by the child
     assert figures.samples == len(copies) and figures.agreement == 1.0 and figures.dropped == 0
 
 

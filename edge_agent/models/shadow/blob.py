@@ -8,7 +8,7 @@ copies are one block). A tensor without a batch dimension (0-d) is never stacked
 block of its own. The message is the header's length (4 bytes, little-endian), the header
 (JSON: per block the number of copies and each tensor's name, dtype and shape) and the raw
 buffers in that order (per block: rows as int64, seconds as float64, inputs, outputs). A ``control``
-message is the same length and a JSON object instead (``ring``: one-row copies in shared memory).
+message is the same length and a JSON object instead (``ring``: copies in shared memory).
 """
 
 from __future__ import annotations

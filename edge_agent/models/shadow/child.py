@@ -217,7 +217,7 @@ def serve(conn: Connection) -> None:
 def _run(conn: Connection, shadow: Shadow) -> None:
     """Messages in; the figures out every REPORT_EVERY_S while they change (waiting messages or not)."""
     last, dirty = time.monotonic(), True  # a first report: resumed figures show without traffic
-    ring: RingView | None = None  # the agent's shared ring of one-row copies, once it is sent
+    ring: RingView | None = None  # the agent's shared ring of copies, once it is sent
     while True:
         due = last + REPORT_EVERY_S - time.monotonic()
         if dirty and (due <= 0 or not conn.poll(due)):

@@ -1,8 +1,8 @@
 """The agent's side of a shadow: sample live requests, ship them to the shadow child in bulk, keep its figures.
 
 The request path only calls :meth:`ShadowRunner.offer`: one random draw and, for a sampled
-request, a copy by value into the ``ring`` (one-row requests of its signature: shared memory the
-child maps too) or else an append of its arrays to a bounded queue (a full ring or queue drops the
+request, a copy by value into the ``ring`` (requests of its signature, up to a quarter of its
+rows each: shared memory the child maps too) or else an append of its arrays to a bounded queue (a full ring or queue drops the
 copy and counts it). One shipping thread wakes every ``BATCH_EVERY_S``; it names the ring's slots
 filled since its last wake-up to the child (a few bytes; the child frees them when done) and packs
 what was queued into messages of up to ``SHIP_CHUNK`` copies (``blob.pack``: the copies' tensors
@@ -103,7 +103,7 @@ class ShadowRunner:
         self._options = candidate.options or RuntimeOptions(num_threads=1, pool_size=1)
         self._isolation = isolation
         self._pending: deque[Sample] = deque()  # appended by the request path, drained by the shipping thread
-        self._ring: Ring | None = None  # one-row copies of the first such copy's signature (``ring``)
+        self._ring: Ring | None = None  # copies of the first stackable copy's signature (``ring``)
         self._ring_lock = threading.Lock()
         self._no_ring = False  # set when a ring could not be made
         self._ring_sent = False  # the child has the ring's descriptor (the shipping thread sends it once)
