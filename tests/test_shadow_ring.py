@@ -11,6 +11,8 @@ from typing import cast
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge_agent.inference.childproc import Isolation
 from edge_agent.inference.golden import load_golden
@@ -85,6 +87,38 @@ def test_copies_of_several_rows_stay_contiguous_skipping_the_end_of_the_arrays()
     assert len(ring) == 6 and ring.put(*_copy(8, 2))  # nothing was marked by the refused copy: 8-9
     assert ring.publish() == (2, 8)
     _same(view.blocks(2, 8), [5, 6, 8], {5: 3, 6: 3, 8: 2}.__getitem__)
+
+
+OPS = st.lists(st.one_of(st.integers(1, 4), st.sampled_from(["publish", "free"])), max_size=80)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(OPS)
+def test_any_sequence_of_puts_publishes_and_frees_hands_over_exactly_the_copies_taken(ops: list[int | str]) -> None:
+    """Copies of 1-4 rows (an int), hand-overs and the child's frees in any order on a ring of 16 rows:
+    each hand-over's blocks hold exactly the copies taken since the last, in order, however they wrap;
+    an empty ring takes any copy it accepts."""
+    ring = Ring(*_copy(0)[:2], size=16)
+    view = RingView(ring.layout(), os.dup(ring.fd))
+    taken: list[tuple[int, int]] = []  # (copy id, rows) put since the last hand-over
+    handed: list[int] = []  # slots of each hand-over the child has not freed yet, oldest first
+    for n, op in enumerate(ops):
+        if isinstance(op, int):
+            empty = len(ring) == 0
+            if ring.put(*_copy(n, op)):
+                taken.append((n, op))
+            else:
+                assert not empty, "an empty ring refused a copy"
+        elif op == "publish":
+            span = ring.publish()
+            assert (span is None) == (not taken)
+            if span is not None:
+                _same(view.blocks(*span), [i for i, _ in taken], dict(taken).__getitem__)
+                handed.append(span[1])
+                taken.clear()
+        elif handed:
+            ring.free(handed.pop(0))
+    assert len(ring) == sum(handed) + (ring.publish() or (0, 0))[1]
 
 
 def test_a_copy_of_more_rows_than_a_quarter_of_the_ring_goes_the_general_way() -> None:
