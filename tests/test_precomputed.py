@@ -206,7 +206,7 @@ def test_a_new_bundle_switches_every_answer_at_once(rig: Rig, api: ApiServer) ->
     rig.publish("1", table["1"])
     # The bundles are built before the race, so the applies follow each other as fast as they can.
     paths = [score_bundle(rig.reg, rig.tmp, v, table[v], scored_at=rig.now - 1) for v in map(str, range(2, 14))]
-    done = threading.Event()
+    done, answered = threading.Event(), threading.Event()
     seen: list[tuple[str, np.ndarray]] = []
 
     def ask() -> None:
@@ -214,10 +214,14 @@ def test_a_new_bundle_switches_every_answer_at_once(rig: Rig, api: ApiServer) ->
             status, resp = infer(api, body(entity_ids=ENTITIES))
             assert status == 200, resp
             seen.append((resp["parameters"]["precomputed"]["version"], probs(resp)))
+            answered.set()
 
     reader = threading.Thread(target=ask)
     reader.start()
     try:
+        # The applies start once the reader is answered (version 1): on a loaded host its first request
+        # could otherwise come after all twelve, and the race would not be run.
+        assert answered.wait(60), "the reader got no answer"
         for path in paths:
             rig.cache.apply(path)
     finally:
