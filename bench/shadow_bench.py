@@ -157,10 +157,19 @@ def proc_cpu_s(pid: int | None) -> float:
 
 
 def baseline_module(rev: str) -> ModuleType:
-    """The shadow runner module as it was at git revision ``rev`` (a file then: ``edge_agent/models/shadow.py``)."""
-    src = subprocess.run(
-        ["git", "show", f"{rev}:edge_agent/models/shadow.py"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout
+    """The shadow runner module as it was at git revision ``rev`` (a file then: ``edge_agent/models/shadow.py``).
+
+    Revisions after the shadow became a package (``edge_agent/models/shadow/``) cannot be loaded
+    beside today's: run this bench in a ``git worktree`` of the revision instead, back to back."""
+    done = subprocess.run(
+        ["git", "show", f"{rev}:edge_agent/models/shadow.py"], cwd=REPO, capture_output=True, text=True
+    )
+    if done.returncode:
+        raise SystemExit(
+            f"--baseline {rev}: no edge_agent/models/shadow.py there (the shadow is a package since); "
+            f"run this bench in a git worktree of {rev} instead"
+        )
+    src = done.stdout
     path = Path(tempfile.mkdtemp(prefix="shadow-baseline-")) / "shadow_baseline.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("shadow_baseline", path)
