@@ -157,18 +157,13 @@ def proc_cpu_s(pid: int | None) -> float:
 
 
 def baseline_module(rev: str) -> ModuleType:
-    """The shadow runner module as it was at git revision ``rev`` (a file then: ``edge_agent/models/shadow.py``).
-
-    Revisions after the shadow became a package (``edge_agent/models/shadow/``) cannot be loaded
-    beside today's: run this bench in a ``git worktree`` of the revision instead, back to back."""
+    """The shadow runner module as it was at git revision ``rev`` (a file then: ``edge_agent/models/shadow.py``;
+    a later revision, where it is a package, is measured from a ``git worktree`` of it instead)."""
     done = subprocess.run(
         ["git", "show", f"{rev}:edge_agent/models/shadow.py"], cwd=REPO, capture_output=True, text=True
     )
     if done.returncode:
-        raise SystemExit(
-            f"--baseline {rev}: no edge_agent/models/shadow.py there (the shadow is a package since); "
-            f"run this bench in a git worktree of {rev} instead"
-        )
+        raise SystemExit(f"--baseline {rev}: the shadow is a package there; run this bench in a git worktree of {rev}")
     src = done.stdout
     path = Path(tempfile.mkdtemp(prefix="shadow-baseline-")) / "shadow_baseline.py"
     path.write_text(src)
