@@ -34,7 +34,7 @@ import numpy as np
 from edge_agent.models.shadow.blob import Block, Tensors, signature
 
 SLOTS = 4096  # rows a ring holds: a wake-up's worth (runner.BATCH_EVERY_S) at ~8,000 sampled requests/s ...
-RING_BYTES = 8 << 20  # ... in at most this much memory (at least MIN_SLOTS copies)
+RING_BYTES = 8 << 20  # ... in at most this much memory (at least MIN_SLOTS rows)
 MIN_SLOTS = 8
 ROWS_SHARE = 4  # a copy of at most size // ROWS_SHARE rows goes into the ring (a larger one the general way)
 PAD = -1  # ``rows`` of a slot skipped so that the next copy does not straddle the end of the arrays
@@ -42,7 +42,7 @@ PAD = -1  # ``rows`` of a slot skipped so that the next copy does not straddle t
 Spec = list[list[Any]]  # per tensor [side, name, dtype, row shape]
 
 
-def batch_rows(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> int:
+def copy_rows(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> int:
     """The batch size every tensor of a copy shares; 0 when they do not share one (or have none)."""
     rows = -1
     for side in (inputs, outputs):
@@ -56,7 +56,7 @@ def batch_rows(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarra
 
 def fits(inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> bool:
     """Whether a copy can go into a ring: its tensors share a batch dimension."""
-    return batch_rows(inputs, outputs) > 0
+    return copy_rows(inputs, outputs) > 0
 
 
 def _layout(size: int, spec: Spec) -> tuple[list[tuple[str, str, np.dtype[Any], list[int], int, int]], int]:
@@ -131,7 +131,7 @@ class Ring:
     def matches(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> bool:
         """Whether a copy of at most ``max_rows`` rows stacks with this ring's (``blob.signature``: names,
         dtypes, row shapes)."""
-        return 0 < batch_rows(inputs, outputs) <= self.max_rows and signature(inputs, outputs) == self.key
+        return 0 < copy_rows(inputs, outputs) <= self.max_rows and signature(inputs, outputs) == self.key
 
     def put(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray], seconds: float) -> bool:
         """Copy one matching copy in (contiguous: see the module docstring); False when the ring is full

@@ -2,10 +2,10 @@
 
 The request path only calls :meth:`ShadowRunner.offer`: one random draw and, for a sampled
 request, a copy by value into the ``ring`` (requests of its signature, up to a quarter of its
-rows each: shared memory the child maps too) or else an append of its arrays to a bounded queue (a full ring or queue drops the
-copy and counts it). One shipping thread wakes every ``BATCH_EVERY_S``; it names the ring's slots
-filled since its last wake-up to the child (a few bytes; the child frees them when done) and packs
-what was queued into messages of up to ``SHIP_CHUNK`` copies (``blob.pack``: the copies' tensors
+rows each: shared memory the child maps too) or else an append of its arrays to a bounded queue
+(a full ring or queue drops the copy and counts it). One shipping thread wakes every
+``BATCH_EVERY_S``; it names the ring's slots filled since its last wake-up to the child (a few
+bytes; the child frees them when done) and packs what was queued into messages of up to ``SHIP_CHUNK`` copies (``blob.pack``: the copies' tensors
 stacked, no per-copy pickling; a short sleep between two messages, so no single hold of the GIL
 grows with the request rate). The child (``child``) runs the candidate and the reference copy of
 the active version in its own process, with its own GIL, and reports the figures a few times a
