@@ -20,7 +20,7 @@ import pytest
 from cloud_batch.cli.main import main
 from cloud_batch.errors import InputError, RegistryError
 from cloud_batch.features.build import FeatureRegistry
-from cloud_batch.score.inputs import ArrayChunk
+from cloud_batch.score.inputs import ArrayChunk, InputOptions, NumpyReader
 from cloud_batch.score.job import score
 from cloud_batch.score.local import MappedChunk, pool_context, run_local, shared_inputs
 from cloud_batch.score.parts import Merger, read_metadata, staging_dir, written
@@ -68,6 +68,10 @@ def test_digits_npy_matches_the_device_runtime_row_by_row(sreg: Path, tmp_path: 
     assert (meta["model"], meta["version"], meta["engine"], meta["rows"]) == ("digits", "1", "local", 300)
     assert meta["artifact_sha256"] == manifest.sha256 and len(meta["input_fingerprint"]) == 64
     assert not staging_dir(out).exists()
+    groups = pq.read_metadata(out).row_group(0)  # scores and keys are plain: a dictionary of unique values is waste
+    assert {
+        groups.column(i).path_in_schema for i in range(groups.num_columns) if groups.column(i).has_dictionary_page
+    } == {"top_class"}
 
 
 def test_rerun_with_same_arguments_is_a_no_op(sreg: Path, tmp_path: Path) -> None:
@@ -223,7 +227,7 @@ def test_loaded_rows_reach_the_workers_through_one_shared_file_removed_afterward
              enumerate(range(0, 300, 100))]  # fmt: skip
     tasks.append((3, _DyingChunk(keys[:1], {"pixels": x[:1]})))  # a subclass ships as it is
     with shared_inputs(tasks, str(tmp_path)) as shipped:
-        (shared,) = {c.path for _, c in shipped if isinstance(c, MappedChunk)}
+        (shared,) = {f for _, c in shipped if isinstance(c, MappedChunk) for f, *_ in c.arrays.values()}
         assert Path(shared).parent == tmp_path and Path(shared).name.startswith(".")  # a rerun removes a leftover
         assert shipped[3][1] is tasks[3][1]
         for (part, sent), (same, chunk) in zip(tasks[:3], shipped[:3], strict=True):
@@ -256,3 +260,29 @@ def test_the_merge_appends_partitions_in_order_as_they_appear(tmp_path: Path) ->
     assert merger.finish() == 9
     assert pq.read_table(out)["row"].to_pylist() == list(range(9)) and not staging.exists()
     assert read_metadata(out) == {"rows": 9}
+
+
+def test_plain_npz_members_are_mapped_where_they_lie_and_score_as_read_ones(sreg: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    live = rng.normal(10, 3, (300, 4)).astype(np.float32)  # the model's rows as they are: mapped in place
+    assets = rng.uniform(0, 5, (300, 18))  # float64: converted, so copied into the shared file
+    np.savez(tmp_path / "plain.npz", live=live, asset_features=assets)
+    np.savez_compressed(tmp_path / "packed.npz", live=live, asset_features=assets)
+    manifest = Manifest.load(sreg / "maintenance" / "1" / "manifest.json")
+    plain = NumpyReader().read(tmp_path / "plain.npz", manifest, InputOptions(sreg)).chunk(100, 200)
+    assert isinstance(plain, ArrayChunk) and list(plain.stored) == ["live"]
+    packed = NumpyReader().read(tmp_path / "packed.npz", manifest, InputOptions(sreg)).chunk(100, 200)
+    assert isinstance(packed, ArrayChunk) and packed.stored == {}
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with shared_inputs([(1, plain)], str(staging)) as [(_, mapped)]:
+        assert isinstance(mapped, MappedChunk)
+        assert mapped.arrays["live"][0] == str(tmp_path / "plain.npz")
+        assert Path(mapped.arrays["asset_features"][0]).parent == staging
+        feeds = mapped.feeds()
+        assert np.array_equal(feeds["live"], live[100:200])
+        assert np.array_equal(feeds["asset_features"], assets[100:200].astype(np.float32))
+    outs = [tmp_path / "plain.parquet", tmp_path / "packed.parquet"]
+    for name, out in zip(["plain.npz", "packed.npz"], outs, strict=True):
+        score(sreg, "maintenance", "1", tmp_path / name, out, workers=2, partition_rows=64, progress=False)
+    assert pq.read_table(outs[0]).equals(pq.read_table(outs[1]))

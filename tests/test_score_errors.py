@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,6 +71,9 @@ CASES: dict[str, tuple[str, Setup, str]] = {
     "npy with NaN": (
         "digits", lambda tmp: (_npy(tmp, np.where(np.arange(64) == 9, np.nan, 1.0).reshape(1, 8, 8, 1)), []),
         "NaN in row 1, column element 9"),
+    "npz member shorter than its header": ("digits", lambda tmp: (_short_npz(tmp), []), "cannot read"),
+    "npz member of Python objects": (
+        "digits", lambda tmp: (_npz(tmp, pixels=np.array([None] * 3, dtype=object)), []), "cannot read"),
     "undecodable image under --strict": ("digits", _images, "1 of 4 images in"),
     "input not found": ("digits", lambda tmp: (tmp / "none.npy", []), "input not found"),
     "output not Parquet": ("digits", lambda tmp: (_npy(tmp, digits_rows(2)), ["--output", str(tmp / "o.csv")]),
@@ -83,6 +88,20 @@ CASES: dict[str, tuple[str, Setup, str]] = {
 def _npy(tmp: Path, arr: np.ndarray) -> Path:
     np.save(tmp / "x.npy", arr)
     return tmp / "x.npy"
+
+
+def _npz(tmp: Path, **arrays: np.ndarray) -> Path:
+    np.savez(tmp / "x.npz", **arrays)  # type: ignore[arg-type]
+    return tmp / "x.npz"
+
+
+def _short_npz(tmp: Path) -> Path:
+    """A plain (mapped) member whose .npy header promises 100 rows, with 2 rows of data."""
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (100, 8, 8, 1)})
+    with zipfile.ZipFile(tmp / "x.npz", "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("pixels.npy", head.getvalue() + digits_rows(2).tobytes())
+    return tmp / "x.npz"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

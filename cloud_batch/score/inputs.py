@@ -2,9 +2,15 @@
 
 A reader turns ``--input PATH`` into :class:`InputRows`: the row count, a key per row (entity id,
 row index or file name), an input fingerprint, and ``chunk(start, stop)``, a picklable slice that a
-worker turns into model inputs with ``feeds()``. Tabular and NumPy inputs are loaded and checked
-whole in the driver (their chunks carry arrays); image chunks carry file names and are decoded in the
-workers (``images.py``). ``readers.py`` lists the readers; a video reader is one more entry there.
+worker turns into model inputs with ``feeds()``. Tabular and NumPy inputs are checked whole in the
+driver (their chunks carry arrays); image chunks carry file names and are decoded in the workers
+(``images.py``). ``readers.py`` lists the readers; a video reader is one more entry there.
+
+NumPy arrays stored plain (an ``.npy``, or an ``.npz`` member written without compression, as
+``np.savez`` does) are memory-mapped, not read: when an array is already the model's float32 rows,
+its chunks say where they lie in the file (``ArrayChunk.stored``) and the workers map them there
+(``local.py``), so the rows are never copied in the driver. Like any batch engine reading files in
+place, this expects the input not to change while it is scored.
 
 Every refusal is an ``InputError`` naming what is wrong (file, column, row).
 """
@@ -12,11 +18,13 @@ Every refusal is an ``InputError`` naming what is wrong (file, column, row).
 from __future__ import annotations
 
 import hashlib
+import struct
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
@@ -27,6 +35,8 @@ TABLE_SUFFIXES = (".parquet", ".pq", ".csv")
 ARRAY_SUFFIXES = (".npy", ".npz")
 HASH_BLOCK = 1 << 20
 MAX_SHOWN = 5
+ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature, 5 shorts, crc and sizes, name and extra lengths
+ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
 
 
 @dataclass(frozen=True)
@@ -50,10 +60,15 @@ class Chunk(Protocol):
 
 @dataclass
 class ArrayChunk:
-    """Rows already loaded and checked: real-valued arrays per model input."""
+    """Rows already checked: real-valued arrays per model input.
+
+    ``stored[name] = (file, offset)``: that array's rows lie as they are (float32, C order) in
+    ``file`` from ``offset`` on, so a worker can map them instead of receiving a copy.
+    """
 
     keys: np.ndarray
     arrays: dict[str, np.ndarray]
+    stored: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def feeds(self) -> dict[str, np.ndarray]:
         return self.arrays
@@ -161,21 +176,18 @@ class NumpyReader:
         if options.entity_key or options.mapping or options.features:
             raise InputError("--entity-key, --map and --features apply to tabular inputs (Parquet/CSV), not .npy/.npz")
         names = [s.name for s in manifest.inputs]
+        if path.suffix.lower() == ".npy" and len(names) != 1:
+            raise InputError(f"{manifest.name} has inputs {names}; give an .npz with one array per input")
         fp = fingerprint_soon([path], path)
         try:
-            if path.suffix.lower() == ".npy":
-                if len(names) != 1:
-                    raise InputError(f"{manifest.name} has inputs {names}; give an .npz with one array per input")
-                raw = {names[0]: np.load(path, allow_pickle=False)}
-            else:
-                with np.load(path, allow_pickle=False) as data:
-                    raw = {k: data[k] for k in data.files}
-        except (ValueError, OSError, EOFError) as exc:
+            raw = load_arrays(path, names[0])
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise InputError(f"cannot read {path}: {exc}") from exc
         missing, unknown = [n for n in names if n not in raw], [k for k in raw if k not in names]
         if missing or unknown:
             raise InputError(f"{path.name}: arrays {sorted(raw)} do not match the model's inputs {names}")
         arrays: dict[str, np.ndarray] = {}
+        stored: dict[str, tuple[str, int]] = {}
         for spec in manifest.inputs:
             arr = raw[spec.name]
             what = f"{path.name}[{spec.name!r}]"
@@ -183,8 +195,59 @@ class NumpyReader:
                 raise InputError(f"{what}: dtype {arr.dtype} is not numeric rows")
             check_finite(arr, what)
             arrays[spec.name] = as_input(spec, arr, what)
+            if isinstance(arr, np.memmap) and arr.size and arrays[spec.name].ctypes.data == arr.ctypes.data:
+                stored[spec.name] = (str(path), int(arr.offset))  # already the model's rows: used where they lie
         n = require_rows({len(a) for a in arrays.values()}, path)
-        return array_rows(self.kind, arrays, "row", np.arange(n, dtype=np.int64), fp())
+        return array_rows(self.kind, arrays, "row", np.arange(n, dtype=np.int64), fp(), stored=stored)
+
+
+def load_arrays(path: Path, npy_name: str) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npy`` (named ``npy_name``) or ``.npz``; memory-mapped where stored plain.
+
+    An ``.npz`` member is mapped when it is stored without compression and has a 1.0/2.0 ``.npy``
+    header (what ``np.savez`` writes); any other member is read as ``np.load`` would. Neither path
+    unpickles. A file that cannot be mapped at all (a filesystem without ``mmap``) is read.
+    """
+    try:
+        if path.suffix.lower() == ".npy":
+            return {npy_name: np.load(path, mmap_mode="r", allow_pickle=False)}
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+            return {info.filename.removesuffix(".npy"): _npz_member(zf, fh, path, info) for info in zf.infolist()}
+    except (ValueError, OSError) as mapped_exc:
+        try:
+            if path.suffix.lower() == ".npy":
+                return {npy_name: np.load(path, allow_pickle=False)}
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+            raise mapped_exc from None
+
+
+def _npz_member(zf: zipfile.ZipFile, fh: BinaryIO, path: Path, info: zipfile.ZipInfo) -> np.ndarray:
+    fmt = np.lib.format
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or not info.filename.endswith(".npy"):
+        with zf.open(info) as member:
+            return fmt.read_array(member, allow_pickle=False)
+    fh.seek(info.header_offset)
+    head = fh.read(ZIP_LOCAL_HEADER.size)
+    fields = ZIP_LOCAL_HEADER.unpack(head) if len(head) == ZIP_LOCAL_HEADER.size else (b"",)
+    if fields[0] != ZIP_LOCAL_SIGNATURE:
+        raise ValueError(f"member {info.filename!r}: no local header at offset {info.header_offset}")
+    start = info.header_offset + ZIP_LOCAL_HEADER.size + fields[-2] + fields[-1]
+    fh.seek(start)
+    version = fmt.read_magic(fh)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"member {info.filename!r}: .npy format {version} is not mapped")
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = read_header(fh)
+    if dtype.hasobject:
+        raise ValueError(f"member {info.filename!r} holds Python objects, which are not loaded")
+    offset, size = fh.tell(), int(np.prod(shape)) * dtype.itemsize
+    if offset + size > start + info.file_size:
+        raise ValueError(f"member {info.filename!r}: {shape} of {dtype} do not fit its {info.file_size} bytes")
+    if size == 0:
+        return np.empty(shape, dtype)
+    return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
 
 
 def require_rows(lengths: set[int], path: Path) -> int:
@@ -197,11 +260,20 @@ def require_rows(lengths: set[int], path: Path) -> int:
 
 
 def array_rows(
-    kind: str, arrays: dict[str, np.ndarray], key_name: str, keys: np.ndarray, fp: str, **extra: object
+    kind: str,
+    arrays: dict[str, np.ndarray],
+    key_name: str,
+    keys: np.ndarray,
+    fp: str,
+    *,
+    stored: Mapping[str, tuple[str, int]] | None = None,
+    identity: Mapping[str, object] | None = None,
 ) -> InputRows:
-    """InputRows over loaded arrays: a chunk is a slice of every array."""
+    """InputRows over checked arrays: a chunk is a slice of every array (``stored``: see ``ArrayChunk``)."""
+    row_bytes = {k: arrays[k][:1].nbytes for k in stored or {}}
 
     def slicer(start: int, stop: int) -> Chunk:
-        return ArrayChunk(keys[start:stop], {k: v[start:stop] for k, v in arrays.items()})
+        at = {k: (file, offset + start * row_bytes[k]) for k, (file, offset) in (stored or {}).items()}
+        return ArrayChunk(keys[start:stop], {k: v[start:stop] for k, v in arrays.items()}, at)
 
-    return InputRows(kind, len(keys), key_name, keys, fp, slicer, identity=dict(extra))
+    return InputRows(kind, len(keys), key_name, keys, fp, slicer, identity=dict(identity or {}))

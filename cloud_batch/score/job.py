@@ -25,7 +25,7 @@ from cloud_batch.registry.models import Registry
 from cloud_batch.score import parts
 from cloud_batch.score.inputs import InputOptions
 from cloud_batch.score.readers import open_input
-from cloud_batch.score.worker import ScorerSpec, output_columns
+from cloud_batch.score.worker import TOP_CLASS, ScorerSpec, is_classifier, output_columns
 from edge_agent.inference.modelpack import sha256_file
 
 ENGINES = ("local", "ray")
@@ -88,9 +88,13 @@ def parse_map(items: Sequence[str]) -> dict[str, list[str]]:
 
 
 def default_partition_rows(n: int) -> int:
-    """About ``PARTITIONS`` partitions, within ``PARTITION_ROWS``: it depends on the input only, so reruns agree."""
+    """About ``PARTITIONS`` partitions of whole default batches, within ``PARTITION_ROWS``.
+
+    It depends on the input only, so reruns agree. Whole batches: a partition's last, partial batch
+    resizes the interpreter twice (to it and back) and runs int8 kernels at an odd size.
+    """
     low, high = PARTITION_ROWS
-    return max(low, min(high, math.ceil(n / PARTITIONS)))
+    return max(low, min(high, math.ceil(n / PARTITIONS / DEFAULT_BATCH) * DEFAULT_BATCH))
 
 
 def _check_options(
@@ -193,7 +197,7 @@ def score(
             "artifact_sha256": manifest.sha256, "input_fingerprint": rows.fingerprint, "rows": rows.n,
             "columns": [rows.key_name, *output_columns(manifest)],
         }  # fmt: skip
-        merger = parts.Merger(output, n_parts, meta)
+        merger = parts.Merger(output, n_parts, meta, [TOP_CLASS] if is_classifier(manifest) else [])
 
         def after_part(part: int, parts_done: int, rows_done: int) -> None:
             if on_part is not None:

@@ -7,11 +7,12 @@ threads), and forking a threaded process can deadlock a child on a lock some oth
 scoring runtime (``PRELOAD``) once; ``warm_up`` starts it while the driver still reads and checks the
 input, so its start-up overlaps that work, and every worker is then a cheap fork of it. Workers
 build their ``Scorer`` once, then take whole partitions: score, write the part file, report
-(part, rows, CPU seconds). Loaded arrays (``ArrayChunk``) are not pickled: ``shared_inputs``
-copies them once into a hidden file in the staging directory (a rerun removes one that a killed
-run left) and the workers map it (``MappedChunk``); pickling 1,000,000 maintenance rows to one
-worker and back out of the pipe cost ~0.2 s of CPU, the copy ~0.03 s. Other chunks (image and
-video file names) are pickled through the pool's pipe. As with any
+(part, rows, CPU seconds). Checked arrays (``ArrayChunk``) are not pickled: the workers map them
+(``MappedChunk``) where the input file already holds them as the model's rows (``stored``), else
+``shared_inputs`` copies them once into a hidden file in the staging directory (a rerun removes one
+that a killed run left); pickling 1,000,000 maintenance rows to one worker and back out of the
+pipe cost ~0.2 s of CPU, the copy ~0.03 s. Other chunks (image and video file names) are pickled
+through the pool's pipe. As with any
 forkserver or spawn pool, each worker imports the caller's ``__main__`` script again (under
 ``__mp_main__``; its ``if __name__ == "__main__"`` block does not run): ``cloud-batch``'s costs ~30 ms.
 """
@@ -63,36 +64,35 @@ def warm_up() -> None:
 
 
 ALIGN = 64  # each array starts on a cache line of the shared file
-_MAPS: dict[str, mmap.mmap] = {}  # in a worker: the shared files it has mapped (one per run)
+_MAPS: dict[str, mmap.mmap] = {}  # in a worker: the files it has mapped (the input, the shared file)
 
 
 @dataclass
 class MappedChunk:
-    """An ``ArrayChunk`` whose arrays sit in a shared file: ``arrays[name] = (offset, dtype, shape)``."""
+    """An ``ArrayChunk`` whose arrays a worker maps: ``arrays[name] = (file, offset, dtype, shape)``."""
 
     keys: np.ndarray
-    path: str
-    arrays: dict[str, tuple[int, str, tuple[int, ...]]]
+    arrays: dict[str, tuple[str, int, str, tuple[int, ...]]]
 
     def feeds(self) -> dict[str, np.ndarray]:
-        if self.path not in _MAPS:
-            with open(self.path, "rb") as fh:
-                _MAPS[self.path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        buf = _MAPS[self.path]
-        return {
-            name: np.frombuffer(buf, np.dtype(dt), int(np.prod(shape)), offset).reshape(shape)
-            for name, (offset, dt, shape) in self.arrays.items()
-        }
+        out = {}
+        for name, (path, offset, dt, shape) in self.arrays.items():
+            if path not in _MAPS:
+                with open(path, "rb") as fh:
+                    _MAPS[path] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            out[name] = np.frombuffer(_MAPS[path], np.dtype(dt), int(np.prod(shape)), offset).reshape(shape)
+        return out
 
 
-Spots = dict[str, tuple[int, str, tuple[int, ...]]]  # input name -> (offset, dtype, shape) in the shared file
+Spots = dict[str, tuple[str | None, int, str, tuple[int, ...]]]  # name -> (file, or None: the shared one; offset, ...)
 
 
 @contextmanager
 def shared_inputs(tasks: Sequence[tuple[int, Chunk]], staging: str) -> Iterator[list[tuple[int, Chunk]]]:
-    """``tasks`` with every ``ArrayChunk`` moved into one shared file in ``staging`` (removed afterwards).
+    """``tasks`` with every ``ArrayChunk`` as a ``MappedChunk``: its arrays where the input file holds them
+    (``stored``), the others copied into one shared file in ``staging`` (removed afterwards).
 
-    Where that file cannot be made (a full disk), the tasks are shipped as they are (pickled).
+    Where that file cannot be made (a full disk), those chunks are shipped as they are (pickled).
     """
     layout: list[tuple[int, Chunk, Spots]] = []
     size = 0
@@ -100,18 +100,29 @@ def shared_inputs(tasks: Sequence[tuple[int, Chunk]], staging: str) -> Iterator[
         spots: Spots = {}
         if type(chunk) is ArrayChunk:  # a subclass may do more in feeds(): pickled as it is
             for name, arr in chunk.arrays.items():
-                spots[name] = (size, arr.dtype.str, tuple(arr.shape))
-                size += -(-arr.nbytes // ALIGN) * ALIGN
+                if name in chunk.stored:
+                    spots[name] = (*chunk.stored[name], arr.dtype.str, tuple(arr.shape))
+                else:
+                    spots[name] = (None, size, arr.dtype.str, tuple(arr.shape))
+                    size += -(-arr.nbytes // ALIGN) * ALIGN
         layout.append((part, chunk, spots))
     path = _fill(staging, size, [(chunk, spots) for _, chunk, spots in layout]) if size else None
     try:
-        if path is None:
-            yield list(tasks)
-        else:
-            yield [(part, MappedChunk(chunk.keys, path, spots) if spots else chunk) for part, chunk, spots in layout]
+        yield [(part, _mapped(chunk, spots, path)) for part, chunk, spots in layout]
     finally:
         if path is not None:
             Path(path).unlink(missing_ok=True)
+
+
+def _mapped(chunk: Chunk, spots: Spots, shared: str | None) -> Chunk:
+    """``chunk`` as a ``MappedChunk`` at ``spots`` (None: in ``shared``); as it is when it has none or no shared file was made."""
+    arrays: dict[str, tuple[str, int, str, tuple[int, ...]]] = {}
+    for name, (file, offset, dt, shape) in spots.items():
+        where = file if file is not None else shared
+        if where is None:
+            return chunk
+        arrays[name] = (where, offset, dt, shape)
+    return MappedChunk(chunk.keys, arrays) if arrays else chunk
 
 
 def _fill(staging: str, size: int, chunks: list[tuple[Chunk, Spots]]) -> str | None:
@@ -132,7 +143,9 @@ def _fill(staging: str, size: int, chunks: list[tuple[Chunk, Spots]]) -> str | N
         with mmap.mmap(fd, size) as buf:
             for chunk, spots in chunks:
                 arrays: dict[str, np.ndarray] = chunk.arrays  # type: ignore[attr-defined]
-                for name, (offset, dt, shape) in spots.items():
+                for name, (file, offset, dt, shape) in spots.items():
+                    if file is not None:
+                        continue  # mapped where it lies
                     np.frombuffer(buf, np.dtype(dt), int(np.prod(shape)), offset).reshape(shape)[...] = arrays[name]
         return path
     except OSError:

@@ -80,7 +80,7 @@ class TableReader:
             for join in joined:
                 spec = manifest.input(join.input)
                 arrays[join.input] = as_input(spec, _lookup(bundle, join, entities, where), join.input)  # type: ignore[arg-type]
-        return array_rows(self.kind, arrays, key_name, keys, fp(), **identity)
+        return array_rows(self.kind, arrays, key_name, keys, fp(), identity=identity)
 
 
 def _names(manifest: Manifest) -> list[str]:
