@@ -72,6 +72,9 @@ CASES: dict[str, tuple[str, Setup, str]] = {
         "digits", lambda tmp: (_npy(tmp, np.where(np.arange(64) == 9, np.nan, 1.0).reshape(1, 8, 8, 1)), []),
         "NaN in row 1, column element 9"),
     "npz member shorter than its header": ("digits", lambda tmp: (_short_npz(tmp), []), "cannot read"),
+    "npz member that is not an array": ("digits", lambda tmp: (_zip(tmp, "pixels", b"not an array"), []), "not an .npy array"),
+    "npz member with corrupt compressed data": (
+        "digits", lambda tmp: (_zip(tmp, "pixels.npy", _npy_bytes(digits_rows(4)), zipfile.ZIP_DEFLATED, corrupt=True), []), "cannot read"),
     "npz member of Python objects": (
         "digits", lambda tmp: (_npz(tmp, pixels=np.array([None] * 3, dtype=object)), []), "cannot read"),
     "undecodable image under --strict": ("digits", _images, "1 of 4 images in"),
@@ -95,13 +98,27 @@ def _npz(tmp: Path, **arrays: np.ndarray) -> Path:
     return tmp / "x.npz"
 
 
+def _zip(tmp: Path, name: str, data: bytes, method: int = zipfile.ZIP_STORED, corrupt: bool = False) -> Path:
+    with zipfile.ZipFile(tmp / "x.npz", "w", method) as zf:
+        zf.writestr(name, data)
+    if corrupt:  # garble the deflate stream (zlib.error), past the 30-byte header and the name
+        raw = bytearray((tmp / "x.npz").read_bytes())
+        raw[30 + len(name) + 5 : 30 + len(name) + 13] = b"\xff" * 8
+        (tmp / "x.npz").write_bytes(bytes(raw))
+    return tmp / "x.npz"
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, arr)
+    return out.getvalue()
+
+
 def _short_npz(tmp: Path) -> Path:
     """A plain (mapped) member whose .npy header promises 100 rows, with 2 rows of data."""
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (100, 8, 8, 1)})
-    with zipfile.ZipFile(tmp / "x.npz", "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr("pixels.npy", head.getvalue() + digits_rows(2).tobytes())
-    return tmp / "x.npz"
+    return _zip(tmp, "pixels.npy", head.getvalue() + digits_rows(2).tobytes())
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

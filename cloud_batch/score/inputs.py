@@ -20,11 +20,12 @@ from __future__ import annotations
 import hashlib
 import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -37,6 +38,8 @@ HASH_BLOCK = 1 << 20
 MAX_SHOWN = 5
 ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature, 5 shorts, crc and sizes, name and extra lengths
 ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
+# What a bad .npy/.npz raises (zlib and NotImplementedError: corrupt or unsupported compressed members).
+READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,7 @@ class NumpyReader:
         fp = fingerprint_soon([path], path)
         try:
             raw = load_arrays(path, names[0])
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        except READ_ERRORS as exc:
             raise InputError(f"cannot read {path}: {exc}") from exc
         missing, unknown = [n for n in names if n not in raw], [k for k in raw if k not in names]
         if missing or unknown:
@@ -205,29 +208,42 @@ def load_arrays(path: Path, npy_name: str) -> dict[str, np.ndarray]:
     """The arrays of an ``.npy`` (named ``npy_name``) or ``.npz``; memory-mapped where stored plain.
 
     An ``.npz`` member is mapped when it is stored without compression and has a 1.0/2.0 ``.npy``
-    header (what ``np.savez`` writes); any other member is read as ``np.load`` would. Neither path
-    unpickles. A file that cannot be mapped at all (a filesystem without ``mmap``) is read.
+    header (what ``np.savez`` writes); any other member is read as ``np.load`` would. Nothing is
+    unpickled. A file that the filesystem cannot map (``mmap`` fails with OSError) is read instead.
+    Bad files raise one of ``READ_ERRORS``.
     """
     try:
-        if path.suffix.lower() == ".npy":
-            return {npy_name: np.load(path, mmap_mode="r", allow_pickle=False)}
-        with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
-            return {info.filename.removesuffix(".npy"): _npz_member(zf, fh, path, info) for info in zf.infolist()}
-    except (ValueError, OSError) as mapped_exc:
-        try:
-            if path.suffix.lower() == ".npy":
-                return {npy_name: np.load(path, allow_pickle=False)}
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile):
-            raise mapped_exc from None
+        return _load(path, npy_name, mapped=True)
+    except OSError:
+        return _load(path, npy_name, mapped=False)
 
 
-def _npz_member(zf: zipfile.ZipFile, fh: BinaryIO, path: Path, info: zipfile.ZipInfo) -> np.ndarray:
-    fmt = np.lib.format
-    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or not info.filename.endswith(".npy"):
+def _load(path: Path, npy_name: str, mapped: bool) -> dict[str, np.ndarray]:
+    if path.suffix.lower() == ".npy":
+        return {npy_name: np.load(path, mmap_mode="r" if mapped else None, allow_pickle=False)}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        return {info.filename.removesuffix(".npy"): _npz_member(zf, fh, path, info, mapped) for info in zf.infolist()}
+
+
+def _npz_member(zf: zipfile.ZipFile, fh: BinaryIO, path: Path, info: zipfile.ZipInfo, mapped: bool) -> np.ndarray:
+    name = info.filename
+    if info.flag_bits & 0x1:
+        raise ValueError(f"member {name!r} is encrypted")
+    if not name.endswith(".npy"):
+        raise ValueError(f"member {name!r} is not an .npy array")
+    plain = _plain_array(fh, info) if mapped and info.compress_type == zipfile.ZIP_STORED else None
+    if plain is None:
         with zf.open(info) as member:
-            return fmt.read_array(member, allow_pickle=False)
+            return np.lib.format.read_array(member, allow_pickle=False)
+    offset, shape, fortran, dtype = plain
+    if not int(np.prod(shape)):
+        return np.empty(shape, dtype)
+    return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
+
+
+def _plain_array(fh: BinaryIO, info: zipfile.ZipInfo) -> tuple[int, tuple[int, ...], bool, np.dtype[Any]] | None:
+    """Where a stored member's array data starts, its shape, order and dtype; None for a header not mapped."""
+    fmt = np.lib.format
     fh.seek(info.header_offset)
     head = fh.read(ZIP_LOCAL_HEADER.size)
     fields = ZIP_LOCAL_HEADER.unpack(head) if len(head) == ZIP_LOCAL_HEADER.size else (b"",)
@@ -237,17 +253,15 @@ def _npz_member(zf: zipfile.ZipFile, fh: BinaryIO, path: Path, info: zipfile.Zip
     fh.seek(start)
     version = fmt.read_magic(fh)
     if version not in ((1, 0), (2, 0)):
-        raise ValueError(f"member {info.filename!r}: .npy format {version} is not mapped")
+        return None  # 3.0 (utf-8 field names): read as np.load reads it
     read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
     shape, fortran, dtype = read_header(fh)
     if dtype.hasobject:
         raise ValueError(f"member {info.filename!r} holds Python objects, which are not loaded")
-    offset, size = fh.tell(), int(np.prod(shape)) * dtype.itemsize
-    if offset + size > start + info.file_size:
+    offset = fh.tell()
+    if offset + int(np.prod(shape)) * dtype.itemsize > start + info.file_size:
         raise ValueError(f"member {info.filename!r}: {shape} of {dtype} do not fit its {info.file_size} bytes")
-    if size == 0:
-        return np.empty(shape, dtype)
-    return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
+    return offset, tuple(shape), bool(fortran), dtype
 
 
 def require_rows(lengths: set[int], path: Path) -> int:
