@@ -123,9 +123,11 @@ def test_go_idle_sets_every_thread_and_restore_gives_the_normal_policy_back_keep
     assert not priority.restore(proc.pid), "a process that is gone"
 
 
-def _spin(seconds: float) -> None:
-    """Busy for ``seconds`` (ended early by a kill): no shared lock or event, whose futex waits would
-    let the spinners sleep and hand the idle child the CPU they were meant to take."""
+def _spin(seconds: float, started: Any) -> None:
+    """Busy for ``seconds`` (ended early by a kill) once it has said it started: no shared lock or event
+    polled while spinning, whose futex waits would let the spinners sleep and hand the idle child the
+    CPU they were meant to take."""
+    started.release()
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         pass
@@ -144,9 +146,13 @@ def test_the_real_shadow_process_runs_idle_and_keeps_comparing_on_a_saturated_cp
         offer(shadow, digits_dir, 20)
         _wait(lambda: shadow.figures().samples >= 20, 60)  # (a busy host may already have starved it)
         # Busy processes on every core at normal priority: the idle child gets (almost) nothing.
-        spinners = [ctx.Process(target=_spin, args=(180.0,)) for _ in range(2 * (os.cpu_count() or 1))]
+        started = ctx.Semaphore(0)
+        spinners = [ctx.Process(target=_spin, args=(180.0, started)) for _ in range(2 * (os.cpu_count() or 1))]
         for p in spinners:
             p.start()
+        for _ in spinners:  # every spinner running before the copies: on a fast runtime the child would
+            assert started.acquire(timeout=30)  # otherwise finish 3,000 copies in the first 0.1 s
+        time.sleep(0.3)
         offer(shadow, digits_dir, 3000)  # ~0.2 s of the child's CPU, which it no longer gets while idle
         _wait(lambda: shadow.figures().samples >= 3020, 120)
         assert shadow.priority == priority.NICE_NAME, "the runner gave the child its nice back"
