@@ -7,10 +7,10 @@ driver (their chunks carry arrays); image chunks carry file names and are decode
 (``images.py``). ``readers.py`` lists the readers; a video reader is one more entry there.
 
 NumPy arrays stored plain (an ``.npy``, or an ``.npz`` member written without compression, as
-``np.savez`` does) are memory-mapped, not read: when an array is already the model's float32 rows,
-its chunks say where they lie in the file (``ArrayChunk.stored``) and the workers map them there
-(``local.py``), so the rows are never copied in the driver. Like any batch engine reading files in
-place, this expects the input not to change while it is scored.
+``np.savez`` does) are read straight from their offset (no zip CRC pass): when an array already is the
+model's float32 rows, its chunks say where they lie in the file (``ArrayChunk.stored``) and the workers
+map them there (``local.py``), so the driver does not copy them again. Like any batch engine reading
+files in place, this expects the input not to change while it is scored.
 
 Every refusal is an ``InputError`` naming what is wrong (file, column, row).
 """
@@ -18,6 +18,7 @@ Every refusal is an ``InputError`` naming what is wrong (file, column, row).
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import zipfile
 import zlib
@@ -183,7 +184,7 @@ class NumpyReader:
             raise InputError(f"{manifest.name} has inputs {names}; give an .npz with one array per input")
         fp = fingerprint_soon([path], path)
         try:
-            raw = load_arrays(path, names[0])
+            raw, offsets = load_arrays(path, names[0])
         except READ_ERRORS as exc:
             raise InputError(f"cannot read {path}: {exc}") from exc
         missing, unknown = [n for n in names if n not in raw], [k for k in raw if k not in names]
@@ -198,70 +199,78 @@ class NumpyReader:
                 raise InputError(f"{what}: dtype {arr.dtype} is not numeric rows")
             check_finite(arr, what)
             arrays[spec.name] = as_input(spec, arr, what)
-            if isinstance(arr, np.memmap) and arr.size and arrays[spec.name].ctypes.data == arr.ctypes.data:
-                stored[spec.name] = (str(path), int(arr.offset))  # already the model's rows: used where they lie
+            if spec.name in offsets and arr.size and arrays[spec.name].ctypes.data == arr.ctypes.data:
+                stored[spec.name] = (str(path), offsets[spec.name])  # already the model's rows: mapped there
         n = require_rows({len(a) for a in arrays.values()}, path)
         return array_rows(self.kind, arrays, "row", np.arange(n, dtype=np.int64), fp(), stored=stored)
 
 
-def load_arrays(path: Path, npy_name: str) -> dict[str, np.ndarray]:
-    """The arrays of an ``.npy`` (named ``npy_name``) or ``.npz``; memory-mapped where stored plain.
+def load_arrays(path: Path, npy_name: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The arrays of an ``.npy`` (named ``npy_name``) or ``.npz``, and where the plain ones start in the file.
 
-    An ``.npz`` member is mapped when it is stored without compression and has a 1.0/2.0 ``.npy``
-    header (what ``np.savez`` writes); any other member is read as ``np.load`` would. Nothing is
-    unpickled. A file that the filesystem cannot map (``mmap`` fails with OSError) is read instead.
-    Bad files raise one of ``READ_ERRORS``.
+    A plain array is an ``.npy``, or an ``.npz`` member stored without compression (what ``np.savez``
+    writes), with a 1.0/2.0 header: it is read straight from its offset (for a member, without the
+    zip CRC pass) and its offset is returned, so workers can map it there. The driver itself never
+    maps the input: a long-lived process holding a map of a user's file dies (SIGBUS) if the file is
+    rewritten in place. Other members are read as ``np.load`` reads them. Nothing is unpickled. Bad
+    files raise one of ``READ_ERRORS``.
     """
-    try:
-        return _load(path, npy_name, mapped=True)
-    except OSError:
-        return _load(path, npy_name, mapped=False)
+    offsets: dict[str, int] = {}
+    with open(path, "rb") as fh:
+        if path.suffix.lower() == ".npy":
+            size = os.fstat(fh.fileno()).st_size
+            return {npy_name: _plain_read(fh, 0, size, path.name, offsets, npy_name, member=False)}, offsets
+        arrays = {}
+        with zipfile.ZipFile(fh) as zf:
+            for info in zf.infolist():
+                key = info.filename.removesuffix(".npy")
+                arrays[key] = _npz_member(zf, fh, info, offsets, key)
+        return arrays, offsets
 
 
-def _load(path: Path, npy_name: str, mapped: bool) -> dict[str, np.ndarray]:
-    if path.suffix.lower() == ".npy":
-        return {npy_name: np.load(path, mmap_mode="r" if mapped else None, allow_pickle=False)}
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
-        return {info.filename.removesuffix(".npy"): _npz_member(zf, fh, path, info, mapped) for info in zf.infolist()}
-
-
-def _npz_member(zf: zipfile.ZipFile, fh: BinaryIO, path: Path, info: zipfile.ZipInfo, mapped: bool) -> np.ndarray:
+def _npz_member(
+    zf: zipfile.ZipFile, fh: BinaryIO, info: zipfile.ZipInfo, offsets: dict[str, int], key: str
+) -> np.ndarray:
     name = info.filename
     if info.flag_bits & 0x1:
         raise ValueError(f"member {name!r} is encrypted")
     if not name.endswith(".npy"):
         raise ValueError(f"member {name!r} is not an .npy array")
-    plain = _plain_array(fh, info) if mapped and info.compress_type == zipfile.ZIP_STORED else None
-    if plain is None:
-        with zf.open(info) as member:
-            return np.lib.format.read_array(member, allow_pickle=False)
-    offset, shape, fortran, dtype = plain
-    if not int(np.prod(shape)):
-        return np.empty(shape, dtype)
-    return np.memmap(path, dtype, "r", offset, shape, "F" if fortran else "C")
+    if info.compress_type == zipfile.ZIP_STORED:
+        fh.seek(info.header_offset)
+        head = fh.read(ZIP_LOCAL_HEADER.size)
+        fields = ZIP_LOCAL_HEADER.unpack(head) if len(head) == ZIP_LOCAL_HEADER.size else (b"",)
+        if fields[0] != ZIP_LOCAL_SIGNATURE:
+            raise ValueError(f"member {name!r}: no local header at offset {info.header_offset}")
+        start = info.header_offset + ZIP_LOCAL_HEADER.size + fields[-2] + fields[-1]
+        arr = _plain_read(fh, start, info.file_size, name, offsets, key, member=True)
+        if arr is not None:
+            return arr
+    with zf.open(info) as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
 
 
-def _plain_array(fh: BinaryIO, info: zipfile.ZipInfo) -> tuple[int, tuple[int, ...], bool, np.dtype[Any]] | None:
-    """Where a stored member's array data starts, its shape, order and dtype; None for a header not mapped."""
+def _plain_read(fh: BinaryIO, start: int, size: int, name: str, offsets: dict[str, int], key: str, member: bool) -> Any:
+    """The array whose ``.npy`` bytes lie at ``start`` (``size`` bytes), read from its data offset, which is
+    recorded in ``offsets[key]``; None (for a member: read it the zip way) for a 3.0 header."""
     fmt = np.lib.format
-    fh.seek(info.header_offset)
-    head = fh.read(ZIP_LOCAL_HEADER.size)
-    fields = ZIP_LOCAL_HEADER.unpack(head) if len(head) == ZIP_LOCAL_HEADER.size else (b"",)
-    if fields[0] != ZIP_LOCAL_SIGNATURE:
-        raise ValueError(f"member {info.filename!r}: no local header at offset {info.header_offset}")
-    start = info.header_offset + ZIP_LOCAL_HEADER.size + fields[-2] + fields[-1]
     fh.seek(start)
     version = fmt.read_magic(fh)
     if version not in ((1, 0), (2, 0)):
-        return None  # 3.0 (utf-8 field names): read as np.load reads it
+        if member:
+            return None
+        fh.seek(start)
+        return np.lib.format.read_array(fh, allow_pickle=False)
     read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
     shape, fortran, dtype = read_header(fh)
     if dtype.hasobject:
-        raise ValueError(f"member {info.filename!r} holds Python objects, which are not loaded")
-    offset = fh.tell()
-    if offset + int(np.prod(shape)) * dtype.itemsize > start + info.file_size:
-        raise ValueError(f"member {info.filename!r}: {shape} of {dtype} do not fit its {info.file_size} bytes")
-    return offset, tuple(shape), bool(fortran), dtype
+        raise ValueError(f"{name!r} holds Python objects, which are not loaded")
+    offset, count = fh.tell(), int(np.prod(shape))
+    if offset + count * dtype.itemsize > start + size:
+        raise ValueError(f"{name!r}: {shape} of {dtype} do not fit its {size} bytes")
+    data = np.fromfile(fh, dtype, count) if count else np.empty(0, dtype)
+    offsets[key] = offset
+    return data.reshape(shape, order="F" if fortran else "C")
 
 
 def require_rows(lengths: set[int], path: Path) -> int:
