@@ -115,7 +115,7 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def _short_npz(tmp: Path) -> Path:
-    """A plain (mapped) member whose .npy header promises 100 rows, with 2 rows of data."""
+    """A plain (stored, read in place) member whose .npy header promises 100 rows, with 2 rows of data."""
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (100, 8, 8, 1)})
     return _zip(tmp, "pixels.npy", head.getvalue() + digits_rows(2).tobytes())

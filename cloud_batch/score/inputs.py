@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
@@ -219,7 +219,8 @@ def load_arrays(path: Path, npy_name: str) -> tuple[dict[str, np.ndarray], dict[
     with open(path, "rb") as fh:
         if path.suffix.lower() == ".npy":
             size = os.fstat(fh.fileno()).st_size
-            return {npy_name: _plain_read(fh, 0, size, path.name, offsets, npy_name, member=False)}, offsets
+            arr = _plain_read(fh, 0, size, path.name, offsets, npy_name)
+            return {npy_name: arr if arr is not None else np.load(path, allow_pickle=False)}, offsets
         arrays = {}
         with zipfile.ZipFile(fh) as zf:
             for info in zf.infolist():
@@ -243,24 +244,21 @@ def _npz_member(
         if fields[0] != ZIP_LOCAL_SIGNATURE:
             raise ValueError(f"member {name!r}: no local header at offset {info.header_offset}")
         start = info.header_offset + ZIP_LOCAL_HEADER.size + fields[-2] + fields[-1]
-        arr = _plain_read(fh, start, info.file_size, name, offsets, key, member=True)
+        arr = _plain_read(fh, start, info.file_size, name, offsets, key)
         if arr is not None:
             return arr
     with zf.open(info) as member:
         return np.lib.format.read_array(member, allow_pickle=False)
 
 
-def _plain_read(fh: BinaryIO, start: int, size: int, name: str, offsets: dict[str, int], key: str, member: bool) -> Any:
+def _plain_read(fh: BinaryIO, start: int, size: int, name: str, offsets: dict[str, int], key: str) -> np.ndarray | None:
     """The array whose ``.npy`` bytes lie at ``start`` (``size`` bytes), read from its data offset, which is
-    recorded in ``offsets[key]``; None (for a member: read it the zip way) for a 3.0 header."""
+    recorded in ``offsets[key]``; None for a header other than 1.0/2.0 (read it as ``np.load`` does)."""
     fmt = np.lib.format
     fh.seek(start)
     version = fmt.read_magic(fh)
     if version not in ((1, 0), (2, 0)):
-        if member:
-            return None
-        fh.seek(start)
-        return np.lib.format.read_array(fh, allow_pickle=False)
+        return None
     read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
     shape, fortran, dtype = read_header(fh)
     if dtype.hasobject:
