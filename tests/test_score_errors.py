@@ -71,6 +71,7 @@ CASES: dict[str, tuple[str, Setup, str]] = {
     "npy with NaN": (
         "digits", lambda tmp: (_npy(tmp, np.where(np.arange(64) == 9, np.nan, 1.0).reshape(1, 8, 8, 1)), []),
         "NaN in row 1, column element 9"),
+    "npy header with a NUL byte": ("digits", lambda tmp: (_nul_header_npy(tmp), []), "cannot read"),
     "npz member shorter than its header": ("digits", lambda tmp: (_short_npz(tmp), []), "cannot read"),
     "npz member that is not an array": ("digits", lambda tmp: (_zip(tmp, "pixels", b"not an array"), []), "not an .npy array"),
     "npz member with corrupt compressed data": (
@@ -112,6 +113,14 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     out = io.BytesIO()
     np.save(out, arr)
     return out.getvalue()
+
+
+def _nul_header_npy(tmp: Path) -> Path:
+    """A NUL byte in the header: numpy's fallback tokenizer raises TokenError on Python 3.12+."""
+    head = bytearray(_npy_bytes(digits_rows(2)))
+    head[20] = 0
+    (tmp / "x.npy").write_bytes(bytes(head))
+    return tmp / "x.npy"
 
 
 def _short_npz(tmp: Path) -> Path:

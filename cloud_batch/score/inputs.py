@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -39,8 +40,12 @@ HASH_BLOCK = 1 << 20
 MAX_SHOWN = 5
 ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature, 5 shorts, crc and sizes, name and extra lengths
 ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
-# What a bad .npy/.npz raises (zlib and NotImplementedError: corrupt or unsupported compressed members).
-READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+# What a bad .npy/.npz raises (zlib and NotImplementedError: corrupt or unsupported compressed members;
+# SyntaxError and TokenError: numpy tokenizes a header it cannot parse, and a NUL byte there is a
+# TokenError on Python 3.12+, as the bundle reader also found).
+READ_ERRORS = (
+    ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, SyntaxError, tokenize.TokenError,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
