@@ -23,7 +23,7 @@ from cloud_batch.features.build import FeatureRegistry
 from cloud_batch.score.inputs import ArrayChunk, InputOptions, NumpyReader
 from cloud_batch.score.job import score
 from cloud_batch.score.local import MappedChunk, pool_context, run_local, shared_inputs
-from cloud_batch.score.parts import Merger, read_metadata, staging_dir, written
+from cloud_batch.score.parts import Merger, local_part, read_metadata, read_part, staging_dir, written
 from cloud_batch.score.worker import ScorerSpec, write_part
 from edge_agent.inference.preprocess import load_input_file
 from edge_agent.inference.runtime import LoadedModel
@@ -182,7 +182,7 @@ def test_a_worker_that_dies_is_a_clean_error_and_the_partitions_written_stay(sre
     with pytest.raises(RegistryError, match=r"a scoring worker died .* rerun to resume"):
         run_local(spec, tasks, 1, lambda part, rows, cpu: reported.append(part))
     assert reported == [0] and set(written(staging)) == {0}
-    assert pq.read_metadata(written(staging)[0]).num_rows == 100
+    assert read_part(written(staging)[0]).num_rows == 100
 
 
 def test_workers_are_not_forked_from_the_threaded_driver(sreg: Path, tmp_path: Path) -> None:
@@ -210,11 +210,13 @@ def test_a_torn_or_short_partition_is_scored_again(sreg: Path, tmp_path: Path) -
     for path in written(staging).values():
         path.unlink()
     part0 = pq.read_table(reference).slice(0, 100)
-    pq.write_table(part0, staging / "0_local.parquet")
-    torn = (staging / "0_local.parquet").read_bytes()[:-20]  # what a power cut can leave without fsync
-    (staging / "0_local.parquet").write_bytes(torn)
-    pq.write_table(part0.slice(0, 10), staging / "1_local.parquet")  # a complete footer, rows missing
-    pq.write_table(part0, staging / "7_local.parquet")  # not a partition of this run
+    write_part(staging, 0, part0)
+    torn = local_part(staging, 0).read_bytes()[:-20]  # what a power cut can leave without fsync
+    local_part(staging, 0).write_bytes(torn)
+    write_part(staging, 1, part0.slice(0, 10))  # a complete footer, rows missing
+    pq.write_table(part0, staging / "2_ray.parquet")  # Ray's kind of partition, torn too
+    (staging / "2_ray.parquet").write_bytes((staging / "2_ray.parquet").read_bytes()[:-20])
+    write_part(staging, 7, part0)  # not a partition of this run
     again = score(sreg, "digits", "1", tmp_path / "x.npy", out, workers=1, partition_rows=100, progress=False)
     assert again.skipped_parts == 0
     assert out.read_bytes() == reference.read_bytes()
@@ -286,3 +288,13 @@ def test_plain_npz_members_are_mapped_where_they_lie_and_score_as_read_ones(sreg
     for name, out in zip(["plain.npz", "packed.npz"], outs, strict=True):
         score(sreg, "maintenance", "1", tmp_path / name, out, workers=2, partition_rows=64, progress=False)
     assert pq.read_table(outs[0]).equals(pq.read_table(outs[1]))
+
+
+def test_a_scoring_worker_keeps_its_heap_on_glibc() -> None:
+    """``keep_heap`` (run by every local worker first) is accepted by glibc's mallopt on this Linux."""
+    import subprocess
+    import sys
+
+    code = "from cloud_batch.score.local import keep_heap; print(keep_heap())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

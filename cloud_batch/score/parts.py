@@ -3,16 +3,18 @@
 Layout while a run is in progress (``--output scores.parquet``)::
 
     scores.parquet.parts/run.json                  the run's identity (model, artifact, input, options), first
-    scores.parquet.parts/7_local.parquet           partition 7, written by a local worker
+    scores.parquet.parts/7_local.arrow             partition 7, written by a local worker (Arrow IPC file)
     scores.parquet.parts/8_<uuid>_000003-0.parquet partition 8, written by Ray's write_parquet
 
-A partition file appears only complete: a hidden temp file renamed into place (``worker.write_part``,
-and the rename-on-close filesystem ``ray_engine`` gives ``write_parquet``). So a kill -9 leaves
-complete partitions and hidden temp files, and a rerun with the same identity scores only the
-missing partitions. Partition files are not fsync'd (that cost ~7 ms each here, 15% of a
-maintenance run): they are a cache of work, not the result, so a rerun checks each one's Parquet
-footer against the rows it must hold and scores it again when it is short, torn or unreadable (what a
-power cut can leave). The ``Merger`` appends partitions in order to a hidden temp file in the
+A local worker's partition is an uncompressed Arrow IPC file: the merge reads it back as it was
+written, with no decoding (100,000 digits rows: 2 ms to read and 8 ms to write, against 37 and 17
+ms as Parquet). A partition file appears only complete: a hidden temp file renamed into place
+(``worker.write_part``, and the rename-on-close filesystem ``ray_engine`` gives ``write_parquet``).
+So a kill -9 leaves complete partitions and hidden temp files, and a rerun with the same identity
+scores only the missing partitions. Partition files are not fsync'd (that cost ~7 ms each here, 15%
+of a maintenance run): they are a cache of work, not the result, so a rerun reads each one back
+(its IPC or Parquet footer and row count) and scores it again when it is short, torn or unreadable
+(what a power cut can leave). The ``Merger`` appends partitions in order to a hidden temp file in the
 staging directory as they appear (the merge overlaps the scoring); when all are there, that file
 becomes the output (fsync, ``os.replace``, fsync dir), whose Parquet metadata (key
 ``edgefleet.score``) records the identity, the engine and the row count; then the staging directory
@@ -39,12 +41,27 @@ from edge_agent.fsutil import atomic_write_json, fsync_dir
 
 META_KEY = b"edgefleet.score"
 RUN_FILE = "run.json"
-_PART = re.compile(r"^(\d+)_[^/]+\.parquet$")
+LOCAL = "local"  # the writer name of a local worker's partitions
+ARROW, PARQUET = ".arrow", ".parquet"
+_PART = re.compile(r"^(\d+)_[^/]+(\.arrow|\.parquet)$")
 
 
-def part_name(part: int, writer: str) -> str:
-    """A partition file's name: ``<part>_<writer>.parquet`` (Ray's ``write_parquet`` names it the same way)."""
-    return f"{part}_{writer}.parquet"
+def part_name(part: int, writer: str, suffix: str = PARQUET) -> str:
+    """A partition file's name: ``<part>_<writer><suffix>`` (Ray's ``write_parquet`` names it the same way)."""
+    return f"{part}_{writer}{suffix}"
+
+
+def local_part(staging: str | Path, part: int) -> Path:
+    """Where a local worker writes partition ``part`` (an Arrow IPC file)."""
+    return Path(staging) / part_name(part, LOCAL, ARROW)
+
+
+def read_part(path: Path) -> pa.Table:
+    """A partition file's rows: an Arrow IPC file (read into memory, not mapped) or Parquet (Ray's)."""
+    if path.suffix == ARROW:
+        with pa.OSFile(str(path)) as source:
+            return pa.ipc.open_file(source).read_all()
+    return pq.read_table(path)
 
 
 def staging_dir(output: Path) -> Path:
@@ -94,7 +111,9 @@ def written(staging: Path) -> dict[int, Path]:
 
 def _complete(path: Path, rows: int) -> bool:
     try:
-        return pq.read_metadata(path).num_rows == rows
+        if path.suffix == ARROW:
+            return bool(read_part(path).num_rows == rows)
+        return bool(pq.read_metadata(path).num_rows == rows)
     except (OSError, ValueError, pa.ArrowException):
         return False
 
@@ -162,12 +181,13 @@ class Merger:
             self.next += 1
 
     def _file(self, part: int) -> Path:
-        local = self.staging / part_name(part, "local")
+        local = local_part(self.staging, part)
         return local if local.exists() else written(self.staging)[part]
 
     def _append(self, path: Path) -> None:
+        table = read_part(path)
         if self._writer is None:
-            schema = pq.read_schema(path).remove_metadata()
+            schema = table.schema.remove_metadata()
             self._schema = schema.with_metadata({META_KEY: json.dumps(self.metadata, sort_keys=True).encode()})
             fd, tmp = tempfile.mkstemp(prefix=f".{self.output.name}.", dir=self.staging)
             os.close(fd)
@@ -176,7 +196,7 @@ class Merger:
             # before Arrow falls back to plain, and leaves a larger file.
             self._writer = pq.ParquetWriter(tmp, self._schema, use_dictionary=self.dictionary or False)
         assert self._schema is not None
-        table = pq.read_table(path).select(self._schema.names).cast(self._schema)
+        table = table.select(self._schema.names).cast(self._schema)
         self.rows += table.num_rows
         self._writer.write_table(table)
 

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from cloud_batch.errors import InputError
 from cloud_batch.score.inputs import Chunk
-from cloud_batch.score.parts import part_name
+from cloud_batch.score.parts import local_part
 from cloud_batch.score.video import result_column
 from edge_agent.errors import EdgeError
 from edge_agent.inference.runtime import LoadedModel, RuntimeOptions
@@ -58,13 +57,16 @@ def is_classifier(manifest: Manifest) -> bool:
 
 
 def write_part(staging: str | Path, part: int, table: pa.Table) -> None:
-    """Store partition ``part``: a hidden temp file renamed into place, so it exists only complete."""
+    """Store partition ``part``: a hidden temp file renamed into place, so it exists only complete.
+
+    An uncompressed Arrow IPC file: a staging file, which the merge reads back as it is and encodes once.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{part}_", suffix=".tmp", dir=staging)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            # A staging file: the merge encodes once. Dictionary encoding here cost 6.6 ms of a part's 7.5 ms.
-            pq.write_table(table, fh, compression="none", use_dictionary=False, write_statistics=False)
-        os.replace(tmp, Path(staging) / part_name(part, "local"))
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(tmp, local_part(staging, part))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
