@@ -15,7 +15,6 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from edge_agent.wire.topics import features_topic
 from tests.broker import Broker
 from tests.support.big_features import one_complete_version, write_big
 from tests.support.ota import FLEET
+from tests.support.wait import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,13 +138,8 @@ def test_kill9_during_the_apply_of_a_large_snapshot_release(broker: Broker, tmp_
         except (FileNotFoundError, ValueError):
             return None
 
-    def wait_for(pred: Callable[[], Any], what: str, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred():
-            log = (tmp_path / f"device-{len(procs) - 1}.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"seed {seed}: timed out waiting for {what}\n{log}"
-            assert proc.poll() is None or what == "the kill", f"seed {seed}: device died\n{log}"
-            time.sleep(0.01)
+    def log() -> str:
+        return f"seed {seed}: " + (tmp_path / f"device-{len(procs) - 1}.log").read_text()[-3000:]
 
     try:
         rel = Release(
@@ -164,21 +159,29 @@ def test_kill9_during_the_apply_of_a_large_snapshot_release(broker: Broker, tmp_
         for kill_at in (rng.randint(20, 400), rng.randint(20, 400)):
             saves = len((record() or {"history": []})["history"])
             proc = start(kill_at=kill_at)
-            wait_for(lambda proc=proc: proc.poll() is not None, "the kill", proc)
-            assert proc.returncode == -signal.SIGKILL, (tmp_path / f"device-{len(procs) - 1}.log").read_text()[-3000:]
+            wait_for(lambda proc=proc: proc.poll() is not None, 120, "the kill", detail=log)
+            assert proc.returncode == -signal.SIGKILL, log()
             r = record()
             assert r is not None and r["state"] == "activating" and len(r["history"]) > saves
             outcomes.append(_one_complete_version(db))
             assert outcomes[-1] == "1"  # the transaction never committed
         saves = len(record()["history"])  # type: ignore[index]
         timed = start(kill_at=0)
-        wait_for(lambda: len((record() or {"history": []})["history"]) > saves, "the resume", timed)
+        wait_for(
+            lambda: len((record() or {"history": []})["history"]) > saves, 120, "the resume", proc=timed, detail=log
+        )
         time.sleep(rng.uniform(0.0, 0.5))
         timed.send_signal(signal.SIGKILL)
         timed.wait(timeout=10)
         outcomes.append(_one_complete_version(db))
         last = start(kill_at=0)
-        wait_for(lambda: (r := record()) is not None and r["state"] == "committed", "the update to commit", last)
+        wait_for(
+            lambda: (r := record()) is not None and r["state"] == "committed",
+            120,
+            "the update to commit",
+            proc=last,
+            detail=log,
+        )
         assert _one_complete_version(db) == "2"
         final = record()
         assert final is not None and final["release_id"] == rel.release_id

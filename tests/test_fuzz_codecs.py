@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.errors import BundleRejected, EdgeError, ManifestError, RequestError
+from edge_agent.errors import BundleRejected, BundleSchemaError, EdgeError, ManifestError, RequestError
 from edge_agent.jsonlimits import json_depth, loads_limited
 from edge_agent.wire import kserve_v2 as v2
 from edge_agent.wire import protocol
@@ -135,11 +135,7 @@ def test_bundle_reader(tmp_path_factory: Any, info: Any, rows: int, shape: list[
     with zipfile.ZipFile(io.BytesIO(bytes(blob))) as zf:
         members = {n: zf.read(n) for n in zf.namelist()}
     members["values.npy"] = members["values.npy"].replace(str((rows, 2)).encode(), str(tuple(shape)).encode(), 1)
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as zf:
-        for n, data in members.items():
-            zf.writestr(n, data)
-    blob = bytearray(out.getvalue())
+    blob = bytearray(_zip(members))
     if flip and flip < len(blob):
         blob[flip] ^= 0xFF
     _write_bundle_dir(root, bytes(blob), rows, info)
@@ -176,17 +172,48 @@ def _write_bundle_dir(root: Path, blob: bytes, rows: int, info: Any = None) -> N
     (root / "data.npz").write_bytes(blob)
 
 
-def test_a_nul_byte_in_an_npy_header_is_a_rejection(tmp_path: Path) -> None:
-    """numpy tokenizes .npy headers; on Python 3.12+ a NUL there is a tokenize.TokenError, not a ValueError."""
+def _zip(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression) as zf:
+        for n, data in members.items():
+            zf.writestr(n, data)
+    return out.getvalue()
+
+
+def _one_row_members() -> dict[str, bytes]:
     members = {"entities": np.array(["e0"]), "event_ts": np.zeros(1), "values": np.zeros((1, 2))}
     with zipfile.ZipFile(io.BytesIO(_npz(members))) as zf:
-        files = {n: zf.read(n) for n in zf.namelist()}
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def test_a_nul_byte_in_an_npy_header_is_a_rejection(tmp_path: Path) -> None:
+    """numpy tokenizes .npy headers; on Python 3.12+ a NUL there is a tokenize.TokenError, not a ValueError."""
+    files = _one_row_members()
     files["values.npy"] = files["values.npy"].replace(b"'descr'", b"'de\x00cr'", 1)
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w") as zf:
-        for n, data in files.items():
-            zf.writestr(n, data)
-    _write_bundle_dir(tmp_path, out.getvalue(), rows=1)
+    _write_bundle_dir(tmp_path, _zip(files), rows=1)
+    with pytest.raises(BundleRejected):
+        read_bundle(tmp_path)
+
+
+def test_an_npy_header_of_version_3_is_refused_by_name(tmp_path: Path) -> None:
+    """Version 3.0 headers are not parsed apart from their array, so their shape cannot be checked first."""
+    files = _one_row_members()
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.zeros((1, 2)), version=(3, 0))
+    files["values.npy"] = buf.getvalue()
+    _write_bundle_dir(tmp_path, _zip(files), rows=1)
+    with pytest.raises(BundleSchemaError, match=r"header other than 1\.0/2\.0"):
+        read_bundle(tmp_path)
+
+
+def test_a_corrupt_compressed_member_is_a_rejection(tmp_path: Path) -> None:
+    """A deflated member whose stream is broken raises zlib.error inside numpy: still the bundle's own error."""
+    blob = bytearray(_zip(_one_row_members(), zipfile.ZIP_DEFLATED))
+    with zipfile.ZipFile(io.BytesIO(bytes(blob))) as zf:
+        info = zf.getinfo("values.npy")
+    data_at = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    blob[data_at : data_at + 8] = b"\xff" * 8  # a deflate stream cannot start with a reserved block type
+    _write_bundle_dir(tmp_path, bytes(blob), rows=1)
     with pytest.raises(BundleRejected):
         read_bundle(tmp_path)
 

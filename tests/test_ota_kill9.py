@@ -49,6 +49,7 @@ from edge_agent.wire.signing import sign
 from edge_agent.wire.topics import presence_topic, release_topic
 from tests.broker import Broker
 from tests.support.ota import relabel
+from tests.support.wait import wait_for
 
 FLEET = "kill9"
 DEVICE_ID = "dev-k9"
@@ -172,13 +173,6 @@ class DeviceProcess:
 
     def last_log(self) -> str:
         return (self.log_dir / f"device-{self.starts:02d}.log").read_text()[-3000:]
-
-
-def wait_for(pred: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def check_store_intact(data: Path) -> str:
@@ -307,7 +301,7 @@ def test_kill9_at_random_points_during_updates(rig: Rig, tmp_path: Path, digits_
             device.kill9()
             saves_at_kill = len(on_disk["history"]) if on_disk else -1
             if not kills:  # the broker tells the fleet: the device's will
-                wait_for(lambda: rig.presence[-1:] == [b"offline"], "presence offline after kill -9")
+                wait_for(lambda: rig.presence[-1:] == [b"offline"], 30, "presence offline after kill -9")
             kills.append(f"v{version} aim={aim} hit={hit} state={on_disk and on_disk['state']}")
             # The store is intact after every kill, whatever the moment...
             check_store_intact(device.data)
@@ -316,7 +310,7 @@ def test_kill9_at_random_points_during_updates(rig: Rig, tmp_path: Path, digits_
             served = device.wait_serving()
             verify_version_dir(ModelStore(device.data).version_dir("digits", served["version"]))
             if len(kills) == 1:
-                wait_for(lambda: rig.presence[-1:] == [b"online"], "presence online after the restart")
+                wait_for(lambda: rig.presence[-1:] == [b"online"], 30, "presence online after the restart")
         # Left alone, the update finishes the way it should.
         deadline = time.monotonic() + 60
         while True:
@@ -337,7 +331,7 @@ def test_kill9_at_random_points_during_updates(rig: Rig, tmp_path: Path, digits_
             time.sleep(0.05)
         if final == "committed":  # the record is saved `committed` before its final action (mark good) runs
             good = lambda v=version: v in ModelStore(device.data).state("digits").good  # noqa: E731
-            wait_for(good, f"seed {seed}: v{version} marked good")
+            wait_for(good, 30, f"seed {seed}: v{version} marked good")
 
     print(f"seed {seed}; kills:\n  " + "\n  ".join(kills))
     assert len(kills) >= 20, f"seed {seed}: only {len(kills)} kills: {kills}"

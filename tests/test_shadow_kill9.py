@@ -19,8 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from cloud_batch.cli.main import main as cloud_batch
@@ -29,6 +27,7 @@ from tests.broker import Broker
 from tests.support.env import free_port
 from tests.support.ota import relabel
 from tests.support.shadow import Traffic, digits_body
+from tests.support.wait import wait_for
 
 BIN = Path(sys.executable).parent
 FLEET = "shadow-k9"
@@ -45,14 +44,6 @@ def _saved_samples(data_dir: Path) -> int:
     """Samples in the shadow figures saved with the update record (what a restart resumes from)."""
     saved = ((record_state(data_dir) or {}).get("details") or {}).get("shadow_state") or {}
     return int((saved.get("figures") or {}).get("samples", 0))
-
-
-def wait_for(pred: Callable[[], object], what: str, proc: subprocess.Popen | None = None, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert proc is None or proc.poll() is None, f"the agent exited while waiting for {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_kill9_while_shadowing_resumes_and_never_serves_the_candidate_unpromoted(
@@ -76,21 +67,21 @@ def test_kill9_while_shadowing_resumes_and_never_serves_the_candidate_unpromoted
     proc = start()
     try:
         with Traffic("127.0.0.1", port, digits_body(digits_dir)) as traffic:
-            wait_for(lambda: len(traffic.versions) >= 20, "digits 1 to answer", proc)
+            wait_for(lambda: len(traffic.versions) >= 20, 90, "digits 1 to answer", proc=proc)
             release = ["release", "digits", "--version", "2", "--fleet", FLEET, "--registry", str(registry)]
             release += ["--key", str(keys / "signing.key"), "--broker", broker.url, "--health-window-s", "0.5"]
             release += ["--shadow", "--shadow-rate", "1", "--shadow-min-samples", "1000000", "--shadow-window-s", "4"]
             assert cloud_batch([*release, "--promote-if", "agreement>=0.98,latency<=20", "--no-progress"]) == 0
-            wait_for(lambda: (record_state(data_dir) or {}).get("state") == "shadowing", "shadowing", proc)
-            wait_for(lambda: _saved_samples(data_dir) > 0, "figures saved with the record", proc)
+            wait_for(lambda: (record_state(data_dir) or {}).get("state") == "shadowing", 90, "shadowing", proc=proc)
+            wait_for(lambda: _saved_samples(data_dir) > 0, 90, "figures saved with the record", proc=proc)
             os.kill(proc.pid, signal.SIGKILL)
             saved = _saved_samples(data_dir)
             proc.wait(10)
             assert ModelStore(data_dir).active("digits") == "1"  # what the restarted agent serves first
             served_at_kill = len(traffic.versions)
             proc = start()
-            wait_for(lambda: (record_state(data_dir) or {}).get("state") == "committed", "the commit", proc)
-            wait_for(lambda: traffic.versions.count("2") >= 5, "digits 2 to answer", proc)
+            wait_for(lambda: (record_state(data_dir) or {}).get("state") == "committed", 90, "the commit", proc=proc)
+            wait_for(lambda: traffic.versions.count("2") >= 5, 90, "digits 2 to answer", proc=proc)
         record = record_state(data_dir)
         assert record is not None
         states = [s for s, _ in record["history"]]

@@ -23,6 +23,7 @@ from edge_agent.inference.childproc import lower_priority
 from edge_agent.models.shadow import ShadowModel, ShadowRunner, priority
 from edge_agent.wire.shadow import PRIORITIES
 from tests.support.shadow import offer
+from tests.support.wait import until, wait_for
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
 
@@ -36,13 +37,6 @@ def _policies(pid: int) -> dict[int, int]:
         stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
         out[int(tid)] = int(stat[stat.rindex(")") + 2 :].split()[38])
     return out
-
-
-def _wait(condition: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 # Run as ``nobody`` with the system Python (the venv's may sit under an unreadable /root): a forked
@@ -144,7 +138,7 @@ def test_the_real_shadow_process_runs_idle_and_keeps_comparing_on_a_saturated_cp
         assert shadow.child_pid is not None and shadow.priority == priority.IDLE
         assert set(_policies(shadow.child_pid).values()) == {POLICY_IDLE}
         offer(shadow, digits_dir, 20)
-        _wait(lambda: shadow.figures().samples >= 20, 60)  # (a busy host may already have starved it)
+        wait_for(lambda: shadow.figures().samples >= 20, 60, "20 samples")  # (a busy host may already have starved it)
         # Busy processes on every core at normal priority: the idle child gets (almost) nothing.
         started = ctx.Semaphore(0)
         spinners = [ctx.Process(target=_spin, args=(180.0, started)) for _ in range(2 * (os.cpu_count() or 1))]
@@ -153,19 +147,23 @@ def test_the_real_shadow_process_runs_idle_and_keeps_comparing_on_a_saturated_cp
         for _ in spinners:  # every spinner running before the copies: on a fast runtime the child would
             assert started.acquire(timeout=30)  # otherwise finish 3,000 copies in the first 0.1 s
         time.sleep(0.3)
+
         # Copies until the idle child starves: crumbs of CPU let a fast runtime (ai-edge-litert) answer a
         # batch now and then, so one batch of 3,000 copies may be done before any hand-over waits STARVED_S.
+        def starved() -> bool:
+            return shadow.priority == priority.NICE_NAME
+
         deadline = time.monotonic() + 120
-        while shadow.priority != priority.NICE_NAME and time.monotonic() < deadline:
+        while not starved() and time.monotonic() < deadline:
             offer(shadow, digits_dir, 1000)
-            end = time.monotonic() + 2 * priority.STARVED_S
-            while shadow.priority != priority.NICE_NAME and time.monotonic() < end:
-                time.sleep(0.05)
-        assert shadow.priority == priority.NICE_NAME, "the runner gave the child its nice back"
+            until(starved, 2 * priority.STARVED_S)
+        assert starved(), "the runner gave the child its nice back"
         assert set(_policies(shadow.child_pid).values()) == {0}
         seen = shadow.figures().samples
         offer(shadow, digits_dir, 100)
-        _wait(lambda: shadow.figures().samples >= seen + 20, 120)  # and it keeps comparing at nice 10
+        wait_for(
+            lambda: shadow.figures().samples >= seen + 20, 120, "20 more samples"
+        )  # and it keeps comparing at nice 10
         assert shadow.failure is None and shadow.figures().agreement == 1.0
     finally:
         for p in spinners:

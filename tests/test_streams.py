@@ -26,8 +26,9 @@ from edge_agent.streams.video import progress_line, terminal_progress
 from edge_agent.wire.topics import stream_results_topic
 from tests.apiserver import ApiServer
 from tests.support.env import MODELS
-from tests.support.streams import get_json, stream_config, subscribe_ready, wait_for
+from tests.support.streams import get_json, stream_config, subscribe_ready
 from tests.support.video import digit_frame, digits_clip, write_clip
+from tests.support.wait import wait_for
 
 
 def test_digits_clip_is_classified_and_mqtt_matches_latest(tmp_path: Path, model_server: ModelServer, mk_link) -> None:

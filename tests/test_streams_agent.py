@@ -17,8 +17,9 @@ from sklearn.datasets import load_digits
 
 from edge_agent.telemetry.outbox import DB_FILE, Outbox
 from tests.support.env import free_port
-from tests.support.streams import get_json, start_agent, wait_for
+from tests.support.streams import get_json, start_agent
 from tests.support.video import MjpegServer, digit_frame
+from tests.support.wait import wait_for
 
 
 def _stream(url: str, sid: str) -> dict:

@@ -31,8 +31,9 @@ from edge_agent.models.serving import ModelServer
 from edge_agent.models.store import ModelStore
 from edge_agent.streams.manager import StreamManager
 from edge_agent.streams.rate import RecentRate
-from tests.support.streams import rss_bytes, slow_backend, started_stream, stream_config, wait_for
+from tests.support.streams import rss_bytes, slow_backend, started_stream, stream_config
 from tests.support.video import digits_clip
+from tests.support.wait import wait_for
 
 DELAY_S = 0.025
 

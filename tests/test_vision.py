@@ -26,8 +26,9 @@ from edge_agent.streams.video import video_frames
 from edge_agent.wire.model.vision import parse_postprocessing
 from tests.support.env import MODELS
 from tests.support.mediapipe import FACE_FIELDS, astronaut_bgr, face_detector
-from tests.support.streams import iou, started_stream, stream_config, wait_for
+from tests.support.streams import iou, started_stream, stream_config
 from tests.support.video import digits_clip, write_clip
+from tests.support.wait import wait_for
 
 # The astronaut's face (eyebrows to chin, cheek to cheek) in the 512x512 photo, measured once by eye.
 FACE_BOX = [183.0, 80.0, 272.0, 182.0]

@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import tokenize
 import zipfile
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ import numpy as np
 
 from cloud_batch.errors import InputError
 from edge_agent.wire.model.manifest import Manifest, TensorSpec
+from edge_agent.wire.npy import NPY_ERRORS, read_header
 
 TABLE_SUFFIXES = (".parquet", ".pq", ".csv")
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -40,12 +39,6 @@ HASH_BLOCK = 1 << 20
 MAX_SHOWN = 5
 ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature, 5 shorts, crc and sizes, name and extra lengths
 ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
-# What a bad .npy/.npz raises (zlib and NotImplementedError: corrupt or unsupported compressed members;
-# SyntaxError and TokenError: numpy tokenizes a header it cannot parse, and a NUL byte there is a
-# TokenError on Python 3.12+, as the bundle reader also found).
-READ_ERRORS = (
-    ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, SyntaxError, tokenize.TokenError,
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -190,7 +183,7 @@ class NumpyReader:
         fp = fingerprint_soon([path], path)
         try:
             raw, offsets = load_arrays(path, names[0])
-        except READ_ERRORS as exc:
+        except NPY_ERRORS as exc:
             raise InputError(f"cannot read {path}: {exc}") from exc
         missing, unknown = [n for n in names if n not in raw], [k for k in raw if k not in names]
         if missing or unknown:
@@ -218,7 +211,7 @@ def load_arrays(path: Path, npy_name: str) -> tuple[dict[str, np.ndarray], dict[
     zip CRC pass) and its offset is returned, so workers can map it there. The driver itself never
     maps the input: a long-lived process holding a map of a user's file dies (SIGBUS) if the file is
     rewritten in place. Other members are read as ``np.load`` reads them. Nothing is unpickled. Bad
-    files raise one of ``READ_ERRORS``.
+    files raise one of ``NPY_ERRORS``.
     """
     offsets: dict[str, int] = {}
     with open(path, "rb") as fh:
@@ -259,13 +252,11 @@ def _npz_member(
 def _plain_read(fh: BinaryIO, start: int, size: int, name: str, offsets: dict[str, int], key: str) -> np.ndarray | None:
     """The array whose ``.npy`` bytes lie at ``start`` (``size`` bytes), read from its data offset, which is
     recorded in ``offsets[key]``; None for a header other than 1.0/2.0 (read it as ``np.load`` does)."""
-    fmt = np.lib.format
     fh.seek(start)
-    version = fmt.read_magic(fh)
-    if version not in ((1, 0), (2, 0)):
+    header = read_header(fh)
+    if header is None:
         return None
-    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-    shape, fortran, dtype = read_header(fh)
+    shape, fortran, dtype = header
     if dtype.hasobject:
         raise ValueError(f"{name!r} holds Python objects, which are not loaded")
     offset, count = fh.tell(), int(np.prod(shape))

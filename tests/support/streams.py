@@ -6,26 +6,15 @@ import http.client
 import json
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from edge_agent.config.streams import StreamConfig, parse_stream
+from tests.support.wait import wait_for
 
 
 def stream_config(**fields: Any) -> StreamConfig:
     """A ``[[streams]]`` entry validated like the agent's config (``parse_stream``)."""
     return parse_stream({"id": "cam", **fields}, 0)
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll ``cond`` until it returns something truthy; fail the test with ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def get_json(url: str, path: str) -> tuple[int, Any]:

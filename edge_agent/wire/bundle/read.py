@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import tokenize
 import zipfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from edge_agent.errors import BundleIntegrityError, BundleRejected, BundleSchema
 from edge_agent.jsonlimits import loads_limited
 from edge_agent.wire.bundle.arrays import validate_arrays
 from edge_agent.wire.bundle.info import BUNDLE_FILE, DATA_FILE, MAX_ENTITY_LEN, Bundle, BundleInfo
+from edge_agent.wire.npy import NPY_ERRORS, read_header
 
 _ARRAYS = ("entities", "event_ts", "values", "deleted")
 MAX_JSON_DEPTH = 16  # bundle.json is 3 levels deep
@@ -86,8 +86,7 @@ def _load_npz(blob: bytes, info: BundleInfo) -> dict[str, np.ndarray]:
                     raise BundleValueError(f"bundle {info.id}: {k} is not a numeric/string array: {exc}") from exc
     except BundleRejected:
         raise
-    except (OSError, ValueError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile, EOFError) as exc:
-        # numpy parses a .npy header with tokenize: a NUL byte in it is a TokenError on Python 3.12+
+    except NPY_ERRORS as exc:
         raise BundleIntegrityError(f"bundle {info.id}: {DATA_FILE} is not a readable .npz: {exc}") from exc
     out.setdefault("deleted", np.empty(0, dtype="<U1"))
     return out
@@ -103,11 +102,10 @@ def _check_headers(zf: zipfile.ZipFile, names: set[str], info: BundleInfo) -> No
     }
     for k in names:
         with zf.open(f"{k}.npy") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
-            else:
-                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            header = read_header(fh)
+        if header is None:
+            raise BundleSchemaError(f"bundle {info.id}: {k} in {DATA_FILE} has an .npy header other than 1.0/2.0")
+        shape, dtype = header.shape, header.dtype
         if len(shape) > 2 or math.prod(shape) > math.prod(expected[k]):  # smaller: validate_arrays words it
             raise BundleSchemaError(
                 f"bundle {info.id}: {k} in {DATA_FILE} declares shape {tuple(shape)}, bundle.json implies {expected[k]}"
