@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import xxhash
 
 from cloud_batch.cli.main import main
 from cloud_batch.errors import InputError, RegistryError
@@ -66,7 +67,11 @@ def test_digits_npy_matches_the_device_runtime_row_by_row(sreg: Path, tmp_path: 
     assert meta is not None
     manifest = Manifest.load(sreg / "digits" / "1" / "manifest.json")
     assert (meta["model"], meta["version"], meta["engine"], meta["rows"]) == ("digits", "1", "local", 300)
-    assert meta["artifact_sha256"] == manifest.sha256 and len(meta["input_fingerprint"]) == 64
+    assert meta["artifact_sha256"] == manifest.sha256
+    data = (tmp_path / "x.npy").read_bytes()  # the documented fingerprint: XXH3-128 over name, size and bytes
+    assert (
+        meta["input_fingerprint"] == "xxh3-128:" + xxhash.xxh3_128(f"x.npy\0{len(data)}\0".encode() + data).hexdigest()
+    )
     assert not staging_dir(out).exists()
     groups = pq.read_metadata(out).row_group(0)  # scores and keys are plain: a dictionary of unique values is waste
     assert {

@@ -17,7 +17,6 @@ Every refusal is an ``InputError`` naming what is wrong (file, column, row).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import zipfile
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import numpy as np
+import xxhash
 
 from cloud_batch.errors import InputError
 from edge_agent.wire.model.manifest import Manifest, TensorSpec
@@ -36,6 +36,7 @@ from edge_agent.wire.npy import NPY_ERRORS, read_header
 TABLE_SUFFIXES = (".parquet", ".pq", ".csv")
 ARRAY_SUFFIXES = (".npy", ".npz")
 HASH_BLOCK = 1 << 20
+FINGERPRINT_ALGORITHM = "xxh3-128"
 MAX_SHOWN = 5
 ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature, 5 shorts, crc and sizes, name and extra lengths
 ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
@@ -104,7 +105,7 @@ class Reader(Protocol):
 
 
 def fingerprint_soon(files: Sequence[Path], root: Path) -> Callable[[], str]:
-    """Start :func:`fingerprint` in a thread (hashlib releases the GIL) while the reader checks the rows."""
+    """Start :func:`fingerprint` in a thread (its reads and XXH3 release the GIL) while the reader checks the rows."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="fingerprint")
     future = pool.submit(fingerprint, files, root)
     pool.shutdown(wait=False)
@@ -112,14 +113,20 @@ def fingerprint_soon(files: Sequence[Path], root: Path) -> Callable[[], str]:
 
 
 def fingerprint(files: Sequence[Path], root: Path) -> str:
-    """sha256 over every file's relative name, size and content, in order."""
-    h = hashlib.sha256()
+    """``xxh3-128:<hex>`` over every file's relative name, size and content, in order.
+
+    It names the input for resuming and refusing a rerun, not for trust (the model's artifact is the
+    sha256 that matters), so a fast non-cryptographic hash: XXH3 runs at memory speed, sha256 at
+    ~1.5 GB/s with SHA extensions (55 ms of the driver's CPU per 1,000,000 maintenance rows).
+    """
+    h = xxhash.xxh3_128()
+    block = bytearray(HASH_BLOCK)
     for f in files:
         h.update(f"{f.relative_to(root) if f != root else f.name}\0{f.stat().st_size}\0".encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(HASH_BLOCK):
-                h.update(block)
-    return h.hexdigest()
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(block):
+                h.update(memoryview(block)[:n])
+    return f"{FINGERPRINT_ALGORITHM}:{h.hexdigest()}"
 
 
 def shown(items: Sequence[object]) -> str:
