@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -21,9 +22,10 @@ import xxhash
 from cloud_batch.cli.main import main
 from cloud_batch.errors import InputError, RegistryError
 from cloud_batch.features.build import FeatureRegistry
-from cloud_batch.score.inputs import ArrayChunk, InputOptions, NumpyReader
+from cloud_batch.score.inputs import ArrayChunk, InputOptions, fingerprint
 from cloud_batch.score.job import score
 from cloud_batch.score.local import MappedChunk, pool_context, run_local, shared_inputs
+from cloud_batch.score.npfiles import NumpyReader
 from cloud_batch.score.parts import Merger, local_part, read_metadata, read_part, staging_dir, written
 from cloud_batch.score.worker import ScorerSpec, write_part
 from edge_agent.inference.preprocess import load_input_file
@@ -293,6 +295,34 @@ def test_plain_npz_members_are_mapped_where_they_lie_and_score_as_read_ones(sreg
     for name, out in zip(["plain.npz", "packed.npz"], outs, strict=True):
         score(sreg, "maintenance", "1", tmp_path / name, out, workers=2, partition_rows=64, progress=False)
     assert pq.read_table(outs[0]).equals(pq.read_table(outs[1]))
+
+
+def test_rows_already_in_the_file_are_checked_in_one_pass_and_never_held_by_the_driver(
+    sreg: Path, tmp_path: Path
+) -> None:
+    """A plain float32 .npy/.npz is fingerprinted and checked a block at a time: the driver's peak stays far
+    below the file's size, the chunks only say where the rows lie, and the fingerprint is the documented one."""
+    x = digits_rows(40_000)  # 10 MB
+    np.save(tmp_path / "x.npy", x)
+    rng = np.random.default_rng(4)
+    live, assets = rng.normal(10, 3, (5_000, 4)).astype(np.float32), rng.uniform(0, 5, (5_000, 18)).astype(np.float32)
+    np.savez(tmp_path / "m.npz", live=live, asset_features=assets)
+    for name, path, arrays in (("digits", tmp_path / "x.npy", {"pixels": x}),
+                               ("maintenance", tmp_path / "m.npz", {"live": live, "asset_features": assets})):  # fmt: skip
+        manifest = Manifest.load(sreg / name / "1" / "manifest.json")
+        tracemalloc.start()
+        try:
+            rows = NumpyReader().read(path, manifest, InputOptions(sreg))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 3 << 20, f"the driver held {peak:,} bytes reading {path.stat().st_size:,}"
+        assert rows.fingerprint == fingerprint([path], path)
+        chunk = rows.chunk(1_000, 2_000)
+        assert isinstance(chunk, ArrayChunk) and chunk.arrays == {} and set(chunk.stored) == set(arrays)
+        feeds = chunk.feeds()
+        assert all(np.array_equal(feeds[k], v[1_000:2_000].reshape(feeds[k].shape)) for k, v in arrays.items())
+        assert chunk.loaded().stored == {} and chunk.loaded().feeds().keys() == feeds.keys()  # what Ray is sent
 
 
 def test_a_scoring_worker_keeps_its_heap_on_glibc() -> None:

@@ -71,6 +71,8 @@ CASES: dict[str, tuple[str, Setup, str]] = {
     "npy with NaN": (
         "digits", lambda tmp: (_npy(tmp, np.where(np.arange(64) == 9, np.nan, 1.0).reshape(1, 8, 8, 1)), []),
         "NaN in row 1, column element 9"),
+    "float32 npy with an infinity (read in place, then named)": (
+        "digits", lambda tmp: (_npy(tmp, _with_inf(digits_rows(3))), []), "an infinite value in row 3, column element 28"),
     "npy header with a NUL byte": ("digits", lambda tmp: (_nul_header_npy(tmp), []), "cannot read"),
     "npz member shorter than its header": ("digits", lambda tmp: (_short_npz(tmp), []), "cannot read"),
     "npz member that is not an array": ("digits", lambda tmp: (_zip(tmp, "pixels", b"not an array"), []), "not an .npy array"),
@@ -87,6 +89,12 @@ CASES: dict[str, tuple[str, Setup, str]] = {
     "--publish-features with repeated keys": (
         "maintenance", _maint(live_frame(60), "--publish-features", "s", "--features-version", "1"), "10 keys repeat"),
 }  # fmt: skip
+
+
+def _with_inf(rows: np.ndarray) -> np.ndarray:
+    assert rows.dtype == np.float32  # the model's rows as they are: the one-pass check finds it, the load names it
+    rows[2, 3, 4, 0] = np.inf
+    return rows
 
 
 def _npy(tmp: Path, arr: np.ndarray) -> Path:

@@ -6,40 +6,33 @@ worker turns into model inputs with ``feeds()``. Tabular and NumPy inputs are ch
 driver (their chunks carry arrays); image chunks carry file names and are decoded in the workers
 (``images.py``). ``readers.py`` lists the readers; a video reader is one more entry there.
 
-NumPy arrays stored plain (an ``.npy``, or an ``.npz`` member written without compression, as
-``np.savez`` does) are read straight from their offset (no zip CRC pass): when an array already is the
-model's float32 rows, its chunks say where they lie in the file (``ArrayChunk.stored``) and the workers
-map them there (``local.py``), so the driver does not copy them again. Like any batch engine reading
-files in place, this expects the input not to change while it is scored.
+Rows that already lie in the input file as the model's float32 rows are not held by the driver: a
+chunk says where they are (``StoredRows``) and the workers map them there (``local.py``); the NumPy
+reader (``npfiles.py``) finds them.
 
 Every refusal is an ``InputError`` naming what is wrong (file, column, row).
 """
 
 from __future__ import annotations
 
-import os
-import struct
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 import numpy as np
 import xxhash
 
 from cloud_batch.errors import InputError
 from edge_agent.wire.model.manifest import Manifest, TensorSpec
-from edge_agent.wire.npy import NPY_ERRORS, read_header
 
 TABLE_SUFFIXES = (".parquet", ".pq", ".csv")
 ARRAY_SUFFIXES = (".npy", ".npz")
 HASH_BLOCK = 1 << 20
 FINGERPRINT_ALGORITHM = "xxh3-128"
 MAX_SHOWN = 5
-ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature, 5 shorts, crc and sizes, name and extra lengths
-ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
+FLOAT32 = np.dtype(np.float32)  # the model's real-valued rows, as every reader hands them over
 
 
 @dataclass(frozen=True)
@@ -61,20 +54,44 @@ class Chunk(Protocol):
     def feeds(self) -> dict[str, np.ndarray]: ...
 
 
+@dataclass(frozen=True)
+class StoredRows:
+    """Checked rows that lie in ``file`` from ``offset`` on as the model's float32 rows (C order, ``shape``)."""
+
+    file: str
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:])) * FLOAT32.itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
+
+    def rows(self, start: int, stop: int) -> StoredRows:
+        return StoredRows(self.file, self.offset + start * self.row_bytes, (stop - start, *self.shape[1:]))
+
+    def read(self) -> np.ndarray:
+        count = int(np.prod(self.shape))
+        return np.fromfile(self.file, FLOAT32, count, offset=self.offset).reshape(self.shape)
+
+
 @dataclass
 class ArrayChunk:
-    """Rows already checked: real-valued arrays per model input.
-
-    ``stored[name] = (file, offset)``: that array's rows lie as they are (float32, C order) in
-    ``file`` from ``offset`` on, so a worker can map them instead of receiving a copy.
-    """
+    """Rows already checked: real-valued arrays per model input, held (``arrays``) or in the input file (``stored``)."""
 
     keys: np.ndarray
     arrays: dict[str, np.ndarray]
-    stored: dict[str, tuple[str, int]] = field(default_factory=dict)
+    stored: dict[str, StoredRows] = field(default_factory=dict)
 
     def feeds(self) -> dict[str, np.ndarray]:
-        return self.arrays
+        return {**self.arrays, **{name: rows.read() for name, rows in self.stored.items()}}
+
+    def loaded(self) -> ArrayChunk:
+        """This chunk with its stored rows read: for workers that may not see the input file (Ray)."""
+        return ArrayChunk(self.keys, self.feeds()) if self.stored else self
 
 
 @dataclass
@@ -119,13 +136,24 @@ def fingerprint(files: Sequence[Path], root: Path) -> str:
     sha256 that matters), so a fast non-cryptographic hash: XXH3 runs at memory speed, sha256 at
     ~1.5 GB/s with SHA extensions (55 ms of the driver's CPU per 1,000,000 maintenance rows).
     """
-    h = xxhash.xxh3_128()
+    h: xxhash.xxh3_128 | None = None
     block = bytearray(HASH_BLOCK)
     for f in files:
-        h.update(f"{f.relative_to(root) if f != root else f.name}\0{f.stat().st_size}\0".encode())
+        h = new_fingerprint(f, root, f.stat().st_size, h)
         with open(f, "rb", buffering=0) as fh:
             while n := fh.readinto(block):
                 h.update(memoryview(block)[:n])
+    return fingerprint_digest(h or new_fingerprint(root, root, 0))
+
+
+def new_fingerprint(f: Path, root: Path, size: int, h: xxhash.xxh3_128 | None = None) -> xxhash.xxh3_128:
+    """The fingerprint's hash (``h``, or a new one) after file ``f``'s name and size; its bytes come next."""
+    h = h or xxhash.xxh3_128()
+    h.update(f"{f.relative_to(root) if f != root else f.name}\0{size}\0".encode())
+    return h
+
+
+def fingerprint_digest(h: xxhash.xxh3_128) -> str:
     return f"{FINGERPRINT_ALGORITHM}:{h.hexdigest()}"
 
 
@@ -173,107 +201,6 @@ def as_input(spec: TensorSpec, arr: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(arr.reshape(rows), dtype=np.float32)
 
 
-class NumpyReader:
-    """``.npy`` (a single-input model) or ``.npz`` (one array per input name); keyed by row index."""
-
-    kind = "numpy"
-
-    def matches(self, path: Path) -> bool:
-        return path.is_file() and path.suffix.lower() in ARRAY_SUFFIXES
-
-    def read(self, path: Path, manifest: Manifest, options: InputOptions) -> InputRows:
-        if options.entity_key or options.mapping or options.features:
-            raise InputError("--entity-key, --map and --features apply to tabular inputs (Parquet/CSV), not .npy/.npz")
-        names = [s.name for s in manifest.inputs]
-        if path.suffix.lower() == ".npy" and len(names) != 1:
-            raise InputError(f"{manifest.name} has inputs {names}; give an .npz with one array per input")
-        fp = fingerprint_soon([path], path)
-        try:
-            raw, offsets = load_arrays(path, names[0])
-        except NPY_ERRORS as exc:
-            raise InputError(f"cannot read {path}: {exc}") from exc
-        missing, unknown = [n for n in names if n not in raw], [k for k in raw if k not in names]
-        if missing or unknown:
-            raise InputError(f"{path.name}: arrays {sorted(raw)} do not match the model's inputs {names}")
-        arrays: dict[str, np.ndarray] = {}
-        stored: dict[str, tuple[str, int]] = {}
-        for spec in manifest.inputs:
-            arr = raw[spec.name]
-            what = f"{path.name}[{spec.name!r}]"
-            if arr.dtype.kind not in "fiub" or arr.dtype.kind == "b" or arr.ndim == 0:
-                raise InputError(f"{what}: dtype {arr.dtype} is not numeric rows")
-            check_finite(arr, what)
-            arrays[spec.name] = as_input(spec, arr, what)
-            if spec.name in offsets and arr.size and arrays[spec.name].ctypes.data == arr.ctypes.data:
-                stored[spec.name] = (str(path), offsets[spec.name])  # already the model's rows: mapped there
-        n = require_rows({len(a) for a in arrays.values()}, path)
-        return array_rows(self.kind, arrays, "row", np.arange(n, dtype=np.int64), fp(), stored=stored)
-
-
-def load_arrays(path: Path, npy_name: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """The arrays of an ``.npy`` (named ``npy_name``) or ``.npz``, and where the plain ones start in the file.
-
-    A plain array is an ``.npy``, or an ``.npz`` member stored without compression (what ``np.savez``
-    writes), with a 1.0/2.0 header: it is read straight from its offset (for a member, without the
-    zip CRC pass) and its offset is returned, so workers can map it there. The driver itself never
-    maps the input: a long-lived process holding a map of a user's file dies (SIGBUS) if the file is
-    rewritten in place. Other members are read as ``np.load`` reads them. Nothing is unpickled. Bad
-    files raise one of ``NPY_ERRORS``.
-    """
-    offsets: dict[str, int] = {}
-    with open(path, "rb") as fh:
-        if path.suffix.lower() == ".npy":
-            size = os.fstat(fh.fileno()).st_size
-            arr = _plain_read(fh, 0, size, path.name, offsets, npy_name)
-            return {npy_name: arr if arr is not None else np.load(path, allow_pickle=False)}, offsets
-        arrays = {}
-        with zipfile.ZipFile(fh) as zf:
-            for info in zf.infolist():
-                key = info.filename.removesuffix(".npy")
-                arrays[key] = _npz_member(zf, fh, info, offsets, key)
-        return arrays, offsets
-
-
-def _npz_member(
-    zf: zipfile.ZipFile, fh: BinaryIO, info: zipfile.ZipInfo, offsets: dict[str, int], key: str
-) -> np.ndarray:
-    name = info.filename
-    if info.flag_bits & 0x1:
-        raise ValueError(f"member {name!r} is encrypted")
-    if not name.endswith(".npy"):
-        raise ValueError(f"member {name!r} is not an .npy array")
-    if info.compress_type == zipfile.ZIP_STORED:
-        fh.seek(info.header_offset)
-        head = fh.read(ZIP_LOCAL_HEADER.size)
-        fields = ZIP_LOCAL_HEADER.unpack(head) if len(head) == ZIP_LOCAL_HEADER.size else (b"",)
-        if fields[0] != ZIP_LOCAL_SIGNATURE:
-            raise ValueError(f"member {name!r}: no local header at offset {info.header_offset}")
-        start = info.header_offset + ZIP_LOCAL_HEADER.size + fields[-2] + fields[-1]
-        arr = _plain_read(fh, start, info.file_size, name, offsets, key)
-        if arr is not None:
-            return arr
-    with zf.open(info) as member:
-        return np.lib.format.read_array(member, allow_pickle=False)
-
-
-def _plain_read(fh: BinaryIO, start: int, size: int, name: str, offsets: dict[str, int], key: str) -> np.ndarray | None:
-    """The array whose ``.npy`` bytes lie at ``start`` (``size`` bytes), read from its data offset, which is
-    recorded in ``offsets[key]``; None for a header other than 1.0/2.0 (read it as ``np.load`` does)."""
-    fh.seek(start)
-    header = read_header(fh)
-    if header is None:
-        return None
-    shape, fortran, dtype = header
-    if dtype.hasobject:
-        raise ValueError(f"{name!r} holds Python objects, which are not loaded")
-    offset, count = fh.tell(), int(np.prod(shape))
-    if offset + count * dtype.itemsize > start + size:
-        raise ValueError(f"{name!r}: {shape} of {dtype} do not fit its {size} bytes")
-    data = np.fromfile(fh, dtype, count) if count else np.empty(0, dtype)
-    offsets[key] = offset
-    return data.reshape(shape, order="F" if fortran else "C")
-
-
 def require_rows(lengths: set[int], path: Path) -> int:
     if len(lengths) != 1:
         raise InputError(f"{path}: the model's inputs have different row counts {sorted(lengths)}")
@@ -290,14 +217,13 @@ def array_rows(
     keys: np.ndarray,
     fp: str,
     *,
-    stored: Mapping[str, tuple[str, int]] | None = None,
+    stored: Mapping[str, StoredRows] | None = None,
     identity: Mapping[str, object] | None = None,
 ) -> InputRows:
-    """InputRows over checked arrays: a chunk is a slice of every array (``stored``: see ``ArrayChunk``)."""
-    row_bytes = {k: arrays[k][:1].nbytes for k in stored or {}}
+    """InputRows over checked rows: a chunk is a slice of every array and of every ``StoredRows``."""
 
     def slicer(start: int, stop: int) -> Chunk:
-        at = {k: (file, offset + start * row_bytes[k]) for k, (file, offset) in (stored or {}).items()}
+        at = {k: rows.rows(start, stop) for k, rows in (stored or {}).items()}
         return ArrayChunk(keys[start:stop], {k: v[start:stop] for k, v in arrays.items()}, at)
 
     return InputRows(kind, len(keys), key_name, keys, fp, slicer, identity=dict(identity or {}))

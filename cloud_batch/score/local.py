@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud_batch.errors import RegistryError
-from cloud_batch.score.inputs import ArrayChunk, Chunk
+from cloud_batch.score.inputs import FLOAT32, ArrayChunk, Chunk
 from cloud_batch.score.worker import ScorerSpec, init_worker, pool_task
 
 OnPart = Callable[..., None]  # (part, rows[, worker CPU seconds])
@@ -125,12 +125,11 @@ def shared_inputs(tasks: Sequence[tuple[int, Chunk]], staging: str) -> Iterator[
     for part, chunk in tasks:
         spots: Spots = {}
         if type(chunk) is ArrayChunk:  # a subclass may do more in feeds(): pickled as it is
+            for name, rows in chunk.stored.items():
+                spots[name] = (rows.file, rows.offset, FLOAT32.str, rows.shape)
             for name, arr in chunk.arrays.items():
-                if name in chunk.stored:
-                    spots[name] = (*chunk.stored[name], arr.dtype.str, tuple(arr.shape))
-                else:
-                    spots[name] = (None, size, arr.dtype.str, tuple(arr.shape))
-                    size += -(-arr.nbytes // ALIGN) * ALIGN
+                spots[name] = (None, size, arr.dtype.str, tuple(arr.shape))
+                size += -(-arr.nbytes // ALIGN) * ALIGN
         layout.append((part, chunk, spots))
     path = _fill(staging, size, [(chunk, spots) for _, chunk, spots in layout]) if size else None
     try:

@@ -6,7 +6,7 @@ a partition into its scored Arrow table plus a ``part`` column → ``write_parqu
 directory, partitioned by ``part`` with Arrow's *filename* flavour (``7_<uuid>_<task>-0.parquet``,
 the ``part`` column dropped from the data) through ``renamefs``, so a partition file appears only
 complete. The driver watches the staging directory for the progress bar. The chunks go to the object
-store once. Ray is imported here only, lazily: it is the ``batch`` extra.
+store once, with their rows read (``ArrayChunk.loaded``): a node of a cluster may not see the input file. Ray is imported here only, lazily: it is the ``batch`` extra.
 
 Why the input end is not ``read_parquet``/``read_csv``/``read_images`` (docs/batch.md): the input is
 read and checked whole by the driver before any work (errors name row and column), a partition is a
@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from cloud_batch.errors import InputError
-from cloud_batch.score.inputs import Chunk
+from cloud_batch.score.inputs import ArrayChunk, Chunk
 from cloud_batch.score.local import OnPart
 from cloud_batch.score.parts import written
 from cloud_batch.score.renamefs import rename_on_close_fs
@@ -37,6 +37,10 @@ from cloud_batch.score.worker import Scorer, ScorerSpec
 
 PART = "part"
 POLL_S = 0.25
+
+
+def _loaded(chunk: Chunk) -> Chunk:
+    return chunk.loaded() if isinstance(chunk, ArrayChunk) else chunk
 
 
 class _RayScorer:
@@ -84,7 +88,7 @@ def run_ray(
     started = _connect(ray, workers, address)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        chunks = ray.put(dict(tasks))
+        chunks = ray.put({part: _loaded(chunk) for part, chunk in tasks})  # rows in the object store, not the file
         ds = ray.data.from_items([{PART: part} for part, _ in tasks], override_num_blocks=len(tasks))
         scored = ds.map_batches(
             _RayScorer,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from cloud_batch.errors import InputError
 from cloud_batch.score.images import ImageReader
-from cloud_batch.score.inputs import InputOptions, InputRows, NumpyReader, Reader
+from cloud_batch.score.inputs import InputOptions, InputRows, Reader
+from cloud_batch.score.npfiles import NumpyReader
 from cloud_batch.score.tabular import TableReader
 from cloud_batch.score.video import VideoReader
 from edge_agent.wire.model.manifest import Manifest

@@ -1,0 +1,222 @@
+"""``.npy`` and ``.npz`` input for ``cloud-batch score``: one array per model input, keyed by row index.
+
+An array stored plain (an ``.npy``, or an ``.npz`` member written without compression, as
+``np.savez`` does) is located from its headers alone. When every input's array already is the
+model's float32 rows (native order, C order, the right row width), the driver never loads them: one
+sequential pass over the file, a block of whole rows at a time, computes the input fingerprint and
+checks that every value is finite, and the chunks say where the rows lie (``StoredRows``) for the
+workers to map. The driver's memory then stays at one block whatever the file's size.
+
+Anything else (a compressed member, float64, Fortran order, a 3.0 header, or a non-finite value,
+whose row and column are then named) is loaded whole, checked and converted; arrays that turn out
+to be the model's rows in place are still handed over as ``StoredRows``. Nothing is unpickled. As
+with any batch engine reading files in place, the input must not change while it is scored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from cloud_batch.errors import InputError
+from cloud_batch.score.inputs import (
+    ARRAY_SUFFIXES,
+    FLOAT32,
+    HASH_BLOCK,
+    InputOptions,
+    InputRows,
+    StoredRows,
+    array_rows,
+    as_input,
+    check_finite,
+    fingerprint_digest,
+    fingerprint_soon,
+    new_fingerprint,
+    require_rows,
+    row_width,
+)
+from edge_agent.wire.model.manifest import Manifest, TensorSpec
+from edge_agent.wire.npy import NPY_ERRORS, NpyHeader, read_header
+
+ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature, 5 shorts, crc and sizes, name and extra lengths
+ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One array of the file: its key, and for a plain one its header and first data byte (else None)."""
+
+    key: str
+    header: NpyHeader | None
+    offset: int
+    info: zipfile.ZipInfo | None = None  # an .npz member
+
+
+class NumpyReader:
+    """``.npy`` (a single-input model) or ``.npz`` (one array per input name); keyed by row index."""
+
+    kind = "numpy"
+
+    def matches(self, path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() in ARRAY_SUFFIXES
+
+    def read(self, path: Path, manifest: Manifest, options: InputOptions) -> InputRows:
+        if options.entity_key or options.mapping or options.features:
+            raise InputError("--entity-key, --map and --features apply to tabular inputs (Parquet/CSV), not .npy/.npz")
+        names = [s.name for s in manifest.inputs]
+        if path.suffix.lower() == ".npy" and len(names) != 1:
+            raise InputError(f"{manifest.name} has inputs {names}; give an .npz with one array per input")
+        try:
+            members = locate(path, names[0])
+        except NPY_ERRORS as exc:
+            raise InputError(f"cannot read {path}: {exc}") from exc
+        keys = [m.key for m in members]
+        if sorted(keys) != sorted(names) or len(set(keys)) != len(keys):
+            raise InputError(f"{path.name}: arrays {sorted(keys)} do not match the model's inputs {names}")
+        by_key = {m.key: m for m in members}
+        in_place = {s.name: _in_place(path, by_key[s.name], s) for s in manifest.inputs}
+        stored = {k: v for k, v in in_place.items() if v is not None}
+        fp = _scan(path, list(stored.values())) if len(stored) == len(names) else None
+        if fp is None:  # something to convert, or a non-finite value to name
+            return self._load(path, manifest, members)
+        n = require_rows({s.shape[0] for s in stored.values()}, path)
+        return array_rows(self.kind, {}, "row", _row_keys(n), fp, stored=stored)
+
+    def _load(self, path: Path, manifest: Manifest, members: list[Member]) -> InputRows:
+        """Every array loaded, checked (naming a non-finite value's row and column) and converted."""
+        fp = fingerprint_soon([path], path)
+        try:
+            raw = load(path, members)
+        except NPY_ERRORS as exc:
+            raise InputError(f"cannot read {path}: {exc}") from exc
+        arrays: dict[str, np.ndarray] = {}
+        stored: dict[str, StoredRows] = {}
+        for spec, member in ((s, next(m for m in members if m.key == s.name)) for s in manifest.inputs):
+            arr = raw[spec.name]
+            what = f"{path.name}[{spec.name!r}]"
+            if arr.dtype.kind not in "fiu" or arr.ndim == 0:
+                raise InputError(f"{what}: dtype {arr.dtype} is not numeric rows")
+            check_finite(arr, what)
+            rows = as_input(spec, arr, what)
+            if member.header is not None and arr.size and rows.ctypes.data == arr.ctypes.data:
+                stored[spec.name] = StoredRows(str(path), member.offset, rows.shape)  # the model's rows in place
+            else:
+                arrays[spec.name] = rows
+        n = require_rows({len(a) for a in arrays.values()} | {s.shape[0] for s in stored.values()}, path)
+        return array_rows(self.kind, arrays, "row", _row_keys(n), fp(), stored=stored)
+
+
+def _row_keys(n: int) -> np.ndarray:
+    return np.arange(n, dtype=np.int64)
+
+
+def _in_place(path: Path, member: Member, spec: TensorSpec) -> StoredRows | None:
+    """Where ``member`` lies as ``spec``'s float32 rows, unconverted; None if it must be loaded."""
+    h = member.header
+    dims = spec.shape[1:]
+    if h is None or h.fortran or h.dtype != FLOAT32 or not h.shape or any(d < 0 for d in dims):
+        return None
+    if int(np.prod(h.shape[1:])) != row_width(spec):
+        return None  # as_input words the mismatch
+    return StoredRows(str(path), member.offset, (h.shape[0], *dims))
+
+
+def _scan(path: Path, stored: list[StoredRows]) -> str | None:
+    """One pass over the file: its fingerprint; None when a stored array holds a non-finite value (or
+    two arrays overlap, as only a crafted ``.npz`` makes them: loaded and checked one by one)."""
+    regions = sorted((s.offset, s.offset + s.nbytes, s.row_bytes) for s in stored)
+    if any(a[1] > b[0] for a, b in itertools.pairwise(regions)):
+        return None
+    step = max([HASH_BLOCK, *(r for _, _, r in regions)])
+    buf = memoryview(bytearray(step))
+    size = path.stat().st_size
+    h = new_fingerprint(path, path, size)
+    with open(path, "rb", buffering=0) as fh:
+        pos = 0
+        for start, end, row_bytes in [*regions, (size, size, 1)]:
+            for lo, hi, rows in ((pos, start, False), (start, end, True)):  # the bytes between, then the rows
+                block = step // row_bytes * row_bytes if rows else step
+                while lo < hi:
+                    n = min(block, hi - lo)
+                    got = fh.readinto(buf[:n])
+                    if got != n:
+                        raise InputError(
+                            f"cannot read {path}: it ended at byte {lo + (got or 0)} (changed while read?)"
+                        )
+                    h.update(buf[:n])
+                    # a float64 sum is finite iff every value is (float32 values cannot overflow it)
+                    if rows and not np.isfinite(np.frombuffer(buf[:n], FLOAT32).sum(dtype=np.float64)):
+                        return None
+                    lo += n
+            pos = end
+    return fingerprint_digest(h)
+
+
+def locate(path: Path, npy_name: str) -> list[Member]:
+    """The arrays of an ``.npy`` (named ``npy_name``) or ``.npz``, from their headers alone; bad files
+    raise one of ``NPY_ERRORS``."""
+    with open(path, "rb") as fh:
+        if path.suffix.lower() == ".npy":
+            return [_plain(fh, 0, os.fstat(fh.fileno()).st_size, path.name, npy_name)]
+        with zipfile.ZipFile(fh) as zf:
+            return [_npz_member(fh, info) for info in zf.infolist()]
+
+
+def _npz_member(fh: BinaryIO, info: zipfile.ZipInfo) -> Member:
+    name, key = info.filename, info.filename.removesuffix(".npy")
+    if info.flag_bits & 0x1:
+        raise ValueError(f"member {name!r} is encrypted")
+    if not name.endswith(".npy"):
+        raise ValueError(f"member {name!r} is not an .npy array")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return Member(key, None, 0, info)
+    fh.seek(info.header_offset)
+    head = fh.read(ZIP_LOCAL_HEADER.size)
+    fields = ZIP_LOCAL_HEADER.unpack(head) if len(head) == ZIP_LOCAL_HEADER.size else (b"",)
+    if fields[0] != ZIP_LOCAL_SIGNATURE:
+        raise ValueError(f"member {name!r}: no local header at offset {info.header_offset}")
+    start = info.header_offset + ZIP_LOCAL_HEADER.size + fields[-2] + fields[-1]
+    member = _plain(fh, start, info.file_size, name, key)
+    return Member(key, member.header, member.offset, info)
+
+
+def _plain(fh: BinaryIO, start: int, size: int, name: str, key: str) -> Member:
+    """The ``.npy`` whose bytes lie at ``start`` (``size`` bytes): its header and first data byte (header
+    None for a version other than 1.0/2.0: loaded as ``np.load`` loads it)."""
+    fh.seek(start)
+    header = read_header(fh)
+    if header is None:
+        return Member(key, None, 0)
+    if header.dtype.hasobject:
+        raise ValueError(f"{name!r} holds Python objects, which are not loaded")
+    offset = fh.tell()
+    if offset + int(np.prod(header.shape)) * header.dtype.itemsize > start + size:
+        raise ValueError(f"{name!r}: {header.shape} of {header.dtype} do not fit its {size} bytes")
+    return Member(key, header, offset)
+
+
+def load(path: Path, members: list[Member]) -> dict[str, np.ndarray]:
+    """Every member's array: a plain one read from its offset (for an ``.npz`` member, without the zip
+    CRC pass), another as ``np.load`` reads it. The driver never maps the input: a long-lived process
+    holding a map of a user's file dies (SIGBUS) if the file is rewritten in place."""
+    out: dict[str, np.ndarray] = {}
+    with open(path, "rb") as fh:
+        for m in members:
+            if m.header is not None:
+                count = int(np.prod(m.header.shape))
+                fh.seek(m.offset)
+                data = np.fromfile(fh, m.header.dtype, count) if count else np.empty(0, m.header.dtype)
+                out[m.key] = data.reshape(m.header.shape, order="F" if m.header.fortran else "C")
+            elif m.info is None:
+                out[m.key] = np.load(path, allow_pickle=False)
+            else:
+                with zipfile.ZipFile(fh) as zf, zf.open(m.info) as member:
+                    out[m.key] = np.lib.format.read_array(member, allow_pickle=False)
+    return out
