@@ -76,14 +76,23 @@ def choose_row_pad(one_s: list[float], two_s: list[float]) -> int:
 
 
 def quantize(x: np.ndarray, q: Quantization, dtype: np.dtype[Any]) -> np.ndarray:
-    """Real values to the quantized integer type, rounding and saturating."""
+    """Real values to the quantized integer type, rounding and saturating (one float32 temporary, worked in place)."""
     info = np.iinfo(dtype)
-    return np.clip(np.rint(x / q.scale + q.zero_point), info.min, info.max).astype(dtype)
+    y = np.asarray(x / q.scale)  # (a 0-d array for a 0-d x, which division turns into a scalar)
+    if q.zero_point:
+        y += q.zero_point
+    np.rint(y, out=y)
+    np.clip(y, info.min, info.max, out=y)
+    return y.astype(dtype)
 
 
 def dequantize(x: np.ndarray, q: Quantization) -> np.ndarray:
-    """Quantized integers to FP32 real values."""
-    return ((x.astype(np.float32) - np.float32(q.zero_point)) * np.float32(q.scale)).astype(np.float32)
+    """Quantized integers to FP32 real values (one new array, worked in place)."""
+    y = x.astype(np.float32)
+    if q.zero_point:
+        y -= np.float32(q.zero_point)
+    y *= np.float32(q.scale)
+    return y
 
 
 def _shape_matches(actual: tuple[int, ...], declared: tuple[int, ...], skip_batch: bool) -> bool:
