@@ -49,7 +49,7 @@ PRELOAD = [
 
 
 # Each worker imports the caller's ``__main__`` script again; the ``cloud-batch`` script imports the CLI
-# (~20 ms of CPU per worker). When the CLI is the running program the forkserver preloads it once, so
+# (10-20 ms of CPU per worker). When the CLI is the running program the forkserver preloads it once, so
 # the workers find it imported. (The forkserver's own remedy, "__main__" in the preload list, does
 # nothing on CPython 3.10-3.13: ``ensure_running`` looks for the key ``main_path`` in the preparation
 # data, which names it ``init_main_from_path``.)
