@@ -143,7 +143,7 @@ def fingerprint(files: Sequence[Path], root: Path) -> str:
         with open(f, "rb", buffering=0) as fh:
             while n := fh.readinto(block):
                 h.update(memoryview(block)[:n])
-    return fingerprint_digest(h or new_fingerprint(root, root, 0))
+    return fingerprint_digest(h or xxhash.xxh3_128())
 
 
 def new_fingerprint(f: Path, root: Path, size: int, h: xxhash.xxh3_128 | None = None) -> xxhash.xxh3_128:
