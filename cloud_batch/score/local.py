@@ -14,7 +14,8 @@ that a killed run left); pickling 1,000,000 maintenance rows to one worker and b
 pipe cost ~0.2 s of CPU, the copy ~0.03 s. Other chunks (image and video file names) are pickled
 through the pool's pipe. As with any
 forkserver or spawn pool, each worker imports the caller's ``__main__`` script again (under
-``__mp_main__``; its ``if __name__ == "__main__"`` block does not run); ``cloud-batch``'s finds its CLI preloaded (``CLI``).
+``__mp_main__``; its ``if __name__ == "__main__"`` block does not run); ``cloud-batch``'s finds
+its CLI preloaded (``CLI``).
 """
 
 from __future__ import annotations

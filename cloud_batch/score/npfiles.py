@@ -85,21 +85,21 @@ class NumpyReader:
         stored = {k: v for k, v in in_place.items() if v is not None}
         fp = _scan(path, list(stored.values())) if len(stored) == len(names) else None
         if fp is None:  # something to convert, or a non-finite value to name
-            return self._load(path, manifest, members)
+            return self._load(path, manifest, by_key)
         n = require_rows({s.shape[0] for s in stored.values()}, path)
         return array_rows(self.kind, {}, "row", _row_keys(n), fp, stored=stored)
 
-    def _load(self, path: Path, manifest: Manifest, members: list[Member]) -> InputRows:
+    def _load(self, path: Path, manifest: Manifest, members: dict[str, Member]) -> InputRows:
         """Every array loaded, checked (naming a non-finite value's row and column) and converted."""
         fp = fingerprint_soon([path], path)
         try:
-            raw = load(path, members)
+            raw = load(path, list(members.values()))
         except NPY_ERRORS as exc:
             raise InputError(f"cannot read {path}: {exc}") from exc
         arrays: dict[str, np.ndarray] = {}
         stored: dict[str, StoredRows] = {}
-        for spec, member in ((s, next(m for m in members if m.key == s.name)) for s in manifest.inputs):
-            arr = raw[spec.name]
+        for spec in manifest.inputs:
+            arr, member = raw[spec.name], members[spec.name]
             what = f"{path.name}[{spec.name!r}]"
             if arr.dtype.kind not in "fiu" or arr.ndim == 0:
                 raise InputError(f"{what}: dtype {arr.dtype} is not numeric rows")
@@ -183,23 +183,22 @@ def _npz_member(fh: BinaryIO, info: zipfile.ZipInfo) -> Member:
     if fields[0] != ZIP_LOCAL_SIGNATURE:
         raise ValueError(f"member {name!r}: no local header at offset {info.header_offset}")
     start = info.header_offset + ZIP_LOCAL_HEADER.size + fields[-2] + fields[-1]
-    member = _plain(fh, start, info.file_size, name, key)
-    return Member(key, member.header, member.offset, info)
+    return _plain(fh, start, info.file_size, name, key, info)
 
 
-def _plain(fh: BinaryIO, start: int, size: int, name: str, key: str) -> Member:
+def _plain(fh: BinaryIO, start: int, size: int, name: str, key: str, info: zipfile.ZipInfo | None = None) -> Member:
     """The ``.npy`` whose bytes lie at ``start`` (``size`` bytes): its header and first data byte (header
     None for a version other than 1.0/2.0: loaded as ``np.load`` loads it)."""
     fh.seek(start)
     header = read_header(fh)
     if header is None:
-        return Member(key, None, 0)
+        return Member(key, None, 0, info)
     if header.dtype.hasobject:
         raise ValueError(f"{name!r} holds Python objects, which are not loaded")
     offset = fh.tell()
     if offset + int(np.prod(header.shape)) * header.dtype.itemsize > start + size:
         raise ValueError(f"{name!r}: {header.shape} of {header.dtype} do not fit its {size} bytes")
-    return Member(key, header, offset)
+    return Member(key, header, offset, info)
 
 
 def load(path: Path, members: list[Member]) -> dict[str, np.ndarray]:

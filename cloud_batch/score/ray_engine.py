@@ -6,7 +6,8 @@ a partition into its scored Arrow table plus a ``part`` column → ``write_parqu
 directory, partitioned by ``part`` with Arrow's *filename* flavour (``7_<uuid>_<task>-0.parquet``,
 the ``part`` column dropped from the data) through ``renamefs``, so a partition file appears only
 complete. The driver watches the staging directory for the progress bar. The chunks go to the object
-store once, with their rows read (``ArrayChunk.loaded``): a node of a cluster may not see the input file. Ray is imported here only, lazily: it is the ``batch`` extra.
+store once, with their rows read (``ArrayChunk.loaded``): a node of a cluster may not see the input
+file. Ray is imported here only, lazily: it is the ``batch`` extra.
 
 Why the input end is not ``read_parquet``/``read_csv``/``read_images`` (docs/batch.md): the input is
 read and checked whole by the driver before any work (errors name row and column), a partition is a
