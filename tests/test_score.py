@@ -6,9 +6,11 @@ one row at a time): the batch path must give the same numbers, bit for bit.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
+import struct
 import tracemalloc
 import warnings
 from pathlib import Path
@@ -323,6 +325,51 @@ def test_rows_already_in_the_file_are_checked_in_one_pass_and_never_held_by_the_
         feeds = chunk.feeds()
         assert all(np.array_equal(feeds[k], v[1_000:2_000].reshape(feeds[k].shape)) for k, v in arrays.items())
         assert chunk.loaded().stored == {} and chunk.loaded().feeds().keys() == feeds.keys()  # what Ray is sent
+
+
+def overlapping_npz(path: Path, live: np.ndarray, assets: np.ndarray) -> np.ndarray:
+    """A crafted .npz whose ``live.npy`` member (local header, .npy header, rows) lies inside the bytes of
+    ``asset_features.npy``, its rows on the same float32 grid; returns ``asset_features`` as stored."""
+
+    def npy(arr: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, arr, version=(1, 0))
+        return buf.getvalue()
+
+    def local(name: bytes, size: int) -> bytes:
+        return struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0, size, size, len(name), 0) + name
+
+    def central(name: bytes, size: int, offset: int) -> bytes:
+        fields = (20, 20, 0, 0, 0, 0, 0, size, size, len(name), 0, 0, 0, 0, 0, offset)
+        return struct.pack("<4s6H3I5H2I", b"PK\x01\x02", *fields) + name
+
+    live_npy = npy(live)
+    inner = local(b"live.npy", len(live_npy)) + live_npy
+    head_a = npy(assets)[: -assets.nbytes]
+    data = bytearray(assets.tobytes())
+    at = (-(len(inner) - live.nbytes)) % 4 + 8  # live's rows start on a multiple of 4 bytes into the data
+    data[at : at + len(inner)] = inner
+    outer = local(b"asset_features.npy", len(head_a) + len(data)) + head_a
+    body = outer + bytes(data)
+    cd = central(b"asset_features.npy", len(head_a) + len(data), 0)
+    cd += central(b"live.npy", len(live_npy), len(outer) + at)
+    eocd = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, 2, 2, len(cd), len(body), 0)
+    path.write_bytes(body + cd + eocd)
+    return np.frombuffer(bytes(data), np.float32).reshape(assets.shape)
+
+
+def test_npz_members_that_overlap_are_not_read_in_one_pass(sreg: Path, tmp_path: Path) -> None:
+    """Only a crafted .npz has members that share bytes; the one-pass check would hash and check a wrong
+    sequence of bytes there, so the reader loads them one by one: the documented fingerprint, the rows as stored."""
+    rng = np.random.default_rng(5)
+    live, assets = rng.normal(10, 3, (50, 4)).astype(np.float32), rng.uniform(0, 5, (50, 18)).astype(np.float32)
+    stored = overlapping_npz(tmp_path / "m.npz", live, assets)
+    assert np.isfinite(stored).all() and not np.array_equal(stored, assets)  # live's bytes are inside it
+    manifest = Manifest.load(sreg / "maintenance" / "1" / "manifest.json")
+    rows = NumpyReader().read(tmp_path / "m.npz", manifest, InputOptions(sreg))
+    assert rows.fingerprint == fingerprint([tmp_path / "m.npz"], tmp_path / "m.npz")
+    feeds = rows.chunk(0, 50).feeds()
+    assert np.array_equal(feeds["live"], live) and np.array_equal(feeds["asset_features"], stored)
 
 
 def test_a_scoring_worker_keeps_its_heap_on_glibc() -> None:
