@@ -24,7 +24,7 @@ import xxhash
 from cloud_batch.cli.main import main
 from cloud_batch.errors import InputError, RegistryError
 from cloud_batch.features.build import FeatureRegistry
-from cloud_batch.score.inputs import ArrayChunk, InputOptions, fingerprint
+from cloud_batch.score.inputs import ArrayChunk, InputOptions, RowNumbers, fingerprint
 from cloud_batch.score.job import score
 from cloud_batch.score.local import MappedChunk, pool_context, run_local, shared_inputs
 from cloud_batch.score.npfiles import NumpyReader
@@ -322,6 +322,9 @@ def test_rows_already_in_the_file_are_checked_in_one_pass_and_never_held_by_the_
         assert rows.fingerprint == fingerprint([path], path)
         chunk = rows.chunk(1_000, 2_000)
         assert isinstance(chunk, ArrayChunk) and chunk.arrays == {} and set(chunk.stored) == set(arrays)
+        assert chunk.keys == RowNumbers(1_000, 2_000) and rows.keys == RowNumbers(
+            0, len(x if name == "digits" else live)
+        )
         feeds = chunk.feeds()
         assert all(np.array_equal(feeds[k], v[1_000:2_000].reshape(feeds[k].shape)) for k, v in arrays.items())
         assert chunk.loaded().stored == {} and chunk.loaded().feeds().keys() == feeds.keys()  # what Ray is sent

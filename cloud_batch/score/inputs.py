@@ -46,10 +46,40 @@ class InputOptions:
     strict: bool = False
 
 
+@dataclass(frozen=True)
+class RowNumbers:
+    """The keys of an input keyed by row number: rows ``start`` to ``stop - 1``, made into an array only
+    where a chunk is scored (``key_array``), so the driver never holds a key per row."""
+
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, rows: slice) -> RowNumbers:
+        start, stop, _ = rows.indices(len(self))
+        return RowNumbers(self.start + start, self.start + max(start, stop))
+
+
+Keys = np.ndarray | RowNumbers  # one key per row: entity ids or file names, or row numbers
+
+
+def key_array(keys: Keys) -> np.ndarray:
+    """``keys`` as an array (row numbers as int64)."""
+    return np.arange(keys.start, keys.stop, dtype=np.int64) if isinstance(keys, RowNumbers) else keys
+
+
+def repeated_keys(keys: Keys) -> int:
+    """How many keys repeat an earlier one (row numbers never do)."""
+    return 0 if isinstance(keys, RowNumbers) else len(keys) - len(set(keys.tolist()))
+
+
 class Chunk(Protocol):
     """A slice of the input that a worker can turn into model inputs (picklable)."""
 
-    keys: np.ndarray
+    @property
+    def keys(self) -> Keys: ...
 
     def feeds(self) -> dict[str, np.ndarray]: ...
 
@@ -82,7 +112,7 @@ class StoredRows:
 class ArrayChunk:
     """Rows already checked: real-valued arrays per model input, held (``arrays``) or in the input file (``stored``)."""
 
-    keys: np.ndarray
+    keys: Keys
     arrays: dict[str, np.ndarray]
     stored: dict[str, StoredRows] = field(default_factory=dict)
 
@@ -101,7 +131,7 @@ class InputRows:
     kind: str
     n: int
     key_name: str
-    keys: np.ndarray
+    keys: Keys
     fingerprint: str
     slicer: Callable[[int, int], Chunk]
     skipped: list[str] = field(default_factory=list)  # inputs left out (undecodable images), listed
@@ -214,7 +244,7 @@ def array_rows(
     kind: str,
     arrays: dict[str, np.ndarray],
     key_name: str,
-    keys: np.ndarray,
+    keys: Keys,
     fp: str,
     *,
     stored: Mapping[str, StoredRows] | None = None,

@@ -23,7 +23,7 @@ from cloud_batch.features.build import BuildResult, build, check_set, check_vers
 from cloud_batch.progress import Reporter
 from cloud_batch.registry.models import Registry
 from cloud_batch.score import parts
-from cloud_batch.score.inputs import InputOptions
+from cloud_batch.score.inputs import InputOptions, repeated_keys
 from cloud_batch.score.readers import open_input
 from cloud_batch.score.worker import TOP_CLASS, ScorerSpec, is_classifier, output_columns
 from edge_agent.inference.modelpack import sha256_file
@@ -166,10 +166,10 @@ def score(
         warm_up()  # the worker runtime loads in the background while the input is read and checked
     rows = open_input(input_path, manifest, options)
     part_rows = partition_rows or default_partition_rows(rows.n)
-    if publish_features is not None and len(set(rows.keys.tolist())) != rows.n:
+    if publish_features is not None and (repeats := repeated_keys(rows.keys)):
         raise InputError(
             f"--publish-features needs one row per {rows.key_name!r} (a feature set has one row per entity), "
-            f"but {rows.n - len(set(rows.keys.tolist()))} keys repeat"
+            f"but {repeats} keys repeat"
         )
     identity: dict[str, Any] = {
         "model": model, "version": version, "artifact_sha256": manifest.sha256, "input": rows.kind,

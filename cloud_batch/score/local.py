@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud_batch.errors import RegistryError
-from cloud_batch.score.inputs import FLOAT32, ArrayChunk, Chunk
+from cloud_batch.score.inputs import FLOAT32, ArrayChunk, Chunk, Keys
 from cloud_batch.score.worker import ScorerSpec, init_worker, pool_task
 
 OnPart = Callable[..., None]  # (part, rows[, worker CPU seconds])
@@ -107,7 +107,7 @@ _MAPS: dict[str, mmap.mmap] = {}  # in a worker: the files it has mapped (the in
 class MappedChunk:
     """An ``ArrayChunk`` whose arrays a worker maps: ``arrays[name] = (file, offset, dtype, shape)``."""
 
-    keys: np.ndarray
+    keys: Keys
     arrays: dict[str, tuple[str, int, str, tuple[int, ...]]]
 
     def feeds(self) -> dict[str, np.ndarray]:

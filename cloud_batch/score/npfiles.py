@@ -5,7 +5,8 @@ An array stored plain (an ``.npy``, or an ``.npz`` member written without compre
 model's float32 rows (native order, C order, the right row width), the driver never loads them: one
 sequential pass over the file, a block of whole rows at a time, computes the input fingerprint and
 checks that every value is finite, and the chunks say where the rows lie (``StoredRows``) for the
-workers to map. The driver's memory then stays at one block whatever the file's size.
+workers to map. With the keys as row numbers (``RowNumbers``), the driver's memory then stays at one
+block whatever the file's size.
 
 Anything else (a compressed member, float64, Fortran order, a 3.0 header, or a non-finite value,
 whose row and column are then named) is loaded whole, checked and converted; arrays that turn out
@@ -32,6 +33,7 @@ from cloud_batch.score.inputs import (
     HASH_BLOCK,
     InputOptions,
     InputRows,
+    RowNumbers,
     StoredRows,
     array_rows,
     as_input,
@@ -87,7 +89,7 @@ class NumpyReader:
         if fp is None:  # something to convert, or a non-finite value to name
             return self._load(path, manifest, by_key)
         n = require_rows({s.shape[0] for s in stored.values()}, path)
-        return array_rows(self.kind, {}, "row", _row_keys(n), fp, stored=stored)
+        return array_rows(self.kind, {}, "row", RowNumbers(0, n), fp, stored=stored)
 
     def _load(self, path: Path, manifest: Manifest, members: dict[str, Member]) -> InputRows:
         """Every array loaded, checked (naming a non-finite value's row and column) and converted."""
@@ -110,11 +112,7 @@ class NumpyReader:
             else:
                 arrays[spec.name] = rows
         n = require_rows({len(a) for a in arrays.values()} | {s.shape[0] for s in stored.values()}, path)
-        return array_rows(self.kind, arrays, "row", _row_keys(n), fp(), stored=stored)
-
-
-def _row_keys(n: int) -> np.ndarray:
-    return np.arange(n, dtype=np.int64)
+        return array_rows(self.kind, arrays, "row", RowNumbers(0, n), fp(), stored=stored)
 
 
 def _in_place(path: Path, member: Member, spec: TensorSpec) -> StoredRows | None:

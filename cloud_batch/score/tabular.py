@@ -27,6 +27,8 @@ from cloud_batch.score.inputs import (
     TABLE_SUFFIXES,
     InputOptions,
     InputRows,
+    Keys,
+    RowNumbers,
     array_rows,
     as_input,
     check_finite,
@@ -87,9 +89,9 @@ def _names(manifest: Manifest) -> list[str]:
     return [s.name for s in manifest.inputs]
 
 
-def _keys(df: pd.DataFrame, entity_key: str | None, where: str) -> tuple[str, np.ndarray]:
+def _keys(df: pd.DataFrame, entity_key: str | None, where: str) -> tuple[str, Keys]:
     if entity_key is None:
-        return "row", np.arange(len(df), dtype=np.int64)
+        return "row", RowNumbers(0, len(df))
     if entity_key not in df.columns:
         raise InputError(f"{where} has no entity column {entity_key!r} (columns: {shown(list(df.columns))})")
     col = df[entity_key]
