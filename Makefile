@@ -23,8 +23,9 @@ bench: venv
 	$(VENV)/bin/python bench/run.py
 
 # The CI fuzzers, run long (#15): property tests of the decoders and schemathesis against a real agent.
+# FUZZ_EXAMPLES sets the length, so the suite's per-test timeout (600 s) is off here.
 fuzz: venv
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} $(VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} $(VENV)/bin/python -m pytest -q -p no:cacheprovider --timeout 0 \
 		tests/test_fuzz_codecs.py tests/test_openapi.py
 
 # The frozen one-folder agent (dist/edge-agent/, with VERSION and SHA256SUMS) and its Debian package (#11).
