@@ -5,9 +5,10 @@ of ``workers`` actors, each holding one ``Scorer`` (one interpreter, one thread,
 a partition into its scored Arrow table plus a ``part`` column → ``write_parquet`` into the staging
 directory, partitioned by ``part`` with Arrow's *filename* flavour (``7_<uuid>_<task>-0.parquet``,
 the ``part`` column dropped from the data) through ``renamefs``, so a partition file appears only
-complete. The driver watches the staging directory for the progress bar. The chunks go to the object
-store once, with their rows read (``ArrayChunk.loaded``): a node of a cluster may not see the input
-file. Ray is imported here only, lazily: it is the ``batch`` extra.
+complete. The driver watches the staging directory for the progress bar. Each chunk goes to the object
+store as an object of its own, with its rows read (``ArrayChunk.loaded``): a node of a cluster may not
+see the input file, and an actor fetches only the partitions it scores. Ray is imported here only,
+lazily: it is the ``batch`` extra.
 
 Why the input end is not ``read_parquet``/``read_csv``/``read_images`` (docs/batch.md): the input is
 read and checked whole by the driver before any work (errors name row and column), a partition is a
@@ -45,17 +46,17 @@ def _loaded(chunk: Chunk) -> Chunk:
 
 
 class _RayScorer:
-    """A scoring actor: builds its Scorer once, then scores the partitions it is given."""
+    """A scoring actor: builds its Scorer once, then fetches and scores the partitions it is given."""
 
-    def __init__(self, spec: ScorerSpec, chunks: Any) -> None:
-        import ray
-
+    def __init__(self, spec: ScorerSpec, chunks: dict[int, Any]) -> None:
         self.scorer = Scorer(spec)
-        self.chunks: dict[int, Chunk] = ray.get(chunks) if isinstance(chunks, ray.ObjectRef) else chunks
+        self.chunks = chunks  # partition -> the ObjectRef of its chunk
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import ray
+
         (part,) = (int(p) for p in batch[PART])
-        table = self.scorer.score(self.chunks[part])
+        table = self.scorer.score(ray.get(self.chunks[part]))
         return table.add_column(0, PART, pa.array(np.full(table.num_rows, part, dtype=np.int64)))
 
 
@@ -89,7 +90,9 @@ def run_ray(
     started = _connect(ray, workers, address)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        chunks = ray.put({part: _loaded(chunk) for part, chunk in tasks})  # rows in the object store, not the file
+        # One object per partition, rows read (not the file): the driver holds one partition at a time, and
+        # an actor fetches only the partitions it scores (a node of a cluster, not the whole input).
+        chunks = {part: ray.put(_loaded(chunk)) for part, chunk in tasks}
         ds = ray.data.from_items([{PART: part} for part, _ in tasks], override_num_blocks=len(tasks))
         scored = ds.map_batches(
             _RayScorer,
