@@ -9,8 +9,8 @@ workers to map. With the keys as row numbers (``RowNumbers``), the driver's memo
 block whatever the file's size.
 
 Anything else (a compressed member, float64, Fortran order, a 3.0 header, or a non-finite value,
-whose row and column are then named) is loaded whole, checked and converted; arrays that turn out
-to be the model's rows in place are still handed over as ``StoredRows``. Nothing is unpickled. As
+whose row and column are then named) is loaded whole, checked and converted; arrays that already
+are the model's rows in place are still handed over as ``StoredRows``. Nothing is unpickled. As
 with any batch engine reading files in place, the input must not change while it is scored.
 """
 
@@ -87,12 +87,15 @@ class NumpyReader:
         stored = {k: v for k, v in in_place.items() if v is not None}
         fp = _scan(path, list(stored.values())) if len(stored) == len(names) else None
         if fp is None:  # something to convert, or a non-finite value to name
-            return self._load(path, manifest, by_key)
+            return self._load(path, manifest, by_key, in_place)
         n = require_rows({s.shape[0] for s in stored.values()}, path)
         return array_rows(self.kind, {}, "row", RowNumbers(0, n), fp, stored=stored)
 
-    def _load(self, path: Path, manifest: Manifest, members: dict[str, Member]) -> InputRows:
-        """Every array loaded, checked (naming a non-finite value's row and column) and converted."""
+    def _load(
+        self, path: Path, manifest: Manifest, members: dict[str, Member], in_place: dict[str, StoredRows | None]
+    ) -> InputRows:
+        """Every array loaded, checked (naming a non-finite value's row and column) and converted; those
+        ``in_place`` (already the model's rows in the file) are still handed over where they lie."""
         fp = fingerprint_soon([path], path)
         try:
             raw = load(path, list(members.values()))
@@ -101,16 +104,15 @@ class NumpyReader:
         arrays: dict[str, np.ndarray] = {}
         stored: dict[str, StoredRows] = {}
         for spec in manifest.inputs:
-            arr, member = raw[spec.name], members[spec.name]
+            arr, at = raw[spec.name], in_place[spec.name]
             what = f"{path.name}[{spec.name!r}]"
             if arr.dtype.kind not in "fiu" or arr.ndim == 0:
                 raise InputError(f"{what}: dtype {arr.dtype} is not numeric rows")
             check_finite(arr, what)
-            rows = as_input(spec, arr, what)
-            if member.header is not None and arr.size and rows.ctypes.data == arr.ctypes.data:
-                stored[spec.name] = StoredRows(str(path), member.offset, rows.shape)  # the model's rows in place
+            if at is not None:
+                stored[spec.name] = at
             else:
-                arrays[spec.name] = rows
+                arrays[spec.name] = as_input(spec, arr, what)
         n = require_rows({len(a) for a in arrays.values()} | {s.shape[0] for s in stored.values()}, path)
         return array_rows(self.kind, arrays, "row", RowNumbers(0, n), fp(), stored=stored)
 
