@@ -1,7 +1,7 @@
 """This repository's code as it was at a git commit, for side-by-side benchmarks (old code vs today's).
 
-``module_at``: one module, executed in this process. ``tree_at``: the whole ``edge_agent`` package
-extracted for an agent process, which ``tree_env`` makes import it instead of the editable install.
+``module_at``: one module, executed in this process. ``tree_at``: whole packages (``edge_agent`` by
+default) extracted for another process, which ``tree_env`` makes import them instead of the editable install.
 Read-only git (``rev-parse``, ``show``, ``archive``): HEAD, the index and the working tree stay as they are.
 """
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import types
+from collections.abc import Sequence
 from io import BytesIO
 from pathlib import Path
 
@@ -41,14 +42,14 @@ sys.path.insert(0, {tree!r})
 """
 
 
-def tree_at(rev: str, work: Path) -> tuple[Path, str]:
-    """``edge_agent`` as committed at ``rev``, extracted under ``work`` with its import shim; (tree, short sha)."""
+def tree_at(rev: str, work: Path, packages: Sequence[str] = ("edge_agent",)) -> tuple[Path, str]:
+    """``packages`` as committed at ``rev``, extracted under ``work`` with their import shim; (tree, short sha)."""
     found = subprocess.run(["git", "rev-parse", "--verify", "--short", f"{rev}^{{commit}}"], cwd=REPO,
                            capture_output=True, text=True)  # fmt: skip
     if found.returncode != 0:
         raise SystemExit(f"error: {rev}: not a commit of {REPO}")
     sha = found.stdout.strip()
-    data = subprocess.run(["git", "archive", sha, "edge_agent"], cwd=REPO, check=True, capture_output=True).stdout
+    data = subprocess.run(["git", "archive", sha, *packages], cwd=REPO, check=True, capture_output=True).stdout
     out = work / f"tree-{sha}"
     with tarfile.open(fileobj=BytesIO(data)) as tar:
         tar.extractall(out, filter="data")
@@ -59,5 +60,5 @@ def tree_at(rev: str, work: Path) -> tuple[Path, str]:
 
 
 def tree_env(tree: Path) -> dict[str, str]:
-    """The environment entries that make a Python process import ``edge_agent`` from ``tree`` (``tree_at``)."""
+    """The environment entries that make a Python process import the packages of ``tree`` (``tree_at``) from it."""
     return {"PYTHONPATH": str(tree.parent / tree.name.replace("tree-", "shim-", 1))}

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from cloud_batch.cli.main import main
-from cloud_batch.score.parts import staging_dir
+from cloud_batch.score.parts import scratch_dir, staging_dir
 from tests.support.score import digits_rows, live_frame, score_registry, write_images
 
 Setup = Callable[[Path], tuple[Path, list[str]]]  # tmp -> (input, extra args)
@@ -151,7 +151,7 @@ def test_bad_input_is_refused_before_any_work(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
     assert "Traceback" not in err
-    assert not out.exists() and not staging_dir(out).exists()
+    assert not out.exists() and not staging_dir(out).exists() and not scratch_dir(out).exists()
 
 
 def test_unknown_version_lists_the_known_ones(sreg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,13 +2,16 @@
 
 Every problem is an InputError naming the column, entity or row, and nothing is written: values
 must be finite numbers of one dtype, entity ids unique and non-empty, event times parseable.
+``read_table`` reads a whole file; ``table_columns`` and ``table_blocks`` (its header, then some of its
+columns a block at a time) are for readers that stream, such as ``cloud-batch score``'s.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,33 @@ class FeatureTable:
     source: str = ""  # where the rows came from, for the summary
 
 
+def table_kind(path: Path) -> str:
+    """``"parquet"`` or ``"csv"``, by suffix; InputError for a missing file, another suffix, or Parquet without pyarrow."""
+    if not path.is_file():
+        raise InputError(f"input file not found: {path}")
+    name = path.name.lower()
+    if name.endswith((".parquet", ".pq")):
+        if importlib.util.find_spec("pyarrow") is None:
+            raise InputError(
+                f"reading {path} needs pyarrow, which is not installed: `pip install pyarrow` (or export the table as CSV)"
+            )
+        return "parquet"
+    if not name.endswith(".csv"):
+        raise InputError(f"unsupported input {path}: use a .csv or .parquet file")
+    return "csv"
+
+
+@contextmanager
+def reading(path: Path, kind: str) -> Iterator[None]:
+    """Turn what reading ``path`` as ``kind`` raises into an InputError naming the file."""
+    try:
+        yield
+    except pd.errors.EmptyDataError as exc:
+        raise InputError(f"{path} is empty (no header row)") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError, ImportError) as exc:
+        raise InputError(f"cannot read {path} as {'Parquet' if kind == 'parquet' else 'CSV'}: {exc}") from exc
+
+
 def read_table(path: str | Path, *, text_columns: Sequence[str] = (), progress: bool = True) -> pd.DataFrame:
     """A CSV (``pandas.read_csv``) or Parquet (``pandas.read_parquet``) file as a frame.
 
@@ -48,22 +78,11 @@ def read_table(path: str | Path, *, text_columns: Sequence[str] = (), progress: 
     CSVs of ``PROGRESS_MIN_BYTES`` and more are read in chunks behind a progress bar.
     """
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"input file not found: {p}")
-    name = p.name.lower()
-    if name.endswith((".parquet", ".pq")):
-        if importlib.util.find_spec("pyarrow") is None and importlib.util.find_spec("fastparquet") is None:
-            raise InputError(
-                f"reading {p} needs pyarrow, which is not installed: `pip install pyarrow` (or export the table as CSV)"
-            )
-        try:
+    kind = table_kind(p)
+    with reading(p, kind):
+        if kind == "parquet":
             return pd.read_parquet(p)
-        except (OSError, ValueError, ImportError) as exc:
-            raise InputError(f"cannot read {p} as Parquet: {exc}") from exc
-    if not name.endswith(".csv"):
-        raise InputError(f"unsupported input {p}: use a .csv or .parquet file")
-    dtype = {c: str for c in text_columns}
-    try:
+        dtype = {c: str for c in text_columns}
         size = p.stat().st_size
         if not progress or size < PROGRESS_MIN_BYTES:
             return pd.read_csv(p, dtype=dtype)
@@ -86,10 +105,41 @@ def read_table(path: str | Path, *, text_columns: Sequence[str] = (), progress: 
                 parts.append(chunk)
                 bar.update(task, completed=fh.tell())
         return pd.concat(parts, ignore_index=True) if parts else pd.read_csv(p, dtype=dtype)
-    except pd.errors.EmptyDataError as exc:
-        raise InputError(f"{p} is empty (no header row)") from exc
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
-        raise InputError(f"cannot read {p} as CSV: {exc}") from exc
+
+
+def table_columns(path: Path) -> list[str]:
+    """The column names of a CSV/Parquet file, from its header or schema alone."""
+    kind = table_kind(path)
+    with reading(path, kind):
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            return [str(c) for c in pq.read_schema(path).names]
+        return [str(c) for c in pd.read_csv(path, nrows=0).columns]
+
+
+def table_blocks(
+    path: Path, columns: Sequence[str], *, text_columns: Sequence[str] = (), rows: int = CSV_CHUNK_ROWS
+) -> Iterator[dict[str, np.ndarray]]:
+    """``columns`` of a CSV/Parquet file, up to ``rows`` rows at a time, front to back, as NumPy arrays.
+
+    Memory: one block, and for Parquet the row group it lies in (decoded one at a time). A Parquet column goes
+    straight from Arrow to NumPy (nulls as NaN, text as objects); a CSV block is parsed by pandas,
+    ``text_columns`` as strings, as in ``read_table``.
+    """
+    kind = table_kind(path)
+    with reading(path, kind):
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            with pq.ParquetFile(path, pre_buffer=False) as pf:  # no read-ahead: a row group at a time
+                for batch in pf.iter_batches(batch_size=rows, columns=list(columns), use_threads=False):
+                    yield {c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns}
+            return
+        dtype = {c: str for c in text_columns if c in columns}
+        with pd.read_csv(path, usecols=list(columns), dtype=dtype, chunksize=rows) as reader:
+            for frame in reader:
+                yield {c: frame[c].to_numpy() for c in columns}
 
 
 def table_from_frame(

@@ -15,11 +15,14 @@ Every refusal is an ``InputError`` naming what is wrong (file, column, row).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import xxhash
@@ -44,6 +47,7 @@ class InputOptions:
     mapping: Mapping[str, Sequence[str]] = field(default_factory=dict)
     features: str | None = None  # "SET" or "SET@VERSION"
     strict: bool = False
+    scratch: Path | None = None  # where a reader may keep converted rows (``RowSink``); None: the temp dir
 
 
 @dataclass(frozen=True)
@@ -136,9 +140,51 @@ class InputRows:
     slicer: Callable[[int, int], Chunk]
     skipped: list[str] = field(default_factory=list)  # inputs left out (undecodable images), listed
     identity: dict[str, object] = field(default_factory=dict)  # what else decides the rows (features version)
+    scratch: Path | None = None  # a directory of converted rows the chunks point into, removed by ``close``
 
     def chunk(self, start: int, stop: int) -> Chunk:
         return self.slicer(start, stop)
+
+    def close(self) -> None:
+        """Remove the scratch rows (once no chunk is read any more)."""
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class RowSink:
+    """Checked rows appended, a block at a time, to one float32 file per model input in ``directory`` (made
+    here; None: a new temporary one).
+
+    ``close(n)`` gives each input's rows as ``StoredRows`` for the workers to map; ``discard`` removes them.
+    """
+
+    def __init__(self, directory: Path | None) -> None:
+        if directory is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="edgefleet-rows-"))
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.dir = directory
+        self._files: dict[str, tuple[BinaryIO, tuple[int, ...]]] = {}
+        self._open = ExitStack()
+
+    def write(self, name: str, rows: np.ndarray) -> None:
+        """Append ``rows`` ([k, ...] float32) to input ``name``'s file."""
+        if name not in self._files:
+            new = self._open.enter_context(open(self.dir / f"{len(self._files)}.f32", "wb"))  # noqa: SIM115 (until close)
+            self._files[name] = (new, tuple(rows.shape[1:]))
+        fh, shape = self._files[name]
+        if tuple(rows.shape[1:]) != shape:
+            raise InputError(f"input {name!r}: rows of shape {list(rows.shape[1:])} after rows of shape {list(shape)}")
+        fh.write(np.ascontiguousarray(rows, dtype=FLOAT32).data.cast("B"))
+
+    def close(self, n: int) -> dict[str, StoredRows]:
+        """Every input's ``n`` rows, where they lie."""
+        self._open.close()
+        return {name: StoredRows(str(fh.name), 0, (n, *shape)) for name, (fh, shape) in self._files.items()}
+
+    def discard(self) -> None:
+        self._open.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Reader(Protocol):
@@ -199,8 +245,8 @@ def files_in(path: Path, suffixes: Sequence[str]) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
 
 
-def check_finite(arr: np.ndarray, what: str, columns: Sequence[str] | None = None) -> None:
-    """InputError naming the first row (1-based) and column of a NaN or infinity in ``arr`` ([N, ...])."""
+def check_finite(arr: np.ndarray, what: str, columns: Sequence[str] | None = None, *, first_row: int = 0) -> None:
+    """InputError naming the first row (1-based, counted from ``first_row``) and column of a NaN or infinity in ``arr`` ([N, ...])."""
     if arr.dtype.kind in "iub" or np.isfinite(arr.sum(dtype=np.float64)):
         return  # one pass, no temporaries: a float64 sum is finite iff every value is (or, rarely, it overflowed)
     bad = ~np.isfinite(arr.reshape(len(arr), -1))
@@ -210,7 +256,7 @@ def check_finite(arr: np.ndarray, what: str, columns: Sequence[str] | None = Non
         kind = "NaN" if np.isnan(arr.reshape(len(arr), -1)[r, c]) else "an infinite value"
         n = int(bad.sum())
         raise InputError(
-            f"{what}: {kind} in row {r + 1}, column {col} ({n} non-finite value{'s' if n > 1 else ''}); "
+            f"{what}: {kind} in row {first_row + r + 1}, column {col} ({n} non-finite value{'s' if n > 1 else ''}); "
             "the model takes finite numbers only: impute or drop those rows"
         )
 
@@ -249,6 +295,7 @@ def array_rows(
     *,
     stored: Mapping[str, StoredRows] | None = None,
     identity: Mapping[str, object] | None = None,
+    scratch: Path | None = None,
 ) -> InputRows:
     """InputRows over checked rows: a chunk is a slice of every array and of every ``StoredRows``."""
 
@@ -256,4 +303,4 @@ def array_rows(
         at = {k: rows.rows(start, stop) for k, rows in (stored or {}).items()}
         return ArrayChunk(keys[start:stop], {k: v[start:stop] for k, v in arrays.items()}, at)
 
-    return InputRows(kind, len(keys), key_name, keys, fp, slicer, identity=dict(identity or {}))
+    return InputRows(kind, len(keys), key_name, keys, fp, slicer, identity=dict(identity or {}), scratch=scratch)

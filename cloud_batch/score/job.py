@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,64 +160,71 @@ def score(
     artifact = version_dir / manifest.file
     if not artifact.is_file() or sha256_file(artifact) != manifest.sha256:
         raise RegistryError(f"{artifact} is missing or does not match its manifest's sha256")
-    options = InputOptions(Path(registry_dir), entity_key, dict(mapping or {}), features, strict)
+    scratch = parts.scratch_dir(output)
+    shutil.rmtree(scratch, ignore_errors=True)  # rows a killed run had converted
+    options = InputOptions(Path(registry_dir), entity_key, dict(mapping or {}), features, strict, scratch)
     if engine == "local":
         from cloud_batch.score.local import warm_up
 
         warm_up()  # the worker runtime loads in the background while the input is read and checked
-    rows = open_input(input_path, manifest, options)
-    part_rows = partition_rows or default_partition_rows(rows.n)
-    if publish_features is not None and (repeats := repeated_keys(rows.keys)):
-        raise InputError(
-            f"--publish-features needs one row per {rows.key_name!r} (a feature set has one row per entity), "
-            f"but {repeats} keys repeat"
-        )
-    identity: dict[str, Any] = {
-        "model": model, "version": version, "artifact_sha256": manifest.sha256, "input": rows.kind,
-        "input_fingerprint": rows.fingerprint, "key": rows.key_name, "map": {k: list(v) for k, v in options.mapping.items()},
-        "strict": strict, "left_out": rows.skipped, "partition_rows": part_rows, **rows.identity,
-    }  # fmt: skip
-    n_parts = math.ceil(rows.n / part_rows)
-    result = ScoreResult(
-        output, rows.n, n_parts, n_parts, engine, 0.0, model, version, manifest.sha256, rows.fingerprint,
-        rows.key_name, rows.skipped,
-    )  # fmt: skip
-    reporter = Reporter(progress)
-    if rows.skipped:
-        reporter.status(f"leaving out {len(rows.skipped)} undecodable images: {', '.join(rows.skipped[:10])}")
-    if parts.output_is_done(output, identity, overwrite):
-        shutil.rmtree(parts.staging_dir(output), ignore_errors=True)
-    else:
-        bounds = [(p * part_rows, min(rows.n, (p + 1) * part_rows)) for p in range(n_parts)]
-        done = parts.open_staging(output, identity, overwrite, [b - a for a, b in bounds])
-        tasks = [(p, rows.chunk(*bounds[p])) for p in range(n_parts) if p not in done]
-        result.skipped_parts = len(done)
-        spec = ScorerSpec(str(version_dir), batch_size, rows.key_name, str(parts.staging_dir(output)))
-        meta = {
-            "identity": identity, "engine": engine, "model": model, "version": version,
-            "artifact_sha256": manifest.sha256, "input_fingerprint": rows.fingerprint, "rows": rows.n,
-            "columns": [rows.key_name, *output_columns(manifest)],
+    with closing(open_input(input_path, manifest, options)) as rows:  # its scratch rows go when scoring ends
+        part_rows = partition_rows or default_partition_rows(rows.n)
+        if publish_features is not None and (repeats := repeated_keys(rows.keys)):
+            raise InputError(
+                f"--publish-features needs one row per {rows.key_name!r} (a feature set has one row per entity), "
+                f"but {repeats} keys repeat"
+            )
+        identity: dict[str, Any] = {
+            "model": model, "version": version, "artifact_sha256": manifest.sha256, "input": rows.kind,
+            "input_fingerprint": rows.fingerprint, "key": rows.key_name, "map": {k: list(v) for k, v in options.mapping.items()},
+            "strict": strict, "left_out": rows.skipped, "partition_rows": part_rows, **rows.identity,
         }  # fmt: skip
-        merger = parts.Merger(output, n_parts, meta, [TOP_CLASS] if is_classifier(manifest) else [])
+        n_parts = math.ceil(rows.n / part_rows)
+        result = ScoreResult(
+            output, rows.n, n_parts, n_parts, engine, 0.0, model, version, manifest.sha256, rows.fingerprint,
+            rows.key_name, rows.skipped,
+        )  # fmt: skip
+        reporter = Reporter(progress)
+        if rows.skipped:
+            reporter.status(f"leaving out {len(rows.skipped)} undecodable images: {', '.join(rows.skipped[:10])}")
+        if parts.output_is_done(output, identity, overwrite):
+            shutil.rmtree(parts.staging_dir(output), ignore_errors=True)
+        else:
+            bounds = [(p * part_rows, min(rows.n, (p + 1) * part_rows)) for p in range(n_parts)]
+            done = parts.open_staging(output, identity, overwrite, [b - a for a, b in bounds])
+            tasks = [(p, rows.chunk(*bounds[p])) for p in range(n_parts) if p not in done]
+            result.skipped_parts = len(done)
+            spec = ScorerSpec(str(version_dir), batch_size, rows.key_name, str(parts.staging_dir(output)))
+            meta = {
+                "identity": identity, "engine": engine, "model": model, "version": version,
+                "artifact_sha256": manifest.sha256, "input_fingerprint": rows.fingerprint, "rows": rows.n,
+                "columns": [rows.key_name, *output_columns(manifest)],
+            }  # fmt: skip
+            merger = parts.Merger(output, n_parts, meta, [TOP_CLASS] if is_classifier(manifest) else [])
 
-        def after_part(part: int, parts_done: int, rows_done: int) -> None:
-            if on_part is not None:
-                on_part(parts_done, rows_done)
-            merger.advance(part)  # the merge overlaps the scoring
+            def after_part(part: int, parts_done: int, rows_done: int) -> None:
+                if on_part is not None:
+                    on_part(parts_done, rows_done)
+                merger.advance(part)  # the merge overlaps the scoring
 
-        t0 = time.perf_counter()
-        try:
-            merger.advance()  # partitions a killed run left
-            result.worker_cpu_s = _run(engine, spec, tasks, n_workers, ray_address, reporter, after_part, len(done))
-            merger.finish()
-        finally:
-            merger.close()
-        result.seconds = time.perf_counter() - t0
-    if publish_features is not None and features_version is not None:
-        result.published = build(
-            registry_dir, publish_features, features_version, source=output, entity_key=rows.key_name, progress=progress
-        )
-    return result
+            t0 = time.perf_counter()
+            try:
+                merger.advance()  # partitions a killed run left
+                result.worker_cpu_s = _run(engine, spec, tasks, n_workers, ray_address, reporter, after_part, len(done))
+                merger.finish()
+            finally:
+                merger.close()
+            result.seconds = time.perf_counter() - t0
+        if publish_features is not None and features_version is not None:
+            result.published = build(
+                registry_dir,
+                publish_features,
+                features_version,
+                source=output,
+                entity_key=rows.key_name,
+                progress=progress,
+            )
+        return result
 
 
 def _run(

@@ -68,6 +68,11 @@ def staging_dir(output: Path) -> Path:
     return output.with_name(output.name + ".parts")
 
 
+def scratch_dir(output: Path) -> Path:
+    """Where a run keeps input rows converted for its workers (tabular inputs); removed when it ends."""
+    return output.with_name(f".{output.name}.rows")
+
+
 def read_metadata(output: str | Path) -> dict[str, Any] | None:
     """The ``edgefleet.score`` metadata of a finished output, or None if it is not a score output."""
     try:

@@ -10,25 +10,31 @@ Each model input is filled from columns, in this order of precedence:
 
 Everything is checked before scoring: missing columns (all named), non-numeric columns, NaN
 (row and column), empty input, entities missing from the feature set.
+
+The files are streamed: headers and schemas first (columns, widths, the feature set), then a
+block of rows at a time (``block_rows``: ~8 MB as float64), only the columns needed. Each block is
+checked, converted to the model's float32 rows and appended to a scratch file per input
+(``RowSink``) that the workers map. The driver holds one block and the entity keys, not the table,
+so a table larger than memory can be scored. Row numbers in errors count from 1 within the file.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
 from cloud_batch.errors import InputError
 from cloud_batch.features.build import FeatureRegistry
-from cloud_batch.features.tables import read_table
+from cloud_batch.features.tables import table_blocks, table_columns
 from cloud_batch.score.inputs import (
     TABLE_SUFFIXES,
     InputOptions,
     InputRows,
-    Keys,
     RowNumbers,
+    RowSink,
     array_rows,
     as_input,
     check_finite,
@@ -40,9 +46,18 @@ from cloud_batch.score.inputs import (
 from edge_agent.wire.bundle import Bundle
 from edge_agent.wire.model.manifest import FeatureJoin, Manifest, TensorSpec
 
+Block = dict[str, np.ndarray]  # a block of rows: column name -> its values
+BLOCK_BYTES = 8 << 20  # a block of rows read, checked and converted at a time: about this much as float64
+BLOCK_ROWS = 65536  # and at most this many rows
+
+
+def block_rows(columns: int) -> int:
+    """Rows per block for a table of ``columns`` columns read."""
+    return max(1, min(BLOCK_ROWS, BLOCK_BYTES // (8 * max(1, columns))))
+
 
 class TableReader:
-    """Parquet/CSV files (or a directory of them, read in name order as one table)."""
+    """Parquet/CSV files (or a directory of them, read in name order as one table), streamed a block at a time."""
 
     kind = "table"
 
@@ -52,56 +67,156 @@ class TableReader:
     def read(self, path: Path, manifest: Manifest, options: InputOptions) -> InputRows:
         files = files_in(path, TABLE_SUFFIXES)
         fp = fingerprint_soon(files, path)
-        text = (options.entity_key,) if options.entity_key else ()
-        frames = [read_table(f, text_columns=text, progress=False) for f in files]
-        df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        plan = Plan.make(path, files, manifest, options)
+        sink = RowSink(options.scratch)
+        try:
+            n, keys = plan.stream(sink)
+            stored = sink.close(n)
+        except BaseException:
+            sink.discard()
+            raise
+        key_name, row_keys = (plan.key, np.concatenate(keys)) if plan.key is not None else ("row", RowNumbers(0, n))
+        return array_rows(
+            self.kind, {}, key_name, row_keys, fp(), stored=stored, identity=plan.identity, scratch=sink.dir
+        )
+
+
+@dataclass
+class Plan:
+    """What to read from which files, checked against their headers before any row is read."""
+
+    path: Path
+    files: list[Path]
+    manifest: Manifest
+    key: str | None  # --entity-key
+    columns: dict[str, list[str]]  # input -> its columns
+    joined: list[FeatureJoin]
+    bundle: Bundle | None = None  # --features, for the joined inputs
+    entity_col: str | None = None  # the column the joins look up
+    identity: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, path: Path, files: list[Path], manifest: Manifest, options: InputOptions) -> Plan:
         where = str(path)
-        if df.empty:
-            raise InputError(f"{where} is empty: no rows to score")
         unknown = [k for k in options.mapping if manifest.input(k) is None]
         if unknown:
             raise InputError(f"--map names unknown inputs {shown(unknown)}; {manifest.name} takes {_names(manifest)}")
-        key_name, keys = _keys(df, options.entity_key, where)
-        columns, joined = _plan_columns(df, manifest, options)
-        missing = sorted({c for cols in columns.values() for c in cols if c not in df.columns})
-        if missing:
-            raise InputError(f"{where} is missing column{'s' if len(missing) > 1 else ''} {shown(missing)}")
-        arrays: dict[str, np.ndarray] = {}
-        for name, cols in columns.items():
-            arrays[name] = _column_block(df, manifest.input(name), cols, where)  # type: ignore[arg-type]
-        identity: dict[str, object] = {}
-        if joined:
-            bundle, set_version = _feature_bundle(options)
-            identity["features"] = set_version
-            entity_col = options.entity_key or bundle.info.entity_key
-            if entity_col not in df.columns:
+        heads = {f: table_columns(f) for f in files}
+        names = list(dict.fromkeys(c for cols in heads.values() for c in cols))
+        key = options.entity_key
+        if key is not None and key not in names:
+            raise InputError(f"{where} has no entity column {key!r} (columns: {shown(names)})")
+        plan = cls(path, files, manifest, key, *_plan_columns(names, manifest, options))
+        for name, cols in plan.columns.items():
+            _check_width(plan._spec(name), cols)
+        if plan.joined:
+            plan.bundle, plan.identity["features"] = _feature_bundle(options)
+            plan.entity_col = key or plan.bundle.info.entity_key
+            if plan.entity_col not in names:
                 raise InputError(
-                    f"{where} has no entity column {entity_col!r} to look up {bundle.info.set} (give --entity-key COL)"
+                    f"{where} has no entity column {plan.entity_col!r} to look up {plan.bundle.info.set} "
+                    "(give --entity-key COL)"
                 )
-            entities = df[entity_col].astype(str).to_numpy()
-            for join in joined:
-                spec = manifest.input(join.input)
-                arrays[join.input] = as_input(spec, _lookup(bundle, join, entities, where), join.input)  # type: ignore[arg-type]
-        return array_rows(self.kind, arrays, key_name, keys, fp(), identity=identity)
+        wanted = [c for cols in plan.columns.values() for c in cols]
+        for f, have in heads.items():
+            missing = sorted(set(wanted) - set(have))
+            if missing:
+                raise InputError(
+                    f"{_named(f, path)} is missing column{'s' if len(missing) > 1 else ''} {shown(missing)}"
+                )
+        return plan
+
+    @property
+    def read(self) -> list[str]:
+        """The columns read: the keys first, then every input's."""
+        firsts = [c for c in (self.key, self.entity_col) if c is not None]
+        return list(dict.fromkeys([*firsts, *(c for cols in self.columns.values() for c in cols)]))
+
+    def stream(self, sink: RowSink) -> tuple[int, list[np.ndarray]]:
+        """Read, check and convert every block into ``sink``; (rows, the entity keys of each block)."""
+        read, text = self.read, (self.key,) if self.key else ()
+        n, keys, lost = 0, [], Lost()
+        for f in self.files:
+            first = 0
+            for block in table_blocks(f, read, text_columns=text, rows=block_rows(len(read))):
+                size = len(block[read[0]])
+                if not size:
+                    continue  # a header without rows
+                at = Where(_named(f, self.path), first)
+                if self.key is not None:
+                    keys.append(_keys(block, self.key, at))
+                for name, cols in self.columns.items():
+                    sink.write(name, _column_block(block, self._spec(name), cols, at))
+                for join in self.joined:
+                    values = _lookup(self.bundle, join, block[self.entity_col].astype(str), lost, at)  # type: ignore[arg-type,index]
+                    sink.write(join.input, as_input(self._spec(join.input), values, join.input))
+                first += size
+            n += first
+        if n == 0:
+            raise InputError(f"{self.path} is empty: no rows to score")
+        lost.check(self.bundle)
+        return n, keys
+
+    def _spec(self, name: str) -> TensorSpec:
+        spec = self.manifest.input(name)
+        assert spec is not None  # planned from the manifest's inputs
+        return spec
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a block lies, for errors: its file (or the input) and its first row there (0-based)."""
+
+    file: str
+    first: int
+
+    def row(self, i: int) -> int:
+        """Block row ``i`` as a 1-based row of the file."""
+        return self.first + i + 1
+
+
+class Lost:
+    """Entities of joined inputs that the feature set lacks (and whose join has no default), over every block."""
+
+    def __init__(self) -> None:
+        self.entities: dict[str, None] = {}
+        self.first: tuple[str, int] | None = None
+
+    def add(self, entities: np.ndarray, found: np.ndarray, at: Where) -> None:
+        """Note the entities where ``found`` is False."""
+        if self.first is None:
+            self.first = (at.file, at.row(int(np.argmax(~found))))
+        self.entities.update(dict.fromkeys(entities[~found].tolist()))
+
+    def check(self, bundle: Bundle | None) -> None:
+        if self.first is None or bundle is None:
+            return
+        lost, (file, row) = list(self.entities), self.first
+        raise InputError(
+            f"{file}: {len(lost)} entit{'ies' if len(lost) > 1 else 'y'} not in feature set "
+            f"{bundle.info.set} {bundle.info.version}: {shown(lost)} (first in row {row})"
+        )
+
+
+def _named(f: Path, path: Path) -> str:
+    """The file to name in an error: the input itself, or the file of a directory input."""
+    return str(f) if path.is_dir() else str(path)
 
 
 def _names(manifest: Manifest) -> list[str]:
     return [s.name for s in manifest.inputs]
 
 
-def _keys(df: pd.DataFrame, entity_key: str | None, where: str) -> tuple[str, Keys]:
-    if entity_key is None:
-        return "row", RowNumbers(0, len(df))
-    if entity_key not in df.columns:
-        raise InputError(f"{where} has no entity column {entity_key!r} (columns: {shown(list(df.columns))})")
-    col = df[entity_key]
-    if col.isna().any():
-        raise InputError(f"{where}: entity column {entity_key!r} is empty in row {int(np.argmax(col.isna())) + 1}")
-    return entity_key, col.astype(str).to_numpy().astype(str)
+def _keys(block: Block, entity_key: str, at: Where) -> np.ndarray:
+    col = block[entity_key]
+    empty = pd.isna(col)
+    if empty.any():
+        raise InputError(f"{at.file}: entity column {entity_key!r} is empty in row {at.row(int(np.argmax(empty)))}")
+    return col.astype(str)
 
 
 def _plan_columns(
-    df: pd.DataFrame, manifest: Manifest, options: InputOptions
+    names: list[str], manifest: Manifest, options: InputOptions
 ) -> tuple[dict[str, list[str]], list[FeatureJoin]]:
     """Input name -> its columns, and the joins to fill from ``--features``."""
     declared = manifest.extra.get("feature_names") or {}
@@ -111,9 +226,9 @@ def _plan_columns(
         join = manifest.feature_joins.get(spec.name)
         if spec.name in options.mapping:
             columns[spec.name] = list(options.mapping[spec.name])
-        elif join is not None and (options.features is not None or not set(join.features) <= set(df.columns)):
+        elif join is not None and (options.features is not None or not set(join.features) <= set(names)):
             if options.features is None:
-                absent = [f for f in join.features if f not in df.columns]
+                absent = [f for f in join.features if f not in names]
                 raise InputError(
                     f"input {spec.name!r} is joined from feature set {join.set!r}: give --features "
                     f"{join.set}[@VERSION], or columns {shown(absent)}"
@@ -131,18 +246,23 @@ def _plan_columns(
     return columns, joined
 
 
-def _column_block(df: pd.DataFrame, spec: TensorSpec, cols: list[str], where: str) -> np.ndarray:
+def _check_width(spec: TensorSpec, cols: list[str]) -> None:
     if len(cols) != row_width(spec):
         raise InputError(
             f"input {spec.name!r} {list(spec.shape)} takes {row_width(spec)} values per row; {len(cols)} columns given"
         )
-    bad = [c for c in cols if not is_numeric_dtype(df[c]) or is_bool_dtype(df[c])]
+
+
+def _column_block(block: Block, spec: TensorSpec, cols: list[str], at: Where) -> np.ndarray:
+    bad = [c for c in cols if block[c].dtype.kind not in "iuf"]
     if bad:
-        detail = ", ".join(f"{c!r} ({df[c].dtype})" for c in bad[:5])
-        raise InputError(f"{where}: column{'s' if len(bad) > 1 else ''} {detail} not numeric (input {spec.name!r})")
-    block = df[cols].to_numpy(dtype=np.float64)
-    check_finite(block, where, cols)
-    return as_input(spec, block, where)
+        detail = ", ".join(f"{c!r} ({block[c].dtype})" for c in bad[:5])
+        raise InputError(f"{at.file}: column{'s' if len(bad) > 1 else ''} {detail} not numeric (input {spec.name!r})")
+    values = np.empty((len(block[cols[0]]), len(cols)), dtype=np.float64)
+    for j, c in enumerate(cols):
+        values[:, j] = block[c]
+    check_finite(values, at.file, cols, first_row=at.first)
+    return as_input(spec, values, at.file)
 
 
 def _feature_bundle(options: InputOptions) -> tuple[Bundle, str]:
@@ -161,8 +281,8 @@ def _feature_bundle(options: InputOptions) -> tuple[Bundle, str]:
     return bundle, bundle.info.id
 
 
-def _lookup(bundle: Bundle, join: FeatureJoin, entities: np.ndarray, where: str) -> np.ndarray:
-    """The join's features for every entity, in the input's column order; missing ones use the default or fail."""
+def _lookup(bundle: Bundle, join: FeatureJoin, entities: np.ndarray, lost: Lost, at: Where) -> np.ndarray:
+    """The join's features for every entity, in the input's column order; missing ones use the default or go to ``lost``."""
     have = list(bundle.info.feature_names)
     absent = [f for f in join.features if f not in have]
     if absent:
@@ -176,10 +296,6 @@ def _lookup(bundle: Bundle, join: FeatureJoin, entities: np.ndarray, where: str)
     out[found] = vals[pos[found]][:, cols]
     if not found.all():
         if join.default is None:
-            lost = list(dict.fromkeys(entities[~found].tolist()))
-            raise InputError(
-                f"{where}: {len(lost)} entit{'ies' if len(lost) > 1 else 'y'} not in feature set "
-                f"{bundle.info.set} {bundle.info.version}: {shown(lost)} (first in row {int(np.argmax(~found)) + 1})"
-            )
-        out[~found] = np.asarray(join.default, dtype=np.float32)
+            lost.add(entities, found, at)
+        out[~found] = np.asarray(join.default or 0.0, dtype=np.float32)
     return out

@@ -1,0 +1,141 @@
+"""Parquet/CSV inputs to ``cloud-batch score`` are streamed: a block at a time, only the columns needed,
+into scratch rows that the workers map; errors name the file and its row; nothing is left behind."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cloud_batch.errors import InputError
+from cloud_batch.score import tabular
+from cloud_batch.score.inputs import ArrayChunk, InputOptions, RowNumbers, fingerprint
+from cloud_batch.score.job import score
+from cloud_batch.score.parts import scratch_dir, staging_dir
+from cloud_batch.score.tabular import TableReader
+from edge_agent.wire.model.manifest import Manifest
+from tests.support.score import digits_rows, live_frame, read_scores, score_registry
+
+JOIN = {"entity_key": "asset_id", "features": "asset_features"}
+
+
+@pytest.fixture(scope="module")
+def sreg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return score_registry(tmp_path_factory.mktemp("score-tables") / "registry")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 7 rows for the maintenance table's 5 columns read (asset_id and the 4 live ones)."""
+    monkeypatch.setattr(tabular, "BLOCK_BYTES", 7 * 8 * 5)
+    assert tabular.block_rows(5) == 7
+
+
+def test_a_wide_table_is_read_a_block_at_a_time_and_never_held_whole(
+    sreg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """64 pixel columns of 40,000 rows (20 MB as float64) beside 16 unused ones, in row groups of 4,000:
+    the driver's Python-side peak stays near one 1 MiB block, and the chunks point into scratch rows."""
+    monkeypatch.setattr(tabular, "BLOCK_BYTES", 1 << 20)
+    x = digits_rows(40_000)
+    cols = {f"c{i}": x.reshape(len(x), 64)[:, i].astype(np.float64) for i in range(64)}
+    unused = {f"u{i}": np.arange(len(x), dtype=np.float64) for i in range(16)}
+    path = tmp_path / "wide.parquet"
+    pd.DataFrame(unused | cols).to_parquet(path, row_group_size=4_000)
+    manifest = Manifest.load(sreg / "digits" / "1" / "manifest.json")
+    options = InputOptions(sreg, mapping={"pixels": list(cols)}, scratch=tmp_path / "scratch")
+    tracemalloc.start()
+    try:
+        rows = TableReader().read(path, manifest, options)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 << 20, f"the driver held {peak:,} bytes reading a {len(x) * 64 * 8:,}-byte table"
+    assert rows.n == len(x) and rows.keys == RowNumbers(0, len(x))
+    assert rows.fingerprint == fingerprint([path], path)
+    chunk = rows.chunk(12_000, 13_000)
+    assert isinstance(chunk, ArrayChunk) and chunk.arrays == {} and set(chunk.stored) == {"pixels"}
+    assert np.array_equal(chunk.feeds()["pixels"], x[12_000:13_000])
+    assert rows.scratch == tmp_path / "scratch" and rows.scratch.is_dir()
+    rows.close()
+    assert not (tmp_path / "scratch").exists()
+
+
+@pytest.mark.usefixtures("small_blocks")
+def test_small_blocks_score_the_same_rows_as_one_block(sreg: Path, tmp_path: Path) -> None:
+    df = live_frame(120)
+    df.to_parquet(tmp_path / "live.parquet", row_group_size=50)
+    csvs = tmp_path / "csvs"
+    csvs.mkdir()
+    df.iloc[:45].to_csv(csvs / "a.csv", index=False)
+    df.iloc[45:].to_csv(csvs / "b.csv", index=False)
+    outs = []
+    for source in (tmp_path / "live.parquet", csvs):
+        out = tmp_path / f"scores-{source.stem}.parquet"
+        score(sreg, "maintenance", "1", source, out, workers=1, progress=False, **JOIN)  # type: ignore[arg-type]
+        outs.append(read_scores(out))
+        assert not scratch_dir(out).exists() and not staging_dir(out).exists()
+    tabular.BLOCK_BYTES = 8 << 20  # one block per file (the fixture restores the default)
+    score(sreg, "maintenance", "1", tmp_path / "live.parquet", tmp_path / "one.parquet", workers=1, progress=False,
+          **JOIN)  # type: ignore[arg-type]  # fmt: skip
+    one = read_scores(tmp_path / "one.parquet")
+    assert one["asset_id"].tolist() == df["asset_id"].tolist()
+    assert outs[0].equals(one) and outs[1].equals(one)
+
+
+def _refusal(sreg: Path, tmp: Path, source: Path) -> str:
+    out = tmp / "out.parquet"
+    with pytest.raises(InputError) as err:
+        score(sreg, "maintenance", "1", source, out, workers=1, progress=False, **JOIN)  # type: ignore[arg-type]
+    assert not out.exists() and not staging_dir(out).exists() and not scratch_dir(out).exists()
+    return str(err.value)
+
+
+@pytest.mark.usefixtures("small_blocks")
+def test_errors_in_later_blocks_name_the_file_and_its_row(sreg: Path, tmp_path: Path) -> None:
+    df = live_frame(40)
+    df.loc[16, "vibration"] = np.nan  # row 17, in the third block of 7
+    df.to_parquet(tmp_path / "nan.parquet")
+    assert "nan.parquet: NaN in row 17, column 'vibration'" in _refusal(sreg, tmp_path, tmp_path / "nan.parquet")
+
+    text = live_frame(30).astype({"rpm": object})
+    text.loc[24, "rpm"] = "fast"  # only the fourth block of the CSV has text
+    text.to_csv(tmp_path / "text.csv", index=False)
+    assert "column 'rpm' (object) not numeric (input 'live')" in _refusal(sreg, tmp_path, tmp_path / "text.csv")
+
+    keys = live_frame(30)
+    keys.loc[9, "asset_id"] = None
+    keys.to_parquet(tmp_path / "keys.parquet")
+    assert "entity column 'asset_id' is empty in row 10" in _refusal(sreg, tmp_path, tmp_path / "keys.parquet")
+
+    lost = live_frame(30)
+    lost.loc[[1, 22], "asset_id"] = ["asset-700", "asset-900"]  # in the first and the fourth block
+    lost.to_parquet(tmp_path / "lost.parquet")
+    assert "2 entities not in feature set asset_features 1: 'asset-700', 'asset-900' (first in row 2)" in _refusal(
+        sreg, tmp_path, tmp_path / "lost.parquet"
+    )
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    live_frame(20).to_csv(parts / "a.csv", index=False)
+    second = live_frame(20)
+    second.loc[11, "rpm"] = np.inf
+    second.to_csv(parts / "b.csv", index=False)
+    live_frame(20).drop(columns=["rpm"]).to_csv(parts / "c.csv", index=False)
+    assert f"{parts / 'c.csv'} is missing column 'rpm'" in _refusal(sreg, tmp_path, parts)  # headers first
+    (parts / "c.csv").unlink()
+    assert f"{parts / 'b.csv'}: an infinite value in row 12, column 'rpm'" in _refusal(sreg, tmp_path, parts)
+
+
+def test_a_killed_runs_scratch_rows_are_removed_by_the_next_run(sreg: Path, tmp_path: Path) -> None:
+    live_frame(30).to_csv(tmp_path / "live.csv", index=False)
+    out = tmp_path / "out.parquet"
+    stray = scratch_dir(out)
+    stray.mkdir()
+    (stray / "0.f32").write_bytes(b"\0" * 64)  # what a run killed while converting left
+    score(sreg, "maintenance", "1", tmp_path / "live.csv", out, workers=1, progress=False, **JOIN)  # type: ignore[arg-type]
+    assert read_scores(out)["asset_id"].tolist() == live_frame(30)["asset_id"].tolist()
+    assert not stray.exists()
