@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from cloud_batch.errors import InputError
+from cloud_batch.features.tables import table_blocks
 from cloud_batch.score import tabular
 from cloud_batch.score.inputs import ArrayChunk, InputOptions, RowNumbers, fingerprint
 from cloud_batch.score.job import score
@@ -139,3 +140,19 @@ def test_a_killed_runs_scratch_rows_are_removed_by_the_next_run(sreg: Path, tmp_
     score(sreg, "maintenance", "1", tmp_path / "live.csv", out, workers=1, progress=False, **JOIN)  # type: ignore[arg-type]
     assert read_scores(out)["asset_id"].tolist() == live_frame(30)["asset_id"].tolist()
     assert not stray.exists()
+
+
+def test_blocks_report_how_far_into_the_file_they_are(tmp_path: Path) -> None:
+    """``on_bytes`` drives the "reading" bar: it grows block by block and ends at the file's size."""
+    df = live_frame(3_000)
+    df.to_parquet(tmp_path / "t.parquet", row_group_size=1_000)
+    df.to_csv(tmp_path / "t.csv", index=False)
+    for path in (tmp_path / "t.parquet", tmp_path / "t.csv"):
+        seen: list[int] = []
+        blocks = list(
+            table_blocks(path, ["asset_id", "rpm"], text_columns=["asset_id"], rows=700, on_bytes=seen.append)
+        )
+        assert sum(len(b["rpm"]) for b in blocks) == 3_000 and len(seen) == len(blocks) > 1
+        assert seen == sorted(seen) and seen[-1] == path.stat().st_size, (path.name, seen)
+        whole = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)  # what read_table gives
+        assert np.array_equal(np.concatenate([b["rpm"] for b in blocks]), whole["rpm"].to_numpy())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,24 +86,11 @@ def read_table(path: str | Path, *, text_columns: Sequence[str] = (), progress: 
         size = p.stat().st_size
         if not progress or size < PROGRESS_MIN_BYTES:
             return pd.read_csv(p, dtype=dtype)
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
         parts = []
-        with (
-            open(p, "rb") as fh,
-            Progress(
-                TextColumn("[bold]reading {task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TimeRemainingColumn(),
-                console=Reporter().console,
-                transient=True,
-            ) as bar,
-        ):
-            task = bar.add_task(p.name, total=size)
+        with open(p, "rb") as fh, bytes_bar(p.name, size) as advance:
             for chunk in pd.read_csv(fh, dtype=dtype, chunksize=CSV_CHUNK_ROWS):
                 parts.append(chunk)
-                bar.update(task, completed=fh.tell())
+                advance(fh.tell())
         return pd.concat(parts, ignore_index=True) if parts else pd.read_csv(p, dtype=dtype)
 
 
@@ -119,27 +106,53 @@ def table_columns(path: Path) -> list[str]:
 
 
 def table_blocks(
-    path: Path, columns: Sequence[str], *, text_columns: Sequence[str] = (), rows: int = CSV_CHUNK_ROWS
+    path: Path,
+    columns: Sequence[str],
+    *,
+    text_columns: Sequence[str] = (),
+    rows: int = CSV_CHUNK_ROWS,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """``columns`` of a CSV/Parquet file, up to ``rows`` rows at a time, front to back, as NumPy arrays.
 
-    Memory: one block, and for Parquet the row group it lies in (decoded one at a time). A Parquet column goes
-    straight from Arrow to NumPy (nulls as NaN, text as objects); a CSV block is parsed by pandas,
-    ``text_columns`` as strings, as in ``read_table``.
+    Memory: one block, and for Parquet the row group it lies in (decoded one at a time). A Parquet
+    column goes straight from Arrow to NumPy (nulls as NaN, text as objects); a CSV block is parsed
+    by pandas, ``text_columns`` as strings, as in ``read_table``. ``on_bytes(n)`` after each block:
+    about how many of the file's bytes are behind it.
     """
     kind = table_kind(path)
+    report = on_bytes or (lambda n: None)
     with reading(path, kind):
         if kind == "parquet":
             import pyarrow.parquet as pq
 
+            size, done = path.stat().st_size, 0
             with pq.ParquetFile(path, pre_buffer=False) as pf:  # no read-ahead: a row group at a time
+                total = max(1, pf.metadata.num_rows)
                 for batch in pf.iter_batches(batch_size=rows, columns=list(columns), use_threads=False):
                     yield {c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns}
+                    done += batch.num_rows
+                    report(size * done // total)
             return
         dtype = {c: str for c in text_columns if c in columns}
-        with pd.read_csv(path, usecols=list(columns), dtype=dtype, chunksize=rows) as reader:
+        with open(path, "rb") as fh, pd.read_csv(fh, usecols=list(columns), dtype=dtype, chunksize=rows) as reader:
             for frame in reader:
                 yield {c: frame[c].to_numpy() for c in columns}
+                report(fh.tell())
+
+
+@contextmanager
+def bytes_bar(label: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A transient "reading" bar over ``total`` bytes on stderr; yields ``advance(bytes done)``."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]reading {task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Reporter().console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.update(task, completed=n)
 
 
 def table_from_frame(

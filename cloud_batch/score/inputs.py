@@ -48,6 +48,7 @@ class InputOptions:
     features: str | None = None  # "SET" or "SET@VERSION"
     strict: bool = False
     scratch: Path | None = None  # where a reader may keep converted rows (``RowSink``); None: the temp dir
+    progress: bool = False  # a reader may show a bar while it reads a large input
 
 
 @dataclass(frozen=True)

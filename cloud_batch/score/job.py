@@ -162,7 +162,7 @@ def score(
         raise RegistryError(f"{artifact} is missing or does not match its manifest's sha256")
     scratch = parts.scratch_dir(output)
     shutil.rmtree(scratch, ignore_errors=True)  # rows a killed run had converted
-    options = InputOptions(Path(registry_dir), entity_key, dict(mapping or {}), features, strict, scratch)
+    options = InputOptions(Path(registry_dir), entity_key, dict(mapping or {}), features, strict, scratch, progress)
     if engine == "local":
         from cloud_batch.score.local import warm_up
 

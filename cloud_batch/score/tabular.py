@@ -20,6 +20,7 @@ so a table larger than memory can be scored. Row numbers in errors count from 1 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import pandas as pd
 
 from cloud_batch.errors import InputError
 from cloud_batch.features.build import FeatureRegistry
-from cloud_batch.features.tables import table_blocks, table_columns
+from cloud_batch.features.tables import PROGRESS_MIN_BYTES, bytes_bar, table_blocks, table_columns
 from cloud_batch.score.inputs import (
     TABLE_SUFFIXES,
     InputOptions,
@@ -69,8 +70,10 @@ class TableReader:
         fp = fingerprint_soon(files, path)
         plan = Plan.make(path, files, manifest, options)
         sink = RowSink(options.scratch)
+        size = sum(f.stat().st_size for f in files)
         try:
-            n, keys = plan.stream(sink)
+            with bytes_bar(path.name, size, options.progress and size >= PROGRESS_MIN_BYTES) as advance:
+                n, keys = plan.stream(sink, advance)
             stored = sink.close(n)
         except BaseException:
             sink.discard()
@@ -132,13 +135,18 @@ class Plan:
         firsts = [c for c in (self.key, self.entity_col) if c is not None]
         return list(dict.fromkeys([*firsts, *(c for cols in self.columns.values() for c in cols)]))
 
-    def stream(self, sink: RowSink) -> tuple[int, list[np.ndarray]]:
-        """Read, check and convert every block into ``sink``; (rows, the entity keys of each block)."""
+    def stream(self, sink: RowSink, advance: Callable[[int], None]) -> tuple[int, list[np.ndarray]]:
+        """Read, check and convert every block into ``sink``, with ``advance(bytes read)``; (rows, the entity
+        keys of each block)."""
         read, text = self.read, (self.key,) if self.key else ()
-        n, keys, lost = 0, [], Lost()
+        n, keys, lost, behind = 0, [], Lost(), 0  # behind: the bytes of the files already read
+
+        def on_bytes(done: int) -> None:
+            advance(behind + done)
+
         for f in self.files:
             first = 0
-            for block in table_blocks(f, read, text_columns=text, rows=block_rows(len(read))):
+            for block in table_blocks(f, read, text_columns=text, rows=block_rows(len(read)), on_bytes=on_bytes):
                 size = len(block[read[0]])
                 if not size:
                     continue  # a header without rows
@@ -152,6 +160,7 @@ class Plan:
                     sink.write(join.input, as_input(self._spec(join.input), values, join.input))
                 first += size
             n += first
+            behind += f.stat().st_size
         if n == 0:
             raise InputError(f"{self.path} is empty: no rows to score")
         lost.check(self.bundle)
