@@ -3,6 +3,8 @@ into scratch rows that the workers map; errors name the file and its row; nothin
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -156,3 +158,25 @@ def test_blocks_report_how_far_into_the_file_they_are(tmp_path: Path) -> None:
         assert seen == sorted(seen) and seen[-1] == path.stat().st_size, (path.name, seen)
         whole = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)  # what read_table gives
         assert np.array_equal(np.concatenate([b["rpm"] for b in blocks]), whole["rpm"].to_numpy())
+
+
+def test_no_room_for_the_converted_rows_is_a_clear_error(sreg: Path, tmp_path: Path) -> None:
+    """A real write failure (the file size limit, as a full disk would be): an InputError, nothing left behind."""
+    live_frame(20_000).to_parquet(tmp_path / "live.parquet")
+    out = tmp_path / "out.parquet"
+    script = f"""
+import resource, signal
+from cloud_batch.errors import InputError
+from cloud_batch.score.job import score
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+try:
+    score({str(sreg)!r}, "maintenance", "1", {str(tmp_path / "live.parquet")!r}, {str(out)!r}, workers=1,
+          progress=False, entity_key="asset_id", features="asset_features")
+except InputError as exc:
+    print("InputError:", exc)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "InputError: cannot keep the input's converted rows in" in proc.stdout and "File too large" in proc.stdout
+    assert not out.exists() and not staging_dir(out).exists() and not scratch_dir(out).exists()

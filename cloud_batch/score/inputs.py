@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -160,31 +160,47 @@ class RowSink:
     """
 
     def __init__(self, directory: Path | None) -> None:
-        if directory is None:
-            self.dir = Path(tempfile.mkdtemp(prefix="edgefleet-rows-"))
-        else:
-            directory.mkdir(parents=True, exist_ok=True)
-            self.dir = directory
         self._files: dict[str, tuple[BinaryIO, tuple[int, ...]]] = {}
         self._open = ExitStack()
+        with self._room(directory or Path(tempfile.gettempdir())):
+            if directory is None:
+                directory = Path(tempfile.mkdtemp(prefix="edgefleet-rows-"))
+            directory.mkdir(parents=True, exist_ok=True)
+        self.dir = directory
 
     def write(self, name: str, rows: np.ndarray) -> None:
         """Append ``rows`` ([k, ...] float32) to input ``name``'s file."""
-        if name not in self._files:
-            new = self._open.enter_context(open(self.dir / f"{len(self._files)}.f32", "wb"))  # noqa: SIM115 (until close)
-            self._files[name] = (new, tuple(rows.shape[1:]))
-        fh, shape = self._files[name]
-        if tuple(rows.shape[1:]) != shape:
-            raise InputError(f"input {name!r}: rows of shape {list(rows.shape[1:])} after rows of shape {list(shape)}")
-        fh.write(np.ascontiguousarray(rows, dtype=FLOAT32).data.cast("B"))
+        with self._room(self.dir):
+            if name not in self._files:
+                new = self._open.enter_context(open(self.dir / f"{len(self._files)}.f32", "wb"))  # noqa: SIM115 (until close)
+                self._files[name] = (new, tuple(rows.shape[1:]))
+            fh, shape = self._files[name]
+            if tuple(rows.shape[1:]) != shape:
+                raise InputError(
+                    f"input {name!r}: rows of shape {list(rows.shape[1:])} after rows of shape {list(shape)}"
+                )
+            fh.write(np.ascontiguousarray(rows, dtype=FLOAT32).data.cast("B"))
+
+    @staticmethod
+    @contextmanager
+    def _room(where: Path) -> Iterator[None]:
+        """A full disk or a read-only directory, as a clear error."""
+        try:
+            yield
+        except OSError as exc:
+            raise InputError(
+                f"cannot keep the input's converted rows in {where}: {exc} (they take 4 bytes per value the model reads)"
+            ) from exc
 
     def close(self, n: int) -> dict[str, StoredRows]:
         """Every input's ``n`` rows, where they lie."""
-        self._open.close()
+        with self._room(self.dir):
+            self._open.close()  # flushes the last writes
         return {name: StoredRows(str(fh.name), 0, (n, *shape)) for name, (fh, shape) in self._files.items()}
 
     def discard(self) -> None:
-        self._open.close()
+        with suppress(OSError):  # a flush that fails on a full disk: the files go anyway
+            self._open.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
