@@ -24,9 +24,9 @@ import xxhash
 from cloud_batch.cli.main import main
 from cloud_batch.errors import InputError, RegistryError
 from cloud_batch.features.build import FeatureRegistry
-from cloud_batch.score.inputs import ArrayChunk, InputOptions, RowNumbers, fingerprint
+from cloud_batch.score.inputs import ArrayChunk, InputOptions, RowNumbers, StoredRows, fingerprint
 from cloud_batch.score.job import score
-from cloud_batch.score.local import MappedChunk, pool_context, run_local, shared_inputs
+from cloud_batch.score.local import MappedChunk, mapped, pool_context, run_local
 from cloud_batch.score.npfiles import NumpyReader
 from cloud_batch.score.parts import Merger, local_part, read_metadata, read_part, staging_dir, written
 from cloud_batch.score.worker import ScorerSpec, write_part
@@ -231,23 +231,21 @@ def test_a_torn_or_short_partition_is_scored_again(sreg: Path, tmp_path: Path) -
     assert out.read_bytes() == reference.read_bytes()
 
 
-def test_loaded_rows_reach_the_workers_through_one_shared_file_removed_afterwards(tmp_path: Path) -> None:
+def test_rows_in_files_are_mapped_by_the_workers_and_other_chunks_are_pickled(tmp_path: Path) -> None:
     x, keys = digits_rows(300), np.arange(300, dtype=np.int64)
-    wide = np.arange(300 * 3, dtype=np.float64).reshape(300, 3)  # another dtype, not a multiple of the alignment
-    tasks = [(p, ArrayChunk(keys[a : a + 100], {"pixels": x[a : a + 100], "w": wide[a : a + 100]})) for p, a in
-             enumerate(range(0, 300, 100))]  # fmt: skip
-    tasks.append((3, _DyingChunk(keys[:1], {"pixels": x[:1]})))  # a subclass ships as it is
-    with shared_inputs(tasks, str(tmp_path)) as shipped:
-        (shared,) = {f for _, c in shipped if isinstance(c, MappedChunk) for f, *_ in c.arrays.values()}
-        assert Path(shared).parent == tmp_path and Path(shared).name.startswith(".")  # a rerun removes a leftover
-        assert shipped[3][1] is tasks[3][1]
-        for (part, sent), (same, chunk) in zip(tasks[:3], shipped[:3], strict=True):
-            feeds = chunk.feeds()
-            assert part == same and np.array_equal(chunk.keys, sent.keys)
-            assert all(np.array_equal(feeds[k], v) and feeds[k].dtype == v.dtype for k, v in sent.feeds().items())
-    assert list(tmp_path.iterdir()) == []
-    with shared_inputs(tasks, str(tmp_path / "gone")) as shipped:  # no file can be made there: pickled instead
-        assert [c for _, c in shipped] == [c for _, c in tasks]
+    np.save(tmp_path / "x.npy", x)
+    rows = StoredRows(str(tmp_path / "x.npy"), (tmp_path / "x.npy").stat().st_size - x.nbytes, x.shape)
+    tasks: list[tuple[int, ArrayChunk]] = [
+        (p, ArrayChunk(keys[a : a + 100], {}, {"pixels": rows.rows(a, a + 100)}))
+        for p, a in enumerate(range(0, 300, 100))
+    ]
+    held = ArrayChunk(keys[:1], {"pixels": x[:1]})
+    tasks += [(3, held), (4, _DyingChunk(keys[:1], {}, {"pixels": rows.rows(0, 1)}))]  # held rows, a subclass
+    shipped = mapped(tasks)
+    assert shipped[3][1] is held and shipped[4][1] is tasks[4][1]  # shipped as they are (pickled)
+    for (part, sent), (same, chunk) in zip(tasks[:3], shipped[:3], strict=True):
+        assert isinstance(chunk, MappedChunk) and part == same and np.array_equal(chunk.keys, sent.keys)
+        assert np.array_equal(chunk.feeds()["pixels"], sent.feeds()["pixels"])
 
 
 def test_the_merge_appends_partitions_in_order_as_they_appear(tmp_path: Path) -> None:
@@ -276,23 +274,26 @@ def test_the_merge_appends_partitions_in_order_as_they_appear(tmp_path: Path) ->
 def test_plain_npz_members_are_mapped_where_they_lie_and_score_as_read_ones(sreg: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     live = rng.normal(10, 3, (300, 4)).astype(np.float32)  # the model's rows as they are: mapped in place
-    assets = rng.uniform(0, 5, (300, 18))  # float64: converted, so copied into the shared file
+    assets = rng.uniform(0, 5, (300, 18))  # float64: converted into scratch rows
     np.savez(tmp_path / "plain.npz", live=live, asset_features=assets)
     np.savez_compressed(tmp_path / "packed.npz", live=live, asset_features=assets)
     manifest = Manifest.load(sreg / "maintenance" / "1" / "manifest.json")
-    plain = NumpyReader().read(tmp_path / "plain.npz", manifest, InputOptions(sreg)).chunk(100, 200)
-    assert isinstance(plain, ArrayChunk) and list(plain.stored) == ["live"]
-    packed = NumpyReader().read(tmp_path / "packed.npz", manifest, InputOptions(sreg)).chunk(100, 200)
-    assert isinstance(packed, ArrayChunk) and packed.stored == {}
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    with shared_inputs([(1, plain)], str(staging)) as [(_, mapped)]:
-        assert isinstance(mapped, MappedChunk)
-        assert mapped.arrays["live"][0] == str(tmp_path / "plain.npz")
-        assert Path(mapped.arrays["asset_features"][0]).parent == staging
-        feeds = mapped.feeds()
-        assert np.array_equal(feeds["live"], live[100:200])
-        assert np.array_equal(feeds["asset_features"], assets[100:200].astype(np.float32))
+    plain_rows = NumpyReader().read(tmp_path / "plain.npz", manifest, InputOptions(sreg, scratch=tmp_path / "s1"))
+    plain = plain_rows.chunk(100, 200)
+    assert isinstance(plain, ArrayChunk) and plain.arrays == {}
+    assert plain.stored["live"].file == str(tmp_path / "plain.npz")  # mapped where it lies
+    assert Path(plain.stored["asset_features"].file).parent == tmp_path / "s1"  # float64: converted, in scratch rows
+    packed_rows = NumpyReader().read(tmp_path / "packed.npz", manifest, InputOptions(sreg, scratch=tmp_path / "s2"))
+    packed = packed_rows.chunk(100, 200)
+    assert isinstance(packed, ArrayChunk) and {Path(r.file).parent for r in packed.stored.values()} == {tmp_path / "s2"}
+    [(_, worker_view)] = mapped([(1, plain)])
+    assert isinstance(worker_view, MappedChunk)
+    feeds = worker_view.feeds()
+    assert np.array_equal(feeds["live"], live[100:200])
+    assert np.array_equal(feeds["asset_features"], assets[100:200].astype(np.float32))
+    plain_rows.close()
+    packed_rows.close()
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
     outs = [tmp_path / "plain.parquet", tmp_path / "packed.parquet"]
     for name, out in zip(["plain.npz", "packed.npz"], outs, strict=True):
         score(sreg, "maintenance", "1", tmp_path / name, out, workers=2, partition_rows=64, progress=False)

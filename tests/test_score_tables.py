@@ -1,5 +1,6 @@
-"""Parquet/CSV inputs to ``cloud-batch score`` are streamed: a block at a time, only the columns needed,
-into scratch rows that the workers map; errors name the file and its row; nothing is left behind."""
+"""Parquet/CSV inputs to ``cloud-batch score``, and arrays that need converting, are streamed: a block at a
+time (for tables, only the columns needed) into scratch rows that the workers map; errors name the file
+and its row; nothing is left behind."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import pytest
 
 from cloud_batch.errors import InputError
 from cloud_batch.features.tables import table_blocks
-from cloud_batch.score import tabular
+from cloud_batch.score import npfiles, tabular
 from cloud_batch.score.inputs import ArrayChunk, InputOptions, RowNumbers, fingerprint
 from cloud_batch.score.job import score
+from cloud_batch.score.npfiles import NumpyReader
 from cloud_batch.score.parts import scratch_dir, staging_dir
 from cloud_batch.score.tabular import TableReader
 from edge_agent.wire.model.manifest import Manifest
@@ -168,6 +170,7 @@ def test_no_room_for_the_converted_rows_is_a_clear_error(sreg: Path, tmp_path: P
 import resource, signal
 from cloud_batch.errors import InputError
 from cloud_batch.score.job import score
+from cloud_batch.score.npfiles import NumpyReader
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
 try:
@@ -180,3 +183,35 @@ except InputError as exc:
     assert proc.returncode == 0, proc.stderr
     assert "InputError: cannot keep the input's converted rows in" in proc.stdout and "File too large" in proc.stdout
     assert not out.exists() and not staging_dir(out).exists() and not scratch_dir(out).exists()
+
+
+def test_an_array_to_convert_is_read_a_block_at_a_time(
+    sreg: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A float64 .npy (20 MB) is checked and converted into scratch rows 1 MiB at a time; errors name the
+    row across blocks; a Fortran-order array, which has no row blocks, is still loaded and converted."""
+    monkeypatch.setattr(npfiles, "ROW_BLOCK_BYTES", 1 << 20)
+    x = digits_rows(40_000).astype(np.float64)
+    np.save(tmp_path / "x.npy", x)
+    manifest = Manifest.load(sreg / "digits" / "1" / "manifest.json")
+    tracemalloc.start()
+    try:
+        rows = NumpyReader().read(tmp_path / "x.npy", manifest, InputOptions(sreg, scratch=tmp_path / "s"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5 << 20, f"the driver held {peak:,} bytes converting a {x.nbytes:,}-byte array"
+    chunk = rows.chunk(30_000, 31_000)
+    assert isinstance(chunk, ArrayChunk) and Path(chunk.stored["pixels"].file).parent == tmp_path / "s"
+    assert np.array_equal(chunk.feeds()["pixels"], x[30_000:31_000].astype(np.float32))
+    rows.close()
+    x[30_000, 2, 3, 0] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(InputError, match=r"NaN in row 30001, column element 19 "):
+        NumpyReader().read(tmp_path / "x.npy", manifest, InputOptions(sreg, scratch=tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
+    f = np.asfortranarray(digits_rows(500).astype(np.float64))
+    np.save(tmp_path / "f.npy", f)
+    rows = NumpyReader().read(tmp_path / "f.npy", manifest, InputOptions(sreg, scratch=tmp_path / "s"))
+    assert np.array_equal(rows.chunk(0, 500).feeds()["pixels"], f.astype(np.float32))
+    rows.close()

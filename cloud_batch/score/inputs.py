@@ -2,13 +2,14 @@
 
 A reader turns ``--input PATH`` into :class:`InputRows`: the row count, a key per row (entity id,
 row index or file name), an input fingerprint, and ``chunk(start, stop)``, a picklable slice that a
-worker turns into model inputs with ``feeds()``. Tabular and NumPy inputs are checked whole in the
-driver (their chunks carry arrays); image chunks carry file names and are decoded in the workers
+worker turns into model inputs with ``feeds()``. Tabular and NumPy inputs are checked in the driver
+before any work, a block at a time; image chunks carry file names and are decoded in the workers
 (``images.py``). ``readers.py`` lists the readers; a video reader is one more entry there.
 
-Rows that already lie in the input file as the model's float32 rows are not held by the driver: a
-chunk says where they are (``StoredRows``) and the workers map them there (``local.py``); the NumPy
-reader (``npfiles.py``) finds them.
+Checked rows are not held by the driver: a chunk says where they lie (``StoredRows``), and the
+workers map them there (``local.py``). That is the input file itself when it already holds the
+model's float32 rows (the NumPy reader, ``npfiles.py``, finds them), else the scratch rows that the
+reader converted them into (``RowSink``; tabular inputs, and arrays of another dtype).
 
 Every refusal is an ``InputError`` naming what is wrong (file, column, row).
 """
@@ -115,7 +116,8 @@ class StoredRows:
 
 @dataclass
 class ArrayChunk:
-    """Rows already checked: real-valued arrays per model input, held (``arrays``) or in the input file (``stored``)."""
+    """Rows already checked: real-valued arrays per model input, held (``arrays``, as Ray is sent them) or in a
+    file (``stored``: the input itself or its scratch rows)."""
 
     keys: Keys
     arrays: dict[str, np.ndarray]
@@ -303,21 +305,19 @@ def require_rows(lengths: set[int], path: Path) -> int:
     return n
 
 
-def array_rows(
+def stored_rows(
     kind: str,
-    arrays: dict[str, np.ndarray],
     key_name: str,
     keys: Keys,
     fp: str,
+    stored: Mapping[str, StoredRows],
     *,
-    stored: Mapping[str, StoredRows] | None = None,
     identity: Mapping[str, object] | None = None,
     scratch: Path | None = None,
 ) -> InputRows:
-    """InputRows over checked rows: a chunk is a slice of every array and of every ``StoredRows``."""
+    """InputRows over checked rows that lie in files: a chunk is a slice of the keys and of every ``StoredRows``."""
 
     def slicer(start: int, stop: int) -> Chunk:
-        at = {k: rows.rows(start, stop) for k, rows in (stored or {}).items()}
-        return ArrayChunk(keys[start:stop], {k: v[start:stop] for k, v in arrays.items()}, at)
+        return ArrayChunk(keys[start:stop], {}, {k: rows.rows(start, stop) for k, rows in stored.items()})
 
     return InputRows(kind, len(keys), key_name, keys, fp, slicer, identity=dict(identity or {}), scratch=scratch)

@@ -7,12 +7,11 @@ threads), and forking a threaded process can deadlock a child on a lock some oth
 scoring runtime (``PRELOAD``) once; ``warm_up`` starts it while the driver still reads and checks the
 input, so its start-up overlaps that work, and every worker is then a cheap fork of it. Workers
 build their ``Scorer`` once, then take whole partitions: score, write the part file, report
-(part, rows, CPU seconds). Checked arrays (``ArrayChunk``) are not pickled: the workers map them
-(``MappedChunk``) where the input file already holds them as the model's rows (``stored``), else
-``shared_inputs`` copies them once into a hidden file in the staging directory (a rerun removes one
-that a killed run left); pickling 1,000,000 maintenance rows to one worker and back out of the
-pipe cost ~0.2 s of CPU, the copy ~0.03 s. Other chunks (image and video file names) are pickled
-through the pool's pipe. As with any
+(part, rows, CPU seconds). Checked rows (``ArrayChunk``) are not pickled: every reader leaves them
+in a file (``stored``), the input itself or its scratch rows (``RowSink``), and the workers map them
+there (``MappedChunk``); pickling 1,000,000 maintenance rows to one worker and back out of the
+pipe cost ~0.2 s of CPU. Other chunks (image and video file names) are pickled through the pool's
+pipe. As with any
 forkserver or spawn pool, each worker imports the caller's ``__main__`` script again (under
 ``__mp_main__``; its ``if __name__ == "__main__"`` block does not run); ``cloud-batch``'s finds
 its CLI preloaded (``CLI``).
@@ -23,16 +22,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 import multiprocessing
-import os
 import sys
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.context import BaseContext
-from pathlib import Path
 
 import numpy as np
 
@@ -99,8 +94,7 @@ def start_worker(spec: ScorerSpec) -> None:
     init_worker(spec)
 
 
-ALIGN = 64  # each array starts on a cache line of the shared file
-_MAPS: dict[str, mmap.mmap] = {}  # in a worker: the files it has mapped (the input, the shared file)
+_MAPS: dict[str, mmap.mmap] = {}  # in a worker: the files it has mapped (the input, the scratch rows)
 
 
 @dataclass
@@ -120,82 +114,22 @@ class MappedChunk:
         return out
 
 
-Spots = dict[str, tuple[str | None, int, str, tuple[int, ...]]]  # name -> (file, or None: the shared one; offset, ...)
-
-
-@contextmanager
-def shared_inputs(tasks: Sequence[tuple[int, Chunk]], staging: str) -> Iterator[list[tuple[int, Chunk]]]:
-    """``tasks`` with every ``ArrayChunk`` as a ``MappedChunk``: its arrays where the input file holds them
-    (``stored``), the others copied into one shared file in ``staging`` (removed afterwards).
-
-    Where that file cannot be made (a full disk), those chunks are shipped as they are (pickled).
-    """
-    layout: list[tuple[int, Chunk, Spots]] = []
-    size = 0
+def mapped(tasks: Sequence[tuple[int, Chunk]]) -> list[tuple[int, Chunk]]:
+    """``tasks`` with every ``ArrayChunk`` whose rows all lie in files (``stored``) as a ``MappedChunk``;
+    any other chunk as it is (pickled through the pool's pipe)."""
+    out: list[tuple[int, Chunk]] = []
     for part, chunk in tasks:
-        spots: Spots = {}
-        if type(chunk) is ArrayChunk:  # a subclass may do more in feeds(): pickled as it is
-            for name, rows in chunk.stored.items():
-                spots[name] = (rows.file, rows.offset, FLOAT32.str, rows.shape)
-            for name, arr in chunk.arrays.items():
-                spots[name] = (None, size, arr.dtype.str, tuple(arr.shape))
-                size += -(-arr.nbytes // ALIGN) * ALIGN
-        layout.append((part, chunk, spots))
-    path = _fill(staging, size, [(chunk, spots) for _, chunk, spots in layout]) if size else None
-    try:
-        yield [(part, _mapped(chunk, spots, path)) for part, chunk, spots in layout]
-    finally:
-        if path is not None:
-            Path(path).unlink(missing_ok=True)
-
-
-def _mapped(chunk: Chunk, spots: Spots, shared: str | None) -> Chunk:
-    """``chunk`` as a ``MappedChunk`` at ``spots`` (None: in ``shared``); as it is when it has none or no shared file was made."""
-    arrays: dict[str, tuple[str, int, str, tuple[int, ...]]] = {}
-    for name, (file, offset, dt, shape) in spots.items():
-        where = file if file is not None else shared
-        if where is None:
-            return chunk
-        arrays[name] = (where, offset, dt, shape)
-    return MappedChunk(chunk.keys, arrays) if arrays else chunk
-
-
-def _fill(staging: str, size: int, chunks: list[tuple[Chunk, Spots]]) -> str | None:
-    """A new hidden file of ``size`` bytes in ``staging`` holding every chunk's arrays at its spots; None on OSError.
-
-    The blocks are allocated first (``posix_fallocate``): a full disk is an OSError here, not a
-    SIGBUS when a page of the map is written.
-    """
-    try:
-        fd, path = tempfile.mkstemp(prefix=".inputs-", suffix=".bin", dir=staging)
-    except OSError:
-        return None
-    try:
-        if hasattr(os, "posix_fallocate"):
-            os.posix_fallocate(fd, 0, size)
-        else:  # pragma: no cover - macOS
-            os.ftruncate(fd, size)
-        with mmap.mmap(fd, size) as buf:
-            for chunk, spots in chunks:
-                arrays: dict[str, np.ndarray] = chunk.arrays  # type: ignore[attr-defined]
-                for name, (file, offset, dt, shape) in spots.items():
-                    if file is not None:
-                        continue  # mapped where it lies
-                    np.frombuffer(buf, np.dtype(dt), int(np.prod(shape)), offset).reshape(shape)[...] = arrays[name]
-        return path
-    except OSError:
-        Path(path).unlink(missing_ok=True)
-        return None
-    finally:
-        os.close(fd)
+        if type(chunk) is ArrayChunk and chunk.stored and not chunk.arrays:  # a subclass may do more in feeds()
+            spots = {name: (rows.file, rows.offset, FLOAT32.str, rows.shape) for name, rows in chunk.stored.items()}
+            chunk = MappedChunk(chunk.keys, spots)
+        out.append((part, chunk))
+    return out
 
 
 def run_local(spec: ScorerSpec, tasks: Sequence[tuple[int, Chunk]], workers: int, on_part: OnPart) -> None:
     """Score every (part, chunk) in ``tasks`` on ``workers`` processes; ``on_part(part, rows, cpu)`` as each is written."""
-    if not tasks:
-        return
-    with shared_inputs(tasks, spec.staging) as shipped:
-        _run_pool(spec, shipped, workers, on_part)
+    if tasks:
+        _run_pool(spec, mapped(tasks), workers, on_part)
 
 
 def _run_pool(spec: ScorerSpec, tasks: Sequence[tuple[int, Chunk]], workers: int, on_part: OnPart) -> None:

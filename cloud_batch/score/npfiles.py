@@ -8,10 +8,13 @@ checks that every value is finite, and the chunks say where the rows lie (``Stor
 workers to map. With the keys as row numbers (``RowNumbers``), the driver's memory then stays at one
 block whatever the file's size.
 
-Anything else (a compressed member, float64, Fortran order, a 3.0 header, or a non-finite value,
-whose row and column are then named) is loaded whole, checked and converted; arrays that already
-are the model's rows in place are still handed over as ``StoredRows``. Nothing is unpickled. As
-with any batch engine reading files in place, the input must not change while it is scored.
+Otherwise (an array to convert, such as float64, or a non-finite value, whose row and column are
+then named) every array is checked and the ones to convert are converted into scratch rows
+(``RowSink``) that the workers map; arrays that already are the model's rows in place are still
+handed over as ``StoredRows``. A plain C-order array is read a block of rows at a time, so the
+driver's memory stays at a block here too; only a compressed member, a Fortran-order array or a 3.0
+header is loaded whole. Nothing is unpickled. As with any batch engine reading files in place, the
+input must not change while it is scored.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import itertools
 import os
 import struct
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -34,8 +38,8 @@ from cloud_batch.score.inputs import (
     InputOptions,
     InputRows,
     RowNumbers,
+    RowSink,
     StoredRows,
-    array_rows,
     as_input,
     check_finite,
     fingerprint_digest,
@@ -43,10 +47,12 @@ from cloud_batch.score.inputs import (
     new_fingerprint,
     require_rows,
     row_width,
+    stored_rows,
 )
 from edge_agent.wire.model.manifest import Manifest, TensorSpec
 from edge_agent.wire.npy import NPY_ERRORS, NpyHeader, read_header
 
+ROW_BLOCK_BYTES = 8 << 20  # an array that needs converting is read about this much at a time
 ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature, 5 shorts, crc and sizes, name and extra lengths
 ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
 
@@ -87,34 +93,86 @@ class NumpyReader:
         stored = {k: v for k, v in in_place.items() if v is not None}
         fp = _scan(path, list(stored.values())) if len(stored) == len(names) else None
         if fp is None:  # something to convert, or a non-finite value to name
-            return self._load(path, manifest, by_key, in_place)
+            return self._load(path, manifest, by_key, in_place, options)
         n = require_rows({s.shape[0] for s in stored.values()}, path)
-        return array_rows(self.kind, {}, "row", RowNumbers(0, n), fp, stored=stored)
+        return stored_rows(self.kind, "row", RowNumbers(0, n), fp, stored)
 
     def _load(
-        self, path: Path, manifest: Manifest, members: dict[str, Member], in_place: dict[str, StoredRows | None]
-    ) -> InputRows:
-        """Every array loaded, checked (naming a non-finite value's row and column) and converted; those
-        ``in_place`` (already the model's rows in the file) are still handed over where they lie."""
+        self, path: Path, manifest: Manifest, members: dict[str, Member], in_place: dict[str, StoredRows | None],
+        options: InputOptions,
+    ) -> InputRows:  # fmt: skip
+        """Every array checked (naming a non-finite value's row and column) and converted into scratch rows;
+        those ``in_place`` (already the model's rows in the file) are checked and handed over where they lie.
+
+        A plain C-order array is read a block of rows at a time; any other (compressed, Fortran order, a
+        3.0 header) is loaded whole, as ``np.load`` loads it, then converted.
+        """
         fp = fingerprint_soon([path], path)
-        try:
-            raw = load(path, list(members.values()))
-        except NPY_ERRORS as exc:
-            raise InputError(f"cannot read {path}: {exc}") from exc
-        arrays: dict[str, np.ndarray] = {}
         stored: dict[str, StoredRows] = {}
-        for spec in manifest.inputs:
-            arr, at = raw[spec.name], in_place[spec.name]
-            what = f"{path.name}[{spec.name!r}]"
-            if arr.dtype.kind not in "fiu" or arr.ndim == 0:
-                raise InputError(f"{what}: dtype {arr.dtype} is not numeric rows")
-            check_finite(arr, what)
-            if at is not None:
-                stored[spec.name] = at
-            else:
-                arrays[spec.name] = as_input(spec, arr, what)
-        n = require_rows({len(a) for a in arrays.values()} | {s.shape[0] for s in stored.values()}, path)
-        return array_rows(self.kind, arrays, "row", RowNumbers(0, n), fp(), stored=stored)
+        lengths: set[int] = set()
+        sink = RowSink(options.scratch)
+        try:
+            for spec in manifest.inputs:
+                member, at, what = members[spec.name], in_place[spec.name], f"{path.name}[{spec.name!r}]"
+                count = 0
+                for first, rows in _row_blocks(path, member):
+                    if rows.dtype.kind not in "fiu" or rows.ndim == 0:
+                        raise InputError(f"{what}: dtype {rows.dtype} is not numeric rows")
+                    check_finite(rows, what, first_row=first)
+                    if at is None:
+                        sink.write(spec.name, as_input(spec, rows, what))
+                    count = first + len(rows)
+                lengths.add(count)
+                if at is not None:
+                    stored[spec.name] = at
+            n = require_rows(lengths, path)
+            stored |= sink.close(n)
+        except BaseException:
+            sink.discard()
+            raise
+        return stored_rows(self.kind, "row", RowNumbers(0, n), fp(), stored, scratch=sink.dir)
+
+
+def _row_blocks(path: Path, member: Member) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) of ``member``: a plain C-order array a block of ~``ROW_BLOCK_BYTES`` at a time, read
+    from its offset (for an ``.npz`` member, without the zip CRC pass); anything else loaded whole, once.
+
+    The driver never maps the input: a long-lived process holding a map of a user's file dies (SIGBUS)
+    if the file is rewritten in place. Bad files raise InputError.
+    """
+    h = member.header
+    try:
+        if h is None or h.fortran or not h.shape:
+            yield 0, _load_whole(path, member)
+            return
+        row = int(np.prod(h.shape[1:]))
+        step = max(1, ROW_BLOCK_BYTES // max(1, row * h.dtype.itemsize))
+        with open(path, "rb") as fh:
+            fh.seek(member.offset)
+            for first in range(0, h.shape[0], step):
+                k = min(step, h.shape[0] - first)
+                data = np.fromfile(fh, h.dtype, k * row)
+                if data.size != k * row:
+                    raise InputError(f"cannot read {path}: it ended in row {first + 1} (changed while read?)")
+                yield first, data.reshape((k, *h.shape[1:]))
+            if h.shape[0] == 0:
+                yield 0, np.empty(h.shape, h.dtype)
+    except NPY_ERRORS as exc:
+        raise InputError(f"cannot read {path}: {exc}") from exc
+
+
+def _load_whole(path: Path, member: Member) -> np.ndarray:
+    """A member that is not a plain C-order array, as ``np.load`` reads it."""
+    if member.header is not None:  # plain, in Fortran order (or no rows)
+        with open(path, "rb") as fh:
+            fh.seek(member.offset)
+            count = int(np.prod(member.header.shape))
+            data = np.fromfile(fh, member.header.dtype, count) if count else np.empty(0, member.header.dtype)
+        return data.reshape(member.header.shape, order="F" if member.header.fortran else "C")
+    if member.info is None:
+        return np.asarray(np.load(path, allow_pickle=False))
+    with zipfile.ZipFile(path) as zf, zf.open(member.info) as fh:
+        return np.asarray(np.lib.format.read_array(fh, allow_pickle=False))
 
 
 def _in_place(path: Path, member: Member, spec: TensorSpec) -> StoredRows | None:
@@ -199,23 +257,3 @@ def _plain(fh: BinaryIO, start: int, size: int, name: str, key: str, info: zipfi
     if offset + int(np.prod(header.shape)) * header.dtype.itemsize > start + size:
         raise ValueError(f"{name!r}: {header.shape} of {header.dtype} do not fit its {size} bytes")
     return Member(key, header, offset, info)
-
-
-def load(path: Path, members: list[Member]) -> dict[str, np.ndarray]:
-    """Every member's array: a plain one read from its offset (for an ``.npz`` member, without the zip
-    CRC pass), another as ``np.load`` reads it. The driver never maps the input: a long-lived process
-    holding a map of a user's file dies (SIGBUS) if the file is rewritten in place."""
-    out: dict[str, np.ndarray] = {}
-    with open(path, "rb") as fh:
-        for m in members:
-            if m.header is not None:
-                count = int(np.prod(m.header.shape))
-                fh.seek(m.offset)
-                data = np.fromfile(fh, m.header.dtype, count) if count else np.empty(0, m.header.dtype)
-                out[m.key] = data.reshape(m.header.shape, order="F" if m.header.fortran else "C")
-            elif m.info is None:
-                out[m.key] = np.load(path, allow_pickle=False)
-            else:
-                with zipfile.ZipFile(fh) as zf, zf.open(m.info) as member:
-                    out[m.key] = np.lib.format.read_array(member, allow_pickle=False)
-    return out

@@ -36,13 +36,13 @@ from cloud_batch.score.inputs import (
     InputRows,
     RowNumbers,
     RowSink,
-    array_rows,
     as_input,
     check_finite,
     files_in,
     fingerprint_soon,
     row_width,
     shown,
+    stored_rows,
 )
 from edge_agent.wire.bundle import Bundle
 from edge_agent.wire.model.manifest import FeatureJoin, Manifest, TensorSpec
@@ -79,9 +79,7 @@ class TableReader:
             sink.discard()
             raise
         key_name, row_keys = (plan.key, np.concatenate(keys)) if plan.key is not None else ("row", RowNumbers(0, n))
-        return array_rows(
-            self.kind, {}, key_name, row_keys, fp(), stored=stored, identity=plan.identity, scratch=sink.dir
-        )
+        return stored_rows(self.kind, key_name, row_keys, fp(), stored, identity=plan.identity, scratch=sink.dir)
 
 
 @dataclass

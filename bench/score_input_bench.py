@@ -1,16 +1,17 @@
-"""``cloud-batch score`` over Parquet/CSV tables: the driver's peak memory and CPU, today's tree against a git ref.
+"""``cloud-batch score`` over inputs it must convert: the driver's peak memory and CPU, today's tree against a git ref.
 
-    .venv/bin/python bench/table_input_bench.py                      # today's tree only
-    .venv/bin/python bench/table_input_bench.py --compare 6c26eb1    # and the tree of that commit, alternating
+    .venv/bin/python bench/score_input_bench.py                      # today's tree only
+    .venv/bin/python bench/score_input_bench.py --compare 6c26eb1    # and the tree of that commit, alternating
 
-Three tables, written once per run into a temp dir:
+Four inputs, written once per run into a temp dir:
 
 - ``digits-wide.parquet``: digits' 64 pixels as 64 float64 columns (``--map``), keyed by row number,
   in row groups of ``--row-group`` rows;
 - ``maintenance.parquet``: the maintenance model's 4 live columns, an ``asset_id`` for the
   ``asset_features`` join, and 20 columns the model does not use (a wide table, as a warehouse
   export is), same row groups;
-- ``maintenance.csv``: the same table as CSV.
+- ``maintenance.csv``: the same table as CSV;
+- ``digits-f64.npy``: digits' rows as float64, as NumPy saves them by default (converted to float32).
 
 Each ``score`` runs in a fresh Python process (one worker), which reports its own peak RSS
 (``VmHWM``: the driver, not the workers), its CPU (``process_time``), the workers' CPU and the
@@ -50,7 +51,7 @@ print(json.dumps({"wall": time.perf_counter() - t0, "cpu": time.process_time() -
 
 
 def tables(work: Path, rows: int, digits_rows: int, row_group: int) -> dict[str, dict[str, Any]]:
-    """Write the three tables; the score arguments of each."""
+    """Write the four inputs; the score arguments of each."""
     import numpy as np
     import pandas as pd
 
@@ -65,11 +66,13 @@ def tables(work: Path, rows: int, digits_rows: int, row_group: int) -> dict[str,
     live = pd.concat([live, pd.DataFrame(extra)], axis=1)
     live.to_parquet(work / "maintenance.parquet", row_group_size=row_group)
     live.to_csv(work / "maintenance.csv", index=False)
+    np.save(work / "digits-f64.npy", np.stack(list(pixels.values()), axis=1).reshape(digits_rows, 8, 8, 1))
     joined = {"model": "maintenance", "key": "asset_id", "features": "asset_features"}
     return {
         "digits-wide.parquet": {"model": "digits", "map": {"pixels": list(pixels)}},
         "maintenance.parquet": joined,
         "maintenance.csv": joined,
+        "digits-f64.npy": {"model": "digits"},
     } | {"_reg": {"path": str(reg)}}
 
 
@@ -117,7 +120,7 @@ def main() -> None:
                 f"{med['cpu']:.2f} | {med['workers']:.2f} | {med['wall']:.2f} |"
             )
         print(f"\nmedian of {args.rounds} rounds; row groups of {args.row_group:,} rows")
-        print("command: .venv/bin/python bench/table_input_bench.py " + " ".join(sys.argv[1:]))
+        print("command: .venv/bin/python bench/score_input_bench.py " + " ".join(sys.argv[1:]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
