@@ -128,7 +128,7 @@ class Plan:
         return plan
 
     @property
-    def read(self) -> list[str]:
+    def columns_read(self) -> list[str]:
         """The columns read: the keys first, then every input's."""
         firsts = [c for c in (self.key, self.entity_col) if c is not None]
         return list(dict.fromkeys([*firsts, *(c for cols in self.columns.values() for c in cols)]))
@@ -136,7 +136,7 @@ class Plan:
     def stream(self, sink: RowSink, advance: Callable[[int], None]) -> tuple[int, list[np.ndarray]]:
         """Read, check and convert every block into ``sink``, with ``advance(bytes read)``; (rows, the entity
         keys of each block)."""
-        read, text = self.read, (self.key,) if self.key else ()
+        read, text = self.columns_read, (self.key,) if self.key else ()
         n, keys, lost, behind = 0, [], Lost(), 0  # behind: the bytes of the files already read
 
         def on_bytes(done: int) -> None:
