@@ -15,7 +15,7 @@ import pytest
 
 from cloud_batch.errors import InputError
 from cloud_batch.features.tables import table_blocks
-from cloud_batch.score import npfiles, tabular
+from cloud_batch.score import inputs
 from cloud_batch.score.inputs import ArrayChunk, InputOptions, RowNumbers, fingerprint
 from cloud_batch.score.job import score
 from cloud_batch.score.npfiles import NumpyReader
@@ -35,8 +35,8 @@ def sreg(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 7 rows for the maintenance table's 5 columns read (asset_id and the 4 live ones)."""
-    monkeypatch.setattr(tabular, "BLOCK_BYTES", 7 * 8 * 5)
-    assert tabular.block_rows(5) == 7
+    monkeypatch.setattr(inputs, "BLOCK_BYTES", 7 * 8 * 5)
+    assert inputs.rows_per_block(8 * 5) == 7
 
 
 def test_a_wide_table_is_read_a_block_at_a_time_and_never_held_whole(
@@ -44,7 +44,7 @@ def test_a_wide_table_is_read_a_block_at_a_time_and_never_held_whole(
 ) -> None:
     """64 pixel columns of 40,000 rows (20 MB as float64) beside 16 unused ones, in row groups of 4,000:
     the driver's Python-side peak stays near one 1 MiB block, and the chunks point into scratch rows."""
-    monkeypatch.setattr(tabular, "BLOCK_BYTES", 1 << 20)
+    monkeypatch.setattr(inputs, "BLOCK_BYTES", 1 << 20)
     x = digits_rows(40_000)
     cols = {f"c{i}": x.reshape(len(x), 64)[:, i].astype(np.float64) for i in range(64)}
     unused = {f"u{i}": np.arange(len(x), dtype=np.float64) for i in range(16)}
@@ -83,7 +83,7 @@ def test_small_blocks_score_the_same_rows_as_one_block(sreg: Path, tmp_path: Pat
         score(sreg, "maintenance", "1", source, out, workers=1, progress=False, **JOIN)  # type: ignore[arg-type]
         outs.append(read_scores(out))
         assert not scratch_dir(out).exists() and not staging_dir(out).exists()
-    tabular.BLOCK_BYTES = 8 << 20  # one block per file (the fixture restores the default)
+    inputs.BLOCK_BYTES = 8 << 20  # one block per file (the fixture restores the default)
     score(sreg, "maintenance", "1", tmp_path / "live.parquet", tmp_path / "one.parquet", workers=1, progress=False,
           **JOIN)  # type: ignore[arg-type]  # fmt: skip
     one = read_scores(tmp_path / "one.parquet")
@@ -190,7 +190,7 @@ def test_an_array_to_convert_is_read_a_block_at_a_time(
 ) -> None:
     """A float64 .npy (20 MB) is checked and converted into scratch rows 1 MiB at a time; errors name the
     row across blocks; a Fortran-order array, which has no row blocks, is still loaded and converted."""
-    monkeypatch.setattr(npfiles, "ROW_BLOCK_BYTES", 1 << 20)
+    monkeypatch.setattr(inputs, "BLOCK_BYTES", 1 << 20)
     x = digits_rows(40_000).astype(np.float64)
     np.save(tmp_path / "x.npy", x)
     manifest = Manifest.load(sreg / "digits" / "1" / "manifest.json")

@@ -47,12 +47,12 @@ from cloud_batch.score.inputs import (
     new_fingerprint,
     require_rows,
     row_width,
+    rows_per_block,
     stored_rows,
 )
 from edge_agent.wire.model.manifest import Manifest, TensorSpec
 from edge_agent.wire.npy import NPY_ERRORS, NpyHeader, read_header
 
-ROW_BLOCK_BYTES = 8 << 20  # an array that needs converting is read about this much at a time
 ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature, 5 shorts, crc and sizes, name and extra lengths
 ZIP_LOCAL_SIGNATURE = b"PK\x03\x04"
 
@@ -134,7 +134,7 @@ class NumpyReader:
 
 
 def _row_blocks(path: Path, member: Member) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, rows) of ``member``: a plain C-order array a block of ~``ROW_BLOCK_BYTES`` at a time, read
+    """(first row, rows) of ``member``: a plain C-order array a block (``rows_per_block``) at a time, read
     from its offset (for an ``.npz`` member, without the zip CRC pass); anything else loaded whole, once.
 
     The driver never maps the input: a long-lived process holding a map of a user's file dies (SIGBUS)
@@ -146,7 +146,7 @@ def _row_blocks(path: Path, member: Member) -> Iterator[tuple[int, np.ndarray]]:
             yield 0, _load_whole(path, member)
             return
         row = int(np.prod(h.shape[1:]))
-        step = max(1, ROW_BLOCK_BYTES // max(1, row * h.dtype.itemsize))
+        step = rows_per_block(row * h.dtype.itemsize)
         with open(path, "rb") as fh:
             fh.seek(member.offset)
             for first in range(0, h.shape[0], step):

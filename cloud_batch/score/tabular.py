@@ -12,7 +12,7 @@ Everything is checked before scoring: missing columns (all named), non-numeric c
 (row and column), empty input, entities missing from the feature set.
 
 The files are streamed: headers and schemas first (columns, widths, the feature set), then a
-block of rows at a time (``block_rows``: ~8 MB as float64), only the columns needed. Each block is
+block of rows at a time (``rows_per_block``: ~8 MB as float64), only the columns needed. Each block is
 checked, converted to the model's float32 rows and appended to a scratch file per input
 (``RowSink``) that the workers map. The driver holds one block and the entity keys, not the table,
 so a table larger than memory can be scored. Row numbers in errors count from 1 within the file.
@@ -41,6 +41,7 @@ from cloud_batch.score.inputs import (
     files_in,
     fingerprint_soon,
     row_width,
+    rows_per_block,
     shown,
     stored_rows,
 )
@@ -48,13 +49,6 @@ from edge_agent.wire.bundle import Bundle
 from edge_agent.wire.model.manifest import FeatureJoin, Manifest, TensorSpec
 
 Block = dict[str, np.ndarray]  # a block of rows: column name -> its values
-BLOCK_BYTES = 8 << 20  # a block of rows read, checked and converted at a time: about this much as float64
-BLOCK_ROWS = 65536  # and at most this many rows
-
-
-def block_rows(columns: int) -> int:
-    """Rows per block for a table of ``columns`` columns read."""
-    return max(1, min(BLOCK_ROWS, BLOCK_BYTES // (8 * max(1, columns))))
 
 
 class TableReader:
@@ -144,7 +138,9 @@ class Plan:
 
         for f in self.files:
             first = 0
-            for block in table_blocks(f, read, text_columns=text, rows=block_rows(len(read)), on_bytes=on_bytes):
+            for block in table_blocks(
+                f, read, text_columns=text, rows=rows_per_block(8 * len(read)), on_bytes=on_bytes
+            ):
                 size = len(block[read[0]])
                 if not size:
                     continue  # a header without rows
