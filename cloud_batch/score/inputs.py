@@ -35,16 +35,14 @@ TABLE_SUFFIXES = (".parquet", ".pq", ".csv")
 ARRAY_SUFFIXES = (".npy", ".npz")
 HASH_BLOCK = 1 << 20
 BLOCK_BYTES = 8 << 20  # rows that a reader converts are read, checked and converted about this much at a time
+FINGERPRINT_ALGORITHM = "xxh3-128"
+MAX_SHOWN = 5
+FLOAT32 = np.dtype(np.float32)  # the model's real-valued rows, as every reader hands them over
 
 
 def rows_per_block(row_bytes: int) -> int:
     """How many rows of ``row_bytes`` bytes (as read, before converting) make a block of ``BLOCK_BYTES``."""
     return max(1, BLOCK_BYTES // max(1, row_bytes))
-
-
-FINGERPRINT_ALGORITHM = "xxh3-128"
-MAX_SHOWN = 5
-FLOAT32 = np.dtype(np.float32)  # the model's real-valued rows, as every reader hands them over
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ def _row_blocks(path: Path, member: Member) -> Iterator[tuple[int, np.ndarray]]:
 
 def _load_whole(path: Path, member: Member) -> np.ndarray:
     """A member that is not a plain C-order array, as ``np.load`` reads it."""
-    if member.header is not None:  # plain, in Fortran order (or no rows)
+    if member.header is not None:  # plain, in Fortran order (or a 0-d array)
         with open(path, "rb") as fh:
             fh.seek(member.offset)
             count = int(np.prod(member.header.shape))

@@ -69,7 +69,7 @@ def staging_dir(output: Path) -> Path:
 
 
 def scratch_dir(output: Path) -> Path:
-    """Where a run keeps input rows converted for its workers (tabular inputs); removed when it ends."""
+    """Where a run keeps input rows converted for its workers (tables, arrays of another dtype); removed when it ends."""
     return output.with_name(f".{output.name}.rows")
 
 

@@ -88,6 +88,7 @@ class Plan:
     joined: list[FeatureJoin]
     bundle: Bundle | None = None  # --features, for the joined inputs
     entity_col: str | None = None  # the column the joins look up
+    join_cols: dict[str, list[int]] = field(default_factory=dict)  # joined input -> its columns in the bundle
     identity: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -107,6 +108,7 @@ class Plan:
         if plan.joined:
             plan.bundle, plan.identity["features"] = _feature_bundle(options)
             plan.entity_col = key or plan.bundle.info.entity_key
+            plan.join_cols = {join.input: _join_columns(plan.bundle, join) for join in plan.joined}
             if plan.entity_col not in names:
                 raise InputError(
                     f"{where} has no entity column {plan.entity_col!r} to look up {plan.bundle.info.set} "
@@ -149,8 +151,10 @@ class Plan:
                     keys.append(_keys(block, self.key, at))
                 for name, cols in self.columns.items():
                     sink.write(name, _column_block(block, self._spec(name), cols, at))
+                if self.joined:
+                    entities = block[self.entity_col].astype(str)  # type: ignore[index]
                 for join in self.joined:
-                    values = _lookup(self.bundle, join, block[self.entity_col].astype(str), lost, at)  # type: ignore[arg-type,index]
+                    values = _lookup(self.bundle, join, self.join_cols[join.input], entities, lost, at)  # type: ignore[arg-type]
                     sink.write(join.input, as_input(self._spec(join.input), values, join.input))
                 first += size
             n += first
@@ -284,13 +288,19 @@ def _feature_bundle(options: InputOptions) -> tuple[Bundle, str]:
     return bundle, bundle.info.id
 
 
-def _lookup(bundle: Bundle, join: FeatureJoin, entities: np.ndarray, lost: Lost, at: Where) -> np.ndarray:
-    """The join's features for every entity, in the input's column order; missing ones use the default or go to ``lost``."""
+def _join_columns(bundle: Bundle, join: FeatureJoin) -> list[int]:
+    """Where the join's features lie in the bundle's rows, in the input's order; InputError for one it lacks."""
     have = list(bundle.info.feature_names)
     absent = [f for f in join.features if f not in have]
     if absent:
         raise InputError(f"feature set {bundle.info.set} {bundle.info.version} lacks features {shown(absent)}")
-    cols = [have.index(f) for f in join.features]
+    return [have.index(f) for f in join.features]
+
+
+def _lookup(
+    bundle: Bundle, join: FeatureJoin, cols: list[int], entities: np.ndarray, lost: Lost, at: Where
+) -> np.ndarray:
+    """The join's features (``cols`` of the bundle) for every entity; missing ones use the default or go to ``lost``."""
     ents, vals = bundle.entities, bundle.values  # a snapshot: sorted entities, no deletes
     pos = np.searchsorted(ents, entities)
     pos = np.minimum(pos, max(len(ents) - 1, 0))
