@@ -43,7 +43,8 @@ from cloud_batch.fleetops.publish import clear_artifact, publish_artifact  # noq
 from cloud_batch.fleetops.release import release  # noqa: E402
 from cloud_batch.registry.models import Registry  # noqa: E402
 from edge_agent.mqtt.link import MqttLink  # noqa: E402
-from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE, pack_dir  # noqa: E402
+from edge_agent.wire.artifact import DEFAULT_CHUNK_SIZE  # noqa: E402
+from edge_agent.wire.protocol import pack_dir  # noqa: E402
 from edge_agent.wire.topics import chunk_filter  # noqa: E402
 from tests.broker import Broker  # noqa: E402
 from tests.conftest import free_port  # noqa: E402

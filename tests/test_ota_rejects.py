@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.wire.protocol import Artifact, iter_chunks, pack_dir
+from edge_agent.wire.artifact import Artifact, iter_chunks
+from edge_agent.wire.protocol import pack_dir
 from edge_agent.wire.topics import chunk_topic
 from tests.broker import Broker
 from tests.support.models import BROKEN_MODEL_REASONS, crashing_model, replace_model

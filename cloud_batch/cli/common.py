@@ -18,7 +18,7 @@ from typing import Any
 
 from cloud_batch.errors import CloudError
 from edge_agent.errors import EdgeError
-from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE
+from edge_agent.wire.artifact import DEFAULT_CHUNK_SIZE
 
 PROG = "cloud-batch"
 DEFAULT_REGISTRY = Path("registry")

@@ -25,9 +25,10 @@ from cloud_batch.fleetops.release import clear_superseded, make_release_id, publ
 from cloud_batch.fleetops.signer import sign_release
 from cloud_batch.registry.signed import SignedLog
 from edge_agent.errors import EdgeError
+from edge_agent.wire.artifact import DEFAULT_CHUNK_SIZE, Artifact
 from edge_agent.wire.bundle import BundleInfo, read_info
 from edge_agent.wire.names import check_segment, parse_version
-from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE, Artifact, Release, decode, pack_dir
+from edge_agent.wire.protocol import Release, decode, pack_dir
 from edge_agent.wire.topics import features_set_filter, features_topic
 
 log = logging.getLogger(__name__)

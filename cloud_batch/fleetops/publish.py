@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from cloud_batch.errors import BrokerError
 from cloud_batch.fleetops.broker import BrokerLink
 from edge_agent.errors import FailedError
-from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE, Artifact, check_artifact, iter_chunks
+from edge_agent.wire.artifact import DEFAULT_CHUNK_SIZE, Artifact, check_artifact, iter_chunks
 from edge_agent.wire.topics import chunk_topic
 
 log = logging.getLogger(__name__)

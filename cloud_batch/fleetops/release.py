@@ -43,10 +43,11 @@ from cloud_batch.registry.signed import SignedLog
 from edge_agent.errors import EdgeError
 from edge_agent.fsutil import fsync_dir, fsync_tree
 from edge_agent.models.sealed import FLEET_PUB_FILE, seal_version_dir
+from edge_agent.wire.artifact import DEFAULT_CHUNK_SIZE, Artifact
 from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
 from edge_agent.wire.names import check_segment
 from edge_agent.wire.policy import Policy, parse_window
-from edge_agent.wire.protocol import DEFAULT_CHUNK_SIZE, Artifact, Release, Rollout, pack_dir
+from edge_agent.wire.protocol import Release, Rollout, pack_dir
 from edge_agent.wire.topics import release_topic, rollout_topic
 
 log = logging.getLogger(__name__)

@@ -333,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from edge_agent.models.shadow import child
 
         return child.main(args_list[1:])
+    if args_list[:1] == ["__chunk_sink__"]:  # the chunk sink of a frozen agent (mqtt/sink.py)
+        from edge_agent.mqtt import sink
+
+        return sink.main(args_list[1:])
     if args_list[:1] == ["__telemetry_writer__"]:  # the telemetry writer of a frozen agent (telemetry/writer/child.py)
         from edge_agent.telemetry.writer import child as telemetry_child
 

@@ -95,6 +95,7 @@ class OtaConfig:
     max_artifact_bytes: int = 256 * 1024 * 1024
     bandwidth_bps: float | None = None  # download limit in bytes/s; None = unlimited
     chunk_window: int = CHUNK_WINDOW  # chunks requested at once (8)
+    chunk_sink: bool = True  # a fresh download's chunks are verified and written by a helper process (mqtt.sink)
     stall_timeout_s: float = STALL_TIMEOUT_S  # re-request the window after this long without a chunk (30 s)
     download_timeout_s: float | None = None  # None: wait for the artifact as long as the release stands
     download_attempts: int = 5  # transient download failures before the update fails

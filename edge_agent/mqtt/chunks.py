@@ -33,7 +33,6 @@ hashed twice, not three times. ``download.Downloader`` fills the store.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -45,7 +44,7 @@ from typing import BinaryIO
 from edge_agent.errors import CorruptChunksError, TransferError
 from edge_agent.fsutil import atomic_write_bytes, fsync_dir
 from edge_agent.mqtt.journal import Journal, open_data
-from edge_agent.wire.protocol import Artifact, check_artifact
+from edge_agent.wire.artifact import Artifact, check_artifact
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +172,10 @@ class ChunkStore:
             return sorted(self._journaled)
 
     # -- mutation ---------------------------------------------------------------------
-    def verify(self, index: int, data: bytes) -> bool:
-        return (
-            len(data) == self.expected_size(index) and hashlib.sha256(data).hexdigest() == self.artifact.chunks[index]
-        )
+    def verify(self, index: int, data: bytes | memoryview) -> bool:
+        return len(data) == self.expected_size(index) and self.artifact.chunk_matches(index, data)
 
-    def put(self, index: int, data: bytes) -> bool:
+    def put(self, index: int, data: bytes | memoryview) -> bool:
         """Store chunk ``index`` if its size and sha256 match the artifact; a bad chunk is counted, never stored.
 
         Returns True when the chunk is (now) held. The group commit runs on a background thread,
@@ -383,6 +380,13 @@ class ChunkStore:
                 self._fh.close()
                 self._fh = None
             self._raise_worker_error()
+
+    def reload(self) -> None:
+        """Read the directory again, as a new object would (after the chunk sink, another process, wrote it)."""
+        self.close()
+        with self._lock:
+            self._journaled, self._checked = set(), set()
+            self._open()
 
     def discard(self) -> None:
         """Delete the chunk directory (after a successful install, or when the artifact is superseded)."""

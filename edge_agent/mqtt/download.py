@@ -24,9 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import urlparse
 
 from edge_agent.errors import CorruptChunksError, TransferError, TransferStopped, TransferTimeout
@@ -34,7 +32,8 @@ from edge_agent.fsutil import sha256_file
 from edge_agent.mqtt.chunks import ChunkStore
 from edge_agent.mqtt.download_defaults import CHUNK_WINDOW, STALL_TIMEOUT_S
 from edge_agent.mqtt.http_range import HTTP_ERRORS, fetch_run, runs_of
-from edge_agent.mqtt.link import Handler
+from edge_agent.mqtt.sink import ChunkSink, SinkSession
+from edge_agent.mqtt.transfer import ChunkLink, Stall, TokenBucket, TransferStats
 from edge_agent.wire.topics import chunk_filter, chunk_topic, parse_chunk_topic
 
 log = logging.getLogger(__name__)
@@ -46,69 +45,6 @@ ProgressCallback = Callable[[int, int], None]  # (chunks on disk, total chunks)
 WHOLE_MAX_BYTES = 32 * 1024 * 1024
 
 
-class ChunkLink(Protocol):
-    """What ``Downloader`` needs of a link: ``MqttLink``, or the simulator's ``LoopLink``."""
-
-    @property
-    def connects(self) -> int:
-        """How many times the link has (re)connected; a change means the broker may have dropped subscriptions."""
-        ...
-
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None: ...
-
-    def unsubscribe(self, topic_filter: str) -> None: ...
-
-
-# -- rate limiting -----------------------------------------------------------------
-class TokenBucket:
-    """Bytes per second with a burst of ``burst`` bytes; ``take`` may go into debt."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = float(rate)
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.t = time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
-        self.t = now
-
-    def wait_time(self, n: int) -> float:
-        """Seconds until ``n`` bytes may be committed (0 if now)."""
-        self._refill()
-        need = min(float(n), self.burst)
-        return 0.0 if self.tokens >= need else (need - self.tokens) / self.rate
-
-    def take(self, n: int) -> None:
-        self._refill()
-        self.tokens -= n
-
-
-# -- downloader ----------------------------------------------------------------------------
-@dataclass
-class TransferStats:
-    """What one ``Downloader.run`` did. Updated on the downloader's thread only."""
-
-    total: int = 0  # chunks in the artifact
-    already_had: int = 0  # chunks on disk when the run started
-    chunks_received: int = 0  # chunks verified and stored by this run (any transport)
-    duplicates: int = 0  # chunk messages that arrived when the chunk was already stored
-    bad_chunks: int = 0  # chunks that failed their size/sha256 check (never stored)
-    bytes_received: int = 0  # payload bytes that arrived (stored, duplicate and bad alike)
-    bytes_stored: int = 0  # payload bytes of the stored chunks
-    resubscribes: int = 0  # stall recoveries: outstanding window subscribed again
-    corrupt_on_disk: int = 0  # stored chunks that failed verification at assembly and were refetched
-    http_chunks: int = 0  # chunks obtained over HTTP(S) Range requests
-    http_errors: int = 0  # HTTP failures that made the run fall back to MQTT
-    elapsed: float = 0.0  # seconds
-    receipts: dict[int, int] = field(default_factory=dict)  # chunk index -> MQTT messages received for it
-
-    @property
-    def rate_bps(self) -> float:
-        return self.bytes_received / self.elapsed if self.elapsed > 0 else 0.0
-
-
 class Downloader:
     """Fetch the missing chunks of ``store.artifact`` through ``link`` and assemble the artifact.
 
@@ -118,6 +54,8 @@ class Downloader:
     ``out_path``: assembled artifact (default ``store.default_output``). ``keep_chunks``: keep
     the chunk directory after a successful assembly (default: delete it; an assembled file whose
     sha256 matches makes a later run return immediately). ``use_http``: try ``artifact.url`` first.
+    ``sink``: a running chunk sink (``mqtt.sink``); a fresh download over MQTT alone is verified
+    and written there, off this process's GIL, when it is free.
 
     One Downloader per artifact per link (the link keys handlers by topic).
     """
@@ -135,6 +73,7 @@ class Downloader:
         keep_chunks: bool = False,
         use_http: bool = True,
         http_timeout_s: float = 30,
+        sink: ChunkSink | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be >= 1")
@@ -153,6 +92,9 @@ class Downloader:
         self.keep_chunks = keep_chunks
         self.use_http = use_http
         self.http_timeout_s = http_timeout_s
+        self.sink = sink
+        self._session: SinkSession | None = None
+        self._sunk: set[int] = set()  # chunks the sink stored in this run
         self.stats = TransferStats(total=store.total)
         self._queue: queue.SimpleQueue[tuple[int, bytes]] = queue.SimpleQueue()
         self._running = threading.Lock()
@@ -162,7 +104,7 @@ class Downloader:
     # -- public -----------------------------------------------------------------------
     def progress(self) -> tuple[int, int]:
         """(chunks on disk, total chunks); safe from any thread."""
-        return self.store.count(), self.store.total
+        return (len(self._sunk) if self._session is not None else self.store.count()), self.store.total
 
     def run(self, stop: threading.Event | None = None, timeout_s: float | None = None) -> Path:
         """Block until every chunk is stored and verified; assemble and return the artifact path.
@@ -185,6 +127,9 @@ class Downloader:
             if self.out_path.is_file() and sha256_file(self.out_path) == self.artifact.sha256:
                 log.info("artifact %s already assembled at %s", self.artifact.sha256[:12], self.out_path)
                 return self._finish(self.out_path)
+            session = self._sink_session()
+            if session is not None:
+                return self._finish(self._run_sink(session, stop, deadline))
             if not self.store.complete:
                 self.store.prepare()  # file and committer ready before the first chunk arrives
             for _attempt in range(3):
@@ -208,6 +153,44 @@ class Downloader:
                 self._running.release()
 
     # -- internals ---------------------------------------------------------------------
+    def _sink_session(self) -> SinkSession | None:
+        """A session of the chunk sink for a fresh download over MQTT alone, if it is free."""
+        if self.sink is None or not self._whole_subscription() or (self.use_http and self.artifact.url):
+            return None
+        try:
+            return self.sink.session(self.store)
+        except TransferError as exc:
+            log.warning("%s; storing the chunks in this process", exc)
+            return None
+
+    def _run_sink(self, session: SinkSession, stop: threading.Event | None, deadline: float | None) -> Path:
+        """The whole subscription, chunks verified and written by the sink; it assembles them too."""
+        sha = self.artifact.sha256
+        outstanding = set(self.store.missing())
+        self._sunk, self._session, self.stats.via_sink = set(), session, True
+        self.link.subscribe(chunk_filter(sha), self._on_chunk, qos=1)
+        watch = Stall(self.link, self.stall_timeout_s, self._resubscribe)
+        try:
+            while outstanding:
+                self._check(stop, deadline)
+                results = session.results(0.2)
+                for i, stored in results:
+                    self._count(i, self.store.expected_size(i))
+                    if i in self._sunk:
+                        self.stats.duplicates += 1
+                    elif stored:
+                        self._sunk.add(i)
+                        outstanding.discard(i)
+                        self._stored(i, self.store.expected_size(i))
+                    else:
+                        self.stats.bad_chunks += 1
+                watch.check(bool(results), bool(outstanding), lambda: [chunk_filter(sha)])
+            return session.assemble(self.out_path, keep=self.keep_chunks)
+        finally:
+            self.link.unsubscribe(chunk_filter(sha))
+            self._session = None
+            session.close()
+
     def _finish(self, path: Path) -> Path:
         if not self.keep_chunks:
             self.store.discard()
@@ -238,7 +221,11 @@ class Downloader:
         if not payload:  # an empty retained payload deletes the chunk (clear_artifact); nothing to store
             log.debug("chunk %s cleared on the broker", topic)
             return
-        self._queue.put((parsed[1], bytes(payload)))
+        session = self._session
+        if session is not None:
+            session.put(parsed[1], payload)
+        else:
+            self._queue.put((parsed[1], bytes(payload)))
 
     def _whole_subscription(self) -> bool:
         """A fresh download (nothing held, no bandwidth limit, bounded size) takes one wildcard subscription."""
@@ -251,14 +238,11 @@ class Downloader:
         outstanding: set[int] = set(self.store.missing()) if whole else set()
         if whole:
             self.link.subscribe(chunk_filter(sha), self._on_chunk, qos=1)
-        last_activity = time.monotonic()
-        connects = self.link.connects
+        watch = Stall(self.link, self.stall_timeout_s, self._resubscribe)
         try:
             while pending or outstanding:
                 self._check(stop, deadline)
                 wait, subscribed = self._fill_window(pending, outstanding)
-                if subscribed:
-                    last_activity = time.monotonic()
                 if not outstanding and not pending:
                     break
                 # Take what arrived (disk I/O happens here, on this thread).
@@ -266,8 +250,8 @@ class Downloader:
                     item: tuple[int, bytes] | None = self._queue.get(timeout=max(wait, 0.001))
                 except queue.Empty:
                     item = None
+                arrived = item is not None
                 while item is not None:
-                    last_activity = time.monotonic()
                     if self._receive(*item) and item[0] in outstanding:
                         outstanding.discard(item[0])
                         if not whole:
@@ -276,15 +260,11 @@ class Downloader:
                         item = self._queue.get_nowait()
                     except queue.Empty:
                         item = None
-                # Stall handling: the link re-subscribes after a reconnect by itself; otherwise ask again.
-                now = time.monotonic()
-                if self.link.connects != connects:
-                    connects, last_activity = self.link.connects, now
-                elif outstanding and now - last_activity > self.stall_timeout_s:
-                    self._resubscribe(
-                        [chunk_filter(sha)] if whole else [chunk_topic(sha, i) for i in sorted(outstanding)]
-                    )
-                    last_activity = now
+                watch.check(
+                    subscribed or arrived,
+                    bool(outstanding),
+                    lambda: [chunk_filter(sha)] if whole else [chunk_topic(sha, i) for i in sorted(outstanding)],
+                )
         finally:
             for topic in [chunk_filter(sha)] if whole else [chunk_topic(sha, i) for i in outstanding]:
                 self.link.unsubscribe(topic)
@@ -311,8 +291,7 @@ class Downloader:
 
     def _receive(self, i: int, payload: bytes) -> bool:
         """Account for and store one chunk message; True when its subscription is no longer needed."""
-        self.stats.receipts[i] = self.stats.receipts.get(i, 0) + 1
-        self.stats.bytes_received += len(payload)
+        self._count(i, len(payload))
         if self.store.have(i):
             self.stats.duplicates += 1
             done = True
@@ -325,6 +304,10 @@ class Downloader:
         if self._bucket is not None:
             self._bucket.take(len(payload))
         return done
+
+    def _count(self, i: int, n: int) -> None:
+        self.stats.receipts[i] = self.stats.receipts.get(i, 0) + 1
+        self.stats.bytes_received += n
 
     def _resubscribe(self, topics: list[str]) -> None:
         log.warning(

@@ -14,9 +14,8 @@ the gate runs once, here, when the release is dispatched or when its rollout cha
 newer release superseding one that has not started activating. A rollout ``aborted`` stops the
 release wherever it is and rolls it back if it was activated, even after commit.
 
-Feature bundles (``kind = "features"``) come through the same pipeline on
-``topics.features_filters`` (everyone, this device, each of its groups); they are not gated
-by rollouts and run on their set's own lane (``installers.FeatureInstaller``).
+Feature bundles (``kind = "features"``) come through the same pipeline on ``topics.features_filters``
+(everyone, this device, each of its groups), not gated by rollouts, on their set's own lane.
 
 The device state (active model versions, cached feature set versions, the last update of each)
 is published retained after every state change and on every (re)connect, beside a retained
@@ -234,6 +233,8 @@ class OtaAgent:
             self._intake = None
         self.reports.flush(force=True)
         self.publisher.offline()
+        if isinstance(fetcher := self.machine.seams.fetcher, MqttFetcher):  # its chunk sink stops
+            fetcher.close()
 
     def device_state(self) -> DeviceState:
         """What this device runs and how its last updates went, as published retained."""

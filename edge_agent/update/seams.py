@@ -9,6 +9,7 @@ with the real parts. ``Control`` is the one handle through which a lane shuts an
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +23,7 @@ from edge_agent.features.cache import FeatureCache
 from edge_agent.mqtt.chunks import ChunkStore
 from edge_agent.mqtt.download import Downloader
 from edge_agent.mqtt.link import MqttLink
+from edge_agent.mqtt.sink import ChunkSink
 from edge_agent.update.states import FINAL, PRE_ACTIVATION, TRANSITIONS, Event, ModelPointer, State
 from edge_agent.wire.protocol import Artifact, Release
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
     from edge_agent.models.shadow import ShadowModel
     from edge_agent.models.taps import ModelTaps
     from edge_agent.wire.model.manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 
 class ServedModel(Protocol):
@@ -138,12 +142,19 @@ class Seams:
 
 
 class MqttFetcher:
-    """``ArtifactFetcher`` over the broker: ``Downloader`` with chunks under ``root``."""
+    """``ArtifactFetcher`` over the broker: ``Downloader`` with chunks under ``root``.
+
+    With ``options.chunk_sink`` (the default) it starts the chunk sink (``mqtt.sink``) on its
+    first download and keeps it until ``close``; one that cannot start, or died, is logged and
+    the download stores its chunks in this process.
+    """
 
     def __init__(self, link: MqttLink, root: Path, options: OtaConfig) -> None:
         self.link = link
         self.root = Path(root)
         self.options = options
+        self._sink: ChunkSink | None = None
+        self._sink_lock = threading.Lock()
 
     def fetch(self, artifact: Artifact, out_path: Path, stop: threading.Event) -> Path:
         store = ChunkStore(self.root, artifact)
@@ -154,8 +165,32 @@ class MqttFetcher:
             bandwidth_bps=self.options.bandwidth_bps,
             stall_timeout_s=self.options.stall_timeout_s,
             out_path=out_path,
+            sink=self.sink(),
         )
         return dl.run(stop=stop, timeout_s=self.options.download_timeout_s)
+
+    def sink(self) -> ChunkSink | None:
+        """The running chunk sink (started now if needed), or None when it is off or cannot start."""
+        if not self.options.chunk_sink:
+            return None
+        with self._sink_lock:
+            if self._sink is not None and not self._sink.alive:
+                log.warning("chunk sink (pid %s) died; starting another", self._sink.pid)
+                self._sink.close()
+                self._sink = None
+            if self._sink is None:
+                try:
+                    self._sink = ChunkSink()
+                except (OSError, EdgeError) as exc:
+                    log.warning("chunk sink did not start (%s): chunks are stored in the agent", exc)
+            return self._sink
+
+    def close(self) -> None:
+        """Stop the chunk sink (the next download starts it again)."""
+        with self._sink_lock:
+            if self._sink is not None:
+                self._sink.close()
+                self._sink = None
 
     def discard(self, artifact: Artifact) -> None:
         ChunkStore(self.root, artifact).discard()

@@ -9,26 +9,25 @@ Topic names live in ``wire.topics``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import ManifestError
 from edge_agent.jsonlimits import loads_limited
-from edge_agent.wire.names import check_segment, is_sha256, parse_version
+from edge_agent.wire.artifact import Artifact, artifact_from_dict, check_artifact
+from edge_agent.wire.names import check_segment, parse_version
 from edge_agent.wire.policy import Policy
 from edge_agent.wire.shadow import check_policy, shadow_report, without_empty_shadow
 from edge_agent.wire.telemetry import check_drift_state
 from edge_agent.wire.topics import features_topic
 
 PROTOCOL_SCHEMA = 1
-DEFAULT_CHUNK_SIZE = 128 * 1024  # AWS IoT Core's message size limit
 ARTIFACT_KINDS = ("model", "features", "agent")
 MAX_DOCUMENT_DEPTH = 32  # releases, rollouts and device states nest 4 deep
 
@@ -68,29 +67,7 @@ def unpack_to(blob_path: str | Path, out_dir: str | Path, max_files: int = 64) -
     return names
 
 
-def iter_chunks(blob: bytes, chunk_size: int) -> Iterator[tuple[int, bytes]]:
-    for i, off in enumerate(range(0, max(len(blob), 1), chunk_size)):
-        yield i, blob[off : off + chunk_size]
-
-
 # -- documents --------------------------------------------------------------------
-@dataclass
-class Artifact:
-    """What to download: the packed bytes, their hash, and how they are chunked."""
-
-    sha256: str
-    size: int
-    chunk_size: int
-    chunks: list[str]  # sha256 of each chunk, in order
-    format: str = "tar"
-    url: str | None = None  # optional second transport (HTTP(S)); same bytes
-
-    @classmethod
-    def from_blob(cls, blob: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE, url: str | None = None) -> Artifact:
-        chunks = [hashlib.sha256(data).hexdigest() for _, data in iter_chunks(blob, chunk_size)]
-        return cls(hashlib.sha256(blob).hexdigest(), len(blob), chunk_size, chunks, url=url)
-
-
 @dataclass
 class Release:
     """A signed instruction: fleet F should run artifact A as ``name`` ``version``."""
@@ -116,10 +93,13 @@ class Release:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["type"] = "release"
+        out["artifact"] = self.artifact.to_dict()
         if self.signature is None:
             out.pop("signature")
         if self.fallback is None:
             out.pop("fallback")
+        else:
+            out["fallback"] = self.fallback.to_dict()
         if self.expires_at is None:
             out.pop("expires_at")
         return out
@@ -138,9 +118,9 @@ class Release:
             pol = raw.get("policy") or {}
             if not isinstance(art, Mapping) or not isinstance(pol, Mapping):
                 raise ManifestError("release: artifact and policy must be objects")
-            artifact = _artifact(art)
+            artifact = artifact_from_dict(art)
             fb = raw.get("fallback")
-            fallback = _artifact(fb) if fb is not None else None
+            fallback = artifact_from_dict(fb) if fb is not None else None
             part = raw.get("partition") or {"by": "all", "key": "all"}
             if not isinstance(part, Mapping):
                 raise ManifestError("release: partition must be an object")
@@ -182,30 +162,6 @@ class Release:
             raise ManifestError("release.policy: rates must be between 0 and 1")
         check_policy(rel.policy)  # the window, shadow, signature and health fields
         return rel
-
-
-def check_artifact(artifact: Artifact, where: str = "artifact") -> Artifact:
-    """The consistency a device relies on before touching disk or the network (ManifestError if not)."""
-    if not is_sha256(artifact.sha256) or not all(is_sha256(c) for c in artifact.chunks):
-        raise ManifestError(f"{where}: sha256 values must be 64 lowercase hex digits")
-    if artifact.size < 0 or artifact.chunk_size <= 0:
-        raise ManifestError(f"{where}: size must be >= 0 and chunk_size > 0")
-    if len(artifact.chunks) != max(1, -(-artifact.size // artifact.chunk_size)):
-        raise ManifestError(f"{where}: size, chunk_size and the chunk list disagree")
-    return artifact
-
-
-def _artifact(art: Any) -> Artifact:
-    if not isinstance(art, Mapping):
-        raise ManifestError("release: artifact must be an object")
-    return Artifact(
-        sha256=str(art["sha256"]),
-        size=int(art["size"]),
-        chunk_size=int(art["chunk_size"]),
-        chunks=[str(c) for c in art["chunks"]],
-        format=str(art.get("format", "tar")),
-        url=art.get("url"),
-    )
 
 
 @dataclass

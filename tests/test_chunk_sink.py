@@ -1,0 +1,181 @@
+"""The chunk sink (edge_agent/mqtt/sink.py): a real helper process, a real mosquitto, real files.
+
+Every test starts the helper as the agent does (``python -m edge_agent.mqtt.sink``), publishes
+retained chunks to the test's broker and downloads them through it. What is checked is what the
+in-process path promises (tests/test_transfer.py, tests/test_transfer_crash.py): the bytes, the
+counts, a bad chunk never written nor journaled, and what a crash keeps, here the helper's crash
+and the agent's.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloud_batch.fleetops.publish import publish_artifact
+from edge_agent.errors import TransferError
+from edge_agent.mqtt.chunks import ChunkStore
+from edge_agent.mqtt.download import Downloader
+from edge_agent.mqtt.sink import ChunkSink
+from edge_agent.wire.artifact import Artifact
+from edge_agent.wire.topics import chunk_topic
+from tests.support.transfer import KIB, Background, chunk_handlers, chunk_of, journal_records, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def sink() -> Iterator[ChunkSink]:
+    s = ChunkSink()
+    yield s
+    s.close()
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (no entry, or a zombie nobody reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def test_sink_download_is_the_artifact(sink: ChunkSink, mk_link, tmp_path: Path) -> None:
+    pub, dev = mk_link(), mk_link()
+    blob = os.urandom(1_500_000)
+    art = publish_artifact(pub, blob, 64 * KIB)
+    total = len(art.chunks)
+    seen: list[tuple[int, int]] = []
+    store = ChunkStore(tmp_path / "chunks", art)
+    dl = Downloader(dev, store, sink=sink, on_progress=lambda have, n: seen.append((have, n)))
+    path = dl.run(timeout_s=30)
+
+    assert path == store.default_output and path.read_bytes() == blob
+    s = dl.stats
+    assert s.via_sink and (s.chunks_received, s.bad_chunks, s.bytes_received) == (total, 0, len(blob))
+    assert seen[-1] == (total, total) and seen == sorted(seen)
+    assert not store.dir.exists() and store.count() == 0, "chunks deleted; the agent's store read the directory again"
+    assert chunk_handlers(dev) == [] and sink.alive
+
+    # The helper serves the next transfer too (its ring and ack pipe reused).
+    blob2 = os.urandom(700_000)
+    art2 = publish_artifact(pub, blob2, 32 * KIB)
+    dl2 = Downloader(dev, ChunkStore(tmp_path / "chunks", art2), sink=sink)
+    assert dl2.run(timeout_s=30).read_bytes() == blob2 and dl2.stats.via_sink
+
+
+def test_sink_never_writes_a_bad_chunk(sink: ChunkSink, mk_link, tmp_path: Path) -> None:
+    pub, dev = mk_link(), mk_link()
+    blob = os.urandom(1_000_000)
+    art = publish_artifact(pub, blob, 64 * KIB)
+    total, k = len(art.chunks), 5
+    good = chunk_of(blob, art, k)
+    pub.publish(chunk_topic(art.sha256, k), os.urandom(len(good)), retain=True, qos=1, wait_s=10)
+    store = ChunkStore(tmp_path / "chunks", art, commit_interval_s=0.05)
+    dl = Downloader(dev, store, sink=sink, stall_timeout_s=60)
+    bg = Background(dl, timeout_s=30)
+    bg.start()
+    wait_until(lambda: dl.stats.bad_chunks == 1 and dl.progress()[0] == total - 1, what="all but the bad chunk")
+    wait_until(lambda: journal_records(store.dir) == total - 1, what="the good chunks journaled")
+    assert k not in ChunkStore(tmp_path / "chunks", art).committed(), "a bad chunk is never journaled"
+    fd = os.open(store.data_path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, len(good), k * art.chunk_size) == bytes(len(good)), "nor written"
+    finally:
+        os.close(fd)
+
+    pub.publish(chunk_topic(art.sha256, k), good, retain=True, qos=1, wait_s=10)
+    assert bg.wait(20).read_bytes() == blob
+    s = dl.stats
+    assert s.via_sink and (s.bad_chunks, s.chunks_received, s.receipts[k]) == (1, total, 2)
+
+
+def test_a_killed_sink_fails_the_transfer_and_the_next_one_resumes(sink: ChunkSink, mk_link, tmp_path: Path) -> None:
+    """kill -9 of the helper mid-transfer: a TransferError; what it journaled is kept and not fetched again."""
+    pub, dev = mk_link(), mk_link()
+    blob = os.urandom(1_200_000)
+    art = Artifact.from_blob(blob, 64 * KIB)
+    total, half = len(art.chunks), len(art.chunks) // 2
+    for i in range(half):
+        pub.publish(chunk_topic(art.sha256, i), chunk_of(blob, art, i), retain=True, qos=1, wait_s=10)
+    store = ChunkStore(tmp_path / "chunks", art, commit_interval_s=0.05)
+    dl = Downloader(dev, store, sink=sink, stall_timeout_s=60)
+    bg = Background(dl, timeout_s=30)
+    bg.start()
+    wait_until(lambda: dl.progress()[0] == half, what="the published half")
+    wait_until(lambda: journal_records(store.dir) == half, what="the half journaled by the helper")
+    sink.kill()
+    with pytest.raises(TransferError, match="chunk sink is gone"):
+        bg.wait(10)
+    assert not sink.alive and store.committed() == list(range(half)), "the agent's store read the journal"
+    assert sink.session(store) is None, "a dead sink takes no transfer"
+
+    for i in range(half, total):
+        pub.publish(chunk_topic(art.sha256, i), chunk_of(blob, art, i), retain=True, qos=1, wait_s=10)
+    again = Downloader(dev, store, sink=sink)
+    assert again.run(timeout_s=30).read_bytes() == blob
+    assert again.stats.already_had == half and again.stats.chunks_received == total - half
+    assert not again.stats.via_sink, "a resumed download is stored in the agent"
+
+
+AGENT = """
+import sys, time
+sys.path.insert(0, {root!r})
+from edge_agent.mqtt.sink import ChunkSink
+sink = ChunkSink()
+print(sink.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_sink_ends_with_the_agent(tmp_path: Path) -> None:
+    """kill -9 of the agent: its helper exits too (EOF on its connection, or SIGKILL from die_with_parent)."""
+    agent = subprocess.Popen(
+        [sys.executable, "-c", AGENT.format(root=str(ROOT))], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        assert agent.stdout is not None
+        helper = int(agent.stdout.readline())
+        assert not _gone(helper)
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+        deadline = time.monotonic() + 10
+        while not _gone(helper) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(helper), "the helper outlived the agent"
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def test_a_store_the_helper_cannot_create_is_a_transfer_error(sink: ChunkSink, mk_link, tmp_path: Path) -> None:
+    pub, dev = mk_link(), mk_link()
+    blob = os.urandom(200_000)
+    art = publish_artifact(pub, blob, 64 * KIB)
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(TransferError, match="cannot create"):
+        Downloader(dev, ChunkStore(tmp_path / "file" / "chunks", art), sink=sink).run(timeout_s=10)
+    assert sink.alive, "the helper survives a refused store"
+    dl = Downloader(dev, ChunkStore(tmp_path / "chunks", art), sink=sink)
+    assert dl.run(timeout_s=10).read_bytes() == blob and dl.stats.via_sink
+
+
+def test_a_busy_sink_leaves_the_download_in_the_agent(sink: ChunkSink, mk_link, tmp_path: Path) -> None:
+    pub, dev = mk_link(), mk_link()
+    blob = os.urandom(300_000)
+    art = publish_artifact(pub, blob, 64 * KIB)
+    other = ChunkStore(tmp_path / "other", Artifact.from_blob(b"x" * 1000, 64 * KIB))
+    held = sink.session(other)
+    assert held is not None
+    try:
+        dl = Downloader(dev, ChunkStore(tmp_path / "chunks", art), sink=sink)
+        assert dl.run(timeout_s=10).read_bytes() == blob and not dl.stats.via_sink
+    finally:
+        held.close()
+    assert sink.session(other) is not None, "a closed session frees the helper"
