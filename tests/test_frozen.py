@@ -118,3 +118,44 @@ def test_validate_child_reports_json(frozen_agent: Path) -> None:
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["ok"] is True
+
+
+def _store_through_the_sink(root: str) -> dict:
+    """Runs inside the frozen interpreter: chunks handed to the chunk sink, a child that re-runs the binary."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from edge_agent.mqtt.chunks import ChunkStore
+    from edge_agent.mqtt.sink import ChunkSink
+    from edge_agent.wire.artifact import Artifact
+
+    blob = os.urandom(300_000)
+    art = Artifact.from_blob(blob, 64 * 1024)
+    sink = ChunkSink()
+    session = sink.session(ChunkStore(root, art))
+    assert session is not None
+    for i in range(len(art.chunks)):
+        session.put(i, blob[i * art.chunk_size : (i + 1) * art.chunk_size])
+    got: list = []
+    while len(got) < len(art.chunks):
+        got += session.results(5)
+    out = session.assemble(Path(root) / "out", keep=False)
+    session.close()
+    cmd = [c.decode() for c in Path(f"/proc/{sink.pid}/cmdline").read_bytes().split(b"\0") if c]
+    sink.close()
+    ok = hashlib.sha256(out.read_bytes()).hexdigest() == art.sha256
+    return {
+        "ok": ok,
+        "stored": sorted(i for i, s in got if s),
+        "n": len(art.chunks),
+        "cmd": cmd,
+        "blake3": bool(art.chunks_blake3),
+    }
+
+
+def test_a_frozen_agent_runs_its_chunk_sink(frozen_agent: Path, tmp_path: Path) -> None:
+    got = run_in_frozen(frozen_agent / "edge-agent", _store_through_the_sink, str(tmp_path))
+    assert got["ok"] and got["stored"] == list(range(got["n"]))
+    assert "__chunk_sink__" in got["cmd"], got["cmd"]
+    assert got["blake3"], "the frozen build bundles blake3"

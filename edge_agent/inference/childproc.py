@@ -31,9 +31,10 @@ import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from edge_agent.inference.runtime import DelegateSpec, RuntimeOptions
+if TYPE_CHECKING:  # not imported at run time: a child that runs no model (the chunk sink) loads no numpy
+    from edge_agent.inference.runtime import RuntimeOptions
 
 Isolation = Literal["forkserver", "subprocess"]
 RUNTIMES = ("tflite_runtime.interpreter", "ai_edge_litert.interpreter")
@@ -46,6 +47,8 @@ _PRELOAD: list[str] = []
 
 def options_to_json(options: RuntimeOptions | None) -> str:
     """The runtime options a child is given (num_threads, delegates; the backend seam stays in this process)."""
+    from edge_agent.inference.runtime import RuntimeOptions
+
     o = options or RuntimeOptions()
     delegates = [{"library": d.library, "options": dict(d.options)} for d in o.delegates]
     return json.dumps({"num_threads": o.num_threads, "delegates": delegates})
@@ -53,6 +56,8 @@ def options_to_json(options: RuntimeOptions | None) -> str:
 
 def options_from_json(text: str) -> RuntimeOptions:
     """A child's runtime options from ``options_to_json``: one interpreter."""
+    from edge_agent.inference.runtime import DelegateSpec, RuntimeOptions
+
     raw = json.loads(text)
     delegates = tuple(
         DelegateSpec(str(d["library"]), {str(k): str(v) for k, v in (d.get("options") or {}).items()})
