@@ -20,13 +20,21 @@ from pathlib import Path
 import pytest
 
 from cloud_batch.fleetops.publish import publish_artifact
-from edge_agent.errors import TransferError
+from edge_agent.errors import TransferError, TransferTimeout
 from edge_agent.mqtt.chunks import ChunkStore
 from edge_agent.mqtt.download import Downloader
 from edge_agent.mqtt.sink import ChunkSink
 from edge_agent.wire.artifact import Artifact
 from edge_agent.wire.topics import chunk_topic
-from tests.support.transfer import KIB, Background, chunk_handlers, chunk_of, journal_records, wait_until
+from tests.support.transfer import (
+    KIB,
+    Background,
+    chunk_handlers,
+    chunk_of,
+    journal_records,
+    publish_with_bad_chunk,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +44,13 @@ def sink() -> Iterator[ChunkSink]:
     s = ChunkSink()
     yield s
     s.close()
+
+
+def _through(sink: ChunkSink, dev, root: Path, art: Artifact, blob: bytes) -> Downloader:
+    """A download through ``sink``, checked: the artifact's bytes, stored by the helper."""
+    dl = Downloader(dev, ChunkStore(root, art), sink=sink)
+    assert dl.run(timeout_s=30).read_bytes() == blob and dl.stats.via_sink
+    return dl
 
 
 def _gone(pid: int) -> bool:
@@ -66,17 +81,14 @@ def test_sink_download_is_the_artifact(sink: ChunkSink, mk_link, tmp_path: Path)
     # The helper serves the next transfer too (its ring and ack pipe reused).
     blob2 = os.urandom(700_000)
     art2 = publish_artifact(pub, blob2, 32 * KIB)
-    dl2 = Downloader(dev, ChunkStore(tmp_path / "chunks", art2), sink=sink)
-    assert dl2.run(timeout_s=30).read_bytes() == blob2 and dl2.stats.via_sink
+    _through(sink, dev, tmp_path / "chunks", art2, blob2)
 
 
 def test_sink_never_writes_a_bad_chunk(sink: ChunkSink, mk_link, tmp_path: Path) -> None:
     pub, dev = mk_link(), mk_link()
-    blob = os.urandom(1_000_000)
-    art = publish_artifact(pub, blob, 64 * KIB)
-    total, k = len(art.chunks), 5
-    good = chunk_of(blob, art, k)
-    pub.publish(chunk_topic(art.sha256, k), os.urandom(len(good)), retain=True, qos=1, wait_s=10)
+    k = 5
+    blob, art, good = publish_with_bad_chunk(pub, 1_000_000, k)
+    total = len(art.chunks)
     store = ChunkStore(tmp_path / "chunks", art, commit_interval_s=0.05)
     dl = Downloader(dev, store, sink=sink, stall_timeout_s=60)
     bg = Background(dl, timeout_s=30)
@@ -162,8 +174,7 @@ def test_a_store_the_helper_cannot_create_is_a_transfer_error(sink: ChunkSink, m
     with pytest.raises(TransferError, match="cannot create"):
         Downloader(dev, ChunkStore(tmp_path / "file" / "chunks", art), sink=sink).run(timeout_s=10)
     assert sink.alive, "the helper survives a refused store"
-    dl = Downloader(dev, ChunkStore(tmp_path / "chunks", art), sink=sink)
-    assert dl.run(timeout_s=10).read_bytes() == blob and dl.stats.via_sink
+    _through(sink, dev, tmp_path / "chunks", art, blob)
 
 
 def test_a_busy_sink_leaves_the_download_in_the_agent(sink: ChunkSink, mk_link, tmp_path: Path) -> None:
@@ -179,3 +190,30 @@ def test_a_busy_sink_leaves_the_download_in_the_agent(sink: ChunkSink, mk_link, 
     finally:
         held.close()
     assert sink.session(other) is not None, "a closed session frees the helper"
+
+
+def test_a_full_ring_waits_for_the_helper(mk_link, tmp_path: Path) -> None:
+    """A ring of 4 slots for 23 chunks: the paho thread waits for freed slots, nothing is lost or reordered."""
+    pub, dev = mk_link(), mk_link()
+    blob = os.urandom(1_500_000)
+    art = publish_artifact(pub, blob, 64 * KIB)
+    small = ChunkSink(ring_bytes=4 * 64 * KIB)
+    try:
+        dl = _through(small, dev, tmp_path / "chunks", art, blob)
+        assert dl.stats.chunks_received == len(art.chunks) == 23
+        big = Artifact.from_blob(os.urandom(3 * 128 * KIB), 128 * KIB)
+        assert small.session(ChunkStore(tmp_path / "big", big)) is None, "chunks too large for 4 slots: in the agent"
+    finally:
+        small.close()
+
+
+def test_a_timed_out_sink_transfer_keeps_what_it_stored(sink: ChunkSink, mk_link, tmp_path: Path) -> None:
+    pub, dev = mk_link(), mk_link()
+    blob = os.urandom(300_000)
+    art = Artifact.from_blob(blob, 64 * KIB)
+    pub.publish(chunk_topic(art.sha256, 0), chunk_of(blob, art, 0), retain=True, qos=1, wait_s=10)
+    store = ChunkStore(tmp_path, art)
+    with pytest.raises(TransferTimeout, match="1/5"):
+        Downloader(dev, store, sink=sink).run(timeout_s=1)
+    assert store.committed() == [0] and chunk_handlers(dev) == [], "the helper journaled it as it closed"
+    assert sink.alive and sink.session(store) is not None, "and is free for the next transfer"

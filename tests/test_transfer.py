@@ -22,7 +22,7 @@ from edge_agent.mqtt.download import Downloader
 from edge_agent.wire.protocol import Artifact
 from edge_agent.wire.topics import chunk_topic
 from tests.broker import Broker
-from tests.support.transfer import KIB, Background, chunk_handlers, chunk_of, wait_until
+from tests.support.transfer import KIB, Background, chunk_handlers, chunk_of, publish_with_bad_chunk, wait_until
 
 
 # -- end to end -----------------------------------------------------------------------
@@ -89,11 +89,9 @@ def test_broker_restart_mid_transfer(broker: Broker, mk_link, tmp_path: Path, ho
 # -- corrupted chunk ------------------------------------------------------------------
 def test_corrupted_chunk_rejected_until_republished(mk_link, tmp_path: Path) -> None:
     pub, dev = mk_link(), mk_link()
-    blob = os.urandom(1_000_000)
-    art = publish_artifact(pub, blob, 64 * KIB)
-    total, k = len(art.chunks), 5
-    good = chunk_of(blob, art, k)
-    pub.publish(chunk_topic(art.sha256, k), os.urandom(len(good)), retain=True, qos=1, wait_s=10)
+    k = 5
+    blob, art, good = publish_with_bad_chunk(pub, 1_000_000, k)
+    total = len(art.chunks)
 
     store = ChunkStore(tmp_path / "chunks", art)
     dl = Downloader(dev, store, stall_timeout_s=60)

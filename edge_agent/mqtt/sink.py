@@ -77,6 +77,7 @@ class ChunkSink:
         self._child = Child(serve, MODULE, COMMAND, "subprocess")
         self.pid = self._child.pid
         self._busy = threading.Lock()
+        self.broken = False  # a session found its connection closed
         try:
             self._child.conn.send_bytes(b"J" + json.dumps({"ring": ring_bytes}).encode())
             send_handle(self._child.conn, self._fd, self._child.pid or 0)
@@ -89,7 +90,7 @@ class ChunkSink:
 
     @property
     def alive(self) -> bool:
-        return self._child.exitcode is None and not self._child.conn.closed
+        return not self.broken and self._child.exitcode is None and not self._child.conn.closed
 
     def session(self, store: ChunkStore) -> SinkSession | None:
         """A transfer into ``store``'s directory through the helper, or None (busy, dead, or chunks too large)."""
@@ -143,16 +144,21 @@ class SinkSession:
             with self._free:
                 self._rejected.append(-(index + 1))
             return
-        with self._free:
-            while self._available == 0 and self._broken is None and not self._sealed:
-                freed = os.read(self.sink.acks, self.slots)  # the ring is full: wait for the helper
-                if not freed:
-                    self._fail("chunk sink is gone (EOF)")
+        while True:
+            with self._free:
+                if self._broken is not None or self._sealed:
+                    return
+                if self._available:
+                    slot, self._next = self._next, (self._next + 1) % self.slots
+                    self._available -= 1
+                    break
+            freed = os.read(
+                self.sink.acks, self.slots
+            )  # the ring is full: wait for the helper (only this thread reads)
+            with self._free:
                 self._available += len(freed)
-            if self._broken is not None or self._sealed:
-                return
-            slot, self._next = self._next, (self._next + 1) % self.slots
-            self._available -= 1
+            if not freed:
+                self._gone("EOF")
         start = slot * self.size
         self.sink.ring[start : start + len(payload)] = payload
         try:
@@ -161,7 +167,7 @@ class SinkSession:
                     self.conn.send_bytes(b"C" + _CHUNK.pack(slot, index, len(payload)))
                     return
         except (OSError, ValueError) as exc:
-            self._fail(f"chunk sink is gone: {exc}")
+            self._gone(exc)
         with self._free:
             self._available += 1  # not sent: the slot stays free (the ring is reused in order only while open)
 
@@ -172,7 +178,7 @@ class SinkSession:
             while self.conn.poll(timeout if not out else 0):
                 out.extend(self._answers(self.conn.recv_bytes()))
         except (EOFError, OSError) as exc:
-            self._fail(f"chunk sink is gone: {exc or 'EOF'}")
+            self._gone(exc)
         with self._free:
             out.extend(self._rejected)
             self._rejected.clear()
@@ -199,6 +205,11 @@ class SinkSession:
             self._open, self._sealed = False, True
             self.store.reload()
             self.sink._busy.release()
+
+    def _gone(self, why: object) -> None:
+        """The helper's end is closed (it died): no session starts on it again, even before its exit is reaped."""
+        self.sink.broken = True
+        self._fail(f"chunk sink is gone: {why or 'EOF'}")
 
     def _fail(self, reason: str) -> None:
         if self._broken is None:
@@ -231,7 +242,7 @@ class SinkSession:
                     break
                 self._answers(msg)
         except (EOFError, OSError) as exc:
-            self._fail(f"chunk sink is gone: {exc or 'EOF'}")
+            self._gone(exc)
             raise TransferError(self._broken or "chunk sink is gone") from exc
         if "corrupt" in reply:
             raise CorruptChunksError(list(reply["corrupt"]))

@@ -1,6 +1,7 @@
 """Helpers for the chunked-transfer tests: blobs and chunks, a downloader on a thread, white-box looks at a store.
 
-Shared by ``tests/test_transfer.py``, ``tests/test_transfer_crash.py`` and ``tests/test_transfer_http.py``.
+Shared by ``tests/test_transfer.py``, ``tests/test_transfer_crash.py``, ``tests/test_transfer_http.py`` and
+``tests/test_chunk_sink.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from edge_agent.mqtt.download import Downloader
 from edge_agent.mqtt.link import MqttLink
 from edge_agent.wire.protocol import Artifact
-from edge_agent.wire.topics import parse_chunk_topic
+from edge_agent.wire.topics import chunk_topic, parse_chunk_topic
 
 KIB = 1024
 
@@ -72,3 +73,14 @@ def journal_records(chunk_dir: Path) -> int:
 def chunk_handlers(link: MqttLink) -> list[str]:
     """Chunk topics the link still remembers (white-box: subscriptions must be dropped when done)."""
     return [t for t in link._handlers if parse_chunk_topic(t.replace("+", "0")) is not None]
+
+
+def publish_with_bad_chunk(pub: MqttLink, size: int, k: int) -> tuple[bytes, Artifact, bytes]:
+    """Publish a random artifact of 64 KiB chunks whose chunk ``k`` is garbage on the broker: (blob, artifact, good chunk k)."""
+    from cloud_batch.fleetops.publish import publish_artifact
+
+    blob = os.urandom(size)
+    art = publish_artifact(pub, blob, 64 * KIB)
+    good = chunk_of(blob, art, k)
+    pub.publish(chunk_topic(art.sha256, k), os.urandom(len(good)), retain=True, qos=1, wait_s=10)
+    return blob, art, good
