@@ -28,6 +28,7 @@ it (a small process: no numpy, no runtime) until it stops.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -152,9 +153,8 @@ class SinkSession:
                     slot, self._next = self._next, (self._next + 1) % self.slots
                     self._available -= 1
                     break
-            freed = os.read(
-                self.sink.acks, self.slots
-            )  # the ring is full: wait for the helper (only this thread reads)
+            # The ring is full: wait for the helper to free slots (only this thread reads the acks).
+            freed = os.read(self.sink.acks, self.slots)
             with self._free:
                 self._available += len(freed)
             if not freed:
@@ -165,11 +165,8 @@ class SinkSession:
             with self._send:  # no chunk follows a control message (``_sealed`` is set under this lock)
                 if not self._sealed:
                     self.conn.send_bytes(b"C" + _CHUNK.pack(slot, index, len(payload)))
-                    return
         except (OSError, ValueError) as exc:
             self._gone(exc)
-        with self._free:
-            self._available += 1  # not sent: the slot stays free (the ring is reused in order only while open)
 
     def results(self, timeout: float) -> list[tuple[int, bool]]:
         """(index, stored) for chunks the helper answered for (waits up to ``timeout`` for the first)."""
@@ -188,8 +185,10 @@ class SinkSession:
 
     def assemble(self, out_path: Path, keep: bool) -> Path:
         """The helper's ``ChunkStore.assemble`` (its errors raised here as they are in the agent)."""
-        reply = self._request({"op": "assemble", "out": str(out_path), "keep": keep})
-        self._assembled = True  # and its store closed
+        try:
+            reply = self._request({"op": "assemble", "out": str(out_path), "keep": keep})
+        finally:
+            self._assembled = True  # the helper closed its store, assembled or not
         return Path(reply["path"])
 
     def close(self) -> None:
@@ -300,15 +299,17 @@ class _Helper:
         store = self.store
         if store is None:
             raise TransferError(f"chunk sink: {op!r} before 'open'")
-        self.store = None
-        if op == "assemble":  # and close
-            path = store.assemble(body["out"], keep=bool(body["keep"]))
-            store.close()
-            return {"path": str(path)}
+        self.store = None  # "assemble" and "close" both end the session
         if op == "close":
             store.close()
             return {}
-        raise TransferError(f"chunk sink: unknown op {op!r}")
+        try:
+            if op != "assemble":
+                raise TransferError(f"chunk sink: unknown op {op!r}")
+            return {"path": str(store.assemble(body["out"], keep=bool(body["keep"])))}
+        finally:
+            with contextlib.suppress(TransferError):  # what assembly raised is the answer
+                store.close()
 
 
 def serve(conn: Connection) -> None:
