@@ -217,3 +217,17 @@ def test_a_timed_out_sink_transfer_keeps_what_it_stored(sink: ChunkSink, mk_link
         Downloader(dev, store, sink=sink).run(timeout_s=1)
     assert store.committed() == [0] and chunk_handlers(dev) == [], "the helper journaled it as it closed"
     assert sink.alive and sink.session(store) is not None, "and is free for the next transfer"
+
+
+def test_a_failed_assembly_keeps_every_chunk(sink: ChunkSink, mk_link, tmp_path: Path) -> None:
+    pub, dev = mk_link(), mk_link()
+    blob = os.urandom(500_000)
+    art = publish_artifact(pub, blob, 64 * KIB)
+    (tmp_path / "file").write_text("not a directory")
+    store = ChunkStore(tmp_path / "chunks", art)
+    with pytest.raises(TransferError, match="cannot assemble"):
+        Downloader(dev, store, sink=sink, out_path=tmp_path / "file" / "a.tar").run(timeout_s=10)
+    assert store.committed() == list(range(len(art.chunks))), "the helper journaled the last group as it closed"
+    again = Downloader(dev, store, sink=sink)
+    assert again.run(timeout_s=10).read_bytes() == blob
+    assert again.stats.already_had == len(art.chunks) and again.stats.receipts == {}
