@@ -47,7 +47,7 @@ from edge_agent.wire.artifact import DEFAULT_CHUNK_SIZE  # noqa: E402
 from edge_agent.wire.protocol import pack_dir  # noqa: E402
 from edge_agent.wire.topics import chunk_filter  # noqa: E402
 from tests.broker import Broker  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.support.env import free_port  # noqa: E402
 
 PHASES = [
     ("to_start", None, "downloading"),
