@@ -9,11 +9,11 @@ and the agent's.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from edge_agent.mqtt.download import Downloader
 from edge_agent.mqtt.sink import ChunkSink
 from edge_agent.wire.artifact import Artifact
 from edge_agent.wire.topics import chunk_topic
+from tests.broker import Broker
 from tests.support.transfer import (
     KIB,
     Background,
@@ -137,33 +138,54 @@ def test_a_killed_sink_fails_the_transfer_and_the_next_one_resumes(sink: ChunkSi
 
 
 AGENT = """
-import sys, time
-sys.path.insert(0, {root!r})
+import json, sys
+from pathlib import Path
+from edge_agent.mqtt.chunks import ChunkStore
+from edge_agent.mqtt.download import Downloader
+from edge_agent.mqtt.link import MqttLink
 from edge_agent.mqtt.sink import ChunkSink
+from edge_agent.wire.artifact import artifact_from_dict
+url, root, art = sys.argv[1], sys.argv[2], artifact_from_dict(json.loads(sys.argv[3]))
+link = MqttLink(url)
+link.start()
 sink = ChunkSink()
 print(sink.pid, flush=True)
-time.sleep(60)
+Downloader(link, ChunkStore(Path(root), art, commit_interval_s=0.05), sink=sink).run(timeout_s=60)
 """
 
 
-def test_the_sink_ends_with_the_agent(tmp_path: Path) -> None:
-    """kill -9 of the agent: its helper exits too (EOF on its connection, or SIGKILL from die_with_parent)."""
+def test_kill9_of_the_agent_mid_transfer_ends_the_sink_and_keeps_the_journal(
+    broker: Broker, mk_link, tmp_path: Path
+) -> None:
+    """The agent dies with half the chunks in: its helper exits too, and a new agent resumes from the journal."""
+    pub = mk_link()
+    blob = os.urandom(1_200_000)
+    art = Artifact.from_blob(blob, 64 * KIB)
+    total, half = len(art.chunks), len(art.chunks) // 2
+    for i in range(half):
+        pub.publish(chunk_topic(art.sha256, i), chunk_of(blob, art, i), retain=True, qos=1, wait_s=10)
+    root = tmp_path / "chunks"
     agent = subprocess.Popen(
-        [sys.executable, "-c", AGENT.format(root=str(ROOT))], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+        [sys.executable, "-c", AGENT, broker.url, str(root), json.dumps(art.to_dict())],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
     )
     try:
         assert agent.stdout is not None
         helper = int(agent.stdout.readline())
-        assert not _gone(helper)
+        wait_until(lambda: journal_records(root / art.sha256) == half, what="the published half journaled")
         agent.send_signal(signal.SIGKILL)
         agent.wait(10)
-        deadline = time.monotonic() + 10
-        while not _gone(helper) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _gone(helper), "the helper outlived the agent"
+        wait_until(lambda: _gone(helper), timeout=10, what="the helper to exit with the agent")
     finally:
         agent.kill()
         agent.wait()
+
+    for i in range(half, total):
+        pub.publish(chunk_topic(art.sha256, i), chunk_of(blob, art, i), retain=True, qos=1, wait_s=10)
+    dl = Downloader(mk_link(), ChunkStore(root, art))
+    assert dl.run(timeout_s=30).read_bytes() == blob
+    assert dl.stats.already_had == half and set(dl.stats.receipts) == set(range(half, total))
 
 
 def test_a_store_the_helper_cannot_create_is_a_transfer_error(sink: ChunkSink, mk_link, tmp_path: Path) -> None:
