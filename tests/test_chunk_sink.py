@@ -253,3 +253,13 @@ def test_a_failed_assembly_keeps_every_chunk(sink: ChunkSink, mk_link, tmp_path:
     again = Downloader(dev, store, sink=sink)
     assert again.run(timeout_s=10).read_bytes() == blob
     assert again.stats.already_had == len(art.chunks) and again.stats.receipts == {}
+
+
+def test_keep_chunks_through_the_sink_journals_them_all(sink: ChunkSink, mk_link, tmp_path: Path) -> None:
+    pub, dev = mk_link(), mk_link()
+    blob = os.urandom(400_000)
+    art = publish_artifact(pub, blob, 64 * KIB)
+    store = ChunkStore(tmp_path / "chunks", art)
+    dl = Downloader(dev, store, sink=sink, keep_chunks=True)
+    assert dl.run(timeout_s=10).read_bytes() == blob and dl.stats.via_sink
+    assert store.committed() == list(range(len(art.chunks))) and store.data_path.stat().st_size == len(blob)
