@@ -79,3 +79,17 @@ def locked(lock_file: str | os.PathLike[str]) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def shared_memory(nbytes: int, name: str) -> int:
+    """A descriptor of ``nbytes`` of anonymous shared memory for a child to map: a memfd, else an unlinked temp file."""
+    try:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        fd = os.dup(tempfile.TemporaryFile().fileno())  # noqa: SIM115 (the duplicate outlives the object)
+    try:
+        os.ftruncate(fd, nbytes)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

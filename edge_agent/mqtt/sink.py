@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.errors import CorruptChunksError, EdgeError, TransferError
+from edge_agent.fsutil import shared_memory
 from edge_agent.inference.childproc import Child, fd_main
 from edge_agent.mqtt.chunks import ChunkStore
 from edge_agent.wire.artifact import artifact_from_dict
@@ -58,21 +59,13 @@ REPORT_S = 0.1  # answers are sent this often while chunks come (and at once whe
 _CHUNK = struct.Struct("<III")  # slot, index, length
 
 
-def _memfd(nbytes: int) -> int:
-    fd = os.memfd_create("edgefleet-chunk-ring", 0) if hasattr(os, "memfd_create") else -1
-    if fd < 0:
-        raise OSError("no memfd_create on this system")
-    os.ftruncate(fd, nbytes)
-    return fd
-
-
 class ChunkSink:
     """The agent's end of the helper process: one ring, one connection, one transfer at a time."""
 
     def __init__(self, ring_bytes: int = RING_BYTES) -> None:
         """Start the helper (``python -m edge_agent.mqtt.sink``, or the frozen binary) and hand it the ring."""
         self.ring_bytes = ring_bytes
-        self._fd = _memfd(ring_bytes)
+        self._fd = shared_memory(ring_bytes, "edgefleet-chunk-ring")
         self.ring = mmap.mmap(self._fd, ring_bytes)
         self.acks, ack_w = os.pipe()
         self._child = Child(serve, MODULE, COMMAND, "subprocess")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
 import threading
 import weakref
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.fsutil import shared_memory
 from edge_agent.models.shadow.blob import Block, Tensors, signature
 
 SLOTS = 4096  # rows a ring holds: a wake-up's worth (runner.BATCH_EVERY_S) at ~8,000 sampled requests/s ...
@@ -89,20 +89,6 @@ def _aligned(n: int) -> int:
     return -(-n // 64) * 64
 
 
-def _shared_file(nbytes: int) -> int:
-    """A descriptor of ``nbytes`` of anonymous shared memory (a memfd; an unlinked temporary file without one)."""
-    try:
-        fd = os.memfd_create("edgefleet-shadow-ring", os.MFD_CLOEXEC)
-    except (AttributeError, OSError):
-        fd = os.dup(tempfile.TemporaryFile().fileno())  # noqa: SIM115 (the duplicate outlives the object)
-    try:
-        os.ftruncate(fd, nbytes)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
 class Ring:
     """Up to ``size`` rows of copies of one signature, in shared arrays stacked per tensor name.
 
@@ -116,7 +102,7 @@ class Ring:
         self.size = max(1, min(size, max(MIN_SLOTS, RING_BYTES // row)))
         self.max_rows = max(1, self.size // ROWS_SHARE)
         nbytes = _nbytes(self.size, self.spec)
-        self.fd = _shared_file(nbytes)
+        self.fd = shared_memory(nbytes, "edgefleet-shadow-ring")
         weakref.finalize(self, os.close, self.fd)  # the mapping goes with the arrays; the child has its own
         self._map = mmap.mmap(self.fd, nbytes)
         self.inputs, self.outputs, self.seconds, self.rows = _views(self._map, self.size, self.spec)
