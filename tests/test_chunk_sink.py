@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -263,3 +264,25 @@ def test_keep_chunks_through_the_sink_journals_them_all(sink: ChunkSink, mk_link
     dl = Downloader(dev, store, sink=sink, keep_chunks=True)
     assert dl.run(timeout_s=10).read_bytes() == blob and dl.stats.via_sink
     assert store.committed() == list(range(len(art.chunks))) and store.data_path.stat().st_size == len(blob)
+
+
+def test_a_refused_store_still_frees_every_slot(tmp_path: Path) -> None:
+    """8 chunks into a 4-slot ring whose helper could not open the store: the helper frees each slot anyway,
+    so the paho thread (here: this test) never blocks on a full ring; the transfer then fails with the reason."""
+    blob = os.urandom(8 * 64 * KIB)
+    art = Artifact.from_blob(blob, 64 * KIB)
+    (tmp_path / "file").write_text("not a directory")
+    small = ChunkSink(ring_bytes=4 * 64 * KIB)
+    try:
+        session = small.session(ChunkStore(tmp_path / "file" / "chunks", art))
+        assert session is not None
+        putter = threading.Thread(target=lambda: [session.put(i, chunk_of(blob, art, i)) for i in range(8)])
+        putter.start()
+        putter.join(10)
+        assert not putter.is_alive(), "put() blocked on a ring the helper never freed"
+        with pytest.raises(TransferError, match="cannot create"):
+            session.results(5)
+        session.close()
+        assert small.alive
+    finally:
+        small.close()

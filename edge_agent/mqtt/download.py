@@ -175,13 +175,14 @@ class Downloader:
                 self._check(stop, deadline)
                 results = session.results(0.2)
                 for i, stored in results:
-                    self._count(i, self.store.expected_size(i))
+                    size = self.store.expected_size(i)
+                    self._count(i, size)
                     if i in self._sunk:
                         self.stats.duplicates += 1
                     elif stored:
                         self._sunk.add(i)
                         outstanding.discard(i)
-                        self._stored(i, self.store.expected_size(i))
+                        self._stored(i, size)
                     else:
                         self.stats.bad_chunks += 1
                 watch.check(bool(results), bool(outstanding), lambda: [chunk_filter(sha)])

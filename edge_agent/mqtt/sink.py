@@ -122,7 +122,7 @@ class SinkSession:
         self._available, self._next = self.slots, 0
         _drain(sink.acks)  # acks of an earlier session's last chunks
         self._send = threading.Lock()
-        self._rejected: list[int] = []  # found bad here (a wrong size), reported with the next results
+        self._rejected: list[int] = []  # found bad here (larger than a slot), reported with the next results
         self._broken: str | None = None
         self._open, self._sealed, self._assembled = True, False, False  # sealed: no more chunks
         store.close()  # the helper is the directory's only writer until ``close``
@@ -133,8 +133,11 @@ class SinkSession:
         )
 
     def put(self, index: int, payload: bytes) -> None:
-        """paho thread: copy ``payload`` into a free slot and hand it over; waits while the ring is full."""
-        if len(payload) != self.store.expected_size(index):
+        """paho thread: copy ``payload`` into a free slot and hand it over; waits while the ring is full.
+
+        A payload larger than a slot is rejected here; any other size is the helper's store's to judge.
+        """
+        if len(payload) > self.size:
             with self._free:
                 self._rejected.append(-(index + 1))
             return
@@ -253,14 +256,14 @@ class _Helper:
 
     def chunk(self, msg: bytes) -> None:
         slot, index, n = _CHUNK.unpack_from(msg, 1)
-        store = self.store
-        if store is None:
-            raise TransferError("chunk sink: a chunk before 'open'")
-        start = slot * store.artifact.chunk_size
         try:
+            store = self.store
+            if store is None:  # its "open" failed: the agent ends the transfer
+                raise TransferError("chunk sink: a chunk before 'open'")
+            start = slot * store.artifact.chunk_size
             ok = 0 <= index < store.total and store.put(index, self.view[start : start + n])
         finally:
-            os.write(self.acks, b"\x01")  # the slot is free again
+            os.write(self.acks, b"\x01")  # the slot is free again, whatever became of the chunk
         if not self.answers:
             self.due = time.monotonic() + REPORT_S
         self.answers.append(index + 1 if ok else -(index + 1))
