@@ -27,6 +27,7 @@ from cloud_batch.score import parts
 from cloud_batch.score.inputs import InputOptions, repeated_keys
 from cloud_batch.score.readers import open_input
 from cloud_batch.score.worker import TOP_CLASS, ScorerSpec, is_classifier, output_columns
+from edge_agent.inference.interpreter import runtime_label
 from edge_agent.inference.modelpack import sha256_file
 
 ENGINES = ("local", "ray")
@@ -150,6 +151,7 @@ def score(
     n_workers = _check_options(
         engine, workers, batch_size, partition_rows or 1, output, publish_features, features_version, ray_address
     )
+    runtime = runtime_label()  # EDGEFLEET_RUNTIME__BACKEND: refused here, not in every worker
     registry = Registry(registry_dir)
     if model not in registry.names():
         raise RegistryError(
@@ -177,7 +179,7 @@ def score(
         identity: dict[str, Any] = {
             "model": model, "version": version, "artifact_sha256": manifest.sha256, "input": rows.kind,
             "input_fingerprint": rows.fingerprint, "key": rows.key_name, "map": {k: list(v) for k, v in options.mapping.items()},
-            "strict": strict, "left_out": rows.skipped, "partition_rows": part_rows, **rows.identity,
+            "strict": strict, "left_out": rows.skipped, "partition_rows": part_rows, "runtime": runtime, **rows.identity,
         }  # fmt: skip
         n_parts = math.ceil(rows.n / part_rows)
         result = ScoreResult(
@@ -194,7 +196,7 @@ def score(
             done = parts.open_staging(output, identity, overwrite, [b - a for a, b in bounds])
             tasks = [(p, rows.chunk(*bounds[p])) for p in range(n_parts) if p not in done]
             result.skipped_parts = len(done)
-            spec = ScorerSpec(str(version_dir), batch_size, rows.key_name, str(parts.staging_dir(output)))
+            spec = ScorerSpec(str(version_dir), batch_size, rows.key_name, str(parts.staging_dir(output)), runtime)
             meta = {
                 "identity": identity, "engine": engine, "model": model, "version": version,
                 "artifact_sha256": manifest.sha256, "input_fingerprint": rows.fingerprint, "rows": rows.n,

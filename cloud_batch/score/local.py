@@ -34,14 +34,12 @@ import numpy as np
 from cloud_batch.errors import RegistryError
 from cloud_batch.score.inputs import FLOAT32, ArrayChunk, Chunk, Keys
 from cloud_batch.score.worker import ScorerSpec, init_worker, pool_task
+from edge_agent.inference.interpreter import runtime_preload
 
 OnPart = Callable[..., None]  # (part, rows[, worker CPU seconds])
-# This module (its chunks) and the scorer, the TFLite runtimes ``inference.interpreter.default_backend``
-# tries (the forkserver skips one that is not installed), and what Arrow imports on a worker's first
-# table (0.2 s of CPU per worker).
-PRELOAD = [
-    "cloud_batch.score.local", "tflite_runtime.interpreter", "ai_edge_litert.interpreter", "pyarrow.compute", "pandas",
-]  # fmt: skip
+# This module (its chunks) and the scorer, the TFLite runtime ``inference.interpreter.default_backend``
+# loads (``runtime_preload``), and what Arrow imports on a worker's first table (0.2 s of CPU per worker).
+PRELOAD = ["cloud_batch.score.local", "pyarrow.compute", "pandas"]
 
 
 # Each worker imports the caller's ``__main__`` script again; the ``cloud-batch`` script imports the CLI
@@ -57,7 +55,7 @@ def pool_context() -> BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD + [m for m in (CLI,) if m in sys.modules])
+    ctx.set_forkserver_preload(PRELOAD + runtime_preload() + [m for m in (CLI,) if m in sys.modules])
     return ctx
 
 

@@ -36,6 +36,7 @@ from cloud_batch.score.local import OnPart
 from cloud_batch.score.parts import written
 from cloud_batch.score.renamefs import rename_on_close_fs
 from cloud_batch.score.worker import Scorer, ScorerSpec
+from edge_agent.inference.interpreter import RUNTIME_ENV, selected_runtime
 
 PART = "part"
 POLL_S = 0.25
@@ -61,17 +62,24 @@ class _RayScorer:
 
 
 def _connect(ray: Any, workers: int, address: str | None) -> bool:
-    """Start or join a cluster unless this process is already connected; True when this call did."""
+    """Start or join a cluster unless this process is already connected; True when this call did.
+
+    The job's workers are told the driver's runtime choice (``EDGEFLEET_TFLITE_RUNTIME``); a worker whose
+    runtime still differs refuses to score (``Scorer``).
+    """
     if ray.is_initialized():
         return False
+    common = {
+        "log_to_driver": False,
+        "configure_logging": False,
+        "runtime_env": {"env_vars": {RUNTIME_ENV: selected_runtime()[0]}},
+    }
     try:
         if address:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            ray.init(address=address, **common)
         else:
             # "local": a new cluster even when `ray start` left its address in /tmp/ray (ray.init() would join that)
-            ray.init(
-                address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False
-            )
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, **common)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise InputError(f"cannot start or reach the Ray cluster {address or '(local)'}: {exc}") from exc
     return True

@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from cloud_batch.errors import InputError
+from cloud_batch.errors import InputError, RegistryError
 from cloud_batch.score.inputs import Chunk, key_array
 from cloud_batch.score.parts import local_part
 from cloud_batch.score.video import result_column
 from edge_agent.errors import EdgeError
+from edge_agent.inference.interpreter import RUNTIME_ENV, runtime_label
 from edge_agent.inference.runtime import LoadedModel, RuntimeOptions
 from edge_agent.wire.model.manifest import MANIFEST_FILE, Manifest
 
@@ -40,6 +41,7 @@ class ScorerSpec:
     batch_size: int
     key_name: str
     staging: str
+    runtime: str | None = None  # the driver's ``runtime_label()``: a worker on another runtime refuses to score
 
 
 def output_columns(manifest: Manifest) -> list[str]:
@@ -82,6 +84,11 @@ class Scorer:
 
     def __init__(self, spec: ScorerSpec) -> None:
         self.spec = spec
+        if spec.runtime is not None and (mine := runtime_label()) != spec.runtime:
+            raise RegistryError(
+                f"this worker's TFLite runtime is {mine}, the run's is {spec.runtime}: outputs would differ "
+                f"(set {RUNTIME_ENV} and install the same runtime on every node)"
+            )
         self.manifest = Manifest.load(Path(spec.version_dir) / MANIFEST_FILE)
         options = RuntimeOptions(
             num_threads=1, pool_size=1, max_batch=spec.batch_size, max_resident_batch=spec.batch_size

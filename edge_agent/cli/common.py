@@ -7,6 +7,7 @@ this and ``main`` depends on them, never the other way round.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,11 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         overrides["log_level"] = args.log_level
     if getattr(args, "fleet_key", None):
         overrides["ota"] = {"fleet_key": args.fleet_key}
-    return load_config(getattr(args, "config", None), overrides=overrides)
+    cfg = load_config(getattr(args, "config", None), overrides=overrides)
+    from edge_agent.inference.interpreter import RUNTIME_ENV  # (numpy: not for the hidden child commands)
+
+    os.environ[RUNTIME_ENV] = cfg.runtime.backend  # for default_backend here and in every child (one rule)
+    return cfg
 
 
 def add_command(sub: Any, name: str, handler: Handler, help: str, example: str) -> argparse.ArgumentParser:

@@ -51,6 +51,7 @@ def default_models_dir() -> Path:
 
 @dataclass
 class RuntimeConfig:
+    backend: str = "auto"  # the TFLite runtime: auto, tflite-runtime or ai-edge-litert (inference.interpreter.RUNTIMES)
     num_threads: int | None = None
     pool_size: int = 2
     delegates: list[dict[str, Any]] = field(default_factory=list)
@@ -306,6 +307,9 @@ def _validate(cfg: AgentConfig) -> None:
         raise ConfigError("runtime.pool_size must be at least 1")
     if cfg.runtime.num_threads is not None and cfg.runtime.num_threads < 1:
         raise ConfigError("runtime.num_threads must be at least 1")
+    from edge_agent.inference.interpreter import RUNTIME_ENV, selected_runtime
+
+    selected_runtime({RUNTIME_ENV: cfg.runtime.backend})  # unknown or not installed: a ConfigError now
     _validate_limits(cfg)
     if cfg.watch_interval_s <= 0:
         raise ConfigError("watch_interval_s must be positive")

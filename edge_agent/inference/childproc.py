@@ -19,7 +19,6 @@ child end is passed by descriptor to a subprocess), for a child that lives as lo
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import multiprocessing
 import os
@@ -37,7 +36,6 @@ if TYPE_CHECKING:  # not imported at run time: a child that runs no model (the c
     from edge_agent.inference.runtime import RuntimeOptions
 
 Isolation = Literal["forkserver", "subprocess"]
-RUNTIMES = ("tflite_runtime.interpreter", "ai_edge_litert.interpreter")
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 _LOCK = threading.Lock()
 _STARTS = threading.Lock()  # held while a forkserver child starts and while ``release`` checks and stops
@@ -85,8 +83,10 @@ def forkserver(preload: Sequence[str] = ()) -> multiprocessing.context.ForkServe
     global _CTX
     with _LOCK:
         if _CTX is None:
+            from edge_agent.inference.interpreter import runtime_preload  # (numpy: not for a child without models)
+
             _CTX = multiprocessing.get_context("forkserver")
-            _PRELOAD.extend(["numpy", "edge_agent.inference.runtime", *[m for m in RUNTIMES if _importable(m)][:1]])
+            _PRELOAD.extend(["numpy", "edge_agent.inference.runtime", *runtime_preload()])
         for module in preload:
             if module not in _PRELOAD:
                 _PRELOAD.append(module)
@@ -129,13 +129,6 @@ def release() -> bool:
         for stop in stops:
             stop()  # type: ignore[misc]
     return True
-
-
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def child_command(module: str, frozen_command: str) -> list[str]:

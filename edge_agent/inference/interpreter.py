@@ -3,7 +3,8 @@
 The agent never imports an interpreter class at module level. A :class:`Backend` names the
 interpreter factory and delegate loader to use; :attr:`RuntimeOptions.backend` carries it to
 every place that opens a model (the model server, validation, packaging, the benchmark), and
-``None`` means :func:`default_backend`: tflite-runtime, else ai-edge-litert. Tests plug a spy
+``None`` means :func:`default_backend`: the runtime ``EDGEFLEET_RUNTIME__BACKEND`` names, else
+tflite-runtime, else ai-edge-litert. Tests plug a spy
 or a fake in there instead of monkeypatching this module.
 """
 
@@ -11,20 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import re
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from edge_agent.errors import IncompatibleModelError
+from edge_agent.errors import ConfigError, IncompatibleModelError
 from edge_agent.wire.model.manifest import Manifest, Quantization, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -72,21 +76,68 @@ class Backend:
     load_delegate: DelegateLoader
 
 
+# The TFLite runtimes, in the order ``default_backend`` tries them, by the name ``info()`` reports.
+RUNTIMES = {"tflite-runtime": "tflite_runtime.interpreter", "ai-edge-litert": "ai_edge_litert.interpreter"}
+# Names one of RUNTIMES for every process of the agent and of ``cloud-batch`` (children inherit it); unset
+# or "auto": the first one installed. It is the agent's ``[runtime] backend`` key, which ``edge-agent``
+# exports here from its config. On Python 3.10/3.11 both can be installed (``edgefleet[litert]``):
+# ai-edge-litert runs int8 graphs on XNNPACK, tflite-runtime 2.14 does not.
+RUNTIME_ENV = "EDGEFLEET_RUNTIME__BACKEND"
+
+
+def is_installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def selected_runtime(
+    environ: Mapping[str, str] = os.environ, installed: Callable[[str], bool] = is_installed
+) -> tuple[str, str]:
+    """The runtime ``default_backend`` loads, as (name, module), found without importing it.
+
+    ``EDGEFLEET_RUNTIME__BACKEND`` names one of :data:`RUNTIMES`; unset or ``auto``, the first one
+    installed. A ``ConfigError`` says why when the choice is unknown or not installed.
+    """
+    choice = environ.get(RUNTIME_ENV, "").strip() or "auto"
+    if choice != "auto" and choice not in RUNTIMES:
+        raise ConfigError(
+            f"{RUNTIME_ENV}={choice!r} is not a TFLite runtime; choose one of: auto, {', '.join(RUNTIMES)}"
+        )
+    for name in RUNTIMES if choice == "auto" else [choice]:
+        if installed(RUNTIMES[name]):
+            return name, RUNTIMES[name]
+    if choice == "auto":
+        raise ConfigError("no TFLite runtime installed: need tflite-runtime or ai-edge-litert")
+    hint = " (pip install 'edgefleet[litert]')" if choice == "ai-edge-litert" else ""
+    raise ConfigError(f"{RUNTIME_ENV}={choice} but {choice} is not installed for this Python{hint}")
+
+
+def runtime_label() -> str:
+    """The selected runtime and its installed version, e.g. ``tflite-runtime 2.14.0`` (what its kernels are)."""
+    name = selected_runtime()[0]
+    try:
+        return f"{name} {importlib.metadata.version(name)}"
+    except importlib.metadata.PackageNotFoundError:  # a frozen build without the distribution's metadata
+        return name
+
+
+def runtime_preload() -> list[str]:
+    """The selected runtime's module, for a forkserver to import once; none when the choice is invalid
+    (the child that loads a model then says why)."""
+    try:
+        return [selected_runtime()[1]]
+    except ConfigError:
+        return []
+
+
 @functools.cache
 def default_backend() -> Backend:
-    """The installed runtime: tflite-runtime, else ai-edge-litert (resolved once, on first use)."""
-    try:
-        from tflite_runtime.interpreter import Interpreter, load_delegate
-
-        return Backend("tflite-runtime", Interpreter, load_delegate)
-    except ImportError:
-        pass
-    try:
-        from ai_edge_litert.interpreter import Interpreter, load_delegate
-
-        return Backend("ai-edge-litert", Interpreter, load_delegate)
-    except ImportError as exc:  # pragma: no cover - packaging guarantees one of them
-        raise IncompatibleModelError("no TFLite runtime installed: need tflite-runtime or ai-edge-litert") from exc
+    """The selected runtime (:func:`selected_runtime`), imported once, on first use."""
+    name, module_name = selected_runtime()
+    module = importlib.import_module(module_name)
+    return Backend(name, module.Interpreter, module.load_delegate)
 
 
 # What the runtimes' C++ code prints itself: TFLite's minimal logger ("INFO: ...", "ERROR: ...") and absl

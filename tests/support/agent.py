@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tests.support.env import MODELS
@@ -40,9 +40,11 @@ def request(conn: http.client.HTTPConnection, method: str, path: str, body: dict
     return resp.status, json.loads(data) if data else {}
 
 
-def start_agent(data_dir: Path, listen: str, models_dir: Path | None = MODELS) -> subprocess.Popen:
-    """``edge-agent run`` with no inherited EDGEFLEET_* settings, shipping ``models_dir`` (None: none)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+def start_agent(
+    data_dir: Path, listen: str, models_dir: Path | None = MODELS, settings: Mapping[str, str] | None = None
+) -> subprocess.Popen:
+    """``edge-agent run`` with no inherited EDGEFLEET_* settings but ``settings``, shipping ``models_dir`` (None: none)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")} | dict(settings or {})
     env["EDGEFLEET_MODELS_DIR"] = str(models_dir) if models_dir else ""
     env["EDGEFLEET_WATCH_INTERVAL_S"] = "0.2"
     env["EDGEFLEET_RUNTIME__MAX_BATCH"] = "20000"  # the drain test's slow request is ~18k digits in one batch
