@@ -89,7 +89,7 @@ def test_sink_download_is_the_artifact(sink: ChunkSink, mk_link, tmp_path: Path)
 def test_sink_never_writes_a_bad_chunk(sink: ChunkSink, mk_link, tmp_path: Path) -> None:
     pub, dev = mk_link(), mk_link()
     k = 5
-    blob, art, good = publish_with_bad_chunk(pub, 1_000_000, k)
+    blob, art, good = publish_with_bad_chunk(pub, 1_000_000, k, bad_size=100)  # short: counted as it arrived
     total = len(art.chunks)
     store = ChunkStore(tmp_path / "chunks", art, commit_interval_s=0.05)
     dl = Downloader(dev, store, sink=sink, stall_timeout_s=60)
@@ -108,6 +108,7 @@ def test_sink_never_writes_a_bad_chunk(sink: ChunkSink, mk_link, tmp_path: Path)
     assert bg.wait(20).read_bytes() == blob
     s = dl.stats
     assert s.via_sink and (s.bad_chunks, s.chunks_received, s.receipts[k]) == (1, total, 2)
+    assert s.bytes_received == len(blob) + 100
 
 
 def test_a_killed_sink_fails_the_transfer_and_the_next_one_resumes(sink: ChunkSink, mk_link, tmp_path: Path) -> None:

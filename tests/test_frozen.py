@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_agent.inference.interpreter import selected_runtime
 from edge_agent.update.agent.slots import verify_manifest
 from tests.support.env import MODELS
 from tests.support.frozen import FrozenAgent, digits_body, package_tool, run_in_frozen
@@ -23,6 +24,8 @@ def test_folder_has_version_manifest_and_models_but_no_tensorflow(frozen_agent: 
     assert (frozen_agent / "_internal" / "models" / "digits" / "1" / "model.tflite").is_file()
     top = [p.name.lower() for p in (frozen_agent / "_internal").iterdir()]  # tflite_runtime's own wrapper is fine
     assert not [n for n in top if n.startswith(("tensorflow", "libtensorflow", "keras", "cloud_batch", "sklearn"))]
+    # One TFLite runtime, the one this environment selects (on 3.10/3.11 both are installed: the litert extra).
+    assert [n for n in ("tflite_runtime", "ai_edge_litert") if n in top] == [selected_runtime()[1].split(".")[0]]
 
 
 def test_build_cache_key_covers_dependency_versions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

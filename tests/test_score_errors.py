@@ -12,8 +12,10 @@ import pandas as pd
 import pytest
 
 from cloud_batch.cli.main import main
+from cloud_batch.features.build import write_snapshot
+from cloud_batch.features.tables import FeatureTable
 from cloud_batch.score.parts import scratch_dir, staging_dir
-from tests.support.score import digits_rows, live_frame, score_registry, write_images
+from tests.support.score import N_ASSETS, asset_feature_names, digits_rows, live_frame, score_registry, write_images
 
 Setup = Callable[[Path], tuple[Path, list[str]]]  # tmp -> (input, extra args)
 
@@ -152,6 +154,26 @@ def test_bad_input_is_refused_before_any_work(
     assert err.startswith("error: ") and message in err, err
     assert "Traceback" not in err
     assert not out.exists() and not staging_dir(out).exists() and not scratch_dir(out).exists()
+
+
+def test_a_feature_set_that_lacks_joined_features_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reg = score_registry(tmp_path / "registry")
+    names = asset_feature_names(reg)
+    thin = FeatureTable(
+        entities=np.array([f"asset-{i}" for i in range(N_ASSETS)]), event_ts=np.full(N_ASSETS, 1.7e9),
+        values=np.ones((N_ASSETS, 5), np.float32), features=tuple(names[:5]), entity_key="asset_id",
+    )  # fmt: skip
+    write_snapshot(reg, "asset_features", "2", thin)
+    source = _table(tmp_path, live_frame(5))
+    out = tmp_path / "out.parquet"
+    args = ["score", "maintenance", "--version", "1", "--registry", str(reg), "--input", str(source), "--output",
+            str(out), "--entity-key", "asset_id", "--features", "asset_features@2", "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"feature set asset_features 2 lacks features '{names[5]}'" in err and "Traceback" not in err, err
+    assert not out.exists() and not staging_dir(out).exists()
 
 
 def test_unknown_version_lists_the_known_ones(sreg: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -39,7 +39,12 @@ def dependency_versions() -> list[str]:
     """``name==version`` (``name absent`` when not installed) for every ``BUILD_DEPS`` entry, and the Python."""
     from importlib import metadata
 
-    out = [f"python {sys.version}"]
+    # The runtime the build bundles (edge-agent.spec: the one [runtime] backend selects); named here, not
+    # imported from the agent, which the build must not load.
+    out = [
+        f"python {sys.version}",
+        f"EDGEFLEET_RUNTIME__BACKEND={os.environ.get('EDGEFLEET_RUNTIME__BACKEND', 'auto')}",
+    ]
     for name in BUILD_DEPS:
         try:
             out.append(f"{name}=={metadata.version(name)}")

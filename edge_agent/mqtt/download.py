@@ -176,7 +176,7 @@ class Downloader:
                 results = session.results(0.2)
                 for i, stored in results:
                     size = self.store.expected_size(i)
-                    self._count(i, size)
+                    self._count(i, 0)  # its bytes were counted as they arrived (_on_chunk)
                     if i in self._sunk:
                         self.stats.duplicates += 1
                     elif stored:
@@ -224,6 +224,7 @@ class Downloader:
             return
         session = self._session
         if session is not None:
+            self.stats.bytes_received += len(payload)  # (the sink's answers carry indices, not sizes)
             session.put(parsed[1], payload)
         else:
             self._queue.put((parsed[1], bytes(payload)))

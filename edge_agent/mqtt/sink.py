@@ -284,13 +284,19 @@ class _Helper:
     def control(self, body: dict[str, Any]) -> dict[str, Any]:
         op = body.get("op")
         if op == "open":
-            self.store = ChunkStore(
+            fresh = ChunkStore(
                 body["root"],
                 artifact_from_dict(body["artifact"]),
                 commit_bytes=int(body["commit_bytes"]),
                 commit_interval_s=float(body["commit_interval_s"]),
             )
-            self.store.prepare()
+            try:
+                fresh.prepare()
+            except BaseException:
+                with contextlib.suppress(TransferError):
+                    fresh.close()
+                raise  # not kept: the failed transfer's later chunks find no store and only free their slots
+            self.store = fresh
             return {}
         store = self.store
         if store is None:

@@ -75,12 +75,15 @@ def chunk_handlers(link: MqttLink) -> list[str]:
     return [t for t in link._handlers if parse_chunk_topic(t.replace("+", "0")) is not None]
 
 
-def publish_with_bad_chunk(pub: MqttLink, size: int, k: int) -> tuple[bytes, Artifact, bytes]:
-    """Publish a random artifact of 64 KiB chunks whose chunk ``k`` is garbage on the broker: (blob, artifact, good chunk k)."""
+def publish_with_bad_chunk(
+    pub: MqttLink, size: int, k: int, bad_size: int | None = None
+) -> tuple[bytes, Artifact, bytes]:
+    """Publish a random artifact of 64 KiB chunks whose chunk ``k`` is garbage on the broker (of the good one's
+    size, or ``bad_size`` bytes): (blob, artifact, good chunk k)."""
     from cloud_batch.fleetops.publish import publish_artifact
 
     blob = os.urandom(size)
     art = publish_artifact(pub, blob, 64 * KIB)
     good = chunk_of(blob, art, k)
-    pub.publish(chunk_topic(art.sha256, k), os.urandom(len(good)), retain=True, qos=1, wait_s=10)
+    pub.publish(chunk_topic(art.sha256, k), os.urandom(bad_size or len(good)), retain=True, qos=1, wait_s=10)
     return blob, art, good
