@@ -11,8 +11,10 @@ import json
 import os
 import signal
 import struct
+import time
 import tracemalloc
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +194,40 @@ def test_a_worker_that_dies_is_a_clean_error_and_the_partitions_written_stay(sre
         run_local(spec, tasks, 1, lambda part, rows, cpu: reported.append(part))
     assert reported == [0] and set(written(staging)) == {0}
     assert read_part(written(staging)[0]).num_rows == 100
+
+
+@dataclass
+class _GatedChunk(ArrayChunk):
+    """Scored only once the driver has reported an earlier partition (``gate`` exists): a pool that reports
+    partitions only when all are done fails it."""
+
+    gate: str = ""
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.gate):
+            if time.monotonic() > deadline:
+                raise InputError("partition 0 was not reported while the pool was still scoring")
+            time.sleep(0.01)
+        return super().feeds()
+
+
+def test_each_partition_is_reported_as_soon_as_it_is_written(sreg: Path, tmp_path: Path) -> None:
+    """The progress bar and the merge follow the partitions as they finish, not all at the end."""
+    x, keys = digits_rows(200), np.arange(200, dtype=np.int64)
+    staging, gate = tmp_path / "staging", tmp_path / "reported-0"
+    staging.mkdir()
+    spec = ScorerSpec(str(sreg / "digits" / "1"), 64, "row", str(staging))
+    tasks = [(0, ArrayChunk(keys[:100], {"pixels": x[:100]})),
+             (1, _GatedChunk(keys[100:], {"pixels": x[100:]}, gate=str(gate)))]  # fmt: skip
+    reported: list[int] = []
+
+    def on_part(part: int, rows: int, cpu: float) -> None:
+        reported.append(part)
+        gate.touch()
+
+    run_local(spec, tasks, 1, on_part)
+    assert reported == [0, 1] and set(written(staging)) == {0, 1}
 
 
 def test_workers_are_not_forked_from_the_threaded_driver(sreg: Path, tmp_path: Path) -> None:

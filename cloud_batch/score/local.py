@@ -24,7 +24,7 @@ import mmap
 import multiprocessing
 import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing.context import BaseContext
@@ -140,7 +140,9 @@ def _run_pool(spec: ScorerSpec, tasks: Sequence[tuple[int, Chunk]], workers: int
         pending = {pool.submit(pool_task, part, chunk) for part, chunk in tasks}
         try:
             while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                # FIRST_COMPLETED: each partition is reported (progress, the merge) as it is written, not when all
+                # are (FIRST_EXCEPTION returns only then, or at an error).
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in sorted(done, key=lambda f: f.exception() is not None):  # report what was written first
                     on_part(*fut.result())
         except BrokenProcessPool as exc:
