@@ -52,10 +52,10 @@ def test_an_unknown_or_missing_runtime_is_a_config_error_that_says_what_to_do() 
     ):
         selected_runtime({RUNTIME_ENV: "tflite"}, BOTH.__contains__)
     with pytest.raises(
-        ConfigError, match=r"ai-edge-litert is not installed for this Python \(pip install 'edgefleet\[litert\]'\)"
+        ConfigError, match=r"is ai-edge-litert, which is not installed here \(pip install 'edgefleet\[litert\]'\)"
     ):
         selected_runtime({RUNTIME_ENV: "ai-edge-litert"}, {"tflite_runtime.interpreter"}.__contains__)
-    with pytest.raises(ConfigError, match="tflite-runtime is not installed"):
+    with pytest.raises(ConfigError, match="is tflite-runtime, which is not installed here"):
         selected_runtime({RUNTIME_ENV: "tflite-runtime"}, {"ai_edge_litert.interpreter"}.__contains__)
 
 

@@ -103,7 +103,8 @@ def selected_runtime(
     choice = environ.get(RUNTIME_ENV, "").strip() or "auto"
     if choice != "auto" and choice not in RUNTIMES:
         raise ConfigError(
-            f"{RUNTIME_ENV}={choice!r} is not a TFLite runtime; choose one of: auto, {', '.join(RUNTIMES)}"
+            f"runtime.backend ({RUNTIME_ENV}) {choice!r} is not a TFLite runtime; "
+            f"choose one of: auto, {', '.join(RUNTIMES)}"
         )
     for name in RUNTIMES if choice == "auto" else [choice]:
         if installed(RUNTIMES[name]):
@@ -111,7 +112,7 @@ def selected_runtime(
     if choice == "auto":
         raise ConfigError("no TFLite runtime installed: need tflite-runtime or ai-edge-litert")
     hint = " (pip install 'edgefleet[litert]')" if choice == "ai-edge-litert" else ""
-    raise ConfigError(f"{RUNTIME_ENV}={choice} but {choice} is not installed for this Python{hint}")
+    raise ConfigError(f"runtime.backend ({RUNTIME_ENV}) is {choice}, which is not installed here{hint}")
 
 
 def runtime_label() -> str:
