@@ -94,19 +94,13 @@ class Scorer:
             num_threads=1, pool_size=1, max_batch=spec.batch_size, max_resident_batch=spec.batch_size
         )
         self.model = LoadedModel(Path(spec.version_dir) / self.manifest.file, self.manifest, options)
-        self._raw = frozenset(s.name for s in self.manifest.outputs)
 
     def score(self, chunk: Chunk) -> pa.Table:
         feeds = chunk.feeds()
-        n, b = len(chunk.keys), self.spec.batch_size
-        parts: dict[str, list[np.ndarray]] = {s.name: [] for s in self.manifest.outputs}
+        n = len(chunk.keys)
         try:
             native = {s.name: self.model.prepare_input(s, feeds[s.name]) for s in self.manifest.inputs}
-            for i in range(0, n, b):
-                out = self.model.run_native({k: v[i : i + b] for k, v in native.items()}, self._raw)
-                for name, arr in out.items():
-                    parts[name].append(arr)
-            outputs = self.model.finish({k: np.concatenate(v) for k, v in parts.items()}, frozenset())
+            outputs = self.model.finish(self.model.run_rows(native, self.spec.batch_size), frozenset())
         except EdgeError as exc:
             raise InputError(f"rows the model refuses: {exc}") from exc
         columns: dict[str, np.ndarray] = {self.spec.key_name: key_array(chunk.keys)}

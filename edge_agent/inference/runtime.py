@@ -24,10 +24,11 @@ by ``kserve_v2.check_request`` and go through ``predict_checked``.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ from edge_agent.inference.interpreter import (
     open_interpreter,
     tensor_bindings,
 )
-from edge_agent.wire.model.manifest import Manifest, Quantization, TensorSpec
+from edge_agent.inference.quant import dequantize, quantize, to_native
+from edge_agent.wire.model.manifest import Manifest, TensorSpec
 
 # Re-exported: callers that load models import the options from here, next to LoadedModel.
 __all__ = [
@@ -75,41 +77,11 @@ def choose_row_pad(one_s: list[float], two_s: list[float]) -> int:
     return 2 if float(np.median(two_s)) <= PAD_GAIN * float(np.median(one_s)) else 1
 
 
-def quantize(x: np.ndarray, q: Quantization, dtype: np.dtype[Any]) -> np.ndarray:
-    """Real values to the quantized integer type, rounding and saturating (one float32 temporary, worked in place)."""
-    info = np.iinfo(dtype)
-    y = np.asarray(x / q.scale)  # (a 0-d array for a 0-d x, which division turns into a scalar)
-    if q.zero_point:
-        y += q.zero_point
-    np.rint(y, out=y)
-    np.clip(y, info.min, info.max, out=y)
-    return y.astype(dtype)
-
-
-def dequantize(x: np.ndarray, q: Quantization) -> np.ndarray:
-    """Quantized integers to FP32 real values (one new array, worked in place)."""
-    y = x.astype(np.float32)
-    if q.zero_point:
-        y -= np.float32(q.zero_point)
-    y *= np.float32(q.scale)
-    return y
-
-
 def _shape_matches(actual: tuple[int, ...], declared: tuple[int, ...], skip_batch: bool) -> bool:
     if len(actual) != len(declared):
         return False
     dims = zip(actual[1:], declared[1:], strict=True) if skip_batch else zip(actual, declared, strict=True)
     return all(d == -1 or a == d for a, d in dims)
-
-
-def _to_native(spec: TensorSpec, arr: np.ndarray, native: np.dtype[Any]) -> np.ndarray:
-    """``arr`` in the tensor's ``native`` type: real values quantized, other numbers cast; no checks."""
-    if arr.dtype != native:
-        if spec.quantization is not None:
-            arr = quantize(arr.astype(np.float32, copy=False), spec.quantization, native)
-        else:
-            arr = arr.astype(native)
-    return np.ascontiguousarray(arr)
 
 
 class _Session:
@@ -223,7 +195,7 @@ class LoadedModel:
             )
         if not _shape_matches(tuple(arr.shape), spec.shape, skip_batch=True):
             raise RequestError(f"input {spec.name!r}: shape {list(arr.shape)} does not match {list(spec.shape)}")
-        return _to_native(spec, arr, native)
+        return to_native(spec, arr, native)
 
     def predict(
         self, inputs: Mapping[str, np.ndarray], raw_outputs: frozenset[str] | set[str] = frozenset()
@@ -262,7 +234,7 @@ class LoadedModel:
     def to_native(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Checked inputs converted to the tensors' native types (real values quantized)."""
         specs, natives = self._in_specs, self._natives
-        return {n: _to_native(specs[n], a, natives[n]) for n, a in inputs.items()}
+        return {n: to_native(specs[n], a, natives[n]) for n, a in inputs.items()}
 
     def run_native(self, feeds: dict[str, np.ndarray], raw_outputs: frozenset[str] | set[str]) -> dict[str, np.ndarray]:
         """Native inputs through the batch rules and one invoke."""
@@ -290,20 +262,46 @@ class LoadedModel:
             return self._finish({k: v[:1] for k, v in raw.items()}, raw_outputs)
         return self._finish(self._invoke(feeds, batch), raw_outputs)
 
-    def _invoke(self, feeds: Mapping[str, np.ndarray], batch: int = 1, counted: bool = True) -> dict[str, np.ndarray]:
-        """One invoke on a pooled interpreter; ``counted``: in ``calls`` and ``failures`` (not the warm-up's probe)."""
+    @contextlib.contextmanager
+    def _held(self, batch: int, counted: bool = True) -> Iterator[_Session]:
+        """A pooled interpreter for calls of ``batch`` rows, back in the pool afterwards; ``counted``: a failure
+        counts in ``failures`` (not the warm-up's probe)."""
         session = self._acquire()
-        self.calls += counted
         try:
-            out = session.run(feeds)
+            yield session
             if batch > self.options.max_resident_batch:
                 session.broken = True  # free its grown arena now rather than hold it for ever
-            return out
         except Exception:
             self.failures += counted  # the health window after an update watches this rate
             raise
         finally:
             self._pool.put(None if session.broken else session)  # broken: dropped, _acquire opens a fresh one
+
+    def _invoke(self, feeds: Mapping[str, np.ndarray], batch: int = 1, counted: bool = True) -> dict[str, np.ndarray]:
+        """One invoke on a pooled interpreter; ``counted``: in ``calls`` and ``failures`` (not the warm-up's probe)."""
+        with self._held(batch, counted) as session:
+            self.calls += counted
+            return session.run(feeds)
+
+    def run_rows(self, feeds: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        """Native rows through the model ``batch`` rows at a time; the raw outputs of all, joined (batch scoring).
+
+        The same invokes as ``run_native`` per slice, but the whole batches run on one interpreter held
+        for the loop, not taken from the pool per call (~10% of a 1 µs-a-row model's time); the rest
+        (a last short batch, a fixed-batch model) goes through ``run_native``'s rules.
+        """
+        n = len(next(iter(feeds.values())))
+        whole = n - n % batch if self._dynamic_batch and batch > 1 else 0
+        parts: list[dict[str, np.ndarray]] = []
+        if whole:
+            self.check_batch(batch)
+            with self._held(batch) as session:
+                for i in range(0, whole, batch):
+                    self.calls += 1
+                    parts.append(session.run({k: v[i : i + batch] for k, v in feeds.items()}))
+        raw = frozenset(s.name for s in self.manifest.outputs)
+        parts += [self._run({k: v[i : i + batch] for k, v in feeds.items()}, raw) for i in range(whole, n, batch)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _finish(self, raw: dict[str, np.ndarray], raw_outputs: frozenset[str] | set[str]) -> dict[str, np.ndarray]:
         for spec in self.manifest.outputs:
