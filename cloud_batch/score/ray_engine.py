@@ -64,7 +64,7 @@ class _RayScorer:
 def _connect(ray: Any, workers: int, address: str | None) -> bool:
     """Start or join a cluster unless this process is already connected; True when this call did.
 
-    The job's workers are told the driver's runtime choice (``EDGEFLEET_TFLITE_RUNTIME``); a worker whose
+    The job's workers are told the driver's runtime choice (``EDGEFLEET_RUNTIME__BACKEND``); a worker whose
     runtime still differs refuses to score (``Scorer``).
     """
     if ray.is_initialized():

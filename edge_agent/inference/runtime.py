@@ -287,7 +287,7 @@ class LoadedModel:
         """Native rows through the model ``batch`` rows at a time; the raw outputs of all, joined (batch scoring).
 
         The same invokes as ``run_native`` per slice, but the whole batches run on one interpreter held
-        for the loop, not taken from the pool per call (~10% of a 1 µs-a-row model's time); the rest
+        for the loop, not taken from the pool per call (~2-3% of a 1 µs-a-row model's time); the rest
         (a last short batch, a fixed-batch model) goes through ``run_native``'s rules.
         """
         n = len(next(iter(feeds.values())))
