@@ -21,6 +21,7 @@ import xxhash
 from cloud_batch.cli.main import main
 from cloud_batch.errors import InputError
 from cloud_batch.features.build import FeatureRegistry
+from cloud_batch.score import parts
 from cloud_batch.score.inputs import ArrayChunk, InputOptions, RowNumbers, StoredRows, fingerprint
 from cloud_batch.score.job import score
 from cloud_batch.score.local import MappedChunk, mapped
@@ -238,6 +239,20 @@ def test_the_merge_appends_partitions_in_order_as_they_appear(tmp_path: Path) ->
     assert merger.finish() == 9
     assert pq.read_table(out)["row"].to_pylist() == list(range(9)) and not staging.exists()
     assert read_metadata(out) == {"rows": 9}
+
+
+def test_the_merge_joins_small_partitions_into_row_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parts, "ROW_GROUP_ROWS", 100)
+    out = tmp_path / "o.parquet"
+    staging_dir(out).mkdir()
+    merger = Merger(out, 7, {"rows": 210})
+    for part in range(7):
+        write_part(staging_dir(out), part, pa.table({"row": np.arange(30 * part, 30 * part + 30)}))
+        merger.advance(part)
+    assert merger.finish() == 210
+    meta = pq.read_metadata(out)
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [120, 90]  # 4 parts, then the rest
+    assert pq.read_table(out)["row"].to_pylist() == list(range(210))
 
 
 def test_plain_npz_members_are_mapped_where_they_lie_and_score_as_read_ones(sreg: Path, tmp_path: Path) -> None:
