@@ -22,6 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from edge_agent.inference.interpreter import selected_runtime
 from edge_agent.update.agent.slots import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +40,8 @@ def dependency_versions() -> list[str]:
     """``name==version`` (``name absent`` when not installed) for every ``BUILD_DEPS`` entry, and the Python."""
     from importlib import metadata
 
-    # The runtime the build bundles (edge-agent.spec: the one [runtime] backend selects); named here, not
-    # imported from the agent, which the build must not load.
-    out = [
-        f"python {sys.version}",
-        f"EDGEFLEET_RUNTIME__BACKEND={os.environ.get('EDGEFLEET_RUNTIME__BACKEND', 'auto')}",
-    ]
+    # The one runtime the build bundles: edge-agent.spec takes the one the agent would load here.
+    out = [f"python {sys.version}", f"bundled runtime {selected_runtime()[0]}"]
     for name in BUILD_DEPS:
         try:
             out.append(f"{name}=={metadata.version(name)}")
