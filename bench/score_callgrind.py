@@ -6,10 +6,10 @@ counts the instructions a process executes, which for the same binary and inputs
 the load. This script counts, each in a fresh process under callgrind, the same three jobs as
 ``score_bench.py --limit-only`` (same data, same functions):
 
-* ``raw``: ``score_bench.raw_loop`` over inputs quantized beforehand; its model load and quantizing
+* ``raw``: ``score_loops.raw_loop`` over inputs quantized beforehand; its model load and quantizing
   (the ``rawsetup`` run: the same call over one batch) are subtracted, as the bench does not time them,
   and the rest scaled by rows / (rows - 256);
-* ``plain``: ``score_bench.plain_job`` (read, load, quantize, the loop, dequantize, write Parquet);
+* ``plain``: ``score_loops.plain_job`` (read, load, quantize, the loop, dequantize, write Parquet);
 * ``score``: ``score(..., workers=1)``: the driver's instructions plus its worker's.
 
 Every process first runs a small ``score`` (1,000 rows) so that the forkserver is up, as in the bench;
@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from score_bench import REPO, load_rows, plain_job, raw_loop
+from score_bench import REPO
+from score_loops import load_rows, plain_job, raw_loop
 
 MODES = ("raw", "rawsetup", "plain", "score")
 SMALL = 1000
