@@ -45,7 +45,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from score_loops import load_rows, plain_job, raw_loop  # beside this script (the script's directory is on the path)
+from score_loops import (  # beside this script (the script's directory is on the path)
+    limit_input,
+    load_rows,
+    plain_job,
+    raw_loop,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -158,13 +163,7 @@ def limit(reg: Path, work: Path, sizes: list[tuple[str, int]], rounds: int) -> l
     rows_out = []
     rng = np.random.default_rng(2)
     for name, n in sizes:
-        if name == "digits":
-            source = work / f"digits-{n}.npy"
-            np.save(source, rng.uniform(0, 16, (n, 8, 8, 1)).astype(np.float32))
-        else:
-            source = work / f"maintenance-{n}.npz"
-            np.savez(source, live=rng.normal(10, 3, (n, 4)).astype(np.float32),
-                     asset_features=rng.uniform(0, 5, (n, 18)).astype(np.float32))  # fmt: skip
+        source = limit_input(work / f"{name}-{n}", name, n, rng)
         inputs = load_rows(reg, name, source, n)
         best = {"score_s": float("inf"), "score_cpu": float("inf"), "raw_s": float("inf"), "raw_cpu": float("inf")}
         per_round: dict[str, list[float]] = {"wall": [], "cpu": [], "plain": []}  # raw / the job within a round

@@ -41,29 +41,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_bench import REPO
-from score_loops import load_rows, plain_job, raw_loop
+from score_loops import limit_input, load_rows, plain_job, raw_loop
 
 MODES = ("raw", "rawsetup", "plain", "score")
 SMALL = 1000
 
 
-def make_data(work: Path, name: str, n: int) -> tuple[Path, Path]:
-    """The registry copy, the input (the bench's generator) and its first ``SMALL`` rows."""
-    reg = work / "registry"
-    shutil.copytree(REPO / "models" / name / "1", reg / name / "1")
-    rng = np.random.default_rng(2)
-    if name == "digits":
-        data = {"x": rng.uniform(0, 16, (n, 8, 8, 1)).astype(np.float32)}
-        np.save(work / "input.npy", data["x"])
-        np.save(work / "small.npy", data["x"][:SMALL])
-        return work / "input.npy", work / "small.npy"
-    data = {
-        "live": rng.normal(10, 3, (n, 4)).astype(np.float32),
-        "asset_features": rng.uniform(0, 5, (n, 18)).astype(np.float32),
-    }
-    np.savez(work / "input.npz", **data)
-    np.savez(work / "small.npz", **{k: v[:SMALL] for k, v in data.items()})
-    return work / "input.npz", work / "small.npz"
+def make_data(work: Path, name: str, n: int) -> None:
+    """The registry copy, the input (the bench's rows) and a small one for the warm-up."""
+    shutil.copytree(REPO / "models" / name / "1", work / "registry" / name / "1")
+    limit_input(work / "input", name, n, np.random.default_rng(2))  # as --limit-only's first size
+    limit_input(work / "small", name, SMALL, np.random.default_rng(3))
 
 
 def child(mode: str, name: str, work: Path) -> None:

@@ -2,7 +2,8 @@
 
 * ``raw_loop``: a bare interpreter over inputs quantized beforehand: the limit;
 * ``plain_job``: an end-to-end job as one would write it by hand, in one process;
-* ``load_rows``: a dataset's rows as model inputs, for both and for the HTTP side.
+* ``load_rows``: a dataset's rows as model inputs, for both and for the HTTP side;
+* ``limit_input``: the random rows they run on (``--limit-only`` and ``score_callgrind.py`` alike).
 """
 
 from __future__ import annotations
@@ -12,6 +13,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+def limit_input(stem: Path, name: str, n: int, rng: np.random.Generator) -> Path:
+    """Write ``n`` random rows for ``name`` (digits or maintenance) beside ``stem``; returns the file."""
+    if name == "digits":
+        source = stem.with_suffix(".npy")
+        np.save(source, rng.uniform(0, 16, (n, 8, 8, 1)).astype(np.float32))
+    else:
+        source = stem.with_suffix(".npz")
+        np.savez(source, live=rng.normal(10, 3, (n, 4)).astype(np.float32),
+                 asset_features=rng.uniform(0, 5, (n, 18)).astype(np.float32))  # fmt: skip
+    return source
 
 
 def load_rows(reg: Path, name: str, source: Path, n: int) -> dict[str, np.ndarray]:
