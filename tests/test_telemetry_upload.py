@@ -64,10 +64,12 @@ def test_kill9_while_uploading_loses_and_duplicates_nothing(tmp_path: Path, trus
     broker = Broker(tmp_path / "mosquitto").start()
     agent = AgentProcess(tmp_path / "data", broker.url, trust, sample_inputs=1.0, max_bps=80_000)
     try:
+        agent.start()
+        ids = predict_many(agent, 2000)
+        wait_until(lambda: agent.telemetry()["outbox"]["last_seq"] >= 2001, 30, "every prediction committed")
+        # Ingest starts only now: with no ack until then, the whole outbox (~1 MB at 80 kB/s) is still to
+        # upload, however slowly the predictions went (an ingest that kept pace had nothing left to kill).
         with Ingest(broker, tmp_path / "store") as ingest:
-            agent.start()
-            ids = predict_many(agent, 2000)
-            wait_until(lambda: agent.telemetry()["outbox"]["last_seq"] >= 2001, 30, "every prediction committed")
             wait_until(lambda: agent.telemetry()["outbox"]["acked_seq"] > 0, 60, "the first acked batch")
             mid = agent.telemetry()["outbox"]
             assert 0 < mid["acked_seq"] < mid["last_seq"], "killed while uploading"
