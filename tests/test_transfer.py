@@ -22,7 +22,8 @@ from edge_agent.mqtt.download import Downloader
 from edge_agent.wire.protocol import Artifact
 from edge_agent.wire.topics import chunk_topic
 from tests.broker import Broker
-from tests.support.transfer import KIB, Background, chunk_handlers, chunk_of, publish_with_bad_chunk, wait_until
+from tests.support.transfer import KIB, Background, chunk_handlers, chunk_of, publish_with_bad_chunk
+from tests.support.wait import wait_for
 
 
 # -- end to end -----------------------------------------------------------------------
@@ -65,7 +66,7 @@ def test_broker_restart_mid_transfer(broker: Broker, mk_link, tmp_path: Path, ho
     dl = Downloader(dev, store, window=window, bandwidth_bps=500_000, stall_timeout_s=60)
     bg = Background(dl, timeout_s=60)
     bg.start()
-    wait_until(lambda: store.count() >= 0.4 * total, timeout=30, what="40% of the chunks")
+    wait_for(lambda: store.count() >= 0.4 * total, timeout=30, what="40% of the chunks")
     had_before = {i for i in range(total) if store.have(i)}
     assert len(had_before) < total, "the transfer must still be running when the broker goes away"
     if how == "restart":
@@ -97,7 +98,7 @@ def test_corrupted_chunk_rejected_until_republished(mk_link, tmp_path: Path) -> 
     dl = Downloader(dev, store, stall_timeout_s=60)
     bg = Background(dl, timeout_s=30)
     bg.start()
-    wait_until(lambda: dl.stats.bad_chunks == 1 and store.count() == total - 1, what="all but the bad chunk")
+    wait_for(lambda: dl.stats.bad_chunks == 1 and store.count() == total - 1, what="all but the bad chunk")
     time.sleep(0.5)
     assert bg.is_alive() and not store.have(k) and not store.default_output.exists()
     assert k not in store.committed(), "a bad chunk is never journaled"
@@ -125,7 +126,7 @@ def test_stall_resubscribes_lost_subscription(mk_link, tmp_path: Path) -> None:
     dl = Downloader(dev, store, stall_timeout_s=0.5)
     bg = Background(dl, timeout_s=30)
     bg.start()
-    wait_until(lambda: store.count() == len(art.chunks) - 1, what="all chunks but the unpublished one")
+    wait_for(lambda: store.count() == len(art.chunks) - 1, what="all chunks but the unpublished one")
     for topic in chunk_handlers(dev):  # white-box: the broker-side subscription (chunk k's, or the wildcard) is lost
         dev._client.unsubscribe(topic)
     time.sleep(0.2)

@@ -26,7 +26,8 @@ from edge_agent.mqtt.download import Downloader
 from edge_agent.wire.protocol import Artifact
 from tests.broker import Broker
 from tests.support.env import REPO
-from tests.support.transfer import KIB, chunk_of, journal_records, wait_until
+from tests.support.transfer import KIB, chunk_of, journal_records
+from tests.support.wait import wait_for
 
 # -- resume after kill -9 ------------------------------------------------------------
 AGENT = """
@@ -60,10 +61,10 @@ def test_resume_after_agent_kill9(broker: Broker, mk_link, tmp_path: Path) -> No
         stderr=subprocess.PIPE,
     )
     try:
-        wait_until(
+        wait_for(
             lambda: journal_records(chunk_dir) >= total // 2 or proc.poll() is not None,
             timeout=30,
-            interval=0.005,
+            step=0.005,
             what="half the chunks on disk",
         )
         assert proc.poll() is None, f"agent exited early: {proc.communicate()}"

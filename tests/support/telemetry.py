@@ -21,6 +21,7 @@ from cloud_batch.ingest.read import bodies, read_kind
 from edge_agent.wire.telemetry.pack import PACK_KIND, expand
 from tests.broker import Broker
 from tests.support.env import MODELS, free_port
+from tests.support.wait import wait_for
 
 BIN = Path(sys.executable).parent
 
@@ -143,12 +144,8 @@ def label_many(agent: AgentProcess, ids: list[str]) -> None:
 
 
 def wait_until(cond: Any, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    """``wait_for`` checking every 0.2 s: a check here is usually an HTTP request to the agent under test."""
+    wait_for(cond, timeout, what, step=0.2)
 
 
 class Ingest:

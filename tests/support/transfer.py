@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent.mqtt.download import Downloader
@@ -19,15 +17,6 @@ from edge_agent.wire.protocol import Artifact
 from edge_agent.wire.topics import chunk_topic, parse_chunk_topic
 
 KIB = 1024
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 20.0, interval: float = 0.01, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or pred}")
 
 
 def blob_of(size: int, seed: int = 0) -> bytes:

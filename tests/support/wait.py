@@ -25,8 +25,10 @@ def wait_for(
     *,
     proc: subprocess.Popen[Any] | None = None,
     detail: Callable[[], str] | None = None,
+    step: float = 0.02,
 ) -> Any:
-    """``until``, failing the test on timeout, or as soon as ``proc`` exits; ``detail()`` (a log) is appended."""
+    """``until`` (every ``step`` s), failing the test on timeout, or as soon as ``proc`` exits; ``detail()`` (a log)
+    is appended."""
 
     def check() -> Any:
         value = cond()
@@ -34,7 +36,7 @@ def wait_for(
             raise AssertionError(f"the process exited (rc {proc.returncode}) while waiting for {what}{_more(detail)}")
         return value
 
-    value = until(check, timeout)
+    value = until(check, timeout, step)
     if not value:
         raise AssertionError(f"timed out waiting for {what}{_more(detail)}")
     return value
