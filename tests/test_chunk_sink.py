@@ -28,15 +28,8 @@ from edge_agent.mqtt.sink import ChunkSink
 from edge_agent.wire.artifact import Artifact
 from edge_agent.wire.topics import chunk_topic
 from tests.broker import Broker
-from tests.support.transfer import (
-    KIB,
-    Background,
-    chunk_handlers,
-    chunk_of,
-    journal_records,
-    publish_with_bad_chunk,
-    wait_until,
-)
+from tests.support.transfer import KIB, Background, chunk_handlers, chunk_of, journal_records, publish_with_bad_chunk
+from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,8 +88,8 @@ def test_sink_never_writes_a_bad_chunk(sink: ChunkSink, mk_link, tmp_path: Path)
     dl = Downloader(dev, store, sink=sink, stall_timeout_s=60)
     bg = Background(dl, timeout_s=30)
     bg.start()
-    wait_until(lambda: dl.stats.bad_chunks == 1 and dl.progress()[0] == total - 1, what="all but the bad chunk")
-    wait_until(lambda: journal_records(store.dir) == total - 1, what="the good chunks journaled")
+    wait_for(lambda: dl.stats.bad_chunks == 1 and dl.progress()[0] == total - 1, what="all but the bad chunk")
+    wait_for(lambda: journal_records(store.dir) == total - 1, what="the good chunks journaled")
     assert k not in ChunkStore(tmp_path / "chunks", art).committed(), "a bad chunk is never journaled"
     fd = os.open(store.data_path, os.O_RDONLY)
     try:
@@ -123,8 +116,8 @@ def test_a_killed_sink_fails_the_transfer_and_the_next_one_resumes(sink: ChunkSi
     dl = Downloader(dev, store, sink=sink, stall_timeout_s=60)
     bg = Background(dl, timeout_s=30)
     bg.start()
-    wait_until(lambda: dl.progress()[0] == half, what="the published half")
-    wait_until(lambda: journal_records(store.dir) == half, what="the half journaled by the helper")
+    wait_for(lambda: dl.progress()[0] == half, what="the published half")
+    wait_for(lambda: journal_records(store.dir) == half, what="the half journaled by the helper")
     sink.kill()
     with pytest.raises(TransferError, match="chunk sink is gone"):
         bg.wait(10)
@@ -175,10 +168,10 @@ def test_kill9_of_the_agent_mid_transfer_ends_the_sink_and_keeps_the_journal(
     try:
         assert agent.stdout is not None
         helper = int(agent.stdout.readline())
-        wait_until(lambda: journal_records(root / art.sha256) == half, what="the published half journaled")
+        wait_for(lambda: journal_records(root / art.sha256) == half, what="the published half journaled")
         agent.send_signal(signal.SIGKILL)
         agent.wait(10)
-        wait_until(lambda: _gone(helper), timeout=10, what="the helper to exit with the agent")
+        wait_for(lambda: _gone(helper), timeout=10, what="the helper to exit with the agent")
     finally:
         agent.kill()
         agent.wait()
