@@ -46,6 +46,11 @@ def _saved_samples(data_dir: Path) -> int:
     return int((saved.get("figures") or {}).get("samples", 0))
 
 
+def _saved_or_decided(data_dir: Path) -> bool:
+    """Figures saved with the record, or the shadow over without them (the test then fails at once)."""
+    return _saved_samples(data_dir) > 0 or (record_state(data_dir) or {}).get("state") != "shadowing"
+
+
 def test_kill9_while_shadowing_resumes_and_never_serves_the_candidate_unpromoted(
     tmp_path: Path, broker: Broker, digits_dir: Path
 ) -> None:
@@ -75,8 +80,7 @@ def test_kill9_while_shadowing_resumes_and_never_serves_the_candidate_unpromoted
             release += ["--shadow", "--shadow-rate", "1", "--shadow-min-samples", "1000000", "--shadow-window-s", "20"]
             assert cloud_batch([*release, "--promote-if", "agreement>=0.98,latency<=20", "--no-progress"]) == 0
             wait_for(lambda: (record_state(data_dir) or {}).get("state") == "shadowing", 90, "shadowing", proc=proc)
-            saving = lambda: _saved_samples(data_dir) > 0 or (record_state(data_dir) or {}).get("state") != "shadowing"  # noqa: E731
-            wait_for(saving, 90, "figures saved with the record", proc=proc)
+            wait_for(lambda: _saved_or_decided(data_dir), 90, "figures saved with the record", proc=proc)
             assert _saved_samples(data_dir) > 0, f"decided before any figures were saved: {record_state(data_dir)}"
             os.kill(proc.pid, signal.SIGKILL)
             saved = _saved_samples(data_dir)
