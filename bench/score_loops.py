@@ -3,6 +3,7 @@
 * ``raw_loop``: a bare interpreter over inputs quantized beforehand: the limit;
 * ``plain_job``: an end-to-end job as one would write it by hand, in one process;
 * ``load_rows``: a dataset's rows as model inputs, for both and for the HTTP side;
+* ``load_model``: a registry version's manifest and ``LoadedModel``, for both;
 * ``limit_input``: the random rows they run on (``--limit-only`` and ``score_callgrind.py`` alike).
 """
 
@@ -11,8 +12,13 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from edge_agent.inference.runtime import LoadedModel
+    from edge_agent.wire.model.manifest import Manifest
 
 
 def limit_input(stem: Path, name: str, n: int, rng: np.random.Generator) -> Path:
@@ -43,6 +49,16 @@ def load_rows(reg: Path, name: str, source: Path, n: int) -> dict[str, np.ndarra
         return {k: data[k][:n] for k in data.files}
 
 
+def load_model(reg: Path, name: str) -> tuple[Manifest, LoadedModel]:
+    """Version 1 of ``name`` in the registry: its manifest and a ``LoadedModel`` on one thread."""
+    from edge_agent.inference.interpreter import RuntimeOptions
+    from edge_agent.inference.runtime import LoadedModel
+    from edge_agent.wire.model.manifest import Manifest
+
+    manifest = Manifest.load(reg / name / "1" / "manifest.json")
+    return manifest, LoadedModel(reg / name / "1" / manifest.file, manifest, RuntimeOptions(num_threads=1, pool_size=1))
+
+
 def raw_loop(
     reg: Path, name: str, inputs: dict[str, np.ndarray], batch: int, keep: dict[str, list[np.ndarray]] | None = None
 ) -> tuple[float, float]:
@@ -51,11 +67,8 @@ def raw_loop(
     With ``keep``, each output's batches are appended to ``keep[output name]`` (the plain job needs them).
     """
     from edge_agent.inference.interpreter import RuntimeOptions, open_interpreter, tensor_bindings
-    from edge_agent.inference.runtime import LoadedModel
-    from edge_agent.wire.model.manifest import Manifest
 
-    manifest = Manifest.load(reg / name / "1" / "manifest.json")
-    model = LoadedModel(reg / name / "1" / manifest.file, manifest, RuntimeOptions(num_threads=1, pool_size=1))
+    manifest, model = load_model(reg, name)
     specs = {s.name: s for s in manifest.inputs}
     native = {k: model.prepare_input(specs[k], v) for k, v in inputs.items()}
     interp, _ = open_interpreter(model.source, RuntimeOptions(num_threads=1))
@@ -90,12 +103,7 @@ def plain_job(reg: Path, name: str, source: Path, out: Path) -> float:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from edge_agent.inference.interpreter import RuntimeOptions
-    from edge_agent.inference.runtime import LoadedModel
-    from edge_agent.wire.model.manifest import Manifest
-
-    manifest = Manifest.load(reg / name / "1" / "manifest.json")
-    model = LoadedModel(reg / name / "1" / manifest.file, manifest, RuntimeOptions(num_threads=1, pool_size=1))
+    _, model = load_model(reg, name)  # dequantizes the outputs (raw_loop loads its own, inside the timed job)
     c0 = time.process_time()
     inputs = load_rows(reg, name, source, sys.maxsize)
     kept: dict[str, list[np.ndarray]] = {}
